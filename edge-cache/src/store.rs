@@ -1,0 +1,184 @@
+//! The bottom tier: content-addressed blobs in an object store.
+//!
+//! Blobs live under `{namespace}/{first two hex digits}/{64 hex digits}`. Originals and variants are
+//! kept in separate namespaces, and only the variants one is ever served, so an uploaded original
+//! (which may carry GPS data) cannot be fetched through `/b/` even by someone who knows its hash.
+
+use std::path::Path as FsPath;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path;
+use object_store::{GetOptions, GetRange, ObjectStore, PutMode, PutOptions, PutPayload, WriteMultipart};
+use tokio::io::AsyncReadExt;
+use types::BlobId;
+
+use crate::EdgeError;
+
+/// Which set of blobs a [`BlobStore`] reads and writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Namespace {
+    /// Uploads as received. Never served.
+    Originals,
+    /// Our own encodes, served by signed URL.
+    Variants,
+}
+
+impl Namespace {
+    fn prefix(self) -> &'static str {
+        match self {
+            Namespace::Originals => "originals",
+            Namespace::Variants => "variants",
+        }
+    }
+}
+
+/// Whether a put created the blob or found it already there (dedup).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    New,
+    Existing,
+}
+
+/// Blobs of one namespace in an object store.
+#[derive(Clone)]
+pub struct BlobStore {
+    store: Arc<dyn ObjectStore>,
+    namespace: Namespace,
+}
+
+/// Files up to this size are put in one request; larger ones go up in parts of this size.
+const SINGLE_PUT_MAX: u64 = 8 * 1024 * 1024;
+
+impl BlobStore {
+    /// A store over a local folder, created if missing.
+    pub fn local(root: &FsPath) -> Result<Arc<dyn ObjectStore>, EdgeError> {
+        std::fs::create_dir_all(root)?;
+        Ok(Arc::new(LocalFileSystem::new_with_prefix(root)?.with_automatic_cleanup(true)))
+    }
+
+    pub fn new(store: Arc<dyn ObjectStore>, namespace: Namespace) -> Self {
+        Self { store, namespace }
+    }
+
+    fn path(&self, id: &BlobId) -> Path {
+        let hex = id.to_hex();
+        Path::from(format!("{}/{}/{}", self.namespace.prefix(), &hex[..2], hex))
+    }
+
+    /// The blob's size, or `None` when it is not stored.
+    pub async fn size(&self, id: &BlobId) -> Result<Option<u64>, EdgeError> {
+        match self.store.head(&self.path(id)).await {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The whole blob, unverified: callers that cache it check it against `id` first.
+    pub async fn get(&self, id: &BlobId) -> Result<Option<Bytes>, EdgeError> {
+        match self.store.get(&self.path(id)).await {
+            Ok(result) => Ok(Some(result.bytes().await?)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A byte range of the blob as a stream, for bodies too large to hold in memory.
+    pub async fn get_range_stream(
+        &self,
+        id: &BlobId,
+        range: std::ops::Range<u64>,
+    ) -> Result<futures_util::stream::BoxStream<'static, object_store::Result<Bytes>>, EdgeError> {
+        let options = GetOptions { range: Some(GetRange::Bounded(range)), ..Default::default() };
+        match self.store.get_opts(&self.path(id), options).await {
+            Ok(result) => Ok(result.into_stream()),
+            Err(object_store::Error::NotFound { .. }) => Err(EdgeError::NotFound),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Stores `bytes` under `id`. The caller vouches that `id` is their hash.
+    pub async fn put(&self, id: &BlobId, bytes: Bytes) -> Result<Stored, EdgeError> {
+        let options = PutOptions { mode: PutMode::Create, ..Default::default() };
+        match self.store.put_opts(&self.path(id), PutPayload::from(bytes), options).await {
+            Ok(_) => Ok(Stored::New),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(Stored::Existing),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Stores the file at `file` under `id` unless the blob is already there. The object store
+    /// makes the blob visible only once it is complete. The caller vouches that `id` is its hash.
+    pub async fn put_file(&self, id: &BlobId, file: &FsPath) -> Result<Stored, EdgeError> {
+        if self.size(id).await?.is_some() {
+            return Ok(Stored::Existing);
+        }
+        let len = tokio::fs::metadata(file).await?.len();
+        if len <= SINGLE_PUT_MAX {
+            return self.put(id, Bytes::from(tokio::fs::read(file).await?)).await;
+        }
+        let upload = self.store.put_multipart(&self.path(id)).await?;
+        let mut writer = WriteMultipart::new_with_chunk_size(upload, SINGLE_PUT_MAX as usize);
+        let mut reader = tokio::fs::File::open(file).await?;
+        let mut chunk = vec![0u8; 1024 * 1024];
+        loop {
+            let n = reader.read(&mut chunk).await?;
+            if n == 0 {
+                break;
+            }
+            writer.wait_for_capacity(2).await?;
+            writer.write(&chunk[..n]);
+        }
+        writer.finish().await?;
+        Ok(Stored::New)
+    }
+
+    pub async fn delete(&self, id: &BlobId) -> Result<(), EdgeError> {
+        match self.store.delete(&self.path(id)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+impl std::fmt::Debug for BlobStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BlobStore({}, {:?})", self.store, self.namespace)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn puts_dedup_and_namespaces_are_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::local(dir.path()).unwrap();
+        let originals = BlobStore::new(store.clone(), Namespace::Originals);
+        let variants = BlobStore::new(store, Namespace::Variants);
+        let bytes = Bytes::from_static(b"a photo");
+        let id = BlobId::of(&bytes);
+        assert_eq!(originals.put(&id, bytes.clone()).await.unwrap(), Stored::New);
+        assert_eq!(originals.put(&id, bytes.clone()).await.unwrap(), Stored::Existing);
+        assert_eq!(originals.get(&id).await.unwrap(), Some(bytes));
+        assert_eq!(variants.size(&id).await.unwrap(), None);
+        originals.delete(&id).await.unwrap();
+        assert_eq!(originals.size(&id).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn large_files_go_up_in_parts() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = BlobStore::new(BlobStore::local(&dir.path().join("blobs")).unwrap(), Namespace::Originals);
+        let body: Vec<u8> = (0..SINGLE_PUT_MAX as usize * 2 + 12345).map(|i| (i * 31 % 251) as u8).collect();
+        let file = dir.path().join("upload");
+        std::fs::write(&file, &body).unwrap();
+        let id = BlobId::of(&body);
+        assert_eq!(blobs.put_file(&id, &file).await.unwrap(), Stored::New);
+        assert_eq!(blobs.put_file(&id, &file).await.unwrap(), Stored::Existing);
+        assert!(id.matches(&blobs.get(&id).await.unwrap().unwrap()));
+    }
+}

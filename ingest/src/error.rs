@@ -1,0 +1,94 @@
+//! Everything an upload or a media read can fail with, and its HTTP status and code.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use transcode::TranscodeError;
+use types::ErrorBody;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("{0}")]
+    UnsupportedType(String),
+    #[error("the body is {sniffed}, not the declared {declared}")]
+    TypeMismatch { declared: &'static str, sniffed: String },
+    #[error("the body is over the limit of {limit} bytes")]
+    TooLarge { limit: u64 },
+    #[error("the body is empty")]
+    Empty,
+    #[error("{0}")]
+    Media(#[from] TranscodeError),
+    /// Bytes whose transcode failed for good, with the job's code and message.
+    #[error("{}", .0.message)]
+    Rejected(types::ErrorDetail),
+    #[error("the transcode queue is full; try again later")]
+    QueueFull,
+    #[error("too many uploads at once; try again later")]
+    TooManyUploads,
+    #[error("the upload was interrupted: {0}")]
+    Interrupted(String),
+    #[error("no such media")]
+    NotFound,
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("storage: {0}")]
+    Storage(#[from] edge_cache::EdgeError),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl IngestError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            IngestError::UnsupportedType(_) | IngestError::TypeMismatch { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            IngestError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            IngestError::Empty => StatusCode::UNPROCESSABLE_ENTITY,
+            IngestError::Media(e) => match e {
+                TranscodeError::Unsupported(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                e if e.is_permanent() => StatusCode::UNPROCESSABLE_ENTITY,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            },
+            IngestError::Rejected(e) if e.code == "unsupported_media_type" => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            IngestError::Rejected(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            IngestError::QueueFull | IngestError::TooManyUploads => StatusCode::SERVICE_UNAVAILABLE,
+            IngestError::Interrupted(_) => StatusCode::BAD_REQUEST,
+            IngestError::NotFound => StatusCode::NOT_FOUND,
+            IngestError::Database(_) | IngestError::Storage(_) | IngestError::Io(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        }
+    }
+
+    pub fn code(&self) -> &str {
+        match self {
+            IngestError::UnsupportedType(_) => "unsupported_media_type",
+            IngestError::TypeMismatch { .. } => "type_mismatch",
+            IngestError::TooLarge { .. } => "payload_too_large",
+            IngestError::Empty => "empty_body",
+            IngestError::Media(e) => e.code(),
+            IngestError::Rejected(e) => &e.code,
+            IngestError::QueueFull => "queue_full",
+            IngestError::TooManyUploads => "too_many_uploads",
+            IngestError::Interrupted(_) => "upload_interrupted",
+            IngestError::NotFound => "not_found",
+            IngestError::Database(_) | IngestError::Storage(_) | IngestError::Io(_) => "internal",
+        }
+    }
+}
+
+impl IntoResponse for IngestError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let message = if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
+            tracing::error!(error = %self, "ingest request failed");
+            "something went wrong on our side; try again".to_string()
+        } else {
+            self.to_string()
+        };
+        let mut response = (status, Json(ErrorBody::new(self.code(), message))).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        }
+        response
+    }
+}

@@ -1,0 +1,346 @@
+//! The job queue (rows in the database) and the runner that works it off through the pool.
+//!
+//! A job is claimed by setting a lease; a worker that dies leaves the lease to expire and the job is
+//! claimed again, up to `max_attempts`. Failures a retry cannot fix (corrupt or unsupported input)
+//! end the job at once; others back off exponentially.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use sqlx::{Row, SqlitePool};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+use transcode::TranscodeError;
+use transcode::photo::{self, Format};
+use types::{BlobId, ErrorDetail, MediaId, MediaKind, MediaStatus, UserId};
+
+use crate::view::JobResult;
+use crate::{Ingest, JobConfig, now_ms};
+
+/// The `jobs` and `media` tables.
+#[derive(Debug, Clone)]
+pub struct JobQueue {
+    db: SqlitePool,
+    config: JobConfig,
+}
+
+/// A job a worker has claimed.
+#[derive(Debug)]
+pub(crate) struct Claimed {
+    pub(crate) blob: BlobId,
+    pub(crate) mime: String,
+    pub(crate) attempts: u32,
+}
+
+/// Where a job stands.
+#[derive(Debug, Clone)]
+pub(crate) struct JobState {
+    pub(crate) status: MediaStatus,
+    pub(crate) permanent: bool,
+    pub(crate) error: Option<ErrorDetail>,
+    pub(crate) result: Option<JobResult>,
+}
+
+/// A media row joined with its job.
+#[derive(Debug)]
+pub(crate) struct MediaRow {
+    pub(crate) owner: String,
+    pub(crate) kind: MediaKind,
+    pub(crate) blob: BlobId,
+    pub(crate) job: JobState,
+}
+
+/// One new upload, as recorded with its job.
+pub(crate) struct NewMedia<'a> {
+    pub(crate) id: MediaId,
+    pub(crate) owner: &'a UserId,
+    pub(crate) kind: MediaKind,
+    pub(crate) blob: BlobId,
+    pub(crate) mime: &'a str,
+    pub(crate) bytes: u64,
+}
+
+fn corrupt_row(what: &str) -> sqlx::Error {
+    sqlx::Error::Decode(format!("bad {what} in the database").into())
+}
+
+fn job_state(row: &sqlx::sqlite::SqliteRow) -> Result<JobState, sqlx::Error> {
+    let status: String = row.try_get("status")?;
+    let error =
+        match (row.try_get::<Option<String>, _>("error_code")?, row.try_get::<Option<String>, _>("error_message")?) {
+            (Some(code), message) => Some(ErrorDetail { code, message: message.unwrap_or_default() }),
+            _ => None,
+        };
+    let result = match row.try_get::<Option<String>, _>("result")? {
+        Some(json) => Some(serde_json::from_str(&json).map_err(|_| corrupt_row("job result"))?),
+        None => None,
+    };
+    Ok(JobState {
+        status: MediaStatus::parse(&status).ok_or_else(|| corrupt_row("job status"))?,
+        permanent: row.try_get::<i64, _>("permanent")? != 0,
+        error,
+        result,
+    })
+}
+
+impl JobQueue {
+    pub fn new(db: SqlitePool, config: JobConfig) -> Self {
+        Self { db, config }
+    }
+
+    /// Jobs waiting or running.
+    pub async fn queued(&self) -> Result<u64, sqlx::Error> {
+        let n: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM jobs WHERE status = 'processing'").fetch_one(&self.db).await?;
+        Ok(n as u64)
+    }
+
+    /// Frees every lease. Only for a process that alone works this queue, at start-up: whatever it
+    /// held before a crash is nobody's now, so it need not wait for the leases to expire.
+    pub async fn release_leases(&self) -> Result<u64, sqlx::Error> {
+        let done =
+            sqlx::query("UPDATE jobs SET lease_until = NULL WHERE status = 'processing' AND lease_until IS NOT NULL")
+                .execute(&self.db)
+                .await?;
+        Ok(done.rows_affected())
+    }
+
+    pub(crate) async fn job(&self, blob: &BlobId) -> Result<Option<JobState>, sqlx::Error> {
+        let row =
+            sqlx::query("SELECT status, permanent, error_code, error_message, result FROM jobs WHERE source_blob = ?")
+                .bind(blob.to_hex())
+                .fetch_optional(&self.db)
+                .await?;
+        row.as_ref().map(job_state).transpose()
+    }
+
+    /// The media record and a job for its bytes, in one transaction. A job for the same bytes is
+    /// reused; one that failed for a reason a retry might fix is queued again.
+    pub(crate) async fn record_upload(&self, media: NewMedia<'_>) -> Result<(), sqlx::Error> {
+        let now = now_ms();
+        let mut tx = self.db.begin().await?;
+        sqlx::query(
+            "INSERT INTO jobs (source_blob, kind, source_mime, status, run_after, created_at, updated_at)
+             VALUES (?1, ?2, ?3, 'processing', ?4, ?4, ?4)
+             ON CONFLICT (source_blob) DO UPDATE
+                SET status = 'processing', attempts = 0, run_after = ?4, lease_until = NULL,
+                    error_code = NULL, error_message = NULL, updated_at = ?4
+              WHERE jobs.status = 'failed' AND jobs.permanent = 0",
+        )
+        .bind(media.blob.to_hex())
+        .bind(media.kind.as_str())
+        .bind(media.mime)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO media (id, owner, kind, source_blob, source_mime, source_bytes, created_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(media.id.to_string())
+        .bind(media.owner.as_str())
+        .bind(media.kind.as_str())
+        .bind(media.blob.to_hex())
+        .bind(media.mime)
+        .bind(media.bytes as i64)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await
+    }
+
+    /// Undoes an upload whose bytes turned out to be unusable. Returns whether nothing refers to
+    /// the bytes any more, in which case the job is gone too and the blob may be deleted.
+    pub(crate) async fn forget_upload(&self, id: MediaId, blob: &BlobId) -> Result<bool, sqlx::Error> {
+        let mut tx = self.db.begin().await?;
+        sqlx::query("DELETE FROM media WHERE id = ?").bind(id.to_string()).execute(&mut *tx).await?;
+        let orphaned = sqlx::query(
+            "DELETE FROM jobs WHERE source_blob = ?1 AND NOT EXISTS (SELECT 1 FROM media WHERE source_blob = ?1)",
+        )
+        .bind(blob.to_hex())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        tx.commit().await?;
+        Ok(orphaned)
+    }
+
+    pub(crate) async fn media(&self, id: MediaId) -> Result<Option<MediaRow>, sqlx::Error> {
+        let row = sqlx::query(
+            "SELECT m.owner, m.kind, m.source_blob, j.status, j.permanent, j.error_code, j.error_message, j.result
+               FROM media m JOIN jobs j ON j.source_blob = m.source_blob
+              WHERE m.id = ?",
+        )
+        .bind(id.to_string())
+        .fetch_optional(&self.db)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let kind: String = row.try_get("kind")?;
+        let blob: String = row.try_get("source_blob")?;
+        Ok(Some(MediaRow {
+            owner: row.try_get("owner")?,
+            kind: MediaKind::parse(&kind).ok_or_else(|| corrupt_row("media kind"))?,
+            blob: blob.parse().map_err(|_| corrupt_row("blob id"))?,
+            job: job_state(&row)?,
+        }))
+    }
+
+    /// Claims the next due job whose lease is free, or `None`.
+    pub(crate) async fn claim(&self) -> Result<Option<Claimed>, sqlx::Error> {
+        let now = now_ms();
+        let lease_until = now + (self.config.lease_secs * 1000) as i64;
+        let row = sqlx::query(
+            "UPDATE jobs SET lease_until = ?1, attempts = attempts + 1, updated_at = ?2
+              WHERE source_blob = (
+                    SELECT source_blob FROM jobs
+                     WHERE status = 'processing' AND run_after <= ?2
+                       AND (lease_until IS NULL OR lease_until < ?2)
+                     ORDER BY run_after LIMIT 1)
+                AND status = 'processing' AND (lease_until IS NULL OR lease_until < ?2)
+            RETURNING source_blob, source_mime, attempts",
+        )
+        .bind(lease_until)
+        .bind(now)
+        .fetch_optional(&self.db)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let blob: String = row.try_get("source_blob")?;
+        Ok(Some(Claimed {
+            blob: blob.parse().map_err(|_| corrupt_row("blob id"))?,
+            mime: row.try_get("source_mime")?,
+            attempts: row.try_get::<i64, _>("attempts")? as u32,
+        }))
+    }
+
+    pub(crate) async fn complete(&self, blob: &BlobId, result: &JobResult) -> Result<(), sqlx::Error> {
+        let json = serde_json::to_string(result).expect("job results serialise");
+        sqlx::query(
+            "UPDATE jobs SET status = 'ready', result = ?, lease_until = NULL, error_code = NULL,
+                    error_message = NULL, updated_at = ? WHERE source_blob = ?",
+        )
+        .bind(json)
+        .bind(now_ms())
+        .bind(blob.to_hex())
+        .execute(&self.db)
+        .await?;
+        Ok(())
+    }
+
+    /// Records a failed attempt: final when permanent or out of attempts, else retried after a back-off.
+    pub(crate) async fn fail(&self, job: &Claimed, error: &TranscodeError) -> Result<(), sqlx::Error> {
+        let now = now_ms();
+        let last = error.is_permanent() || job.attempts >= self.config.max_attempts;
+        let backoff_ms = 1000i64 << job.attempts.min(8);
+        sqlx::query(
+            "UPDATE jobs SET status = ?, permanent = ?, error_code = ?, error_message = ?, lease_until = NULL,
+                    run_after = ?, updated_at = ? WHERE source_blob = ?",
+        )
+        .bind(if last { "failed" } else { "processing" })
+        .bind(error.is_permanent())
+        .bind(error.code())
+        .bind(error.to_string())
+        .bind(now + backoff_ms)
+        .bind(now)
+        .bind(job.blob.to_hex())
+        .execute(&self.db)
+        .await?;
+        Ok(())
+    }
+}
+
+/// Works the queue until `shutdown` turns true, then lets running jobs finish.
+#[derive(Debug)]
+pub struct Runner;
+
+impl Runner {
+    pub async fn run(ingest: Arc<Ingest>, mut shutdown: watch::Receiver<bool>) {
+        // Claim no more than the pool can start at once: a claimed job's lease is ticking.
+        let slots = Arc::new(Semaphore::new(ingest.pool.workers()));
+        let mut running = JoinSet::new();
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            let permit = tokio::select! {
+                permit = slots.clone().acquire_owned() => permit.expect("never closed"),
+                _ = shutdown.changed() => break,
+            };
+            while running.try_join_next().is_some() {}
+            match ingest.queue.claim().await {
+                Ok(Some(job)) => {
+                    let ingest = ingest.clone();
+                    running.spawn(async move {
+                        ingest.execute(job).await;
+                        drop(permit);
+                    });
+                }
+                Ok(None) => {
+                    drop(permit);
+                    tokio::select! {
+                        _ = ingest.job_queued.notified() => {}
+                        // Back-offs and expired leases come due without a wake-up.
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = shutdown.changed() => break,
+                    }
+                }
+                Err(e) => {
+                    drop(permit);
+                    tracing::error!(error = %e, "claiming a job failed");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+        tracing::info!(running = running.len(), "job runner stopping; waiting for running jobs");
+        while running.join_next().await.is_some() {}
+    }
+}
+
+impl Ingest {
+    async fn execute(&self, job: Claimed) {
+        let started = Instant::now();
+        let outcome = self.transcode(&job).await;
+        let recorded = match &outcome {
+            Ok(result) => self.queue.complete(&job.blob, result).await,
+            Err(e) => self.queue.fail(&job, e).await,
+        };
+        match (&outcome, recorded) {
+            (_, Err(e)) => tracing::error!(blob = %job.blob, error = %e, "recording a job's outcome failed"),
+            (Ok(_), Ok(())) => tracing::info!(blob = %job.blob, ms = started.elapsed().as_millis() as u64, "job done"),
+            (Err(e), Ok(())) => {
+                tracing::warn!(blob = %job.blob, attempt = job.attempts, error = %e, "job failed")
+            }
+        }
+        let _ = self.job_done.send(job.blob);
+    }
+
+    async fn transcode(&self, job: &Claimed) -> Result<JobResult, TranscodeError> {
+        if job.attempts > self.config.job.max_attempts {
+            // Claimed again after its worker died each time: stop feeding it to workers.
+            return Err(TranscodeError::TooManyAttempts(job.attempts - 1));
+        }
+        let storage = |e: edge_cache::EdgeError| TranscodeError::Io(e.to_string());
+        let bytes = self
+            .originals
+            .get(&job.blob)
+            .await
+            .map_err(storage)?
+            .ok_or_else(|| TranscodeError::Corrupt("the uploaded bytes are missing from storage".into()))?;
+        let format = Format::from_mime(&job.mime)?;
+        let limits = photo::Limits { max_pixels: self.config.max_pixels, memory_bytes: self.config.job.memory_bytes };
+        let timeout = self.config.job.timeout();
+        let deadline = Instant::now() + timeout;
+        let work =
+            self.pool.run(move || photo::transcode(&bytes, format, &photo::Settings::default(), &limits, deadline));
+        // The pipeline stops itself at its next stage past the deadline; this bounds the wait for
+        // a stage that never returns.
+        let output = tokio::time::timeout(timeout + Duration::from_secs(1), work)
+            .await
+            .map_err(|_| TranscodeError::TimedOut)??;
+        for variant in [&output.standard, &output.thumb] {
+            self.variants.put(&variant.blob, Bytes::from(variant.bytes.clone())).await.map_err(storage)?;
+        }
+        Ok(JobResult::from_photo(&output))
+    }
+}

@@ -1,0 +1,97 @@
+//! Courier's uploads: from request body to stored blob, media record and transcode job.
+//!
+//! `POST /v1/media` streams the body under a byte limit, sniffs its first bytes against the declared
+//! type, hashes it with BLAKE3 while spooling it to a temp file, checks the header's dimensions, stores
+//! it once in the originals namespace and records the media and its job in one transaction. The
+//! [`Runner`] claims jobs from the database, runs the pipeline in the `transcode` pool and writes the
+//! variants through `edge-cache`. `GET /v1/media/{id}` shows the result with signed variant URLs.
+//!
+//! Routes expect the caller's [`types::UserId`] in the request extensions (the server's auth layer
+//! puts it there). This crate owns the `media` and `jobs` tables and must never touch another
+//! crate's tables.
+
+mod config;
+mod db;
+mod error;
+mod jobs;
+mod routes;
+mod spool;
+mod view;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+pub use config::{IngestConfig, JobConfig};
+pub use db::connect_sqlite;
+pub use error::IngestError;
+pub use jobs::{JobQueue, Runner};
+pub use spool::discard_body;
+pub use view::{MediaView, VariantView};
+
+use edge_cache::BlobStore;
+use tokio::sync::{Notify, Semaphore, broadcast};
+use transcode::Pool;
+use types::{BlobId, UrlSigner};
+
+/// Everything the ingest routes and the job runner share.
+pub struct Ingest {
+    config: IngestConfig,
+    queue: JobQueue,
+    originals: BlobStore,
+    variants: BlobStore,
+    signer: UrlSigner,
+    pool: Arc<Pool>,
+    tmp_dir: PathBuf,
+    uploads: Semaphore,
+    /// Wakes the runner when a job is queued.
+    job_queued: Notify,
+    /// Tells waiting uploads that a job has finished, one way or the other.
+    job_done: broadcast::Sender<BlobId>,
+}
+
+impl Ingest {
+    /// `tmp_dir` holds uploads while they stream in; it is emptied of leftovers here.
+    pub fn new(
+        config: IngestConfig,
+        db: sqlx::SqlitePool,
+        originals: BlobStore,
+        variants: BlobStore,
+        signer: UrlSigner,
+        pool: Arc<Pool>,
+        tmp_dir: PathBuf,
+    ) -> std::io::Result<Arc<Self>> {
+        spool::clear_leftovers(&tmp_dir)?;
+        let (job_done, _) = broadcast::channel(1024);
+        Ok(Arc::new(Self {
+            uploads: Semaphore::new(config.max_concurrent_uploads),
+            queue: JobQueue::new(db, config.job.clone()),
+            config,
+            originals,
+            variants,
+            signer,
+            pool,
+            tmp_dir,
+            job_queued: Notify::new(),
+            job_done,
+        }))
+    }
+
+    pub fn queue(&self) -> &JobQueue {
+        &self.queue
+    }
+
+    /// The `/v1/media` routes.
+    pub fn router(self: &Arc<Self>) -> axum::Router {
+        routes::router(self.clone())
+    }
+}
+
+impl std::fmt::Debug for Ingest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ingest").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}

@@ -1,0 +1,154 @@
+//! `POST /v1/media` and `GET /v1/media/{id}`.
+
+use std::io::BufReader;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, BodyDataStream};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use tokio::sync::broadcast::error::RecvError;
+use transcode::photo::{self, Format};
+use types::{MediaId, MediaKind, MediaStatus, UserId};
+
+use crate::jobs::{JobState, NewMedia};
+use crate::view::{MediaParts, url_expiry};
+use crate::{Ingest, IngestError, MediaView, spool};
+
+pub(crate) fn router(ingest: Arc<Ingest>) -> Router {
+    Router::new().route("/v1/media", post(upload)).route("/v1/media/{id}", get(show)).with_state(ingest)
+}
+
+async fn upload(
+    State(ingest): State<Arc<Ingest>>,
+    Extension(user): Extension<UserId>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<MediaView>), IngestError> {
+    let mut body = body.into_data_stream();
+    let result = accept(&ingest, &user, &headers, &mut body).await;
+    if result.is_err() {
+        spool::discard(&mut body).await;
+    }
+    result
+}
+
+async fn accept(
+    ingest: &Ingest,
+    user: &UserId,
+    headers: &HeaderMap,
+    body: &mut BodyDataStream,
+) -> Result<(StatusCode, Json<MediaView>), IngestError> {
+    let config = &ingest.config;
+    let declared = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or_default().trim())
+        .ok_or_else(|| {
+            IngestError::UnsupportedType("a Content-Type header naming the image type is required".into())
+        })?;
+    let format = Format::from_mime(declared).map_err(IngestError::Media)?;
+    let declared_len = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared_len.is_some_and(|len| len > config.max_upload_bytes) {
+        return Err(IngestError::TooLarge { limit: config.max_upload_bytes });
+    }
+    let _slot = ingest.uploads.try_acquire().map_err(|_| IngestError::TooManyUploads)?;
+    if ingest.queue.queued().await? >= config.max_queued_jobs {
+        return Err(IngestError::QueueFull);
+    }
+
+    let spooled = spool::receive(body, &ingest.tmp_dir, config.max_upload_bytes, format).await?;
+
+    // The header alone says how large the picture is: refuse a pixel bomb before decoding a pixel.
+    let path = spooled.file.path().to_owned();
+    let max_pixels = config.max_pixels;
+    tokio::task::spawn_blocking(move || {
+        let probe = photo::probe(BufReader::new(std::fs::File::open(path)?), format)?;
+        let limits = photo::Limits { max_pixels, ..Default::default() };
+        limits.check_pixels(probe.width, probe.height)?;
+        Ok::<_, IngestError>(())
+    })
+    .await
+    .map_err(|e| IngestError::Io(std::io::Error::other(e)))??;
+
+    // Bytes already known to be unusable are refused without storing anything.
+    if let Some(job) = ingest.queue.job(&spooled.blob).await?
+        && job.status == MediaStatus::Failed
+        && job.permanent
+    {
+        return Err(rejected(job));
+    }
+
+    ingest.originals.put_file(&spooled.blob, spooled.file.path()).await?;
+    let (blob, len) = (spooled.blob, spooled.len);
+    drop(spooled);
+
+    let mut done = ingest.job_done.subscribe();
+    let id = MediaId::new();
+    let media = NewMedia { id, owner: user, kind: MediaKind::Image, blob, mime: format.mime(), bytes: len };
+    ingest.queue.record_upload(media).await?;
+    ingest.job_queued.notify_one();
+
+    // Photos take a fraction of a second: wait a little so most uploads answer `ready`, and so
+    // bytes that cannot be decoded are refused here rather than reported later.
+    let wait = tokio::time::sleep(Duration::from_millis(config.wait_for_ready_ms));
+    tokio::pin!(wait);
+    let mut job = ingest.queue.job(&blob).await?;
+    while job.as_ref().is_some_and(|j| j.status == MediaStatus::Processing) {
+        tokio::select! {
+            event = done.recv() => match event {
+                Ok(finished) if finished != blob => continue,
+                Ok(_) | Err(RecvError::Lagged(_)) => job = ingest.queue.job(&blob).await?,
+                Err(RecvError::Closed) => break,
+            },
+            _ = &mut wait => break,
+        }
+    }
+
+    if let Some(job) = job.filter(|j| j.status == MediaStatus::Failed && j.permanent) {
+        if ingest.queue.forget_upload(id, &blob).await? {
+            ingest.originals.delete(&blob).await?;
+        }
+        return Err(rejected(job));
+    }
+    let view = ingest.view(id, user).await?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+/// The error for bytes whose job failed for good, with the job's own code.
+fn rejected(job: JobState) -> IngestError {
+    IngestError::Rejected(job.error.unwrap_or_else(|| types::ErrorDetail {
+        code: "corrupt_media".into(),
+        message: "the file cannot be decoded".into(),
+    }))
+}
+
+async fn show(
+    State(ingest): State<Arc<Ingest>>,
+    Extension(user): Extension<UserId>,
+    Path(id): Path<String>,
+) -> Result<Json<MediaView>, IngestError> {
+    let id: MediaId = id.parse().map_err(|_| IngestError::NotFound)?;
+    Ok(Json(ingest.view(id, &user).await?))
+}
+
+impl Ingest {
+    /// The media as its owner sees it; anyone else is told it does not exist.
+    async fn view(&self, id: MediaId, user: &UserId) -> Result<MediaView, IngestError> {
+        let row = self.queue.media(id).await?.filter(|row| row.owner == user.as_str()).ok_or(IngestError::NotFound)?;
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+        Ok(MediaParts {
+            id,
+            kind: row.kind,
+            blob: row.blob,
+            status: row.job.status,
+            error: row.job.error,
+            result: row.job.result,
+            signer: &self.signer,
+            url_exp: url_expiry(now, self.config.url_ttl_secs),
+        }
+        .view())
+    }
+}

@@ -1,0 +1,130 @@
+//! Receiving an upload body: bounded, hashed while written, into a temp file that removes itself.
+
+use std::io::Write;
+use std::path::Path;
+
+use std::time::Duration;
+
+use axum::body::{Body, BodyDataStream};
+use bytes::BytesMut;
+use futures_util::StreamExt;
+use tempfile::NamedTempFile;
+use transcode::photo::Format;
+use types::BlobId;
+
+use crate::IngestError;
+
+/// Bytes gathered before one blocking write-and-hash step: bounds memory per upload.
+const BATCH: usize = 1024 * 1024;
+/// Enough of the head of a file to recognise every format we take.
+const SNIFF_LEN: usize = 32;
+
+/// A fully received upload. Dropping it deletes the temp file.
+#[derive(Debug)]
+pub(crate) struct Spooled {
+    pub(crate) file: NamedTempFile,
+    pub(crate) blob: BlobId,
+    pub(crate) len: u64,
+}
+
+struct Writer {
+    file: NamedTempFile,
+    hasher: blake3::Hasher,
+}
+
+impl Writer {
+    /// Hashes and writes on a blocking thread, never on the runtime's.
+    async fn write(mut self, batch: BytesMut) -> Result<Self, IngestError> {
+        tokio::task::spawn_blocking(move || {
+            self.hasher.update(&batch);
+            self.file.write_all(&batch)?;
+            Ok(self)
+        })
+        .await
+        .map_err(|e| IngestError::Io(std::io::Error::other(e)))?
+    }
+}
+
+/// Streams `body` into a temp file under `dir`, refusing it as soon as it passes `limit` bytes or
+/// its first bytes are not the `declared` format.
+pub(crate) async fn receive(
+    stream: &mut BodyDataStream,
+    dir: &Path,
+    limit: u64,
+    declared: Format,
+) -> Result<Spooled, IngestError> {
+    let file = tempfile::Builder::new().prefix("upload-").tempfile_in(dir)?;
+    let mut writer = Writer { file, hasher: blake3::Hasher::new() };
+    let mut batch = BytesMut::new();
+    let mut len: u64 = 0;
+    let mut sniffed = false;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| IngestError::Interrupted(e.to_string()))?;
+        len += chunk.len() as u64;
+        if len > limit {
+            return Err(IngestError::TooLarge { limit });
+        }
+        batch.extend_from_slice(&chunk);
+        if !sniffed && batch.len() >= SNIFF_LEN {
+            check_magic(&batch, declared)?;
+            sniffed = true;
+        }
+        if batch.len() >= BATCH {
+            writer = writer.write(std::mem::take(&mut batch)).await?;
+        }
+    }
+    if len == 0 {
+        return Err(IngestError::Empty);
+    }
+    if !sniffed {
+        check_magic(&batch, declared)?;
+    }
+    let writer = writer.write(batch).await?;
+    Ok(Spooled { blob: BlobId::from_hash(writer.hasher.finalize()), file: writer.file, len })
+}
+
+fn check_magic(head: &[u8], declared: Format) -> Result<(), IngestError> {
+    match Format::sniff(head) {
+        Some(f) if f == declared => Ok(()),
+        Some(other) => Err(IngestError::TypeMismatch { declared: declared.mime(), sniffed: other.mime().into() }),
+        None => {
+            Err(IngestError::TypeMismatch { declared: declared.mime(), sniffed: "not an image we recognise".into() })
+        }
+    }
+}
+
+/// How much of a refused body is still read, and for how long, before the answer is sent.
+const DISCARD_MAX: usize = 1024 * 1024;
+const DISCARD_TIME: Duration = Duration::from_secs(2);
+
+/// Reads and drops what is left of a refused request body, within bounds, so that a client still
+/// sending it reads our error instead of a reset connection. Clients sending more than this should
+/// use `Expect: 100-continue` (curl does for large bodies), which lets them see the error unsent.
+pub async fn discard_body(body: Body) {
+    discard(&mut body.into_data_stream()).await
+}
+
+pub(crate) async fn discard(stream: &mut BodyDataStream) {
+    let drain = async {
+        let mut seen = 0;
+        while let Some(Ok(chunk)) = stream.next().await {
+            seen += chunk.len();
+            if seen > DISCARD_MAX {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DISCARD_TIME, drain).await;
+}
+
+/// Removes temp files a crash left behind; nothing in `dir` outlives the request that made it.
+pub(crate) fn clear_leftovers(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_name().to_string_lossy().starts_with("upload-") {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,126 @@
+//! `courier serve`'s settings: one serde tree, read from defaults, then `--config FILE`, then
+//! `COURIER_*` environment variables, then command-line flags, each overriding the one before.
+//!
+//! Nested keys take a double underscore in the environment: `COURIER_INGEST__MAX_UPLOAD_BYTES`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct Config {
+    /// Address to listen on. Default 127.0.0.1:8080.
+    pub(crate) listen: SocketAddr,
+    /// Where the database, blobs, keys and temp files live. Default ./data.
+    pub(crate) data_dir: PathBuf,
+    /// Database URL. Default: SQLite at `{data_dir}/courier.db`.
+    pub(crate) database_url: Option<String>,
+    /// Folder of the blob store. Default `{data_dir}/blobs`.
+    pub(crate) blobs: Option<PathBuf>,
+    /// Seconds in-flight requests and jobs get to finish after SIGINT/SIGTERM. Default 10.
+    pub(crate) shutdown_grace_secs: u64,
+    /// Log filter in tracing's syntax. Default "info".
+    pub(crate) log: String,
+    /// "text" or "json". Default "text".
+    pub(crate) log_format: LogFormat,
+    pub(crate) ingest: ingest::IngestConfig,
+    pub(crate) transcode: TranscodeConfig,
+    pub(crate) cache: CacheConfig,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct TranscodeConfig {
+    /// Transcode worker threads. 0 means one per core; default 0.
+    pub(crate) workers: usize,
+    /// Whether this process works the job queue. false makes an API-only node whose jobs another
+    /// process runs (or this one after a restart). Default true.
+    pub(crate) run_jobs: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct CacheConfig {
+    /// Bytes of served blobs kept in memory. Default 256 MiB.
+    pub(crate) memory_bytes: u64,
+    /// Blobs larger than this are streamed from storage instead of kept in memory. Default 8 MiB.
+    pub(crate) max_object_bytes: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("./data"),
+            database_url: None,
+            blobs: None,
+            shutdown_grace_secs: 10,
+            log: "info".into(),
+            log_format: LogFormat::Text,
+            ingest: Default::default(),
+            transcode: Default::default(),
+            cache: Default::default(),
+        }
+    }
+}
+
+impl Default for TranscodeConfig {
+    fn default() -> Self {
+        Self { workers: 0, run_jobs: true }
+    }
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self { memory_bytes: 256 * 1024 * 1024, max_object_bytes: 8 * 1024 * 1024 }
+    }
+}
+
+/// Values given as flags; `None` leaves the lower layers' value.
+#[derive(Debug, Default, Serialize)]
+pub(crate) struct FlagOverrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) listen: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) data_dir: Option<PathBuf>,
+}
+
+impl Config {
+    pub(crate) fn load(file: Option<&Path>, flags: FlagOverrides) -> anyhow::Result<Self> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            anyhow::ensure!(file.exists(), "config file {} does not exist", file.display());
+            figment = figment.merge(Toml::file(file));
+        }
+        let env = Env::prefixed("COURIER_").split("__").filter(|key| !key.as_str().starts_with("test_"));
+        figment = figment.merge(env).merge(Serialized::defaults(flags));
+        figment.extract().context("invalid configuration")
+    }
+
+    pub(crate) fn database_url(&self) -> String {
+        self.database_url.clone().unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("courier.db").display()))
+    }
+
+    pub(crate) fn blobs_dir(&self) -> PathBuf {
+        self.blobs.clone().unwrap_or_else(|| self.data_dir.join("blobs"))
+    }
+
+    pub(crate) fn workers(&self) -> usize {
+        match self.transcode.workers {
+            0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            n => n,
+        }
+    }
+}

@@ -1,0 +1,32 @@
+//! The two keys `serve` makes on first start and keeps in the data dir, mode 0600.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use anyhow::Context;
+use types::Secret;
+
+pub(crate) const TOKEN_KEY: &str = "token-signing.key";
+pub(crate) const URL_KEY: &str = "url-signing.key";
+
+/// Reads `dir/name`, or makes a new random key there if there is none.
+pub(crate) fn load_or_create(dir: &Path, name: &str) -> anyhow::Result<Secret> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(name);
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no randomness for a new key: {e}"))?;
+    match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path) {
+        Ok(mut file) => {
+            let secret = Secret::from_bytes(bytes);
+            writeln!(file, "{}", secret.to_hex())?;
+            file.sync_all()?;
+            Ok(secret)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+            text.parse().with_context(|| format!("{} is not a key file", path.display()))
+        }
+        Err(e) => Err(e).with_context(|| format!("creating {}", path.display())),
+    }
+}

@@ -1,0 +1,184 @@
+//! Starting, stopping and talking to a real `courier serve`.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::Value;
+use types::{BlobId, Secret, TokenKeys, UrlSigner, UserId};
+
+pub(crate) fn fixture(name: &str) -> Vec<u8> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures").join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+pub(crate) fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+}
+
+/// A running server. Killed (SIGKILL) when dropped; its data dir goes with the [`DataDir`].
+pub(crate) struct Server {
+    child: Child,
+    pub(crate) base: String,
+    pub(crate) data: PathBuf,
+    pub(crate) http: reqwest::Client,
+}
+
+/// A temp data dir that outlives server restarts.
+pub(crate) struct DataDir(tempfile::TempDir);
+
+impl DataDir {
+    pub(crate) fn new() -> Self {
+        Self(tempfile::tempdir().unwrap())
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Server {
+    /// Starts `courier serve` on `data` with extra `COURIER_*` settings.
+    pub(crate) fn start(data: &DataDir, env: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_courier"));
+        command
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data.path())
+            .env("COURIER_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("starting courier");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let first = lines.next().expect("courier printed nothing").unwrap();
+        let base =
+            first.strip_prefix("courier listening on ").unwrap_or_else(|| panic!("unexpected: {first}")).to_owned();
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+        Self { child, base, data: data.path().to_owned(), http }
+    }
+
+    pub(crate) fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub(crate) fn token(&self, user: &str) -> String {
+        let keys = TokenKeys::new(&self.key("token-signing.key"));
+        keys.mint(&user.parse::<UserId>().unwrap(), now(), 3600)
+    }
+
+    pub(crate) fn key(&self, name: &str) -> Secret {
+        std::fs::read_to_string(self.data.join(name)).unwrap().parse().unwrap()
+    }
+
+    pub(crate) fn signer(&self) -> UrlSigner {
+        UrlSigner::new(&self.key("url-signing.key"))
+    }
+
+    pub(crate) async fn upload(&self, token: &str, mime: &str, body: impl Into<reqwest::Body>) -> reqwest::Response {
+        self.http
+            .post(self.url("/v1/media"))
+            .bearer_auth(token)
+            .header("content-type", mime)
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub(crate) async fn media(&self, token: &str, id: &str) -> reqwest::Response {
+        self.http.get(self.url(&format!("/v1/media/{id}"))).bearer_auth(token).send().await.unwrap()
+    }
+
+    /// Uploads and waits until the media is no longer processing; returns its JSON.
+    pub(crate) async fn upload_ready(&self, token: &str, mime: &str, body: Vec<u8>) -> Value {
+        let response = self.upload(token, mime, body).await;
+        assert_eq!(response.status(), 201, "{}", response.text().await.unwrap());
+        let created: Value = response.json().await.unwrap();
+        self.wait_done(token, created["id"].as_str().unwrap()).await
+    }
+
+    pub(crate) async fn wait_done(&self, token: &str, id: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let media: Value = self.media(token, id).await.json().await.unwrap();
+            if media["status"] != "processing" {
+                return media;
+            }
+            assert!(Instant::now() < deadline, "media {id} still processing after a minute");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub(crate) async fn get(&self, path_and_query: &str) -> reqwest::Response {
+        self.http.get(self.url(path_and_query)).send().await.unwrap()
+    }
+
+    /// Files under the data dir's `sub` folder, recursively.
+    pub(crate) fn files_under(&self, sub: &str) -> Vec<PathBuf> {
+        fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+            let Ok(entries) = std::fs::read_dir(dir) else { return };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path.is_dir() { walk(&path, out) } else { out.push(path) }
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.data.join(sub), &mut out);
+        out
+    }
+
+    pub(crate) async fn count_rows(&self, table: &str) -> i64 {
+        let url = format!("sqlite://{}?mode=ro", self.data.join("courier.db").display());
+        let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+        let n = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table}")).fetch_one(&pool).await.unwrap();
+        pool.close().await;
+        n
+    }
+
+    pub(crate) fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM, then the exit status.
+    pub(crate) fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "courier did not exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The bytes of a variant of `media`, fetched through its signed URL and checked against its blob.
+pub(crate) async fn variant_bytes(server: &Server, media: &Value, name: &str) -> Vec<u8> {
+    let variant = &media["variants"][name];
+    let response = server.get(variant["url"].as_str().unwrap()).await;
+    assert_eq!(response.status(), 200);
+    let bytes = response.bytes().await.unwrap().to_vec();
+    let blob: BlobId = variant["blob"].as_str().unwrap().parse().unwrap();
+    assert!(blob.matches(&bytes), "served bytes do not match the variant's blob");
+    assert_eq!(bytes.len() as u64, variant["bytes"].as_u64().unwrap());
+    bytes
+}
+
+pub(crate) fn decode(bytes: &[u8]) -> image::RgbImage {
+    image::load_from_memory_with_format(bytes, image::ImageFormat::Jpeg).expect("a JPEG").to_rgb8()
+}

@@ -1,0 +1,98 @@
+//! Bad uploads get the right status and leave nothing behind: no blob, no record, no temp file.
+
+use bytes::Bytes;
+use serde_json::Value;
+
+use crate::harness::{DataDir, Server, fixture};
+
+/// Sends `body` as `mime` and checks the status and error code of the refusal.
+async fn check(server: &Server, mime: &str, body: impl Into<reqwest::Body>, status: u16, code: &str) {
+    let response = server.upload(&server.token("mallory"), mime, body).await;
+    assert_eq!(response.status(), status, "{mime} {code}");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], code, "{body}");
+    assert!(!body["error"]["message"].as_str().unwrap().is_empty());
+}
+
+async fn assert_nothing_left(server: &Server) {
+    assert_eq!(server.files_under("blobs"), Vec::<std::path::PathBuf>::new(), "a blob was left behind");
+    assert_eq!(server.files_under("tmp"), Vec::<std::path::PathBuf>::new(), "a temp file was left behind");
+    assert_eq!(server.count_rows("media").await, 0);
+    assert_eq!(server.count_rows("jobs").await, 0);
+}
+
+#[tokio::test]
+async fn bad_uploads_are_refused_and_leave_nothing() {
+    let data = DataDir::new();
+    let server = Server::start(&data, &[]);
+
+    check(&server, "image/jpeg", fixture("truncated.jpg"), 422, "corrupt_media").await;
+    check(&server, "image/png", fixture("bomb.png"), 422, "too_many_pixels").await;
+    check(&server, "image/jpeg", fixture("png-named.jpg"), 415, "type_mismatch").await;
+    check(&server, "image/png", b"<html><script>alert(1)</script></html>".to_vec(), 415, "type_mismatch").await;
+    check(&server, "text/html", fixture("rocket.jpg"), 415, "unsupported_media_type").await;
+    check(&server, "image/avif", fixture("rocket.jpg"), 415, "unsupported_media_type").await;
+    check(&server, "image/jpeg", Vec::new(), 422, "empty_body").await;
+    // A valid header followed by garbage: it sniffs as JPEG but does not decode.
+    let mut garbage = fixture("rocket.jpg")[..600].to_vec();
+    garbage.extend((0..50_000u32).map(|i| (i * 7919 % 253) as u8));
+    check(&server, "image/jpeg", garbage, 422, "corrupt_media").await;
+    assert_nothing_left(&server).await;
+
+    // The same corrupt bytes again are refused straight away, and still nothing is kept.
+    check(&server, "image/jpeg", fixture("truncated.jpg"), 422, "corrupt_media").await;
+    assert_nothing_left(&server).await;
+
+    let missing_type =
+        server.http.post(server.url("/v1/media")).bearer_auth(server.token("x")).body(fixture("rocket.jpg"));
+    assert_eq!(missing_type.send().await.unwrap().status(), 415);
+}
+
+#[tokio::test]
+async fn bodies_over_the_limit_get_413_while_streaming() {
+    let data = DataDir::new();
+    let server = Server::start(&data, &[("COURIER_INGEST__MAX_UPLOAD_BYTES", "200000")]);
+    let photo = fixture("rocket.jpg"); // 112 KB: under the limit
+    let mut big = photo.clone();
+    big.resize(300_000, 0);
+
+    // With Content-Length the refusal comes before any of the body is read.
+    check(&server, "image/jpeg", big.clone(), 413, "payload_too_large").await;
+
+    // Without one (chunked), it is noticed as the bytes pass the limit.
+    let chunks: Vec<Result<Bytes, std::io::Error>> =
+        big.chunks(16 * 1024).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
+    let stream = futures_util::stream::iter(chunks);
+    check(&server, "image/jpeg", reqwest::Body::wrap_stream(stream), 413, "payload_too_large").await;
+    assert_nothing_left(&server).await;
+
+    let ok = server.upload(&server.token("alice"), "image/jpeg", photo).await;
+    assert_eq!(ok.status(), 201);
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_503_with_retry_after() {
+    let data = DataDir::new();
+    // An API-only node: jobs queue up and nothing works them off.
+    let server = Server::start(
+        &data,
+        &[
+            ("COURIER_TRANSCODE__RUN_JOBS", "false"),
+            ("COURIER_INGEST__MAX_QUEUED_JOBS", "1"),
+            ("COURIER_INGEST__WAIT_FOR_READY_MS", "0"),
+        ],
+    );
+    let token = server.token("alice");
+    let first = server.upload(&token, "image/jpeg", fixture("rocket.jpg")).await;
+    assert_eq!(first.status(), 201);
+    let first: Value = first.json().await.unwrap();
+    assert_eq!(first["status"], "processing");
+
+    let second = server.upload(&token, "image/png", fixture("alpha.png")).await;
+    assert_eq!(second.status(), 503);
+    assert_eq!(second.headers()["retry-after"], "5");
+    let body: Value = second.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "queue_full");
+    assert_eq!(server.files_under("blobs/originals").len(), 1);
+    assert_eq!(server.count_rows("media").await, 1);
+}

@@ -1,0 +1,39 @@
+//! Restarts and shutdown: accepted jobs survive a kill -9, SIGTERM drains and exits cleanly.
+
+use serde_json::Value;
+
+use crate::harness::{DataDir, Server, fixture};
+
+#[tokio::test]
+async fn queued_jobs_resume_after_a_kill() {
+    let data = DataDir::new();
+    // First an API-only node: the upload is accepted and its job queued, then the process dies.
+    let server =
+        Server::start(&data, &[("COURIER_TRANSCODE__RUN_JOBS", "false"), ("COURIER_INGEST__WAIT_FOR_READY_MS", "0")]);
+    let token = server.token("alice");
+    let response = server.upload(&token, "image/jpeg", fixture("phone-rotated-gps.jpg")).await;
+    assert_eq!(response.status(), 201);
+    let created: Value = response.json().await.unwrap();
+    assert_eq!(created["status"], "processing");
+    let id = created["id"].as_str().unwrap().to_owned();
+    server.kill();
+
+    let server = Server::start(&data, &[]);
+    let media = server.wait_done(&token, &id).await;
+    assert_eq!(media["status"], "ready", "{media}");
+    assert_eq!(media["variants"]["standard"]["width"], 451);
+    crate::harness::variant_bytes(&server, &media, "thumb").await;
+}
+
+#[tokio::test]
+async fn sigterm_stops_the_server_cleanly() {
+    let data = DataDir::new();
+    let server = Server::start(&data, &[]);
+    assert_eq!(server.get("/healthz").await.status(), 200);
+    let unknown = server.get("/nope").await;
+    assert_eq!(unknown.status(), 404);
+    let body: Value = unknown.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "not_found");
+    let status = server.terminate();
+    assert!(status.success(), "exit status {status}");
+}

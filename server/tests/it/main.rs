@@ -1,0 +1,10 @@
+//! Integration tests: the real `courier` binary on an ephemeral port with a temp data dir, driven
+//! over HTTP. One module per feature.
+
+mod harness;
+
+mod auth;
+mod blobs;
+mod hostile;
+mod lifecycle;
+mod photos;

@@ -1,0 +1,53 @@
+//! Why a transcode did not produce its variants.
+
+/// A failed transcode. [`TranscodeError::is_permanent`] tells whether trying the same bytes again
+/// can help: a corrupt file stays corrupt, a panic or an exhausted budget might not recur.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum TranscodeError {
+    #[error("unsupported format: {0}")]
+    Unsupported(String),
+    #[error("the file is corrupt, truncated or cannot be decoded: {0}")]
+    Corrupt(String),
+    #[error("{width}×{height} is over the limit of {max_pixels} pixels")]
+    TooManyPixels { width: u32, height: u32, max_pixels: u64 },
+    #[error("over the job's memory budget: {0}")]
+    OverMemoryBudget(String),
+    #[error("the job ran past its time budget")]
+    TimedOut,
+    #[error("the transcoder panicked: {0}")]
+    Panicked(String),
+    #[error("the worker pool has shut down")]
+    PoolClosed,
+    #[error("reading or writing media failed: {0}")]
+    Io(String),
+    #[error("gave up after {0} attempts")]
+    TooManyAttempts(u32),
+}
+
+impl TranscodeError {
+    /// Whether the same input would fail the same way again.
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            TranscodeError::Unsupported(_)
+                | TranscodeError::Corrupt(_)
+                | TranscodeError::TooManyPixels { .. }
+                | TranscodeError::OverMemoryBudget(_)
+        )
+    }
+
+    /// A stable machine-readable name, used in API errors and the media's `error` field.
+    pub fn code(&self) -> &'static str {
+        match self {
+            TranscodeError::Unsupported(_) => "unsupported_media_type",
+            TranscodeError::Corrupt(_) => "corrupt_media",
+            TranscodeError::TooManyPixels { .. } => "too_many_pixels",
+            TranscodeError::OverMemoryBudget(_) => "over_memory_budget",
+            TranscodeError::TimedOut => "timed_out",
+            TranscodeError::Panicked(_) => "transcoder_crashed",
+            TranscodeError::PoolClosed => "shutting_down",
+            TranscodeError::Io(_) => "storage_error",
+            TranscodeError::TooManyAttempts(_) => "too_many_attempts",
+        }
+    }
+}

@@ -1,0 +1,122 @@
+//! Ids of users and media.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// A user, as named in a token's `sub`. Accounts come with chat-core; until then an operator names
+/// users when minting tokens, so the id is a short printable name.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct UserId(String);
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("a user id is 1 to 64 characters of a-z, A-Z, 0-9, '-', '_' and '.'")]
+pub struct UserIdError;
+
+impl UserId {
+    pub const MAX_LEN: usize = 64;
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for UserId {
+    type Error = UserIdError;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        let ok = !s.is_empty()
+            && s.len() <= Self::MAX_LEN
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        if ok { Ok(Self(s)) } else { Err(UserIdError) }
+    }
+}
+
+impl FromStr for UserId {
+    type Err = UserIdError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::try_from(s.to_owned())
+    }
+}
+
+impl From<UserId> for String {
+    fn from(id: UserId) -> String {
+        id.0
+    }
+}
+
+impl fmt::Display for UserId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for UserId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "UserId({})", self.0)
+    }
+}
+
+/// A media record. UUIDv7, so ids sort by creation time and index well.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct MediaId(uuid::Uuid);
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("not a media id")]
+pub struct MediaIdError;
+
+impl MediaId {
+    pub fn new() -> Self {
+        Self(uuid::Uuid::now_v7())
+    }
+}
+
+impl Default for MediaId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl FromStr for MediaId {
+    type Err = MediaIdError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        uuid::Uuid::try_parse(s).map(Self).map_err(|_| MediaIdError)
+    }
+}
+
+impl fmt::Display for MediaId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.hyphenated().fmt(f)
+    }
+}
+
+impl fmt::Debug for MediaId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MediaId({self})")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_ids_are_short_and_printable() {
+        assert!("alice".parse::<UserId>().is_ok());
+        assert!("bob.smith-2_x".parse::<UserId>().is_ok());
+        assert!("".parse::<UserId>().is_err());
+        assert!("a b".parse::<UserId>().is_err());
+        assert!("x".repeat(65).parse::<UserId>().is_err());
+    }
+
+    #[test]
+    fn media_ids_round_trip() {
+        let id = MediaId::new();
+        assert_eq!(id.to_string().parse::<MediaId>(), Ok(id));
+        assert!("nope".parse::<MediaId>().is_err());
+    }
+}

@@ -1,0 +1,21 @@
+//! Courier's leaf crate: the plain types every other crate speaks.
+//!
+//! Ids, content-addressed blob names, media kinds and variant names, bearer-token claims with their
+//! signing and checking, and signed blob URLs. It must stay pure: no tokio, no IO, no HTTP framework,
+//! no database. Anything that needs one of those belongs in the crate that owns that concern.
+
+mod blob;
+mod error_body;
+mod ids;
+mod media;
+mod secret;
+mod signed_url;
+mod token;
+
+pub use blob::{BlobId, BlobIdError};
+pub use error_body::{ErrorBody, ErrorDetail};
+pub use ids::{MediaId, MediaIdError, UserId, UserIdError};
+pub use media::{MediaKind, MediaStatus, VariantName};
+pub use secret::{Secret, SecretError};
+pub use signed_url::{SignedUrlError, UrlSigner};
+pub use token::{Claims, TokenError, TokenKeys};

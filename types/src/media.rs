@@ -1,0 +1,79 @@
+//! Media kinds, their processing states and the names of their variants.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MediaKind {
+    Image,
+}
+
+impl MediaKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MediaKind::Image => "image",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "image" => Some(MediaKind::Image),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for MediaKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MediaStatus {
+    Processing,
+    Ready,
+    Failed,
+}
+
+impl MediaStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MediaStatus::Processing => "processing",
+            MediaStatus::Ready => "ready",
+            MediaStatus::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "processing" => Some(MediaStatus::Processing),
+            "ready" => Some(MediaStatus::Ready),
+            "failed" => Some(MediaStatus::Failed),
+            _ => None,
+        }
+    }
+}
+
+/// The outputs a transcode makes of one upload. The inline preview is not a blob (it travels inside
+/// the media JSON) and so is not a variant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VariantName {
+    /// Long edge at most 1600 px for images.
+    Standard,
+    /// Long edge at most 320 px.
+    Thumb,
+}
+
+impl VariantName {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VariantName::Standard => "standard",
+            VariantName::Thumb => "thumb",
+        }
+    }
+}
