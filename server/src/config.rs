@@ -104,7 +104,11 @@ impl Config {
             anyhow::ensure!(file.exists(), "config file {} does not exist", file.display());
             figment = figment.merge(Toml::file(file));
         }
-        let env = Env::prefixed("COURIER_").split("__").filter(|key| !key.as_str().starts_with("test_"));
+        // COURIER_CONFIG names the file (a flag's value), and COURIER_TEST_* belong to the test suites.
+        let env = Env::prefixed("COURIER_").split("__").filter(|key| {
+            let key = key.as_str().to_ascii_lowercase();
+            key != "config" && !key.starts_with("test_")
+        });
         figment = figment.merge(env).merge(Serialized::defaults(flags));
         figment.extract().context("invalid configuration")
     }

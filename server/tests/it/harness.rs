@@ -46,6 +46,8 @@ impl Server {
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data.path())
             .env("COURIER_LOG", "warn")
+            // CI sets variables like this one for other suites; serve must not mistake them for settings.
+            .env("COURIER_TEST_UNRELATED", "1")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         for (k, v) in env {
