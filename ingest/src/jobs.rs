@@ -344,3 +344,98 @@ impl Ingest {
         Ok(JobResult::from_photo(&output))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn queue(config: JobConfig) -> (JobQueue, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("test.db").display());
+        (JobQueue::new(crate::connect_sqlite(&url).await.unwrap(), config), dir)
+    }
+
+    async fn upload(queue: &JobQueue, bytes: &[u8]) -> BlobId {
+        let blob = BlobId::of(bytes);
+        let owner: UserId = "alice".parse().unwrap();
+        let media =
+            NewMedia { id: MediaId::new(), owner: &owner, kind: MediaKind::Image, blob, mime: "image/jpeg", bytes: 1 };
+        queue.record_upload(media).await.unwrap();
+        blob
+    }
+
+    /// Makes every back-off and lease due now.
+    async fn fast_forward(queue: &JobQueue) {
+        sqlx::query("UPDATE jobs SET run_after = 0, lease_until = CASE WHEN lease_until IS NULL THEN NULL ELSE 0 END")
+            .execute(&queue.db)
+            .await
+            .unwrap();
+    }
+
+    async fn status(queue: &JobQueue, blob: &BlobId) -> (MediaStatus, bool) {
+        let job = queue.job(blob).await.unwrap().unwrap();
+        (job.status, job.permanent)
+    }
+
+    #[tokio::test]
+    async fn retryable_failures_back_off_until_attempts_run_out() {
+        let (queue, _dir) = queue(JobConfig { max_attempts: 3, ..Default::default() }).await;
+        let blob = upload(&queue, b"photo").await;
+        for attempt in 1..=3 {
+            let job = queue.claim().await.unwrap().expect("a due job is claimable");
+            assert_eq!((job.blob, job.attempts), (blob, attempt));
+            assert!(queue.claim().await.unwrap().is_none(), "a leased job is nobody else's");
+            queue.fail(&job, &TranscodeError::TimedOut).await.unwrap();
+            assert!(queue.claim().await.unwrap().is_none(), "a failed attempt backs off");
+            fast_forward(&queue).await;
+        }
+        assert_eq!(status(&queue, &blob).await, (MediaStatus::Failed, false));
+        assert!(queue.claim().await.unwrap().is_none());
+
+        // Uploading the same bytes again gives a job that failed for a passing reason another go.
+        upload(&queue, b"photo").await;
+        assert_eq!(status(&queue, &blob).await, (MediaStatus::Processing, false));
+        assert_eq!(queue.claim().await.unwrap().unwrap().attempts, 1);
+    }
+
+    #[tokio::test]
+    async fn permanent_failures_end_at_once_and_stay_failed() {
+        let (queue, _dir) = queue(JobConfig::default()).await;
+        let blob = upload(&queue, b"not really a jpeg").await;
+        let job = queue.claim().await.unwrap().unwrap();
+        queue.fail(&job, &TranscodeError::Corrupt("bad huffman table".into())).await.unwrap();
+        assert_eq!(status(&queue, &blob).await, (MediaStatus::Failed, true));
+        upload(&queue, b"not really a jpeg").await;
+        assert_eq!(status(&queue, &blob).await, (MediaStatus::Failed, true));
+        fast_forward(&queue).await;
+        assert!(queue.claim().await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_dead_workers_lease_expires_and_release_frees_them_all() {
+        let (queue, _dir) = queue(JobConfig::default()).await;
+        let first = upload(&queue, b"one").await;
+        let second = upload(&queue, b"two").await;
+        let a = queue.claim().await.unwrap().unwrap();
+        let b = queue.claim().await.unwrap().unwrap();
+        assert_ne!(a.blob, b.blob);
+        assert!([first, second].contains(&a.blob) && [first, second].contains(&b.blob));
+        assert!(queue.claim().await.unwrap().is_none());
+
+        // The worker holding `a` died: once its lease runs out the job is claimed again.
+        sqlx::query("UPDATE jobs SET lease_until = 0 WHERE source_blob = ?")
+            .bind(a.blob.to_hex())
+            .execute(&queue.db)
+            .await
+            .unwrap();
+        let again = queue.claim().await.unwrap().unwrap();
+        assert_eq!((again.blob, again.attempts), (a.blob, 2));
+
+        assert_eq!(queue.release_leases().await.unwrap(), 2);
+        assert_eq!(queue.queued().await.unwrap(), 2);
+        let result = JobResult { width: 1, height: 1, variants: Default::default(), preview: String::new() };
+        queue.complete(&first, &result).await.unwrap();
+        assert_eq!(queue.queued().await.unwrap(), 1);
+        assert_eq!(status(&queue, &first).await, (MediaStatus::Ready, false));
+    }
+}
