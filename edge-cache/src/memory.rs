@@ -24,6 +24,11 @@ impl MemoryTier {
         Self { cache, max_object }
     }
 
+    /// The blob if it is in memory; never reads the store.
+    pub async fn get(&self, id: &BlobId) -> Option<Bytes> {
+        self.cache.get(id).await
+    }
+
     pub fn admits(&self, size: u64) -> bool {
         size <= self.max_object
     }

@@ -115,6 +115,9 @@ async fn serve_blob(
 
 /// Memory first; then the store, through memory when the blob is small enough to keep there.
 async fn locate(svc: &BlobService, id: &BlobId) -> Result<Source, EdgeError> {
+    if let Some(bytes) = svc.memory.get(id).await {
+        return Ok(Source::Memory(bytes));
+    }
     let len = svc.blobs.size(id).await?.ok_or(EdgeError::NotFound)?;
     if svc.memory.admits(len) {
         return Ok(Source::Memory(svc.memory.get_or_fill(id, &svc.blobs).await?));

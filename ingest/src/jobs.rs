@@ -292,6 +292,7 @@ impl Runner {
                 }
             }
         }
+        while running.try_join_next().is_some() {}
         tracing::info!(running = running.len(), "job runner stopping; waiting for running jobs");
         while running.join_next().await.is_some() {}
     }

@@ -9,6 +9,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
+use edge_cache::Stored;
 use tokio::sync::broadcast::error::RecvError;
 use transcode::photo::{self, Format};
 use types::{MediaId, MediaKind, MediaStatus, UserId};
@@ -81,14 +82,20 @@ async fn accept(
         return Err(rejected(job));
     }
 
-    ingest.originals.put_file(&spooled.blob, spooled.file.path()).await?;
+    let stored = ingest.originals.put_file(&spooled.blob, spooled.file.path()).await?;
     let (blob, len) = (spooled.blob, spooled.len);
     drop(spooled);
 
     let mut done = ingest.job_done.subscribe();
     let id = MediaId::new();
     let media = NewMedia { id, owner: user, kind: MediaKind::Image, blob, mime: format.mime(), bytes: len };
-    ingest.queue.record_upload(media).await?;
+    if let Err(e) = ingest.queue.record_upload(media).await {
+        // Nothing refers to bytes stored just now: take them back rather than leak them.
+        if stored == Stored::New {
+            let _ = ingest.originals.delete(&blob).await;
+        }
+        return Err(e.into());
+    }
     ingest.job_queued.notify_one();
 
     // Photos take a fraction of a second: wait a little so most uploads answer `ready`, and so

@@ -35,7 +35,7 @@ enum Command {
         #[arg(long)]
         data_dir: Option<PathBuf>,
         /// A TOML file with any of the settings (see deploy/courier.toml)
-        #[arg(long, env = "COURIER_CONFIG")]
+        #[arg(long, env = "COURIER_CONFIG", hide_env_values = true)]
         config: Option<PathBuf>,
     },
     /// Print a bearer token for USER that `courier serve` on the same data dir accepts.

@@ -12,8 +12,9 @@ use axum::routing::get;
 use edge_cache::{BlobService, BlobStore, MemoryTier, Namespace};
 use ingest::{Ingest, Runner};
 use tokio::sync::watch;
+use tower_http::LatencyUnit;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer};
 use tracing_subscriber::EnvFilter;
 use types::{ErrorBody, TokenKeys, UrlSigner};
 
@@ -22,7 +23,8 @@ use crate::{auth, secrets};
 
 pub(crate) fn init_logging(config: &Config) -> anyhow::Result<()> {
     let filter = EnvFilter::try_new(&config.log).context("invalid log filter")?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match config.log_format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
@@ -66,15 +68,29 @@ pub(crate) async fn serve(config: Config) -> anyhow::Result<()> {
         .route("/healthz", get(|| async { "ok\n" }))
         .merge(edge_cache::router(blobs))
         .merge(user_routes)
-        .fallback(|| async { (StatusCode::NOT_FOUND, axum::Json(ErrorBody::new("not_found", "no such route"))).into_response() })
+        .fallback(|| async {
+            (StatusCode::NOT_FOUND, axum::Json(ErrorBody::new("not_found", "no such route"))).into_response()
+        })
         .layer(
             tower::ServiceBuilder::new()
                 .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
-                .layer(TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
-                    let route = request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
-                    let id = request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
-                    tracing::info_span!("request", id, method = %request.method(), route = route.as_deref().unwrap_or("-"))
-                }))
+                .layer(
+                    TraceLayer::new_for_http()
+                        .make_span_with(|request: &Request<_>| {
+                            let route = request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
+                            let id = request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
+                            let method = request.method();
+                            tracing::info_span!("request", id, %method, route = route.as_deref().unwrap_or("-"))
+                        })
+                        .on_request(())
+                        .on_response(
+                            DefaultOnResponse::new().level(tracing::Level::INFO).latency_unit(LatencyUnit::Micros),
+                        )
+                        // Our own 5xx are logged with their cause where they happen; this notes the request.
+                        .on_failure(
+                            DefaultOnFailure::new().level(tracing::Level::WARN).latency_unit(LatencyUnit::Micros),
+                        ),
+                )
                 .layer(PropagateRequestIdLayer::x_request_id()),
         );
 
