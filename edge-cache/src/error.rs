@@ -17,6 +17,12 @@ pub enum EdgeError {
     RangeNotSatisfiable { len: u64 },
     #[error("blob {0} did not match its hash and was not served")]
     VerifyFailed(types::BlobId),
+    #[error("the upstream did not answer in time")]
+    UpstreamTimeout,
+    #[error("the upstream failed: {0}")]
+    Upstream(String),
+    #[error("admin token missing or wrong")]
+    Unauthorized,
     #[error("blob storage failed: {0}")]
     Storage(#[from] object_store::Error),
     #[error("blob storage failed: {0}")]
@@ -29,7 +35,9 @@ impl EdgeError {
             EdgeError::Forbidden | EdgeError::Expired => StatusCode::FORBIDDEN,
             EdgeError::NotFound => StatusCode::NOT_FOUND,
             EdgeError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
-            EdgeError::VerifyFailed(_) => StatusCode::BAD_GATEWAY,
+            EdgeError::VerifyFailed(_) | EdgeError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            EdgeError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            EdgeError::Unauthorized => StatusCode::UNAUTHORIZED,
             EdgeError::Storage(_) | EdgeError::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -41,6 +49,9 @@ impl EdgeError {
             EdgeError::NotFound => "not_found",
             EdgeError::RangeNotSatisfiable { .. } => "range_not_satisfiable",
             EdgeError::VerifyFailed(_) => "verify_failed",
+            EdgeError::UpstreamTimeout => "upstream_timeout",
+            EdgeError::Upstream(_) => "upstream_error",
+            EdgeError::Unauthorized => "unauthorized",
             EdgeError::Storage(_) | EdgeError::Io(_) => "storage_error",
         }
     }
@@ -52,7 +63,13 @@ impl IntoResponse for EdgeError {
         let message = if status.is_server_error() {
             // Details (paths, store errors) go to the log, not to clients.
             tracing::error!(error = %self, "blob serving failed");
-            "the blob could not be read; try again later".to_string()
+            match self {
+                EdgeError::UpstreamTimeout => "the upstream did not answer in time; try again later".to_string(),
+                EdgeError::VerifyFailed(_) | EdgeError::Upstream(_) => {
+                    "the upstream did not deliver the blob; try again later".to_string()
+                }
+                _ => "the blob could not be read; try again later".to_string(),
+            }
         } else {
             self.to_string()
         };

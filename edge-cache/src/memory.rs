@@ -29,6 +29,21 @@ impl MemoryTier {
         self.cache.get(id).await
     }
 
+    /// Keeps `bytes`, which the caller has just verified against `id`.
+    pub async fn insert(&self, id: &BlobId, bytes: Bytes) {
+        if self.admits(bytes.len() as u64) {
+            self.cache.insert(*id, bytes).await;
+        }
+    }
+
+    pub async fn remove(&self, id: &BlobId) {
+        self.cache.invalidate(id).await;
+    }
+
+    pub fn weighted_size(&self) -> u64 {
+        self.cache.weighted_size()
+    }
+
     pub fn admits(&self, size: u64) -> bool {
         size <= self.max_object
     }
@@ -53,10 +68,6 @@ impl MemoryTier {
             })
             .await
             .map_err(|e: Arc<EdgeError>| Arc::try_unwrap(e).unwrap_or_else(|shared| shared_error(&shared)))
-    }
-
-    pub async fn remove(&self, id: &BlobId) {
-        self.cache.invalidate(id).await;
     }
 }
 

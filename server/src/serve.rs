@@ -9,7 +9,7 @@ use axum::extract::MatchedPath;
 use axum::http::{Request, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use edge_cache::{BlobService, BlobStore, MemoryTier, Namespace};
+use edge_cache::{Backend, BlobService, BlobStore, MemoryTier, Metrics, Namespace};
 use ingest::{Ingest, Runner};
 use tokio::sync::watch;
 use tower_http::LatencyUnit;
@@ -55,9 +55,12 @@ pub(crate) async fn serve(config: Config) -> anyhow::Result<()> {
     // This process alone works the queue: jobs a previous run had claimed resume now.
     let resumed = ingest.queue().release_leases().await?;
     let blobs = Arc::new(BlobService {
-        blobs: variants,
-        memory: MemoryTier::new(config.cache.memory_bytes, config.cache.max_object_bytes),
         signer,
+        memory: MemoryTier::new(config.cache.memory_bytes, config.cache.max_object_bytes),
+        backend: Backend::Origin(variants),
+        metrics: Arc::new(Metrics::default()),
+        cache_name: "courier-origin",
+        admin_token: None,
     });
 
     let (stop, stopped) = watch::channel(false);

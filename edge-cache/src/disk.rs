@@ -1,0 +1,171 @@
+//! L2: blobs on local disk, one file per blob named by its hash, bounded in bytes.
+//!
+//! A blob reaches `blobs/` only by rename from `tmp/` after its fill was verified, so a file there is
+//! always whole and right. The index is a moka cache weighed in bytes (TinyLFU admission, LRU
+//! eviction); evicting an entry deletes its file. On open the index is rebuilt from the folder and
+//! partial files from a previous run are removed.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use prometheus_client::metrics::counter::Counter;
+use tempfile::NamedTempFile;
+use types::BlobId;
+
+/// The disk tier of one edge node.
+#[derive(Clone)]
+pub struct DiskTier {
+    root: Arc<PathBuf>,
+    index: moka::sync::Cache<BlobId, u64>,
+}
+
+impl DiskTier {
+    /// Opens (creating) the tier under `dir`, holding at most `capacity` bytes of blobs.
+    /// Evictions are counted in `evictions`.
+    pub fn open(dir: &Path, capacity: u64, evictions: Counter) -> std::io::Result<Self> {
+        let root = Arc::new(dir.to_owned());
+        std::fs::create_dir_all(dir.join("blobs"))?;
+        std::fs::create_dir_all(dir.join("tmp"))?;
+        for entry in std::fs::read_dir(dir.join("tmp"))? {
+            std::fs::remove_file(entry?.path())?;
+        }
+        let listener_root = root.clone();
+        let index = moka::sync::Cache::builder()
+            .max_capacity(capacity)
+            .weigher(|_: &BlobId, size: &u64| u32::try_from(*size).unwrap_or(u32::MAX))
+            .eviction_listener(move |id: Arc<BlobId>, _size, cause| {
+                if cause.was_evicted() {
+                    evictions.inc();
+                }
+                if cause != moka::notification::RemovalCause::Replaced {
+                    // A file already gone is what we wanted anyway.
+                    let _ = std::fs::remove_file(blob_path(&listener_root, &id));
+                }
+            })
+            .build();
+        let tier = Self { root, index };
+        tier.rebuild()?;
+        Ok(tier)
+    }
+
+    fn rebuild(&self) -> std::io::Result<()> {
+        for shard in std::fs::read_dir(self.root.join("blobs"))? {
+            let shard = shard?;
+            if !shard.file_type()?.is_dir() {
+                continue;
+            }
+            for entry in std::fs::read_dir(shard.path())? {
+                let entry = entry?;
+                let name = entry.file_name();
+                match name.to_str().and_then(|n| n.parse::<BlobId>().ok()) {
+                    Some(id) if entry.path() == blob_path(&self.root, &id) => {
+                        self.index.insert(id, entry.metadata()?.len());
+                    }
+                    _ => std::fs::remove_file(entry.path())?,
+                }
+            }
+        }
+        self.index.run_pending_tasks();
+        Ok(())
+    }
+
+    /// The size of a cached blob, counting as a use for eviction.
+    pub fn lookup(&self, id: &BlobId) -> Option<u64> {
+        self.index.get(id)
+    }
+
+    pub fn path(&self, id: &BlobId) -> PathBuf {
+        blob_path(&self.root, id)
+    }
+
+    /// A new temp file for a fill; deleted when dropped unless committed.
+    pub fn temp_file(&self) -> std::io::Result<NamedTempFile> {
+        tempfile::Builder::new().prefix("fill-").tempfile_in(self.root.join("tmp"))
+    }
+
+    /// Moves a verified fill into place and indexes it; evicts what no longer fits. Blocking.
+    pub fn commit(&self, id: &BlobId, file: NamedTempFile, size: u64) -> std::io::Result<()> {
+        let path = self.path(id);
+        std::fs::create_dir_all(path.parent().expect("blob paths have a shard folder"))?;
+        file.persist(&path).map_err(|e| e.error)?;
+        self.index.insert(*id, size);
+        self.index.run_pending_tasks();
+        Ok(())
+    }
+
+    /// Forgets a blob and deletes its file (purge, or a file found missing or damaged). Blocking.
+    pub fn remove(&self, id: &BlobId) {
+        self.index.invalidate(id);
+        self.index.run_pending_tasks();
+        let _ = std::fs::remove_file(self.path(id));
+    }
+
+    /// Bytes of blobs held, and how many.
+    pub fn usage(&self) -> (u64, u64) {
+        self.index.run_pending_tasks();
+        (self.index.weighted_size(), self.index.entry_count())
+    }
+}
+
+fn blob_path(root: &Path, id: &BlobId) -> PathBuf {
+    let hex = id.to_hex();
+    root.join("blobs").join(&hex[..2]).join(hex)
+}
+
+impl std::fmt::Debug for DiskTier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DiskTier({})", self.root.display())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    fn fill(tier: &DiskTier, bytes: &[u8]) -> BlobId {
+        let id = BlobId::of(bytes);
+        let mut file = tier.temp_file().unwrap();
+        file.write_all(bytes).unwrap();
+        tier.commit(&id, file, bytes.len() as u64).unwrap();
+        id
+    }
+
+    fn bytes_on_disk(dir: &Path) -> u64 {
+        walk(&dir.join("blobs")).iter().map(|p| std::fs::metadata(p).unwrap().len()).sum()
+    }
+
+    fn walk(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            if entry.path().is_dir() { out.extend(walk(&entry.path())) } else { out.push(entry.path()) }
+        }
+        out
+    }
+
+    #[test]
+    fn stays_under_its_bound_and_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let tier = DiskTier::open(dir.path(), 100_000, Counter::default()).unwrap();
+        let ids: Vec<BlobId> = (0..40u32).map(|i| fill(&tier, &vec![i as u8; 10_000])).collect();
+        let (used, count) = tier.usage();
+        assert!(used <= 100_000, "index holds {used} bytes");
+        assert!(count >= 5, "only {count} blobs kept");
+        assert!(bytes_on_disk(dir.path()) <= 100_000, "{} bytes on disk", bytes_on_disk(dir.path()));
+
+        // A crash mid-fill leaves a temp file and maybe a stray; both go on the next open.
+        std::fs::write(dir.path().join("tmp/fill-x"), b"partial").unwrap();
+        let kept: Vec<BlobId> = ids.iter().copied().filter(|id| tier.lookup(id).is_some()).collect();
+        drop(tier);
+        let tier = DiskTier::open(dir.path(), 100_000, Counter::default()).unwrap();
+        assert!(walk(&dir.path().join("tmp")).is_empty());
+        for id in &kept {
+            assert_eq!(tier.lookup(id), Some(10_000));
+            assert!(id.matches(&std::fs::read(tier.path(id)).unwrap()));
+        }
+        tier.remove(&kept[0]);
+        assert_eq!(tier.lookup(&kept[0]), None);
+        assert!(!tier.path(&kept[0]).exists());
+    }
+}
