@@ -79,7 +79,7 @@ pub struct Fill {
 
 impl Fill {
     /// The blob's size, once the upstream has answered.
-    pub async fn len(&self) -> Result<u64, EdgeError> {
+    pub async fn size(&self) -> Result<u64, EdgeError> {
         let mut rx = self.progress.clone();
         let progress = rx
             .wait_for(|p| p.len.is_some() || p.outcome.is_some())

@@ -198,7 +198,7 @@ async fn locate(svc: &Arc<BlobService>, id: &BlobId) -> Result<(Source, &'static
                 return Ok((source, "hit; detail=disk"));
             }
             let (fill, joined) = filler.join(id)?;
-            let len = fill.len().await?;
+            let len = fill.size().await?;
             Ok((Source::Filling { fill, len }, if joined { "fwd=miss; collapsed" } else { "fwd=miss; stored" }))
         }
     }

@@ -28,9 +28,52 @@ pub(crate) struct Config {
     pub(crate) log: String,
     /// "text" or "json". Default "text".
     pub(crate) log_format: LogFormat,
+    pub(crate) http: HttpConfig,
     pub(crate) ingest: ingest::IngestConfig,
     pub(crate) transcode: TranscodeConfig,
     pub(crate) cache: CacheConfig,
+}
+
+/// Connection limits, shared by `serve` and `edge`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct HttpConfig {
+    /// Seconds a client gets to send a request's headers (or finish a TLS handshake). Default 10.
+    pub(crate) header_read_timeout_secs: u64,
+    /// Largest request head, in bytes. Default 65536.
+    pub(crate) max_header_bytes: usize,
+    /// HTTP/1 requests per connection before it is closed. Default 10000.
+    pub(crate) max_requests_per_connection: u64,
+    /// Concurrent HTTP/2 streams per connection. Default 256.
+    pub(crate) max_concurrent_streams: u32,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            header_read_timeout_secs: 10,
+            max_header_bytes: 64 * 1024,
+            max_requests_per_connection: 10_000,
+            max_concurrent_streams: 256,
+        }
+    }
+}
+
+impl HttpConfig {
+    pub(crate) fn options(
+        &self,
+        tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+        grace_secs: u64,
+    ) -> crate::listener::HttpOptions {
+        crate::listener::HttpOptions {
+            header_read_timeout: std::time::Duration::from_secs(self.header_read_timeout_secs),
+            max_header_bytes: self.max_header_bytes,
+            max_requests_per_connection: self.max_requests_per_connection.max(1),
+            max_concurrent_streams: self.max_concurrent_streams,
+            tls,
+            grace: std::time::Duration::from_secs(grace_secs),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -69,6 +112,7 @@ impl Default for Config {
             shutdown_grace_secs: 10,
             log: "info".into(),
             log_format: LogFormat::Text,
+            http: Default::default(),
             ingest: Default::default(),
             transcode: Default::default(),
             cache: Default::default(),
@@ -97,20 +141,32 @@ pub(crate) struct FlagOverrides {
     pub(crate) data_dir: Option<PathBuf>,
 }
 
+/// defaults < TOML `file` < `{prefix}*` environment variables < `flags`. Environment keys that start
+/// with one of `skip` (lowercase, after the prefix) belong to something else; `config` names the file.
+pub(crate) fn layered<T: Serialize + serde::de::DeserializeOwned>(
+    defaults: T,
+    file: Option<&Path>,
+    prefix: &str,
+    skip: &[&str],
+    flags: impl Serialize,
+) -> anyhow::Result<T> {
+    let mut figment = Figment::from(Serialized::defaults(defaults));
+    if let Some(file) = file {
+        anyhow::ensure!(file.exists(), "config file {} does not exist", file.display());
+        figment = figment.merge(Toml::file(file));
+    }
+    let skip: Vec<String> = skip.iter().map(|s| s.to_string()).collect();
+    let env = Env::prefixed(prefix).split("__").filter(move |key| {
+        let key = key.as_str().to_ascii_lowercase();
+        key != "config" && !skip.iter().any(|s| key.starts_with(s.as_str()))
+    });
+    figment.merge(env).merge(Serialized::defaults(flags)).extract().context("invalid configuration")
+}
+
 impl Config {
     pub(crate) fn load(file: Option<&Path>, flags: FlagOverrides) -> anyhow::Result<Self> {
-        let mut figment = Figment::from(Serialized::defaults(Config::default()));
-        if let Some(file) = file {
-            anyhow::ensure!(file.exists(), "config file {} does not exist", file.display());
-            figment = figment.merge(Toml::file(file));
-        }
-        // COURIER_CONFIG names the file (a flag's value), and COURIER_TEST_* belong to the test suites.
-        let env = Env::prefixed("COURIER_").split("__").filter(|key| {
-            let key = key.as_str().to_ascii_lowercase();
-            key != "config" && !key.starts_with("test_")
-        });
-        figment = figment.merge(env).merge(Serialized::defaults(flags));
-        figment.extract().context("invalid configuration")
+        // COURIER_EDGE_* configure `courier edge`, and COURIER_TEST_* belong to the test suites.
+        layered(Config::default(), file, "COURIER_", &["edge_", "test_"], flags)
     }
 
     pub(crate) fn database_url(&self) -> String {

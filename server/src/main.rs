@@ -5,6 +5,8 @@
 
 mod auth;
 mod config;
+mod edge;
+mod listener;
 mod secrets;
 mod serve;
 
@@ -38,6 +40,41 @@ enum Command {
         #[arg(long, env = "COURIER_CONFIG", hide_env_values = true)]
         config: Option<PathBuf>,
     },
+    /// Run a CDN edge node: serve blobs from memory, local disk, then the upstreams, verifying
+    /// every fill against its hash.
+    ///
+    /// Settings come from built-in defaults, then --config, then COURIER_EDGE_* environment
+    /// variables, then these flags (see deploy/edge.toml).
+    Edge {
+        /// Address to listen on [default: 127.0.0.1:8081]
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// An origin or parent edge (http://host:port) or the origin's blob folder (file:///path);
+        /// repeat for fallbacks, tried in order
+        #[arg(long)]
+        upstream: Vec<String>,
+        /// Folder of the disk tier [default: ./edge-cache]
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
+        /// Bytes of blobs kept in memory [default: 268435456]
+        #[arg(long)]
+        memory_bytes: Option<u64>,
+        /// Bytes of blobs kept on disk [default: 10737418240]
+        #[arg(long)]
+        disk_bytes: Option<u64>,
+        /// A copy of the origin's url-signing.key
+        #[arg(long)]
+        url_key: Option<PathBuf>,
+        /// PEM certificate chain: serve HTTPS with HTTP/2 and HTTP/1.1
+        #[arg(long)]
+        tls_cert: Option<PathBuf>,
+        /// PEM private key of --tls-cert
+        #[arg(long)]
+        tls_key: Option<PathBuf>,
+        /// A TOML file with any of the settings
+        #[arg(long, env = "COURIER_EDGE_CONFIG", hide_env_values = true)]
+        config: Option<PathBuf>,
+    },
     /// Print a bearer token for USER that `courier serve` on the same data dir accepts.
     Token {
         /// The data dir whose token-signing.key signs the token (made if missing)
@@ -66,8 +103,14 @@ fn run() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Serve { listen, data_dir, config } => {
             let config = config::Config::load(config.as_deref(), config::FlagOverrides { listen, data_dir })?;
-            serve::init_logging(&config)?;
+            serve::init_logging(&config.log, config.log_format)?;
             tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve::serve(config))
+        }
+        Command::Edge { listen, upstream, cache_dir, memory_bytes, disk_bytes, url_key, tls_cert, tls_key, config } => {
+            let flags = edge::EdgeFlags { listen, upstream, cache_dir, memory_bytes, disk_bytes, url_key, tls_cert, tls_key };
+            let config = edge::EdgeConfig::load(config.as_deref(), flags)?;
+            serve::init_logging(&config.log, config.log_format)?;
+            tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(edge::run(config))
         }
         Command::Token { data_dir, user, ttl } => {
             let user: types::UserId = user.parse()?;

@@ -5,27 +5,21 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router;
-use axum::extract::MatchedPath;
-use axum::http::{Request, StatusCode};
-use axum::response::IntoResponse;
 use axum::routing::get;
 use edge_cache::{Backend, BlobService, BlobStore, MemoryTier, Metrics, Namespace};
 use ingest::{Ingest, Runner};
 use tokio::sync::watch;
-use tower_http::LatencyUnit;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer};
 use tracing_subscriber::EnvFilter;
-use types::{ErrorBody, TokenKeys, UrlSigner};
+use types::{TokenKeys, UrlSigner};
 
 use crate::config::{Config, LogFormat};
-use crate::{auth, secrets};
+use crate::{auth, listener, secrets};
 
-pub(crate) fn init_logging(config: &Config) -> anyhow::Result<()> {
-    let filter = EnvFilter::try_new(&config.log).context("invalid log filter")?;
+pub(crate) fn init_logging(log: &str, format: LogFormat) -> anyhow::Result<()> {
+    let filter = EnvFilter::try_new(log).context("invalid log filter")?;
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
-    match config.log_format {
+    match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
     }
@@ -64,61 +58,24 @@ pub(crate) async fn serve(config: Config) -> anyhow::Result<()> {
     });
 
     let (stop, stopped) = watch::channel(false);
-    let runner = config.transcode.run_jobs.then(|| tokio::spawn(Runner::run(ingest.clone(), stopped.clone())));
+    let runner = config.transcode.run_jobs.then(|| tokio::spawn(Runner::run(ingest.clone(), stopped)));
 
     let user_routes = ingest.router().route_layer(axum::middleware::from_fn_with_state(token_keys, auth::require_user));
-    let app = Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .merge(edge_cache::router(blobs))
-        .merge(user_routes)
-        .fallback(|| async {
-            (StatusCode::NOT_FOUND, axum::Json(ErrorBody::new("not_found", "no such route"))).into_response()
-        })
-        .layer(
-            tower::ServiceBuilder::new()
-                .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
-                .layer(
-                    TraceLayer::new_for_http()
-                        .make_span_with(|request: &Request<_>| {
-                            let route = request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
-                            let id = request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
-                            let method = request.method();
-                            tracing::info_span!("request", id, %method, route = route.as_deref().unwrap_or("-"))
-                        })
-                        .on_request(())
-                        .on_response(
-                            DefaultOnResponse::new().level(tracing::Level::INFO).latency_unit(LatencyUnit::Micros),
-                        )
-                        // Our own 5xx are logged with their cause where they happen; this notes the request.
-                        .on_failure(
-                            DefaultOnFailure::new().level(tracing::Level::WARN).latency_unit(LatencyUnit::Micros),
-                        ),
-                )
-                .layer(PropagateRequestIdLayer::x_request_id()),
-        );
+    let app = listener::with_common_layers(
+        Router::new().route("/healthz", get(|| async { "ok\n" })).merge(edge_cache::router(blobs)).merge(user_routes),
+    );
 
-    let listener =
-        tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
-    let addr = listener.local_addr()?;
+    let socket = tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
+    let addr = socket.local_addr()?;
     tracing::info!(%addr, workers, resumed_jobs = resumed, data_dir = %data_dir.display(), "courier serving");
     print_welcome(addr, &config);
 
-    let mut server_stopped = stopped.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = server_stopped.wait_for(|s| *s).await;
-            })
-            .await
-    });
-
-    shutdown_signal().await;
-    tracing::info!("shutting down: no new connections; finishing what is in flight");
-    let _ = stop.send(true);
+    let shutdown = async move {
+        listener::shutdown_signal().await;
+        let _ = stop.send(true);
+    };
+    listener::serve(socket, app, config.http.options(None, config.shutdown_grace_secs), shutdown).await;
     let grace = Duration::from_secs(config.shutdown_grace_secs);
-    if tokio::time::timeout(grace, server).await.is_err() {
-        tracing::warn!("requests still running after {grace:?}; closing them");
-    }
     if let Some(runner) = runner
         && tokio::time::timeout(grace, runner).await.is_err()
     {
@@ -137,19 +94,4 @@ fn print_welcome(addr: std::net::SocketAddr, config: &Config) {
          --data-binary @fixtures/rocket.jpg http://{addr}/v1/media"
     );
     println!("  status: curl -H \"Authorization: Bearer $TOKEN\" http://{addr}/v1/media/ID");
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
 }

@@ -1,0 +1,173 @@
+//! The HTTP server loop: HTTP/1.1 and HTTP/2 (ALPN over TLS, or prior knowledge in clear), with a
+//! header read timeout against slowloris, bounded header size, a cap on requests per connection,
+//! and a graceful drain on shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::http::{HeaderValue, Request, Version, header};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tower::ServiceExt;
+
+/// Connection-level limits.
+#[derive(Debug, Clone)]
+pub(crate) struct HttpOptions {
+    pub(crate) header_read_timeout: Duration,
+    pub(crate) max_header_bytes: usize,
+    pub(crate) max_requests_per_connection: u64,
+    pub(crate) max_concurrent_streams: u32,
+    pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
+    pub(crate) grace: Duration,
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then lets open connections finish their
+/// requests for up to `grace`.
+pub(crate) async fn serve(listener: TcpListener, app: Router, options: HttpOptions, shutdown: impl Future<Output = ()>) {
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(options.header_read_timeout)
+        .max_buf_size(options.max_header_bytes.max(8192))
+        .keep_alive(true);
+    builder.http2().timer(TokioTimer::new()).max_concurrent_streams(options.max_concurrent_streams);
+    let builder = Arc::new(builder);
+    let acceptor = options.tls.clone().map(tokio_rustls::TlsAcceptor::from);
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a moment rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        // After this many HTTP/1 requests the response says `Connection: close`, so one client
+        // cannot hold a connection forever.
+        let max_requests = options.max_requests_per_connection;
+        let served = Arc::new(AtomicU64::new(0));
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+            let app = app.clone();
+            let n = served.fetch_add(1, Ordering::Relaxed) + 1;
+            async move {
+                let http1 = matches!(request.version(), Version::HTTP_10 | Version::HTTP_11);
+                let mut response = app.oneshot(request.map(axum::body::Body::new)).await?;
+                if http1 && n >= max_requests {
+                    response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                Ok::<_, std::convert::Infallible>(response)
+            }
+        });
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let acceptor = acceptor.clone();
+        let handshake_timeout = options.header_read_timeout;
+        tokio::spawn(async move {
+            let result = match acceptor {
+                None => watcher.watch(builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned()).await,
+                Some(acceptor) => {
+                    let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+                    };
+                    watcher.watch(builder.serve_connection_with_upgrades(TokioIo::new(tls), service).into_owned()).await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(options.grace, graceful.shutdown()).await.is_err() {
+        tracing::warn!("connections still open after {:?}; closing them", options.grace);
+    }
+}
+
+/// A rustls server config from PEM files, offering HTTP/2 and HTTP/1.1 by ALPN.
+pub(crate) fn tls_config(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    use anyhow::Context;
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(cert)
+        .with_context(|| format!("reading {}", cert.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("parsing {}", cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key).with_context(|| format!("reading {}", key.display()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("the TLS certificate and key do not fit together")?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Request ids, one span per request and an info line per response, and a JSON 404 for unknown
+/// routes: what every Courier listener has.
+pub(crate) fn with_common_layers(router: Router) -> Router {
+    use axum::extract::MatchedPath;
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+    use tower_http::LatencyUnit;
+    use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+    use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer};
+
+    router
+        .fallback(|| async {
+            (StatusCode::NOT_FOUND, axum::Json(types::ErrorBody::new("not_found", "no such route"))).into_response()
+        })
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+                .layer(
+                    TraceLayer::new_for_http()
+                        .make_span_with(|request: &Request<_>| {
+                            let route = request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
+                            let id = request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
+                            let method = request.method();
+                            tracing::info_span!("request", id, %method, route = route.as_deref().unwrap_or("-"))
+                        })
+                        .on_request(())
+                        .on_response(DefaultOnResponse::new().level(tracing::Level::INFO).latency_unit(LatencyUnit::Micros))
+                        // Our own 5xx are logged with their cause where they happen; this notes the request.
+                        .on_failure(
+                            DefaultOnFailure::new().level(tracing::Level::WARN).latency_unit(LatencyUnit::Micros),
+                        ),
+                )
+                .layer(PropagateRequestIdLayer::x_request_id()),
+        )
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub(crate) async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("shutting down: no new connections; finishing what is in flight");
+}
