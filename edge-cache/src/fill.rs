@@ -93,6 +93,22 @@ impl Fill {
         }
     }
 
+    /// Waits for the whole fill; afterwards the file holds the verified blob.
+    pub async fn finished(&self) -> Result<Arc<std::fs::File>, EdgeError> {
+        let mut rx = self.progress.clone();
+        let outcome = rx
+            .wait_for(|p| p.outcome.is_some())
+            .await
+            .map_err(|_| EdgeError::Io(std::io::Error::other("fill abandoned")))?
+            .outcome
+            .clone();
+        match outcome {
+            Some(Ok(())) => Ok(self.file.clone()),
+            Some(Err(e)) => Err(e.into_edge(self.id)),
+            None => Err(EdgeError::Io(std::io::Error::other("fill ended without an outcome"))),
+        }
+    }
+
     /// Bytes `start..=end` as they arrive; the stream fails if the fill does.
     pub fn stream(&self, start: u64, end: u64) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
         read_stream(self.file.clone(), start, end, Some(self.progress.clone()))

@@ -160,7 +160,8 @@ async fn respond(
     let (start, end) = range.unwrap_or((0, len.saturating_sub(1)));
     let body_len = if len == 0 { 0 } else { end - start + 1 };
     let content_type = content_type(&source.head(&id).await?);
-    let body = if *method == Method::HEAD || body_len == 0 { Body::empty() } else { source.body(&id, start, end).await? };
+    let body =
+        if *method == Method::HEAD || body_len == 0 { Body::empty() } else { source.body(&id, start, end).await? };
 
     let mut response = Response::new(body);
     let h = response.headers_mut();
@@ -198,8 +199,15 @@ async fn locate(svc: &Arc<BlobService>, id: &BlobId) -> Result<(Source, &'static
                 return Ok((source, "hit; detail=disk"));
             }
             let (fill, joined) = filler.join(id)?;
+            let status = if joined { "fwd=miss; collapsed" } else { "fwd=miss; stored" };
             let len = fill.size().await?;
-            Ok((Source::Filling { fill, len }, if joined { "fwd=miss; collapsed" } else { "fwd=miss; stored" }))
+            if svc.memory.admits(len) {
+                // Small blobs are quick to fetch whole: verifying before answering turns a bad
+                // upstream into a clean 502 rather than a cut-off body.
+                let file = fill.finished().await?;
+                return Ok((Source::File { file, len }, status));
+            }
+            Ok((Source::Filling { fill, len }, status))
         }
     }
 }

@@ -54,7 +54,12 @@ impl Upstream {
         Ok(Upstream::Store(BlobStore::new(store, Namespace::Variants)))
     }
 
-    pub(crate) async fn open(&self, id: &BlobId, signer: &UrlSigner, timeout: Duration) -> Result<UpstreamBody, UpstreamError> {
+    pub(crate) async fn open(
+        &self,
+        id: &BlobId,
+        signer: &UrlSigner,
+        timeout: Duration,
+    ) -> Result<UpstreamBody, UpstreamError> {
         match self {
             Upstream::Http { base, client } => {
                 let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
@@ -62,7 +67,9 @@ impl Upstream {
                 let response = tokio::time::timeout(timeout, client.get(url).send())
                     .await
                     .map_err(|_| UpstreamError::Timeout)?
-                    .map_err(|e| if e.is_timeout() { UpstreamError::Timeout } else { UpstreamError::Failed(e.to_string()) })?;
+                    .map_err(|e| {
+                        if e.is_timeout() { UpstreamError::Timeout } else { UpstreamError::Failed(e.to_string()) }
+                    })?;
                 match response.status().as_u16() {
                     200 => {}
                     404 => return Err(UpstreamError::NotFound),
@@ -81,7 +88,12 @@ impl Upstream {
                 let stream = if len == 0 {
                     futures_util::stream::empty().boxed()
                 } else {
-                    store.get_range_stream(id, 0..len).await.map_err(failed)?.map(|r| r.map_err(|e| e.to_string())).boxed()
+                    store
+                        .get_range_stream(id, 0..len)
+                        .await
+                        .map_err(failed)?
+                        .map(|r| r.map_err(|e| e.to_string()))
+                        .boxed()
                 };
                 Ok(UpstreamBody { len, stream })
             }

@@ -124,7 +124,8 @@ pub(crate) async fn run(config: EdgeConfig) -> anyhow::Result<()> {
     let disk = tokio::task::spawn_blocking(move || DiskTier::open(&dir, bytes, evictions))
         .await?
         .with_context(|| format!("opening the disk tier in {}", config.cache_dir.display()))?;
-    let filler = Arc::new(Filler::new(upstreams, signer.clone(), disk.clone(), memory.clone(), metrics.clone(), timeout));
+    let filler =
+        Arc::new(Filler::new(upstreams, signer.clone(), disk.clone(), memory.clone(), metrics.clone(), timeout));
     let service = Arc::new(BlobService {
         signer,
         memory,
@@ -137,7 +138,8 @@ pub(crate) async fn run(config: EdgeConfig) -> anyhow::Result<()> {
     let app = listener::with_common_layers(
         Router::new().route("/healthz", get(|| async { "ok\n" })).merge(edge_cache::router(service)),
     );
-    let socket = tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
+    let socket =
+        tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
     let addr = socket.local_addr()?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     let (used, count) = disk.usage();

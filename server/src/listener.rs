@@ -29,7 +29,12 @@ pub(crate) struct HttpOptions {
 
 /// Serves `app` on `listener` until `shutdown` resolves, then lets open connections finish their
 /// requests for up to `grace`.
-pub(crate) async fn serve(listener: TcpListener, app: Router, options: HttpOptions, shutdown: impl Future<Output = ()>) {
+pub(crate) async fn serve(
+    listener: TcpListener,
+    app: Router,
+    options: HttpOptions,
+    shutdown: impl Future<Output = ()>,
+) {
     let mut builder = Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -79,7 +84,11 @@ pub(crate) async fn serve(listener: TcpListener, app: Router, options: HttpOptio
         let handshake_timeout = options.header_read_timeout;
         tokio::spawn(async move {
             let result = match acceptor {
-                None => watcher.watch(builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned()).await,
+                None => {
+                    watcher
+                        .watch(builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned())
+                        .await
+                }
                 Some(acceptor) => {
                     let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => tls,
@@ -145,7 +154,9 @@ pub(crate) fn with_common_layers(router: Router) -> Router {
                             tracing::info_span!("request", id, %method, route = route.as_deref().unwrap_or("-"))
                         })
                         .on_request(())
-                        .on_response(DefaultOnResponse::new().level(tracing::Level::INFO).latency_unit(LatencyUnit::Micros))
+                        .on_response(
+                            DefaultOnResponse::new().level(tracing::Level::INFO).latency_unit(LatencyUnit::Micros),
+                        )
                         // Our own 5xx are logged with their cause where they happen; this notes the request.
                         .on_failure(
                             DefaultOnFailure::new().level(tracing::Level::WARN).latency_unit(LatencyUnit::Micros),

@@ -107,7 +107,8 @@ fn run() -> anyhow::Result<()> {
             tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve::serve(config))
         }
         Command::Edge { listen, upstream, cache_dir, memory_bytes, disk_bytes, url_key, tls_cert, tls_key, config } => {
-            let flags = edge::EdgeFlags { listen, upstream, cache_dir, memory_bytes, disk_bytes, url_key, tls_cert, tls_key };
+            let flags =
+                edge::EdgeFlags { listen, upstream, cache_dir, memory_bytes, disk_bytes, url_key, tls_cert, tls_key };
             let config = edge::EdgeConfig::load(config.as_deref(), flags)?;
             serve::init_logging(&config.log, config.log_format)?;
             tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(edge::run(config))

@@ -65,7 +65,8 @@ pub(crate) async fn serve(config: Config) -> anyhow::Result<()> {
         Router::new().route("/healthz", get(|| async { "ok\n" })).merge(edge_cache::router(blobs)).merge(user_routes),
     );
 
-    let socket = tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
+    let socket =
+        tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
     let addr = socket.local_addr()?;
     tracing::info!(%addr, workers, resumed_jobs = resumed, data_dir = %data_dir.display(), "courier serving");
     print_welcome(addr, &config);

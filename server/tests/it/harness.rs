@@ -41,25 +41,9 @@ impl DataDir {
 impl Server {
     /// Starts `courier serve` on `data` with extra `COURIER_*` settings.
     pub(crate) fn start(data: &DataDir, env: &[(&str, &str)]) -> Self {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_courier"));
-        command
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data.path())
-            .env("COURIER_LOG", "warn")
-            // CI sets variables like this one for other suites; serve must not mistake them for settings.
-            .env("COURIER_TEST_UNRELATED", "1")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        for (k, v) in env {
-            command.env(k, v);
-        }
-        let mut child = command.spawn().expect("starting courier");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let first = lines.next().expect("courier printed nothing").unwrap();
-        let base =
-            first.strip_prefix("courier listening on ").unwrap_or_else(|| panic!("unexpected: {first}")).to_owned();
-        // Keep draining stdout so the server never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
+        let mut args = vec!["serve".to_string(), "--listen".into(), "127.0.0.1:0".into(), "--data-dir".into()];
+        args.push(data.path().display().to_string());
+        let (child, base) = spawn_courier(&args, env, "courier listening on ");
         let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
         Self { child, base, data: data.path().to_owned(), http }
     }
@@ -167,6 +151,79 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Runs `courier ARGS…` with `env` and waits for the line that starts with `ready` and names the
+/// address; returns the process and the base URL.
+pub(crate) fn spawn_courier(args: &[String], env: &[(&str, &str)], ready: &str) -> (Child, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_courier"));
+    command
+        .args(args)
+        .env("COURIER_LOG", "warn")
+        .env("COURIER_EDGE_LOG", "warn")
+        // CI sets variables like this one for other suites; courier must not mistake them for settings.
+        .env("COURIER_TEST_UNRELATED", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let mut child = command.spawn().expect("starting courier");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().expect("courier printed nothing").unwrap();
+    let base = first.strip_prefix(ready).unwrap_or_else(|| panic!("unexpected: {first}")).to_owned();
+    // Keep draining stdout so the process never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (child, base)
+}
+
+/// A running `courier edge`, killed when dropped.
+pub(crate) struct Edge {
+    child: Child,
+    pub(crate) base: String,
+    pub(crate) http: reqwest::Client,
+}
+
+impl Edge {
+    /// An edge over `upstreams` with the URL key of `origin`, its disk tier in `cache`.
+    pub(crate) fn start(origin: &Server, upstreams: &[&str], cache: &Path, env: &[(&str, &str)]) -> Self {
+        let mut args = vec!["edge".to_string(), "--listen".into(), "127.0.0.1:0".into()];
+        for upstream in upstreams {
+            args.push("--upstream".into());
+            args.push(upstream.to_string());
+        }
+        args.extend(["--cache-dir".into(), cache.display().to_string()]);
+        args.extend(["--url-key".into(), origin.data.join("url-signing.key").display().to_string()]);
+        let (child, base) = spawn_courier(&args, env, "courier edge listening on ");
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+        Self { child, base, http }
+    }
+
+    pub(crate) fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub(crate) async fn get(&self, path_and_query: &str) -> reqwest::Response {
+        self.http.get(self.url(path_and_query)).send().await.unwrap()
+    }
+
+    pub(crate) fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Edge {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One series of a Prometheus text page, such as `courier_blob_requests_total{status="200"}`; 0 if absent.
+pub(crate) async fn metric(http: &reqwest::Client, base: &str, series: &str) -> f64 {
+    let page = http.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+    page.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0.0)
 }
 
 /// The bytes of a variant of `media`, fetched through its signed URL and checked against its blob.

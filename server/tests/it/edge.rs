@@ -1,0 +1,255 @@
+//! `courier edge`: real processes — origin ← shield edge ← edge — with tiers read from Cache-Status.
+
+use std::path::Path;
+
+use futures_util::StreamExt;
+use serde_json::Value;
+use types::BlobId;
+
+use crate::harness::{DataDir, Edge, Server, fixture, metric, now};
+
+/// Blobs over this size skip the memory tier, so the test photos' variants exercise the disk tier.
+const NO_MEMORY: (&str, &str) = ("COURIER_EDGE_MEMORY_MAX_OBJECT_BYTES", "1000");
+
+async fn photo(origin: &Server, name: &str, mime: &str) -> Value {
+    let media = origin.upload_ready(&origin.token("alice"), mime, fixture(name)).await;
+    assert_eq!(media["status"], "ready", "{media}");
+    media
+}
+
+fn url_of(media: &Value, variant: &str) -> String {
+    media["variants"][variant]["url"].as_str().unwrap().to_owned()
+}
+
+fn blob_of(media: &Value, variant: &str) -> BlobId {
+    media["variants"][variant]["blob"].as_str().unwrap().parse().unwrap()
+}
+
+/// GETs `url` at `edge`; checks the bytes against `blob` and returns the Cache-Status.
+async fn fetch(edge: &Edge, url: &str, blob: &BlobId) -> String {
+    let response = edge.get(url).await;
+    assert_eq!(response.status(), 200, "{url}");
+    let status = response.headers()["cache-status"].to_str().unwrap().to_owned();
+    assert_eq!(response.headers()["etag"], format!("\"{blob}\"").as_str());
+    assert_eq!(response.headers()["cache-control"], "public, max-age=31536000, immutable");
+    let bytes = response.bytes().await.unwrap();
+    assert!(blob.matches(&bytes), "edge served bytes that are not the blob");
+    status
+}
+
+fn disk_bytes(dir: &Path) -> u64 {
+    fn walk(dir: &Path) -> u64 {
+        std::fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|e| if e.path().is_dir() { walk(&e.path()) } else { e.metadata().unwrap().len() })
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+    walk(&dir.join("blobs"))
+}
+
+#[tokio::test]
+async fn tiers_fill_from_a_shield_and_keep_serving_without_the_origin() {
+    let data = DataDir::new();
+    let origin = Server::start(&data, &[]);
+    let media = photo(&origin, "rocket.jpg", "image/jpeg").await;
+    let (shield_dir, edge_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let shield = Edge::start(&origin, &[&origin.base], shield_dir.path(), &[]);
+    let edge = Edge::start(&origin, &[&shield.base], edge_dir.path(), &[NO_MEMORY]);
+    let (url, blob) = (url_of(&media, "standard"), blob_of(&media, "standard"));
+
+    assert_eq!(fetch(&edge, &url, &blob).await, "courier-edge; fwd=miss; stored");
+    assert_eq!(fetch(&edge, &url, &blob).await, "courier-edge; hit; detail=disk");
+    // The edge's miss filled the shield, which keeps small blobs in memory.
+    assert_eq!(fetch(&shield, &url, &blob).await, "courier-edge; hit; detail=memory");
+
+    // With the origin and the shield gone, what the edge holds is still served; the rest is 502.
+    origin.kill();
+    shield.kill();
+    assert_eq!(fetch(&edge, &url, &blob).await, "courier-edge; hit; detail=disk");
+    let thumb = edge.get(&url_of(&media, "thumb")).await;
+    assert_eq!(thumb.status(), 502);
+    assert_eq!(thumb.headers()["cache-status"], "courier-edge; fwd=miss");
+    let body: Value = thumb.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "upstream_error");
+}
+
+#[tokio::test]
+async fn a_thousand_concurrent_cold_requests_make_one_upstream_fetch() {
+    let data = DataDir::new();
+    let origin = Server::start(&data, &[]);
+    let media = photo(&origin, "phone-rotated-gps.jpg", "image/jpeg").await;
+    let cache = tempfile::tempdir().unwrap();
+    let edge = Edge::start(&origin, &[&origin.base], cache.path(), &[]);
+    let (url, blob) = (url_of(&media, "standard"), blob_of(&media, "standard"));
+    let before = metric(&origin.http, &origin.base, "courier_blob_requests_total{status=\"200\"}").await;
+
+    let requests = (0..1000).map(|_| {
+        let (http, url) = (edge.http.clone(), edge.url(&url));
+        async move {
+            let response = http.get(url).send().await.unwrap();
+            assert_eq!(response.status(), 200);
+            response.bytes().await.unwrap()
+        }
+    });
+    let bodies: Vec<_> = futures_util::stream::iter(requests).buffer_unordered(1000).collect().await;
+    assert_eq!(bodies.len(), 1000);
+    assert!(bodies.iter().all(|b| blob.matches(b)));
+
+    let after = metric(&origin.http, &origin.base, "courier_blob_requests_total{status=\"200\"}").await;
+    assert_eq!(after - before, 1.0, "the origin saw {} fetches", after - before);
+    assert_eq!(metric(&edge.http, &edge.base, "courier_blob_upstream_requests_total").await, 1.0);
+}
+
+#[tokio::test]
+async fn a_corrupted_blob_is_never_cached_nor_served_in_full() {
+    let data = DataDir::new();
+    let origin = Server::start(&data, &[]);
+    let media = photo(&origin, "phone-rotated-gps.jpg", "image/jpeg").await;
+    let blob = blob_of(&media, "standard");
+    // Damage the stored variant in the origin's blob folder, which this edge reads directly.
+    let hex = blob.to_hex();
+    let stored = data.path().join("blobs/variants").join(&hex[..2]).join(&hex);
+    let mut bytes = std::fs::read(&stored).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x55;
+    std::fs::write(&stored, &bytes).unwrap();
+
+    let upstream = format!("file://{}", data.path().join("blobs").display());
+
+    // Small blobs are verified before the answer: a clean 502, twice (nothing was kept).
+    let cache = tempfile::tempdir().unwrap();
+    let edge = Edge::start(&origin, &[&upstream], cache.path(), &[]);
+    for _ in 0..2 {
+        let response = edge.get(&url_of(&media, "standard")).await;
+        assert_eq!(response.status(), 502);
+        assert_eq!(response.headers()["cache-status"], "courier-edge; fwd=miss");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "verify_failed");
+    }
+    assert_eq!(disk_bytes(cache.path()), 0, "a corrupt fill was kept");
+    assert_eq!(metric(&edge.http, &edge.base, "courier_blob_verify_failures_total").await, 2.0);
+    // The intact thumb from the same folder is served and kept.
+    assert_eq!(
+        fetch(&edge, &url_of(&media, "thumb"), &blob_of(&media, "thumb")).await,
+        "courier-edge; fwd=miss; stored"
+    );
+
+    // Large blobs stream while they download; the last chunk waits for the hash, so the body stops short.
+    let cache = tempfile::tempdir().unwrap();
+    let edge = Edge::start(&origin, &[&upstream], cache.path(), &[NO_MEMORY]);
+    let mut received = 0;
+    let mut complete = false;
+    if let Ok(response) = edge.http.get(edge.url(&url_of(&media, "standard"))).send().await {
+        let mut stream = response.bytes_stream();
+        complete = true;
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(c) => received += c.len(),
+                Err(_) => {
+                    complete = false;
+                    break;
+                }
+            }
+        }
+    }
+    assert!(!complete || received < bytes.len(), "a corrupt blob was served in full");
+    assert_eq!(disk_bytes(cache.path()), 0, "a corrupt fill was kept");
+    assert_eq!(metric(&edge.http, &edge.base, "courier_blob_verify_failures_total").await, 1.0);
+}
+
+#[tokio::test]
+async fn the_disk_tier_stays_under_its_bound_and_survives_a_restart() {
+    let data = DataDir::new();
+    let origin = Server::start(&data, &[]);
+    let mut variants = Vec::new();
+    for (name, mime) in [
+        ("rocket.jpg", "image/jpeg"),
+        ("alpha.png", "image/png"),
+        ("coffee.webp", "image/webp"),
+        ("cmyk.jpg", "image/jpeg"),
+    ] {
+        let media = photo(&origin, name, mime).await;
+        for v in ["standard", "thumb"] {
+            variants.push((url_of(&media, v), blob_of(&media, v), media["variants"][v]["bytes"].as_u64().unwrap()));
+        }
+    }
+    let total: u64 = variants.iter().map(|v| v.2).sum();
+    let bound = total / 2;
+    let cache = tempfile::tempdir().unwrap();
+    let upstream = format!("file://{}", data.path().join("blobs").display());
+    let bound_env = bound.to_string();
+    let env = [NO_MEMORY, ("COURIER_EDGE_DISK_BYTES", bound_env.as_str())];
+    let edge = Edge::start(&origin, &[&upstream], cache.path(), &env);
+    for (url, blob, _) in &variants {
+        fetch(&edge, url, blob).await;
+    }
+    let on_disk = disk_bytes(cache.path());
+    assert!(on_disk <= bound, "{on_disk} bytes on disk, bound {bound}");
+    assert!(on_disk > 0);
+    assert!(metric(&edge.http, &edge.base, "courier_blob_evictions_total").await >= 1.0);
+    edge.kill();
+
+    // Restarted with an upstream that has nothing: whatever was on disk is still served from disk.
+    let empty = tempfile::tempdir().unwrap();
+    let nowhere = format!("file://{}", empty.path().display());
+    let edge = Edge::start(&origin, &[&nowhere], cache.path(), &env);
+    let mut hits = 0;
+    for (url, blob, _) in &variants {
+        let response = edge.get(url).await;
+        if response.status() == 200 {
+            assert_eq!(response.headers()["cache-status"], "courier-edge; hit; detail=disk");
+            assert!(blob.matches(&response.bytes().await.unwrap()));
+            hits += 1;
+        } else {
+            assert_eq!(response.status(), 404);
+        }
+    }
+    assert!(hits > 0, "nothing survived the restart");
+}
+
+#[tokio::test]
+async fn ranges_conditionals_and_purge_at_the_edge() {
+    let data = DataDir::new();
+    let origin = Server::start(&data, &[]);
+    let media = photo(&origin, "rocket.jpg", "image/jpeg").await;
+    let cache = tempfile::tempdir().unwrap();
+    let edge = Edge::start(&origin, &[&origin.base], cache.path(), &[("COURIER_EDGE_ADMIN_TOKEN", "let-me-purge")]);
+    let (url, blob) = (url_of(&media, "standard"), blob_of(&media, "standard"));
+    let len = media["variants"]["standard"]["bytes"].as_u64().unwrap();
+    let full = origin.get(&url).await.bytes().await.unwrap();
+
+    // A range on a cold blob is answered from the fill.
+    let ranged = edge.http.get(edge.url(&url)).header("range", "bytes=100-199").send().await.unwrap();
+    assert_eq!(ranged.status(), 206);
+    assert_eq!(ranged.headers()["content-range"], format!("bytes 100-199/{len}").as_str());
+    assert_eq!(ranged.headers()["cache-status"], "courier-edge; fwd=miss; stored");
+    assert_eq!(ranged.bytes().await.unwrap(), full[100..200]);
+    let tail = edge.http.get(edge.url(&url)).header("range", "bytes=-10").send().await.unwrap();
+    assert_eq!(tail.status(), 206);
+    assert_eq!(tail.bytes().await.unwrap(), full[full.len() - 10..]);
+    let unsatisfiable = edge.http.get(edge.url(&url)).header("range", format!("bytes={len}-")).send().await.unwrap();
+    assert_eq!(unsatisfiable.status(), 416);
+
+    let etag = format!("\"{blob}\"");
+    let cached = edge.http.get(edge.url(&url)).header("if-none-match", &etag).send().await.unwrap();
+    assert_eq!(cached.status(), 304);
+    assert_eq!(cached.headers()["cache-status"], "courier-edge; hit; detail=memory");
+    let head = edge.http.head(edge.url(&url)).send().await.unwrap();
+    assert_eq!(head.headers()["content-length"], len.to_string().as_str());
+
+    // Signatures are checked at the edge, with no call to the origin.
+    let forged = edge.get(&format!("/b/{blob}?exp={}&sig=AAAA", now() + 60)).await;
+    assert_eq!(forged.status(), 403);
+    assert!(forged.headers()["cache-status"].to_str().unwrap().starts_with("courier-edge"));
+
+    let purge =
+        |token: &'static str| edge.http.delete(edge.url(&format!("/admin/blobs/{blob}"))).bearer_auth(token).send();
+    assert_eq!(purge("wrong").await.unwrap().status(), 401);
+    assert_eq!(purge("let-me-purge").await.unwrap().status(), 204);
+    assert_eq!(disk_bytes(cache.path()), 0);
+    assert_eq!(fetch(&edge, &url, &blob).await, "courier-edge; fwd=miss; stored");
+}
