@@ -253,3 +253,94 @@ async fn ranges_conditionals_and_purge_at_the_edge() {
     assert_eq!(disk_bytes(cache.path()), 0);
     assert_eq!(fetch(&edge, &url, &blob).await, "courier-edge; fwd=miss; stored");
 }
+
+#[tokio::test]
+async fn https_with_http2_and_connection_limits() {
+    let data = DataDir::new();
+    let origin = Server::start(&data, &[]);
+    let media = photo(&origin, "rocket.jpg", "image/jpeg").await;
+    let (url, blob) = (url_of(&media, "thumb"), blob_of(&media, "thumb"));
+
+    // A self-signed certificate made here for localhost.
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let tls = tempfile::tempdir().unwrap();
+    let (cert, key) = (tls.path().join("cert.pem"), tls.path().join("key.pem"));
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.key_pair.serialize_pem()).unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let env = [
+        ("COURIER_EDGE_TLS_CERT", cert.to_str().unwrap()),
+        ("COURIER_EDGE_TLS_KEY", key.to_str().unwrap()),
+        ("COURIER_EDGE_HTTP__HEADER_READ_TIMEOUT_SECS", "1"),
+        ("COURIER_EDGE_HTTP__MAX_REQUESTS_PER_CONNECTION", "2"),
+    ];
+    let edge = Edge::start(&origin, &[&origin.base], cache.path(), &env);
+    let port = edge.base.rsplit(':').next().unwrap().to_owned();
+    assert!(edge.base.starts_with("https://"));
+
+    let root = reqwest::Certificate::from_pem(certified.cert.pem().as_bytes()).unwrap();
+    let h2 = reqwest::Client::builder().use_rustls_tls().add_root_certificate(root.clone()).build().unwrap();
+    let response = h2.get(format!("https://localhost:{port}{url}")).send().await.unwrap();
+    assert_eq!(response.version(), reqwest::Version::HTTP_2, "ALPN did not pick HTTP/2");
+    assert_eq!(response.status(), 200);
+    assert!(blob.matches(&response.bytes().await.unwrap()));
+
+    // HTTP/1.1 over TLS: the second request on a connection is told it is the last.
+    let h1 = reqwest::Client::builder().use_rustls_tls().add_root_certificate(root).http1_only().build().unwrap();
+    let health = format!("https://localhost:{port}/healthz");
+    let first = h1.get(&health).send().await.unwrap();
+    assert_eq!(first.version(), reqwest::Version::HTTP_11);
+    assert!(first.headers().get("connection").is_none());
+    first.bytes().await.unwrap();
+    let second = h1.get(&health).send().await.unwrap();
+    assert_eq!(second.headers()["connection"], "close");
+
+    // A client that never finishes its TLS handshake is dropped after the header timeout.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut slow = tokio::net::TcpStream::connect(format!("127.0.0.1:{port}")).await.unwrap();
+    slow.write_all(b"\x16\x03\x01").await.unwrap();
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            match slow.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "a stalled handshake kept its connection");
+}
+
+#[tokio::test]
+async fn slow_or_oversized_request_heads_are_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let data = DataDir::new();
+    let origin = Server::start(&data, &[]);
+    let cache = tempfile::tempdir().unwrap();
+    let edge =
+        Edge::start(&origin, &[&origin.base], cache.path(), &[("COURIER_EDGE_HTTP__HEADER_READ_TIMEOUT_SECS", "1")]);
+    let addr = edge.base.trim_start_matches("http://").to_owned();
+
+    // Slowloris: half a request head, then nothing.
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(std::time::Duration::from_secs(10), slow.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "a slow request head kept its connection");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 408"), "{answer}");
+
+    // A request head over the limit.
+    let mut big = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let mut head = b"GET /healthz HTTP/1.1\r\nHost: x\r\n".to_vec();
+    for i in 0..2000 {
+        head.extend_from_slice(format!("X-Filler-{i}: {}\r\n", "a".repeat(60)).as_bytes());
+    }
+    head.extend_from_slice(b"\r\n");
+    let _ = big.write_all(&head).await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), big.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 431"), "{answer}");
+}
