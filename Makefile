@@ -6,7 +6,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Build needs: pkg-config, and cmake + nasm for libjpeg-turbo (built with SIMD by turbojpeg-sys).
 BUILD_PACKAGES := pkg-config cmake nasm g++
 # Comparison scripts need the peers they compare with.
-COMPARE_PACKAGES := libvips-tools time
+COMPARE_PACKAGES := libvips-tools time nginx-light wrk curl
 
 .PHONY: run test deps compare-deps bench compare token
 
@@ -38,3 +38,4 @@ bench: deps
 
 compare: compare-deps
 	benches/compare/images.sh
+	benches/compare/edge.sh

@@ -75,6 +75,21 @@ enum Command {
         #[arg(long, env = "COURIER_EDGE_CONFIG", hide_env_values = true)]
         config: Option<PathBuf>,
     },
+    /// Print a signed `/b/{blob}` path that serve and edge nodes with this URL key accept.
+    SignUrl {
+        /// The url-signing.key (an origin's, or an edge's copy)
+        #[arg(long)]
+        url_key: PathBuf,
+        /// The blob: 64 hex digits
+        #[arg(long, required_unless_present = "file", conflicts_with = "file")]
+        blob: Option<String>,
+        /// Or a file, whose BLAKE3 names the blob
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Lifetime in seconds
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+    },
     /// Print a bearer token for USER that `courier serve` on the same data dir accepts.
     Token {
         /// The data dir whose token-signing.key signs the token (made if missing)
@@ -112,6 +127,20 @@ fn run() -> anyhow::Result<()> {
             let config = edge::EdgeConfig::load(config.as_deref(), flags)?;
             serve::init_logging(&config.log, config.log_format)?;
             tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(edge::run(config))
+        }
+        Command::SignUrl { url_key, blob, file, ttl } => {
+            let key: types::Secret = std::fs::read_to_string(&url_key)?.parse()?;
+            let blob: types::BlobId = match (blob, file) {
+                (Some(blob), _) => blob.parse()?,
+                (None, Some(file)) => types::BlobId::of(&std::fs::read(file)?),
+                (None, None) => anyhow::bail!("give --blob or --file"),
+            };
+            let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+            #[allow(clippy::print_stdout, reason = "the path is this command's output")]
+            {
+                println!("{}", types::UrlSigner::new(&key).path(&blob, now + ttl));
+            }
+            Ok(())
         }
         Command::Token { data_dir, user, ttl } => {
             let user: types::UserId = user.parse()?;

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# courier edge against nginx serving the same blobs from disk, under the same wrk load on loopback.
+#
+# Blobs of 4 KiB, 64 KiB and 1 MiB are laid out as an object store folder (variants/xx/hash). nginx
+# serves them straight from that folder (sendfile, open_file_cache). courier edge fills from the same
+# folder (file:// upstream) and answers from memory, or, in a second node with the memory tier
+# turned off, from its disk tier. Every URL is signed; nginx ignores the query.
+# Prints req/s, p99 latency and RSS side by side.
+#
+# Usage: benches/compare/edge.sh [SECONDS_PER_RUN]   (default 5; needs nginx and wrk)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+secs=${1:-5}
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/courier-target}"
+command -v nginx >/dev/null || { echo "nginx missing: apt-get install nginx-light" >&2; exit 1; }
+command -v wrk >/dev/null || { echo "wrk missing: apt-get install wrk" >&2; exit 1; }
+
+cargo build -q --release -p server --bin courier
+courier="$CARGO_TARGET_DIR/release/courier"
+work=$(mktemp -d)
+chmod 755 "$work"   # nginx workers run as another user
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; sleep 0.5; rm -rf "$work"; }
+trap cleanup EXIT
+
+head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$work/url.key"
+declare -A path_of
+for size in 4096 65536 1048576; do
+  head -c "$size" /dev/urandom > "$work/blob"
+  path_of[$size]=$("$courier" sign-url --url-key "$work/url.key" --file "$work/blob" --ttl 86400)
+  hash=${path_of[$size]#/b/}; hash=${hash%%\?*}
+  mkdir -p "$work/store/variants/${hash:0:2}"
+  mv "$work/blob" "$work/store/variants/${hash:0:2}/$hash"
+done
+
+cat > "$work/nginx.conf" <<NGINX
+worker_processes auto;
+pid $work/nginx.pid;
+error_log $work/nginx-error.log;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  sendfile on;
+  tcp_nopush on;
+  open_file_cache max=10000 inactive=60s;
+  open_file_cache_valid 60s;
+  keepalive_requests 100000;
+  server {
+    listen 127.0.0.1:18090;
+    location ~ "^/b/(..)([0-9a-f]{62})\$" {
+      alias $work/store/variants/\$1/\$1\$2;
+      default_type application/octet-stream;
+      add_header Cache-Control "public, max-age=31536000, immutable";
+    }
+  }
+}
+NGINX
+nginx -c "$work/nginx.conf" -g 'daemon off;' & pids+=($!)
+COURIER_EDGE_LOG=warn "$courier" edge --listen 127.0.0.1:18091 --upstream "file://$work/store" \
+  --url-key "$work/url.key" --cache-dir "$work/edge-mem" --memory-bytes 1073741824 \
+  >/dev/null & pids+=($!)
+mem_pid=$!
+COURIER_EDGE_LOG=warn COURIER_EDGE_MEMORY_MAX_OBJECT_BYTES=0 "$courier" edge --listen 127.0.0.1:18092 \
+  --upstream "file://$work/store" --url-key "$work/url.key" --cache-dir "$work/edge-disk" \
+  >/dev/null & pids+=($!)
+disk_pid=$!
+sleep 1
+
+rss_kib() { awk '/VmRSS/ { s += $2 } END { print s }' "$@" 2>/dev/null; }
+nginx_rss() { rss_kib $(pgrep -f "nginx.*$work" | sed 's|.*|/proc/&/status|'); }
+
+run() { # name port path conns
+  local out
+  curl -sf -o /dev/null "http://127.0.0.1:$2$3" || { echo "$1 on :$2 does not serve $3" >&2; cat "$work/nginx-error.log" >&2; return 1; }   # warm: fill the tiers, open the file cache
+  out=$(wrk -t2 -c"$4" -d"${secs}s" --latency "http://127.0.0.1:$2$3")
+  local rps p99
+  rps=$(awk '/Requests\/sec/ { print $2 }' <<<"$out")
+  p99=$(awk '$1 == "99%" { print $2 }' <<<"$out")
+  printf '%-22s %8s %6s %12s %10s' "$1" "$5" "$4" "$rps" "$p99"
+}
+
+printf '%-22s %8s %6s %12s %10s %10s\n' server body conns req/s p99 RSS
+for size in 4096 65536 1048576; do
+  label=$((size / 1024))KiB
+  for conns in 16 64 256; do
+    run nginx 18090 "${path_of[$size]}" "$conns" "$label"; printf ' %7d KiB\n' "$(nginx_rss)"
+    run "courier edge memory" 18091 "${path_of[$size]}" "$conns" "$label"; printf ' %7d KiB\n' "$(rss_kib /proc/$mem_pid/status)"
+    run "courier edge disk" 18092 "${path_of[$size]}" "$conns" "$label"; printf ' %7d KiB\n' "$(rss_kib /proc/$disk_pid/status)"
+  done
+done
