@@ -57,18 +57,33 @@ struct SignedQuery {
     sig: Option<String>,
 }
 
+/// Disk hits up to this size are read whole rather than streamed.
+const SMALL_FILE: u64 = 256 * 1024;
+
 /// A blob's bytes and where they were found.
 enum Source {
+    /// From the memory tier, or verified just now.
     Memory(Bytes),
-    File { file: Arc<std::fs::File>, len: u64 },
-    Store { store: BlobStore, len: u64 },
-    Filling { fill: Arc<Fill>, len: u64 },
+    /// Read whole from a disk tier file (verified when it was filled).
+    Read(Bytes),
+    File {
+        file: Arc<std::fs::File>,
+        len: u64,
+    },
+    Store {
+        store: BlobStore,
+        len: u64,
+    },
+    Filling {
+        fill: Arc<Fill>,
+        len: u64,
+    },
 }
 
 impl Source {
     fn len(&self) -> u64 {
         match self {
-            Source::Memory(b) => b.len() as u64,
+            Source::Memory(b) | Source::Read(b) => b.len() as u64,
             Source::File { len, .. } | Source::Store { len, .. } | Source::Filling { len, .. } => *len,
         }
     }
@@ -76,7 +91,7 @@ impl Source {
     /// Bytes `start..=end` as a body.
     async fn body(&self, id: &BlobId, start: u64, end: u64) -> Result<Body, EdgeError> {
         Ok(match self {
-            Source::Memory(bytes) => Body::from(bytes.slice(start as usize..=end as usize)),
+            Source::Memory(bytes) | Source::Read(bytes) => Body::from(bytes.slice(start as usize..=end as usize)),
             Source::File { file, .. } => Body::from_stream(read_stream(file.clone(), start, end, None)),
             Source::Store { store, .. } => Body::from_stream(store.get_range_stream(id, start..end + 1).await?),
             Source::Filling { fill, .. } => Body::from_stream(fill.stream(start, end)),
@@ -90,7 +105,7 @@ impl Source {
             return Ok(Bytes::new());
         }
         match self {
-            Source::Memory(bytes) => Ok(bytes.slice(..n as usize)),
+            Source::Memory(bytes) | Source::Read(bytes) => Ok(bytes.slice(..n as usize)),
             _ => {
                 let parts: Vec<Bytes> = match self.body(id, 0, n - 1).await?.into_data_stream().try_collect().await {
                     Ok(parts) => parts,
@@ -222,6 +237,10 @@ async fn from_disk(svc: &BlobService, disk: &DiskTier, id: &BlobId, len: u64) ->
         if promote {
             let bytes = std::fs::read(&path).ok().filter(|b| id_copy.matches(b));
             return bytes.map(|b| Source::Memory(Bytes::from(b)));
+        }
+        if len <= SMALL_FILE {
+            // One read here costs less than a stream of them later.
+            return std::fs::read(&path).ok().filter(|b| b.len() as u64 == len).map(|b| Source::Read(Bytes::from(b)));
         }
         std::fs::File::open(&path).ok().map(|file| Source::File { file: Arc::new(file), len })
     })

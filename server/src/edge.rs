@@ -46,6 +46,9 @@ pub(crate) struct EdgeConfig {
     pub(crate) shutdown_grace_secs: u64,
     pub(crate) log: String,
     pub(crate) log_format: LogFormat,
+    /// Threads answering HTTP, each with its own runtime and listening socket. 0 means one per
+    /// core; default 0.
+    pub(crate) http_threads: usize,
     pub(crate) http: HttpConfig,
 }
 
@@ -66,6 +69,7 @@ impl Default for EdgeConfig {
             shutdown_grace_secs: 10,
             log: "info".into(),
             log_format: LogFormat::Text,
+            http_threads: 0,
             http: HttpConfig::default(),
         }
     }
@@ -138,18 +142,22 @@ pub(crate) async fn run(config: EdgeConfig) -> anyhow::Result<()> {
     let app = listener::with_common_layers(
         Router::new().route("/healthz", get(|| async { "ok\n" })).merge(edge_cache::router(service)),
     );
-    let socket =
-        tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
-    let addr = socket.local_addr()?;
+    let threads = match config.http_threads {
+        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        n => n,
+    };
+    let sockets =
+        listener::bind_reuseport(config.listen, threads).with_context(|| format!("binding {}", config.listen))?;
+    let addr = sockets[0].local_addr()?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     let (used, count) = disk.usage();
-    tracing::info!(%addr, upstreams = ?config.upstream, disk_blobs = count, disk_bytes = used, "courier edge serving");
+    tracing::info!(%addr, threads, upstreams = ?config.upstream, disk_blobs = count, disk_bytes = used, "courier edge serving");
     #[allow(clippy::print_stdout, reason = "the address, for whoever started the node")]
     {
         println!("courier edge listening on {scheme}://{addr}");
     }
     let options = config.http.options(tls, config.shutdown_grace_secs);
-    listener::serve(socket, app, options, listener::shutdown_signal()).await;
+    listener::serve_per_core(sockets, app, options, listener::shutdown_signal()).await?;
     tracing::info!("edge stopped");
     Ok(())
 }

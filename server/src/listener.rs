@@ -109,6 +109,69 @@ pub(crate) async fn serve(
     }
 }
 
+/// Binds `threads` listening sockets to `addr` with SO_REUSEPORT, so the kernel spreads
+/// connections over them. With port 0 the first socket picks the port and the others share it.
+pub(crate) fn bind_reuseport(
+    addr: std::net::SocketAddr,
+    threads: usize,
+) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let mut addr = addr;
+    let mut sockets = Vec::with_capacity(threads);
+    for _ in 0..threads.max(1) {
+        let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(1024)?;
+        let listener: std::net::TcpListener = socket.into();
+        addr = listener.local_addr()?;
+        sockets.push(listener);
+    }
+    Ok(sockets)
+}
+
+/// Serves `app` thread-per-core: one OS thread per socket, each with its own single-threaded
+/// runtime accepting on its own SO_REUSEPORT socket. A connection lives on one thread from accept
+/// to close, so answering a cached blob never hands work between threads (the way nginx's workers
+/// run). Returns when `shutdown` resolves and every thread has drained.
+pub(crate) async fn serve_per_core(
+    sockets: Vec<std::net::TcpListener>,
+    app: Router,
+    options: HttpOptions,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut threads = Vec::new();
+    for (i, socket) in sockets.into_iter().enumerate() {
+        let (app, options, mut stopped) = (app.clone(), options.clone(), stopped.clone());
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let thread = std::thread::Builder::new().name(format!("http-{i}")).spawn(move || {
+            runtime.block_on(async move {
+                match TcpListener::from_std(socket) {
+                    Ok(listener) => {
+                        serve(listener, app, options, async move {
+                            let _ = stopped.wait_for(|s| *s).await;
+                        })
+                        .await
+                    }
+                    Err(e) => tracing::error!(error = %e, "could not use a listening socket"),
+                }
+            })
+        })?;
+        threads.push(thread);
+    }
+    shutdown.await;
+    let _ = stop.send(true);
+    tokio::task::spawn_blocking(move || {
+        for thread in threads {
+            let _ = thread.join();
+        }
+    })
+    .await?;
+    Ok(())
+}
+
 /// A rustls server config from PEM files, offering HTTP/2 and HTTP/1.1 by ALPN.
 pub(crate) fn tls_config(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     use anyhow::Context;
@@ -135,7 +198,7 @@ pub(crate) fn with_common_layers(router: Router) -> Router {
     use axum::http::StatusCode;
     use axum::response::IntoResponse;
     use tower_http::LatencyUnit;
-    use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+    use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
     use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer};
 
     router
@@ -144,14 +207,14 @@ pub(crate) fn with_common_layers(router: Router) -> Router {
         })
         .layer(
             tower::ServiceBuilder::new()
-                .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+                .layer(SetRequestIdLayer::x_request_id(SequentialRequestId::default()))
                 .layer(
                     TraceLayer::new_for_http()
                         .make_span_with(|request: &Request<_>| {
-                            let route = request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
+                            let route = request.extensions().get::<MatchedPath>().map_or("-", |p| p.as_str());
                             let id = request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
                             let method = request.method();
-                            tracing::info_span!("request", id, %method, route = route.as_deref().unwrap_or("-"))
+                            tracing::info_span!("request", id, %method, route)
                         })
                         .on_request(())
                         .on_response(
@@ -181,4 +244,29 @@ pub(crate) async fn shutdown_signal() {
     };
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
     tracing::info!("shutting down: no new connections; finishing what is in flight");
+}
+
+/// Request ids that are unique per process start and cost no system call: a random prefix chosen at
+/// start-up, then a counter. (A UUIDv4 per request asks the kernel for randomness every time.)
+#[derive(Clone)]
+struct SequentialRequestId {
+    prefix: Arc<str>,
+    next: Arc<AtomicU64>,
+}
+
+impl Default for SequentialRequestId {
+    fn default() -> Self {
+        let mut seed = [0u8; 6];
+        let _ = getrandom::fill(&mut seed);
+        let prefix: String = seed.iter().map(|b| format!("{b:02x}")).collect();
+        Self { prefix: prefix.into(), next: Arc::new(AtomicU64::new(0)) }
+    }
+}
+
+impl tower_http::request_id::MakeRequestId for SequentialRequestId {
+    fn make_request_id<B>(&mut self, _: &Request<B>) -> Option<tower_http::request_id::RequestId> {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let id = HeaderValue::from_str(&format!("{}-{n:x}", self.prefix)).ok()?;
+        Some(tower_http::request_id::RequestId::new(id))
+    }
 }

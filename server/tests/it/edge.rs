@@ -344,3 +344,34 @@ async fn slow_or_oversized_request_heads_are_cut_off() {
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 431"), "{answer}");
 }
+
+#[tokio::test]
+async fn an_upstream_that_never_answers_gives_504() {
+    let data = DataDir::new();
+    let origin = Server::start(&data, &[]);
+    let media = photo(&origin, "rocket.jpg", "image/jpeg").await;
+    // Accepts connections and says nothing.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_url = format!("http://{}", silent.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            held.push(socket);
+        }
+    });
+    let cache = tempfile::tempdir().unwrap();
+    let edge = Edge::start(&origin, &[&silent_url], cache.path(), &[("COURIER_EDGE_UPSTREAM_TIMEOUT_SECS", "1")]);
+    let response = edge.get(&url_of(&media, "thumb")).await;
+    assert_eq!(response.status(), 504);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "upstream_timeout");
+
+    // With the origin as a fallback after the silent one, the blob arrives.
+    let cache = tempfile::tempdir().unwrap();
+    let env = [("COURIER_EDGE_UPSTREAM_TIMEOUT_SECS", "1")];
+    let edge = Edge::start(&origin, &[&silent_url, &origin.base], cache.path(), &env);
+    assert_eq!(
+        fetch(&edge, &url_of(&media, "thumb"), &blob_of(&media, "thumb")).await,
+        "courier-edge; fwd=miss; stored"
+    );
+}
