@@ -60,45 +60,69 @@ impl fmt::Debug for UserId {
     }
 }
 
-/// A media record. UUIDv7, so ids sort by creation time and index well.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct MediaId(uuid::Uuid);
+/// A UUIDv7 id newtype: time-ordered, printed hyphenated.
+macro_rules! uuid_id {
+    ($(#[$doc:meta])* $name:ident, $err:ident, $what:literal) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        pub struct $name(uuid::Uuid);
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("not a media id")]
-pub struct MediaIdError;
+        #[derive(Debug, thiserror::Error, PartialEq, Eq)]
+        #[error("not a {} id", $what)]
+        pub struct $err;
 
-impl MediaId {
-    pub fn new() -> Self {
-        Self(uuid::Uuid::now_v7())
-    }
+        impl $name {
+            pub fn new() -> Self {
+                Self(uuid::Uuid::now_v7())
+            }
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                Self::new()
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = $err;
+
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                uuid::Uuid::try_parse(s).map(Self).map_err(|_| $err)
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.0.hyphenated().fmt(f)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, concat!(stringify!($name), "({})"), self)
+            }
+        }
+    };
 }
 
-impl Default for MediaId {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl FromStr for MediaId {
-    type Err = MediaIdError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        uuid::Uuid::try_parse(s).map(Self).map_err(|_| MediaIdError)
-    }
-}
-
-impl fmt::Display for MediaId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.hyphenated().fmt(f)
-    }
-}
-
-impl fmt::Debug for MediaId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "MediaId({self})")
-    }
-}
+uuid_id!(
+    /// A media record. UUIDv7, so ids sort by creation time and index well.
+    MediaId,
+    MediaIdError,
+    "media"
+);
+uuid_id!(
+    /// A conversation: a direct chat of two users or a group.
+    ConversationId,
+    ConversationIdError,
+    "conversation"
+);
+uuid_id!(
+    /// One device (phone, desktop) of a user; delivery state is kept per device.
+    DeviceId,
+    DeviceIdError,
+    "device"
+);
 
 #[cfg(test)]
 mod tests {

@@ -14,7 +14,9 @@ mod token;
 
 pub use blob::{BlobId, BlobIdError};
 pub use error_body::{ErrorBody, ErrorDetail};
-pub use ids::{MediaId, MediaIdError, UserId, UserIdError};
+pub use ids::{
+    ConversationId, ConversationIdError, DeviceId, DeviceIdError, MediaId, MediaIdError, UserId, UserIdError,
+};
 pub use media::{MediaKind, MediaStatus, VariantName};
 pub use secret::{Secret, SecretError};
 pub use signed_url::{SignedUrlError, UrlSigner};

@@ -1,0 +1,257 @@
+//! One conformance suite, run against both backends: SQLite in a temp file, and PostgreSQL at
+//! `COURIER_TEST_DATABASE_URL` (each test in a schema of its own). With that variable set, an
+//! unreachable server fails the PostgreSQL tests; without it they are skipped with a note.
+
+use std::str::FromStr;
+use std::sync::Arc;
+
+use chat_core::{Appended, ConversationKind, MAX_GROUP_MEMBERS, MessageStore, Role, StoreError};
+use futures_util::future::join_all;
+use types::{ConversationId, UserId};
+
+fn user(name: &str) -> UserId {
+    name.parse().unwrap()
+}
+
+async fn sqlite() -> (sqlx::SqlitePool, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let options =
+        sqlx::sqlite::SqliteConnectOptions::from_str(&format!("sqlite://{}", dir.path().join("chat.db").display()))
+            .unwrap()
+            .create_if_missing(true)
+            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+            .busy_timeout(std::time::Duration::from_secs(10));
+    let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(8).connect_with(options).await.unwrap();
+    chat_core::migrate(&pool).await.unwrap();
+    (pool, dir)
+}
+
+/// A pool on a fresh schema of the test server, or `None` when no server is configured.
+async fn postgres(test: &str) -> Option<sqlx::PgPool> {
+    let Ok(url) = std::env::var("COURIER_TEST_DATABASE_URL") else {
+        eprintln!("COURIER_TEST_DATABASE_URL is not set: skipping the PostgreSQL run of {test}");
+        return None;
+    };
+    let schema = format!("chat_{test}");
+    let admin = sqlx::PgPool::connect(&url).await.expect("COURIER_TEST_DATABASE_URL is set but unreachable");
+    sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).execute(&admin).await.unwrap();
+    sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&admin).await.unwrap();
+    admin.close().await;
+    let options = sqlx::postgres::PgConnectOptions::from_str(&url).unwrap().options([("search_path", schema.as_str())]);
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(8).connect_with(options).await.unwrap();
+    chat_core::migrate(&pool).await.unwrap();
+    Some(pool)
+}
+
+/// Declares each suite function as a test per backend.
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod on_sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    let (pool, _dir) = super::sqlite().await;
+                    super::$name(std::sync::Arc::new(pool)).await;
+                }
+            )*
+        }
+        mod on_postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    if let Some(pool) = super::postgres(stringify!($name)).await {
+                        super::$name(std::sync::Arc::new(pool)).await;
+                    }
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    direct_conversations_exist_once_per_pair,
+    seqs_are_gapless_under_concurrent_senders,
+    a_retried_client_id_is_stored_once,
+    history_pages_in_seq_order,
+    non_members_see_nothing,
+    groups_have_admins_and_a_size_limit,
+    cursors_only_move_forward_and_count_unread,
+);
+
+async fn direct_conversations_exist_once_per_pair<S: MessageStore + 'static>(store: Arc<S>) {
+    let (alice, bob) = (user("alice"), user("bob"));
+    let calls = (0..16).map(|i| {
+        let store = store.clone();
+        let (a, b) = if i % 2 == 0 { (alice.clone(), bob.clone()) } else { (bob.clone(), alice.clone()) };
+        async move { store.direct(&a, &b).await.unwrap() }
+    });
+    let results = join_all(calls.map(tokio::spawn)).await;
+    let ids: Vec<ConversationId> = results.into_iter().map(|r| r.unwrap().id).collect();
+    assert!(ids.iter().all(|id| *id == ids[0]), "one pair got several direct conversations");
+    let conversation = store.direct(&alice, &bob).await.unwrap();
+    assert_eq!(conversation.kind, ConversationKind::Direct);
+    let members: Vec<UserId> =
+        store.members(&conversation.id, &alice).await.unwrap().into_iter().map(|m| m.0).collect();
+    assert_eq!(members.len(), 2);
+    assert!(members.contains(&alice) && members.contains(&bob));
+    assert!(matches!(store.direct(&alice, &alice).await, Err(StoreError::Invalid(_))));
+    assert_ne!(store.direct(&alice, &user("carol")).await.unwrap().id, conversation.id);
+}
+
+async fn seqs_are_gapless_under_concurrent_senders<S: MessageStore + 'static>(store: Arc<S>) {
+    let senders: Vec<UserId> = (0..4).map(|i| user(&format!("sender{i}"))).collect();
+    let group = store.create_group(&senders[0], "busy", &senders[1..]).await.unwrap();
+    let mut tasks = Vec::new();
+    for sender in &senders {
+        let device = store.add_device(sender, "phone").await.unwrap();
+        for n in 0..25 {
+            let (store, sender, id) = (store.clone(), sender.clone(), group.id);
+            tasks.push(tokio::spawn(async move {
+                let appended =
+                    store.append(&id, &sender, &device, &format!("m{n}"), "{\"text\":\"hi\"}", 1).await.unwrap();
+                assert!(matches!(appended, Appended::New(_)));
+                appended.message().seq
+            }));
+        }
+    }
+    let mut seqs: Vec<i64> = join_all(tasks).await.into_iter().map(|r| r.unwrap()).collect();
+    seqs.sort();
+    assert_eq!(seqs, (1..=100).collect::<Vec<i64>>(), "seqs have gaps or repeats");
+    let all = store.messages_after(&group.id, &senders[0], 0, 500).await.unwrap();
+    assert_eq!(all.iter().map(|m| m.seq).collect::<Vec<_>>(), (1..=100).collect::<Vec<i64>>());
+}
+
+async fn a_retried_client_id_is_stored_once<S: MessageStore + 'static>(store: Arc<S>) {
+    let (alice, bob) = (user("alice"), user("bob"));
+    let chat = store.direct(&alice, &bob).await.unwrap();
+    let phone = store.add_device(&alice, "phone").await.unwrap();
+    let first = store.append(&chat.id, &alice, &phone, "c-1", "{\"text\":\"one\"}", 10).await.unwrap();
+    let Appended::New(first) = first else { panic!("the first send was not new") };
+    assert_eq!(first.seq, 1);
+
+    // The same client_id again, even with another body, concurrently: the first result, never a copy.
+    let retries = (0..8).map(|_| {
+        let (store, alice, id) = (store.clone(), alice.clone(), chat.id);
+        tokio::spawn(
+            async move { store.append(&id, &alice, &phone, "c-1", "{\"text\":\"changed\"}", 20).await.unwrap() },
+        )
+    });
+    for retry in join_all(retries).await {
+        assert_eq!(retry.unwrap(), Appended::Duplicate(first.clone()));
+    }
+    // Another sender may use the same client_id: it is the sender's own key.
+    let bobs = store.add_device(&bob, "phone").await.unwrap();
+    let other = store.append(&chat.id, &bob, &bobs, "c-1", "{\"text\":\"bob\"}", 30).await.unwrap();
+    assert_eq!(other.message().seq, 2, "a duplicate used up a seq");
+    assert_eq!(store.messages_after(&chat.id, &bob, 0, 100).await.unwrap().len(), 2);
+
+    assert!(matches!(store.append(&chat.id, &alice, &phone, "", "{}", 1).await, Err(StoreError::Invalid(_))));
+    let huge = format!("{{\"text\":\"{}\"}}", "x".repeat(chat_core::MAX_BODY_BYTES));
+    assert!(matches!(store.append(&chat.id, &alice, &phone, "big", &huge, 1).await, Err(StoreError::Invalid(_))));
+    assert_eq!(store.messages_after(&chat.id, &bob, 0, 100).await.unwrap().len(), 2);
+}
+
+async fn history_pages_in_seq_order<S: MessageStore + 'static>(store: Arc<S>) {
+    let (alice, bob) = (user("alice"), user("bob"));
+    let chat = store.direct(&alice, &bob).await.unwrap();
+    let phone = store.add_device(&alice, "phone").await.unwrap();
+    for n in 1..=30 {
+        store.append(&chat.id, &alice, &phone, &format!("c{n}"), &format!("{{\"n\":{n}}}"), n).await.unwrap();
+    }
+    let mut seen = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = store.messages_after(&chat.id, &bob, after, 7).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        assert!(page.len() <= 7);
+        after = page.last().unwrap().seq;
+        seen.extend(page);
+    }
+    assert_eq!(seen.len(), 30);
+    for (i, m) in seen.iter().enumerate() {
+        assert_eq!(m.seq, i as i64 + 1);
+        assert_eq!(m.body, format!("{{\"n\":{}}}", i + 1));
+        assert_eq!(m.sender, alice);
+        assert_eq!(m.device, phone);
+    }
+}
+
+async fn non_members_see_nothing<S: MessageStore + 'static>(store: Arc<S>) {
+    let (alice, bob, eve) = (user("alice"), user("bob"), user("eve"));
+    let chat = store.direct(&alice, &bob).await.unwrap();
+    let phone = store.add_device(&alice, "phone").await.unwrap();
+    store.append(&chat.id, &alice, &phone, "c", "{}", 1).await.unwrap();
+    let evil = store.add_device(&eve, "laptop").await.unwrap();
+    assert!(matches!(store.messages_after(&chat.id, &eve, 0, 10).await, Err(StoreError::NotMember)));
+    assert!(matches!(store.append(&chat.id, &eve, &evil, "x", "{}", 1).await, Err(StoreError::NotMember)));
+    assert!(matches!(store.members(&chat.id, &eve).await, Err(StoreError::NotMember)));
+    assert!(matches!(store.ack(&eve, &evil, &chat.id, 1).await, Err(StoreError::NotMember)));
+    let nowhere = ConversationId::new();
+    assert!(matches!(store.append(&nowhere, &alice, &phone, "x", "{}", 1).await, Err(StoreError::NotMember)));
+    assert!(store.conversations(&eve, &evil).await.unwrap().is_empty());
+    // Eve's failed send took no seq.
+    assert_eq!(store.append(&chat.id, &alice, &phone, "d", "{}", 2).await.unwrap().message().seq, 2);
+}
+
+async fn groups_have_admins_and_a_size_limit<S: MessageStore + 'static>(store: Arc<S>) {
+    let (alice, bob, carol) = (user("alice"), user("bob"), user("carol"));
+    let group = store.create_group(&alice, "friends", &[bob.clone(), bob.clone()]).await.unwrap();
+    assert_eq!(group.name.as_deref(), Some("friends"));
+    let members = store.members(&group.id, &bob).await.unwrap();
+    assert_eq!(members, vec![(alice.clone(), Role::Admin), (bob.clone(), Role::Member)]);
+
+    assert!(matches!(
+        store.add_members(&group.id, &bob, std::slice::from_ref(&carol)).await,
+        Err(StoreError::NotAdmin)
+    ));
+    store.add_members(&group.id, &alice, std::slice::from_ref(&carol)).await.unwrap();
+    assert_eq!(store.members(&group.id, &carol).await.unwrap().len(), 3);
+    assert!(matches!(store.remove_member(&group.id, &bob, &carol).await, Err(StoreError::NotAdmin)));
+    store.remove_member(&group.id, &carol, &carol).await.unwrap(); // leaving
+    assert!(matches!(store.members(&group.id, &carol).await, Err(StoreError::NotMember)));
+    store.remove_member(&group.id, &alice, &bob).await.unwrap();
+    assert_eq!(store.members(&group.id, &alice).await.unwrap(), vec![(alice.clone(), Role::Admin)]);
+
+    let crowd: Vec<UserId> = (0..MAX_GROUP_MEMBERS).map(|i| user(&format!("u{i}"))).collect();
+    assert!(matches!(store.create_group(&alice, "too big", &crowd).await, Err(StoreError::TooManyMembers)));
+    let full = store.create_group(&alice, "full", &crowd[..MAX_GROUP_MEMBERS - 1]).await.unwrap();
+    assert_eq!(store.members(&full.id, &alice).await.unwrap().len(), MAX_GROUP_MEMBERS);
+    assert!(matches!(
+        store.add_members(&full.id, &alice, std::slice::from_ref(&carol)).await,
+        Err(StoreError::TooManyMembers)
+    ));
+
+    let direct = store.direct(&alice, &bob).await.unwrap();
+    assert!(matches!(
+        store.add_members(&direct.id, &alice, &[carol]).await,
+        Err(StoreError::NotAdmin | StoreError::Invalid(_))
+    ));
+}
+
+async fn cursors_only_move_forward_and_count_unread<S: MessageStore + 'static>(store: Arc<S>) {
+    let (alice, bob) = (user("alice"), user("bob"));
+    let chat = store.direct(&alice, &bob).await.unwrap();
+    let alices = store.add_device(&alice, "phone").await.unwrap();
+    let bobs_phone = store.add_device(&bob, "phone").await.unwrap();
+    let bobs_laptop = store.add_device(&bob, "laptop").await.unwrap();
+    for n in 1..=5 {
+        store.append(&chat.id, &alice, &alices, &format!("c{n}"), "{}", n).await.unwrap();
+    }
+    let unread =
+        |s: &Vec<chat_core::ConversationSummary>| s.iter().find(|c| c.conversation.id == chat.id).unwrap().unread;
+    assert_eq!(unread(&store.conversations(&bob, &bobs_phone).await.unwrap()), 5);
+    assert_eq!(unread(&store.conversations(&alice, &alices).await.unwrap()), 0, "own messages are not unread");
+
+    assert_eq!(store.ack(&bob, &bobs_phone, &chat.id, 3).await.unwrap(), chat_core::Cursor { delivered: 3, read: 0 });
+    assert_eq!(store.ack(&bob, &bobs_phone, &chat.id, 2).await.unwrap().delivered, 3, "a cursor moved back");
+    assert_eq!(store.ack(&bob, &bobs_phone, &chat.id, 99).await.unwrap().delivered, 5, "a cursor passed the log");
+    let read = store.mark_read(&bob, &bobs_phone, &chat.id, 4).await.unwrap();
+    assert_eq!(read, chat_core::Cursor { delivered: 5, read: 4 });
+    assert_eq!(unread(&store.conversations(&bob, &bobs_phone).await.unwrap()), 1);
+    // Cursors are per device: the laptop has read nothing.
+    assert_eq!(unread(&store.conversations(&bob, &bobs_laptop).await.unwrap()), 5);
+    let listed = store.conversations(&bob, &bobs_phone).await.unwrap();
+    assert_eq!(listed[0].conversation.last_seq, 5);
+}
