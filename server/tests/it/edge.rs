@@ -375,3 +375,67 @@ async fn an_upstream_that_never_answers_gives_504() {
         "courier-edge; fwd=miss; stored"
     );
 }
+
+#[tokio::test]
+async fn a_large_fill_reaches_the_client_before_the_upstream_has_sent_it_all() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A blob of our own and an upstream that sends half of it, then waits to be told to go on.
+    let body: Vec<u8> = (0..400_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let blob = BlobId::of(&body);
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_url = format!("http://{}", upstream.local_addr().unwrap());
+    let (go_on, wait) = tokio::sync::oneshot::channel::<()>();
+    let served = body.clone();
+    tokio::spawn(async move {
+        let (mut socket, _) = upstream.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            socket.read_exact(&mut byte).await.unwrap();
+            head.push(byte[0]);
+        }
+        let half = served.len() / 2;
+        let header = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", served.len());
+        socket.write_all(header.as_bytes()).await.unwrap();
+        for piece in served[..half].chunks(8192) {
+            socket.write_all(piece).await.unwrap();
+        }
+        socket.flush().await.unwrap();
+        let _ = wait.await;
+        socket.write_all(&served[half..]).await.unwrap();
+        socket.flush().await.unwrap();
+        // Hold the connection open until the edge is done with it.
+        let _ = socket.read(&mut byte).await;
+    });
+
+    let keys = tempfile::tempdir().unwrap();
+    let key = types::Secret::from_bytes([5; 32]);
+    std::fs::write(keys.path().join("url.key"), key.to_hex()).unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let edge = Edge::start_with_key(&keys.path().join("url.key"), &[&upstream_url], cache.path(), &[NO_MEMORY]);
+    let path = types::UrlSigner::new(&key).path(&blob, now() + 600);
+
+    let response = edge.get(&path).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-length"], body.len().to_string().as_str());
+    let mut stream = response.bytes_stream();
+    let mut received = Vec::new();
+    // Bytes arrive while the upstream still holds back the second half.
+    while received.is_empty() {
+        let chunk = tokio::time::timeout(std::time::Duration::from_secs(20), stream.next())
+            .await
+            .expect("no byte reached the client before the fill completed")
+            .unwrap()
+            .unwrap();
+        received.extend_from_slice(&chunk);
+    }
+    assert!(received.len() <= body.len() / 2, "more bytes arrived than the upstream had sent");
+    go_on.send(()).unwrap();
+    while let Some(chunk) = stream.next().await {
+        received.extend_from_slice(&chunk.unwrap());
+    }
+    assert!(received == body, "the streamed body differs from the blob");
+    // And it was kept: the next request is a disk hit.
+    let again = edge.get(&path).await;
+    assert_eq!(again.headers()["cache-status"], "courier-edge; hit; detail=disk");
+}

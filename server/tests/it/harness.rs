@@ -187,13 +187,18 @@ pub(crate) struct Edge {
 impl Edge {
     /// An edge over `upstreams` with the URL key of `origin`, its disk tier in `cache`.
     pub(crate) fn start(origin: &Server, upstreams: &[&str], cache: &Path, env: &[(&str, &str)]) -> Self {
+        Self::start_with_key(&origin.data.join("url-signing.key"), upstreams, cache, env)
+    }
+
+    /// An edge with the URL key in the file `url_key`.
+    pub(crate) fn start_with_key(url_key: &Path, upstreams: &[&str], cache: &Path, env: &[(&str, &str)]) -> Self {
         let mut args = vec!["edge".to_string(), "--listen".into(), "127.0.0.1:0".into()];
         for upstream in upstreams {
             args.push("--upstream".into());
             args.push(upstream.to_string());
         }
         args.extend(["--cache-dir".into(), cache.display().to_string()]);
-        args.extend(["--url-key".into(), origin.data.join("url-signing.key").display().to_string()]);
+        args.extend(["--url-key".into(), url_key.display().to_string()]);
         let (child, base) = spawn_courier(&args, env, "courier edge listening on ");
         let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
         Self { child, base, http }
