@@ -3,8 +3,10 @@
 //! Decode once, shrinking on load where the codec can (libjpeg-turbo scales by 1/2, 1/4 or 1/8 inside
 //! the IDCT, which is where libvips gets its speed), then downscale in a cascade — standard from the
 //! decoded pixels, thumb from standard, preview from thumb — so the work is linear in the input and no
-//! output needs its own full-resolution copy. EXIF orientation is applied to the pixels and every
-//! output is re-encoded by libjpeg-turbo, which writes no metadata: no EXIF, GPS or XMP survives.
+//! output needs its own full-resolution copy. An embedded RGB colour profile (Display P3 from
+//! phones, Adobe RGB from cameras) is converted to sRGB with moxcms, since the outputs carry no
+//! profile. EXIF orientation is applied to the pixels and every output is re-encoded by
+//! libjpeg-turbo, which writes no metadata: no EXIF, GPS, XMP or ICC survives.
 
 use std::io::{BufRead, Cursor, Seek};
 use std::time::Instant;
@@ -195,10 +197,13 @@ pub fn transcode(
     limits: &Limits,
     deadline: Instant,
 ) -> Result<Output, TranscodeError> {
-    let (decoded, original_w, original_h) = match format {
+    let (mut decoded, original_w, original_h) = match format {
         Format::Jpeg => decode_jpeg(bytes, settings.standard_edge, limits)?,
         _ => decode_with_image(bytes, format, limits)?,
     };
+    if let Some(icc) = icc_profile(bytes, format) {
+        to_srgb(&mut decoded, &icc);
+    }
     in_time(deadline)?;
 
     // Sizes are computed from the original so that shrink-on-load's rounding never shows.
@@ -328,6 +333,38 @@ fn image_error(e: image::ImageError) -> TranscodeError {
         image::ImageError::Limits(l) => TranscodeError::OverMemoryBudget(l.to_string()),
         image::ImageError::Unsupported(u) => TranscodeError::Unsupported(u.to_string()),
         other => TranscodeError::Corrupt(other.to_string()),
+    }
+}
+
+/// The embedded ICC profile, read from the headers alone.
+fn icc_profile(bytes: &[u8], format: Format) -> Option<Vec<u8>> {
+    use image::ImageDecoder;
+    let cursor = Cursor::new(bytes);
+    let profile = match format {
+        Format::Jpeg => image::codecs::jpeg::JpegDecoder::new(cursor).ok()?.icc_profile(),
+        Format::Png => image::codecs::png::PngDecoder::new(cursor).ok()?.icc_profile(),
+        Format::WebP => image::codecs::webp::WebPDecoder::new(cursor).ok()?.icc_profile(),
+        Format::Gif => return None,
+    };
+    profile.ok().flatten()
+}
+
+/// Converts pixels described by an RGB `icc` profile to sRGB in place. A profile that does not
+/// parse, or is not RGB (grey, or CMYK, whose pixels were already turned into RGB), leaves the
+/// pixels as they are: shown as sRGB, which is what a browser without colour management does too.
+fn to_srgb(raster: &mut Raster, icc: &[u8]) {
+    let Ok(source) = moxcms::ColorProfile::new_from_slice(icc) else { return };
+    if source.color_space != moxcms::DataColorSpace::Rgb {
+        return;
+    }
+    let srgb = moxcms::ColorProfile::new_srgb();
+    let layout = moxcms::Layout::Rgb;
+    let Ok(transform) = source.create_transform_8bit(layout, &srgb, layout, moxcms::TransformOptions::default()) else {
+        return;
+    };
+    let mut converted = vec![0u8; raster.rgb.len()];
+    if transform.transform(&raster.rgb, &mut converted).is_ok() {
+        raster.rgb = converted;
     }
 }
 

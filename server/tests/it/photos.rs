@@ -158,3 +158,45 @@ async fn the_same_bytes_are_stored_and_transcoded_once() {
     assert_eq!(body["error"]["code"], "not_found");
     assert_eq!(server.media(&alice, "not-an-id").await.status(), 404);
 }
+
+#[tokio::test]
+async fn wide_gamut_photos_are_converted_to_srgb() {
+    use image::ImageEncoder;
+    let data = DataDir::new();
+    let server = Server::start(&data, &[]);
+    let token = server.token("alice");
+    // A flat Display P3 colour, as an iPhone tags its photos, in a JPEG and a PNG.
+    let p3 = moxcms::ColorProfile::new_display_p3();
+    let icc = p3.encode().unwrap();
+    let colour = [200u8, 100, 50];
+    let flat = image::RgbImage::from_pixel(64, 48, image::Rgb(colour));
+    let mut expected = [0u8; 3];
+    let to_srgb = p3
+        .create_transform_8bit(
+            moxcms::Layout::Rgb,
+            &moxcms::ColorProfile::new_srgb(),
+            moxcms::Layout::Rgb,
+            Default::default(),
+        )
+        .unwrap();
+    to_srgb.transform(&colour, &mut expected).unwrap();
+    assert!(expected[0] > colour[0] + 8, "the P3 colour should be redder in sRGB: {expected:?}");
+
+    let mut jpeg = Vec::new();
+    let mut encoder = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 95);
+    encoder.set_icc_profile(icc.clone()).unwrap();
+    encoder.write_image(flat.as_raw(), 64, 48, image::ExtendedColorType::Rgb8).unwrap();
+    let mut png = Vec::new();
+    let mut encoder = image::codecs::png::PngEncoder::new(&mut png);
+    encoder.set_icc_profile(icc).unwrap();
+    encoder.write_image(flat.as_raw(), 64, 48, image::ExtendedColorType::Rgb8).unwrap();
+
+    for (mime, bytes) in [("image/jpeg", jpeg), ("image/png", png)] {
+        let media = server.upload_ready(&token, mime, bytes).await;
+        let out = decode(&variant_bytes(&server, &media, "standard").await);
+        let got = out.get_pixel(32, 24).0;
+        for c in 0..3 {
+            assert!(got[c].abs_diff(expected[c]) <= 4, "{mime}: got {got:?}, sRGB of the P3 colour is {expected:?}");
+        }
+    }
+}
