@@ -123,7 +123,9 @@ pub(crate) fn read_stream(
     end: u64,
     progress: Option<watch::Receiver<Progress>>,
 ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
-    const PIECE: u64 = 256 * 1024;
+    // Whole files go out in large reads (fewer trips to the blocking pool); a fill under way in
+    // smaller ones, so waiters see bytes soon after they land.
+    let piece: u64 = if progress.is_none() { 1024 * 1024 } else { 256 * 1024 };
     futures_util::stream::unfold(Some((file, start, progress)), move |state| async move {
         let (file, pos, mut progress) = state?;
         if pos > end {
@@ -142,7 +144,7 @@ pub(crate) fn read_stream(
                 }
             }
         };
-        let n = PIECE.min(visible - pos).min(end + 1 - pos);
+        let n = piece.min(visible - pos).min(end + 1 - pos);
         let reader = file.clone();
         let read = tokio::task::spawn_blocking(move || {
             let mut buf = vec![0u8; n as usize];
@@ -182,7 +184,7 @@ impl Filler {
 
     /// The fill of `id`: the one under way, or a new one. `true` when it joined one under way.
     pub fn join(self: &Arc<Self>, id: &BlobId) -> Result<(Arc<Fill>, bool), EdgeError> {
-        let mut inflight = self.inflight.lock().expect("fill map poisoned");
+        let mut inflight = self.inflight.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(fill) = inflight.get(id) {
             self.metrics.coalesced.inc();
             return Ok((fill.clone(), true));
@@ -196,11 +198,12 @@ impl Filler {
         let me = self.clone();
         let id = *id;
         tokio::spawn(async move {
+            // However the fill ends, even by a panic, it leaves the map, so the next miss starts afresh.
+            let _leave = LeaveMap { filler: me.clone(), id };
             if let Err(e) = me.fetch(&id, temp, &tx).await {
                 tracing::warn!(blob = %id, error = ?e, "fill failed");
                 tx.send_modify(|p| p.outcome = Some(Err(e)));
             }
-            me.inflight.lock().expect("fill map poisoned").remove(&id);
         });
         Ok((fill, false))
     }
@@ -283,6 +286,20 @@ impl Filler {
             p.outcome = Some(Ok(()));
         });
         Ok(())
+    }
+}
+
+/// Takes a fill out of the in-flight map when dropped.
+struct LeaveMap {
+    filler: Arc<Filler>,
+    id: BlobId,
+}
+
+impl Drop for LeaveMap {
+    fn drop(&mut self) {
+        if let Ok(mut inflight) = self.filler.inflight.lock() {
+            inflight.remove(&self.id);
+        }
     }
 }
 

@@ -55,7 +55,7 @@ async fn accept(
     if declared_len.is_some_and(|len| len > config.max_upload_bytes) {
         return Err(IngestError::TooLarge { limit: config.max_upload_bytes });
     }
-    let _slot = ingest.uploads.try_acquire().map_err(|_| IngestError::TooManyUploads)?;
+    let slot = ingest.uploads.try_acquire().map_err(|_| IngestError::TooManyUploads)?;
     if ingest.queue.queued().await? >= config.max_queued_jobs {
         return Err(IngestError::QueueFull);
     }
@@ -97,6 +97,8 @@ async fn accept(
         return Err(e.into());
     }
     ingest.job_queued.notify_one();
+    // The body is in; waiting for the transcode holds no upload slot.
+    drop(slot);
 
     // Photos take a fraction of a second: wait a little so most uploads answer `ready`, and so
     // bytes that cannot be decoded are refused here rather than reported later.
