@@ -24,5 +24,5 @@ pub use fill::{Fill, Filler};
 pub use memory::MemoryTier;
 pub use metrics::Metrics;
 pub use serve::{Backend, BlobService, router};
-pub use store::{BlobStore, Namespace, Stored};
+pub use store::{BlobStore, Namespace, ObjectStoreAt, Stored};
 pub use upstream::{Upstream, UpstreamError};

@@ -41,10 +41,18 @@ pub enum Stored {
     Existing,
 }
 
+/// An object store and the path prefix under which Courier's blobs live in it.
+#[derive(Clone)]
+pub struct ObjectStoreAt {
+    store: Arc<dyn ObjectStore>,
+    prefix: Path,
+}
+
 /// Blobs of one namespace in an object store.
 #[derive(Clone)]
 pub struct BlobStore {
     store: Arc<dyn ObjectStore>,
+    prefix: Path,
     namespace: Namespace,
 }
 
@@ -53,18 +61,42 @@ const SINGLE_PUT_MAX: u64 = 8 * 1024 * 1024;
 
 impl BlobStore {
     /// A store over a local folder, created if missing.
-    pub fn local(root: &FsPath) -> Result<Arc<dyn ObjectStore>, EdgeError> {
+    pub fn local(root: &FsPath) -> Result<ObjectStoreAt, EdgeError> {
         std::fs::create_dir_all(root)?;
-        Ok(Arc::new(LocalFileSystem::new_with_prefix(root)?.with_automatic_cleanup(true)))
+        let store = Arc::new(LocalFileSystem::new_with_prefix(root)?.with_automatic_cleanup(true));
+        Ok(ObjectStoreAt { store, prefix: Path::default() })
     }
 
-    pub fn new(store: Arc<dyn ObjectStore>, namespace: Namespace) -> Self {
-        Self { store, namespace }
+    /// The store a location names: a plain path or `file://` for a local folder, or an object store
+    /// URL (`s3://bucket/prefix`, `gs://…`, `az://…`, `memory:///`) configured from the usual
+    /// environment variables of that service (`AWS_*`, `GOOGLE_*`, `AZURE_*`).
+    pub fn open(location: &str) -> Result<ObjectStoreAt, EdgeError> {
+        if !location.contains("://") {
+            return Self::local(FsPath::new(location));
+        }
+        if let Some(path) = location.strip_prefix("file://") {
+            return Self::local(FsPath::new(path));
+        }
+        let url = url::Url::parse(location).map_err(|e| EdgeError::Upstream(format!("{location}: {e}")))?;
+        let options = std::env::vars().filter_map(|(k, v)| {
+            let k = k.to_ascii_lowercase();
+            (k.starts_with("aws_") || k.starts_with("google_") || k.starts_with("azure_")).then_some((k, v))
+        });
+        let (store, prefix) = object_store::parse_url_opts(&url, options)?;
+        Ok(ObjectStoreAt { store: Arc::from(store), prefix })
+    }
+
+    pub fn new(at: ObjectStoreAt, namespace: Namespace) -> Self {
+        Self { store: at.store, prefix: at.prefix, namespace }
     }
 
     fn path(&self, id: &BlobId) -> Path {
         let hex = id.to_hex();
-        Path::from(format!("{}/{}/{}", self.namespace.prefix(), &hex[..2], hex))
+        let mut path = self.prefix.clone();
+        for part in [self.namespace.prefix(), &hex[..2], &hex] {
+            path = path.child(part);
+        }
+        path
     }
 
     /// The blob's size, or `None` when it is not stored.
@@ -145,7 +177,7 @@ impl BlobStore {
 
 impl std::fmt::Debug for BlobStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "BlobStore({}, {:?})", self.store, self.namespace)
+        write!(f, "BlobStore({}/{}, {:?})", self.store, self.prefix, self.namespace)
     }
 }
 

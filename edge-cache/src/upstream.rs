@@ -35,8 +35,10 @@ pub enum UpstreamError {
 }
 
 impl Upstream {
-    /// `http://host:port` for an origin or edge; `file:///path` (or a plain path) for a blob store
-    /// folder. `timeout` bounds connecting and waiting for response headers.
+    /// `http://host:port` for an origin or edge; a blob store location for reading the origin's
+    /// blobs directly: a folder (`file:///path` or a plain path) or an object store URL
+    /// (`s3://bucket/prefix`, `gs://…`, `az://…`). `timeout` bounds connecting and waiting for
+    /// response headers.
     pub fn parse(url: &str, timeout: Duration) -> Result<Self, String> {
         if url.starts_with("http://") {
             let client = reqwest::Client::builder()
@@ -46,11 +48,12 @@ impl Upstream {
                 .map_err(|e| e.to_string())?;
             return Ok(Upstream::Http { base: url.trim_end_matches('/').to_owned(), client });
         }
-        if url.contains("://") && !url.starts_with("file://") {
-            return Err(format!("upstream {url}: only http:// and file:// upstreams are supported"));
+        if url.starts_with("https://") {
+            return Err(format!(
+                "upstream {url}: TLS to upstreams is not supported yet; use http:// inside the network"
+            ));
         }
-        let path = url.strip_prefix("file://").unwrap_or(url);
-        let store = BlobStore::local(std::path::Path::new(path)).map_err(|e| e.to_string())?;
+        let store = BlobStore::open(url).map_err(|e| e.to_string())?;
         Ok(Upstream::Store(BlobStore::new(store, Namespace::Variants)))
     }
 

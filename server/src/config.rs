@@ -20,8 +20,9 @@ pub(crate) struct Config {
     pub(crate) data_dir: PathBuf,
     /// Database URL. Default: SQLite at `{data_dir}/courier.db`.
     pub(crate) database_url: Option<String>,
-    /// Folder of the blob store. Default `{data_dir}/blobs`.
-    pub(crate) blobs: Option<PathBuf>,
+    /// Where blobs are stored: a folder, or an object store URL (`s3://bucket/prefix`, `gs://…`,
+    /// `az://…`, credentials from the usual AWS_*/GOOGLE_*/AZURE_* variables). Default `{data_dir}/blobs`.
+    pub(crate) blobs: Option<String>,
     /// Seconds in-flight requests and jobs get to finish after SIGINT/SIGTERM. Default 10.
     pub(crate) shutdown_grace_secs: u64,
     /// Log filter in tracing's syntax. Default "info".
@@ -173,8 +174,8 @@ impl Config {
         self.database_url.clone().unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("courier.db").display()))
     }
 
-    pub(crate) fn blobs_dir(&self) -> PathBuf {
-        self.blobs.clone().unwrap_or_else(|| self.data_dir.join("blobs"))
+    pub(crate) fn blobs(&self) -> String {
+        self.blobs.clone().unwrap_or_else(|| self.data_dir.join("blobs").display().to_string())
     }
 
     pub(crate) fn workers(&self) -> usize {

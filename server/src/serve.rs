@@ -33,7 +33,7 @@ pub(crate) async fn serve(config: Config) -> anyhow::Result<()> {
     let signer = UrlSigner::new(&secrets::load_or_create(data_dir, secrets::URL_KEY)?);
 
     let db = ingest::connect_sqlite(&config.database_url()).await.context("opening the database")?;
-    let store = BlobStore::local(&config.blobs_dir()).context("opening the blob store")?;
+    let store = BlobStore::open(&config.blobs()).context("opening the blob store")?;
     let variants = BlobStore::new(store.clone(), Namespace::Variants);
     let workers = config.workers();
     let pool = Arc::new(transcode::Pool::new("transcode", workers, workers));

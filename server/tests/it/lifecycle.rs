@@ -26,6 +26,15 @@ async fn queued_jobs_resume_after_a_kill() {
 }
 
 #[tokio::test]
+async fn temp_files_left_by_a_crash_are_removed_at_start() {
+    let data = DataDir::new();
+    std::fs::create_dir_all(data.path().join("tmp")).unwrap();
+    std::fs::write(data.path().join("tmp/upload-crashed"), b"half an upload").unwrap();
+    let server = Server::start(&data, &[]);
+    assert!(server.files_under("tmp").is_empty(), "a crashed upload's temp file survived the restart");
+}
+
+#[tokio::test]
 async fn sigterm_stops_the_server_cleanly() {
     let data = DataDir::new();
     let server = Server::start(&data, &[]);
@@ -36,4 +45,15 @@ async fn sigterm_stops_the_server_cleanly() {
     assert_eq!(body["error"]["code"], "not_found");
     let status = server.terminate();
     assert!(status.success(), "exit status {status}");
+}
+
+#[tokio::test]
+async fn the_blob_store_is_chosen_by_url() {
+    let data = DataDir::new();
+    // object_store's in-memory store: nothing reaches the data dir, and everything still works.
+    let server = Server::start(&data, &[("COURIER_BLOBS", "memory:///")]);
+    let media = server.upload_ready(&server.token("alice"), "image/jpeg", fixture("rocket.jpg")).await;
+    assert_eq!(media["status"], "ready", "{media}");
+    crate::harness::variant_bytes(&server, &media, "standard").await;
+    assert!(server.files_under("blobs").is_empty());
 }
