@@ -35,23 +35,23 @@ pub enum UpstreamError {
 }
 
 impl Upstream {
-    /// `http://host:port` for an origin or edge; a blob store location for reading the origin's
+    /// `http://` or `https://host:port` for an origin or edge (`extra_root_pem` adds a CA to trust,
+    /// for shields with a private certificate); a blob store location for reading the origin's
     /// blobs directly: a folder (`file:///path` or a plain path) or an object store URL
     /// (`s3://bucket/prefix`, `gs://…`, `az://…`). `timeout` bounds connecting and waiting for
     /// response headers.
-    pub fn parse(url: &str, timeout: Duration) -> Result<Self, String> {
-        if url.starts_with("http://") {
-            let client = reqwest::Client::builder()
+    pub fn parse(url: &str, timeout: Duration, extra_root_pem: Option<&[u8]>) -> Result<Self, String> {
+        if url.starts_with("http://") || url.starts_with("https://") {
+            let mut builder = reqwest::Client::builder()
+                .use_rustls_tls()
                 .connect_timeout(timeout)
-                .pool_idle_timeout(Duration::from_secs(60))
-                .build()
-                .map_err(|e| e.to_string())?;
+                .pool_idle_timeout(Duration::from_secs(60));
+            if let Some(pem) = extra_root_pem {
+                let root = reqwest::Certificate::from_pem(pem).map_err(|e| format!("upstream CA: {e}"))?;
+                builder = builder.add_root_certificate(root);
+            }
+            let client = builder.build().map_err(|e| e.to_string())?;
             return Ok(Upstream::Http { base: url.trim_end_matches('/').to_owned(), client });
-        }
-        if url.starts_with("https://") {
-            return Err(format!(
-                "upstream {url}: TLS to upstreams is not supported yet; use http:// inside the network"
-            ));
         }
         let store = BlobStore::open(url).map_err(|e| e.to_string())?;
         Ok(Upstream::Store(BlobStore::new(store, Namespace::Variants)))

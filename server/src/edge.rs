@@ -40,6 +40,8 @@ pub(crate) struct EdgeConfig {
     /// Seconds to connect to an upstream and get its response headers, and the longest pause
     /// within a body. Default 10.
     pub(crate) upstream_timeout_secs: u64,
+    /// A PEM CA certificate to trust for https:// upstreams, besides the public roots.
+    pub(crate) upstream_ca: Option<PathBuf>,
     /// PEM certificate chain and key: serve HTTPS (HTTP/2 and HTTP/1.1 by ALPN) instead of HTTP.
     pub(crate) tls_cert: Option<PathBuf>,
     pub(crate) tls_key: Option<PathBuf>,
@@ -64,6 +66,7 @@ impl Default for EdgeConfig {
             url_key: None,
             admin_token: None,
             upstream_timeout_secs: 10,
+            upstream_ca: None,
             tls_cert: None,
             tls_key: None,
             shutdown_grace_secs: 10,
@@ -117,10 +120,14 @@ pub(crate) async fn run(config: EdgeConfig) -> anyhow::Result<()> {
     };
 
     let timeout = Duration::from_secs(config.upstream_timeout_secs);
+    let ca = match &config.upstream_ca {
+        Some(path) => Some(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?),
+        None => None,
+    };
     let upstreams = config
         .upstream
         .iter()
-        .map(|u| Upstream::parse(u, timeout).map_err(anyhow::Error::msg))
+        .map(|u| Upstream::parse(u, timeout, ca.as_deref()).map_err(anyhow::Error::msg))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let metrics = Arc::new(Metrics::default());
     let memory = MemoryTier::new(config.memory_bytes, config.memory_max_object_bytes);

@@ -295,6 +295,16 @@ async fn https_with_http2_and_connection_limits() {
     let second = h1.get(&health).send().await.unwrap();
     assert_eq!(second.headers()["connection"], "close");
 
+    // An edge below it reaches it over HTTPS, trusting its certificate.
+    let child_cache = tempfile::tempdir().unwrap();
+    let https_upstream = format!("https://localhost:{port}");
+    let child_env = [("COURIER_EDGE_UPSTREAM_CA", cert.to_str().unwrap())];
+    let child = Edge::start(&origin, &[&https_upstream], child_cache.path(), &child_env);
+    assert_eq!(
+        fetch(&child, &url_of(&media, "standard"), &blob_of(&media, "standard")).await,
+        "courier-edge; fwd=miss; stored"
+    );
+
     // A client that never finishes its TLS handshake is dropped after the header timeout.
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut slow = tokio::net::TcpStream::connect(format!("127.0.0.1:{port}")).await.unwrap();
