@@ -24,7 +24,7 @@ pub(crate) struct EdgeConfig {
     /// Where blobs come from, tried in order: `http://` an origin or a parent edge, or `file://`
     /// the origin's blob folder. At least one.
     pub(crate) upstream: Vec<String>,
-    /// The disk tier's folder. Default ./edge-cache.
+    /// The disk tier's folder. Default ./data/edge.
     pub(crate) cache_dir: PathBuf,
     /// Bytes of blobs kept in memory. Default 256 MiB.
     pub(crate) memory_bytes: u64,
@@ -59,7 +59,7 @@ impl Default for EdgeConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
             upstream: Vec::new(),
-            cache_dir: PathBuf::from("./edge-cache"),
+            cache_dir: PathBuf::from("./data/edge"),
             memory_bytes: 256 * 1024 * 1024,
             memory_max_object_bytes: 1024 * 1024,
             disk_bytes: 10 * 1024 * 1024 * 1024,

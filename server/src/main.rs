@@ -53,7 +53,7 @@ enum Command {
         /// repeat for fallbacks, tried in order
         #[arg(long)]
         upstream: Vec<String>,
-        /// Folder of the disk tier [default: ./edge-cache]
+        /// Folder of the disk tier [default: ./data/edge]
         #[arg(long)]
         cache_dir: Option<PathBuf>,
         /// Bytes of blobs kept in memory [default: 268435456]

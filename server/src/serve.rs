@@ -46,8 +46,9 @@ pub(crate) async fn serve(config: Config) -> anyhow::Result<()> {
         pool,
         data_dir.join("tmp"),
     )?;
-    // This process alone works the queue: jobs a previous run had claimed resume now.
-    let resumed = ingest.queue().release_leases().await?;
+    // A process that works the queue works it alone (cluster workers come later): jobs a previous
+    // run had claimed resume now. An API-only node leaves leases to whoever holds them.
+    let resumed = if config.transcode.run_jobs { ingest.queue().release_leases().await? } else { 0 };
     let blobs = Arc::new(BlobService {
         signer,
         memory: MemoryTier::new(config.cache.memory_bytes, config.cache.max_object_bytes),
