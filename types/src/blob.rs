@@ -33,13 +33,18 @@ impl BlobId {
     }
 
     pub fn to_hex(&self) -> String {
-        hex::encode(self.0)
+        self.hex().to_string()
+    }
+
+    /// The 64 hex digits on the stack, for hot paths that would rather not allocate.
+    pub fn hex(&self) -> impl std::ops::Deref<Target = str> + fmt::Display {
+        blake3::Hash::from_bytes(self.0).to_hex()
     }
 }
 
 impl fmt::Display for BlobId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.to_hex())
+        f.write_str(&self.hex())
     }
 }
 
