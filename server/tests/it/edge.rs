@@ -252,6 +252,10 @@ async fn ranges_conditionals_and_purge_at_the_edge() {
     assert_eq!(purge("let-me-purge").await.unwrap().status(), 204);
     assert_eq!(disk_bytes(cache.path()), 0);
     assert_eq!(fetch(&edge, &url, &blob).await, "courier-edge; fwd=miss; stored");
+
+    assert_eq!(edge.get("/healthz").await.status(), 200);
+    let status = edge.terminate();
+    assert!(status.success(), "the edge exited with {status} on SIGTERM");
 }
 
 #[tokio::test]

@@ -133,16 +133,21 @@ impl Server {
 
     /// SIGTERM, then the exit status.
     pub(crate) fn terminate(mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "courier did not exit after SIGTERM");
-            std::thread::sleep(Duration::from_millis(50));
+        terminate(&mut self.child)
+    }
+}
+
+/// Sends SIGTERM and waits (at most 30 s) for the process to exit.
+fn terminate(child: &mut Child) -> std::process::ExitStatus {
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
         }
+        assert!(Instant::now() < deadline, "courier did not exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -215,6 +220,11 @@ impl Edge {
     pub(crate) fn kill(mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
+    }
+
+    /// SIGTERM, then the exit status.
+    pub(crate) fn terminate(mut self) -> std::process::ExitStatus {
+        terminate(&mut self.child)
     }
 }
 
