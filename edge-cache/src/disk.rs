@@ -144,6 +144,54 @@ mod tests {
         out
     }
 
+    /// Random fills, reads, removals and restarts, checked against what must always hold: the bound,
+    /// an index that names only whole, correct files, and no file the index has forgotten.
+    #[test]
+    fn random_operations_keep_index_and_folder_in_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let capacity = 60_000;
+        let mut tier = DiskTier::open(dir.path(), capacity, Counter::default()).unwrap();
+        let mut state: u32 = 0x9E37_79B9;
+        let mut next = |below: u32| {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            state % below
+        };
+        let mut known: Vec<BlobId> = Vec::new();
+        for step in 0..400 {
+            match next(10) {
+                0..=5 => {
+                    let len = 500 + next(15_000) as usize;
+                    let seed = next(u32::MAX) as u8;
+                    let bytes: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect();
+                    known.push(fill(&tier, &bytes));
+                }
+                6 | 7 if !known.is_empty() => {
+                    let id = known[next(known.len() as u32) as usize];
+                    if let Some(size) = tier.lookup(&id) {
+                        let bytes = std::fs::read(tier.path(&id)).expect("an indexed blob has its file");
+                        assert_eq!(bytes.len() as u64, size);
+                        assert!(id.matches(&bytes), "step {step}: an indexed file is not its blob");
+                    }
+                }
+                8 if !known.is_empty() => tier.remove(&known[next(known.len() as u32) as usize]),
+                _ => {
+                    drop(tier);
+                    tier = DiskTier::open(dir.path(), capacity, Counter::default()).unwrap();
+                }
+            }
+            let (used, _) = tier.usage();
+            assert!(used <= capacity, "step {step}: {used} bytes indexed");
+            let files = walk(&dir.path().join("blobs"));
+            assert!(bytes_on_disk(dir.path()) <= capacity, "step {step}: {} bytes on disk", bytes_on_disk(dir.path()));
+            for file in files {
+                let id: BlobId = file.file_name().unwrap().to_str().unwrap().parse().unwrap();
+                assert!(tier.lookup(&id).is_some(), "step {step}: {id} is on disk but not indexed");
+            }
+        }
+    }
+
     #[test]
     fn stays_under_its_bound_and_survives_a_restart() {
         let dir = tempfile::tempdir().unwrap();
