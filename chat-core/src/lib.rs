@@ -7,9 +7,11 @@
 //! strictly increasing `seq`s per conversation. How the tables shard is written at the top of the
 //! migration. This crate must never reach into another crate's tables; it depends on `types` only.
 
+mod http;
 mod sql;
 mod store;
 
+pub use http::router;
 pub use sql::migrate;
 pub use store::{
     Appended, Conversation, ConversationKind, ConversationSummary, Cursor, MAX_BODY_BYTES, MAX_CLIENT_ID_LEN,

@@ -18,7 +18,8 @@ pub(crate) async fn require_user(State(keys): State<Arc<TokenKeys>>, mut request
         .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")));
     let (code, message) = match token.map(|t| keys.verify(t.trim())) {
         Some(Ok(claims)) => {
-            request.extensions_mut().insert(claims.sub);
+            request.extensions_mut().insert(claims.sub.clone());
+            request.extensions_mut().insert(claims);
             return next.run(request).await;
         }
         None => ("missing_token", "an Authorization: Bearer token is required"),

@@ -33,6 +33,8 @@ pub(crate) async fn serve(config: Config) -> anyhow::Result<()> {
     let signer = UrlSigner::new(&secrets::load_or_create(data_dir, secrets::URL_KEY)?);
 
     let db = ingest::connect_sqlite(&config.database_url()).await.context("opening the database")?;
+    chat_core::migrate(&db).await.context("migrating chat-core's tables")?;
+    let chat = chat_core::router(Arc::new(db.clone()), (*token_keys).clone());
     let store = BlobStore::open(&config.blobs()).context("opening the blob store")?;
     let variants = BlobStore::new(store.clone(), Namespace::Variants);
     let workers = config.workers();
@@ -61,7 +63,8 @@ pub(crate) async fn serve(config: Config) -> anyhow::Result<()> {
     let (stop, stopped) = watch::channel(false);
     let runner = config.transcode.run_jobs.then(|| tokio::spawn(Runner::run(ingest.clone(), stopped)));
 
-    let user_routes = ingest.router().route_layer(axum::middleware::from_fn_with_state(token_keys, auth::require_user));
+    let user_routes =
+        ingest.router().merge(chat).route_layer(axum::middleware::from_fn_with_state(token_keys, auth::require_user));
     let app = listener::with_common_layers(
         Router::new().route("/healthz", get(|| async { "ok\n" })).merge(edge_cache::router(blobs)).merge(user_routes),
     );

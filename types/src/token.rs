@@ -3,11 +3,14 @@
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
-use crate::{Secret, UserId};
+use crate::{DeviceId, Secret, UserId};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Claims {
     pub sub: UserId,
+    /// The device the token was issued to; messaging needs one, media routes do not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dev: Option<DeviceId>,
     pub iat: u64,
     pub exp: u64,
 }
@@ -41,8 +44,16 @@ impl TokenKeys {
     }
 
     pub fn mint(&self, user: &UserId, now: u64, ttl_secs: u64) -> String {
-        let claims = Claims { sub: user.clone(), iat: now, exp: now.saturating_add(ttl_secs) };
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+        self.sign(&Claims { sub: user.clone(), dev: None, iat: now, exp: now.saturating_add(ttl_secs) })
+    }
+
+    /// A token bound to one of the user's devices.
+    pub fn mint_for_device(&self, user: &UserId, device: DeviceId, now: u64, ttl_secs: u64) -> String {
+        self.sign(&Claims { sub: user.clone(), dev: Some(device), iat: now, exp: now.saturating_add(ttl_secs) })
+    }
+
+    fn sign(&self, claims: &Claims) -> String {
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &self.encoding)
             .expect("HS256 signing of plain claims cannot fail")
     }
 

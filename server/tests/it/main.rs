@@ -5,6 +5,7 @@ mod harness;
 
 mod auth;
 mod blobs;
+mod chat;
 mod edge;
 mod hostile;
 mod lifecycle;

@@ -1,0 +1,158 @@
+//! Conversations and messages over HTTP, with device-bound tokens.
+
+use serde_json::{Value, json};
+
+use crate::harness::{DataDir, Server};
+
+/// A device-bound token for `user`.
+async fn device_token(server: &Server, user: &str) -> String {
+    let response = server
+        .http
+        .post(server.url("/v1/devices"))
+        .bearer_auth(server.token(user))
+        .json(&json!({"name": "phone"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let body: Value = response.json().await.unwrap();
+    assert!(body["device_id"].as_str().is_some());
+    body["access_token"].as_str().unwrap().to_owned()
+}
+
+async fn post(server: &Server, token: &str, path: &str, body: Value) -> (u16, Value) {
+    let response = server.http.post(server.url(path)).bearer_auth(token).json(&body).send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+async fn get(server: &Server, token: &str, path: &str) -> (u16, Value) {
+    let response = server.http.get(server.url(path)).bearer_auth(token).send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn two_users_talk_and_a_retry_is_stored_once() {
+    let data = DataDir::new();
+    let server = Server::start(&data, &[]);
+    let (alice, bob, eve) =
+        (device_token(&server, "alice").await, device_token(&server, "bob").await, device_token(&server, "eve").await);
+
+    let (status, chat) =
+        post(&server, &alice, "/v1/conversations", json!({"type": "direct", "members": ["bob"]})).await;
+    assert_eq!(status, 200, "{chat}");
+    let id = chat["id"].as_str().unwrap().to_owned();
+    let (_, again) = post(&server, &bob, "/v1/conversations", json!({"type": "direct", "members": ["alice"]})).await;
+    assert_eq!(again["id"], chat["id"], "one pair, one direct conversation");
+
+    let messages = format!("/v1/conversations/{id}/messages");
+    let hello = json!({"client_id": "c-1", "body": {"text": "hello bob"}});
+    let (status, sent) = post(&server, &alice, &messages, hello.clone()).await;
+    assert_eq!(status, 201, "{sent}");
+    assert_eq!(sent["seq"], 1);
+    assert!(sent["ts"].as_i64().unwrap() > 0);
+    let (status, retried) = post(&server, &alice, &messages, hello).await;
+    assert_eq!(status, 200);
+    assert_eq!(retried["seq"], 1);
+    let (status, second) =
+        post(&server, &bob, &messages, json!({"client_id": "c-1", "body": {"ciphertext": "AAECAw=="}})).await;
+    assert_eq!((status, second["seq"].as_i64()), (201, Some(2)));
+
+    let (status, history) = get(&server, &bob, &format!("{messages}?after=0")).await;
+    assert_eq!(status, 200);
+    let list = history["messages"].as_array().unwrap();
+    assert_eq!(list.len(), 2);
+    assert_eq!(list[0]["sender"], "alice");
+    assert_eq!(list[0]["body"]["text"], "hello bob");
+    assert_eq!(list[1]["body"]["ciphertext"], "AAECAw==");
+    let (_, page) = get(&server, &bob, &format!("{messages}?after=1&limit=10")).await;
+    assert_eq!(page["messages"].as_array().unwrap().len(), 1);
+
+    let (_, listed) = get(&server, &bob, "/v1/conversations").await;
+    assert_eq!(listed["conversations"][0]["unread"], 1, "{listed}");
+    assert_eq!(listed["conversations"][0]["last_seq"], 2);
+
+    // Eve is no member: she learns nothing, not even that the conversation exists.
+    for (status, body) in [
+        get(&server, &eve, &messages).await,
+        post(&server, &eve, &messages, json!({"client_id": "x", "body": {"text": "hi"}})).await,
+    ] {
+        assert_eq!(status, 404);
+        assert_eq!(body["error"]["code"], "not_found");
+    }
+    let (_, eves) = get(&server, &eve, "/v1/conversations").await;
+    assert_eq!(eves["conversations"], json!([]));
+}
+
+#[tokio::test]
+async fn bad_messages_get_clear_errors() {
+    let data = DataDir::new();
+    let server = Server::start(&data, &[]);
+    let alice = device_token(&server, "alice").await;
+    let (_, chat) = post(&server, &alice, "/v1/conversations", json!({"type": "direct", "members": ["bob"]})).await;
+    let messages = format!("/v1/conversations/{}/messages", chat["id"].as_str().unwrap());
+
+    for (body, status, code) in [
+        (json!({"client_id": "a", "body": {}}), 422, "invalid_request"),
+        (json!({"client_id": "a", "body": {"text": 5}}), 422, "invalid_request"),
+        (json!({"client_id": "a", "body": {"text": "x", "ciphertext": "AA=="}}), 422, "invalid_request"),
+        (json!({"client_id": "a", "body": {"text": "x", "extra": 1}}), 422, "invalid_request"),
+        (json!({"client_id": "a", "body": {"ciphertext": "not base64!"}}), 422, "invalid_request"),
+        (json!({"client_id": "a", "body": {"media": "01a21f21-9207-7501-b477-0d4f5ee0e866"}}), 422, "invalid_request"),
+        (json!({"client_id": "", "body": {"text": "x"}}), 422, "invalid_request"),
+        (json!({"body": {"text": "x"}}), 422, "invalid_request"),
+        (json!({"client_id": "a", "body": {"text": "x".repeat(70 * 1024)}}), 422, "invalid_request"),
+    ] {
+        let (got, answer) = post(&server, &alice, &messages, body.clone()).await;
+        assert_eq!((got, answer["error"]["code"].as_str()), (status, Some(code)), "{body}");
+    }
+    let raw = server.http.post(server.url(&messages)).bearer_auth(&alice).header("content-type", "application/json");
+    let response = raw.body("{not json").send().await.unwrap();
+    assert_eq!(response.status(), 400);
+
+    // A token without a device may read media but not send.
+    let plain = server.token("alice");
+    let (status, answer) = post(&server, &plain, &messages, json!({"client_id": "a", "body": {"text": "x"}})).await;
+    assert_eq!((status, answer["error"]["code"].as_str()), (403, Some("device_token_required")));
+    let (_, history) = get(&server, &alice, &messages).await;
+    assert_eq!(history["messages"], json!([]), "a refused message was stored");
+    let (status, _) = get(&server, &alice, "/v1/conversations/not-a-conversation/messages").await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn groups_have_admins() {
+    let data = DataDir::new();
+    let server = Server::start(&data, &[]);
+    let (alice, bob, carol) = (
+        device_token(&server, "alice").await,
+        device_token(&server, "bob").await,
+        device_token(&server, "carol").await,
+    );
+    let (status, group) =
+        post(&server, &alice, "/v1/conversations", json!({"type": "group", "name": "friends", "members": ["bob"]}))
+            .await;
+    assert_eq!(status, 201);
+    assert_eq!(group["name"], "friends");
+    let members = format!("/v1/conversations/{}/members", group["id"].as_str().unwrap());
+
+    let (status, answer) = post(&server, &bob, &members, json!({"members": ["carol"]})).await;
+    assert_eq!((status, answer["error"]["code"].as_str()), (403, Some("not_admin")));
+    let (status, _) = post(&server, &alice, &members, json!({"members": ["carol"]})).await;
+    assert_eq!(status, 204);
+    let (_, listed) = get(&server, &carol, "/v1/conversations").await;
+    assert_eq!(listed["conversations"][0]["id"], group["id"]);
+
+    // Carol leaves; then the group is gone from her list.
+    let leave = server.http.delete(server.url(&format!("{members}/carol"))).bearer_auth(&carol).send().await.unwrap();
+    assert_eq!(leave.status(), 204);
+    let (_, listed) = get(&server, &carol, "/v1/conversations").await;
+    assert_eq!(listed["conversations"], json!([]));
+
+    let (status, _) =
+        post(&server, &alice, "/v1/conversations", json!({"type": "group", "name": "", "members": []})).await;
+    assert_eq!(status, 422);
+    let (status, _) = post(&server, &alice, "/v1/conversations", json!({"type": "direct", "members": []})).await;
+    assert_eq!(status, 422);
+}
