@@ -68,6 +68,9 @@ impl IntoResponse for ApiError {
             ApiError::Store(e @ StoreError::TooManyMembers) => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "too_many_members", e.to_string())
             }
+            ApiError::Store(e @ StoreError::TooManyDevices) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "too_many_devices", e.to_string())
+            }
             ApiError::Store(StoreError::Invalid(m)) | ApiError::Invalid(m) => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", m)
             }

@@ -15,5 +15,5 @@ pub use http::router;
 pub use sql::migrate;
 pub use store::{
     Appended, Conversation, ConversationKind, ConversationSummary, Cursor, MAX_BODY_BYTES, MAX_CLIENT_ID_LEN,
-    MAX_GROUP_MEMBERS, MAX_PAGE, Message, MessageStore, Role, StoreError,
+    MAX_DEVICES, MAX_GROUP_MEMBERS, MAX_PAGE, Message, MessageStore, Role, StoreError,
 };

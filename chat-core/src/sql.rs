@@ -12,8 +12,8 @@ use sqlx::Row;
 use types::{ConversationId, DeviceId, UserId};
 
 use crate::store::{
-    Appended, Conversation, ConversationKind, ConversationSummary, Cursor, MAX_GROUP_MEMBERS, MAX_PAGE, Message,
-    MessageStore, Role, StoreError, check_message,
+    Appended, Conversation, ConversationKind, ConversationSummary, Cursor, MAX_DEVICES, MAX_GROUP_MEMBERS, MAX_PAGE,
+    Message, MessageStore, Role, StoreError, check_message,
 };
 
 /// Applies chat-core's migrations (other crates keep theirs in the same database).
@@ -190,6 +190,13 @@ macro_rules! sql_store {
             async fn add_device(&self, user: &UserId, name: &str) -> Result<DeviceId, StoreError> {
                 let now = now_ms();
                 ensure_users(self, std::slice::from_ref(user), now).await?;
+                let linked: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM chat_devices WHERE user_id = $1")
+                    .bind(user.as_str())
+                    .fetch_one(self)
+                    .await?;
+                if linked >= MAX_DEVICES {
+                    return Err(StoreError::TooManyDevices);
+                }
                 let device = DeviceId::new();
                 sqlx::query("INSERT INTO chat_devices (user_id, device_id, name, created_at) VALUES ($1, $2, $3, $4)")
                     .bind(user.as_str())

@@ -6,6 +6,8 @@ use types::{ConversationId, DeviceId, UserId};
 
 /// Largest group, creator included.
 pub const MAX_GROUP_MEMBERS: usize = 1024;
+/// Most devices one user may link.
+pub const MAX_DEVICES: i64 = 16;
 /// Largest message body (opaque JSON), in bytes.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 /// Longest `client_id`.
@@ -111,6 +113,8 @@ pub enum StoreError {
     NotAdmin,
     #[error("a group holds at most {MAX_GROUP_MEMBERS} members")]
     TooManyMembers,
+    #[error("a user may link at most {MAX_DEVICES} devices")]
+    TooManyDevices,
     #[error("{0}")]
     Invalid(String),
     #[error("database: {0}")]
@@ -121,7 +125,7 @@ pub enum StoreError {
 
 /// Storage for chat-core. Every method that reads or writes a conversation checks membership.
 pub trait MessageStore: Send + Sync {
-    /// Registers a device for `user` (creating the user on first sight).
+    /// Registers a device for `user` (creating the user on first sight), up to [`MAX_DEVICES`].
     fn add_device(&self, user: &UserId, name: &str) -> impl Future<Output = Result<DeviceId, StoreError>> + Send;
 
     /// The one direct conversation of `a` and `b`, created the first time it is asked for.

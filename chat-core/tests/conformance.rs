@@ -76,7 +76,22 @@ conformance!(
     non_members_see_nothing,
     groups_have_admins_and_a_size_limit,
     cursors_only_move_forward_and_count_unread,
+    devices_per_user_are_bounded,
 );
+
+async fn devices_per_user_are_bounded<S: MessageStore + 'static>(store: Arc<S>) {
+    let alice = user("alice");
+    let mut devices = Vec::new();
+    for i in 0..chat_core::MAX_DEVICES {
+        devices.push(store.add_device(&alice, &format!("device {i}")).await.unwrap());
+    }
+    devices.sort();
+    devices.dedup();
+    assert_eq!(devices.len() as i64, chat_core::MAX_DEVICES);
+    assert!(matches!(store.add_device(&alice, "one too many").await, Err(StoreError::TooManyDevices)));
+    // Another user is not affected.
+    store.add_device(&user("bob"), "phone").await.unwrap();
+}
 
 async fn direct_conversations_exist_once_per_pair<S: MessageStore + 'static>(store: Arc<S>) {
     let (alice, bob) = (user("alice"), user("bob"));
