@@ -16,7 +16,7 @@ use axum::{Extension, Json, Router};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use types::{Claims, ConversationId, DeviceId, ErrorBody, TokenKeys, UserId};
+use types::{Claims, ConversationId, DeviceId, ErrorBody, MediaId, TokenKeys, UserId};
 
 use crate::{Appended, Conversation, ConversationKind, Message, MessageStore, StoreError};
 
@@ -25,20 +25,31 @@ const DEVICE_TOKEN_TTL: u64 = 24 * 3600;
 /// Longest group or device name.
 const MAX_NAME: usize = 128;
 
+/// What messaging needs from media storage, which another crate owns: whether a user may send a
+/// media record (they own it, or it was shared with them), and sharing it with a conversation's
+/// members so they may read it and its variants.
+pub trait MediaAccess: Send + Sync {
+    fn may_share<'a>(&'a self, media: MediaId, user: &'a UserId) -> BoxFuture<'a, Result<bool, String>>;
+    fn share<'a>(&'a self, media: MediaId, users: &'a [UserId]) -> BoxFuture<'a, Result<(), String>>;
+}
+
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
 struct Api<S> {
     store: Arc<S>,
+    media: Arc<dyn MediaAccess>,
     keys: TokenKeys,
 }
 
-/// The routes, over `store`; `keys` mint device-bound tokens.
-pub fn router<S: MessageStore + 'static>(store: Arc<S>, keys: TokenKeys) -> Router {
+/// The routes, over `store`; `media` answers for media bodies; `keys` mint device-bound tokens.
+pub fn router<S: MessageStore + 'static>(store: Arc<S>, media: Arc<dyn MediaAccess>, keys: TokenKeys) -> Router {
     Router::new()
         .route("/v1/devices", post(link_device::<S>))
         .route("/v1/conversations", post(create_conversation::<S>).get(list_conversations::<S>))
         .route("/v1/conversations/{id}/members", post(add_members::<S>))
         .route("/v1/conversations/{id}/members/{user}", delete(remove_member::<S>))
         .route("/v1/conversations/{id}/messages", post(send::<S>).get(history::<S>))
-        .with_state(Arc::new(Api { store, keys }))
+        .with_state(Arc::new(Api { store, media, keys }))
 }
 
 /// Everything the routes answer with when they refuse.
@@ -47,7 +58,9 @@ enum ApiError {
     Store(StoreError),
     BadJson(String),
     Invalid(String),
+    UnknownMedia,
     DeviceRequired,
+    Media(String),
 }
 
 impl From<StoreError> for ApiError {
@@ -79,6 +92,15 @@ impl IntoResponse for ApiError {
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal", "something went wrong on our side; try again".into())
             }
             ApiError::BadJson(m) => (StatusCode::BAD_REQUEST, "bad_json", m),
+            ApiError::UnknownMedia => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "unknown_media",
+                "the media is neither yours nor shared with you".into(),
+            ),
+            ApiError::Media(e) => {
+                tracing::error!(error = %e, "media access failed");
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal", "something went wrong on our side; try again".into())
+            }
             ApiError::DeviceRequired => (
                 StatusCode::FORBIDDEN,
                 "device_token_required",
@@ -230,23 +252,23 @@ async fn remove_member<S: MessageStore>(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Send {
+struct SendMessage {
     client_id: String,
     body: Value,
 }
 
-/// A message body is an object with exactly one of `text`, `media` (with an optional `caption`) or
-/// `ciphertext` (base64).
-fn check_body(body: &Value) -> Result<(), ApiError> {
+/// A message body is an object with exactly one of `text`, `media` (a media id, with an optional
+/// `caption`) or `ciphertext` (base64). Returns the media id of a media message.
+fn check_body(body: &Value) -> Result<Option<MediaId>, ApiError> {
     let invalid = |m: &str| Err(ApiError::Invalid(m.into()));
     let Some(object) = body.as_object() else { return invalid("body is a JSON object") };
     let kinds: Vec<&str> = ["text", "media", "ciphertext"].into_iter().filter(|k| object.contains_key(*k)).collect();
-    let allowed: &[&str] = match kinds.as_slice() {
+    let (allowed, media): (&[&str], Option<MediaId>) = match kinds.as_slice() {
         ["text"] => {
             if object["text"].as_str().is_none_or(|t| t.is_empty()) {
                 return invalid("text is a non-empty string");
             }
-            &["text"]
+            (&["text"], None)
         }
         ["ciphertext"] => {
             let decodes = object["ciphertext"]
@@ -255,21 +277,23 @@ fn check_body(body: &Value) -> Result<(), ApiError> {
             if !decodes {
                 return invalid("ciphertext is non-empty standard base64");
             }
-            &["ciphertext"]
+            (&["ciphertext"], None)
         }
         ["media"] => {
-            return Err(ApiError::Invalid(
-                "media messages are not taken yet: sharing media with a conversation comes with the next \
-                 messaging release"
-                    .into(),
-            ));
+            let Some(id) = object["media"].as_str().and_then(|m| m.parse::<MediaId>().ok()) else {
+                return invalid("media is a media id");
+            };
+            if object.get("caption").is_some_and(|c| !c.is_string()) {
+                return invalid("caption is a string");
+            }
+            (&["media", "caption"], Some(id))
         }
         _ => return invalid("body has exactly one of text, media or ciphertext"),
     };
     if let Some(extra) = object.keys().find(|k| !allowed.contains(&k.as_str())) {
         return Err(ApiError::Invalid(format!("unknown body field {extra:?}")));
     }
-    Ok(())
+    Ok(media)
 }
 
 #[derive(Serialize)]
@@ -300,13 +324,23 @@ async fn send<S: MessageStore>(
     State(api): State<Arc<Api<S>>>,
     Extension(claims): Extension<Claims>,
     Path(id): Path<String>,
-    body: Result<Json<Send>, JsonRejection>,
+    body: Result<Json<SendMessage>, JsonRejection>,
 ) -> Result<(StatusCode, Json<MessageView>), ApiError> {
     let device = device(&claims)?;
     let id = conversation_id(&id)?;
-    let Send { client_id, body } = json_body(body)?;
-    check_body(&body)?;
+    let SendMessage { client_id, body } = json_body(body)?;
+    let media = check_body(&body)?;
+    if let Some(media) = media
+        && !api.media.may_share(media, &claims.sub).await.map_err(ApiError::Media)?
+    {
+        return Err(ApiError::UnknownMedia);
+    }
     let appended = api.store.append(&id, &claims.sub, &device, &client_id, &body.to_string(), now().1).await?;
+    if let Some(media) = media {
+        // Also on a retried send: a share lost to a crash after the append is made good.
+        let members: Vec<UserId> = api.store.members(&id, &claims.sub).await?.into_iter().map(|(u, _)| u).collect();
+        api.media.share(media, &members).await.map_err(ApiError::Media)?;
+    }
     let status = match appended {
         Appended::New(_) => StatusCode::CREATED,
         Appended::Duplicate(_) => StatusCode::OK,

@@ -11,7 +11,7 @@ mod http;
 mod sql;
 mod store;
 
-pub use http::router;
+pub use http::{BoxFuture, MediaAccess, router};
 pub use sql::migrate;
 pub use store::{
     Appended, Conversation, ConversationKind, ConversationSummary, Cursor, MAX_BODY_BYTES, MAX_CLIENT_ID_LEN,

@@ -167,6 +167,37 @@ impl JobQueue {
         Ok(orphaned)
     }
 
+    /// Whether `user` owns media `id` or was given access to it.
+    pub(crate) async fn may_read(&self, id: MediaId, user: &UserId) -> Result<bool, sqlx::Error> {
+        let found: Option<i64> = sqlx::query_scalar(
+            "SELECT 1 FROM media WHERE id = ?1 AND owner = ?2
+             UNION ALL SELECT 1 FROM media_grants WHERE media_id = ?1 AND user_id = ?2 LIMIT 1",
+        )
+        .bind(id.to_string())
+        .bind(user.as_str())
+        .fetch_optional(&self.db)
+        .await?;
+        Ok(found.is_some())
+    }
+
+    /// Lets `users` read media `id` (idempotent).
+    pub(crate) async fn grant(&self, id: MediaId, users: &[UserId]) -> Result<(), sqlx::Error> {
+        let now = now_ms();
+        let mut tx = self.db.begin().await?;
+        for user in users {
+            sqlx::query(
+                "INSERT INTO media_grants (media_id, user_id, granted_at) VALUES (?, ?, ?)
+                 ON CONFLICT (media_id, user_id) DO NOTHING",
+            )
+            .bind(id.to_string())
+            .bind(user.as_str())
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await
+    }
+
     pub(crate) async fn media(&self, id: MediaId) -> Result<Option<MediaRow>, sqlx::Error> {
         let row = sqlx::query(
             "SELECT m.owner, m.kind, m.source_blob, j.status, j.permanent, j.error_code, j.error_message, j.result

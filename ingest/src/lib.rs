@@ -31,7 +31,7 @@ pub use view::{MediaView, VariantView};
 use edge_cache::BlobStore;
 use tokio::sync::{Notify, Semaphore, broadcast};
 use transcode::Pool;
-use types::{BlobId, UrlSigner};
+use types::{BlobId, MediaId, UrlSigner, UserId};
 
 /// Everything the ingest routes and the job runner share.
 pub struct Ingest {
@@ -78,6 +78,16 @@ impl Ingest {
 
     pub fn queue(&self) -> &JobQueue {
         &self.queue
+    }
+
+    /// Whether `user` may pass media `id` on: they own it or it was shared with them.
+    pub async fn may_share(&self, id: MediaId, user: &UserId) -> Result<bool, IngestError> {
+        Ok(self.queue.may_read(id, user).await?)
+    }
+
+    /// Lets `users` (a conversation's members) read media `id` and its variants.
+    pub async fn share(&self, id: MediaId, users: &[UserId]) -> Result<(), IngestError> {
+        Ok(self.queue.grant(id, users).await?)
     }
 
     /// The `/v1/media` routes.

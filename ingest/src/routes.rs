@@ -144,9 +144,13 @@ async fn show(
 }
 
 impl Ingest {
-    /// The media as its owner sees it; anyone else is told it does not exist.
+    /// The media as its owner, or someone it was shared with, sees it; anyone else is told it does
+    /// not exist.
     async fn view(&self, id: MediaId, user: &UserId) -> Result<MediaView, IngestError> {
-        let row = self.queue.media(id).await?.filter(|row| row.owner == user.as_str()).ok_or(IngestError::NotFound)?;
+        let row = self.queue.media(id).await?.ok_or(IngestError::NotFound)?;
+        if row.owner != user.as_str() && !self.queue.may_read(id, user).await? {
+            return Err(IngestError::NotFound);
+        }
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
         Ok(MediaParts {
             id,

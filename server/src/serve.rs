@@ -34,7 +34,7 @@ pub(crate) async fn serve(config: Config) -> anyhow::Result<()> {
 
     let db = ingest::connect_sqlite(&config.database_url()).await.context("opening the database")?;
     chat_core::migrate(&db).await.context("migrating chat-core's tables")?;
-    let chat = chat_core::router(Arc::new(db.clone()), (*token_keys).clone());
+    let chat_db = db.clone();
     let store = BlobStore::open(&config.blobs()).context("opening the blob store")?;
     let variants = BlobStore::new(store.clone(), Namespace::Variants);
     let workers = config.workers();
@@ -48,6 +48,8 @@ pub(crate) async fn serve(config: Config) -> anyhow::Result<()> {
         pool,
         data_dir.join("tmp"),
     )?;
+    let media: Arc<dyn chat_core::MediaAccess> = Arc::new(SharedMedia(ingest.clone()));
+    let chat = chat_core::router(Arc::new(chat_db), media, (*token_keys).clone());
     // A process that works the queue works it alone (cluster workers come later): jobs a previous
     // run had claimed resume now. An API-only node leaves leases to whoever holds them.
     let resumed = if config.transcode.run_jobs { ingest.queue().release_leases().await? } else { 0 };
@@ -99,4 +101,26 @@ fn print_welcome(addr: std::net::SocketAddr, config: &Config) {
          --data-binary @fixtures/rocket.jpg http://{addr}/v1/media"
     );
     println!("  status: curl -H \"Authorization: Bearer $TOKEN\" http://{addr}/v1/media/ID");
+}
+
+/// chat-core's view of ingest: media messages may carry what their sender owns or was shared, and
+/// sending one shares it with the conversation.
+struct SharedMedia(Arc<Ingest>);
+
+impl chat_core::MediaAccess for SharedMedia {
+    fn may_share<'a>(
+        &'a self,
+        media: types::MediaId,
+        user: &'a types::UserId,
+    ) -> chat_core::BoxFuture<'a, Result<bool, String>> {
+        Box::pin(async move { self.0.may_share(media, user).await.map_err(|e| e.to_string()) })
+    }
+
+    fn share<'a>(
+        &'a self,
+        media: types::MediaId,
+        users: &'a [types::UserId],
+    ) -> chat_core::BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move { self.0.share(media, users).await.map_err(|e| e.to_string()) })
+    }
 }

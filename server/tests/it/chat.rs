@@ -2,7 +2,7 @@
 
 use serde_json::{Value, json};
 
-use crate::harness::{DataDir, Server};
+use crate::harness::{DataDir, Server, fixture};
 
 /// A device-bound token for `user`.
 async fn device_token(server: &Server, user: &str) -> String {
@@ -99,7 +99,8 @@ async fn bad_messages_get_clear_errors() {
         (json!({"client_id": "a", "body": {"text": "x", "ciphertext": "AA=="}}), 422, "invalid_request"),
         (json!({"client_id": "a", "body": {"text": "x", "extra": 1}}), 422, "invalid_request"),
         (json!({"client_id": "a", "body": {"ciphertext": "not base64!"}}), 422, "invalid_request"),
-        (json!({"client_id": "a", "body": {"media": "01a21f21-9207-7501-b477-0d4f5ee0e866"}}), 422, "invalid_request"),
+        (json!({"client_id": "a", "body": {"media": "01a21f21-9207-7501-b477-0d4f5ee0e866"}}), 422, "unknown_media"),
+        (json!({"client_id": "a", "body": {"media": "not-an-id"}}), 422, "invalid_request"),
         (json!({"client_id": "", "body": {"text": "x"}}), 422, "invalid_request"),
         (json!({"body": {"text": "x"}}), 422, "invalid_request"),
         (json!({"client_id": "a", "body": {"text": "x".repeat(70 * 1024)}}), 422, "invalid_request"),
@@ -155,4 +156,38 @@ async fn groups_have_admins() {
     assert_eq!(status, 422);
     let (status, _) = post(&server, &alice, "/v1/conversations", json!({"type": "direct", "members": []})).await;
     assert_eq!(status, 422);
+}
+
+#[tokio::test]
+async fn a_media_message_shares_the_media_with_the_members() {
+    let data = DataDir::new();
+    let server = Server::start(&data, &[]);
+    let (alice, bob, eve) =
+        (device_token(&server, "alice").await, device_token(&server, "bob").await, device_token(&server, "eve").await);
+    let photo = server.upload_ready(&alice, "image/jpeg", fixture("rocket.jpg")).await;
+    let media_id = photo["id"].as_str().unwrap().to_owned();
+    assert_eq!(server.media(&bob, &media_id).await.status(), 404, "bob saw the photo before it was sent");
+
+    let (_, chat) = post(&server, &alice, "/v1/conversations", json!({"type": "direct", "members": ["bob"]})).await;
+    let messages = format!("/v1/conversations/{}/messages", chat["id"].as_str().unwrap());
+    // Bob cannot send Alice's photo before it was shared with him.
+    let (status, answer) =
+        post(&server, &bob, &messages, json!({"client_id": "b1", "body": {"media": media_id.clone()}})).await;
+    assert_eq!((status, answer["error"]["code"].as_str()), (422, Some("unknown_media")));
+
+    let body = json!({"media": media_id.clone(), "caption": "launch"});
+    let (status, sent) = post(&server, &alice, &messages, json!({"client_id": "a1", "body": body})).await;
+    assert_eq!(status, 201, "{sent}");
+    assert_eq!(sent["body"]["caption"], "launch");
+
+    // Now Bob reads it and its variants, and may pass it on; Eve still may not.
+    let response = server.media(&bob, &media_id).await;
+    assert_eq!(response.status(), 200);
+    let seen: Value = response.json().await.unwrap();
+    assert_eq!(seen["status"], "ready");
+    crate::harness::variant_bytes(&server, &seen, "thumb").await;
+    let (status, _) =
+        post(&server, &bob, &messages, json!({"client_id": "b2", "body": {"media": media_id.clone()}})).await;
+    assert_eq!(status, 201);
+    assert_eq!(server.media(&eve, &media_id).await.status(), 404);
 }
