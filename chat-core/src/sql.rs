@@ -27,6 +27,10 @@ where
     migrator.run(pool).await
 }
 
+/// Users come into being the first time they are named.
+const ENSURE_USER: &str =
+    "INSERT INTO chat_users (user_id, created_at) VALUES ($1, $2) ON CONFLICT (user_id) DO NOTHING";
+
 fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
@@ -125,7 +129,7 @@ macro_rules! sql_store {
             E: sqlx::Executor<'c, Database = <$pool as PoolDb>::Db> + Copy,
         {
             for user in users {
-                sqlx::query("INSERT INTO chat_users (user_id, created_at) VALUES ($1, $2) ON CONFLICT (user_id) DO NOTHING")
+                sqlx::query(ENSURE_USER)
                     .bind(user.as_str())
                     .bind(now)
                     .execute(executor)
@@ -142,7 +146,7 @@ macro_rules! sql_store {
             now: i64,
         ) -> Result<(), StoreError> {
             for (user, role) in users {
-                sqlx::query("INSERT INTO chat_users (user_id, created_at) VALUES ($1, $2) ON CONFLICT (user_id) DO NOTHING")
+                sqlx::query(ENSURE_USER)
                     .bind(user.as_str())
                     .bind(now)
                     .execute(&mut **tx)
