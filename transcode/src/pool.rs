@@ -44,11 +44,6 @@ impl Pool {
         Self { tx, workers, queue }
     }
 
-    /// How many jobs can be running or waiting at once.
-    pub fn capacity(&self) -> usize {
-        self.workers + self.queue
-    }
-
     pub fn workers(&self) -> usize {
         self.workers
     }

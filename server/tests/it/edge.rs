@@ -6,7 +6,7 @@ use futures_util::StreamExt;
 use serde_json::Value;
 use types::BlobId;
 
-use crate::harness::{DataDir, Edge, Server, fixture, metric, now};
+use crate::harness::{DataDir, Edge, Server, files_in, fixture, metric, now};
 
 /// Blobs over this size skip the memory tier, so the test photos' variants exercise the disk tier.
 const NO_MEMORY: (&str, &str) = ("COURIER_EDGE_MEMORY_MAX_OBJECT_BYTES", "1000");
@@ -38,17 +38,7 @@ async fn fetch(edge: &Edge, url: &str, blob: &BlobId) -> String {
 }
 
 fn disk_bytes(dir: &Path) -> u64 {
-    fn walk(dir: &Path) -> u64 {
-        std::fs::read_dir(dir)
-            .map(|entries| {
-                entries
-                    .flatten()
-                    .map(|e| if e.path().is_dir() { walk(&e.path()) } else { e.metadata().unwrap().len() })
-                    .sum()
-            })
-            .unwrap_or(0)
-    }
-    walk(&dir.join("blobs"))
+    files_in(&dir.join("blobs")).iter().map(|f| std::fs::metadata(f).unwrap().len()).sum()
 }
 
 #[tokio::test]

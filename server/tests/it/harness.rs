@@ -106,16 +106,7 @@ impl Server {
 
     /// Files under the data dir's `sub` folder, recursively.
     pub(crate) fn files_under(&self, sub: &str) -> Vec<PathBuf> {
-        fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
-            let Ok(entries) = std::fs::read_dir(dir) else { return };
-            for entry in entries.flatten() {
-                let path = entry.path();
-                if path.is_dir() { walk(&path, out) } else { out.push(path) }
-            }
-        }
-        let mut out = Vec::new();
-        walk(&self.data.join(sub), &mut out);
-        out
+        files_in(&self.data.join(sub))
     }
 
     pub(crate) async fn count_rows(&self, table: &str) -> i64 {
@@ -156,6 +147,20 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Files under `dir`, recursively; none when it does not exist.
+pub(crate) fn files_in(dir: &Path) -> Vec<PathBuf> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() { walk(&path, out) } else { out.push(path) }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, &mut out);
+    out
 }
 
 /// Runs `courier ARGS…` with `env` and waits for the line that starts with `ready` and names the
