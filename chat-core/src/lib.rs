@@ -1,19 +1,58 @@
-//! Courier's messaging core: users and their devices, conversations (direct and group), the message
-//! log with per-conversation sequence numbers, and per-device delivery and read cursors.
+//! Courier's messaging core: phone accounts and their devices, conversations (direct and group),
+//! the message log with per-conversation sequence numbers, per-device delivery and read cursors,
+//! and the real-time gateway that delivers messages exactly once and in order (PROTOCOL.md).
 //!
-//! [`MessageStore`] is the one storage interface; it has two real backends, SQLite (the embedded
-//! default) and PostgreSQL, built from the same SQL and held to one conformance suite
-//! (`tests/conformance.rs`). Appends are idempotent on the sender's `client_id` and assign gapless,
-//! strictly increasing `seq`s per conversation. How the tables shard is written at the top of the
-//! migration. This crate must never reach into another crate's tables; it depends on `types` only.
+//! [`MessageStore`] and [`AccountStore`] are the storage interfaces; each has two real backends,
+//! SQLite (the embedded default) and PostgreSQL, built from the same SQL and held to one conformance
+//! suite (`tests/conformance.rs`). Appends are idempotent on the sender's `client_id` and assign
+//! gapless, strictly increasing `seq`s per conversation. How the tables shard is written at the top
+//! of the migrations. [`Chat`] wires a store to the [`Hub`] of live connections and exposes the
+//! routes and background tasks. This crate never reaches into another crate's tables; it depends
+//! on `types` only.
 
+mod accounts;
+mod chat;
+mod config;
+mod error;
+mod frames;
+mod gateway;
 mod http;
+mod hub;
 mod sql;
 mod store;
+mod tasks;
 
-pub use http::{BoxFuture, MediaAccess, router};
+use std::sync::Arc;
+
+use axum::Router;
+use axum::routing::{get, post};
+
+pub use chat::{BoxFuture, Chat, DeviceCheck, MediaAccess};
+pub use config::{AuthConfig, ChatConfig};
+pub use gateway::{CLOSE_IDLE, CLOSE_LOGGED_OUT, CLOSE_TOO_SLOW, MAX_CLIENT_FRAME};
+pub use hub::Hub;
 pub use sql::migrate;
 pub use store::{
-    Appended, Conversation, ConversationKind, ConversationSummary, Cursor, MAX_BODY_BYTES, MAX_CLIENT_ID_LEN,
-    MAX_DEVICES, MAX_GROUP_MEMBERS, MAX_PAGE, Message, MessageStore, Role, StoreError,
+    AccountStore, Acked, Appended, CodeCheck, Contact, Conversation, ConversationKind, ConversationSummary, Cursor,
+    MAX_BODY_BYTES, MAX_CLIENT_ID_LEN, MAX_CODE_ATTEMPTS, MAX_DEVICES, MAX_GROUP_MEMBERS, MAX_PAGE, Message,
+    MessageStore, PendingPush, Receipt, Role, Rotation, StoreError, SyncState,
 };
+
+impl<S: MessageStore + AccountStore + 'static> Chat<S> {
+    /// Routes for authenticated callers: the server's auth layer puts [`types::Claims`] in the
+    /// request extensions.
+    pub fn user_routes(self: &Arc<Self>) -> Router {
+        http::routes(self.clone())
+    }
+
+    /// Routes that authenticate on their own: sign-in (`/v1/auth/*`) and the gateway (`/v1/ws`,
+    /// whose token may come in the query string, as browsers cannot set headers on WebSockets).
+    pub fn public_routes(self: &Arc<Self>) -> Router {
+        Router::new()
+            .route("/v1/auth/code", post(accounts::request_code::<S>))
+            .route("/v1/auth/verify", post(accounts::verify::<S>))
+            .route("/v1/auth/refresh", post(accounts::refresh::<S>))
+            .route("/v1/ws", get(gateway::upgrade::<S>))
+            .with_state(self.clone())
+    }
+}

@@ -12,8 +12,9 @@ use sqlx::Row;
 use types::{ConversationId, DeviceId, UserId};
 
 use crate::store::{
-    Appended, Conversation, ConversationKind, ConversationSummary, Cursor, MAX_DEVICES, MAX_GROUP_MEMBERS, MAX_PAGE,
-    Message, MessageStore, Role, StoreError, check_message,
+    AccountStore, Acked, Appended, CodeCheck, Contact, Conversation, ConversationKind, ConversationSummary, Cursor,
+    MAX_CODE_ATTEMPTS, MAX_DEVICES, MAX_GROUP_MEMBERS, MAX_PAGE, Message, MessageStore, PendingPush, Receipt, Role,
+    Rotation, StoreError, SyncState, check_message,
 };
 
 /// Applies chat-core's migrations (other crates keep theirs in the same database).
@@ -33,6 +34,11 @@ const ENSURE_USER: &str =
 
 fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+fn uuid_simple() -> String {
+    // A v7 UUID (time-ordered) in hex, through the id type that already makes them.
+    DeviceId::new().to_string().replace('-', "")
 }
 
 fn corrupt(what: &str) -> StoreError {
@@ -435,13 +441,373 @@ macro_rules! sql_store {
                 rows.iter().map(message_from).collect()
             }
 
-            async fn ack(&self, user: &UserId, device: &DeviceId, conversation: &ConversationId, seq: i64) -> Result<Cursor, StoreError> {
+            async fn ack(&self, user: &UserId, device: &DeviceId, conversation: &ConversationId, seq: i64) -> Result<Acked, StoreError> {
                 move_cursor(self, user, device, conversation, seq, false).await
             }
 
-            async fn mark_read(&self, user: &UserId, device: &DeviceId, conversation: &ConversationId, seq: i64) -> Result<Cursor, StoreError> {
+            async fn mark_read(&self, user: &UserId, device: &DeviceId, conversation: &ConversationId, seq: i64) -> Result<Acked, StoreError> {
                 move_cursor(self, user, device, conversation, seq, true).await
             }
+
+            async fn device_exists(&self, user: &UserId, device: &DeviceId) -> Result<bool, StoreError> {
+                let found: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM chat_devices WHERE user_id = $1 AND device_id = $2")
+                    .bind(user.as_str())
+                    .bind(device.to_string())
+                    .fetch_one(self)
+                    .await?;
+                Ok(found > 0)
+            }
+
+            async fn remove_device(&self, user: &UserId, device: &DeviceId) -> Result<bool, StoreError> {
+                let mut tx = self.begin().await?;
+                let removed = sqlx::query("DELETE FROM chat_devices WHERE user_id = $1 AND device_id = $2")
+                    .bind(user.as_str())
+                    .bind(device.to_string())
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                for table in ["chat_cursors", "chat_refresh_tokens"] {
+                    sqlx::query(&format!("DELETE FROM {table} WHERE user_id = $1 AND device_id = $2"))
+                        .bind(user.as_str())
+                        .bind(device.to_string())
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                tx.commit().await?;
+                Ok(removed > 0)
+            }
+
+            async fn sync_state(&self, user: &UserId, device: &DeviceId) -> Result<Vec<SyncState>, StoreError> {
+                let rows = sqlx::query(
+                    "SELECT c.conversation_id, c.last_seq, c.purged_upto, COALESCE(cu.delivered_seq, 0) AS delivered
+                       FROM chat_memberships m
+                       JOIN chat_conversations c ON c.conversation_id = m.conversation_id
+                       LEFT JOIN chat_cursors cu
+                         ON cu.user_id = m.user_id AND cu.device_id = $2 AND cu.conversation_id = m.conversation_id
+                      WHERE m.user_id = $1",
+                )
+                .bind(user.as_str())
+                .bind(device.to_string())
+                .fetch_all(self)
+                .await?;
+                rows.iter().map(sync_from).collect()
+            }
+
+            async fn sync_one(&self, user: &UserId, device: &DeviceId, conversation: &ConversationId) -> Result<SyncState, StoreError> {
+                let row = sqlx::query(
+                    "SELECT c.conversation_id, c.last_seq, c.purged_upto, COALESCE(cu.delivered_seq, 0) AS delivered
+                       FROM chat_memberships m
+                       JOIN chat_conversations c ON c.conversation_id = m.conversation_id
+                       LEFT JOIN chat_cursors cu
+                         ON cu.user_id = m.user_id AND cu.device_id = $2 AND cu.conversation_id = m.conversation_id
+                      WHERE m.user_id = $1 AND m.conversation_id = $3",
+                )
+                .bind(user.as_str())
+                .bind(device.to_string())
+                .bind(conversation.to_string())
+                .fetch_optional(self)
+                .await?
+                .ok_or(StoreError::NotMember)?;
+                sync_from(&row)
+            }
+
+            async fn member_ids(&self, conversation: &ConversationId) -> Result<Vec<UserId>, StoreError> {
+                let ids: Vec<String> = sqlx::query_scalar("SELECT user_id FROM chat_members WHERE conversation_id = $1")
+                    .bind(conversation.to_string())
+                    .fetch_all(self)
+                    .await?;
+                ids.iter().map(|u| parse(u, "user id")).collect()
+            }
+
+            async fn receipts(&self, user: &UserId) -> Result<Vec<Receipt>, StoreError> {
+                let rows = sqlx::query(
+                    "SELECT o.conversation_id, o.user_id, o.delivered_seq, o.read_seq
+                       FROM chat_memberships m
+                       JOIN chat_members o ON o.conversation_id = m.conversation_id
+                      WHERE m.user_id = $1 AND o.user_id <> $1 AND o.delivered_seq > 0",
+                )
+                .bind(user.as_str())
+                .fetch_all(self)
+                .await?;
+                rows.iter()
+                    .map(|row| {
+                        Ok(Receipt {
+                            conversation: parse(&row.try_get::<String, _>("conversation_id")?, "conversation id")?,
+                            user: parse(&row.try_get::<String, _>("user_id")?, "user id")?,
+                            cursor: Cursor { delivered: row.try_get("delivered_seq")?, read: row.try_get("read_seq")? },
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn contacts(&self, user: &UserId) -> Result<Vec<Contact>, StoreError> {
+                let rows = sqlx::query(
+                    "SELECT DISTINCT o.user_id, u.last_seen
+                       FROM chat_memberships m
+                       JOIN chat_members o ON o.conversation_id = m.conversation_id
+                       JOIN chat_users u ON u.user_id = o.user_id
+                      WHERE m.user_id = $1 AND o.user_id <> $1",
+                )
+                .bind(user.as_str())
+                .fetch_all(self)
+                .await?;
+                rows.iter()
+                    .map(|row| {
+                        Ok(Contact {
+                            user: parse(&row.try_get::<String, _>("user_id")?, "user id")?,
+                            last_seen: row.try_get("last_seen")?,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn set_last_seen(&self, user: &UserId, at_ms: i64) -> Result<(), StoreError> {
+                sqlx::query("UPDATE chat_users SET last_seen = $2 WHERE user_id = $1")
+                    .bind(user.as_str())
+                    .bind(at_ms)
+                    .execute(self)
+                    .await?;
+                Ok(())
+            }
+
+            async fn queue_pushes(
+                &self,
+                users: &[UserId],
+                conversation: &ConversationId,
+                seq: i64,
+                sender: &UserId,
+                now_ms: i64,
+            ) -> Result<(), StoreError> {
+                let mut tx = self.begin().await?;
+                for user in users {
+                    sqlx::query(
+                        "INSERT INTO chat_push_outbox (user_id, conversation_id, seq, sender_user, attempts, next_attempt_at, created_at)
+                         VALUES ($1, $2, $3, $4, 0, $5, $5)
+                         ON CONFLICT (user_id, conversation_id) DO UPDATE SET
+                           seq = CASE WHEN excluded.seq > chat_push_outbox.seq THEN excluded.seq ELSE chat_push_outbox.seq END,
+                           sender_user = excluded.sender_user",
+                    )
+                    .bind(user.as_str())
+                    .bind(conversation.to_string())
+                    .bind(seq)
+                    .bind(sender.as_str())
+                    .bind(now_ms)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn due_pushes(&self, now_ms: i64, limit: i64) -> Result<Vec<PendingPush>, StoreError> {
+                let rows = sqlx::query(
+                    "SELECT user_id, conversation_id, seq, sender_user, attempts FROM chat_push_outbox
+                      WHERE next_attempt_at <= $1 ORDER BY next_attempt_at LIMIT $2",
+                )
+                .bind(now_ms)
+                .bind(limit)
+                .fetch_all(self)
+                .await?;
+                rows.iter()
+                    .map(|row| {
+                        Ok(PendingPush {
+                            user: parse(&row.try_get::<String, _>("user_id")?, "user id")?,
+                            conversation: parse(&row.try_get::<String, _>("conversation_id")?, "conversation id")?,
+                            seq: row.try_get("seq")?,
+                            sender: parse(&row.try_get::<String, _>("sender_user")?, "user id")?,
+                            attempts: row.try_get("attempts")?,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn push_done(&self, push: &PendingPush) -> Result<(), StoreError> {
+                sqlx::query("DELETE FROM chat_push_outbox WHERE user_id = $1 AND conversation_id = $2 AND seq = $3")
+                    .bind(push.user.as_str())
+                    .bind(push.conversation.to_string())
+                    .bind(push.seq)
+                    .execute(self)
+                    .await?;
+                Ok(())
+            }
+
+            async fn push_failed(&self, push: &PendingPush, retry_at_ms: Option<i64>) -> Result<(), StoreError> {
+                let query = match retry_at_ms {
+                    Some(at) => sqlx::query(
+                        "UPDATE chat_push_outbox SET attempts = attempts + 1, next_attempt_at = $3
+                          WHERE user_id = $1 AND conversation_id = $2",
+                    )
+                    .bind(push.user.as_str())
+                    .bind(push.conversation.to_string())
+                    .bind(at),
+                    None => sqlx::query("DELETE FROM chat_push_outbox WHERE user_id = $1 AND conversation_id = $2 AND seq = $3")
+                        .bind(push.user.as_str())
+                        .bind(push.conversation.to_string())
+                        .bind(push.seq),
+                };
+                query.execute(self).await?;
+                Ok(())
+            }
+
+            async fn purge_before(&self, before_ms: i64) -> Result<u64, StoreError> {
+                // Marks how far each conversation is purged, then deletes, in one transaction.
+                let mut tx = self.begin().await?;
+                sqlx::query(
+                    "UPDATE chat_conversations SET purged_upto = (
+                        SELECT MAX(m.seq) FROM chat_messages m
+                         WHERE m.conversation_id = chat_conversations.conversation_id AND m.created_at < $1)
+                      WHERE conversation_id IN (SELECT conversation_id FROM chat_messages WHERE created_at < $1)",
+                )
+                .bind(before_ms)
+                .execute(&mut *tx)
+                .await?;
+                let purged = sqlx::query("DELETE FROM chat_messages WHERE created_at < $1")
+                    .bind(before_ms)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                tx.commit().await?;
+                Ok(purged)
+            }
+        }
+
+        impl AccountStore for $pool {
+            async fn put_code(&self, phone: &str, code_hash: &str, expires_at_ms: i64, now_ms: i64) -> Result<(), StoreError> {
+                sqlx::query(
+                    "INSERT INTO chat_phone_codes (phone, code_hash, expires_at, attempts, created_at) VALUES ($1, $2, $3, 0, $4)
+                     ON CONFLICT (phone) DO UPDATE SET code_hash = excluded.code_hash, expires_at = excluded.expires_at,
+                       attempts = 0, created_at = excluded.created_at",
+                )
+                .bind(phone)
+                .bind(code_hash)
+                .bind(expires_at_ms)
+                .bind(now_ms)
+                .execute(self)
+                .await?;
+                Ok(())
+            }
+
+            async fn check_code(&self, phone: &str, code_hash: &str, now_ms: i64) -> Result<CodeCheck, StoreError> {
+                let mut tx = self.begin().await?;
+                let row = sqlx::query(
+                    "UPDATE chat_phone_codes SET attempts = attempts + 1 WHERE phone = $1 RETURNING code_hash, expires_at, attempts",
+                )
+                .bind(phone)
+                .fetch_optional(&mut *tx)
+                .await?;
+                let Some(row) = row else { return Ok(CodeCheck::Missing) };
+                let (stored, expires_at, attempts): (String, i64, i64) =
+                    (row.try_get("code_hash")?, row.try_get("expires_at")?, row.try_get("attempts")?);
+                let verdict = if attempts > MAX_CODE_ATTEMPTS {
+                    CodeCheck::Locked
+                } else if expires_at <= now_ms {
+                    CodeCheck::Expired
+                } else if stored == code_hash {
+                    CodeCheck::Valid
+                } else {
+                    CodeCheck::Wrong
+                };
+                if verdict == CodeCheck::Valid {
+                    sqlx::query("DELETE FROM chat_phone_codes WHERE phone = $1").bind(phone).execute(&mut *tx).await?;
+                }
+                tx.commit().await?;
+                Ok(verdict)
+            }
+
+            async fn user_for_phone(&self, phone: &str, now_ms: i64) -> Result<UserId, StoreError> {
+                let fresh = UserId::try_from(format!("u{}", uuid_simple())).map_err(|_| corrupt("generated user id"))?;
+                sqlx::query("INSERT INTO chat_phones (phone, user_id, created_at) VALUES ($1, $2, $3) ON CONFLICT (phone) DO NOTHING")
+                    .bind(phone)
+                    .bind(fresh.as_str())
+                    .bind(now_ms)
+                    .execute(self)
+                    .await?;
+                let user: String = sqlx::query_scalar("SELECT user_id FROM chat_phones WHERE phone = $1")
+                    .bind(phone)
+                    .fetch_one(self)
+                    .await?;
+                let user: UserId = parse(&user, "user id")?;
+                ensure_users(self, std::slice::from_ref(&user), now_ms).await?;
+                Ok(user)
+            }
+
+            async fn lookup_phone(&self, phone: &str) -> Result<Option<UserId>, StoreError> {
+                let user: Option<String> = sqlx::query_scalar("SELECT user_id FROM chat_phones WHERE phone = $1")
+                    .bind(phone)
+                    .fetch_optional(self)
+                    .await?;
+                user.map(|u| parse(&u, "user id")).transpose()
+            }
+
+            async fn issue_refresh(&self, token_hash: &str, user: &UserId, device: &DeviceId, expires_at_ms: i64, now_ms: i64) -> Result<(), StoreError> {
+                insert_refresh(self, token_hash, user, device, expires_at_ms, now_ms).await
+            }
+
+            async fn rotate_refresh(&self, old_hash: &str, new_hash: &str, expires_at_ms: i64, now_ms: i64) -> Result<Rotation, StoreError> {
+                let mut tx = self.begin().await?;
+                let spent = sqlx::query(
+                    "UPDATE chat_refresh_tokens SET spent_at = $2 WHERE token_hash = $1 AND spent_at IS NULL AND expires_at > $2
+                     RETURNING user_id, device_id",
+                )
+                .bind(old_hash)
+                .bind(now_ms)
+                .fetch_optional(&mut *tx)
+                .await?;
+                if let Some(row) = spent {
+                    let user: UserId = parse(&row.try_get::<String, _>("user_id")?, "user id")?;
+                    let device: DeviceId = parse(&row.try_get::<String, _>("device_id")?, "device id")?;
+                    insert_refresh(&mut *tx, new_hash, &user, &device, expires_at_ms, now_ms).await?;
+                    tx.commit().await?;
+                    return Ok(Rotation::Rotated { user, device });
+                }
+                let row = sqlx::query("SELECT user_id, device_id, spent_at FROM chat_refresh_tokens WHERE token_hash = $1")
+                    .bind(old_hash)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                tx.rollback().await?;
+                let Some(row) = row else { return Ok(Rotation::Invalid) };
+                if row.try_get::<Option<i64>, _>("spent_at")?.is_none() {
+                    return Ok(Rotation::Invalid);
+                }
+                let user: UserId = parse(&row.try_get::<String, _>("user_id")?, "user id")?;
+                let device: DeviceId = parse(&row.try_get::<String, _>("device_id")?, "device id")?;
+                self.remove_device(&user, &device).await?;
+                Ok(Rotation::Reused { user, device })
+            }
+        }
+
+        async fn insert_refresh<'c, E>(
+            executor: E,
+            token_hash: &str,
+            user: &UserId,
+            device: &DeviceId,
+            expires_at_ms: i64,
+            now_ms: i64,
+        ) -> Result<(), StoreError>
+        where
+            E: sqlx::Executor<'c, Database = <$pool as PoolDb>::Db>,
+        {
+            sqlx::query(
+                "INSERT INTO chat_refresh_tokens (token_hash, user_id, device_id, expires_at, spent_at, created_at)
+                 VALUES ($1, $2, $3, $4, NULL, $5)",
+            )
+            .bind(token_hash)
+            .bind(user.as_str())
+            .bind(device.to_string())
+            .bind(expires_at_ms)
+            .bind(now_ms)
+            .execute(executor)
+            .await?;
+            Ok(())
+        }
+
+        fn sync_from(row: &$row) -> Result<SyncState, StoreError> {
+            Ok(SyncState {
+                conversation: parse(&row.try_get::<String, _>("conversation_id")?, "conversation id")?,
+                last_seq: row.try_get("last_seq")?,
+                delivered: row.try_get("delivered")?,
+                purged_upto: row.try_get("purged_upto")?,
+            })
         }
 
         async fn move_cursor(
@@ -451,7 +817,7 @@ macro_rules! sql_store {
             conversation: &ConversationId,
             seq: i64,
             read: bool,
-        ) -> Result<Cursor, StoreError> {
+        ) -> Result<Acked, StoreError> {
             role(pool, conversation, user).await?.ok_or(StoreError::NotMember)?;
             let last = load_conversation(pool, conversation).await?.last_seq;
             let seq = seq.clamp(0, last);
@@ -472,7 +838,31 @@ macro_rules! sql_store {
             .bind(read_seq)
             .fetch_one(pool)
             .await?;
-            Ok(Cursor { delivered: row.try_get("delivered_seq")?, read: row.try_get("read_seq")? })
+            let device = Cursor { delivered: row.try_get("delivered_seq")?, read: row.try_get("read_seq")? };
+            // The user's receipt is the furthest any of their devices got; each column only grows.
+            let mut moved = 0;
+            for (column, value) in [("delivered_seq", device.delivered), ("read_seq", device.read)] {
+                moved += sqlx::query(&format!(
+                    "UPDATE chat_members SET {column} = $3 WHERE conversation_id = $1 AND user_id = $2 AND {column} < $3"
+                ))
+                .bind(conversation.to_string())
+                .bind(user.as_str())
+                .bind(value)
+                .execute(pool)
+                .await?
+                .rows_affected();
+            }
+            let receipt = if moved == 0 {
+                None
+            } else {
+                let row = sqlx::query("SELECT delivered_seq, read_seq FROM chat_members WHERE conversation_id = $1 AND user_id = $2")
+                    .bind(conversation.to_string())
+                    .bind(user.as_str())
+                    .fetch_one(pool)
+                    .await?;
+                Some(Cursor { delivered: row.try_get("delivered_seq")?, read: row.try_get("read_seq")? })
+            };
+            Ok(Acked { device, receipt })
         }
     };
 }

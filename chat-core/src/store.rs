@@ -104,6 +104,51 @@ pub struct Cursor {
     pub read: i64,
 }
 
+/// What an ack or read did: the device's cursor, and the user's receipt (the highest seq any of
+/// their devices reached) when it moved, which the other members are told about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Acked {
+    pub device: Cursor,
+    pub receipt: Option<Cursor>,
+}
+
+/// Where a device stands in one of its conversations, for replay on connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyncState {
+    pub conversation: ConversationId,
+    pub last_seq: i64,
+    /// This device's delivered cursor.
+    pub delivered: i64,
+    /// Messages up to here were purged by retention.
+    pub purged_upto: i64,
+}
+
+/// Another member's receipt in a conversation the asking user is in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receipt {
+    pub conversation: ConversationId,
+    pub user: UserId,
+    pub cursor: Cursor,
+}
+
+/// Someone who shares a conversation with the asking user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Contact {
+    pub user: UserId,
+    /// Unix ms when their last device went offline; 0 if never.
+    pub last_seen: i64,
+}
+
+/// A notification waiting in the push outbox: `user` has unseen messages in `conversation` up to `seq`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingPush {
+    pub user: UserId,
+    pub conversation: ConversationId,
+    pub seq: i64,
+    pub sender: UserId,
+    pub attempts: i64,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The conversation does not exist or the user is not in it; callers answer 404 either way.
@@ -190,23 +235,86 @@ pub trait MessageStore: Send + Sync {
         limit: i64,
     ) -> impl Future<Output = Result<Vec<Message>, StoreError>> + Send;
 
-    /// Moves this device's delivered cursor forward to `seq` (never back, never past the log).
+    /// Moves this device's delivered cursor forward to `seq` (never back, never past the log), and
+    /// the user's delivered receipt with it.
     fn ack(
         &self,
         user: &UserId,
         device: &DeviceId,
         conversation: &ConversationId,
         seq: i64,
-    ) -> impl Future<Output = Result<Cursor, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Acked, StoreError>> + Send;
 
-    /// Moves this device's read cursor (and delivered with it) forward to `seq`.
+    /// Moves this device's read cursor (and delivered with it) forward to `seq`, and the user's
+    /// receipts with them.
     fn mark_read(
         &self,
         user: &UserId,
         device: &DeviceId,
         conversation: &ConversationId,
         seq: i64,
-    ) -> impl Future<Output = Result<Cursor, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Acked, StoreError>> + Send;
+
+    /// Whether `device` is one of `user`'s linked devices.
+    fn device_exists(&self, user: &UserId, device: &DeviceId) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Unlinks a device: its cursors and refresh tokens go with it. False if there was none.
+    fn remove_device(&self, user: &UserId, device: &DeviceId) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Where `device` stands in each of `user`'s conversations.
+    fn sync_state(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+    ) -> impl Future<Output = Result<Vec<SyncState>, StoreError>> + Send;
+
+    /// Where `device` stands in one conversation; `NotMember` if the user is not in it.
+    fn sync_one(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+        conversation: &ConversationId,
+    ) -> impl Future<Output = Result<SyncState, StoreError>> + Send;
+
+    /// Who is in a conversation, for fan-out inside chat-core (no membership check: callers have
+    /// made theirs).
+    fn member_ids(&self, conversation: &ConversationId)
+    -> impl Future<Output = Result<Vec<UserId>, StoreError>> + Send;
+
+    /// The other members' receipts in `user`'s conversations, where they have any.
+    fn receipts(&self, user: &UserId) -> impl Future<Output = Result<Vec<Receipt>, StoreError>> + Send;
+
+    /// Everyone who shares a conversation with `user`.
+    fn contacts(&self, user: &UserId) -> impl Future<Output = Result<Vec<Contact>, StoreError>> + Send;
+
+    /// Records when the user's last device went offline.
+    fn set_last_seen(&self, user: &UserId, at_ms: i64) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Queues (or refreshes) a push for each of `users`: they have a message at `seq`.
+    fn queue_pushes(
+        &self,
+        users: &[UserId],
+        conversation: &ConversationId,
+        seq: i64,
+        sender: &UserId,
+        now_ms: i64,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Up to `limit` pushes due at `now_ms`, oldest due first.
+    fn due_pushes(&self, now_ms: i64, limit: i64) -> impl Future<Output = Result<Vec<PendingPush>, StoreError>> + Send;
+
+    /// A push went out: drops it unless a newer message replaced it meanwhile.
+    fn push_done(&self, push: &PendingPush) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// A push failed: tries again at `retry_at_ms`, or drops it when `retry_at_ms` is `None`.
+    fn push_failed(
+        &self,
+        push: &PendingPush,
+        retry_at_ms: Option<i64>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Deletes messages created before `before_ms`; returns how many went.
+    fn purge_before(&self, before_ms: i64) -> impl Future<Output = Result<u64, StoreError>> + Send;
 }
 
 pub(crate) fn check_message(client_id: &str, body: &str) -> Result<(), StoreError> {
@@ -217,4 +325,76 @@ pub(crate) fn check_message(client_id: &str, body: &str) -> Result<(), StoreErro
         return Err(StoreError::Invalid(format!("a message body holds at most {MAX_BODY_BYTES} bytes")));
     }
     Ok(())
+}
+
+/// What checking a verification code found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CodeCheck {
+    /// Right code, in time: the code is used up.
+    Valid,
+    Wrong,
+    Expired,
+    /// Too many wrong guesses: the phone must ask for a new code.
+    Locked,
+    /// No code was asked for (or it was used).
+    Missing,
+}
+
+/// What presenting a refresh token did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rotation {
+    /// The token was live: it is spent now and the new one replaces it.
+    Rotated { user: UserId, device: DeviceId },
+    /// The token had been spent before: someone replayed it, so the device is logged out.
+    Reused { user: UserId, device: DeviceId },
+    /// Unknown or expired.
+    Invalid,
+}
+
+/// Most wrong guesses one code takes.
+pub const MAX_CODE_ATTEMPTS: i64 = 5;
+
+/// Phone accounts and refresh tokens. Codes and tokens are stored as hashes only.
+pub trait AccountStore: Send + Sync {
+    /// Stores the pending code of `phone`, replacing any earlier one (and its attempt count).
+    fn put_code(
+        &self,
+        phone: &str,
+        code_hash: &str,
+        expires_at_ms: i64,
+        now_ms: i64,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Counts one attempt against the phone's code and says whether `code_hash` is it.
+    fn check_code(
+        &self,
+        phone: &str,
+        code_hash: &str,
+        now_ms: i64,
+    ) -> impl Future<Output = Result<CodeCheck, StoreError>> + Send;
+
+    /// The user of a phone number, created the first time it is verified.
+    fn user_for_phone(&self, phone: &str, now_ms: i64) -> impl Future<Output = Result<UserId, StoreError>> + Send;
+
+    /// The user of a phone number, if it has one.
+    fn lookup_phone(&self, phone: &str) -> impl Future<Output = Result<Option<UserId>, StoreError>> + Send;
+
+    /// Stores a new refresh token for a device.
+    fn issue_refresh(
+        &self,
+        token_hash: &str,
+        user: &UserId,
+        device: &DeviceId,
+        expires_at_ms: i64,
+        now_ms: i64,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Spends `old_hash` and stores `new_hash` in its place; a second spend logs the device out.
+    fn rotate_refresh(
+        &self,
+        old_hash: &str,
+        new_hash: &str,
+        expires_at_ms: i64,
+        now_ms: i64,
+    ) -> impl Future<Output = Result<Rotation, StoreError>> + Send;
 }

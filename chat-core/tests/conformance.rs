@@ -5,7 +5,10 @@
 use std::str::FromStr;
 use std::sync::Arc;
 
-use chat_core::{Appended, ConversationKind, MAX_GROUP_MEMBERS, MessageStore, Role, StoreError};
+use chat_core::{
+    AccountStore, Appended, CodeCheck, ConversationKind, Cursor, MAX_CODE_ATTEMPTS, MAX_GROUP_MEMBERS, MessageStore,
+    Role, Rotation, StoreError, SyncState,
+};
 use futures_util::future::join_all;
 use types::{ConversationId, UserId};
 
@@ -77,9 +80,15 @@ conformance!(
     groups_have_admins_and_a_size_limit,
     cursors_only_move_forward_and_count_unread,
     devices_per_user_are_bounded,
+    removing_a_device_takes_its_cursors_and_tokens,
+    contacts_and_fanout_follow_membership,
+    the_push_outbox_keeps_one_pending_push_per_conversation,
+    retention_purges_old_messages_and_says_how_far,
+    phone_codes_expire_and_lock,
+    a_reused_refresh_token_logs_the_device_out,
 );
 
-async fn devices_per_user_are_bounded<S: MessageStore + 'static>(store: Arc<S>) {
+async fn devices_per_user_are_bounded<S: MessageStore + AccountStore + 'static>(store: Arc<S>) {
     let alice = user("alice");
     let mut devices = Vec::new();
     for i in 0..chat_core::MAX_DEVICES {
@@ -93,7 +102,7 @@ async fn devices_per_user_are_bounded<S: MessageStore + 'static>(store: Arc<S>) 
     store.add_device(&user("bob"), "phone").await.unwrap();
 }
 
-async fn direct_conversations_exist_once_per_pair<S: MessageStore + 'static>(store: Arc<S>) {
+async fn direct_conversations_exist_once_per_pair<S: MessageStore + AccountStore + 'static>(store: Arc<S>) {
     let (alice, bob) = (user("alice"), user("bob"));
     let calls = (0..16).map(|i| {
         let store = store.clone();
@@ -113,7 +122,7 @@ async fn direct_conversations_exist_once_per_pair<S: MessageStore + 'static>(sto
     assert_ne!(store.direct(&alice, &user("carol")).await.unwrap().id, conversation.id);
 }
 
-async fn seqs_are_gapless_under_concurrent_senders<S: MessageStore + 'static>(store: Arc<S>) {
+async fn seqs_are_gapless_under_concurrent_senders<S: MessageStore + AccountStore + 'static>(store: Arc<S>) {
     let senders: Vec<UserId> = (0..4).map(|i| user(&format!("sender{i}"))).collect();
     let group = store.create_group(&senders[0], "busy", &senders[1..]).await.unwrap();
     let mut tasks = Vec::new();
@@ -136,7 +145,7 @@ async fn seqs_are_gapless_under_concurrent_senders<S: MessageStore + 'static>(st
     assert_eq!(all.iter().map(|m| m.seq).collect::<Vec<_>>(), (1..=100).collect::<Vec<i64>>());
 }
 
-async fn a_retried_client_id_is_stored_once<S: MessageStore + 'static>(store: Arc<S>) {
+async fn a_retried_client_id_is_stored_once<S: MessageStore + AccountStore + 'static>(store: Arc<S>) {
     let (alice, bob) = (user("alice"), user("bob"));
     let chat = store.direct(&alice, &bob).await.unwrap();
     let phone = store.add_device(&alice, "phone").await.unwrap();
@@ -166,7 +175,7 @@ async fn a_retried_client_id_is_stored_once<S: MessageStore + 'static>(store: Ar
     assert_eq!(store.messages_after(&chat.id, &bob, 0, 100).await.unwrap().len(), 2);
 }
 
-async fn history_pages_in_seq_order<S: MessageStore + 'static>(store: Arc<S>) {
+async fn history_pages_in_seq_order<S: MessageStore + AccountStore + 'static>(store: Arc<S>) {
     let (alice, bob) = (user("alice"), user("bob"));
     let chat = store.direct(&alice, &bob).await.unwrap();
     let phone = store.add_device(&alice, "phone").await.unwrap();
@@ -193,7 +202,7 @@ async fn history_pages_in_seq_order<S: MessageStore + 'static>(store: Arc<S>) {
     }
 }
 
-async fn non_members_see_nothing<S: MessageStore + 'static>(store: Arc<S>) {
+async fn non_members_see_nothing<S: MessageStore + AccountStore + 'static>(store: Arc<S>) {
     let (alice, bob, eve) = (user("alice"), user("bob"), user("eve"));
     let chat = store.direct(&alice, &bob).await.unwrap();
     let phone = store.add_device(&alice, "phone").await.unwrap();
@@ -210,7 +219,7 @@ async fn non_members_see_nothing<S: MessageStore + 'static>(store: Arc<S>) {
     assert_eq!(store.append(&chat.id, &alice, &phone, "d", "{}", 2).await.unwrap().message().seq, 2);
 }
 
-async fn groups_have_admins_and_a_size_limit<S: MessageStore + 'static>(store: Arc<S>) {
+async fn groups_have_admins_and_a_size_limit<S: MessageStore + AccountStore + 'static>(store: Arc<S>) {
     let (alice, bob, carol) = (user("alice"), user("bob"), user("carol"));
     let group = store.create_group(&alice, "friends", &[bob.clone(), bob.clone()]).await.unwrap();
     assert_eq!(group.name.as_deref(), Some("friends"));
@@ -245,7 +254,7 @@ async fn groups_have_admins_and_a_size_limit<S: MessageStore + 'static>(store: A
     ));
 }
 
-async fn cursors_only_move_forward_and_count_unread<S: MessageStore + 'static>(store: Arc<S>) {
+async fn cursors_only_move_forward_and_count_unread<S: MessageStore + AccountStore + 'static>(store: Arc<S>) {
     let (alice, bob) = (user("alice"), user("bob"));
     let chat = store.direct(&alice, &bob).await.unwrap();
     let alices = store.add_device(&alice, "phone").await.unwrap();
@@ -259,14 +268,161 @@ async fn cursors_only_move_forward_and_count_unread<S: MessageStore + 'static>(s
     assert_eq!(unread(&store.conversations(&bob, &bobs_phone).await.unwrap()), 5);
     assert_eq!(unread(&store.conversations(&alice, &alices).await.unwrap()), 0, "own messages are not unread");
 
-    assert_eq!(store.ack(&bob, &bobs_phone, &chat.id, 3).await.unwrap(), chat_core::Cursor { delivered: 3, read: 0 });
-    assert_eq!(store.ack(&bob, &bobs_phone, &chat.id, 2).await.unwrap().delivered, 3, "a cursor moved back");
-    assert_eq!(store.ack(&bob, &bobs_phone, &chat.id, 99).await.unwrap().delivered, 5, "a cursor passed the log");
+    let acked = store.ack(&bob, &bobs_phone, &chat.id, 3).await.unwrap();
+    assert_eq!(acked.device, Cursor { delivered: 3, read: 0 });
+    assert_eq!(acked.receipt, Some(Cursor { delivered: 3, read: 0 }), "bob's receipt moved");
+    let back = store.ack(&bob, &bobs_phone, &chat.id, 2).await.unwrap();
+    assert_eq!((back.device.delivered, back.receipt), (3, None), "a cursor moved back");
+    assert_eq!(
+        store.ack(&bob, &bobs_phone, &chat.id, 99).await.unwrap().device.delivered,
+        5,
+        "a cursor passed the log"
+    );
     let read = store.mark_read(&bob, &bobs_phone, &chat.id, 4).await.unwrap();
-    assert_eq!(read, chat_core::Cursor { delivered: 5, read: 4 });
+    assert_eq!(read.device, Cursor { delivered: 5, read: 4 });
+    assert_eq!(read.receipt, Some(Cursor { delivered: 5, read: 4 }));
+    // Another device behind the first moves its own cursor but not the user's receipt.
+    let laptop = store.ack(&bob, &bobs_laptop, &chat.id, 2).await.unwrap();
+    assert_eq!((laptop.device.delivered, laptop.receipt), (2, None));
+    let receipts = store.receipts(&alice).await.unwrap();
+    assert_eq!(receipts.len(), 1);
+    assert_eq!((receipts[0].user.clone(), receipts[0].cursor), (bob.clone(), Cursor { delivered: 5, read: 4 }));
+    assert!(store.receipts(&bob).await.unwrap().is_empty(), "alice has acked nothing");
     assert_eq!(unread(&store.conversations(&bob, &bobs_phone).await.unwrap()), 1);
     // Cursors are per device: the laptop has read nothing.
     assert_eq!(unread(&store.conversations(&bob, &bobs_laptop).await.unwrap()), 5);
+    let sync = store.sync_state(&bob, &bobs_laptop).await.unwrap();
+    assert_eq!(sync, vec![SyncState { conversation: chat.id, last_seq: 5, delivered: 2, purged_upto: 0 }]);
+    assert_eq!(store.sync_one(&bob, &bobs_phone, &chat.id).await.unwrap().delivered, 5);
     let listed = store.conversations(&bob, &bobs_phone).await.unwrap();
     assert_eq!(listed[0].conversation.last_seq, 5);
+}
+
+async fn removing_a_device_takes_its_cursors_and_tokens<S: MessageStore + AccountStore + 'static>(store: Arc<S>) {
+    let (alice, bob) = (user("alice"), user("bob"));
+    let chat = store.direct(&alice, &bob).await.unwrap();
+    let phone = store.add_device(&bob, "phone").await.unwrap();
+    store.append(&chat.id, &alice, &store.add_device(&alice, "a").await.unwrap(), "c1", "{}", 1).await.unwrap();
+    store.ack(&bob, &phone, &chat.id, 1).await.unwrap();
+    store.issue_refresh("h1", &bob, &phone, i64::MAX, 1).await.unwrap();
+    assert!(store.device_exists(&bob, &phone).await.unwrap());
+    assert!(store.remove_device(&bob, &phone).await.unwrap());
+    assert!(!store.device_exists(&bob, &phone).await.unwrap());
+    assert!(!store.remove_device(&bob, &phone).await.unwrap(), "gone already");
+    assert_eq!(store.rotate_refresh("h1", "h2", i64::MAX, 2).await.unwrap(), Rotation::Invalid);
+    assert_eq!(store.sync_one(&bob, &phone, &chat.id).await.unwrap().delivered, 0, "its cursor went with it");
+}
+
+async fn contacts_and_fanout_follow_membership<S: MessageStore + AccountStore + 'static>(store: Arc<S>) {
+    let (alice, bob, carol, dave) = (user("alice"), user("bob"), user("carol"), user("dave"));
+    let group = store.create_group(&alice, "g", &[bob.clone(), carol.clone()]).await.unwrap();
+    store.direct(&alice, &dave).await.unwrap();
+    let mut members = store.member_ids(&group.id).await.unwrap();
+    members.sort();
+    assert_eq!(members, vec![alice.clone(), bob.clone(), carol.clone()]);
+    let mut contacts: Vec<UserId> = store.contacts(&alice).await.unwrap().into_iter().map(|c| c.user).collect();
+    contacts.sort();
+    assert_eq!(contacts, vec![bob.clone(), carol.clone(), dave.clone()], "each contact once, never alice herself");
+    store.set_last_seen(&bob, 1234).await.unwrap();
+    let seen = store.contacts(&carol).await.unwrap();
+    assert_eq!(seen.iter().find(|c| c.user == bob).unwrap().last_seen, 1234);
+    store.remove_member(&group.id, &alice, &carol).await.unwrap();
+    assert!(!store.member_ids(&group.id).await.unwrap().contains(&carol));
+    assert!(store.contacts(&carol).await.unwrap().is_empty());
+    assert!(matches!(store.sync_one(&carol, &types::DeviceId::new(), &group.id).await, Err(StoreError::NotMember)));
+}
+
+async fn the_push_outbox_keeps_one_pending_push_per_conversation<S: MessageStore + AccountStore + 'static>(
+    store: Arc<S>,
+) {
+    let (alice, bob, carol) = (user("alice"), user("bob"), user("carol"));
+    let conversation = ConversationId::new();
+    store.queue_pushes(&[bob.clone(), carol.clone()], &conversation, 1, &alice, 100).await.unwrap();
+    store.queue_pushes(std::slice::from_ref(&bob), &conversation, 2, &alice, 101).await.unwrap();
+    let due = store.due_pushes(100, 10).await.unwrap();
+    assert_eq!(due.len(), 2, "one per user and conversation: {due:?}");
+    let bobs = due.iter().find(|p| p.user == bob).unwrap().clone();
+    assert_eq!(bobs.seq, 2, "the newest message wins");
+    assert!(store.due_pushes(99, 10).await.unwrap().is_empty(), "nothing is due before it was queued");
+
+    store.push_failed(&bobs, Some(500)).await.unwrap();
+    let due = store.due_pushes(200, 10).await.unwrap();
+    assert!(due.iter().all(|p| p.user != bob), "a failed push waits for its retry");
+    let retry = store.due_pushes(500, 10).await.unwrap().into_iter().find(|p| p.user == bob).unwrap();
+    assert_eq!(retry.attempts, 1);
+
+    // A newer message arrives while the older push is out: finishing the older keeps the newer.
+    store.queue_pushes(std::slice::from_ref(&bob), &conversation, 3, &alice, 600).await.unwrap();
+    store.push_done(&retry).await.unwrap();
+    let left = store.due_pushes(1_000, 10).await.unwrap();
+    assert_eq!(left.iter().find(|p| p.user == bob).map(|p| p.seq), Some(3));
+    for push in left {
+        store.push_done(&push).await.unwrap();
+    }
+    assert!(store.due_pushes(i64::MAX, 10).await.unwrap().is_empty());
+}
+
+async fn retention_purges_old_messages_and_says_how_far<S: MessageStore + AccountStore + 'static>(store: Arc<S>) {
+    let (alice, bob) = (user("alice"), user("bob"));
+    let chat = store.direct(&alice, &bob).await.unwrap();
+    let other = store.direct(&alice, &user("carol")).await.unwrap();
+    let device = store.add_device(&alice, "a").await.unwrap();
+    for (n, at) in [(1, 10), (2, 20), (3, 30), (4, 5_000), (5, 6_000)] {
+        store.append(&chat.id, &alice, &device, &format!("c{n}"), "{}", at).await.unwrap();
+    }
+    store.append(&other.id, &alice, &device, "x", "{}", 7_000).await.unwrap();
+    assert_eq!(store.purge_before(1_000).await.unwrap(), 3);
+    let kept: Vec<i64> = store.messages_after(&chat.id, &bob, 0, 10).await.unwrap().iter().map(|m| m.seq).collect();
+    assert_eq!(kept, vec![4, 5]);
+    let bobs = store.add_device(&bob, "b").await.unwrap();
+    assert_eq!(store.sync_one(&bob, &bobs, &chat.id).await.unwrap().purged_upto, 3);
+    assert_eq!(store.sync_one(&alice, &device, &other.id).await.unwrap().purged_upto, 0, "untouched");
+    assert_eq!(store.purge_before(1_000).await.unwrap(), 0);
+    let next = store.append(&chat.id, &alice, &device, "c6", "{}", 8_000).await.unwrap();
+    assert_eq!(next.message().seq, 6, "seqs go on after a purge");
+}
+
+async fn phone_codes_expire_and_lock<S: MessageStore + AccountStore + 'static>(store: Arc<S>) {
+    let phone = "+4915112345678";
+    assert_eq!(store.check_code(phone, "h", 0).await.unwrap(), CodeCheck::Missing);
+    store.put_code(phone, "right", 1_000, 0).await.unwrap();
+    assert_eq!(store.check_code(phone, "wrong", 10).await.unwrap(), CodeCheck::Wrong);
+    assert_eq!(store.check_code(phone, "right", 1_000).await.unwrap(), CodeCheck::Expired);
+    assert_eq!(store.check_code(phone, "right", 20).await.unwrap(), CodeCheck::Valid);
+    assert_eq!(store.check_code(phone, "right", 20).await.unwrap(), CodeCheck::Missing, "a code is used once");
+
+    store.put_code(phone, "right", 1_000, 0).await.unwrap();
+    for _ in 0..MAX_CODE_ATTEMPTS {
+        assert_eq!(store.check_code(phone, "wrong", 10).await.unwrap(), CodeCheck::Wrong);
+    }
+    assert_eq!(store.check_code(phone, "right", 10).await.unwrap(), CodeCheck::Locked, "guessing is bounded");
+    store.put_code(phone, "new", 1_000, 0).await.unwrap();
+    assert_eq!(store.check_code(phone, "new", 10).await.unwrap(), CodeCheck::Valid, "a new code starts over");
+
+    assert_eq!(store.lookup_phone(phone).await.unwrap(), None);
+    let first = store.user_for_phone(phone, 1).await.unwrap();
+    assert_eq!(store.user_for_phone(phone, 2).await.unwrap(), first, "one user per phone");
+    assert_eq!(store.lookup_phone(phone).await.unwrap(), Some(first.clone()));
+    assert_ne!(store.user_for_phone("+4915100000000", 3).await.unwrap(), first);
+}
+
+async fn a_reused_refresh_token_logs_the_device_out<S: MessageStore + AccountStore + 'static>(store: Arc<S>) {
+    let bob = user("bob");
+    let phone = store.add_device(&bob, "phone").await.unwrap();
+    let laptop = store.add_device(&bob, "laptop").await.unwrap();
+    store.issue_refresh("p1", &bob, &phone, 1_000, 0).await.unwrap();
+    store.issue_refresh("l1", &bob, &laptop, 1_000, 0).await.unwrap();
+    let rotated = store.rotate_refresh("p1", "p2", 2_000, 10).await.unwrap();
+    assert_eq!(rotated, Rotation::Rotated { user: bob.clone(), device: phone });
+    assert_eq!(store.rotate_refresh("p2", "p3", 3_000, 2_000).await.unwrap(), Rotation::Invalid, "expired");
+    assert_eq!(store.rotate_refresh("nope", "x", 3_000, 20).await.unwrap(), Rotation::Invalid);
+
+    // p1 again: a copy of a spent token. The phone is logged out, the laptop is not.
+    assert_eq!(
+        store.rotate_refresh("p1", "p9", 3_000, 30).await.unwrap(),
+        Rotation::Reused { user: bob.clone(), device: phone }
+    );
+    assert!(!store.device_exists(&bob, &phone).await.unwrap());
+    assert!(store.device_exists(&bob, &laptop).await.unwrap());
+    assert!(matches!(store.rotate_refresh("l1", "l2", 3_000, 40).await.unwrap(), Rotation::Rotated { .. }));
 }

@@ -33,6 +33,8 @@ pub(crate) struct Config {
     pub(crate) ingest: ingest::IngestConfig,
     pub(crate) transcode: TranscodeConfig,
     pub(crate) cache: CacheConfig,
+    pub(crate) chat: chat_core::ChatConfig,
+    pub(crate) auth: chat_core::AuthConfig,
 }
 
 /// Connection limits, shared by `serve` and `edge`.
@@ -117,6 +119,8 @@ impl Default for Config {
             ingest: Default::default(),
             transcode: Default::default(),
             cache: Default::default(),
+            chat: Default::default(),
+            auth: Default::default(),
         }
     }
 }
@@ -140,6 +144,14 @@ pub(crate) struct FlagOverrides {
     pub(crate) listen: Option<SocketAddr>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) data_dir: Option<PathBuf>,
+    /// `--dev`: verification codes come back in the response.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) auth: Option<DevAuth>,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct DevAuth {
+    pub(crate) dev_codes: bool,
 }
 
 /// defaults < TOML `file` < `{prefix}*` environment variables < `flags`. Environment keys that start

@@ -71,7 +71,9 @@ pub(crate) async fn serve(
             let n = served.fetch_add(1, Ordering::Relaxed) + 1;
             async move {
                 let http1 = matches!(request.version(), Version::HTTP_10 | Version::HTTP_11);
-                let mut response = app.oneshot(request.map(axum::body::Body::new)).await?;
+                let mut request = request.map(axum::body::Body::new);
+                request.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+                let mut response = app.oneshot(request).await?;
                 if http1 && n >= max_requests {
                     response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
                 }

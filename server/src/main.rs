@@ -39,6 +39,9 @@ enum Command {
         /// A TOML file with any of the settings (see deploy/courier.toml)
         #[arg(long, env = "COURIER_CONFIG", hide_env_values = true)]
         config: Option<PathBuf>,
+        /// Development mode: sign-in codes come back in the response as "dev_code" (never in production)
+        #[arg(long)]
+        dev: bool,
     },
     /// Run a CDN edge node: serve blobs from memory, local disk, then the upstreams, verifying
     /// every fill against its hash.
@@ -116,8 +119,9 @@ fn main() -> ExitCode {
 
 fn run() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Serve { listen, data_dir, config } => {
-            let config = config::Config::load(config.as_deref(), config::FlagOverrides { listen, data_dir })?;
+        Command::Serve { listen, data_dir, config, dev } => {
+            let auth = dev.then_some(config::DevAuth { dev_codes: true });
+            let config = config::Config::load(config.as_deref(), config::FlagOverrides { listen, data_dir, auth })?;
             serve::init_logging(&config.log, config.log_format)?;
             tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve::serve(config))
         }

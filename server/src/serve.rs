@@ -49,7 +49,12 @@ pub(crate) async fn serve(config: Config) -> anyhow::Result<()> {
         data_dir.join("tmp"),
     )?;
     let media: Arc<dyn chat_core::MediaAccess> = Arc::new(SharedMedia(ingest.clone()));
-    let chat = chat_core::router(Arc::new(chat_db), media, (*token_keys).clone());
+    let chat =
+        chat_core::Chat::new(Arc::new(chat_db), media, (*token_keys).clone(), config.chat.clone(), config.auth.clone());
+    chat.purge_old().await;
+    if config.auth.dev_codes {
+        tracing::warn!("development mode: sign-in codes are returned in responses");
+    }
     // A process that works the queue works it alone (cluster workers come later): jobs a previous
     // run had claimed resume now. An API-only node leaves leases to whoever holds them.
     let resumed = if config.transcode.run_jobs { ingest.queue().release_leases().await? } else { 0 };
@@ -63,12 +68,20 @@ pub(crate) async fn serve(config: Config) -> anyhow::Result<()> {
     });
 
     let (stop, stopped) = watch::channel(false);
-    let runner = config.transcode.run_jobs.then(|| tokio::spawn(Runner::run(ingest.clone(), stopped)));
+    let runner = config.transcode.run_jobs.then(|| tokio::spawn(Runner::run(ingest.clone(), stopped.clone())));
+    let chat_tasks = tokio::spawn(chat.clone().run_background(stopped));
 
-    let user_routes =
-        ingest.router().merge(chat).route_layer(axum::middleware::from_fn_with_state(token_keys, auth::require_user));
+    let auth = auth::Auth { keys: token_keys, devices: chat.clone() };
+    let user_routes = ingest
+        .router()
+        .merge(chat.user_routes())
+        .route_layer(axum::middleware::from_fn_with_state(auth, auth::require_user));
     let app = listener::with_common_layers(
-        Router::new().route("/healthz", get(|| async { "ok\n" })).merge(edge_cache::router(blobs)).merge(user_routes),
+        Router::new()
+            .route("/healthz", get(|| async { "ok\n" }))
+            .merge(edge_cache::router(blobs))
+            .merge(chat.public_routes())
+            .merge(user_routes),
     );
 
     let socket =
@@ -83,6 +96,7 @@ pub(crate) async fn serve(config: Config) -> anyhow::Result<()> {
     };
     listener::serve(socket, app, config.http.options(None, config.shutdown_grace_secs), shutdown).await;
     let grace = Duration::from_secs(config.shutdown_grace_secs);
+    let _ = chat_tasks.await;
     if let Some(runner) = runner
         && tokio::time::timeout(grace, runner).await.is_err()
     {

@@ -41,7 +41,12 @@ impl DataDir {
 impl Server {
     /// Starts `courier serve` on `data` with extra `COURIER_*` settings.
     pub(crate) fn start(data: &DataDir, env: &[(&str, &str)]) -> Self {
-        let mut args = vec!["serve".to_string(), "--listen".into(), "127.0.0.1:0".into(), "--data-dir".into()];
+        Self::start_on(data, "127.0.0.1:0", env)
+    }
+
+    /// Starts `courier serve` on `listen` (a restart on the same address lets clients reconnect).
+    pub(crate) fn start_on(data: &DataDir, listen: &str, env: &[(&str, &str)]) -> Self {
+        let mut args = vec!["serve".to_string(), "--listen".into(), listen.into(), "--data-dir".into()];
         args.push(data.path().display().to_string());
         let (child, base) = spawn_courier(&args, env, "courier listening on ");
         let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();

@@ -3,10 +3,12 @@
 
 mod harness;
 
+mod accounts;
 mod auth;
 mod blobs;
 mod chat;
 mod edge;
 mod hostile;
 mod lifecycle;
+mod live;
 mod photos;

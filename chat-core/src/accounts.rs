@@ -1,0 +1,292 @@
+//! Phone accounts: verification codes over an SMS webhook, devices, rotating refresh tokens, and
+//! contact lookup.
+//!
+//! Codes and refresh tokens are stored as BLAKE3 hashes only. A refresh token is spent by use and
+//! replaced; presenting a spent one again means it was copied, so the device is logged out (its
+//! tokens and cursors go, its connections close). Rate limits are per node, in memory.
+
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::StatusCode;
+use axum::{Extension, Json};
+use base64::Engine;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use types::{Claims, DeviceId, UserId};
+
+use crate::chat::{Chat, now_ms};
+use crate::error::ApiError;
+use crate::http::json_body;
+use crate::{AccountStore, CodeCheck, MessageStore, Rotation};
+
+/// How long a verification code is good for.
+const CODE_TTL_MS: i64 = 10 * 60 * 1000;
+/// Longest device name.
+const MAX_DEVICE_NAME: usize = 128;
+/// Tries to deliver one code to the SMS webhook.
+const SMS_ATTEMPTS: u32 = 5;
+
+/// Per-node rate limits on the unauthenticated and enumeration-prone routes.
+pub(crate) struct Limits {
+    codes_per_phone: DefaultKeyedRateLimiter<String>,
+    codes_per_client: DefaultKeyedRateLimiter<IpAddr>,
+    verify_per_client: DefaultKeyedRateLimiter<IpAddr>,
+    lookups_per_user: DefaultKeyedRateLimiter<UserId>,
+}
+
+fn quota(per: Duration, burst: u32) -> Quota {
+    Quota::with_period(per).expect("non-zero period").allow_burst(NonZeroU32::new(burst).expect("non-zero burst"))
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            // Three codes at once, then one every two minutes.
+            codes_per_phone: RateLimiter::keyed(quota(Duration::from_secs(120), 3)),
+            codes_per_client: RateLimiter::keyed(quota(Duration::from_secs(10), 20)),
+            verify_per_client: RateLimiter::keyed(quota(Duration::from_secs(2), 30)),
+            // Contact discovery: a burst for a fresh address book, then one a second.
+            lookups_per_user: RateLimiter::keyed(quota(Duration::from_secs(1), 100)),
+        }
+    }
+}
+
+impl Limits {
+    /// Forgets keys whose limits have refilled, so the maps stay small.
+    pub(crate) fn shrink(&self) {
+        self.codes_per_phone.retain_recent();
+        self.codes_per_client.retain_recent();
+        self.verify_per_client.retain_recent();
+        self.lookups_per_user.retain_recent();
+    }
+}
+
+/// An E.164 number: `+` and 8 to 15 digits, the first not 0.
+fn check_phone(phone: &str) -> Result<&str, ApiError> {
+    let digits = phone.strip_prefix('+').unwrap_or("");
+    let ok = (8..=15).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit()) && !digits.starts_with('0');
+    if ok { Ok(phone) } else { Err(ApiError::Invalid("phone is an E.164 number such as +4915112345678".into())) }
+}
+
+fn hash(parts: &[&str]) -> String {
+    let mut hasher = blake3::Hasher::new();
+    for part in parts {
+        hasher.update(part.as_bytes());
+        hasher.update(&[0]);
+    }
+    hasher.finalize().to_hex().to_string()
+}
+
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut bytes = [0u8; N];
+    getrandom::fill(&mut bytes).expect("the OS random source works");
+    bytes
+}
+
+/// Six decimal digits, uniform.
+fn new_code() -> String {
+    loop {
+        let n = u32::from_le_bytes(random_bytes::<4>());
+        // Reject the top sliver so every code is equally likely.
+        if n < u32::MAX - u32::MAX % 1_000_000 {
+            return format!("{:06}", n % 1_000_000);
+        }
+    }
+}
+
+fn new_refresh_token() -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random_bytes::<32>())
+}
+
+fn client(addr: Option<Extension<ConnectInfo<SocketAddr>>>) -> IpAddr {
+    addr.map(|Extension(ConnectInfo(a))| a.ip()).unwrap_or(IpAddr::from([0, 0, 0, 0]))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CodeRequest {
+    phone: String,
+}
+
+/// `POST /v1/auth/code`: sends a code to the phone (202).
+pub(crate) async fn request_code<S: MessageStore + AccountStore + 'static>(
+    State(chat): State<Arc<Chat<S>>>,
+    addr: Option<Extension<ConnectInfo<SocketAddr>>>,
+    body: Result<Json<CodeRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let CodeRequest { phone } = json_body(body)?;
+    let phone = check_phone(&phone)?;
+    if chat.limits.codes_per_client.check_key(&client(addr)).is_err()
+        || chat.limits.codes_per_phone.check_key(&phone.to_owned()).is_err()
+    {
+        return Err(ApiError::RateLimited);
+    }
+    let code = new_code();
+    let now = now_ms();
+    chat.store.put_code(phone, &hash(&[phone, &code]), now + CODE_TTL_MS, now).await?;
+    if let Some(url) = chat.auth.sms_webhook_url.clone() {
+        tokio::spawn(send_sms(url, phone.to_owned(), code.clone()));
+    } else if !chat.auth.dev_codes {
+        tracing::warn!("a verification code was requested but no auth.sms_webhook_url is configured");
+    }
+    let mut answer = json!({ "expires_in": CODE_TTL_MS / 1000 });
+    if chat.auth.dev_codes {
+        answer["dev_code"] = json!(code);
+    }
+    Ok((StatusCode::ACCEPTED, Json(answer)))
+}
+
+/// Delivers a code to the SMS webhook, retrying with back-off; gives up after [`SMS_ATTEMPTS`].
+async fn send_sms(url: String, phone: String, code: String) {
+    let client = match reqwest::Client::builder().timeout(Duration::from_secs(10)).build() {
+        Ok(c) => c,
+        Err(e) => return tracing::error!(error = %e, "could not build the SMS webhook client"),
+    };
+    let body = json!({ "phone": phone, "code": code, "message": format!("Your Courier code is {code}") });
+    for attempt in 0..SMS_ATTEMPTS {
+        match client.post(&url).json(&body).send().await {
+            Ok(r) if r.status().is_success() => return,
+            Ok(r) => tracing::warn!(status = %r.status(), attempt, "SMS webhook refused a code"),
+            Err(e) => tracing::warn!(error = %e, attempt, "SMS webhook unreachable"),
+        }
+        tokio::time::sleep(Duration::from_secs(1 << attempt)).await;
+    }
+    tracing::error!("gave up delivering a verification code to the SMS webhook");
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Verify {
+    phone: String,
+    code: String,
+    device_name: String,
+}
+
+/// `POST /v1/auth/verify`: a right code links a new device and returns its tokens.
+pub(crate) async fn verify<S: MessageStore + AccountStore + 'static>(
+    State(chat): State<Arc<Chat<S>>>,
+    addr: Option<Extension<ConnectInfo<SocketAddr>>>,
+    body: Result<Json<Verify>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Verify { phone, code, device_name } = json_body(body)?;
+    let phone = check_phone(&phone)?;
+    let name = device_name.trim();
+    if name.is_empty() || name.len() > MAX_DEVICE_NAME {
+        return Err(ApiError::Invalid(format!("device_name is 1 to {MAX_DEVICE_NAME} bytes")));
+    }
+    if chat.limits.verify_per_client.check_key(&client(addr)).is_err() {
+        return Err(ApiError::RateLimited);
+    }
+    let now = now_ms();
+    match chat.store.check_code(phone, &hash(&[phone, code.trim()]), now).await? {
+        CodeCheck::Valid => {}
+        other => return Err(ApiError::Code(other)),
+    }
+    let user = chat.store.user_for_phone(phone, now).await?;
+    let device = chat.store.add_device(&user, name).await?;
+    let refresh = new_refresh_token();
+    chat.store.issue_refresh(&hash(&[&refresh]), &user, &device, now + refresh_ttl_ms(&chat), now).await?;
+    Ok(Json(session(&chat, &user, device, &refresh)))
+}
+
+/// What sign-in and refresh answer: the device's ids and a fresh pair of tokens.
+fn session<S: MessageStore + AccountStore + 'static>(
+    chat: &Chat<S>,
+    user: &UserId,
+    device: DeviceId,
+    refresh: &str,
+) -> Value {
+    json!({
+        "user_id": user,
+        "device_id": device.to_string(),
+        "access_token": chat.access_token(user, device),
+        "refresh_token": refresh,
+        "expires_in": chat.auth.access_token_secs,
+    })
+}
+
+fn refresh_ttl_ms<S>(chat: &Chat<S>) -> i64 {
+    chat.auth.refresh_token_days as i64 * 86_400_000
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Refresh {
+    refresh_token: String,
+}
+
+/// `POST /v1/auth/refresh`: spends a refresh token for a new access token and refresh token.
+pub(crate) async fn refresh<S: MessageStore + AccountStore + 'static>(
+    State(chat): State<Arc<Chat<S>>>,
+    addr: Option<Extension<ConnectInfo<SocketAddr>>>,
+    body: Result<Json<Refresh>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Refresh { refresh_token } = json_body(body)?;
+    if chat.limits.verify_per_client.check_key(&client(addr)).is_err() {
+        return Err(ApiError::RateLimited);
+    }
+    let now = now_ms();
+    let next = new_refresh_token();
+    let rotation =
+        chat.store.rotate_refresh(&hash(&[&refresh_token]), &hash(&[&next]), now + refresh_ttl_ms(&chat), now).await?;
+    match rotation {
+        Rotation::Rotated { user, device } => Ok(Json(session(&chat, &user, device, &next))),
+        Rotation::Reused { user, device } => {
+            tracing::warn!(%user, %device, "a spent refresh token was presented again; the device is logged out");
+            chat.log_out(&user, device).await?;
+            Err(ApiError::BadRefreshToken)
+        }
+        Rotation::Invalid => Err(ApiError::BadRefreshToken),
+    }
+}
+
+#[derive(Deserialize)]
+pub(crate) struct Lookup {
+    phone: String,
+}
+
+/// `GET /v1/users/lookup?phone=…`: the user id of a phone number (contact discovery), rate-limited
+/// per caller.
+pub(crate) async fn lookup<S: MessageStore + AccountStore + 'static>(
+    State(chat): State<Arc<Chat<S>>>,
+    Extension(claims): Extension<Claims>,
+    query: Result<Query<Lookup>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(Lookup { phone }) = query.map_err(|e| ApiError::Invalid(e.body_text()))?;
+    let phone = check_phone(&phone)?;
+    if chat.limits.lookups_per_user.check_key(&claims.sub).is_err() {
+        return Err(ApiError::RateLimited);
+    }
+    match chat.store.lookup_phone(phone).await? {
+        Some(user) => Ok(Json(json!({ "user_id": user }))),
+        None => Err(ApiError::NotFound("user with that phone")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phones_are_e164() {
+        assert!(check_phone("+4915112345678").is_ok());
+        for bad in ["4915112345678", "+0151", "+49 151", "+1234567", "+1234567890123456", "+", ""] {
+            assert!(check_phone(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn codes_are_six_digits() {
+        for _ in 0..100 {
+            let code = new_code();
+            assert_eq!(code.len(), 6);
+            assert!(code.bytes().all(|b| b.is_ascii_digit()));
+        }
+    }
+}

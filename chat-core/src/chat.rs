@@ -1,0 +1,260 @@
+//! The messaging service: one send path and one ack path shared by HTTP and WebSocket, fan-out
+//! through the [`Hub`], and the caches in front of the store.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use serde_json::Value;
+use tokio::sync::Notify;
+use types::{ConversationId, DeviceId, MediaId, TokenKeys, UserId};
+
+use crate::error::ApiError;
+use crate::frames::{ServerFrame, message_frame};
+use crate::hub::{Event, Hub};
+use crate::{AccountStore, Acked, Appended, AuthConfig, ChatConfig, MessageStore, StoreError};
+
+/// What messaging needs from media storage, which another crate owns: whether a user may send a
+/// media record (they own it, or it was shared with them), and sharing it with a conversation's
+/// members so they may read it and its variants.
+pub trait MediaAccess: Send + Sync {
+    fn may_share<'a>(&'a self, media: MediaId, user: &'a UserId) -> BoxFuture<'a, Result<bool, String>>;
+    fn share<'a>(&'a self, media: MediaId, users: &'a [UserId]) -> BoxFuture<'a, Result<(), String>>;
+}
+
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// How long a device known to be linked is trusted without asking the store again. Logging out
+/// through this node takes effect at once; through another node, within this long.
+const DEVICE_CACHE_TTL: Duration = Duration::from_secs(30);
+/// How long a conversation's member list is kept for fan-out. Membership changes made through this
+/// node drop the entry at once; the store stays the judge of every read and write.
+const MEMBERS_CACHE_TTL: Duration = Duration::from_secs(60);
+
+/// chat-core, wired: the store, the hub of live connections, media access and settings.
+pub struct Chat<S> {
+    pub(crate) store: Arc<S>,
+    pub(crate) hub: Arc<Hub>,
+    pub(crate) media: Arc<dyn MediaAccess>,
+    pub(crate) keys: TokenKeys,
+    pub(crate) config: ChatConfig,
+    pub(crate) auth: AuthConfig,
+    members: moka::sync::Cache<ConversationId, Arc<[UserId]>>,
+    devices: moka::sync::Cache<(UserId, DeviceId), ()>,
+    pub(crate) push_wake: Notify,
+    pub(crate) limits: crate::accounts::Limits,
+}
+
+/// Whether a device-bound token still names a linked device; for auth layers outside this crate.
+pub trait DeviceCheck: Send + Sync {
+    fn device_active<'a>(&'a self, user: &'a UserId, device: DeviceId) -> BoxFuture<'a, Result<bool, StoreError>>;
+}
+
+impl<S: MessageStore + AccountStore + 'static> DeviceCheck for Chat<S> {
+    fn device_active<'a>(&'a self, user: &'a UserId, device: DeviceId) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(Chat::device_active(self, user, device))
+    }
+}
+
+impl<S> std::fmt::Debug for Chat<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Chat").field("hub", &self.hub).finish_non_exhaustive()
+    }
+}
+
+pub(crate) fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+impl<S: MessageStore + AccountStore + 'static> Chat<S> {
+    pub fn new(
+        store: Arc<S>,
+        media: Arc<dyn MediaAccess>,
+        keys: TokenKeys,
+        config: ChatConfig,
+        auth: AuthConfig,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            hub: Arc::new(Hub::new(config.outbound_queue)),
+            media,
+            keys,
+            config,
+            auth,
+            members: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(MEMBERS_CACHE_TTL).build(),
+            devices: moka::sync::Cache::builder().max_capacity(1_000_000).time_to_live(DEVICE_CACHE_TTL).build(),
+            push_wake: Notify::new(),
+            limits: crate::accounts::Limits::default(),
+        })
+    }
+
+    /// The hub of this node's live connections.
+    pub fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
+    /// Whether a device-bound token still belongs to a linked device.
+    pub async fn device_active(&self, user: &UserId, device: DeviceId) -> Result<bool, StoreError> {
+        let key = (user.clone(), device);
+        if self.devices.contains_key(&key) {
+            return Ok(true);
+        }
+        let active = self.store.device_exists(user, &device).await?;
+        if active {
+            self.devices.insert(key, ());
+        }
+        Ok(active)
+    }
+
+    /// Unlinks a device and closes its connections on this node.
+    pub(crate) async fn log_out(&self, user: &UserId, device: DeviceId) -> Result<bool, StoreError> {
+        let removed = self.store.remove_device(user, &device).await?;
+        self.devices.invalidate(&(user.clone(), device));
+        self.hub.log_out(user, device);
+        Ok(removed)
+    }
+
+    /// The members of a conversation, for fan-out.
+    pub(crate) async fn members(&self, conversation: &ConversationId) -> Result<Arc<[UserId]>, StoreError> {
+        if let Some(members) = self.members.get(conversation) {
+            return Ok(members);
+        }
+        let members: Arc<[UserId]> = self.store.member_ids(conversation).await?.into();
+        self.members.insert(*conversation, members.clone());
+        Ok(members)
+    }
+
+    pub(crate) fn forget_members(&self, conversation: &ConversationId) {
+        self.members.invalidate(conversation);
+    }
+
+    /// Sends a message: checks the body and media, appends (idempotent on `client_id`), shares
+    /// media with the members, wakes their connected devices and queues pushes for the rest.
+    pub(crate) async fn send(
+        &self,
+        user: &UserId,
+        device: DeviceId,
+        conversation: &ConversationId,
+        client_id: &str,
+        body: &Value,
+    ) -> Result<Appended, ApiError> {
+        let media = check_body(body)?;
+        if let Some(media) = media
+            && !self.media.may_share(media, user).await.map_err(ApiError::Media)?
+        {
+            return Err(ApiError::UnknownMedia);
+        }
+        let appended = self.store.append(conversation, user, &device, client_id, &body.to_string(), now_ms()).await?;
+        let members = self.members(conversation).await?;
+        if let Some(media) = media {
+            // Also on a retried send: a share lost to a crash after the append is made good.
+            self.media.share(media, &members).await.map_err(ApiError::Media)?;
+        }
+        if let Appended::New(message) = &appended {
+            let event =
+                Event::Message { conversation: *conversation, seq: message.seq, device, frame: message_frame(message) };
+            self.hub.deliver(&members, event);
+            self.queue_pushes(&members, user, conversation, message.seq).await;
+        }
+        Ok(appended)
+    }
+
+    /// Members with no connected device get a push (when a notifier is configured).
+    async fn queue_pushes(&self, members: &[UserId], sender: &UserId, conversation: &ConversationId, seq: i64) {
+        if self.config.push_webhook_url.is_none() {
+            return;
+        }
+        let offline: Vec<UserId> = members.iter().filter(|u| *u != sender && !self.hub.online(u)).cloned().collect();
+        if offline.is_empty() {
+            return;
+        }
+        // The message is stored already; a push that fails to queue is logged, not turned into a
+        // failed send the client would retry.
+        match self.store.queue_pushes(&offline, conversation, seq, sender, now_ms()).await {
+            Ok(()) => self.push_wake.notify_one(),
+            Err(e) => tracing::error!(error = %e, %conversation, seq, "could not queue push notifications"),
+        }
+    }
+
+    /// Moves a device's delivered (or read) cursor and tells the other members when the user's
+    /// receipt moved.
+    pub(crate) async fn ack(
+        &self,
+        user: &UserId,
+        device: DeviceId,
+        conversation: &ConversationId,
+        seq: i64,
+        read: bool,
+    ) -> Result<Acked, StoreError> {
+        let acked = if read {
+            self.store.mark_read(user, &device, conversation, seq).await?
+        } else {
+            self.store.ack(user, &device, conversation, seq).await?
+        };
+        if let Some(receipt) = acked.receipt {
+            let members = self.members(conversation).await?;
+            let others: Vec<UserId> = members.iter().filter(|u| *u != user).cloned().collect();
+            let (status, seq) = if read { ("read", receipt.read) } else { ("delivered", receipt.delivered) };
+            let frame = ServerFrame::Receipt { conversation: *conversation, user, status, seq }.encode();
+            self.hub.deliver(&others, Event::Frame(frame));
+        }
+        Ok(acked)
+    }
+
+    /// Tells the user's online contacts that they came online or went offline.
+    pub(crate) async fn announce_presence(&self, user: &UserId, online: bool, last_seen: i64) {
+        let contacts = match self.store.contacts(user).await {
+            Ok(c) => c,
+            Err(e) => return tracing::warn!(error = %e, "could not load contacts for presence"),
+        };
+        let online_contacts: Vec<UserId> =
+            contacts.into_iter().map(|c| c.user).filter(|u| self.hub.online(u)).collect();
+        let frame = ServerFrame::Presence { user, online, last_seen }.encode();
+        self.hub.deliver(&online_contacts, Event::Frame(frame));
+    }
+
+    /// Mints an access token for a device.
+    pub(crate) fn access_token(&self, user: &UserId, device: DeviceId) -> String {
+        let now = (now_ms() / 1000) as u64;
+        self.keys.mint_for_device(user, device, now, self.auth.access_token_secs)
+    }
+}
+
+/// A message body is an object with exactly one of `text`, `media` (a media id, with an optional
+/// `caption`) or `ciphertext` (base64). Returns the media id of a media message.
+pub(crate) fn check_body(body: &Value) -> Result<Option<MediaId>, ApiError> {
+    let invalid = |m: &str| Err(ApiError::Invalid(m.into()));
+    let Some(object) = body.as_object() else { return invalid("body is a JSON object") };
+    let kinds: Vec<&str> = ["text", "media", "ciphertext"].into_iter().filter(|k| object.contains_key(*k)).collect();
+    let (allowed, media): (&[&str], Option<MediaId>) = match kinds.as_slice() {
+        ["text"] => {
+            if object["text"].as_str().is_none_or(|t| t.is_empty()) {
+                return invalid("text is a non-empty string");
+            }
+            (&["text"], None)
+        }
+        ["ciphertext"] => {
+            let decodes = object["ciphertext"]
+                .as_str()
+                .is_some_and(|c| !c.is_empty() && base64::engine::general_purpose::STANDARD.decode(c).is_ok());
+            if !decodes {
+                return invalid("ciphertext is non-empty standard base64");
+            }
+            (&["ciphertext"], None)
+        }
+        ["media"] => {
+            let Some(id) = object["media"].as_str().and_then(|m| m.parse::<MediaId>().ok()) else {
+                return invalid("media is a media id");
+            };
+            if object.get("caption").is_some_and(|c| !c.is_string()) {
+                return invalid("caption is a string");
+            }
+            (&["media", "caption"], Some(id))
+        }
+        _ => return invalid("body has exactly one of text, media or ciphertext"),
+    };
+    if let Some(extra) = object.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(ApiError::Invalid(format!("unknown body field {extra:?}")));
+    }
+    Ok(media)
+}

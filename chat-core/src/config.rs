@@ -1,0 +1,53 @@
+//! chat-core's settings, embedded in `courier serve`'s config as `[chat]` and `[auth]`.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChatConfig {
+    /// Messages older than this many days are purged. Default 30; 0 keeps them forever.
+    pub retention_days: u32,
+    /// Where offline-push notifications are POSTed (JSON, no message text). Unset: no push.
+    pub push_webhook_url: Option<String>,
+    /// Seconds between the server's WebSocket pings. Default 25.
+    pub heartbeat_secs: u64,
+    /// Seconds without any frame from the client (pongs count) before it is disconnected. Default 75.
+    pub idle_timeout_secs: u64,
+    /// Seconds one write to a client may take before the client is deemed stuck. Default 10.
+    pub send_timeout_secs: u64,
+    /// Events queued for one connection before it is disconnected as too slow. Default 256.
+    pub outbound_queue: usize,
+}
+
+impl Default for ChatConfig {
+    fn default() -> Self {
+        Self {
+            retention_days: 30,
+            push_webhook_url: None,
+            heartbeat_secs: 25,
+            idle_timeout_secs: 75,
+            send_timeout_secs: 10,
+            outbound_queue: 256,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Where verification codes are POSTed as `{"phone","code","message"}` for an SMS gateway.
+    pub sms_webhook_url: Option<String>,
+    /// Answer `POST /v1/auth/code` with the code itself (`dev_code`). Development only; `courier
+    /// serve --dev` turns it on. Default false.
+    pub dev_codes: bool,
+    /// Lifetime of an access token, in seconds. Default 3600.
+    pub access_token_secs: u64,
+    /// Lifetime of a refresh token, in days. Default 60.
+    pub refresh_token_days: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self { sms_webhook_url: None, dev_codes: false, access_token_secs: 3600, refresh_token_days: 60 }
+    }
+}

@@ -1,0 +1,96 @@
+//! What chat-core answers when it refuses, over HTTP and as WebSocket `error` frames alike.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use types::ErrorBody;
+
+use crate::{CodeCheck, StoreError};
+
+/// Everything the routes answer with when they refuse.
+#[derive(Debug)]
+pub(crate) enum ApiError {
+    Store(StoreError),
+    BadJson(String),
+    Invalid(String),
+    UnknownMedia,
+    DeviceRequired,
+    Media(String),
+    RateLimited,
+    Code(CodeCheck),
+    BadRefreshToken,
+    NotFound(&'static str),
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        ApiError::Store(e)
+    }
+}
+
+impl ApiError {
+    /// Status, code and message.
+    pub(crate) fn parts(self) -> (StatusCode, &'static str, String) {
+        match self {
+            ApiError::Store(StoreError::NotMember) => {
+                (StatusCode::NOT_FOUND, "not_found", "no such conversation".into())
+            }
+            ApiError::Store(StoreError::NotAdmin) => {
+                (StatusCode::FORBIDDEN, "not_admin", "only admins may do that".into())
+            }
+            ApiError::Store(e @ StoreError::TooManyMembers) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "too_many_members", e.to_string())
+            }
+            ApiError::Store(e @ StoreError::TooManyDevices) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "too_many_devices", e.to_string())
+            }
+            ApiError::Store(StoreError::Invalid(m)) | ApiError::Invalid(m) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", m)
+            }
+            ApiError::Store(e @ (StoreError::Database(_) | StoreError::Corrupt(_))) => {
+                tracing::error!(error = %e, "chat request failed");
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal", "something went wrong on our side; try again".into())
+            }
+            ApiError::BadJson(m) => (StatusCode::BAD_REQUEST, "bad_json", m),
+            ApiError::UnknownMedia => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "unknown_media",
+                "the media is neither yours nor shared with you".into(),
+            ),
+            ApiError::Media(e) => {
+                tracing::error!(error = %e, "media access failed");
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal", "something went wrong on our side; try again".into())
+            }
+            ApiError::RateLimited => {
+                (StatusCode::TOO_MANY_REQUESTS, "rate_limited", "too many requests; wait a while and try again".into())
+            }
+            ApiError::Code(check) => {
+                let (code, message) = match check {
+                    CodeCheck::Wrong | CodeCheck::Valid => ("wrong_code", "that is not the code we sent"),
+                    CodeCheck::Expired => ("code_expired", "the code has expired; ask for a new one"),
+                    CodeCheck::Locked => ("too_many_attempts", "too many wrong codes; ask for a new one"),
+                    CodeCheck::Missing => ("no_code", "no code is pending for this phone; ask for one first"),
+                };
+                (StatusCode::UNPROCESSABLE_ENTITY, code, message.into())
+            }
+            ApiError::BadRefreshToken => (
+                StatusCode::UNAUTHORIZED,
+                "invalid_refresh_token",
+                "the refresh token is unknown, expired or already used; sign in again".into(),
+            ),
+            ApiError::NotFound(what) => (StatusCode::NOT_FOUND, "not_found", format!("no such {what}")),
+            ApiError::DeviceRequired => (
+                StatusCode::FORBIDDEN,
+                "device_token_required",
+                "this needs a token bound to a device: link one with POST /v1/devices".into(),
+            ),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code, message) = self.parts();
+        (status, Json(ErrorBody::new(code, message))).into_response()
+    }
+}

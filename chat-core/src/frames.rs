@@ -1,0 +1,76 @@
+//! The frames the server sends over `/v1/ws`, serialised once each (see PROTOCOL.md).
+
+use axum::extract::ws::Utf8Bytes;
+use serde::Serialize;
+use serde_json::value::RawValue;
+use types::{ConversationId, UserId};
+
+use crate::Message;
+
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub(crate) enum ServerFrame<'a> {
+    Sent {
+        client_id: &'a str,
+        conversation: ConversationId,
+        seq: i64,
+        ts: i64,
+    },
+    Message {
+        conversation: ConversationId,
+        seq: i64,
+        ts: i64,
+        sender: &'a UserId,
+        client_id: &'a str,
+        body: &'a RawValue,
+    },
+    Receipt {
+        conversation: ConversationId,
+        user: &'a UserId,
+        status: &'static str,
+        seq: i64,
+    },
+    Typing {
+        conversation: ConversationId,
+        user: &'a UserId,
+    },
+    Presence {
+        user: &'a UserId,
+        online: bool,
+        last_seen: i64,
+    },
+    /// The device's cursor fell behind retention: messages before `oldest_seq` are gone.
+    Expired {
+        conversation: ConversationId,
+        oldest_seq: i64,
+    },
+    Error {
+        code: &'a str,
+        message: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        client_id: Option<&'a str>,
+    },
+}
+
+impl ServerFrame<'_> {
+    pub(crate) fn encode(&self) -> Utf8Bytes {
+        // Plain structs of strings and numbers always serialise.
+        serde_json::to_string(self).unwrap_or_default().into()
+    }
+}
+
+/// The `message` frame of a stored message.
+pub(crate) fn message_frame(m: &Message) -> Utf8Bytes {
+    // Bodies were checked as JSON on the way in; a body that is not would be a corrupt row.
+    let null = RawValue::NULL;
+    let body = serde_json::from_str::<&RawValue>(&m.body).unwrap_or(null);
+    ServerFrame::Message {
+        conversation: m.conversation,
+        seq: m.seq,
+        ts: m.created_at,
+        sender: &m.sender,
+        client_id: &m.client_id,
+        body,
+    }
+    .encode()
+}

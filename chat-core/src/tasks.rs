@@ -1,0 +1,124 @@
+//! chat-core's background work: the push outbox, retention, and tidying the rate limiters.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::sync::watch;
+
+use crate::chat::{Chat, now_ms};
+use crate::{AccountStore, MessageStore, PendingPush};
+
+/// Tries per notification before it is dropped.
+const PUSH_ATTEMPTS: i64 = 10;
+/// Pushes taken from the outbox per round.
+const PUSH_BATCH: i64 = 100;
+/// How often retention runs.
+const RETENTION_EVERY: Duration = Duration::from_secs(3600);
+
+impl<S: MessageStore + AccountStore + 'static> Chat<S> {
+    /// Runs the background tasks until `stop` turns true.
+    pub async fn run_background(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let push = tokio::spawn(self.clone().push_loop(stop.clone()));
+        // The first purge runs before the server listens (see `purge_old`); then every hour.
+        let mut retention = tokio::time::interval_at(tokio::time::Instant::now() + RETENTION_EVERY, RETENTION_EVERY);
+        loop {
+            tokio::select! {
+                _ = retention.tick() => {
+                    self.purge_old().await;
+                    self.limits.shrink();
+                }
+                _ = stopped(&mut stop) => break,
+            }
+        }
+        push.abort();
+    }
+
+    /// Deletes messages past `chat.retention_days`.
+    pub async fn purge_old(&self) {
+        let days = self.config.retention_days;
+        if days == 0 {
+            return;
+        }
+        let before = now_ms() - i64::from(days) * 86_400_000;
+        match self.store.purge_before(before).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(messages = n, days, "retention purged old messages"),
+            Err(e) => tracing::error!(error = %e, "retention purge failed"),
+        }
+    }
+
+    async fn push_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let Some(url) = self.config.push_webhook_url.clone() else { return };
+        let client = match reqwest::Client::builder().timeout(Duration::from_secs(10)).build() {
+            Ok(c) => c,
+            Err(e) => return tracing::error!(error = %e, "could not build the push webhook client"),
+        };
+        loop {
+            let due = match self.store.due_pushes(now_ms(), PUSH_BATCH).await {
+                Ok(due) => due,
+                Err(e) => {
+                    tracing::error!(error = %e, "could not read the push outbox");
+                    Vec::new()
+                }
+            };
+            let busy = due.len() as i64 == PUSH_BATCH;
+            for push in due {
+                self.deliver_push(&client, &url, &push).await;
+            }
+            if busy {
+                continue;
+            }
+            tokio::select! {
+                _ = self.push_wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = stopped(&mut stop) => return,
+            }
+        }
+    }
+
+    async fn deliver_push(&self, client: &reqwest::Client, url: &str, push: &PendingPush) {
+        if self.hub.online(&push.user) {
+            // Connected again: the message reaches them live or by replay.
+            return self.log_push(self.store.push_done(push).await);
+        }
+        let body = json!({
+            "user": push.user,
+            "conversation": push.conversation,
+            "seq": push.seq,
+            "sender": push.sender,
+        });
+        let ok = match client.post(url).json(&body).send().await {
+            Ok(r) if r.status().is_success() => true,
+            Ok(r) => {
+                tracing::warn!(status = %r.status(), user = %push.user, "push webhook refused a notification");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "push webhook unreachable");
+                false
+            }
+        };
+        let result = if ok {
+            self.store.push_done(push).await
+        } else if push.attempts + 1 >= PUSH_ATTEMPTS {
+            tracing::error!(user = %push.user, conversation = %push.conversation, "dropping a push after {PUSH_ATTEMPTS} tries");
+            self.store.push_failed(push, None).await
+        } else {
+            // 2 s, 4 s, 8 s … capped at an hour.
+            let delay_ms = (2_000i64 << push.attempts.min(11)).min(3_600_000);
+            self.store.push_failed(push, Some(now_ms() + delay_ms)).await
+        };
+        self.log_push(result);
+    }
+
+    fn log_push(&self, result: Result<(), crate::StoreError>) {
+        if let Err(e) = result {
+            tracing::error!(error = %e, "could not update the push outbox");
+        }
+    }
+}
+
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}

@@ -1,0 +1,222 @@
+//! A Rust SDK for Courier.
+//!
+//! [`Api`] speaks the HTTP API (sign-in, devices, conversations, history). [`Live`] holds a
+//! WebSocket to `/v1/ws` and keeps it up: it reconnects with back-off, the server replays what the
+//! device has not acknowledged, and the SDK drops anything at or below the per-conversation cursor
+//! it has already handed to the application, so each message reaches the application exactly once
+//! and in order. Sends carry a client id and are resent after a reconnect until the server confirms
+//! them; the server stores a retried send once.
+
+mod live;
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+pub use live::{Event, Live, LiveOptions, Sent};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The server refused: its status and `{"error":{"code","message"}}`.
+    #[error("{status} {code}: {message}")]
+    Api { status: u16, code: String, message: String },
+    #[error("http: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error("websocket: {0}")]
+    WebSocket(String),
+    /// The live connection's task has stopped (the [`Live`] was closed).
+    #[error("the connection is closed")]
+    Closed,
+    #[error("no confirmation from the server in time")]
+    Timeout,
+}
+
+impl Error {
+    /// The error code the server gave, if it gave one.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            Error::Api { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+}
+
+/// Tokens for one device, from sign-in or a refresh.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Session {
+    pub user_id: String,
+    pub device_id: String,
+    pub access_token: String,
+    #[serde(default)]
+    pub refresh_token: Option<String>,
+    pub expires_in: u64,
+}
+
+/// A conversation as the API describes it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ConversationInfo {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    pub last_seq: i64,
+    #[serde(default)]
+    pub unread: Option<i64>,
+}
+
+/// A stored message.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Message {
+    pub conversation: String,
+    pub seq: i64,
+    pub ts: i64,
+    pub sender: String,
+    pub client_id: String,
+    pub body: Value,
+}
+
+/// The HTTP API, as one caller.
+#[derive(Debug, Clone)]
+pub struct Api {
+    http: reqwest::Client,
+    base: String,
+    token: Option<String>,
+}
+
+impl Api {
+    /// An anonymous client of the server at `base` (`http://host:port`), for signing in.
+    pub fn new(base: &str) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(30))
+            .build()
+            .expect("a plain reqwest client builds");
+        Self { http, base: base.trim_end_matches('/').to_owned(), token: None }
+    }
+
+    /// The same server, as the holder of `token`.
+    pub fn with_token(&self, token: &str) -> Self {
+        Self { http: self.http.clone(), base: self.base.clone(), token: Some(token.to_owned()) }
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
+    async fn call<T: DeserializeOwned>(&self, request: reqwest::RequestBuilder) -> Result<T, Error> {
+        let request = match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        };
+        let response = request.send().await?;
+        let status = response.status();
+        if status.is_success() {
+            let bytes = response.bytes().await?;
+            // 204 and friends: deserialise from null.
+            let value: Value =
+                if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::Null) };
+            return serde_json::from_value(value).map_err(|e| Error::Api {
+                status: status.as_u16(),
+                code: "unexpected_response".into(),
+                message: e.to_string(),
+            });
+        }
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        Err(Error::Api {
+            status: status.as_u16(),
+            code: body["error"]["code"].as_str().unwrap_or("unknown").to_owned(),
+            message: body["error"]["message"].as_str().unwrap_or("").to_owned(),
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Asks for a sign-in code; in development mode the answer carries it (`dev_code`).
+    pub async fn request_code(&self, phone: &str) -> Result<Option<String>, Error> {
+        let answer: Value = self.call(self.http.post(self.url("/v1/auth/code")).json(&json!({"phone": phone}))).await?;
+        Ok(answer["dev_code"].as_str().map(str::to_owned))
+    }
+
+    /// Signs in with a code, linking a new device.
+    pub async fn verify(&self, phone: &str, code: &str, device_name: &str) -> Result<Session, Error> {
+        let body = json!({"phone": phone, "code": code, "device_name": device_name});
+        self.call(self.http.post(self.url("/v1/auth/verify")).json(&body)).await
+    }
+
+    /// Spends a refresh token for fresh tokens.
+    pub async fn refresh(&self, refresh_token: &str) -> Result<Session, Error> {
+        let body = json!({"refresh_token": refresh_token});
+        self.call(self.http.post(self.url("/v1/auth/refresh")).json(&body)).await
+    }
+
+    /// Links a device with an operator-minted user token (`courier token`).
+    pub async fn link_device(&self, name: &str) -> Result<Session, Error> {
+        self.call(self.http.post(self.url("/v1/devices")).json(&json!({"name": name}))).await
+    }
+
+    /// Logs a device out.
+    pub async fn unlink_device(&self, device_id: &str) -> Result<(), Error> {
+        self.call::<Value>(self.http.delete(self.url(&format!("/v1/devices/{device_id}")))).await.map(drop)
+    }
+
+    /// The user id of a phone number.
+    pub async fn lookup(&self, phone: &str) -> Result<String, Error> {
+        let answer: Value = self.call(self.http.get(self.url("/v1/users/lookup")).query(&[("phone", phone)])).await?;
+        Ok(answer["user_id"].as_str().unwrap_or_default().to_owned())
+    }
+
+    /// The one direct conversation with `other`.
+    pub async fn direct(&self, other: &str) -> Result<ConversationInfo, Error> {
+        let body = json!({"type": "direct", "members": [other]});
+        self.call(self.http.post(self.url("/v1/conversations")).json(&body)).await
+    }
+
+    /// A new group with the caller as admin.
+    pub async fn group(&self, name: &str, members: &[&str]) -> Result<ConversationInfo, Error> {
+        let body = json!({"type": "group", "name": name, "members": members});
+        self.call(self.http.post(self.url("/v1/conversations")).json(&body)).await
+    }
+
+    pub async fn add_members(&self, conversation: &str, members: &[&str]) -> Result<(), Error> {
+        let url = self.url(&format!("/v1/conversations/{conversation}/members"));
+        self.call::<Value>(self.http.post(url).json(&json!({"members": members}))).await.map(drop)
+    }
+
+    pub async fn conversations(&self) -> Result<Vec<ConversationInfo>, Error> {
+        #[derive(Deserialize)]
+        struct List {
+            conversations: Vec<ConversationInfo>,
+        }
+        let list: List = self.call(self.http.get(self.url("/v1/conversations"))).await?;
+        Ok(list.conversations)
+    }
+
+    /// Sends over HTTP (same semantics as over the live connection).
+    pub async fn send(&self, conversation: &str, client_id: &str, body: Value) -> Result<Message, Error> {
+        let url = self.url(&format!("/v1/conversations/{conversation}/messages"));
+        self.call(self.http.post(url).json(&json!({"client_id": client_id, "body": body}))).await
+    }
+
+    /// Up to `limit` messages after `after`.
+    pub async fn history(&self, conversation: &str, after: i64, limit: i64) -> Result<Vec<Message>, Error> {
+        #[derive(Deserialize)]
+        struct Page {
+            messages: Vec<Message>,
+        }
+        let url = self.url(&format!("/v1/conversations/{conversation}/messages"));
+        let page: Page = self.call(self.http.get(url).query(&[("after", after), ("limit", limit)])).await?;
+        Ok(page.messages)
+    }
+
+    /// The gateway's URL for this server.
+    pub fn ws_url(&self) -> String {
+        let base = self.base.replacen("http://", "ws://", 1).replacen("https://", "wss://", 1);
+        format!("{base}/v1/ws")
+    }
+}

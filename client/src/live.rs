@@ -1,0 +1,388 @@
+//! The live connection: one task owns the WebSocket, reconnects it, resends unconfirmed sends and
+//! filters replayed messages through per-conversation cursors.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
+
+use crate::{Api, Error, Message};
+
+/// How a [`Live`] behaves.
+#[derive(Debug, Clone)]
+pub struct LiveOptions {
+    /// Events buffered for the application; when it falls behind, the SDK stops reading the socket
+    /// (and the server, in turn, disconnects it as too slow; it then catches up by replay).
+    pub event_buffer: usize,
+    /// How long [`Live::send`] waits for the server's confirmation, across reconnects.
+    pub send_timeout: Duration,
+    /// Longest wait between reconnect attempts.
+    pub max_backoff: Duration,
+    /// How often received messages are acknowledged (acks are batched per conversation).
+    pub ack_every: Duration,
+    /// Per conversation, the highest seq the application already has (from an earlier run);
+    /// anything at or below it is not delivered again.
+    pub cursors: HashMap<String, i64>,
+}
+
+impl Default for LiveOptions {
+    fn default() -> Self {
+        Self {
+            event_buffer: 1024,
+            send_timeout: Duration::from_secs(30),
+            max_backoff: Duration::from_secs(5),
+            ack_every: Duration::from_millis(50),
+            cursors: HashMap::new(),
+        }
+    }
+}
+
+/// What the server confirmed for a send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sent {
+    pub conversation: String,
+    pub client_id: String,
+    pub seq: i64,
+    pub ts: i64,
+}
+
+/// What the application sees.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A message from another device, exactly once, in seq order per conversation.
+    Message(Message),
+    Receipt {
+        conversation: String,
+        user: String,
+        status: String,
+        seq: i64,
+    },
+    Typing {
+        conversation: String,
+        user: String,
+    },
+    Presence {
+        user: String,
+        online: bool,
+        last_seen: i64,
+    },
+    /// Retention removed messages this device never got; the conversation resumes at `oldest_seq`.
+    Expired {
+        conversation: String,
+        oldest_seq: i64,
+    },
+    /// An `error` frame not tied to one of this client's pending sends.
+    Error {
+        code: String,
+        message: String,
+    },
+    /// The connection is up (again); replay follows.
+    Connected,
+    /// The connection dropped; the SDK reconnects unless the server refused the device.
+    Disconnected {
+        code: Option<u16>,
+        reason: String,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+enum ServerFrame {
+    Sent { client_id: String, conversation: String, seq: i64, ts: i64 },
+    Message(Message),
+    Receipt { conversation: String, user: String, status: String, seq: i64 },
+    Typing { conversation: String, user: String },
+    Presence { user: String, online: bool, last_seen: i64 },
+    Expired { conversation: String, oldest_seq: i64 },
+    Error { code: String, message: String, client_id: Option<String> },
+}
+
+enum Command {
+    Send { conversation: String, client_id: String, body: Value, reply: oneshot::Sender<Result<Sent, Error>> },
+    Frame(Value),
+    Close,
+}
+
+struct Pending {
+    frame: String,
+    reply: oneshot::Sender<Result<Sent, Error>>,
+}
+
+/// A live connection to `/v1/ws` that stays up.
+#[derive(Debug)]
+pub struct Live {
+    commands: mpsc::Sender<Command>,
+    events: mpsc::Receiver<Event>,
+    task: JoinHandle<()>,
+    send_timeout: Duration,
+}
+
+type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn open(api: &Api) -> Result<Socket, Error> {
+    let mut request = api.ws_url().into_client_request().map_err(|e| Error::WebSocket(e.to_string()))?;
+    if let Some(token) = api.token() {
+        let value = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|e| Error::WebSocket(e.to_string()))?;
+        request.headers_mut().insert("authorization", value);
+    }
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((socket, _)) => Ok(socket),
+        Err(tungstenite::Error::Http(response)) => {
+            let status = response.status().as_u16();
+            let body: Value =
+                response.body().as_deref().and_then(|b| serde_json::from_slice(b).ok()).unwrap_or(Value::Null);
+            Err(Error::Api {
+                status,
+                code: body["error"]["code"].as_str().unwrap_or("unknown").to_owned(),
+                message: body["error"]["message"].as_str().unwrap_or("").to_owned(),
+            })
+        }
+        Err(e) => Err(Error::WebSocket(e.to_string())),
+    }
+}
+
+impl Live {
+    /// Connects as `api`'s token holder (a device-bound token). Fails if the first connection
+    /// fails; later drops are reconnected.
+    pub async fn connect(api: &Api, options: LiveOptions) -> Result<Live, Error> {
+        let socket = open(api).await?;
+        let (commands, command_rx) = mpsc::channel(256);
+        let (event_tx, events) = mpsc::channel(options.event_buffer.max(1));
+        let send_timeout = options.send_timeout;
+        let cursors = options.cursors.clone();
+        let worker = Worker {
+            api: api.clone(),
+            options,
+            events: event_tx,
+            cursors,
+            pending: HashMap::new(),
+            unacked: HashMap::new(),
+        };
+        let task = tokio::spawn(worker.run(socket, command_rx));
+        Ok(Live { commands, events, task, send_timeout })
+    }
+
+    /// Sends `body` with a fresh client id; resolves when the server has stored it.
+    pub async fn send(&self, conversation: &str, body: Value) -> Result<Sent, Error> {
+        self.send_with_id(conversation, &uuid::Uuid::now_v7().to_string(), body).await
+    }
+
+    /// Sends with the caller's client id (a retry with the same id is stored once).
+    pub async fn send_with_id(&self, conversation: &str, client_id: &str, body: Value) -> Result<Sent, Error> {
+        let (reply, answer) = oneshot::channel();
+        let command =
+            Command::Send { conversation: conversation.to_owned(), client_id: client_id.to_owned(), body, reply };
+        self.commands.send(command).await.map_err(|_| Error::Closed)?;
+        match tokio::time::timeout(self.send_timeout, answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(Error::Closed),
+            Err(_) => Err(Error::Timeout),
+        }
+    }
+
+    /// Marks a conversation read up to `seq`.
+    pub async fn read(&self, conversation: &str, seq: i64) -> Result<(), Error> {
+        let frame = json!({"type": "read", "conversation": conversation, "seq": seq});
+        self.commands.send(Command::Frame(frame)).await.map_err(|_| Error::Closed)
+    }
+
+    /// Says the user is typing in a conversation.
+    pub async fn typing(&self, conversation: &str) -> Result<(), Error> {
+        let frame = json!({"type": "typing", "conversation": conversation});
+        self.commands.send(Command::Frame(frame)).await.map_err(|_| Error::Closed)
+    }
+
+    /// The next event; `None` once the connection has stopped for good.
+    pub async fn next_event(&mut self) -> Option<Event> {
+        self.events.recv().await
+    }
+
+    /// Closes the connection and waits for the task to end; the server has handled every frame
+    /// sent before (acks included) when this returns.
+    pub async fn close(self) {
+        let _ = self.commands.send(Command::Close).await;
+        let _ = self.task.await;
+    }
+}
+
+struct Worker {
+    api: Api,
+    options: LiveOptions,
+    events: mpsc::Sender<Event>,
+    /// Per conversation, the highest seq handed to the application.
+    cursors: HashMap<String, i64>,
+    /// Sends not yet confirmed, by client id, resent after every reconnect.
+    pending: HashMap<String, Pending>,
+    /// Acks not yet sent, per conversation.
+    unacked: HashMap<String, i64>,
+}
+
+/// Why one connection ended.
+enum Ended {
+    Dropped { code: Option<u16>, reason: String },
+    Closed,
+}
+
+impl Worker {
+    async fn run(mut self, mut socket: Socket, mut commands: mpsc::Receiver<Command>) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let _ = self.events.send(Event::Connected).await;
+            match self.serve(&mut socket, &mut commands).await {
+                Ended::Closed => return,
+                Ended::Dropped { code, reason } => {
+                    let _ = self.events.send(Event::Disconnected { code, reason }).await;
+                }
+            }
+            self.unacked.clear();
+            socket = loop {
+                tokio::time::sleep(backoff).await;
+                match open(&self.api).await {
+                    Ok(socket) => {
+                        backoff = Duration::from_millis(100);
+                        break socket;
+                    }
+                    Err(Error::Api { status: 401 | 403, code, message }) => {
+                        // The device was logged out or its token is no good: reconnecting cannot help.
+                        for (_, p) in self.pending.drain() {
+                            let _ = p.reply.send(Err(Error::Api {
+                                status: 401,
+                                code: code.clone(),
+                                message: message.clone(),
+                            }));
+                        }
+                        let _ = self
+                            .events
+                            .send(Event::Disconnected { code: None, reason: format!("{code}: {message}") })
+                            .await;
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "reconnect failed");
+                        backoff = (backoff * 2).min(self.options.max_backoff);
+                    }
+                }
+            };
+        }
+    }
+
+    async fn serve(&mut self, socket: &mut Socket, commands: &mut mpsc::Receiver<Command>) -> Ended {
+        for pending in self.pending.values() {
+            if socket.send(WsMessage::text(pending.frame.clone())).await.is_err() {
+                return Ended::Dropped { code: None, reason: "write failed".into() };
+            }
+        }
+        let mut acks = tokio::time::interval(self.options.ack_every);
+        loop {
+            tokio::select! {
+                command = commands.recv() => match command {
+                    None | Some(Command::Close) => {
+                        self.flush_acks(socket).await;
+                        // The server answers the close after everything sent before it, acks
+                        // included, so waiting for its answer makes those acks durable.
+                        let _ = socket.close(None).await;
+                        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                            while let Some(Ok(_)) = socket.next().await {}
+                        })
+                        .await;
+                        return Ended::Closed;
+                    }
+                    Some(Command::Send { conversation, client_id, body, reply }) => {
+                        let frame = json!({"type": "send", "client_id": client_id, "conversation": conversation, "body": body}).to_string();
+                        let write = socket.send(WsMessage::text(frame.clone())).await;
+                        self.pending.insert(client_id, Pending { frame, reply });
+                        if write.is_err() {
+                            return Ended::Dropped { code: None, reason: "write failed".into() };
+                        }
+                    }
+                    Some(Command::Frame(frame)) => {
+                        if socket.send(WsMessage::text(frame.to_string())).await.is_err() {
+                            return Ended::Dropped { code: None, reason: "write failed".into() };
+                        }
+                    }
+                },
+                frame = socket.next() => match frame {
+                    Some(Ok(WsMessage::Text(text))) => self.on_frame(text.as_str()).await,
+                    Some(Ok(WsMessage::Close(close))) => {
+                        let (code, reason) = match close {
+                            Some(c) => (Some(u16::from(c.code)), c.reason.to_string()),
+                            None => (Some(u16::from(CloseCode::Status)), String::new()),
+                        };
+                        return Ended::Dropped { code, reason };
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Ended::Dropped { code: None, reason: e.to_string() },
+                    None => return Ended::Dropped { code: None, reason: "connection closed".into() },
+                },
+                _ = acks.tick() => {
+                    if !self.flush_acks(socket).await {
+                        return Ended::Dropped { code: None, reason: "write failed".into() };
+                    }
+                }
+            }
+        }
+    }
+
+    async fn flush_acks(&mut self, socket: &mut Socket) -> bool {
+        for (conversation, seq) in self.unacked.drain() {
+            let frame = json!({"type": "ack", "conversation": conversation, "seq": seq}).to_string();
+            if socket.send(WsMessage::text(frame)).await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
+    async fn on_frame(&mut self, text: &str) {
+        let frame = match serde_json::from_str::<ServerFrame>(text) {
+            Ok(frame) => frame,
+            Err(e) => return tracing::warn!(error = %e, "an unknown frame from the server"),
+        };
+        let event = match frame {
+            ServerFrame::Message(m) => {
+                let cursor = self.cursors.entry(m.conversation.clone()).or_insert(0);
+                if m.seq <= *cursor {
+                    // Replayed after a reconnect: the application has it already.
+                    self.unacked.insert(m.conversation.clone(), *cursor);
+                    return;
+                }
+                *cursor = m.seq;
+                self.unacked.insert(m.conversation.clone(), m.seq);
+                Event::Message(m)
+            }
+            ServerFrame::Sent { client_id, conversation, seq, ts } => {
+                if let Some(p) = self.pending.remove(&client_id) {
+                    let _ = p.reply.send(Ok(Sent { conversation, client_id, seq, ts }));
+                }
+                return;
+            }
+            ServerFrame::Error { code, message, client_id } => {
+                if let Some(p) = client_id.and_then(|id| self.pending.remove(&id)) {
+                    let _ = p.reply.send(Err(Error::Api { status: 0, code, message }));
+                    return;
+                }
+                Event::Error { code, message }
+            }
+            ServerFrame::Receipt { conversation, user, status, seq } => {
+                Event::Receipt { conversation, user, status, seq }
+            }
+            ServerFrame::Typing { conversation, user } => Event::Typing { conversation, user },
+            ServerFrame::Presence { user, online, last_seen } => Event::Presence { user, online, last_seen },
+            ServerFrame::Expired { conversation, oldest_seq } => {
+                let cursor = self.cursors.entry(conversation.clone()).or_insert(0);
+                *cursor = (*cursor).max(oldest_seq - 1);
+                Event::Expired { conversation, oldest_seq }
+            }
+        };
+        // Waits when the application is behind: the socket is not read meanwhile.
+        let _ = self.events.send(event).await;
+    }
+}

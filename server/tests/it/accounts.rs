@@ -1,0 +1,211 @@
+//! Phone sign-in, refresh tokens, logging devices out, contact lookup, and offline push.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use client::{Api, Event, Live, LiveOptions};
+use serde_json::{Value, json};
+
+use crate::harness::{DataDir, Server};
+use crate::live::{DEV, sign_in};
+
+async fn post(server: &Server, path: &str, body: Value) -> (u16, Value) {
+    let response = server.http.post(server.url(path)).json(&body).send().await.unwrap();
+    (response.status().as_u16(), response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn sign_in_needs_the_right_code_in_time_and_few_guesses() {
+    let data = DataDir::new();
+    let server = Server::start(&data, &[DEV]);
+    let phone = "+4915100000901";
+    let (status, body) = post(&server, "/v1/auth/code", json!({"phone": "0151 not e164"})).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (422, Some("invalid_request")));
+    let (status, body) =
+        post(&server, "/v1/auth/verify", json!({"phone": phone, "code": "123456", "device_name": "x"})).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (422, Some("no_code")));
+
+    let (status, body) = post(&server, "/v1/auth/code", json!({"phone": phone})).await;
+    assert_eq!(status, 202);
+    let code = body["dev_code"].as_str().unwrap().to_owned();
+    let wrong = if code == "000000" { "000001" } else { "000000" };
+    let (status, body) =
+        post(&server, "/v1/auth/verify", json!({"phone": phone, "code": wrong, "device_name": "x"})).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (422, Some("wrong_code")));
+    let (status, session) =
+        post(&server, "/v1/auth/verify", json!({"phone": phone, "code": code, "device_name": "phone"})).await;
+    assert_eq!(status, 200, "{session}");
+    for key in ["user_id", "device_id", "access_token", "refresh_token"] {
+        assert!(session[key].as_str().is_some_and(|v| !v.is_empty()), "{key} in {session}");
+    }
+    assert!(session["expires_in"].as_u64().unwrap() > 0);
+    let (status, _) =
+        post(&server, "/v1/auth/verify", json!({"phone": phone, "code": code, "device_name": "again"})).await;
+    assert_eq!(status, 422, "a code signs in once");
+
+    // Five wrong guesses lock the code, even against the right one.
+    let (_, body) = post(&server, "/v1/auth/code", json!({"phone": phone})).await;
+    let code = body["dev_code"].as_str().unwrap().to_owned();
+    let wrong = if code == "000000" { "000001" } else { "000000" };
+    for _ in 0..5 {
+        post(&server, "/v1/auth/verify", json!({"phone": phone, "code": wrong, "device_name": "x"})).await;
+    }
+    let (status, body) =
+        post(&server, "/v1/auth/verify", json!({"phone": phone, "code": code, "device_name": "x"})).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (422, Some("too_many_attempts")));
+
+    // Codes per phone are rate-limited: three at once (two went above), then one every two minutes.
+    let (status, _) = post(&server, "/v1/auth/code", json!({"phone": phone})).await;
+    assert_eq!(status, 202);
+    let (status, body) = post(&server, "/v1/auth/code", json!({"phone": phone})).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (429, Some("rate_limited")));
+}
+
+#[tokio::test]
+async fn without_dev_mode_the_code_goes_to_the_sms_webhook_only() {
+    let (url, received) = webhook(vec![500]).await;
+    let data = DataDir::new();
+    let server = Server::start(&data, &[("COURIER_AUTH__SMS_WEBHOOK_URL", &url)]);
+    let (status, body) = post(&server, "/v1/auth/code", json!({"phone": "+4915100000911"})).await;
+    assert_eq!(status, 202);
+    assert!(body.get("dev_code").is_none(), "codes never leave in responses outside dev mode: {body}");
+    // The webhook failed once; the code was retried.
+    let sms = wait_for(&received, 2).await;
+    assert_eq!(sms[1]["phone"], "+4915100000911");
+    let code = sms[1]["code"].as_str().unwrap().to_owned();
+    assert!(sms[1]["message"].as_str().unwrap().contains(&code));
+    let (status, _) =
+        post(&server, "/v1/auth/verify", json!({"phone": "+4915100000911", "code": code, "device_name": "p"})).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn refresh_tokens_rotate_and_a_replayed_one_logs_the_device_out() {
+    let data = DataDir::new();
+    let server = Server::start(&data, &[DEV]);
+    let (api, session) = sign_in(&server, "+4915100000921", "phone").await;
+    let (other_device, _) = sign_in(&server, "+4915100000921", "laptop").await;
+    let anonymous = Api::new(&server.base);
+    let first = session.refresh_token.clone().unwrap();
+    let rotated = anonymous.refresh(&first).await.unwrap();
+    assert_eq!(
+        (rotated.user_id.as_str(), rotated.device_id.as_str()),
+        (session.user_id.as_str(), session.device_id.as_str())
+    );
+    let second = rotated.refresh_token.clone().unwrap();
+    assert_ne!(second, first);
+    let fresh = anonymous.with_token(&rotated.access_token);
+    fresh.conversations().await.unwrap();
+
+    let mut connection = Live::connect(&fresh, LiveOptions::default()).await.unwrap();
+    // Someone replays the spent token: refused, and the device is logged out everywhere.
+    let err = anonymous.refresh(&first).await.unwrap_err();
+    assert_eq!(err.code(), Some("invalid_refresh_token"));
+    let err = anonymous.refresh(&second).await.unwrap_err();
+    assert_eq!(err.code(), Some("invalid_refresh_token"), "the whole device is out, newest token too");
+    for token_holder in [&api, &fresh] {
+        let err = token_holder.conversations().await.unwrap_err();
+        assert!(matches!(err, client::Error::Api { status: 401, .. }), "{err}");
+        assert_eq!(err.code(), Some("device_logged_out"));
+    }
+    let code = loop {
+        match tokio::time::timeout(Duration::from_secs(10), connection.next_event()).await.unwrap() {
+            Some(Event::Disconnected { code, .. }) => break code,
+            Some(_) => continue,
+            None => panic!("no disconnect event"),
+        }
+    };
+    assert_eq!(code, Some(4001), "the live connection was closed as logged out");
+    // The SDK does not hammer the server with a logged-out device: the task stops.
+    assert!(
+        tokio::time::timeout(Duration::from_secs(10), async { while connection.next_event().await.is_some() {} })
+            .await
+            .is_ok()
+    );
+    // The user's other device is untouched.
+    other_device.conversations().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_device_can_be_logged_out_and_users_found_by_phone() {
+    let data = DataDir::new();
+    let server = Server::start(&data, &[DEV]);
+    let (phone, _) = sign_in(&server, "+4915100000931", "phone").await;
+    let (laptop, laptop_session) = sign_in(&server, "+4915100000931", "laptop").await;
+    let (stranger, _) = sign_in(&server, "+4915100000932", "phone").await;
+    let err = stranger.unlink_device(&laptop_session.device_id).await.unwrap_err();
+    assert!(matches!(err, client::Error::Api { status: 404, .. }), "only the owner unlinks: {err}");
+    phone.unlink_device(&laptop_session.device_id).await.unwrap();
+    assert_eq!(laptop.conversations().await.unwrap_err().code(), Some("device_logged_out"));
+    phone.conversations().await.unwrap();
+
+    assert!(!stranger.lookup("+4915100000931").await.unwrap().is_empty());
+    let missing = stranger.lookup("+4915100000999").await.unwrap_err();
+    assert!(matches!(missing, client::Error::Api { status: 404, .. }));
+    let bad = stranger.lookup("nonsense").await.unwrap_err();
+    assert!(matches!(bad, client::Error::Api { status: 422, .. }));
+}
+
+#[tokio::test]
+async fn offline_members_get_a_push_without_the_text() {
+    // The notifier answers 503 once, then 200: the push is retried.
+    let (url, received) = webhook(vec![503]).await;
+    let data = DataDir::new();
+    let server = Server::start(&data, &[DEV, ("COURIER_CHAT__PUSH_WEBHOOK_URL", &url)]);
+    let (alice, _) = sign_in(&server, "+4915100000941", "phone").await;
+    let (bob, bob_session) = sign_in(&server, "+4915100000942", "phone").await;
+    let (_, carol_session) = sign_in(&server, "+4915100000943", "phone").await;
+    let group = alice.group("g", &[&bob_session.user_id, &carol_session.user_id]).await.unwrap().id;
+    // Bob is online, Carol is not.
+    let _bob_live = Live::connect(&bob, LiveOptions::default()).await.unwrap();
+    alice.send(&group, "c1", json!({"text": "top secret words"})).await.unwrap();
+
+    let pushes = wait_for(&received, 2).await;
+    let push = &pushes[1];
+    assert_eq!(push["user"], carol_session.user_id.as_str());
+    assert_eq!(push["conversation"], group.as_str());
+    assert_eq!(push["seq"], 1);
+    assert!(!push.to_string().contains("top secret"), "a push never carries the text: {push}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let all = received.lock().unwrap().clone();
+    assert!(all.iter().all(|p| p["user"] != bob_session.user_id.as_str()), "online bob got a push: {all:?}");
+    assert_eq!(all.len(), 2, "one failed try and one delivery: {all:?}");
+}
+
+type Received = Arc<Mutex<Vec<Value>>>;
+
+/// A webhook on loopback that records every JSON body and answers with `statuses` in turn, then 200.
+async fn webhook(statuses: Vec<u16>) -> (String, Received) {
+    use axum::http::StatusCode;
+    let received: Received = Arc::default();
+    let statuses = Arc::new(Mutex::new(statuses.into_iter()));
+    let recorder = received.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |axum::Json(body): axum::Json<Value>| {
+            let (recorder, statuses) = (recorder.clone(), statuses.clone());
+            async move {
+                recorder.lock().unwrap().push(body);
+                let status = statuses.lock().unwrap().next().unwrap_or(200);
+                StatusCode::from_u16(status).unwrap()
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, received)
+}
+
+/// Waits (up to 20 s) until `n` bodies arrived.
+async fn wait_for(received: &Received, n: usize) -> Vec<Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = received.lock().unwrap().clone();
+        if got.len() >= n {
+            return got;
+        }
+        assert!(std::time::Instant::now() < deadline, "only {} webhook calls arrived: {got:?}", got.len());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,468 @@
+//! The real-time gateway over real sockets, through the client SDK: phone sign-in, live delivery,
+//! replay, retries, ordering, receipts, typing and presence, non-members, restarts, slow consumers
+//! and malformed frames.
+
+use std::time::Duration;
+
+use client::{Api, Event, Live, LiveOptions, Message, Session};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+use crate::harness::{DataDir, Server};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+pub(crate) const DEV: (&str, &str) = ("COURIER_AUTH__DEV_CODES", "true");
+
+/// Signs a phone in with the code the dev-mode server hands back.
+pub(crate) async fn sign_in(server: &Server, phone: &str, device: &str) -> (Api, Session) {
+    let anonymous = Api::new(&server.base);
+    let code = anonymous.request_code(phone).await.unwrap().expect("dev mode returns the code");
+    let session = anonymous.verify(phone, &code, device).await.unwrap();
+    (anonymous.with_token(&session.access_token), session)
+}
+
+async fn live(api: &Api) -> Live {
+    Live::connect(api, LiveOptions::default()).await.unwrap()
+}
+
+/// The next event that `pick` accepts, skipping the others; fails after [`WAIT`].
+async fn next<T>(live: &mut Live, mut pick: impl FnMut(Event) -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let event = tokio::time::timeout_at(deadline, live.next_event())
+            .await
+            .expect("no such event in time")
+            .expect("the connection stopped");
+        if let Some(t) = pick(event) {
+            return t;
+        }
+    }
+}
+
+async fn next_message(live: &mut Live) -> Message {
+    next(live, |e| match e {
+        Event::Message(m) => Some(m),
+        _ => None,
+    })
+    .await
+}
+
+/// Messages that arrive within `quiet` of each other, until none does.
+async fn drain_messages(live: &mut Live, quiet: Duration) -> Vec<Message> {
+    let mut got = Vec::new();
+    while let Ok(Some(event)) = tokio::time::timeout(quiet, live.next_event()).await {
+        if let Event::Message(m) = event {
+            got.push(m);
+        }
+    }
+    got
+}
+
+fn text(m: &Message) -> &str {
+    m.body["text"].as_str().unwrap_or_default()
+}
+
+#[tokio::test]
+async fn two_users_three_devices_live_replay_retry_and_receipts() {
+    let data = DataDir::new();
+    let server = Server::start(&data, &[DEV]);
+    let (alice, alice_session) = sign_in(&server, "+4915100000001", "alice's phone").await;
+    let (bob_phone, bob_session) = sign_in(&server, "+4915100000002", "bob's phone").await;
+    let (bob_laptop, laptop_session) = sign_in(&server, "+4915100000002", "bob's laptop").await;
+    assert_eq!(bob_session.user_id, laptop_session.user_id, "one phone, one user, two devices");
+    let bob_id = alice.lookup("+4915100000002").await.unwrap();
+    assert_eq!(bob_id, bob_session.user_id);
+
+    let chat = alice.direct(&bob_id).await.unwrap().id;
+    let mut alice_live = live(&alice).await;
+    let mut bob_live = live(&bob_phone).await;
+
+    // Live: alice → bob's phone, confirmed to alice with its seq.
+    let sent = alice_live.send(&chat, json!({"text": "hi bob"})).await.unwrap();
+    assert_eq!(sent.seq, 1);
+    let got = next_message(&mut bob_live).await;
+    assert_eq!((got.seq, text(&got), got.sender.as_str()), (1, "hi bob", alice_session.user_id.as_str()));
+    assert_eq!(got.client_id, sent.client_id);
+
+    // A retried send (same client id) gets the first answer and is not delivered again.
+    let again = alice_live.send_with_id(&chat, &sent.client_id, json!({"text": "hi bob"})).await.unwrap();
+    assert_eq!(again.seq, 1);
+    let second = alice_live.send(&chat, json!({"text": "second"})).await.unwrap();
+    assert_eq!(second.seq, 2);
+    assert_eq!(next_message(&mut bob_live).await.seq, 2, "the retry was not delivered twice");
+
+    // Receipts: bob's phone acked (the SDK acks), then reads; alice hears both.
+    next(&mut alice_live, |e| {
+        matches!(e, Event::Receipt { ref status, seq: 2, .. } if status == "delivered").then_some(())
+    })
+    .await;
+    bob_live.read(&chat, 2).await.unwrap();
+    next(&mut alice_live, |e| matches!(e, Event::Receipt { ref status, seq: 2, .. } if status == "read").then_some(()))
+        .await;
+
+    // Bob answers from his phone: alice gets it, his laptop (offline) gets it on connect, his
+    // phone never gets its own message back.
+    let reply = bob_live.send(&chat, json!({"text": "hello alice"})).await.unwrap();
+    assert_eq!(reply.seq, 3);
+    assert_eq!(text(&next_message(&mut alice_live).await), "hello alice");
+    next(&mut bob_live, |e| matches!(e, Event::Receipt { seq: 3, .. }).then_some(())).await;
+
+    let mut laptop_live = live(&bob_laptop).await;
+    let replayed = drain_messages(&mut laptop_live, Duration::from_millis(700)).await;
+    let seqs: Vec<i64> = replayed.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, vec![1, 2, 3], "the laptop replays everything, its user's own message too");
+    // ... and then live, without a gap or a duplicate at the seam.
+    alice_live.send(&chat, json!({"text": "four"})).await.unwrap();
+    assert_eq!(next_message(&mut laptop_live).await.seq, 4);
+    assert_eq!(next_message(&mut bob_live).await.seq, 4);
+    let extra = drain_messages(&mut bob_live, Duration::from_millis(500)).await;
+    assert!(extra.is_empty(), "bob's phone got its own or an old message: {extra:?}");
+
+    // Offline, then replay from the device's cursor: nothing before it comes again.
+    bob_live.close().await;
+    alice_live.send(&chat, json!({"text": "five"})).await.unwrap();
+    alice_live.send(&chat, json!({"text": "six"})).await.unwrap();
+    let mut bob_live = live(&bob_phone).await;
+    let caught_up: Vec<i64> =
+        drain_messages(&mut bob_live, Duration::from_millis(700)).await.iter().map(|m| m.seq).collect();
+    assert_eq!(caught_up, vec![5, 6]);
+
+    // Over HTTP the same conversation reads the same.
+    let history = bob_phone.history(&chat, 0, 100).await.unwrap();
+    assert_eq!(history.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5, 6]);
+    let listed = bob_phone.conversations().await.unwrap();
+    assert_eq!(listed[0].last_seq, 6);
+}
+
+#[tokio::test]
+async fn concurrent_senders_in_a_group_are_seen_in_one_order() {
+    let data = DataDir::new();
+    let server = Server::start(&data, &[DEV]);
+    let mut users = Vec::new();
+    for n in 0..3 {
+        users.push(sign_in(&server, &format!("+491510000010{n}"), "phone").await);
+    }
+    let members: Vec<&str> = users[1..].iter().map(|(_, s)| s.user_id.as_str()).collect();
+    let group = users[0].0.group("team", &members).await.unwrap().id;
+    let mut lives = Vec::new();
+    for (api, _) in &users {
+        lives.push(live(api).await);
+    }
+    const EACH: usize = 40;
+    let sends = lives.iter().enumerate().map(|(i, live)| {
+        let group = group.clone();
+        async move {
+            for k in 0..EACH {
+                live.send(&group, json!({"text": format!("{i}-{k}")})).await.unwrap();
+            }
+        }
+    });
+    futures_util::future::join_all(sends).await;
+
+    for (i, live) in lives.iter_mut().enumerate() {
+        let got = drain_messages(live, Duration::from_millis(1000)).await;
+        assert_eq!(got.len(), 2 * EACH, "member {i} got {} messages", got.len());
+        assert!(got.windows(2).all(|w| w[0].seq < w[1].seq), "member {i} saw seqs out of order");
+        assert!(got.iter().all(|m| !text(m).starts_with(&format!("{i}-"))), "member {i} got its own message");
+        // Each sender's messages arrive in the order they were sent.
+        for sender in (0..3).filter(|s| *s != i) {
+            let ks: Vec<usize> = got
+                .iter()
+                .filter_map(|m| text(m).strip_prefix(&format!("{sender}-")).map(|k| k.parse().unwrap()))
+                .collect();
+            assert_eq!(ks, (0..EACH).collect::<Vec<_>>());
+        }
+    }
+    let history = users[0].0.history(&group, 0, 500).await.unwrap();
+    let seqs: Vec<i64> = history.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, (1..=(3 * EACH) as i64).collect::<Vec<_>>(), "gapless");
+}
+
+#[tokio::test]
+async fn non_members_get_not_found_and_nothing_else() {
+    let data = DataDir::new();
+    let server = Server::start(&data, &[DEV]);
+    let (alice, _) = sign_in(&server, "+4915100000201", "phone").await;
+    let (_, bob) = sign_in(&server, "+4915100000202", "phone").await;
+    let (eve, _) = sign_in(&server, "+4915100000203", "phone").await;
+    let chat = alice.direct(&bob.user_id).await.unwrap().id;
+    let mut alice_live = live(&alice).await;
+    alice_live.send(&chat, json!({"text": "secret"})).await.unwrap();
+
+    let mut eve_live = live(&eve).await;
+    let err = eve_live.send(&chat, json!({"text": "let me in"})).await.unwrap_err();
+    assert_eq!(err.code(), Some("not_found"));
+    eve_live.typing(&chat).await.unwrap();
+    next(&mut eve_live, |e| matches!(e, Event::Error { ref code, .. } if code == "not_found").then_some(())).await;
+    let history = eve.history(&chat, 0, 10).await.unwrap_err();
+    assert_eq!((history.code(), matches!(history, client::Error::Api { status: 404, .. })), (Some("not_found"), true));
+    assert!(drain_messages(&mut eve_live, Duration::from_millis(500)).await.is_empty());
+    // Nor did alice hear eve typing.
+    let heard = tokio::time::timeout(Duration::from_millis(500), async {
+        loop {
+            if let Some(Event::Typing { .. }) = alice_live.next_event().await {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(heard.is_err(), "a non-member's typing reached a member");
+}
+
+#[tokio::test]
+async fn typing_and_presence_reach_contacts() {
+    let data = DataDir::new();
+    let server = Server::start(&data, &[DEV]);
+    let (alice, alice_session) = sign_in(&server, "+4915100000301", "phone").await;
+    let (bob, bob_session) = sign_in(&server, "+4915100000302", "phone").await;
+    let chat = alice.direct(&bob_session.user_id).await.unwrap().id;
+    let mut alice_live = live(&alice).await;
+    let mut bob_live = live(&bob).await;
+    next(&mut alice_live, |e| match e {
+        Event::Presence { user, online: true, .. } if user == bob_session.user_id => Some(()),
+        _ => None,
+    })
+    .await;
+    alice_live.typing(&chat).await.unwrap();
+    let typing = next(&mut bob_live, |e| match e {
+        Event::Typing { conversation, user } => Some((conversation, user)),
+        _ => None,
+    })
+    .await;
+    assert_eq!(typing, (chat.clone(), alice_session.user_id.clone()));
+    bob_live.close().await;
+    let last_seen = next(&mut alice_live, |e| match e {
+        Event::Presence { user, online: false, last_seen } if user == bob_session.user_id => Some(last_seen),
+        _ => None,
+    })
+    .await;
+    assert!(last_seen > 0);
+}
+
+#[tokio::test]
+async fn an_acknowledged_send_survives_kill_9_and_is_delivered_after_restart() {
+    let data = DataDir::new();
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let server = Server::start_on(&data, &listen, &[DEV]);
+    let (alice, _) = sign_in(&server, "+4915100000401", "phone").await;
+    let (bob, bob_session) = sign_in(&server, "+4915100000402", "phone").await;
+    let chat = alice.direct(&bob_session.user_id).await.unwrap().id;
+    let mut bob_live = live(&bob).await;
+    let alice_live = live(&alice).await;
+    alice_live.send(&chat, json!({"text": "one"})).await.unwrap();
+    assert_eq!(next_message(&mut bob_live).await.seq, 1);
+    bob_live.close().await;
+
+    let sent = alice_live.send(&chat, json!({"text": "before the crash"})).await.unwrap();
+    server.kill();
+    let server = Server::start_on(&data, &listen, &[DEV]);
+    let mut bob_live = live(&bob).await;
+    let got = next_message(&mut bob_live).await;
+    assert_eq!((got.seq, text(&got)), (sent.seq, "before the crash"));
+
+    // Alice's SDK reconnected by itself to the restarted server and keeps sending.
+    let after = alice_live.send(&chat, json!({"text": "after"})).await.unwrap();
+    assert_eq!(after.seq, 3);
+    assert_eq!(next_message(&mut bob_live).await.seq, 3);
+    drop(server);
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[tokio::test]
+async fn a_slow_consumer_is_disconnected_and_catches_up_by_replay() {
+    let data = DataDir::new();
+    let server = Server::start(&data, &[DEV, ("COURIER_CHAT__OUTBOUND_QUEUE", "8")]);
+    let (alice, _) = sign_in(&server, "+4915100000501", "phone").await;
+    let (bob, bob_session) = sign_in(&server, "+4915100000502", "phone").await;
+    let chat = alice.direct(&bob_session.user_id).await.unwrap().id;
+    // Bob's application reads nothing for a while; with a one-event buffer his SDK stops reading
+    // the socket, the kernel buffers fill, and the server's queue for him overflows.
+    let mut bob_live = Live::connect(&bob, LiveOptions { event_buffer: 1, ..LiveOptions::default() }).await.unwrap();
+    let alice_live = live(&alice).await;
+    const N: i64 = 400;
+    let filler = "x".repeat(60 * 1024);
+    for n in 1..=N {
+        let sent = alice_live.send(&chat, json!({"text": format!("{n} {filler}")})).await.unwrap();
+        assert_eq!(sent.seq, n);
+    }
+
+    let mut seqs = Vec::new();
+    let mut disconnects = Vec::new();
+    while seqs.last() != Some(&N) {
+        match tokio::time::timeout(WAIT, bob_live.next_event()).await.expect("bob stalled").unwrap() {
+            Event::Message(m) => seqs.push(m.seq),
+            Event::Disconnected { code, .. } => disconnects.push(code),
+            _ => {}
+        }
+    }
+    // 4008 says "too slow, reconnect to catch up" when the server can still write it; a client that
+    // reads nothing at all for long may see the connection drop without a close frame.
+    assert!(!disconnects.is_empty(), "the slow consumer was never disconnected");
+    assert!(disconnects.iter().all(|c| matches!(c, None | Some(4008))), "{disconnects:?}");
+    assert_eq!(seqs, (1..=N).collect::<Vec<_>>(), "every message exactly once, in order, across the disconnect");
+}
+
+#[tokio::test]
+async fn malformed_frames_get_error_frames_and_abuse_closes_the_connection() {
+    let data = DataDir::new();
+    let server = Server::start(&data, &[DEV]);
+    let (alice, _) = sign_in(&server, "+4915100000601", "phone").await;
+    let (_, bob) = sign_in(&server, "+4915100000602", "phone").await;
+    let chat = alice.direct(&bob.user_id).await.unwrap().id;
+    let url = format!("{}?token={}", alice.ws_url(), alice.token().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+
+    async fn reply(
+        ws: &mut (impl StreamExt<Item = Result<WsMessage, tokio_tungstenite::tungstenite::Error>> + Unpin),
+    ) -> Value {
+        loop {
+            match tokio::time::timeout(WAIT, ws.next()).await.unwrap().unwrap().unwrap() {
+                WsMessage::Text(t) => {
+                    let v: Value = serde_json::from_str(t.as_str()).unwrap();
+                    if v["type"] == "error" || v["type"] == "sent" {
+                        return v;
+                    }
+                }
+                _ => continue,
+            }
+        }
+    }
+    let cases = [
+        ("this is not json".to_string(), "bad_json", None),
+        (json!({"type": "shout"}).to_string(), "invalid_frame", None),
+        (json!({"type": "ack", "conversation": chat, "seq": "x"}).to_string(), "invalid_frame", None),
+        (
+            json!({"type": "send", "client_id": "c1", "conversation": "nope", "body": {"text": "x"}}).to_string(),
+            "not_found",
+            Some("c1"),
+        ),
+        (
+            json!({"type": "send", "client_id": "c2", "conversation": chat, "body": {"text": ""}}).to_string(),
+            "invalid_request",
+            Some("c2"),
+        ),
+        (
+            json!({"type": "send", "client_id": "c3", "conversation": chat, "body": {"media": "not-an-id"}})
+                .to_string(),
+            "invalid_request",
+            Some("c3"),
+        ),
+        (
+            json!({"type": "send", "client_id": "", "conversation": chat, "body": {"text": "x"}}).to_string(),
+            "invalid_request",
+            Some(""),
+        ),
+        (
+            json!({"type": "send", "conversation": chat, "body": {"text": "x"}, "client_id": 5}).to_string(),
+            "invalid_frame",
+            None,
+        ),
+    ];
+    for (frame, code, client_id) in cases {
+        ws.send(WsMessage::text(frame.clone())).await.unwrap();
+        let answer = reply(&mut ws).await;
+        assert_eq!(answer["type"], "error", "{frame}");
+        assert_eq!(answer["code"], code, "{frame}: {answer}");
+        assert!(answer["message"].as_str().is_some_and(|m| !m.is_empty()));
+        if let Some(id) = client_id {
+            assert_eq!(answer["client_id"], id, "{frame}");
+        }
+    }
+    // Still alive after all that.
+    let good = json!({"type": "send", "client_id": "ok", "conversation": chat, "body": {"text": "fine"}});
+    ws.send(WsMessage::text(good.to_string())).await.unwrap();
+    let answer = reply(&mut ws).await;
+    assert_eq!((answer["type"].as_str(), answer["seq"].as_i64()), (Some("sent"), Some(1)));
+
+    // An oversized frame is abuse: the server closes the connection.
+    let huge =
+        json!({"type": "send", "client_id": "big", "conversation": chat, "body": {"text": "y".repeat(200 * 1024)}});
+    let _ = ws.send(WsMessage::text(huge.to_string())).await;
+    assert_closed(&mut ws, Some(1009)).await;
+
+    // So is a binary frame.
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    ws.send(WsMessage::binary(vec![1, 2, 3])).await.unwrap();
+    assert_closed(&mut ws, Some(1003)).await;
+}
+
+/// Reads until the server closes; checks the close code when it sent one.
+async fn assert_closed(
+    ws: &mut (impl StreamExt<Item = Result<WsMessage, tokio_tungstenite::tungstenite::Error>> + Unpin),
+    code: Option<u16>,
+) {
+    loop {
+        match tokio::time::timeout(WAIT, ws.next()).await.expect("the server kept the connection open") {
+            Some(Ok(WsMessage::Close(frame))) => {
+                if let (Some(code), Some(frame)) = (code, frame) {
+                    assert_eq!(u16::from(frame.code), code);
+                }
+                return;
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(_)) | None => return,
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_gateway_refuses_bad_tokens_and_user_tokens() {
+    let data = DataDir::new();
+    let server = Server::start(&data, &[DEV]);
+    let api = Api::new(&server.base);
+    let err = Live::connect(&api.with_token("nonsense"), LiveOptions::default()).await.unwrap_err();
+    assert!(matches!(err, client::Error::Api { status: 401, ref code, .. } if code == "invalid_token"), "{err}");
+    let err = Live::connect(&api, LiveOptions::default()).await.unwrap_err();
+    assert!(matches!(err, client::Error::Api { status: 401, ref code, .. } if code == "missing_token"), "{err}");
+    // An operator-minted token names no device: the gateway needs one.
+    let err = Live::connect(&api.with_token(&server.token("alice")), LiveOptions::default()).await.unwrap_err();
+    assert!(
+        matches!(err, client::Error::Api { status: 403, ref code, .. } if code == "device_token_required"),
+        "{err}"
+    );
+    // Not a WebSocket request at all.
+    let (_, session) = sign_in(&server, "+4915100000701", "phone").await;
+    let plain = server.http.get(server.url("/v1/ws")).bearer_auth(&session.access_token).send().await.unwrap();
+    assert_eq!(plain.status(), 400);
+    let body: Value = plain.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "websocket_required");
+}
+
+#[tokio::test]
+async fn retention_tells_a_lagging_device_what_it_missed() {
+    let data = DataDir::new();
+    let server = Server::start(&data, &[DEV]);
+    let (alice, _) = sign_in(&server, "+4915100000801", "phone").await;
+    let (bob, bob_session) = sign_in(&server, "+4915100000802", "phone").await;
+    let chat = alice.direct(&bob_session.user_id).await.unwrap().id;
+    for n in 1..=5 {
+        alice.send(&chat, &format!("c{n}"), json!({"text": format!("m{n}")})).await.unwrap();
+    }
+    server.kill();
+    // Age the first three messages past the 30-day retention, as if time had passed.
+    let db = format!("sqlite://{}", data.path().join("courier.db").display());
+    let pool = sqlx::SqlitePool::connect(&db).await.unwrap();
+    sqlx::query("UPDATE chat_messages SET created_at = 1000 WHERE seq <= 3").execute(&pool).await.unwrap();
+    pool.close().await;
+
+    let server = Server::start(&data, &[DEV]);
+    let bob = Api::new(&server.base).with_token(bob.token().unwrap());
+    let mut bob_live = live(&bob).await;
+    let expired = next(&mut bob_live, |e| match e {
+        Event::Expired { conversation, oldest_seq } => Some((conversation, oldest_seq)),
+        _ => None,
+    })
+    .await;
+    assert_eq!(expired, (chat.clone(), 4));
+    let rest: Vec<i64> =
+        drain_messages(&mut bob_live, Duration::from_millis(700)).await.iter().map(|m| m.seq).collect();
+    assert_eq!(rest, vec![4, 5]);
+    let kept = bob.history(&chat, 0, 10).await.unwrap();
+    assert_eq!(kept.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![4, 5]);
+}
