@@ -6,13 +6,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use serde_json::Value;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc, oneshot};
 use types::{ConversationId, DeviceId, MediaId, TokenKeys, UserId};
 
 use crate::error::ApiError;
 use crate::frames::{ServerFrame, message_frame};
 use crate::hub::{Event, Hub};
-use crate::{AccountStore, Acked, Appended, AuthConfig, ChatConfig, MessageStore, StoreError};
+use crate::{AccountStore, Acked, Appended, AuthConfig, ChatConfig, MessageStore, StoreError, Write, Written};
 
 /// What messaging needs from media storage, which another crate owns: whether a user may send a
 /// media record (they own it, or it was shared with them), and sharing it with a conversation's
@@ -43,6 +43,41 @@ pub struct Chat<S> {
     devices: moka::sync::Cache<(UserId, DeviceId), ()>,
     pub(crate) push_wake: Notify,
     pub(crate) limits: crate::accounts::Limits,
+    writes: mpsc::Sender<(Write, oneshot::Sender<Result<Written, StoreError>>)>,
+}
+
+/// Most writes one group commit takes.
+const MAX_BATCH: usize = 256;
+/// Writes waiting for the writer before senders wait too.
+const WRITE_QUEUE: usize = 4096;
+
+/// The group-commit writer: whatever appends and acks wait when it gets to them go into one
+/// transaction, so under load one commit (one fsync) serves many messages, and when idle a lone
+/// write goes straight through.
+async fn writer<S: MessageStore>(
+    store: Arc<S>,
+    mut writes: mpsc::Receiver<(Write, oneshot::Sender<Result<Written, StoreError>>)>,
+) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut replies = Vec::with_capacity(MAX_BATCH);
+    while let Some((write, reply)) = writes.recv().await {
+        batch.push(write);
+        replies.push(reply);
+        while batch.len() < MAX_BATCH {
+            match writes.try_recv() {
+                Ok((write, reply)) => {
+                    batch.push(write);
+                    replies.push(reply);
+                }
+                Err(_) => break,
+            }
+        }
+        let results = store.write_batch(&batch).await;
+        for (reply, result) in replies.drain(..).zip(results) {
+            let _ = reply.send(result);
+        }
+        batch.clear();
+    }
 }
 
 /// Whether a device-bound token still names a linked device; for auth layers outside this crate.
@@ -74,7 +109,10 @@ impl<S: MessageStore + AccountStore + 'static> Chat<S> {
         config: ChatConfig,
         auth: AuthConfig,
     ) -> Arc<Self> {
+        let (writes, queue) = mpsc::channel(WRITE_QUEUE);
+        tokio::spawn(writer(store.clone(), queue));
         Arc::new(Self {
+            writes,
             store,
             hub: Arc::new(Hub::new(config.outbound_queue)),
             media,
@@ -86,6 +124,14 @@ impl<S: MessageStore + AccountStore + 'static> Chat<S> {
             push_wake: Notify::new(),
             limits: crate::accounts::Limits::default(),
         })
+    }
+
+    /// Hands a write to the group-commit writer and waits for its result.
+    async fn write(&self, write: Write) -> Result<Written, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let stopped = || StoreError::Batch("the writer has stopped".into());
+        self.writes.send((write, reply)).await.map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
     }
 
     /// The hub of this node's live connections.
@@ -144,7 +190,17 @@ impl<S: MessageStore + AccountStore + 'static> Chat<S> {
         {
             return Err(ApiError::UnknownMedia);
         }
-        let appended = self.store.append(conversation, user, &device, client_id, &body.to_string(), now_ms()).await?;
+        let write = Write::Append {
+            conversation: *conversation,
+            sender: user.clone(),
+            device,
+            client_id: client_id.to_owned(),
+            body: body.to_string(),
+            now_ms: now_ms(),
+        };
+        let Written::Appended(appended) = self.write(write).await? else {
+            return Err(StoreError::Corrupt("the writer answered an append with something else".into()).into());
+        };
         let members = self.members(conversation).await?;
         if let Some(media) = media {
             // Also on a retried send: a share lost to a crash after the append is made good.
@@ -186,10 +242,9 @@ impl<S: MessageStore + AccountStore + 'static> Chat<S> {
         seq: i64,
         read: bool,
     ) -> Result<Acked, StoreError> {
-        let acked = if read {
-            self.store.mark_read(user, &device, conversation, seq).await?
-        } else {
-            self.store.ack(user, &device, conversation, seq).await?
+        let write = Write::Ack { user: user.clone(), device, conversation: *conversation, seq, read };
+        let Written::Acked(acked) = self.write(write).await? else {
+            return Err(StoreError::Corrupt("the writer answered an ack with something else".into()));
         };
         if let Some(receipt) = acked.receipt {
             let members = self.members(conversation).await?;

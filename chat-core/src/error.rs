@@ -47,7 +47,7 @@ impl ApiError {
             ApiError::Store(StoreError::Invalid(m)) | ApiError::Invalid(m) => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", m)
             }
-            ApiError::Store(e @ (StoreError::Database(_) | StoreError::Corrupt(_))) => {
+            ApiError::Store(e @ (StoreError::Database(_) | StoreError::Corrupt(_) | StoreError::Batch(_))) => {
                 tracing::error!(error = %e, "chat request failed");
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal", "something went wrong on our side; try again".into())
             }

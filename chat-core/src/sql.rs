@@ -14,7 +14,7 @@ use types::{ConversationId, DeviceId, UserId};
 use crate::store::{
     AccountStore, Acked, Appended, CodeCheck, Contact, Conversation, ConversationKind, ConversationSummary, Cursor,
     MAX_CODE_ATTEMPTS, MAX_DEVICES, MAX_GROUP_MEMBERS, MAX_PAGE, Message, MessageStore, PendingPush, Receipt, Role,
-    Rotation, StoreError, SyncState, check_message,
+    Rotation, StoreError, SyncState, Write, Written, check_message,
 };
 
 /// Applies chat-core's migrations (other crates keep theirs in the same database).
@@ -26,6 +26,31 @@ where
     let mut migrator = sqlx::migrate!("./migrations");
     migrator.set_ignore_missing(true);
     migrator.run(pool).await
+}
+
+/// Opens chat-core's SQLite pool on the database at `url` (created if missing) and migrates it.
+///
+/// One connection: SQLite has one writer at a time, and writers that wait for each other inside
+/// SQLite sleep in its busy handler (milliseconds each), while waiters for this pool queue in
+/// order and wake at once. Reads are short and share the same connection. WAL with
+/// `synchronous=FULL`: an acknowledged message survives a power cut, not only a crash.
+pub async fn open_sqlite(url: &str) -> Result<sqlx::SqlitePool, sqlx::Error> {
+    use std::str::FromStr;
+    let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)?
+        .create_if_missing(true)
+        .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+        .synchronous(sqlx::sqlite::SqliteSynchronous::Full)
+        .busy_timeout(std::time::Duration::from_secs(5));
+    let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect_with(options).await?;
+    migrate(&pool).await.map_err(|e| sqlx::Error::Migrate(Box::new(e)))?;
+    Ok(pool)
+}
+
+/// Opens chat-core's PostgreSQL pool at `url` and migrates it.
+pub async fn open_postgres(url: &str) -> Result<sqlx::PgPool, sqlx::Error> {
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(16).connect(url).await?;
+    migrate(&pool).await.map_err(|e| sqlx::Error::Migrate(Box::new(e)))?;
+    Ok(pool)
 }
 
 /// Users come into being the first time they are named.
@@ -68,7 +93,9 @@ fn group_roster(creator: &UserId, members: &[UserId]) -> Result<Vec<UserId>, Sto
 }
 
 macro_rules! sql_store {
-    ($pool:ty, $row:ty) => {
+    // `$begin` starts a transaction that may read before it writes: SQLite must take the write lock
+    // up front (BEGIN IMMEDIATE), or a commit by another connection in between fails it.
+    ($pool:ty, $row:ty, $begin:literal) => {
         fn message_from(row: &$row) -> Result<Message, StoreError> {
             Ok(Message {
                 conversation: parse(&row.try_get::<String, _>("conversation_id")?, "conversation id")?,
@@ -117,7 +144,10 @@ macro_rules! sql_store {
             })
         }
 
-        async fn existing(pool: &$pool, conversation: &ConversationId, sender: &UserId, client_id: &str) -> Result<Option<Message>, StoreError> {
+        async fn existing<'c, E>(executor: E, conversation: &ConversationId, sender: &UserId, client_id: &str) -> Result<Option<Message>, StoreError>
+        where
+            E: sqlx::Executor<'c, Database = <$pool as PoolDb>::Db>,
+        {
             let row = sqlx::query(
                 "SELECT conversation_id, seq, sender_user, sender_device, client_id, body, created_at FROM chat_messages
                   WHERE conversation_id = $1 AND sender_user = $2 AND client_id = $3",
@@ -125,7 +155,7 @@ macro_rules! sql_store {
             .bind(conversation.to_string())
             .bind(sender.as_str())
             .bind(client_id)
-            .fetch_optional(pool)
+            .fetch_optional(executor)
             .await?;
             row.as_ref().map(message_from).transpose()
         }
@@ -375,50 +405,39 @@ macro_rules! sql_store {
                 body: &str,
                 now_ms: i64,
             ) -> Result<Appended, StoreError> {
-                check_message(client_id, body)?;
-                // Taking the next seq first locks the conversation; a rollback gives it back, so seqs
-                // stay gapless whatever happens below.
                 let mut tx = self.begin().await?;
-                let seq: Option<i64> = sqlx::query_scalar(
-                    "UPDATE chat_conversations SET last_seq = last_seq + 1 WHERE conversation_id = $1 RETURNING last_seq",
-                )
-                .bind(conversation.to_string())
-                .fetch_optional(&mut *tx)
-                .await?;
-                let Some(seq) = seq else { return Err(StoreError::NotMember) };
-                if role(&mut *tx, conversation, sender).await?.is_none() {
-                    return Err(StoreError::NotMember);
-                }
-                let inserted = sqlx::query(
-                    "INSERT INTO chat_messages (conversation_id, seq, sender_user, sender_device, client_id, body, created_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7)
-                     ON CONFLICT (conversation_id, sender_user, client_id) DO NOTHING",
-                )
-                .bind(conversation.to_string())
-                .bind(seq)
-                .bind(sender.as_str())
-                .bind(device.to_string())
-                .bind(client_id)
-                .bind(body)
-                .bind(now_ms)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-                if inserted == 0 {
-                    tx.rollback().await?;
-                    let first = existing(self, conversation, sender, client_id).await?;
-                    return first.map(Appended::Duplicate).ok_or_else(|| corrupt("a conflicting message vanished"));
-                }
+                let appended = append_in(&mut tx, conversation, sender, device, client_id, body, now_ms).await?;
                 tx.commit().await?;
-                Ok(Appended::New(Message {
-                    conversation: *conversation,
-                    seq,
-                    sender: sender.clone(),
-                    device: *device,
-                    client_id: client_id.to_owned(),
-                    body: body.to_owned(),
-                    created_at: now_ms,
-                }))
+                Ok(appended)
+            }
+
+            async fn write_batch(&self, batch: &[Write]) -> Vec<Result<Written, StoreError>> {
+                let failed = |e: &dyn std::fmt::Display| batch.iter().map(|_| Err(StoreError::Batch(e.to_string()))).collect();
+                let mut tx = match self.begin_with($begin).await {
+                    Ok(tx) => tx,
+                    Err(e) => return failed(&e),
+                };
+                let mut results = Vec::with_capacity(batch.len());
+                for write in batch {
+                    let result = match write {
+                        Write::Append { conversation, sender, device, client_id, body, now_ms } => {
+                            append_in(&mut tx, conversation, sender, device, client_id, body, *now_ms).await.map(Written::Appended)
+                        }
+                        Write::Ack { user, device, conversation, seq, read } => {
+                            move_cursor_in(&mut tx, user, device, conversation, *seq, *read).await.map(Written::Acked)
+                        }
+                    };
+                    // Refusals wrote nothing; a database error may have written half, so the whole
+                    // batch is rolled back and every write in it fails.
+                    if let Err(e @ (StoreError::Database(_) | StoreError::Corrupt(_))) = &result {
+                        return failed(e);
+                    }
+                    results.push(result);
+                }
+                if let Err(e) = tx.commit().await {
+                    return failed(&e);
+                }
+                results
             }
 
             async fn messages_after(
@@ -442,11 +461,17 @@ macro_rules! sql_store {
             }
 
             async fn ack(&self, user: &UserId, device: &DeviceId, conversation: &ConversationId, seq: i64) -> Result<Acked, StoreError> {
-                move_cursor(self, user, device, conversation, seq, false).await
+                let mut tx = self.begin_with($begin).await?;
+                let acked = move_cursor_in(&mut tx, user, device, conversation, seq, false).await?;
+                tx.commit().await?;
+                Ok(acked)
             }
 
             async fn mark_read(&self, user: &UserId, device: &DeviceId, conversation: &ConversationId, seq: i64) -> Result<Acked, StoreError> {
-                move_cursor(self, user, device, conversation, seq, true).await
+                let mut tx = self.begin_with($begin).await?;
+                let acked = move_cursor_in(&mut tx, user, device, conversation, seq, true).await?;
+                tx.commit().await?;
+                Ok(acked)
             }
 
             async fn device_exists(&self, user: &UserId, device: &DeviceId) -> Result<bool, StoreError> {
@@ -810,16 +835,86 @@ macro_rules! sql_store {
             })
         }
 
-        async fn move_cursor(
-            pool: &$pool,
+        /// Appends inside `tx`. A refusal (not a member, a bad message) writes nothing, and a
+        /// duplicate undoes its seq, so a batch goes on after either without a savepoint.
+        async fn append_in(
+            tx: &mut sqlx::Transaction<'_, <$pool as PoolDb>::Db>,
+            conversation: &ConversationId,
+            sender: &UserId,
+            device: &DeviceId,
+            client_id: &str,
+            body: &str,
+            now_ms: i64,
+        ) -> Result<Appended, StoreError> {
+            check_message(client_id, body)?;
+            // Taking the next seq locks the conversation row, and only a member takes one.
+            let seq: Option<i64> = sqlx::query_scalar(
+                "UPDATE chat_conversations SET last_seq = last_seq + 1
+                  WHERE conversation_id = $1
+                    AND EXISTS (SELECT 1 FROM chat_members WHERE conversation_id = $1 AND user_id = $2)
+                  RETURNING last_seq",
+            )
+            .bind(conversation.to_string())
+            .bind(sender.as_str())
+            .fetch_optional(&mut **tx)
+            .await?;
+            let Some(seq) = seq else { return Err(StoreError::NotMember) };
+            let inserted = sqlx::query(
+                "INSERT INTO chat_messages (conversation_id, seq, sender_user, sender_device, client_id, body, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 ON CONFLICT (conversation_id, sender_user, client_id) DO NOTHING",
+            )
+            .bind(conversation.to_string())
+            .bind(seq)
+            .bind(sender.as_str())
+            .bind(device.to_string())
+            .bind(client_id)
+            .bind(body)
+            .bind(now_ms)
+            .execute(&mut **tx)
+            .await?
+            .rows_affected();
+            if inserted == 0 {
+                // A retry: give the seq back (this transaction holds the row, so it is still the
+                // last one) and answer with the first copy.
+                sqlx::query("UPDATE chat_conversations SET last_seq = last_seq - 1 WHERE conversation_id = $1")
+                    .bind(conversation.to_string())
+                    .execute(&mut **tx)
+                    .await?;
+                let first = existing(&mut **tx, conversation, sender, client_id).await?;
+                return first.map(Appended::Duplicate).ok_or_else(|| corrupt("a conflicting message vanished"));
+            }
+            Ok(Appended::New(Message {
+                conversation: *conversation,
+                seq,
+                sender: sender.clone(),
+                device: *device,
+                client_id: client_id.to_owned(),
+                body: body.to_owned(),
+                created_at: now_ms,
+            }))
+        }
+
+        /// Moves a device's cursor and the user's receipt inside `tx`; a non-member writes nothing.
+        async fn move_cursor_in(
+            tx: &mut sqlx::Transaction<'_, <$pool as PoolDb>::Db>,
             user: &UserId,
             device: &DeviceId,
             conversation: &ConversationId,
             seq: i64,
             read: bool,
         ) -> Result<Acked, StoreError> {
-            role(pool, conversation, user).await?.ok_or(StoreError::NotMember)?;
-            let last = load_conversation(pool, conversation).await?.last_seq;
+            // Membership and the log's end in one read of two tables keyed by conversation.
+            let last: Option<i64> = sqlx::query_scalar(
+                "SELECT c.last_seq FROM chat_conversations c
+                   JOIN chat_members m ON m.conversation_id = c.conversation_id AND m.user_id = $2
+                  WHERE c.conversation_id = $1",
+            )
+            .bind(conversation.to_string())
+            .bind(user.as_str())
+            .fetch_optional(&mut **tx)
+            .await?;
+            let Some(last) = last else { return Err(StoreError::NotMember) };
             let seq = seq.clamp(0, last);
             let read_seq = if read { seq } else { 0 };
             let row = sqlx::query(
@@ -836,31 +931,27 @@ macro_rules! sql_store {
             .bind(conversation.to_string())
             .bind(seq)
             .bind(read_seq)
-            .fetch_one(pool)
+            .fetch_one(&mut **tx)
             .await?;
             let device = Cursor { delivered: row.try_get("delivered_seq")?, read: row.try_get("read_seq")? };
-            // The user's receipt is the furthest any of their devices got; each column only grows.
-            let mut moved = 0;
-            for (column, value) in [("delivered_seq", device.delivered), ("read_seq", device.read)] {
-                moved += sqlx::query(&format!(
-                    "UPDATE chat_members SET {column} = $3 WHERE conversation_id = $1 AND user_id = $2 AND {column} < $3"
-                ))
-                .bind(conversation.to_string())
-                .bind(user.as_str())
-                .bind(value)
-                .execute(pool)
-                .await?
-                .rows_affected();
-            }
-            let receipt = if moved == 0 {
-                None
-            } else {
-                let row = sqlx::query("SELECT delivered_seq, read_seq FROM chat_members WHERE conversation_id = $1 AND user_id = $2")
-                    .bind(conversation.to_string())
-                    .bind(user.as_str())
-                    .fetch_one(pool)
-                    .await?;
-                Some(Cursor { delivered: row.try_get("delivered_seq")?, read: row.try_get("read_seq")? })
+            // The user's receipt is the furthest any of their devices got; each column only grows,
+            // and a row comes back only when one of them moved.
+            let moved = sqlx::query(
+                "UPDATE chat_members SET
+                   delivered_seq = CASE WHEN $3 > delivered_seq THEN $3 ELSE delivered_seq END,
+                   read_seq = CASE WHEN $4 > read_seq THEN $4 ELSE read_seq END
+                 WHERE conversation_id = $1 AND user_id = $2 AND (delivered_seq < $3 OR read_seq < $4)
+                 RETURNING delivered_seq, read_seq",
+            )
+            .bind(conversation.to_string())
+            .bind(user.as_str())
+            .bind(device.delivered)
+            .bind(device.read)
+            .fetch_optional(&mut **tx)
+            .await?;
+            let receipt = match moved {
+                Some(row) => Some(Cursor { delivered: row.try_get("delivered_seq")?, read: row.try_get("read_seq")? }),
+                None => None,
             };
             Ok(Acked { device, receipt })
         }
@@ -882,10 +973,10 @@ impl PoolDb for sqlx::PgPool {
 
 mod sqlite {
     use super::*;
-    sql_store!(sqlx::SqlitePool, sqlx::sqlite::SqliteRow);
+    sql_store!(sqlx::SqlitePool, sqlx::sqlite::SqliteRow, "BEGIN IMMEDIATE");
 }
 
 mod postgres {
     use super::*;
-    sql_store!(sqlx::PgPool, sqlx::postgres::PgRow);
+    sql_store!(sqlx::PgPool, sqlx::postgres::PgRow, "BEGIN");
 }

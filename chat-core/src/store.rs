@@ -97,6 +97,34 @@ impl Appended {
     }
 }
 
+/// A write that may share a transaction with others (group commit): each one succeeds or fails on
+/// its own, and all that succeeded are committed together.
+#[derive(Debug, Clone)]
+pub enum Write {
+    Append {
+        conversation: ConversationId,
+        sender: UserId,
+        device: DeviceId,
+        client_id: String,
+        body: String,
+        now_ms: i64,
+    },
+    Ack {
+        user: UserId,
+        device: DeviceId,
+        conversation: ConversationId,
+        seq: i64,
+        read: bool,
+    },
+}
+
+/// What a [`Write`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Written {
+    Appended(Appended),
+    Acked(Acked),
+}
+
 /// Where one device stands in one conversation.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Cursor {
@@ -166,6 +194,9 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
     #[error("bad data in the database: {0}")]
     Corrupt(String),
+    /// The batch this write was part of could not be committed.
+    #[error("committing a batch of writes failed: {0}")]
+    Batch(String),
 }
 
 /// Storage for chat-core. Every method that reads or writes a conversation checks membership.
@@ -225,6 +256,10 @@ pub trait MessageStore: Send + Sync {
         body: &str,
         now_ms: i64,
     ) -> impl Future<Output = Result<Appended, StoreError>> + Send;
+
+    /// Runs `batch` in one transaction, each write in a savepoint: one commit (one fsync) for all.
+    /// The results come in the batch's order.
+    fn write_batch(&self, batch: &[Write]) -> impl Future<Output = Vec<Result<Written, StoreError>>> + Send;
 
     /// Up to `limit` messages with seq greater than `after`, in seq order.
     fn messages_after(

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use chat_core::{
     AccountStore, Appended, CodeCheck, ConversationKind, Cursor, MAX_CODE_ATTEMPTS, MAX_GROUP_MEMBERS, MessageStore,
-    Role, Rotation, StoreError, SyncState,
+    Role, Rotation, StoreError, SyncState, Write, Written,
 };
 use futures_util::future::join_all;
 use types::{ConversationId, UserId};
@@ -86,6 +86,7 @@ conformance!(
     retention_purges_old_messages_and_says_how_far,
     phone_codes_expire_and_lock,
     a_reused_refresh_token_logs_the_device_out,
+    a_batch_commits_what_succeeds_and_refuses_the_rest,
 );
 
 async fn devices_per_user_are_bounded<S: MessageStore + AccountStore + 'static>(store: Arc<S>) {
@@ -425,4 +426,51 @@ async fn a_reused_refresh_token_logs_the_device_out<S: MessageStore + AccountSto
     assert!(!store.device_exists(&bob, &phone).await.unwrap());
     assert!(store.device_exists(&bob, &laptop).await.unwrap());
     assert!(matches!(store.rotate_refresh("l1", "l2", 3_000, 40).await.unwrap(), Rotation::Rotated { .. }));
+}
+
+async fn a_batch_commits_what_succeeds_and_refuses_the_rest<S: MessageStore + AccountStore + 'static>(store: Arc<S>) {
+    let (alice, bob, eve) = (user("alice"), user("bob"), user("eve"));
+    let chat = store.direct(&alice, &bob).await.unwrap();
+    let device = store.add_device(&alice, "a").await.unwrap();
+    let bobs = store.add_device(&bob, "b").await.unwrap();
+    let append = |sender: &UserId, client_id: &str| Write::Append {
+        conversation: chat.id,
+        sender: sender.clone(),
+        device,
+        client_id: client_id.into(),
+        body: format!("{{\"text\":\"{client_id}\"}}"),
+        now_ms: 1,
+    };
+    let results = store
+        .write_batch(&[
+            append(&alice, "one"),
+            append(&eve, "intruder"),
+            append(&alice, "one"),
+            Write::Ack { user: bob.clone(), device: bobs, conversation: chat.id, seq: 1, read: false },
+            Write::Ack { user: eve.clone(), device: bobs, conversation: chat.id, seq: 1, read: false },
+            append(&alice, "two"),
+            append(&alice, ""),
+        ])
+        .await;
+    assert_eq!(results.len(), 7);
+    let seq = |r: &Result<Written, StoreError>| match r {
+        Ok(Written::Appended(a)) => Some(a.message().seq),
+        _ => None,
+    };
+    assert!(matches!(results[0], Ok(Written::Appended(Appended::New(_)))));
+    assert_eq!(seq(&results[0]), Some(1));
+    assert!(matches!(results[1], Err(StoreError::NotMember)));
+    assert!(matches!(results[2], Ok(Written::Appended(Appended::Duplicate(_)))), "{:?}", results[2]);
+    assert_eq!(seq(&results[2]), Some(1));
+    match &results[3] {
+        Ok(Written::Acked(acked)) => assert_eq!(acked.device.delivered, 1),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(results[4], Err(StoreError::NotMember)));
+    assert_eq!(seq(&results[5]), Some(2), "the refused writes took no seq");
+    assert!(matches!(results[6], Err(StoreError::Invalid(_))));
+    let log: Vec<i64> = store.messages_after(&chat.id, &bob, 0, 10).await.unwrap().iter().map(|m| m.seq).collect();
+    assert_eq!(log, vec![1, 2]);
+    assert_eq!(store.sync_one(&bob, &bobs, &chat.id).await.unwrap().delivered, 1);
+    assert!(store.write_batch(&[]).await.is_empty());
 }

@@ -18,7 +18,9 @@ pub(crate) struct Config {
     pub(crate) listen: SocketAddr,
     /// Where the database, blobs, keys and temp files live. Default ./data.
     pub(crate) data_dir: PathBuf,
-    /// Database URL. Default: SQLite at `{data_dir}/courier.db`.
+    /// Database URL: `sqlite://FILE` or `postgres://…`. Default: SQLite files in the data dir
+    /// (`courier.db` for media, `chat.db` for messaging). With PostgreSQL, messaging uses it and
+    /// media records stay in `courier.db` until ingest gains a PostgreSQL backend.
     pub(crate) database_url: Option<String>,
     /// Where blobs are stored: a folder, or an object store URL (`s3://bucket/prefix`, `gs://…`,
     /// `az://…`, credentials from the usual AWS_*/GOOGLE_*/AZURE_* variables). Default `{data_dir}/blobs`.
@@ -144,6 +146,8 @@ pub(crate) struct FlagOverrides {
     pub(crate) listen: Option<SocketAddr>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) data_dir: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) database_url: Option<String>,
     /// `--dev`: verification codes come back in the response.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) auth: Option<DevAuth>,
@@ -182,8 +186,22 @@ impl Config {
         layered(Config::default(), file, "COURIER_", &["edge_", "test_"], flags)
     }
 
-    pub(crate) fn database_url(&self) -> String {
-        self.database_url.clone().unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("courier.db").display()))
+    fn is_postgres(&self) -> bool {
+        self.database_url.as_deref().is_some_and(|u| u.starts_with("postgres://") || u.starts_with("postgresql://"))
+    }
+
+    /// Ingest's database: SQLite only so far, so `{data_dir}/courier.db` when `database_url` names PostgreSQL.
+    pub(crate) fn ingest_database_url(&self) -> String {
+        match &self.database_url {
+            Some(url) if !self.is_postgres() => url.clone(),
+            _ => format!("sqlite://{}", self.data_dir.join("courier.db").display()),
+        }
+    }
+
+    /// chat-core's database: `database_url` (SQLite or PostgreSQL), else `{data_dir}/chat.db`, a file
+    /// of its own so messaging and uploads do not queue for one SQLite write lock.
+    pub(crate) fn chat_database_url(&self) -> String {
+        self.database_url.clone().unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("chat.db").display()))
     }
 
     pub(crate) fn blobs(&self) -> String {

@@ -39,6 +39,9 @@ enum Command {
         /// A TOML file with any of the settings (see deploy/courier.toml)
         #[arg(long, env = "COURIER_CONFIG", hide_env_values = true)]
         config: Option<PathBuf>,
+        /// Database URL, sqlite://FILE or postgres://… [default: SQLite files in the data dir] [env: COURIER_DATABASE_URL]
+        #[arg(long)]
+        database_url: Option<String>,
         /// Development mode: sign-in codes come back in the response as "dev_code" (never in production)
         #[arg(long)]
         dev: bool,
@@ -119,9 +122,10 @@ fn main() -> ExitCode {
 
 fn run() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Serve { listen, data_dir, config, dev } => {
+        Command::Serve { listen, data_dir, config, database_url, dev } => {
             let auth = dev.then_some(config::DevAuth { dev_codes: true });
-            let config = config::Config::load(config.as_deref(), config::FlagOverrides { listen, data_dir, auth })?;
+            let flags = config::FlagOverrides { listen, data_dir, database_url, auth };
+            let config = config::Config::load(config.as_deref(), flags)?;
             serve::init_logging(&config.log, config.log_format)?;
             tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve::serve(config))
         }

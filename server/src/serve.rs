@@ -32,9 +32,7 @@ pub(crate) async fn serve(config: Config) -> anyhow::Result<()> {
     let token_keys = Arc::new(TokenKeys::new(&secrets::load_or_create(data_dir, secrets::TOKEN_KEY)?));
     let signer = UrlSigner::new(&secrets::load_or_create(data_dir, secrets::URL_KEY)?);
 
-    let db = ingest::connect_sqlite(&config.database_url()).await.context("opening the database")?;
-    chat_core::migrate(&db).await.context("migrating chat-core's tables")?;
-    let chat_db = db.clone();
+    let db = ingest::connect_sqlite(&config.ingest_database_url()).await.context("opening the database")?;
     let store = BlobStore::open(&config.blobs()).context("opening the blob store")?;
     let variants = BlobStore::new(store.clone(), Namespace::Variants);
     let workers = config.workers();
@@ -49,9 +47,14 @@ pub(crate) async fn serve(config: Config) -> anyhow::Result<()> {
         data_dir.join("tmp"),
     )?;
     let media: Arc<dyn chat_core::MediaAccess> = Arc::new(SharedMedia(ingest.clone()));
-    let chat =
-        chat_core::Chat::new(Arc::new(chat_db), media, (*token_keys).clone(), config.chat.clone(), config.auth.clone());
-    chat.purge_old().await;
+    let chat_url = config.chat_database_url();
+    let chat = if chat_url.starts_with("postgres://") || chat_url.starts_with("postgresql://") {
+        let pool = chat_core::open_postgres(&chat_url).await.context("opening chat-core's PostgreSQL database")?;
+        ChatParts::start(pool, media, &token_keys, &config).await
+    } else {
+        let pool = chat_core::open_sqlite(&chat_url).await.context("opening chat-core's database")?;
+        ChatParts::start(pool, media, &token_keys, &config).await
+    };
     if config.auth.dev_codes {
         tracing::warn!("development mode: sign-in codes are returned in responses");
     }
@@ -69,18 +72,18 @@ pub(crate) async fn serve(config: Config) -> anyhow::Result<()> {
 
     let (stop, stopped) = watch::channel(false);
     let runner = config.transcode.run_jobs.then(|| tokio::spawn(Runner::run(ingest.clone(), stopped.clone())));
-    let chat_tasks = tokio::spawn(chat.clone().run_background(stopped));
+    let chat_tasks = (chat.background)(stopped);
 
-    let auth = auth::Auth { keys: token_keys, devices: chat.clone() };
+    let auth = auth::Auth { keys: token_keys, devices: chat.devices };
     let user_routes = ingest
         .router()
-        .merge(chat.user_routes())
+        .merge(chat.user_routes)
         .route_layer(axum::middleware::from_fn_with_state(auth, auth::require_user));
     let app = listener::with_common_layers(
         Router::new()
             .route("/healthz", get(|| async { "ok\n" }))
             .merge(edge_cache::router(blobs))
-            .merge(chat.public_routes())
+            .merge(chat.public_routes)
             .merge(user_routes),
     );
 
@@ -115,6 +118,32 @@ fn print_welcome(addr: std::net::SocketAddr, config: &Config) {
          --data-binary @fixtures/rocket.jpg http://{addr}/v1/media"
     );
     println!("  status: curl -H \"Authorization: Bearer $TOKEN\" http://{addr}/v1/media/ID");
+}
+
+/// chat-core, started on one of its backends, in the shapes `serve` mounts.
+struct ChatParts {
+    user_routes: Router,
+    public_routes: Router,
+    devices: Arc<dyn chat_core::DeviceCheck>,
+    background: Box<dyn FnOnce(watch::Receiver<bool>) -> tokio::task::JoinHandle<()> + Send>,
+}
+
+impl ChatParts {
+    async fn start<S>(store: S, media: Arc<dyn chat_core::MediaAccess>, keys: &TokenKeys, config: &Config) -> Self
+    where
+        S: chat_core::MessageStore + chat_core::AccountStore + 'static,
+    {
+        let chat = chat_core::Chat::new(Arc::new(store), media, keys.clone(), config.chat.clone(), config.auth.clone());
+        // Retention runs once before the server listens, then hourly.
+        chat.purge_old().await;
+        let background = chat.clone();
+        Self {
+            user_routes: chat.user_routes(),
+            public_routes: chat.public_routes(),
+            devices: chat.clone(),
+            background: Box::new(move |stop| tokio::spawn(background.run_background(stop))),
+        }
+    }
 }
 
 /// chat-core's view of ingest: media messages may carry what their sender owns or was shared, and

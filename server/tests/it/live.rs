@@ -446,7 +446,7 @@ async fn retention_tells_a_lagging_device_what_it_missed() {
     }
     server.kill();
     // Age the first three messages past the 30-day retention, as if time had passed.
-    let db = format!("sqlite://{}", data.path().join("courier.db").display());
+    let db = format!("sqlite://{}", data.path().join("chat.db").display());
     let pool = sqlx::SqlitePool::connect(&db).await.unwrap();
     sqlx::query("UPDATE chat_messages SET created_at = 1000 WHERE seq <= 3").execute(&pool).await.unwrap();
     pool.close().await;
