@@ -43,8 +43,12 @@ pub struct Chat<S> {
     devices: moka::sync::Cache<(UserId, DeviceId), ()>,
     pub(crate) push_wake: Notify,
     pub(crate) limits: crate::accounts::Limits,
-    writes: mpsc::Sender<(Write, oneshot::Sender<Result<Written, StoreError>>)>,
+    /// One queue per writer; a conversation always goes to the same one, so its writes keep their order.
+    writers: Vec<mpsc::Sender<Queued>>,
 }
+
+/// A write waiting for its writer, with where its result goes.
+type Queued = (Write, oneshot::Sender<Result<Written, StoreError>>);
 
 /// Most writes one group commit takes.
 const MAX_BATCH: usize = 256;
@@ -54,10 +58,7 @@ const WRITE_QUEUE: usize = 4096;
 /// The group-commit writer: whatever appends and acks wait when it gets to them go into one
 /// transaction, so under load one commit (one fsync) serves many messages, and when idle a lone
 /// write goes straight through.
-async fn writer<S: MessageStore>(
-    store: Arc<S>,
-    mut writes: mpsc::Receiver<(Write, oneshot::Sender<Result<Written, StoreError>>)>,
-) {
+async fn writer<S: MessageStore>(store: Arc<S>, mut writes: mpsc::Receiver<Queued>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut replies = Vec::with_capacity(MAX_BATCH);
     while let Some((write, reply)) = writes.recv().await {
@@ -109,10 +110,15 @@ impl<S: MessageStore + AccountStore + 'static> Chat<S> {
         config: ChatConfig,
         auth: AuthConfig,
     ) -> Arc<Self> {
-        let (writes, queue) = mpsc::channel(WRITE_QUEUE);
-        tokio::spawn(writer(store.clone(), queue));
+        let writers = (0..store.writers().max(1))
+            .map(|_| {
+                let (writes, queue) = mpsc::channel(WRITE_QUEUE);
+                tokio::spawn(writer(store.clone(), queue));
+                writes
+            })
+            .collect();
         Arc::new(Self {
-            writes,
+            writers,
             store,
             hub: Arc::new(Hub::new(config.outbound_queue)),
             media,
@@ -130,7 +136,14 @@ impl<S: MessageStore + AccountStore + 'static> Chat<S> {
     async fn write(&self, write: Write) -> Result<Written, StoreError> {
         let (reply, answer) = oneshot::channel();
         let stopped = || StoreError::Batch("the writer has stopped".into());
-        self.writes.send((write, reply)).await.map_err(|_| stopped())?;
+        let conversation = match &write {
+            Write::Append { conversation, .. } | Write::Ack { conversation, .. } => conversation,
+        };
+        let mut hasher = std::hash::DefaultHasher::new();
+        std::hash::Hash::hash(conversation, &mut hasher);
+        let shard = std::hash::Hasher::finish(&hasher) as usize % self.writers.len();
+        let queue = &self.writers[shard];
+        queue.send((write, reply)).await.map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
     }
 

@@ -94,7 +94,7 @@ pub(crate) async fn upgrade<S: MessageStore + AccountStore + 'static>(
         Err(e) => return refuse(StatusCode::BAD_REQUEST, "websocket_required", &e.body_text()),
     };
     let user = claims.sub;
-    ws.read_buffer_size(4 * 1024)
+    ws.read_buffer_size(1024)
         .write_buffer_size(0)
         .max_write_buffer_size(256 * 1024)
         .max_message_size(MAX_CLIENT_FRAME)

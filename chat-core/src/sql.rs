@@ -95,7 +95,7 @@ fn group_roster(creator: &UserId, members: &[UserId]) -> Result<Vec<UserId>, Sto
 macro_rules! sql_store {
     // `$begin` starts a transaction that may read before it writes: SQLite must take the write lock
     // up front (BEGIN IMMEDIATE), or a commit by another connection in between fails it.
-    ($pool:ty, $row:ty, $begin:literal) => {
+    ($pool:ty, $row:ty, $begin:literal, $writers:literal) => {
         fn message_from(row: &$row) -> Result<Message, StoreError> {
             Ok(Message {
                 conversation: parse(&row.try_get::<String, _>("conversation_id")?, "conversation id")?,
@@ -409,6 +409,10 @@ macro_rules! sql_store {
                 let appended = append_in(&mut tx, conversation, sender, device, client_id, body, now_ms).await?;
                 tx.commit().await?;
                 Ok(appended)
+            }
+
+            fn writers(&self) -> usize {
+                $writers
             }
 
             async fn write_batch(&self, batch: &[Write]) -> Vec<Result<Written, StoreError>> {
@@ -973,10 +977,10 @@ impl PoolDb for sqlx::PgPool {
 
 mod sqlite {
     use super::*;
-    sql_store!(sqlx::SqlitePool, sqlx::sqlite::SqliteRow, "BEGIN IMMEDIATE");
+    sql_store!(sqlx::SqlitePool, sqlx::sqlite::SqliteRow, "BEGIN IMMEDIATE", 1);
 }
 
 mod postgres {
     use super::*;
-    sql_store!(sqlx::PgPool, sqlx::postgres::PgRow, "BEGIN");
+    sql_store!(sqlx::PgPool, sqlx::postgres::PgRow, "BEGIN", 4);
 }

@@ -257,8 +257,14 @@ pub trait MessageStore: Send + Sync {
         now_ms: i64,
     ) -> impl Future<Output = Result<Appended, StoreError>> + Send;
 
-    /// Runs `batch` in one transaction, each write in a savepoint: one commit (one fsync) for all.
-    /// The results come in the batch's order.
+    /// How many group-commit writers this backend profits from: one for SQLite (one writer at a
+    /// time anyway), several for a server database where conversations lock apart.
+    fn writers(&self) -> usize {
+        1
+    }
+
+    /// Runs `batch` in one transaction: one commit (one fsync) for all. Each write succeeds or is
+    /// refused on its own; a database error fails them all. The results come in the batch's order.
     fn write_batch(&self, batch: &[Write]) -> impl Future<Output = Vec<Result<Written, StoreError>>> + Send;
 
     /// Up to `limit` messages with seq greater than `after`, in seq order.

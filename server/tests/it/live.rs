@@ -466,3 +466,46 @@ async fn retention_tells_a_lagging_device_what_it_missed() {
     let kept = bob.history(&chat, 0, 10).await.unwrap();
     assert_eq!(kept.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![4, 5]);
 }
+
+/// The same gateway with messaging on PostgreSQL (`--database-url postgres://…`), in a schema of its
+/// own on the server at `COURIER_TEST_DATABASE_URL`. Unset: skipped with a note; set but
+/// unreachable: fails.
+#[tokio::test]
+async fn messaging_runs_on_postgresql_across_a_restart() {
+    let Ok(url) = std::env::var("COURIER_TEST_DATABASE_URL") else {
+        eprintln!("COURIER_TEST_DATABASE_URL is not set: skipping the PostgreSQL run of the gateway");
+        return;
+    };
+    let schema = "it_gateway";
+    let admin = sqlx::PgPool::connect(&url).await.expect("COURIER_TEST_DATABASE_URL is set but unreachable");
+    sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).execute(&admin).await.unwrap();
+    sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&admin).await.unwrap();
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let database = format!("{url}{separator}options=-c%20search_path%3D{schema}");
+
+    let data = DataDir::new();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let server = Server::start_on(&data, &listen, &[DEV, ("COURIER_DATABASE_URL", &database)]);
+    let (alice, _) = sign_in(&server, "+4915100000991", "phone").await;
+    let (bob, bob_session) = sign_in(&server, "+4915100000992", "phone").await;
+    let chat = alice.direct(&bob_session.user_id).await.unwrap().id;
+    let alice_live = live(&alice).await;
+    let mut bob_live = live(&bob).await;
+    alice_live.send(&chat, json!({"text": "on postgres"})).await.unwrap();
+    assert_eq!(text(&next_message(&mut bob_live).await), "on postgres");
+    bob_live.close().await;
+    let sent = alice_live.send(&chat, json!({"text": "while bob is away"})).await.unwrap();
+
+    server.kill();
+    let rows: i64 =
+        sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {schema}.chat_messages")).fetch_one(&admin).await.unwrap();
+    assert_eq!(rows, 2, "the messages are in PostgreSQL");
+    assert!(!data.path().join("chat.db").exists(), "nothing of messaging went to SQLite");
+
+    let server = Server::start_on(&data, &listen, &[DEV, ("COURIER_DATABASE_URL", &database)]);
+    let mut bob_live = live(&bob).await;
+    let got = next_message(&mut bob_live).await;
+    assert_eq!((got.seq, text(&got)), (sent.seq, "while bob is away"));
+    drop(server);
+    admin.close().await;
+}
