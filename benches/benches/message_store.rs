@@ -1,11 +1,12 @@
 //! chat-core's store on both backends: appending a message (one transaction: next seq, membership,
-//! insert) and replaying a 500-message page from a cursor. PostgreSQL runs when
+//! insert), a group commit of 64 appends (what the writer does under load), and replaying a
+//! 500-message page from a cursor. PostgreSQL runs when
 //! `COURIER_TEST_DATABASE_URL` is set (schema `chat_bench`, recreated).
 
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use chat_core::MessageStore;
+use chat_core::{MessageStore, Write};
 use criterion::{Criterion, criterion_group, criterion_main};
 use types::{ConversationId, DeviceId, UserId};
 
@@ -42,6 +43,24 @@ fn bench_store<S: MessageStore + 'static>(c: &mut Criterion, name: &str, runtime
                 .unwrap()
         })
     });
+    group.throughput(criterion::Throughput::Elements(64));
+    group.bench_function("append_batch_64", |b| {
+        b.to_async(runtime).iter(|| async {
+            let f = &fixture;
+            let batch: Vec<Write> = (0..64)
+                .map(|_| Write::Append {
+                    conversation: f.conversation,
+                    sender: f.alice.clone(),
+                    device: f.phone,
+                    client_id: format!("bench{}", next.fetch_add(1, Ordering::Relaxed)),
+                    body: "{\"text\":\"hello there\"}".into(),
+                    now_ms: 0,
+                })
+                .collect();
+            assert!(store.write_batch(&batch).await.iter().all(Result::is_ok));
+        })
+    });
+    group.throughput(criterion::Throughput::Elements(1));
     group.bench_function("replay_500", |b| {
         b.to_async(runtime).iter(|| async {
             let page = store.messages_after(&fixture.conversation, &fixture.alice, 100, 500).await.unwrap();
@@ -54,17 +73,9 @@ fn bench_store<S: MessageStore + 'static>(c: &mut Criterion, name: &str, runtime
 fn message_store(c: &mut Criterion) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let sqlite = runtime.block_on(async {
-        let url = format!("sqlite://{}", dir.path().join("bench.db").display());
-        let options = sqlx::sqlite::SqliteConnectOptions::from_str(&url)
-            .unwrap()
-            .create_if_missing(true)
-            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
-            .synchronous(sqlx::sqlite::SqliteSynchronous::Full);
-        let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
-        chat_core::migrate(&pool).await.unwrap();
-        pool
-    });
+    // The pool `courier serve` uses: WAL, synchronous=FULL, one connection.
+    let url = format!("sqlite://{}", dir.path().join("bench.db").display());
+    let sqlite = runtime.block_on(chat_core::open_sqlite(&url)).unwrap();
     bench_store(c, "sqlite", &runtime, sqlite);
 
     if let Ok(url) = std::env::var("COURIER_TEST_DATABASE_URL") {

@@ -9,6 +9,7 @@ use serde_json::Value;
 use tokio::sync::{Notify, mpsc, oneshot};
 use types::{ConversationId, DeviceId, MediaId, TokenKeys, UserId};
 
+use crate::bus::{Bus, Inbound};
 use crate::error::ApiError;
 use crate::frames::{ServerFrame, message_frame};
 use crate::hub::{Event, Hub};
@@ -45,6 +46,7 @@ pub struct Chat<S> {
     pub(crate) limits: crate::accounts::Limits,
     /// One queue per writer; a conversation always goes to the same one, so its writes keep their order.
     writers: Vec<mpsc::Sender<Queued>>,
+    bus: Option<Arc<Bus>>,
 }
 
 /// A write waiting for its writer, with where its result goes.
@@ -109,6 +111,7 @@ impl<S: MessageStore + AccountStore + 'static> Chat<S> {
         keys: TokenKeys,
         config: ChatConfig,
         auth: AuthConfig,
+        bus: Option<Bus>,
     ) -> Arc<Self> {
         let writers = (0..store.writers().max(1))
             .map(|_| {
@@ -117,16 +120,32 @@ impl<S: MessageStore + AccountStore + 'static> Chat<S> {
                 writes
             })
             .collect();
+        let hub = Arc::new(Hub::new(config.outbound_queue));
+        let members = moka::sync::Cache::builder().max_capacity(100_000).time_to_live(MEMBERS_CACHE_TTL).build();
+        let devices = moka::sync::Cache::builder().max_capacity(1_000_000).time_to_live(DEVICE_CACHE_TTL).build();
+        let bus = bus.map(Arc::new);
+        if let Some(bus) = &bus {
+            let (local, members, devices) = (hub.clone(), members.clone(), devices.clone());
+            tokio::spawn(bus.clone().listen(hub.clone(), move |inbound| match inbound {
+                Inbound::Deliver(users, event) => local.deliver(&users, event),
+                Inbound::LogOut(user, device) => {
+                    devices.invalidate(&(user.clone(), device));
+                    local.log_out(&user, device);
+                }
+                Inbound::ForgetMembers(conversation) => members.invalidate(&conversation),
+            }));
+        }
         Arc::new(Self {
             writers,
+            bus,
             store,
-            hub: Arc::new(Hub::new(config.outbound_queue)),
+            hub,
             media,
             keys,
             config,
             auth,
-            members: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(MEMBERS_CACHE_TTL).build(),
-            devices: moka::sync::Cache::builder().max_capacity(1_000_000).time_to_live(DEVICE_CACHE_TTL).build(),
+            members,
+            devices,
             push_wake: Notify::new(),
             limits: crate::accounts::Limits::default(),
         })
@@ -170,6 +189,9 @@ impl<S: MessageStore + AccountStore + 'static> Chat<S> {
         let removed = self.store.remove_device(user, &device).await?;
         self.devices.invalidate(&(user.clone(), device));
         self.hub.log_out(user, device);
+        if let Some(bus) = &self.bus {
+            bus.publish_logout(user, device).await;
+        }
         Ok(removed)
     }
 
@@ -183,8 +205,19 @@ impl<S: MessageStore + AccountStore + 'static> Chat<S> {
         Ok(members)
     }
 
-    pub(crate) fn forget_members(&self, conversation: &ConversationId) {
+    pub(crate) async fn forget_members(&self, conversation: &ConversationId) {
         self.members.invalidate(conversation);
+        if let Some(bus) = &self.bus {
+            bus.publish_members(*conversation).await;
+        }
+    }
+
+    /// Hands `event` to the devices of `users` connected here, and through the bus to the other nodes.
+    pub(crate) async fn fan_out(&self, users: &[UserId], event: Event) {
+        if let Some(bus) = &self.bus {
+            bus.publish_event(users, &event).await;
+        }
+        self.hub.deliver(users, event);
     }
 
     /// Sends a message: checks the body and media, appends (idempotent on `client_id`), shares
@@ -219,10 +252,13 @@ impl<S: MessageStore + AccountStore + 'static> Chat<S> {
             // Also on a retried send: a share lost to a crash after the append is made good.
             self.media.share(media, &members).await.map_err(ApiError::Media)?;
         }
+        // A retry wakes the members' devices again: harmless (each connection drops a seq it has
+        // passed), and it makes good a wake-up lost to a crash between the commit and the fan-out.
+        let message = appended.message();
+        let event =
+            Event::Message { conversation: *conversation, seq: message.seq, device, frame: message_frame(message) };
+        self.fan_out(&members, event).await;
         if let Appended::New(message) = &appended {
-            let event =
-                Event::Message { conversation: *conversation, seq: message.seq, device, frame: message_frame(message) };
-            self.hub.deliver(&members, event);
             self.queue_pushes(&members, user, conversation, message.seq).await;
         }
         Ok(appended)
@@ -264,21 +300,20 @@ impl<S: MessageStore + AccountStore + 'static> Chat<S> {
             let others: Vec<UserId> = members.iter().filter(|u| *u != user).cloned().collect();
             let (status, seq) = if read { ("read", receipt.read) } else { ("delivered", receipt.delivered) };
             let frame = ServerFrame::Receipt { conversation: *conversation, user, status, seq }.encode();
-            self.hub.deliver(&others, Event::Frame(frame));
+            self.fan_out(&others, Event::Frame(frame)).await;
         }
         Ok(acked)
     }
 
-    /// Tells the user's online contacts that they came online or went offline.
+    /// Tells the user's connected contacts that they came online or went offline.
     pub(crate) async fn announce_presence(&self, user: &UserId, online: bool, last_seen: i64) {
         let contacts = match self.store.contacts(user).await {
             Ok(c) => c,
             Err(e) => return tracing::warn!(error = %e, "could not load contacts for presence"),
         };
-        let online_contacts: Vec<UserId> =
-            contacts.into_iter().map(|c| c.user).filter(|u| self.hub.online(u)).collect();
+        let contacts: Vec<UserId> = contacts.into_iter().map(|c| c.user).collect();
         let frame = ServerFrame::Presence { user, online, last_seen }.encode();
-        self.hub.deliver(&online_contacts, Event::Frame(frame));
+        self.fan_out(&contacts, Event::Frame(frame)).await;
     }
 
     /// Mints an access token for a device.

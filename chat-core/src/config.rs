@@ -17,6 +17,10 @@ pub struct ChatConfig {
     pub send_timeout_secs: u64,
     /// Events queued for one connection before it is disconnected as too slow. Default 256.
     pub outbound_queue: usize,
+    /// NATS server for cross-node fan-out (`nats://host:4222`); unset: one node, in-process only.
+    pub bus_url: Option<String>,
+    /// The NATS subject the nodes of one cluster share. Default "courier.chat.fanout".
+    pub bus_subject: String,
 }
 
 impl Default for ChatConfig {
@@ -28,6 +32,8 @@ impl Default for ChatConfig {
             idle_timeout_secs: 75,
             send_timeout_secs: 10,
             outbound_queue: 256,
+            bus_url: None,
+            bus_subject: "courier.chat.fanout".into(),
         }
     }
 }

@@ -450,7 +450,7 @@ impl<S: MessageStore + AccountStore + 'static> Connection<S> {
         self.typing.insert(conversation, now);
         let others: Vec<UserId> = members.iter().filter(|u| **u != self.user).cloned().collect();
         let frame = ServerFrame::Typing { conversation, user: &self.user }.encode();
-        self.chat.hub.deliver(&others, Event::Frame(frame));
+        self.chat.fan_out(&others, Event::Frame(frame)).await;
         Ok(())
     }
 }

@@ -163,7 +163,7 @@ async fn add_members<S: MessageStore + AccountStore + 'static>(
     let id = conversation_id(&id)?;
     let members = users(&json_body(body)?.members)?;
     chat.store.add_members(&id, &claims.sub, &members).await?;
-    chat.forget_members(&id);
+    chat.forget_members(&id).await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -175,7 +175,7 @@ async fn remove_member<S: MessageStore + AccountStore + 'static>(
     let id = conversation_id(&id)?;
     let user: UserId = user.parse().map_err(|_| ApiError::Store(StoreError::NotMember))?;
     chat.store.remove_member(&id, &claims.sub, &user).await?;
-    chat.forget_members(&id);
+    chat.forget_members(&id).await;
     Ok(StatusCode::NO_CONTENT)
 }
 

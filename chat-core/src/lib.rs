@@ -11,6 +11,7 @@
 //! on `types` only.
 
 mod accounts;
+mod bus;
 mod chat;
 mod config;
 mod error;
@@ -27,6 +28,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::routing::{get, post};
 
+pub use bus::Bus;
 pub use chat::{BoxFuture, Chat, DeviceCheck, MediaAccess};
 pub use config::{AuthConfig, ChatConfig};
 pub use gateway::{CLOSE_IDLE, CLOSE_LOGGED_OUT, CLOSE_TOO_SLOW, MAX_CLIENT_FRAME};

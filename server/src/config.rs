@@ -151,6 +151,14 @@ pub(crate) struct FlagOverrides {
     /// `--dev`: verification codes come back in the response.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) auth: Option<DevAuth>,
+    /// `--bus`
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) chat: Option<BusFlag>,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct BusFlag {
+    pub(crate) bus_url: String,
 }
 
 #[derive(Debug, Serialize)]

@@ -42,6 +42,9 @@ enum Command {
         /// Database URL, sqlite://FILE or postgres://… [default: SQLite files in the data dir] [env: COURIER_DATABASE_URL]
         #[arg(long)]
         database_url: Option<String>,
+        /// NATS server for fan-out between nodes, nats://host:4222 [default: none, one node] [env: COURIER_CHAT__BUS_URL]
+        #[arg(long)]
+        bus: Option<String>,
         /// Development mode: sign-in codes come back in the response as "dev_code" (never in production)
         #[arg(long)]
         dev: bool,
@@ -122,9 +125,10 @@ fn main() -> ExitCode {
 
 fn run() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Serve { listen, data_dir, config, database_url, dev } => {
+        Command::Serve { listen, data_dir, config, database_url, bus, dev } => {
             let auth = dev.then_some(config::DevAuth { dev_codes: true });
-            let flags = config::FlagOverrides { listen, data_dir, database_url, auth };
+            let chat = bus.map(|bus_url| config::BusFlag { bus_url });
+            let flags = config::FlagOverrides { listen, data_dir, database_url, auth, chat };
             let config = config::Config::load(config.as_deref(), flags)?;
             serve::init_logging(&config.log, config.log_format)?;
             tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve::serve(config))

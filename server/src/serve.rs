@@ -47,13 +47,21 @@ pub(crate) async fn serve(config: Config) -> anyhow::Result<()> {
         data_dir.join("tmp"),
     )?;
     let media: Arc<dyn chat_core::MediaAccess> = Arc::new(SharedMedia(ingest.clone()));
+    let bus = match &config.chat.bus_url {
+        Some(url) => Some(
+            chat_core::Bus::connect(url, &config.chat.bus_subject)
+                .await
+                .with_context(|| format!("connecting to the bus at {url}"))?,
+        ),
+        None => None,
+    };
     let chat_url = config.chat_database_url();
     let chat = if chat_url.starts_with("postgres://") || chat_url.starts_with("postgresql://") {
         let pool = chat_core::open_postgres(&chat_url).await.context("opening chat-core's PostgreSQL database")?;
-        ChatParts::start(pool, media, &token_keys, &config).await
+        ChatParts::start(pool, media, &token_keys, &config, bus).await
     } else {
         let pool = chat_core::open_sqlite(&chat_url).await.context("opening chat-core's database")?;
-        ChatParts::start(pool, media, &token_keys, &config).await
+        ChatParts::start(pool, media, &token_keys, &config, bus).await
     };
     if config.auth.dev_codes {
         tracing::warn!("development mode: sign-in codes are returned in responses");
@@ -129,11 +137,18 @@ struct ChatParts {
 }
 
 impl ChatParts {
-    async fn start<S>(store: S, media: Arc<dyn chat_core::MediaAccess>, keys: &TokenKeys, config: &Config) -> Self
+    async fn start<S>(
+        store: S,
+        media: Arc<dyn chat_core::MediaAccess>,
+        keys: &TokenKeys,
+        config: &Config,
+        bus: Option<chat_core::Bus>,
+    ) -> Self
     where
         S: chat_core::MessageStore + chat_core::AccountStore + 'static,
     {
-        let chat = chat_core::Chat::new(Arc::new(store), media, keys.clone(), config.chat.clone(), config.auth.clone());
+        let chat =
+            chat_core::Chat::new(Arc::new(store), media, keys.clone(), config.chat.clone(), config.auth.clone(), bus);
         // Retention runs once before the server listens, then hourly.
         chat.purge_old().await;
         let background = chat.clone();

@@ -477,11 +477,7 @@ async fn messaging_runs_on_postgresql_across_a_restart() {
         return;
     };
     let schema = "it_gateway";
-    let admin = sqlx::PgPool::connect(&url).await.expect("COURIER_TEST_DATABASE_URL is set but unreachable");
-    sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).execute(&admin).await.unwrap();
-    sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&admin).await.unwrap();
-    let separator = if url.contains('?') { '&' } else { '?' };
-    let database = format!("{url}{separator}options=-c%20search_path%3D{schema}");
+    let (admin, database) = fresh_schema(&url, schema).await;
 
     let data = DataDir::new();
     let listen = format!("127.0.0.1:{}", free_port());
@@ -508,4 +504,75 @@ async fn messaging_runs_on_postgresql_across_a_restart() {
     assert_eq!((got.seq, text(&got)), (sent.seq, "while bob is away"));
     drop(server);
     admin.close().await;
+}
+
+/// Two nodes on one PostgreSQL database and one NATS bus: a message sent through one reaches a
+/// device connected to the other live, and so do receipts and logouts. Needs both
+/// `COURIER_TEST_DATABASE_URL` and `COURIER_TEST_NATS_URL` (skipped with a note when unset; a set
+/// but unreachable service fails the test).
+#[tokio::test]
+async fn two_nodes_fan_out_through_nats() {
+    let (Ok(db_url), Ok(nats_url)) =
+        (std::env::var("COURIER_TEST_DATABASE_URL"), std::env::var("COURIER_TEST_NATS_URL"))
+    else {
+        eprintln!("COURIER_TEST_DATABASE_URL or COURIER_TEST_NATS_URL is not set: skipping the two-node run");
+        return;
+    };
+    // Reachable, or fail here rather than in the server's log.
+    let (host, port) = nats_url.trim_start_matches("nats://").split_once(':').expect("nats://host:port");
+    tokio::net::TcpStream::connect((host, port.parse::<u16>().unwrap()))
+        .await
+        .expect("COURIER_TEST_NATS_URL is set but unreachable");
+    let (admin, database) = fresh_schema(&db_url, "it_two_nodes").await;
+    let subject = format!("courier.test.{}", std::process::id());
+    let env = [
+        DEV,
+        ("COURIER_DATABASE_URL", database.as_str()),
+        ("COURIER_CHAT__BUS_URL", nats_url.as_str()),
+        ("COURIER_CHAT__BUS_SUBJECT", subject.as_str()),
+    ];
+    let (data_a, data_b) = (DataDir::new(), DataDir::new());
+    let node_a = Server::start(&data_a, &env);
+    let node_b = Server::start(&data_b, &env);
+
+    let (alice, _) = sign_in(&node_a, "+4915100001001", "phone").await;
+    let (bob_on_a, bob_session) = sign_in(&node_a, "+4915100001002", "phone").await;
+    // Bob's device talks to node B with the token node A issued: the nodes share keys and database.
+    std::fs::copy(data_a.path().join("token-signing.key"), data_b.path().join("token-signing.key")).unwrap();
+    drop(node_b);
+    let node_b = Server::start(&data_b, &env);
+    let bob = Api::new(&node_b.base).with_token(bob_on_a.token().unwrap());
+    let chat = alice.direct(&bob_session.user_id).await.unwrap().id;
+
+    let mut alice_live = live(&alice).await;
+    let mut bob_live = live(&bob).await;
+    let sent = alice_live.send(&chat, json!({"text": "across nodes"})).await.unwrap();
+    let got = next_message(&mut bob_live).await;
+    assert_eq!((got.seq, text(&got)), (sent.seq, "across nodes"));
+    // Bob's ack on node B becomes a receipt for alice on node A.
+    next(&mut alice_live, |e| matches!(e, Event::Receipt { seq: 1, .. }).then_some(())).await;
+    let reply = bob_live.send(&chat, json!({"text": "and back"})).await.unwrap();
+    assert_eq!(reply.seq, 2);
+    assert_eq!(text(&next_message(&mut alice_live).await), "and back");
+
+    // Logging bob's device out through node A closes its connection on node B at once.
+    bob_on_a.unlink_device(&bob_session.device_id).await.unwrap();
+    let code = next(&mut bob_live, |e| match e {
+        Event::Disconnected { code, .. } => Some(code),
+        _ => None,
+    })
+    .await;
+    assert_eq!(code, Some(4001));
+    drop((node_a, node_b));
+    admin.close().await;
+}
+
+/// An empty schema on the test PostgreSQL server: a pool to inspect it, and a database URL whose
+/// connections use it.
+async fn fresh_schema(url: &str, schema: &str) -> (sqlx::PgPool, String) {
+    let admin = sqlx::PgPool::connect(url).await.expect("COURIER_TEST_DATABASE_URL is set but unreachable");
+    sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).execute(&admin).await.unwrap();
+    sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&admin).await.unwrap();
+    let separator = if url.contains('?') { '&' } else { '?' };
+    (admin, format!("{url}{separator}options=-c%20search_path%3D{schema}"))
 }
