@@ -223,3 +223,20 @@ impl Config {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The sample config files list real settings: a renamed or removed key fails here, not in
+    /// front of an operator.
+    #[test]
+    fn the_deploy_files_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+        let serve = Config::load(Some(&dir.join("courier.toml")), FlagOverrides::default()).unwrap();
+        assert_eq!(serve.chat.retention_days, 30);
+        assert_eq!(serve.chat.bus_subject, "courier.chat.fanout");
+        assert!(!serve.auth.dev_codes, "the sample must never turn dev codes on");
+        crate::edge::EdgeConfig::load(Some(&dir.join("edge.toml")), crate::edge::EdgeFlags::default()).unwrap();
+    }
+}
