@@ -908,21 +908,16 @@ macro_rules! sql_store {
             seq: i64,
             read: bool,
         ) -> Result<Acked, StoreError> {
-            // Membership and the log's end in one read of two tables keyed by conversation.
-            let last: Option<i64> = sqlx::query_scalar(
-                "SELECT c.last_seq FROM chat_conversations c
-                   JOIN chat_members m ON m.conversation_id = c.conversation_id AND m.user_id = $2
-                  WHERE c.conversation_id = $1",
-            )
-            .bind(conversation.to_string())
-            .bind(user.as_str())
-            .fetch_optional(&mut **tx)
-            .await?;
-            let Some(last) = last else { return Err(StoreError::NotMember) };
-            let seq = seq.clamp(0, last);
-            let read_seq = if read { seq } else { 0 };
+            // One statement: only a member gets a row to insert, and the cursor is clamped to the
+            // log's end (both read from tables keyed by conversation).
             let row = sqlx::query(
-                "INSERT INTO chat_cursors (user_id, device_id, conversation_id, delivered_seq, read_seq) VALUES ($1, $2, $3, $4, $5)
+                "INSERT INTO chat_cursors (user_id, device_id, conversation_id, delivered_seq, read_seq)
+                 SELECT $1, $2, $3,
+                        CASE WHEN $4 > c.last_seq THEN c.last_seq WHEN $4 < 0 THEN 0 ELSE $4 END,
+                        CASE WHEN $5 > c.last_seq THEN c.last_seq WHEN $5 < 0 THEN 0 ELSE $5 END
+                   FROM chat_conversations c
+                   JOIN chat_members m ON m.conversation_id = c.conversation_id AND m.user_id = $1
+                  WHERE c.conversation_id = $3
                  ON CONFLICT (user_id, device_id, conversation_id) DO UPDATE SET
                    delivered_seq = CASE WHEN excluded.delivered_seq > chat_cursors.delivered_seq
                                         THEN excluded.delivered_seq ELSE chat_cursors.delivered_seq END,
@@ -934,9 +929,10 @@ macro_rules! sql_store {
             .bind(device.to_string())
             .bind(conversation.to_string())
             .bind(seq)
-            .bind(read_seq)
-            .fetch_one(&mut **tx)
+            .bind(if read { seq } else { 0 })
+            .fetch_optional(&mut **tx)
             .await?;
+            let Some(row) = row else { return Err(StoreError::NotMember) };
             let device = Cursor { delivered: row.try_get("delivered_seq")?, read: row.try_get("read_seq")? };
             // The user's receipt is the furthest any of their devices got; each column only grows,
             // and a row comes back only when one of them moved.
