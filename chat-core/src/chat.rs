@@ -166,11 +166,6 @@ impl<S: MessageStore + AccountStore + 'static> Chat<S> {
         answer.await.map_err(|_| stopped())?
     }
 
-    /// The hub of this node's live connections.
-    pub fn hub(&self) -> &Hub {
-        &self.hub
-    }
-
     /// Whether a device-bound token still belongs to a linked device.
     pub async fn device_active(&self, user: &UserId, device: DeviceId) -> Result<bool, StoreError> {
         let key = (user.clone(), device);

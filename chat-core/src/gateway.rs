@@ -61,11 +61,7 @@ pub(crate) async fn upgrade<S: MessageStore + AccountStore + 'static>(
     Query(query): Query<TokenQuery>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .map(str::trim);
+    let bearer = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(types::bearer_token);
     let Some(token) = bearer.or(query.token.as_deref()) else {
         return refuse(StatusCode::UNAUTHORIZED, "missing_token", "a token is required (Authorization or ?token=)");
     };

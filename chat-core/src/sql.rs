@@ -92,16 +92,34 @@ fn group_roster(creator: &UserId, members: &[UserId]) -> Result<Vec<UserId>, Sto
     Ok(roster)
 }
 
+/// Where a device stands in the conversations of a user (`$1` user, `$2` device), for
+/// [`MessageStore::sync_state`] and, narrowed to one conversation, `sync_one`.
+macro_rules! sync_select {
+    () => {
+        "SELECT c.conversation_id, c.last_seq, c.purged_upto, COALESCE(cu.delivered_seq, 0) AS delivered
+           FROM chat_memberships m
+           JOIN chat_conversations c ON c.conversation_id = m.conversation_id
+           LEFT JOIN chat_cursors cu
+             ON cu.user_id = m.user_id AND cu.device_id = $2 AND cu.conversation_id = m.conversation_id
+          WHERE m.user_id = $1"
+    };
+}
+
 macro_rules! sql_store {
     // `$begin` starts a transaction that may read before it writes: SQLite must take the write lock
     // up front (BEGIN IMMEDIATE), or a commit by another connection in between fails it.
     ($pool:ty, $row:ty, $begin:literal, $writers:literal) => {
+        /// A text column parsed into one of our id types; `what` names it in the error.
+        fn column<T: std::str::FromStr>(row: &$row, name: &str, what: &str) -> Result<T, StoreError> {
+            parse(&row.try_get::<String, _>(name)?, what)
+        }
+
         fn message_from(row: &$row) -> Result<Message, StoreError> {
             Ok(Message {
-                conversation: parse(&row.try_get::<String, _>("conversation_id")?, "conversation id")?,
+                conversation: column(row, "conversation_id", "conversation id")?,
                 seq: row.try_get("seq")?,
-                sender: parse(&row.try_get::<String, _>("sender_user")?, "user id")?,
-                device: parse(&row.try_get::<String, _>("sender_device")?, "device id")?,
+                sender: column(row, "sender_user", "user id")?,
+                device: column(row, "sender_device", "device id")?,
                 client_id: row.try_get("client_id")?,
                 body: row.try_get("body")?,
                 created_at: row.try_get("created_at")?,
@@ -111,7 +129,7 @@ macro_rules! sql_store {
         fn conversation_from(row: &$row) -> Result<Conversation, StoreError> {
             let kind: String = row.try_get("kind")?;
             Ok(Conversation {
-                id: parse(&row.try_get::<String, _>("conversation_id")?, "conversation id")?,
+                id: column(row, "conversation_id", "conversation id")?,
                 kind: ConversationKind::parse(&kind).ok_or_else(|| corrupt("conversation kind"))?,
                 name: row.try_get("name")?,
                 last_seq: row.try_get("last_seq")?,
@@ -507,14 +525,7 @@ macro_rules! sql_store {
             }
 
             async fn sync_state(&self, user: &UserId, device: &DeviceId) -> Result<Vec<SyncState>, StoreError> {
-                let rows = sqlx::query(
-                    "SELECT c.conversation_id, c.last_seq, c.purged_upto, COALESCE(cu.delivered_seq, 0) AS delivered
-                       FROM chat_memberships m
-                       JOIN chat_conversations c ON c.conversation_id = m.conversation_id
-                       LEFT JOIN chat_cursors cu
-                         ON cu.user_id = m.user_id AND cu.device_id = $2 AND cu.conversation_id = m.conversation_id
-                      WHERE m.user_id = $1",
-                )
+                let rows = sqlx::query(sync_select!())
                 .bind(user.as_str())
                 .bind(device.to_string())
                 .fetch_all(self)
@@ -523,14 +534,7 @@ macro_rules! sql_store {
             }
 
             async fn sync_one(&self, user: &UserId, device: &DeviceId, conversation: &ConversationId) -> Result<SyncState, StoreError> {
-                let row = sqlx::query(
-                    "SELECT c.conversation_id, c.last_seq, c.purged_upto, COALESCE(cu.delivered_seq, 0) AS delivered
-                       FROM chat_memberships m
-                       JOIN chat_conversations c ON c.conversation_id = m.conversation_id
-                       LEFT JOIN chat_cursors cu
-                         ON cu.user_id = m.user_id AND cu.device_id = $2 AND cu.conversation_id = m.conversation_id
-                      WHERE m.user_id = $1 AND m.conversation_id = $3",
-                )
+                let row = sqlx::query(concat!(sync_select!(), " AND m.conversation_id = $3"))
                 .bind(user.as_str())
                 .bind(device.to_string())
                 .bind(conversation.to_string())
@@ -561,8 +565,8 @@ macro_rules! sql_store {
                 rows.iter()
                     .map(|row| {
                         Ok(Receipt {
-                            conversation: parse(&row.try_get::<String, _>("conversation_id")?, "conversation id")?,
-                            user: parse(&row.try_get::<String, _>("user_id")?, "user id")?,
+                            conversation: column(row, "conversation_id", "conversation id")?,
+                            user: column(row, "user_id", "user id")?,
                             cursor: Cursor { delivered: row.try_get("delivered_seq")?, read: row.try_get("read_seq")? },
                         })
                     })
@@ -583,7 +587,7 @@ macro_rules! sql_store {
                 rows.iter()
                     .map(|row| {
                         Ok(Contact {
-                            user: parse(&row.try_get::<String, _>("user_id")?, "user id")?,
+                            user: column(row, "user_id", "user id")?,
                             last_seen: row.try_get("last_seen")?,
                         })
                     })
@@ -640,10 +644,10 @@ macro_rules! sql_store {
                 rows.iter()
                     .map(|row| {
                         Ok(PendingPush {
-                            user: parse(&row.try_get::<String, _>("user_id")?, "user id")?,
-                            conversation: parse(&row.try_get::<String, _>("conversation_id")?, "conversation id")?,
+                            user: column(row, "user_id", "user id")?,
+                            conversation: column(row, "conversation_id", "conversation id")?,
                             seq: row.try_get("seq")?,
-                            sender: parse(&row.try_get::<String, _>("sender_user")?, "user id")?,
+                            sender: column(row, "sender_user", "user id")?,
                             attempts: row.try_get("attempts")?,
                         })
                     })
@@ -783,8 +787,8 @@ macro_rules! sql_store {
                 .fetch_optional(&mut *tx)
                 .await?;
                 if let Some(row) = spent {
-                    let user: UserId = parse(&row.try_get::<String, _>("user_id")?, "user id")?;
-                    let device: DeviceId = parse(&row.try_get::<String, _>("device_id")?, "device id")?;
+                    let user: UserId = column(&row, "user_id", "user id")?;
+                    let device: DeviceId = column(&row, "device_id", "device id")?;
                     insert_refresh(&mut *tx, new_hash, &user, &device, expires_at_ms, now_ms).await?;
                     tx.commit().await?;
                     return Ok(Rotation::Rotated { user, device });
@@ -798,8 +802,8 @@ macro_rules! sql_store {
                 if row.try_get::<Option<i64>, _>("spent_at")?.is_none() {
                     return Ok(Rotation::Invalid);
                 }
-                let user: UserId = parse(&row.try_get::<String, _>("user_id")?, "user id")?;
-                let device: DeviceId = parse(&row.try_get::<String, _>("device_id")?, "device id")?;
+                let user: UserId = column(&row, "user_id", "user id")?;
+                let device: DeviceId = column(&row, "device_id", "device id")?;
                 self.remove_device(&user, &device).await?;
                 Ok(Rotation::Reused { user, device })
             }
@@ -832,7 +836,7 @@ macro_rules! sql_store {
 
         fn sync_from(row: &$row) -> Result<SyncState, StoreError> {
             Ok(SyncState {
-                conversation: parse(&row.try_get::<String, _>("conversation_id")?, "conversation id")?,
+                conversation: column(row, "conversation_id", "conversation id")?,
                 last_seq: row.try_get("last_seq")?,
                 delivered: row.try_get("delivered")?,
                 purged_upto: row.try_get("purged_upto")?,

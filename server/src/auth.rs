@@ -8,7 +8,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use chat_core::DeviceCheck;
-use types::{ErrorBody, TokenError, TokenKeys};
+use types::{ErrorBody, TokenError, TokenKeys, bearer_token};
 
 /// What checking a token needs: the signing keys, and whether a device is still linked.
 #[derive(Clone)]
@@ -20,12 +20,8 @@ pub(crate) struct Auth {
 /// Lets the request through with its [`types::UserId`] and [`types::Claims`] in the extensions, or
 /// answers 401. A token bound to a device that was logged out is refused like an invalid one.
 pub(crate) async fn require_user(State(auth): State<Auth>, mut request: Request, next: Next) -> Response {
-    let token = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")));
-    let (status, code, message) = match token.map(|t| auth.keys.verify(t.trim())) {
+    let token = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(bearer_token);
+    let (status, code, message) = match token.map(|t| auth.keys.verify(t)) {
         Some(Ok(claims)) => {
             let active = match claims.dev {
                 None => Ok(true),

@@ -20,4 +20,4 @@ pub use ids::{
 pub use media::{MediaKind, MediaStatus, VariantName};
 pub use secret::{Secret, SecretError};
 pub use signed_url::{SignedUrlError, UrlSigner};
-pub use token::{Claims, TokenError, TokenKeys};
+pub use token::{Claims, TokenError, TokenKeys, bearer_token};

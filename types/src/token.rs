@@ -15,6 +15,11 @@ pub struct Claims {
     pub exp: u64,
 }
 
+/// The token in an `Authorization` header value: `Bearer <token>` (or `bearer`), trimmed.
+pub fn bearer_token(authorization: &str) -> Option<&str> {
+    authorization.strip_prefix("Bearer ").or_else(|| authorization.strip_prefix("bearer ")).map(str::trim)
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TokenError {
     #[error("the token has expired")]

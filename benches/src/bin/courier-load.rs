@@ -108,6 +108,34 @@ fn start_server(args: &Args) -> anyhow::Result<Server> {
     Ok(Server { child: Some(child), base, data_dir: temp.path().to_owned(), _temp: Some(temp) })
 }
 
+/// POSTs each `(path, token, body)` to the server, 32 at a time, and returns the string `field` of
+/// every answer, in order.
+async fn post_all(
+    http: &reqwest::Client,
+    base: &str,
+    requests: Vec<(&'static str, String, Value)>,
+    field: &'static str,
+) -> anyhow::Result<Vec<String>> {
+    stream::iter(requests)
+        .map(|(path, token, body)| async move {
+            let answer: Value = http
+                .post(format!("{base}{path}"))
+                .bearer_auth(token)
+                .json(&body)
+                .send()
+                .await?
+                .error_for_status()?
+                .json()
+                .await?;
+            anyhow::Ok(answer[field].as_str().with_context(|| format!("no {field} from {path}"))?.to_owned())
+        })
+        .buffered(32)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect()
+}
+
 /// Resident memory of a process, in bytes.
 fn rss(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -147,49 +175,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // Devices, and a direct conversation per pair.
     let setup = Instant::now();
     let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
-    let tokens: Vec<String> = stream::iter(0..n)
-        .map(|i| {
-            let (http, base) = (http.clone(), server.base.clone());
-            let user_token = keys.mint(&format!("load{i}").parse::<UserId>().expect("valid id"), now, 86_400);
-            async move {
-                let answer: Value = http
-                    .post(format!("{base}/v1/devices"))
-                    .bearer_auth(user_token)
-                    .json(&json!({"name": "load"}))
-                    .send()
-                    .await?
-                    .error_for_status()?
-                    .json()
-                    .await?;
-                anyhow::Ok(answer["access_token"].as_str().context("no token")?.to_owned())
-            }
-        })
-        .buffered(32)
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect::<Result<_, _>>()?;
-    let conversations: Vec<String> = stream::iter(0..n / 2)
-        .map(|p| {
-            let (http, base, token) = (http.clone(), server.base.clone(), tokens[2 * p].clone());
-            async move {
-                let answer: Value = http
-                    .post(format!("{base}/v1/conversations"))
-                    .bearer_auth(token)
-                    .json(&json!({"type": "direct", "members": [format!("load{}", 2 * p + 1)]}))
-                    .send()
-                    .await?
-                    .error_for_status()?
-                    .json()
-                    .await?;
-                anyhow::Ok(answer["id"].as_str().context("no id")?.to_owned())
-            }
-        })
-        .buffered(32)
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect::<Result<_, _>>()?;
+    let devices = (0..n).map(|i| {
+        let user_token = keys.mint(&format!("load{i}").parse::<UserId>().expect("valid id"), now, 86_400);
+        ("/v1/devices", user_token, json!({"name": "load"}))
+    });
+    let tokens = post_all(&http, &server.base, devices.collect(), "access_token").await?;
+    let pairs = (0..n / 2).map(|p| {
+        let body = json!({"type": "direct", "members": [format!("load{}", 2 * p + 1)]});
+        ("/v1/conversations", tokens[2 * p].clone(), body)
+    });
+    let conversations = post_all(&http, &server.base, pairs.collect(), "id").await?;
     eprintln!("set up {n} devices and {} conversations in {:.1?}", n / 2, setup.elapsed());
 
     // Connections.
