@@ -3,8 +3,11 @@
 
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# Build needs: pkg-config, and cmake + nasm for libjpeg-turbo (built with SIMD by turbojpeg-sys).
-BUILD_PACKAGES := pkg-config cmake nasm g++
+# Build needs: pkg-config, and cmake + nasm for libjpeg-turbo (built with SIMD by turbojpeg-sys);
+# libopus for voice notes; Debian's libav* (with libx264) for video, and libclang for ffmpeg-sys's
+# bindgen; the ffmpeg package for ffprobe, which the tests check outputs with.
+BUILD_PACKAGES := pkg-config cmake nasm g++ libopus-dev libclang-dev ffmpeg \
+	libavcodec-dev libavformat-dev libavfilter-dev libavutil-dev libswscale-dev libswresample-dev
 # Comparison scripts need the peers they compare with.
 COMPARE_PACKAGES := libvips-tools time nginx-light wrk curl
 

@@ -8,10 +8,11 @@ use std::path::Path as FsPath;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures_util::StreamExt;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{GetOptions, GetRange, ObjectStore, PutMode, PutOptions, PutPayload, WriteMultipart};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use types::BlobId;
 
 use crate::EdgeError;
@@ -165,6 +166,22 @@ impl BlobStore {
         }
         writer.finish().await?;
         Ok(Stored::New)
+    }
+
+    /// Copies the blob into a new file at `file`, in chunks. `false` when it is not stored.
+    pub async fn download(&self, id: &BlobId, file: &FsPath) -> Result<bool, EdgeError> {
+        let result = match self.store.get(&self.path(id)).await {
+            Ok(result) => result,
+            Err(object_store::Error::NotFound { .. }) => return Ok(false),
+            Err(e) => return Err(e.into()),
+        };
+        let mut stream = result.into_stream();
+        let mut out = tokio::fs::File::create_new(file).await?;
+        while let Some(chunk) = stream.next().await {
+            out.write_all(&chunk?).await?;
+        }
+        out.sync_all().await?;
+        Ok(true)
     }
 
     pub async fn delete(&self, id: &BlobId) -> Result<(), EdgeError> {

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct IngestConfig {
-    /// Largest upload body, in bytes.
+    /// Largest image upload, in bytes.
     pub max_upload_bytes: u64,
     /// Largest width × height of an image, checked from its header.
     pub max_pixels: u64,
@@ -20,6 +20,8 @@ pub struct IngestConfig {
     /// How long a signed variant URL stays valid, in seconds.
     pub url_ttl_secs: u64,
     pub job: JobConfig,
+    pub audio: AudioConfig,
+    pub video: VideoConfig,
 }
 
 impl Default for IngestConfig {
@@ -32,6 +34,67 @@ impl Default for IngestConfig {
             wait_for_ready_ms: 5000,
             url_ttl_secs: 7 * 24 * 3600,
             job: JobConfig::default(),
+            audio: AudioConfig::default(),
+            video: VideoConfig::default(),
+        }
+    }
+}
+
+impl IngestConfig {
+    /// The byte limit of an upload of `kind`.
+    pub fn max_bytes(&self, kind: types::MediaKind) -> u64 {
+        match kind {
+            types::MediaKind::Image => self.max_upload_bytes,
+            types::MediaKind::Audio => self.audio.max_bytes,
+            types::MediaKind::Video => self.video.max_bytes,
+        }
+    }
+}
+
+/// Voice notes and audio files. They share the image workers (`[transcode] workers`): short jobs
+/// that must never wait behind a video.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AudioConfig {
+    pub max_bytes: u64,
+    pub limits: transcode::audio::Limits,
+    pub output: transcode::audio::Settings,
+}
+
+impl Default for AudioConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: 200 * 1024 * 1024,
+            limits: transcode::audio::Limits::default(),
+            output: transcode::audio::Settings::default(),
+        }
+    }
+}
+
+/// Videos: each job runs in a worker process of its own, on a queue of its own.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VideoConfig {
+    pub max_bytes: u64,
+    /// Video jobs at once. Each runs libx264 on every core it finds, so one suits a small machine.
+    pub workers: usize,
+    /// Wall-clock budget of one attempt, in seconds.
+    pub timeout_secs: u64,
+    /// Address-space limit of the worker process, in bytes.
+    pub memory_bytes: u64,
+    pub limits: transcode::video::Limits,
+    pub output: transcode::video::Settings,
+}
+
+impl Default for VideoConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: 1024 * 1024 * 1024,
+            workers: 1,
+            timeout_secs: 30 * 60,
+            memory_bytes: 3 * 1024 * 1024 * 1024,
+            limits: transcode::video::Limits::default(),
+            output: transcode::video::Settings::default(),
         }
     }
 }

@@ -9,14 +9,34 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use sqlx::{Row, SqlitePool};
-use tokio::sync::{Semaphore, watch};
+use std::io::Cursor;
+
+use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::JoinSet;
-use transcode::TranscodeError;
-use transcode::photo::{self, Format};
+use transcode::photo;
+use transcode::{MediaType, TranscodeError, audio, isolate};
 use types::{BlobId, ErrorDetail, MediaId, MediaKind, MediaStatus, UserId};
 
 use crate::view::JobResult;
 use crate::{Ingest, JobConfig, now_ms};
+
+/// The runner's two queues: images and audio must never wait behind a video.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Lane {
+    /// Images and audio, in the in-process pool.
+    Quick,
+    /// Videos, one worker process each.
+    Video,
+}
+
+impl Lane {
+    pub(crate) fn of(kind: MediaKind) -> Self {
+        match kind {
+            MediaKind::Image | MediaKind::Audio => Lane::Quick,
+            MediaKind::Video => Lane::Video,
+        }
+    }
+}
 
 /// The `jobs` and `media` tables.
 #[derive(Debug, Clone)]
@@ -29,6 +49,7 @@ pub struct JobQueue {
 #[derive(Debug)]
 pub(crate) struct Claimed {
     pub(crate) blob: BlobId,
+    pub(crate) kind: MediaKind,
     pub(crate) mime: String,
     pub(crate) attempts: u32,
 }
@@ -40,6 +61,7 @@ pub(crate) struct JobState {
     pub(crate) permanent: bool,
     pub(crate) error: Option<ErrorDetail>,
     pub(crate) result: Option<JobResult>,
+    pub(crate) progress: Option<f32>,
 }
 
 /// A media row joined with its job.
@@ -81,6 +103,7 @@ fn job_state(row: &sqlx::sqlite::SqliteRow) -> Result<JobState, sqlx::Error> {
         permanent: row.try_get::<i64, _>("permanent")? != 0,
         error,
         result,
+        progress: row.try_get::<Option<f64>, _>("progress")?.map(|p| p as f32),
     })
 }
 
@@ -107,11 +130,12 @@ impl JobQueue {
     }
 
     pub(crate) async fn job(&self, blob: &BlobId) -> Result<Option<JobState>, sqlx::Error> {
-        let row =
-            sqlx::query("SELECT status, permanent, error_code, error_message, result FROM jobs WHERE source_blob = ?")
-                .bind(blob.to_hex())
-                .fetch_optional(&self.db)
-                .await?;
+        let row = sqlx::query(
+            "SELECT status, permanent, error_code, error_message, result, progress FROM jobs WHERE source_blob = ?",
+        )
+        .bind(blob.to_hex())
+        .fetch_optional(&self.db)
+        .await?;
         row.as_ref().map(job_state).transpose()
     }
 
@@ -200,7 +224,8 @@ impl JobQueue {
 
     pub(crate) async fn media(&self, id: MediaId) -> Result<Option<MediaRow>, sqlx::Error> {
         let row = sqlx::query(
-            "SELECT m.owner, m.kind, m.source_blob, j.status, j.permanent, j.error_code, j.error_message, j.result
+            "SELECT m.owner, m.kind, m.source_blob, j.status, j.permanent, j.error_code, j.error_message, j.result,
+                    j.progress
                FROM media m JOIN jobs j ON j.source_blob = m.source_blob
               WHERE m.id = ?",
         )
@@ -218,31 +243,85 @@ impl JobQueue {
         }))
     }
 
-    /// Claims the next due job whose lease is free, or `None`.
-    pub(crate) async fn claim(&self) -> Result<Option<Claimed>, sqlx::Error> {
+    /// Claims the next due job of `lane` whose lease is free, or `None`.
+    pub(crate) async fn claim(&self, lane: Lane) -> Result<Option<Claimed>, sqlx::Error> {
         let now = now_ms();
         let lease_until = now + (self.config.lease_secs * 1000) as i64;
+        let (first, second) = match lane {
+            Lane::Quick => (MediaKind::Image, MediaKind::Audio),
+            Lane::Video => (MediaKind::Video, MediaKind::Video),
+        };
         let row = sqlx::query(
-            "UPDATE jobs SET lease_until = ?1, attempts = attempts + 1, updated_at = ?2
+            "UPDATE jobs SET lease_until = ?1, attempts = attempts + 1, progress = NULL, updated_at = ?2
               WHERE source_blob = (
                     SELECT source_blob FROM jobs
-                     WHERE status = 'processing' AND run_after <= ?2
+                     WHERE kind IN (?3, ?4) AND status = 'processing' AND run_after <= ?2
                        AND (lease_until IS NULL OR lease_until < ?2)
                      ORDER BY run_after LIMIT 1)
                 AND status = 'processing' AND (lease_until IS NULL OR lease_until < ?2)
-            RETURNING source_blob, source_mime, attempts",
+            RETURNING source_blob, kind, source_mime, attempts",
         )
         .bind(lease_until)
         .bind(now)
+        .bind(first.as_str())
+        .bind(second.as_str())
         .fetch_optional(&self.db)
         .await?;
         let Some(row) = row else { return Ok(None) };
         let blob: String = row.try_get("source_blob")?;
+        let kind: String = row.try_get("kind")?;
         Ok(Some(Claimed {
             blob: blob.parse().map_err(|_| corrupt_row("blob id"))?,
+            kind: MediaKind::parse(&kind).ok_or_else(|| corrupt_row("job kind"))?,
             mime: row.try_get("source_mime")?,
             attempts: row.try_get::<i64, _>("attempts")? as u32,
         }))
+    }
+
+    /// Keeps a running job's lease, and records how far it has got.
+    pub(crate) async fn heartbeat(&self, blob: &BlobId, progress: Option<f32>) -> Result<(), sqlx::Error> {
+        let now = now_ms();
+        sqlx::query(
+            "UPDATE jobs SET lease_until = ?1, progress = COALESCE(?2, progress), updated_at = ?3
+              WHERE source_blob = ?4 AND status = 'processing'",
+        )
+        .bind(now + (self.config.lease_secs * 1000) as i64)
+        .bind(progress.map(f64::from))
+        .bind(now)
+        .bind(blob.to_hex())
+        .execute(&self.db)
+        .await?;
+        Ok(())
+    }
+
+    /// Deletes `owner`'s media `id` and who it was shared with. When no other media refers to its
+    /// bytes, the job goes too, and what is returned names the blobs nothing needs any more (the
+    /// original and the variants). `None` when there is no such media of `owner`'s.
+    pub(crate) async fn delete(&self, id: MediaId, owner: &UserId) -> Result<Option<Vec<BlobId>>, sqlx::Error> {
+        let mut tx = self.db.begin().await?;
+        let source: Option<String> =
+            sqlx::query_scalar("DELETE FROM media WHERE id = ? AND owner = ? RETURNING source_blob")
+                .bind(id.to_string())
+                .bind(owner.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(source) = source else { return Ok(None) };
+        sqlx::query("DELETE FROM media_grants WHERE media_id = ?").bind(id.to_string()).execute(&mut *tx).await?;
+        let job: Option<Option<String>> = sqlx::query_scalar(
+            "DELETE FROM jobs WHERE source_blob = ?1 AND NOT EXISTS (SELECT 1 FROM media WHERE source_blob = ?1)
+             RETURNING result",
+        )
+        .bind(&source)
+        .fetch_optional(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let Some(result) = job else { return Ok(Some(Vec::new())) };
+        let mut unused = vec![source.parse().map_err(|_| corrupt_row("blob id"))?];
+        if let Some(json) = result {
+            let result: JobResult = serde_json::from_str(&json).map_err(|_| corrupt_row("job result"))?;
+            unused.extend(result.variants.values().map(|v| v.blob));
+        }
+        Ok(Some(unused))
     }
 
     pub(crate) async fn complete(&self, blob: &BlobId, result: &JobResult) -> Result<(), sqlx::Error> {
@@ -286,9 +365,15 @@ impl JobQueue {
 pub struct Runner;
 
 impl Runner {
-    pub async fn run(ingest: Arc<Ingest>, mut shutdown: watch::Receiver<bool>) {
-        // Claim no more than the pool can start at once: a claimed job's lease is ticking.
-        let slots = Arc::new(Semaphore::new(ingest.pool.workers()));
+    pub async fn run(ingest: Arc<Ingest>, shutdown: watch::Receiver<bool>) {
+        let quick = Self::lane(ingest.clone(), Lane::Quick, ingest.pool.workers(), shutdown.clone());
+        let video = Self::lane(ingest.clone(), Lane::Video, ingest.config.video.workers.max(1), shutdown);
+        tokio::join!(quick, video);
+    }
+
+    async fn lane(ingest: Arc<Ingest>, lane: Lane, workers: usize, mut shutdown: watch::Receiver<bool>) {
+        // Claim no more than can start at once: a claimed job's lease is ticking.
+        let slots = Arc::new(Semaphore::new(workers));
         let mut running = JoinSet::new();
         loop {
             if *shutdown.borrow() {
@@ -299,7 +384,7 @@ impl Runner {
                 _ = shutdown.changed() => break,
             };
             while running.try_join_next().is_some() {}
-            match ingest.queue.claim().await {
+            match ingest.queue.claim(lane).await {
                 Ok(Some(job)) => {
                     let ingest = ingest.clone();
                     running.spawn(async move {
@@ -310,7 +395,7 @@ impl Runner {
                 Ok(None) => {
                     drop(permit);
                     tokio::select! {
-                        _ = ingest.job_queued.notified() => {}
+                        _ = ingest.queued(lane).notified() => {}
                         // Back-offs and expired leases come due without a wake-up.
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                         _ = shutdown.changed() => break,
@@ -324,56 +409,176 @@ impl Runner {
             }
         }
         while running.try_join_next().is_some() {}
-        tracing::info!(running = running.len(), "job runner stopping; waiting for running jobs");
+        tracing::info!(?lane, running = running.len(), "job runner stopping; waiting for running jobs");
         while running.join_next().await.is_some() {}
     }
 }
 
+/// How often a running job renews its lease and reports progress.
+const HEARTBEAT: Duration = Duration::from_secs(2);
+
 impl Ingest {
     async fn execute(&self, job: Claimed) {
         let started = Instant::now();
-        let outcome = self.transcode(&job).await;
+        let cancel = self.running.start(job.blob);
+        let (progress_tx, mut progress_rx) = watch::channel(None::<f32>);
+        let work = self.transcode(&job, progress_tx);
+        tokio::pin!(work);
+        let heartbeat = async {
+            loop {
+                tokio::time::sleep(HEARTBEAT).await;
+                let progress = *progress_rx.borrow_and_update();
+                if let Err(e) = self.queue.heartbeat(&job.blob, progress).await {
+                    tracing::warn!(blob = %job.blob, error = %e, "renewing a job's lease failed");
+                }
+            }
+        };
+        let outcome = tokio::select! {
+            outcome = &mut work => Some(outcome),
+            () = heartbeat => unreachable!("the heartbeat never ends"),
+            () = cancel.notified() => None,
+        };
+        self.running.finish(&job.blob);
+        let Some(outcome) = outcome else {
+            // Dropping the work stopped it (a video worker process is killed); the job row is gone.
+            tracing::info!(blob = %job.blob, "job cancelled: its media was deleted");
+            let _ = self.job_done.send(job.blob);
+            return;
+        };
         let recorded = match &outcome {
             Ok(result) => self.queue.complete(&job.blob, result).await,
             Err(e) => self.queue.fail(&job, e).await,
         };
         match (&outcome, recorded) {
             (_, Err(e)) => tracing::error!(blob = %job.blob, error = %e, "recording a job's outcome failed"),
-            (Ok(_), Ok(())) => tracing::info!(blob = %job.blob, ms = started.elapsed().as_millis() as u64, "job done"),
+            (Ok(_), Ok(())) => {
+                tracing::info!(blob = %job.blob, kind = %job.kind, ms = started.elapsed().as_millis() as u64, "job done")
+            }
             (Err(e), Ok(())) => {
-                tracing::warn!(blob = %job.blob, attempt = job.attempts, error = %e, "job failed")
+                tracing::warn!(blob = %job.blob, kind = %job.kind, attempt = job.attempts, error = %e, "job failed")
             }
         }
         let _ = self.job_done.send(job.blob);
     }
 
-    async fn transcode(&self, job: &Claimed) -> Result<JobResult, TranscodeError> {
+    async fn transcode(
+        &self,
+        job: &Claimed,
+        progress: watch::Sender<Option<f32>>,
+    ) -> Result<JobResult, TranscodeError> {
         if job.attempts > self.config.job.max_attempts {
             // Claimed again after its worker died each time: stop feeding it to workers.
             return Err(TranscodeError::TooManyAttempts(job.attempts - 1));
         }
-        let storage = |e: edge_cache::EdgeError| TranscodeError::Io(e.to_string());
-        let bytes = self
-            .originals
-            .get(&job.blob)
+        match MediaType::from_mime(&job.mime)? {
+            MediaType::Image(format) => self.transcode_photo(job, format).await,
+            MediaType::Audio(container) => self.transcode_audio(job, container).await,
+            MediaType::Video(..) => self.transcode_video(job, progress).await,
+        }
+    }
+
+    async fn original(&self, blob: &BlobId) -> Result<Bytes, TranscodeError> {
+        self.originals
+            .get(blob)
             .await
             .map_err(storage)?
-            .ok_or_else(|| TranscodeError::Corrupt("the uploaded bytes are missing from storage".into()))?;
-        let format = Format::from_mime(&job.mime)?;
-        let limits = photo::Limits { max_pixels: self.config.max_pixels, memory_bytes: self.config.job.memory_bytes };
+            .ok_or_else(|| TranscodeError::Corrupt("the uploaded bytes are missing from storage".into()))
+    }
+
+    /// Runs `work` in the pool under the job deadline. The pipelines stop themselves past the
+    /// deadline; the outer timeout bounds the wait for a step that never returns.
+    async fn in_pool<T, F>(&self, work: F) -> Result<T, TranscodeError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Instant) -> Result<T, TranscodeError> + Send + 'static,
+    {
         let timeout = self.config.job.timeout();
         let deadline = Instant::now() + timeout;
-        let work =
-            self.pool.run(move || photo::transcode(&bytes, format, &photo::Settings::default(), &limits, deadline));
-        // The pipeline stops itself at its next stage past the deadline; this bounds the wait for
-        // a stage that never returns.
-        let output = tokio::time::timeout(timeout + Duration::from_secs(1), work)
+        tokio::time::timeout(timeout + Duration::from_secs(1), self.pool.run(move || work(deadline)))
             .await
-            .map_err(|_| TranscodeError::TimedOut)??;
+            .map_err(|_| TranscodeError::TimedOut)?
+    }
+
+    async fn transcode_photo(&self, job: &Claimed, format: photo::Format) -> Result<JobResult, TranscodeError> {
+        let bytes = self.original(&job.blob).await?;
+        let limits = photo::Limits { max_pixels: self.config.max_pixels, memory_bytes: self.config.job.memory_bytes };
+        let output = self
+            .in_pool(move |deadline| photo::transcode(&bytes, format, &photo::Settings::default(), &limits, deadline))
+            .await?;
         for variant in [&output.standard, &output.thumb] {
             self.variants.put(&variant.blob, Bytes::from(variant.bytes.clone())).await.map_err(storage)?;
         }
         Ok(JobResult::from_photo(&output))
+    }
+
+    async fn transcode_audio(&self, job: &Claimed, container: audio::Container) -> Result<JobResult, TranscodeError> {
+        let bytes = self.original(&job.blob).await?;
+        let (settings, limits) = (self.config.audio.output.clone(), self.config.audio.limits.clone());
+        let output = self
+            .in_pool(move |deadline| audio::transcode(Cursor::new(bytes), container, &settings, &limits, deadline))
+            .await?;
+        self.variants.put(&output.blob, Bytes::from(output.bytes.clone())).await.map_err(storage)?;
+        Ok(JobResult::from_audio(&output))
+    }
+
+    /// Downloads the original into a folder of its own, runs the worker process on it, stores
+    /// what it wrote. The folder goes when this returns, however it returns.
+    async fn transcode_video(
+        &self,
+        job: &Claimed,
+        progress: watch::Sender<Option<f32>>,
+    ) -> Result<JobResult, TranscodeError> {
+        let io = |e: std::io::Error| TranscodeError::Io(e.to_string());
+        let dir = isolate::job_dir(&self.tmp_dir).map_err(io)?;
+        let input = dir.path().join("input");
+        if !self.originals.download(&job.blob, &input).await.map_err(storage)? {
+            return Err(TranscodeError::Corrupt("the uploaded bytes are missing from storage".into()));
+        }
+        let video = &self.config.video;
+        let request = isolate::VideoJob {
+            input,
+            output_dir: dir.path().to_owned(),
+            settings: video.output.clone(),
+            limits: video.limits.clone(),
+            memory_bytes: video.memory_bytes,
+        };
+        let output = self
+            .video_worker
+            .run_video(&request, |done| {
+                progress.send_replace(Some(done));
+            })
+            .await?;
+        for file in [&output.standard, &output.poster, &output.thumb] {
+            self.variants.put_file(&file.blob, &file.path).await.map_err(storage)?;
+        }
+        Ok(JobResult::from_video(&output))
+    }
+}
+
+fn storage(e: edge_cache::EdgeError) -> TranscodeError {
+    TranscodeError::Io(e.to_string())
+}
+
+/// The jobs running in this process, so deleting a media can stop its job.
+#[derive(Debug, Default)]
+pub(crate) struct Running(std::sync::Mutex<std::collections::HashMap<BlobId, Arc<Notify>>>);
+
+impl Running {
+    fn start(&self, blob: BlobId) -> Arc<Notify> {
+        let cancel = Arc::new(Notify::new());
+        self.0.lock().expect("never poisoned").insert(blob, cancel.clone());
+        cancel
+    }
+
+    fn finish(&self, blob: &BlobId) {
+        self.0.lock().expect("never poisoned").remove(blob);
+    }
+
+    /// Stops the job of `blob` if it runs here; a no-op otherwise.
+    pub(crate) fn cancel(&self, blob: &BlobId) {
+        if let Some(cancel) = self.0.lock().expect("never poisoned").get(blob) {
+            cancel.notify_one();
+        }
     }
 }
 
@@ -388,12 +593,39 @@ mod tests {
     }
 
     async fn upload(queue: &JobQueue, bytes: &[u8]) -> BlobId {
+        upload_kind(queue, bytes, MediaKind::Image).await
+    }
+
+    async fn upload_kind(queue: &JobQueue, bytes: &[u8], kind: MediaKind) -> BlobId {
         let blob = BlobId::of(bytes);
         let owner: UserId = "alice".parse().unwrap();
-        let media =
-            NewMedia { id: MediaId::new(), owner: &owner, kind: MediaKind::Image, blob, mime: "image/jpeg", bytes: 1 };
+        let mime = match kind {
+            MediaKind::Image => "image/jpeg",
+            MediaKind::Audio => "audio/ogg",
+            MediaKind::Video => "video/mp4",
+        };
+        let media = NewMedia { id: MediaId::new(), owner: &owner, kind, blob, mime, bytes: 1 };
         queue.record_upload(media).await.unwrap();
         blob
+    }
+
+    #[tokio::test]
+    async fn videos_wait_in_a_lane_of_their_own() {
+        let (queue, _dir) = queue(JobConfig::default()).await;
+        let video = upload_kind(&queue, b"a video", MediaKind::Video).await;
+        let voice = upload_kind(&queue, b"a voice note", MediaKind::Audio).await;
+        let photo = upload(&queue, b"a photo").await;
+        let quick: Vec<_> =
+            [queue.claim(Lane::Quick).await.unwrap().unwrap(), queue.claim(Lane::Quick).await.unwrap().unwrap()]
+                .into_iter()
+                .map(|job| job.blob)
+                .collect();
+        assert!(quick.contains(&voice) && quick.contains(&photo), "the quick lane takes images and audio");
+        assert!(queue.claim(Lane::Quick).await.unwrap().is_none(), "and never a video");
+        let job = queue.claim(Lane::Video).await.unwrap().unwrap();
+        assert_eq!((job.blob, job.kind), (video, MediaKind::Video));
+        queue.heartbeat(&video, Some(0.25)).await.unwrap();
+        assert_eq!(queue.job(&video).await.unwrap().unwrap().progress, Some(0.25));
     }
 
     /// Makes every back-off and lease due now.
@@ -414,33 +646,33 @@ mod tests {
         let (queue, _dir) = queue(JobConfig { max_attempts: 3, ..Default::default() }).await;
         let blob = upload(&queue, b"photo").await;
         for attempt in 1..=3 {
-            let job = queue.claim().await.unwrap().expect("a due job is claimable");
+            let job = queue.claim(Lane::Quick).await.unwrap().expect("a due job is claimable");
             assert_eq!((job.blob, job.attempts), (blob, attempt));
-            assert!(queue.claim().await.unwrap().is_none(), "a leased job is nobody else's");
+            assert!(queue.claim(Lane::Quick).await.unwrap().is_none(), "a leased job is nobody else's");
             queue.fail(&job, &TranscodeError::TimedOut).await.unwrap();
-            assert!(queue.claim().await.unwrap().is_none(), "a failed attempt backs off");
+            assert!(queue.claim(Lane::Quick).await.unwrap().is_none(), "a failed attempt backs off");
             fast_forward(&queue).await;
         }
         assert_eq!(status(&queue, &blob).await, (MediaStatus::Failed, false));
-        assert!(queue.claim().await.unwrap().is_none());
+        assert!(queue.claim(Lane::Quick).await.unwrap().is_none());
 
         // Uploading the same bytes again gives a job that failed for a passing reason another go.
         upload(&queue, b"photo").await;
         assert_eq!(status(&queue, &blob).await, (MediaStatus::Processing, false));
-        assert_eq!(queue.claim().await.unwrap().unwrap().attempts, 1);
+        assert_eq!(queue.claim(Lane::Quick).await.unwrap().unwrap().attempts, 1);
     }
 
     #[tokio::test]
     async fn permanent_failures_end_at_once_and_stay_failed() {
         let (queue, _dir) = queue(JobConfig::default()).await;
         let blob = upload(&queue, b"not really a jpeg").await;
-        let job = queue.claim().await.unwrap().unwrap();
+        let job = queue.claim(Lane::Quick).await.unwrap().unwrap();
         queue.fail(&job, &TranscodeError::Corrupt("bad huffman table".into())).await.unwrap();
         assert_eq!(status(&queue, &blob).await, (MediaStatus::Failed, true));
         upload(&queue, b"not really a jpeg").await;
         assert_eq!(status(&queue, &blob).await, (MediaStatus::Failed, true));
         fast_forward(&queue).await;
-        assert!(queue.claim().await.unwrap().is_none());
+        assert!(queue.claim(Lane::Quick).await.unwrap().is_none());
     }
 
     #[tokio::test]
@@ -448,11 +680,11 @@ mod tests {
         let (queue, _dir) = queue(JobConfig::default()).await;
         let first = upload(&queue, b"one").await;
         let second = upload(&queue, b"two").await;
-        let a = queue.claim().await.unwrap().unwrap();
-        let b = queue.claim().await.unwrap().unwrap();
+        let a = queue.claim(Lane::Quick).await.unwrap().unwrap();
+        let b = queue.claim(Lane::Quick).await.unwrap().unwrap();
         assert_ne!(a.blob, b.blob);
         assert!([first, second].contains(&a.blob) && [first, second].contains(&b.blob));
-        assert!(queue.claim().await.unwrap().is_none());
+        assert!(queue.claim(Lane::Quick).await.unwrap().is_none());
 
         // The worker holding `a` died: once its lease runs out the job is claimed again.
         sqlx::query("UPDATE jobs SET lease_until = 0 WHERE source_blob = ?")
@@ -460,12 +692,12 @@ mod tests {
             .execute(&queue.db)
             .await
             .unwrap();
-        let again = queue.claim().await.unwrap().unwrap();
+        let again = queue.claim(Lane::Quick).await.unwrap().unwrap();
         assert_eq!((again.blob, again.attempts), (a.blob, 2));
 
         assert_eq!(queue.release_leases().await.unwrap(), 2);
         assert_eq!(queue.queued().await.unwrap(), 2);
-        let result = JobResult { width: 1, height: 1, variants: Default::default(), preview: String::new() };
+        let result = JobResult::default();
         queue.complete(&first, &result).await.unwrap();
         assert_eq!(queue.queued().await.unwrap(), 1);
         assert_eq!(status(&queue, &first).await, (MediaStatus::Ready, false));

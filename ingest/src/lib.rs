@@ -21,7 +21,7 @@ mod view;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-pub use config::{IngestConfig, JobConfig};
+pub use config::{AudioConfig, IngestConfig, JobConfig, VideoConfig};
 pub use db::connect_sqlite;
 pub use error::IngestError;
 pub use jobs::{JobQueue, Runner};
@@ -43,14 +43,20 @@ pub struct Ingest {
     pool: Arc<Pool>,
     tmp_dir: PathBuf,
     uploads: Semaphore,
-    /// Wakes the runner when a job is queued.
-    job_queued: Notify,
+    /// Wake the runner's lanes when a job is queued.
+    quick_queued: Notify,
+    video_queued: Notify,
+    /// Starts video jobs in worker processes.
+    video_worker: transcode::isolate::Worker,
+    running: jobs::Running,
     /// Tells waiting uploads that a job has finished, one way or the other.
     job_done: broadcast::Sender<BlobId>,
 }
 
 impl Ingest {
-    /// `tmp_dir` holds uploads while they stream in; it is emptied of leftovers here.
+    /// `tmp_dir` holds uploads while they stream in and video jobs while they run; it is emptied of
+    /// leftovers here. `worker` starts the process a video job runs in.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: IngestConfig,
         db: sqlx::SqlitePool,
@@ -59,6 +65,7 @@ impl Ingest {
         signer: UrlSigner,
         pool: Arc<Pool>,
         tmp_dir: PathBuf,
+        worker: transcode::isolate::Worker,
     ) -> std::io::Result<Arc<Self>> {
         spool::clear_leftovers(&tmp_dir)?;
         let (job_done, _) = broadcast::channel(1024);
@@ -71,13 +78,23 @@ impl Ingest {
             signer,
             pool,
             tmp_dir,
-            job_queued: Notify::new(),
+            quick_queued: Notify::new(),
+            video_queued: Notify::new(),
+            video_worker: worker,
+            running: jobs::Running::default(),
             job_done,
         }))
     }
 
     pub fn queue(&self) -> &JobQueue {
         &self.queue
+    }
+
+    fn queued(&self, lane: jobs::Lane) -> &Notify {
+        match lane {
+            jobs::Lane::Quick => &self.quick_queued,
+            jobs::Lane::Video => &self.video_queued,
+        }
     }
 
     /// Whether `user` may pass media `id` on: they own it or it was shared with them.

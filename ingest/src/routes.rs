@@ -11,15 +11,15 @@ use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use edge_cache::Stored;
 use tokio::sync::broadcast::error::RecvError;
-use transcode::photo::{self, Format};
-use types::{MediaId, MediaKind, MediaStatus, UserId};
+use transcode::{MediaType, audio, photo};
+use types::{MediaId, MediaStatus, UserId};
 
-use crate::jobs::{JobState, NewMedia};
+use crate::jobs::{JobState, Lane, NewMedia};
 use crate::view::{MediaParts, url_expiry};
 use crate::{Ingest, IngestError, MediaView, spool};
 
 pub(crate) fn router(ingest: Arc<Ingest>) -> Router {
-    Router::new().route("/v1/media", post(upload)).route("/v1/media/{id}", get(show)).with_state(ingest)
+    Router::new().route("/v1/media", post(upload)).route("/v1/media/{id}", get(show).delete(delete)).with_state(ingest)
 }
 
 async fn upload(
@@ -48,27 +48,40 @@ async fn accept(
         .and_then(|v| v.to_str().ok())
         .map(|v| v.split(';').next().unwrap_or_default().trim())
         .ok_or_else(|| {
-            IngestError::UnsupportedType("a Content-Type header naming the image type is required".into())
+            IngestError::UnsupportedType("a Content-Type header naming the media type is required".into())
         })?;
-    let format = Format::from_mime(declared).map_err(IngestError::Media)?;
+    let media_type = MediaType::from_mime(declared).map_err(IngestError::Media)?;
+    let kind = media_type.kind();
+    let max_bytes = config.max_bytes(kind);
     let declared_len = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared_len.is_some_and(|len| len > config.max_upload_bytes) {
-        return Err(IngestError::TooLarge { limit: config.max_upload_bytes });
+    if declared_len.is_some_and(|len| len > max_bytes) {
+        return Err(IngestError::TooLarge { limit: max_bytes });
     }
     let slot = ingest.uploads.try_acquire().map_err(|_| IngestError::TooManyUploads)?;
     if ingest.queue.queued().await? >= config.max_queued_jobs {
         return Err(IngestError::QueueFull);
     }
 
-    let spooled = spool::receive(body, &ingest.tmp_dir, config.max_upload_bytes, format).await?;
+    let spooled = spool::receive(body, &ingest.tmp_dir, max_bytes, media_type).await?;
 
-    // The header alone says how large the picture is: refuse a pixel bomb before decoding a pixel.
+    // The headers alone say how large the picture is or how long the sound: refuse a pixel bomb or
+    // an hour-long "voice note" before decoding anything. Videos are probed by their job, inside
+    // the worker process: libav never runs in this one.
     let path = spooled.file.path().to_owned();
     let max_pixels = config.max_pixels;
+    let audio_limits = config.audio.limits.clone();
     tokio::task::spawn_blocking(move || {
-        let probe = photo::probe(BufReader::new(std::fs::File::open(path)?), format)?;
-        let limits = photo::Limits { max_pixels, ..Default::default() };
-        limits.check_pixels(probe.width, probe.height)?;
+        match media_type {
+            MediaType::Image(format) => {
+                let probe = photo::probe(BufReader::new(std::fs::File::open(path)?), format)?;
+                let limits = photo::Limits { max_pixels, ..Default::default() };
+                limits.check_pixels(probe.width, probe.height)?;
+            }
+            MediaType::Audio(container) => {
+                audio::probe(std::fs::File::open(path)?, container, &audio_limits)?;
+            }
+            MediaType::Video(..) => {}
+        }
         Ok::<_, IngestError>(())
     })
     .await
@@ -88,7 +101,7 @@ async fn accept(
 
     let mut done = ingest.job_done.subscribe();
     let id = MediaId::new();
-    let media = NewMedia { id, owner: user, kind: MediaKind::Image, blob, mime: format.mime(), bytes: len };
+    let media = NewMedia { id, owner: user, kind, blob, mime: media_type.mime(), bytes: len };
     if let Err(e) = ingest.queue.record_upload(media).await {
         // Nothing refers to bytes stored just now: take them back rather than leak them.
         if stored == Stored::New {
@@ -96,12 +109,13 @@ async fn accept(
         }
         return Err(e.into());
     }
-    ingest.job_queued.notify_one();
+    ingest.queued(Lane::of(kind)).notify_one();
     // The body is in; waiting for the transcode holds no upload slot.
     drop(slot);
 
-    // Photos take a fraction of a second: wait a little so most uploads answer `ready`, and so
-    // bytes that cannot be decoded are refused here rather than reported later.
+    // Photos and voice notes take a fraction of a second: wait a little so most uploads answer
+    // `ready`, and so bytes that cannot be decoded are refused here rather than reported later
+    // (a video's probe is quick too, so a hostile one is refused here as well).
     let wait = tokio::time::sleep(Duration::from_millis(config.wait_for_ready_ms));
     tokio::pin!(wait);
     let mut job = ingest.queue.job(&blob).await?;
@@ -143,6 +157,28 @@ async fn show(
     Ok(Json(ingest.view(id, &user).await?))
 }
 
+/// `DELETE /v1/media/{id}`: the owner takes their media back. Those it was shared with lose access;
+/// when no other upload holds the same bytes, a running job is stopped and the original and the
+/// variants are deleted from the blob store. Edges keep what they cached until it is purged there
+/// (`DELETE /admin/blobs/{blob}`) or evicted; signed URLs already given out expire on their own.
+async fn delete(
+    State(ingest): State<Arc<Ingest>>,
+    Extension(user): Extension<UserId>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, IngestError> {
+    let id: MediaId = id.parse().map_err(|_| IngestError::NotFound)?;
+    let unused = ingest.queue.delete(id, &user).await?.ok_or(IngestError::NotFound)?;
+    if let Some(source) = unused.first() {
+        ingest.running.cancel(source);
+        // Each blob is either in the originals namespace (the first) or the variants one.
+        ingest.originals.delete(source).await?;
+        for variant in &unused[1..] {
+            ingest.variants.delete(variant).await?;
+        }
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
 impl Ingest {
     /// The media as its owner, or someone it was shared with, sees it; anyone else is told it does
     /// not exist.
@@ -159,6 +195,7 @@ impl Ingest {
             status: row.job.status,
             error: row.job.error,
             result: row.job.result,
+            progress: row.job.progress,
             signer: &self.signer,
             url_exp: url_expiry(now, self.config.url_ttl_secs),
         }

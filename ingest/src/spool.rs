@@ -9,7 +9,7 @@ use axum::body::{Body, BodyDataStream};
 use bytes::BytesMut;
 use futures_util::StreamExt;
 use tempfile::NamedTempFile;
-use transcode::photo::Format;
+use transcode::MediaType;
 use types::BlobId;
 
 use crate::IngestError;
@@ -51,7 +51,7 @@ pub(crate) async fn receive(
     stream: &mut BodyDataStream,
     dir: &Path,
     limit: u64,
-    declared: Format,
+    declared: MediaType,
 ) -> Result<Spooled, IngestError> {
     let file = tempfile::Builder::new().prefix("upload-").tempfile_in(dir)?;
     let mut writer = Writer { file, hasher: blake3::Hasher::new() };
@@ -83,14 +83,11 @@ pub(crate) async fn receive(
     Ok(Spooled { blob: BlobId::from_hash(writer.hasher.finalize()), file: writer.file, len })
 }
 
-fn check_magic(head: &[u8], declared: Format) -> Result<(), IngestError> {
-    match Format::sniff(head) {
-        Some(f) if f == declared => Ok(()),
-        Some(other) => Err(IngestError::TypeMismatch { declared: declared.mime(), sniffed: other.mime().into() }),
-        None => {
-            Err(IngestError::TypeMismatch { declared: declared.mime(), sniffed: "not an image we recognise".into() })
-        }
+fn check_magic(head: &[u8], declared: MediaType) -> Result<(), IngestError> {
+    if declared.matches(head) {
+        return Ok(());
     }
+    Err(IngestError::TypeMismatch { declared: declared.mime(), sniffed: MediaType::describe(head).into() })
 }
 
 /// How much of a refused body is still read, and for how long, before the answer is sent.
@@ -122,8 +119,12 @@ pub(crate) fn clear_leftovers(dir: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
-        if entry.file_name().to_string_lossy().starts_with("upload-") {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("upload-") {
             std::fs::remove_file(entry.path())?;
+        } else if name.starts_with("video-") {
+            std::fs::remove_dir_all(entry.path())?;
         }
     }
     Ok(())

@@ -7,39 +7,98 @@ use base64::engine::general_purpose::STANDARD;
 use serde::{Deserialize, Serialize};
 use types::{BlobId, ErrorDetail, MediaId, MediaKind, MediaStatus, UrlSigner, VariantName};
 
-/// What a finished job made, as kept in `jobs.result`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// What a finished job made, as kept in `jobs.result`. Fields a kind does not have are absent.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub(crate) struct JobResult {
-    pub(crate) width: u32,
-    pub(crate) height: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) width: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) height: Option<u32>,
     pub(crate) variants: BTreeMap<VariantName, StoredVariant>,
     /// Base64 of the preview JPEG.
-    pub(crate) preview: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) preview: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) duration_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) waveform: Option<Vec<u8>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) has_audio: Option<bool>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct StoredVariant {
     pub(crate) blob: BlobId,
     pub(crate) mime: String,
-    pub(crate) width: u32,
-    pub(crate) height: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) width: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) height: Option<u32>,
     pub(crate) bytes: u64,
+}
+
+fn jpeg(e: &transcode::photo::Encoded) -> StoredVariant {
+    StoredVariant {
+        blob: e.blob,
+        mime: transcode::photo::Encoded::MIME.to_string(),
+        width: Some(e.width),
+        height: Some(e.height),
+        bytes: e.bytes.len() as u64,
+    }
 }
 
 impl JobResult {
     pub(crate) fn from_photo(out: &transcode::photo::Output) -> Self {
-        let variant = |e: &transcode::photo::Encoded| StoredVariant {
-            blob: e.blob,
-            mime: transcode::photo::Encoded::MIME.to_string(),
-            width: e.width,
-            height: e.height,
-            bytes: e.bytes.len() as u64,
+        Self {
+            width: Some(out.width),
+            height: Some(out.height),
+            variants: BTreeMap::from([
+                (VariantName::Standard, jpeg(&out.standard)),
+                (VariantName::Thumb, jpeg(&out.thumb)),
+            ]),
+            preview: Some(STANDARD.encode(&out.preview)),
+            ..Default::default()
+        }
+    }
+
+    pub(crate) fn from_audio(out: &transcode::audio::Output) -> Self {
+        let standard = StoredVariant {
+            blob: out.blob,
+            mime: transcode::audio::Output::MIME.to_string(),
+            width: None,
+            height: None,
+            bytes: out.bytes.len() as u64,
         };
-        let variants = BTreeMap::from([
-            (VariantName::Standard, variant(&out.standard)),
-            (VariantName::Thumb, variant(&out.thumb)),
-        ]);
-        Self { width: out.width, height: out.height, variants, preview: STANDARD.encode(&out.preview) }
+        Self {
+            variants: BTreeMap::from([(VariantName::Standard, standard)]),
+            duration_ms: Some(out.duration_ms),
+            waveform: Some(out.waveform.clone()),
+            ..Default::default()
+        }
+    }
+
+    pub(crate) fn from_video(out: &transcode::video::Output) -> Self {
+        let file = |f: &transcode::video::FileVariant, mime: &str| StoredVariant {
+            blob: f.blob,
+            mime: mime.to_string(),
+            width: Some(f.width),
+            height: Some(f.height),
+            bytes: f.bytes,
+        };
+        let jpeg = transcode::photo::Encoded::MIME;
+        Self {
+            width: Some(out.width),
+            height: Some(out.height),
+            variants: BTreeMap::from([
+                (VariantName::Standard, file(&out.standard, transcode::video::Output::MIME)),
+                (VariantName::Poster, file(&out.poster, jpeg)),
+                (VariantName::Thumb, file(&out.thumb, jpeg)),
+            ]),
+            preview: Some(STANDARD.encode(&out.preview)),
+            duration_ms: Some(out.duration_ms),
+            has_audio: Some(out.has_audio),
+            ..Default::default()
+        }
     }
 }
 
@@ -53,13 +112,26 @@ pub struct MediaView {
     pub status: MediaStatus,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub error: Option<ErrorDetail>,
+    /// While processing: how far a long job (a video) has got, 0.0–1.0.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub progress: Option<f32>,
+    /// Images and videos: the upright size of the original.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub width: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub height: Option<u32>,
+    /// Audio and video.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub duration_ms: Option<u64>,
+    /// Audio: loudness 0–255 in 64 equal slices, for the voice-note bar.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub waveform: Option<Vec<u8>>,
+    /// Video: whether it has sound.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub has_audio: Option<bool>,
     #[serde(default)]
     pub variants: BTreeMap<VariantName, VariantView>,
-    /// `data:image/jpeg;base64,…`, small enough to inline in a message.
+    /// `data:image/jpeg;base64,…`, small enough to inline in a message (images and videos).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub preview: Option<String>,
 }
@@ -68,8 +140,10 @@ pub struct MediaView {
 pub struct VariantView {
     pub blob: BlobId,
     pub mime: String,
-    pub width: u32,
-    pub height: u32,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub width: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub height: Option<u32>,
     pub bytes: u64,
     /// Signed path and query, relative to the server: `/b/{blob}?exp=…&sig=…`.
     pub url: String,
@@ -88,6 +162,7 @@ pub(crate) struct MediaParts<'a> {
     pub(crate) status: MediaStatus,
     pub(crate) error: Option<ErrorDetail>,
     pub(crate) result: Option<JobResult>,
+    pub(crate) progress: Option<f32>,
     pub(crate) signer: &'a UrlSigner,
     pub(crate) url_exp: u64,
 }
@@ -100,15 +175,25 @@ impl MediaParts<'_> {
             blob: self.blob,
             status: self.status,
             error: self.error,
+            progress: None,
             width: None,
             height: None,
+            duration_ms: None,
+            waveform: None,
+            has_audio: None,
             variants: BTreeMap::new(),
             preview: None,
         };
+        if self.status == MediaStatus::Processing {
+            view.progress = self.progress;
+        }
         if let (MediaStatus::Ready, Some(result)) = (self.status, self.result) {
-            view.width = Some(result.width);
-            view.height = Some(result.height);
-            view.preview = Some(format!("data:image/jpeg;base64,{}", result.preview));
+            view.width = result.width;
+            view.height = result.height;
+            view.duration_ms = result.duration_ms;
+            view.waveform = result.waveform;
+            view.has_audio = result.has_audio;
+            view.preview = result.preview.map(|p| format!("data:image/jpeg;base64,{p}"));
             view.variants = result
                 .variants
                 .into_iter()

@@ -111,6 +111,10 @@ enum Command {
         #[arg(long, default_value_t = 86400)]
         ttl: u64,
     },
+    /// Internal: the isolated process `serve` runs one video job in (job JSON on stdin, events
+    /// as JSON lines on stdout). Also usable by hand to time the pipeline.
+    #[command(hide = true)]
+    TranscodeWorker,
 }
 
 fn main() -> ExitCode {
@@ -125,6 +129,7 @@ fn main() -> ExitCode {
 
 fn run() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Command::TranscodeWorker => std::process::exit(transcode::isolate::worker_main()),
         Command::Serve { listen, data_dir, config, database_url, bus, dev } => {
             let auth = dev.then_some(config::DevAuth { dev_codes: true });
             let chat = bus.map(|bus_url| config::BusFlag { bus_url });

@@ -45,6 +45,11 @@ pub(crate) async fn serve(config: Config) -> anyhow::Result<()> {
         signer.clone(),
         pool,
         data_dir.join("tmp"),
+        transcode::isolate::Worker {
+            exe: std::env::current_exe().context("finding this program, to run video jobs in")?,
+            args: vec!["transcode-worker".into()],
+            timeout: std::time::Duration::from_secs(config.ingest.video.timeout_secs),
+        },
     )?;
     let media: Arc<dyn chat_core::MediaAccess> = Arc::new(SharedMedia(ingest.clone()));
     let bus = match &config.chat.bus_url {

@@ -2,7 +2,8 @@
 
 /// A failed transcode. [`TranscodeError::is_permanent`] tells whether trying the same bytes again
 /// can help: a corrupt file stays corrupt, a panic or an exhausted budget might not recur.
-#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum TranscodeError {
     #[error("unsupported format: {0}")]
     Unsupported(String),
@@ -10,6 +11,10 @@ pub enum TranscodeError {
     Corrupt(String),
     #[error("{width}×{height} is over the limit of {max_pixels} pixels")]
     TooManyPixels { width: u32, height: u32, max_pixels: u64 },
+    #[error("{duration_ms} ms is over the limit of {max_ms} ms")]
+    TooLong { duration_ms: u64, max_ms: u64 },
+    #[error("{0}")]
+    OverLimit(String),
     #[error("over the job's memory budget: {0}")]
     OverMemoryBudget(String),
     #[error("the job ran past its time budget")]
@@ -32,6 +37,8 @@ impl TranscodeError {
             TranscodeError::Unsupported(_)
                 | TranscodeError::Corrupt(_)
                 | TranscodeError::TooManyPixels { .. }
+                | TranscodeError::TooLong { .. }
+                | TranscodeError::OverLimit(_)
                 | TranscodeError::OverMemoryBudget(_)
         )
     }
@@ -42,6 +49,8 @@ impl TranscodeError {
             TranscodeError::Unsupported(_) => "unsupported_media_type",
             TranscodeError::Corrupt(_) => "corrupt_media",
             TranscodeError::TooManyPixels { .. } => "too_many_pixels",
+            TranscodeError::TooLong { .. } => "duration_over_limit",
+            TranscodeError::OverLimit(_) => "over_limit",
             TranscodeError::OverMemoryBudget(_) => "over_memory_budget",
             TranscodeError::TimedOut => "timed_out",
             TranscodeError::Panicked(_) => "transcoder_crashed",

@@ -8,18 +8,24 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "lowercase")]
 pub enum MediaKind {
     Image,
+    Audio,
+    Video,
 }
 
 impl MediaKind {
     pub fn as_str(self) -> &'static str {
         match self {
             MediaKind::Image => "image",
+            MediaKind::Audio => "audio",
+            MediaKind::Video => "video",
         }
     }
 
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "image" => Some(MediaKind::Image),
+            "audio" => Some(MediaKind::Audio),
+            "video" => Some(MediaKind::Video),
             _ => None,
         }
     }
@@ -63,9 +69,11 @@ impl MediaStatus {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum VariantName {
-    /// Long edge at most 1600 px for images.
+    /// Long edge at most 1600 px for images; Opus for audio; H.264 MP4 for video.
     Standard,
-    /// Long edge at most 320 px.
+    /// A video's representative frame as a JPEG.
+    Poster,
+    /// Long edge at most 320 px (of the image, or of a video's poster).
     Thumb,
 }
 
@@ -73,6 +81,7 @@ impl VariantName {
     pub fn as_str(self) -> &'static str {
         match self {
             VariantName::Standard => "standard",
+            VariantName::Poster => "poster",
             VariantName::Thumb => "thumb",
         }
     }
