@@ -326,7 +326,7 @@ pub fn transcode(
     }
     let duration_ms = decoded * 1000 / u64::from(probe.sample_rate);
     if let Some(claimed) = probe.duration_ms
-        && claimed.saturating_sub(duration_ms) > (claimed / 10).max(1000)
+        && claimed.saturating_sub(duration_ms) > (claimed / 20).max(250)
     {
         return Err(TranscodeError::Corrupt(format!(
             "the headers claim {claimed} ms of audio, the file holds {duration_ms} ms"

@@ -63,7 +63,26 @@ pub fn worker_main() -> i32 {
     });
     match outcome {
         Ok(output) => report(&Event::Done(Box::new(output))),
-        Err(e) => report(&Event::Failed(e)),
+        Err(e) => report(&Event::Failed(blame_budget(e, job.memory_bytes))),
+    }
+}
+
+/// libav reports a failed allocation in many ways (ENOMEM, EAGAIN from a thread that could not
+/// start, "generic error" from libx264). A failure after the process came within 10 % of its
+/// address-space limit is the budget's doing, whatever it was called.
+fn blame_budget(e: TranscodeError, limit: u64) -> TranscodeError {
+    if e.is_permanent() && !matches!(e, TranscodeError::Corrupt(_)) {
+        return e;
+    }
+    let peak = std::fs::read_to_string("/proc/self/status").ok().and_then(|status| {
+        let line = status.lines().find(|l| l.starts_with("VmPeak:"))?;
+        line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kib| kib * 1024)
+    });
+    match peak {
+        Some(peak) if peak >= limit / 10 * 9 => {
+            TranscodeError::OverMemoryBudget(format!("{e} (the worker reached {peak} of its {limit} bytes)"))
+        }
+        _ => e,
     }
 }
 

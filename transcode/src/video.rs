@@ -165,10 +165,9 @@ fn open(path: &Path, limits: &Limits) -> Result<Probed, TranscodeError> {
     options.set("codec_whitelist", DECODERS);
     // MP4/MOV "data references" may name other files; never follow them.
     options.set("enable_drefs", "0");
-    let input = ff::format::input_with_dictionary(path, options).map_err(|e| match e {
-        ff::Error::InvalidData => TranscodeError::Unsupported("not a video file we can read".into()),
-        e => TranscodeError::Corrupt(format!("the container cannot be read: {e}")),
-    })?;
+    // The upload was sniffed as one of these containers, so one that does not open is damaged.
+    let input = ff::format::input_with_dictionary(path, options)
+        .map_err(|e| TranscodeError::Corrupt(format!("the container cannot be read: {e}")))?;
     if input.nb_streams() > limits.max_streams {
         return Err(TranscodeError::OverLimit(format!(
             "{} streams; at most {} are taken",
@@ -188,7 +187,7 @@ fn open(path: &Path, limits: &Limits) -> Result<Probed, TranscodeError> {
     let decoder = decoder.decoder().video().map_err(av("video decoder"))?;
     let (w, h) = (decoder.width(), decoder.height());
     if w == 0 || h == 0 {
-        return Err(TranscodeError::Corrupt("the video stream has no size".into()));
+        return Err(TranscodeError::Corrupt("the video stream has no usable size".into()));
     }
     if u64::from(w) * u64::from(h) > limits.max_pixels {
         return Err(TranscodeError::TooManyPixels { width: w, height: h, max_pixels: limits.max_pixels });

@@ -114,6 +114,27 @@ impl Server {
         files_in(&self.data.join(sub))
     }
 
+    /// The server's child processes (video workers), by pid.
+    pub(crate) fn children(&self) -> Vec<u32> {
+        let parent = self.child.id().to_string();
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+            // /proc/PID/stat: "pid (comm) state ppid …"; comm may hold spaces, so split after ')'.
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+            let fields: Vec<&str> =
+                stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+            if fields.get(1) == Some(&parent.as_str()) && fields.first() != Some(&"Z") {
+                found.push(pid);
+            }
+        }
+        found
+    }
+
+    pub(crate) async fn delete_media(&self, token: &str, id: &str) -> reqwest::Response {
+        self.http.delete(self.url(&format!("/v1/media/{id}"))).bearer_auth(token).send().await.unwrap()
+    }
+
     pub(crate) async fn count_rows(&self, table: &str) -> i64 {
         let url = format!("sqlite://{}?mode=ro", self.data.join("courier.db").display());
         let pool = sqlx::SqlitePool::connect(&url).await.unwrap();

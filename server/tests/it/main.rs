@@ -5,6 +5,7 @@ mod harness;
 
 mod accounts;
 mod auth;
+mod avmedia;
 mod blobs;
 mod chat;
 mod edge;
