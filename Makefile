@@ -41,4 +41,6 @@ bench: deps
 
 compare: compare-deps
 	benches/compare/images.sh
+	benches/compare/audio.sh
+	benches/compare/video.sh
 	benches/compare/edge.sh

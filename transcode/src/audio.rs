@@ -428,6 +428,8 @@ impl OpusSink {
         let mut encoder = opus::Encoder::new(RATE, opus::Channels::Mono, opus::Application::Voip).map_err(failed)?;
         encoder.set_bitrate(opus::Bitrate::Bits(settings.bitrate.clamp(6_000, 510_000) as i32)).map_err(failed)?;
         encoder.set_vbr(true).map_err(failed)?;
+        // Unconstrained VBR (ffmpeg's `-vbr on`): the bitrate follows the speech.
+        encoder.set_vbr_constraint(false).map_err(failed)?;
         encoder.set_complexity(i32::from(settings.complexity.min(10))).map_err(failed)?;
         let pre_skip = encoder.get_lookahead().map_err(failed)?.max(0) as u64;
 
