@@ -460,3 +460,35 @@ async fn photos_do_not_wait_behind_a_video_and_deleting_the_video_stops_its_work
     }
     assert_eq!(server.count_rows("jobs").await, 2, "only the photo's and the voice note's jobs remain");
 }
+
+#[tokio::test]
+async fn a_video_past_its_time_budget_is_killed_and_marked_failed() {
+    let data = DataDir::new();
+    let server = Server::start(
+        &data,
+        &[("COURIER_INGEST__VIDEO__TIMEOUT_SECS", "1"), ("COURIER_INGEST__JOB__MAX_ATTEMPTS", "1")],
+    );
+    let token = server.token("alice");
+    let video = ffmpeg(
+        "slow.mp4",
+        &[
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc2=size=1920x1080:rate=30:duration=30",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+        ],
+    );
+    let response = server.upload(&token, "video/mp4", video).await;
+    assert_eq!(response.status(), 201);
+    let created: Value = response.json().await.unwrap();
+    let media = server.wait_done(&token, created["id"].as_str().unwrap()).await;
+    assert_eq!(media["status"], "failed", "{media}");
+    assert_eq!(media["error"]["code"], "timed_out");
+    assert!(server.children().is_empty(), "the worker outlived its budget");
+    let photo = server.upload_ready(&token, "image/jpeg", fixture("rocket.jpg")).await;
+    assert_eq!(photo["status"], "ready");
+}
