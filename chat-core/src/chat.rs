@@ -13,6 +13,7 @@ use crate::bus::{Bus, Inbound};
 use crate::error::ApiError;
 use crate::frames::{ServerFrame, message_frame};
 use crate::hub::{Event, Hub};
+use crate::store::BlockingWriter;
 use crate::{AccountStore, Acked, Appended, AuthConfig, ChatConfig, MessageStore, StoreError, Write, Written};
 
 /// What messaging needs from media storage, which another crate owns: whether a user may send a
@@ -61,25 +62,48 @@ const WRITE_QUEUE: usize = 4096;
 /// transaction, so under load one commit (one fsync) serves many messages, and when idle a lone
 /// write goes straight through.
 async fn writer<S: MessageStore>(store: Arc<S>, mut writes: mpsc::Receiver<Queued>) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    let mut replies = Vec::with_capacity(MAX_BATCH);
-    while let Some((write, reply)) = writes.recv().await {
-        batch.push(write);
-        replies.push(reply);
-        while batch.len() < MAX_BATCH {
-            match writes.try_recv() {
-                Ok((write, reply)) => {
-                    batch.push(write);
-                    replies.push(reply);
-                }
-                Err(_) => break,
-            }
+    let mut batch = Batch::default();
+    while let Some(first) = writes.recv().await {
+        batch.fill(first, &mut writes);
+        let results = store.write_batch(&batch.writes).await;
+        batch.answer(results);
+    }
+}
+
+/// The writes of one group commit and where their results go.
+#[derive(Default)]
+struct Batch {
+    writes: Vec<Write>,
+    replies: Vec<oneshot::Sender<Result<Written, StoreError>>>,
+}
+
+impl Batch {
+    /// Starts with `first` and takes whatever else is waiting, up to [`MAX_BATCH`].
+    fn fill(&mut self, first: Queued, queue: &mut mpsc::Receiver<Queued>) {
+        let mut next = Some(first);
+        while let Some((write, reply)) = next {
+            self.writes.push(write);
+            self.replies.push(reply);
+            next = if self.writes.len() < MAX_BATCH { queue.try_recv().ok() } else { None };
         }
-        let results = store.write_batch(&batch).await;
-        for (reply, result) in replies.drain(..).zip(results) {
+    }
+
+    fn answer(&mut self, results: Vec<Result<Written, StoreError>>) {
+        for (reply, result) in self.replies.drain(..).zip(results) {
             let _ = reply.send(result);
         }
-        batch.clear();
+        self.writes.clear();
+    }
+}
+
+/// The same loop on a thread of its own, for a store whose batches run synchronously. It ends when
+/// every sender is gone.
+fn blocking_writer(mut store: Box<dyn BlockingWriter>, mut writes: mpsc::Receiver<Queued>) {
+    let mut batch = Batch::default();
+    while let Some(first) = writes.blocking_recv() {
+        batch.fill(first, &mut writes);
+        let results = store.write_batch(&batch.writes);
+        batch.answer(results);
     }
 }
 
@@ -114,9 +138,19 @@ impl<S: MessageStore + AccountStore + 'static> Chat<S> {
         bus: Option<Bus>,
     ) -> Arc<Self> {
         let writers = (0..store.writers().max(1))
-            .map(|_| {
+            .map(|i| {
                 let (writes, queue) = mpsc::channel(WRITE_QUEUE);
-                tokio::spawn(writer(store.clone(), queue));
+                match store.blocking_writer() {
+                    Some(blocking) => {
+                        std::thread::Builder::new()
+                            .name(format!("chat-writer-{i}"))
+                            .spawn(move || blocking_writer(blocking, queue))
+                            .expect("spawning the chat writer thread");
+                    }
+                    None => {
+                        tokio::spawn(writer(store.clone(), queue));
+                    }
+                }
                 writes
             })
             .collect();

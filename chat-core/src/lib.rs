@@ -20,6 +20,7 @@ mod gateway;
 mod http;
 mod hub;
 mod sql;
+mod sqlite_writer;
 mod store;
 mod tasks;
 
@@ -35,9 +36,9 @@ pub use gateway::{CLOSE_IDLE, CLOSE_LOGGED_OUT, CLOSE_TOO_SLOW, MAX_CLIENT_FRAME
 pub use hub::Hub;
 pub use sql::{migrate, open_postgres, open_sqlite};
 pub use store::{
-    AccountStore, Acked, Appended, CodeCheck, Contact, Conversation, ConversationKind, ConversationSummary, Cursor,
-    MAX_BODY_BYTES, MAX_CLIENT_ID_LEN, MAX_CODE_ATTEMPTS, MAX_DEVICES, MAX_GROUP_MEMBERS, MAX_PAGE, Message,
-    MessageStore, PendingPush, Receipt, Role, Rotation, StoreError, SyncState, Write, Written,
+    AccountStore, Acked, Appended, BlockingWriter, CodeCheck, Contact, Conversation, ConversationKind,
+    ConversationSummary, Cursor, MAX_BODY_BYTES, MAX_CLIENT_ID_LEN, MAX_CODE_ATTEMPTS, MAX_DEVICES, MAX_GROUP_MEMBERS,
+    MAX_PAGE, Message, MessageStore, PendingPush, Receipt, Role, Rotation, StoreError, SyncState, Write, Written,
 };
 
 impl<S: MessageStore + AccountStore + 'static> Chat<S> {

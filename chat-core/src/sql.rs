@@ -12,10 +12,55 @@ use sqlx::Row;
 use types::{ConversationId, DeviceId, UserId};
 
 use crate::store::{
-    AccountStore, Acked, Appended, CodeCheck, Contact, Conversation, ConversationKind, ConversationSummary, Cursor,
-    MAX_CODE_ATTEMPTS, MAX_DEVICES, MAX_GROUP_MEMBERS, MAX_PAGE, Message, MessageStore, PendingPush, Receipt, Role,
-    Rotation, StoreError, SyncState, Write, Written, check_message,
+    AccountStore, Acked, Appended, BlockingWriter, CodeCheck, Contact, Conversation, ConversationKind,
+    ConversationSummary, Cursor, MAX_CODE_ATTEMPTS, MAX_DEVICES, MAX_GROUP_MEMBERS, MAX_PAGE, Message, MessageStore,
+    PendingPush, Receipt, Role, Rotation, StoreError, SyncState, Write, Written, check_message,
 };
+
+/// The statements of the write path (appends and acks), shared by the sqlx bodies below and the
+/// blocking SQLite writer (`sqlite_writer`), which runs whole batches without leaving its thread
+/// (and numbers the parameters `?N` for SQLite, where `$N` would be a name, not a position).
+pub(crate) mod write_sql {
+    /// Takes the conversation's next seq; only a member gets one (no row otherwise).
+    pub(crate) const TAKE_SEQ: &str = "UPDATE chat_conversations SET last_seq = last_seq + 1
+          WHERE conversation_id = $1
+            AND EXISTS (SELECT 1 FROM chat_members WHERE conversation_id = $1 AND user_id = $2)
+          RETURNING last_seq";
+    /// Inserts the message, or nothing when the sender already sent this client id.
+    pub(crate) const INSERT_MESSAGE: &str =
+        "INSERT INTO chat_messages (conversation_id, seq, sender_user, sender_device, client_id, body, created_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)
+         ON CONFLICT (conversation_id, sender_user, client_id) DO NOTHING";
+    /// Gives a retry's seq back (the transaction holds the row, so it is still the last one).
+    pub(crate) const GIVE_SEQ_BACK: &str =
+        "UPDATE chat_conversations SET last_seq = last_seq - 1 WHERE conversation_id = $1";
+    /// The first copy of a retried message.
+    pub(crate) const BY_CLIENT_ID: &str =
+        "SELECT conversation_id, seq, sender_user, sender_device, client_id, body, created_at FROM chat_messages
+          WHERE conversation_id = $1 AND sender_user = $2 AND client_id = $3";
+    /// Moves a device's cursors, clamped to the log's end; only a member gets a row.
+    pub(crate) const MOVE_CURSOR: &str =
+        "INSERT INTO chat_cursors (user_id, device_id, conversation_id, delivered_seq, read_seq)
+         SELECT $1, $2, $3,
+                CASE WHEN $4 > c.last_seq THEN c.last_seq WHEN $4 < 0 THEN 0 ELSE $4 END,
+                CASE WHEN $5 > c.last_seq THEN c.last_seq WHEN $5 < 0 THEN 0 ELSE $5 END
+           FROM chat_conversations c
+           JOIN chat_members m ON m.conversation_id = c.conversation_id AND m.user_id = $1
+          WHERE c.conversation_id = $3
+         ON CONFLICT (user_id, device_id, conversation_id) DO UPDATE SET
+           delivered_seq = CASE WHEN excluded.delivered_seq > chat_cursors.delivered_seq
+                                THEN excluded.delivered_seq ELSE chat_cursors.delivered_seq END,
+           read_seq = CASE WHEN excluded.read_seq > chat_cursors.read_seq
+                           THEN excluded.read_seq ELSE chat_cursors.read_seq END
+         RETURNING delivered_seq, read_seq";
+    /// Raises the user's receipt to a device's cursors; a row comes back only when it moved.
+    pub(crate) const MOVE_RECEIPT: &str = "UPDATE chat_members SET
+           delivered_seq = CASE WHEN $3 > delivered_seq THEN $3 ELSE delivered_seq END,
+           read_seq = CASE WHEN $4 > read_seq THEN $4 ELSE read_seq END
+         WHERE conversation_id = $1 AND user_id = $2 AND (delivered_seq < $3 OR read_seq < $4)
+         RETURNING delivered_seq, read_seq";
+}
+use write_sql::*;
 
 /// Applies chat-core's migrations (other crates keep theirs in the same database).
 pub async fn migrate<'a, A>(pool: A) -> Result<(), sqlx::migrate::MigrateError>
@@ -108,7 +153,7 @@ macro_rules! sync_select {
 macro_rules! sql_store {
     // `$begin` starts a transaction that may read before it writes: SQLite must take the write lock
     // up front (BEGIN IMMEDIATE), or a commit by another connection in between fails it.
-    ($pool:ty, $row:ty, $begin:literal, $writers:literal) => {
+    ($pool:ty, $row:ty, $begin:literal, $writers:literal, $blocking:path) => {
         /// A text column parsed into one of our id types; `what` names it in the error.
         fn column<T: std::str::FromStr>(row: &$row, name: &str, what: &str) -> Result<T, StoreError> {
             parse(&row.try_get::<String, _>(name)?, what)
@@ -166,10 +211,7 @@ macro_rules! sql_store {
         where
             E: sqlx::Executor<'c, Database = <$pool as PoolDb>::Db>,
         {
-            let row = sqlx::query(
-                "SELECT conversation_id, seq, sender_user, sender_device, client_id, body, created_at FROM chat_messages
-                  WHERE conversation_id = $1 AND sender_user = $2 AND client_id = $3",
-            )
+            let row = sqlx::query(BY_CLIENT_ID)
             .bind(conversation.to_string())
             .bind(sender.as_str())
             .bind(client_id)
@@ -431,6 +473,10 @@ macro_rules! sql_store {
 
             fn writers(&self) -> usize {
                 $writers
+            }
+
+            fn blocking_writer(&self) -> Option<Box<dyn BlockingWriter>> {
+                $blocking(self)
             }
 
             async fn write_batch(&self, batch: &[Write]) -> Vec<Result<Written, StoreError>> {
@@ -856,22 +902,13 @@ macro_rules! sql_store {
         ) -> Result<Appended, StoreError> {
             check_message(client_id, body)?;
             // Taking the next seq locks the conversation row, and only a member takes one.
-            let seq: Option<i64> = sqlx::query_scalar(
-                "UPDATE chat_conversations SET last_seq = last_seq + 1
-                  WHERE conversation_id = $1
-                    AND EXISTS (SELECT 1 FROM chat_members WHERE conversation_id = $1 AND user_id = $2)
-                  RETURNING last_seq",
-            )
+            let seq: Option<i64> = sqlx::query_scalar(TAKE_SEQ)
             .bind(conversation.to_string())
             .bind(sender.as_str())
             .fetch_optional(&mut **tx)
             .await?;
             let Some(seq) = seq else { return Err(StoreError::NotMember) };
-            let inserted = sqlx::query(
-                "INSERT INTO chat_messages (conversation_id, seq, sender_user, sender_device, client_id, body, created_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)
-                 ON CONFLICT (conversation_id, sender_user, client_id) DO NOTHING",
-            )
+            let inserted = sqlx::query(INSERT_MESSAGE)
             .bind(conversation.to_string())
             .bind(seq)
             .bind(sender.as_str())
@@ -885,7 +922,7 @@ macro_rules! sql_store {
             if inserted == 0 {
                 // A retry: give the seq back (this transaction holds the row, so it is still the
                 // last one) and answer with the first copy.
-                sqlx::query("UPDATE chat_conversations SET last_seq = last_seq - 1 WHERE conversation_id = $1")
+                sqlx::query(GIVE_SEQ_BACK)
                     .bind(conversation.to_string())
                     .execute(&mut **tx)
                     .await?;
@@ -912,23 +949,7 @@ macro_rules! sql_store {
             seq: i64,
             read: bool,
         ) -> Result<Acked, StoreError> {
-            // One statement: only a member gets a row to insert, and the cursor is clamped to the
-            // log's end (both read from tables keyed by conversation).
-            let row = sqlx::query(
-                "INSERT INTO chat_cursors (user_id, device_id, conversation_id, delivered_seq, read_seq)
-                 SELECT $1, $2, $3,
-                        CASE WHEN $4 > c.last_seq THEN c.last_seq WHEN $4 < 0 THEN 0 ELSE $4 END,
-                        CASE WHEN $5 > c.last_seq THEN c.last_seq WHEN $5 < 0 THEN 0 ELSE $5 END
-                   FROM chat_conversations c
-                   JOIN chat_members m ON m.conversation_id = c.conversation_id AND m.user_id = $1
-                  WHERE c.conversation_id = $3
-                 ON CONFLICT (user_id, device_id, conversation_id) DO UPDATE SET
-                   delivered_seq = CASE WHEN excluded.delivered_seq > chat_cursors.delivered_seq
-                                        THEN excluded.delivered_seq ELSE chat_cursors.delivered_seq END,
-                   read_seq = CASE WHEN excluded.read_seq > chat_cursors.read_seq
-                                   THEN excluded.read_seq ELSE chat_cursors.read_seq END
-                 RETURNING delivered_seq, read_seq",
-            )
+            let row = sqlx::query(MOVE_CURSOR)
             .bind(user.as_str())
             .bind(device.to_string())
             .bind(conversation.to_string())
@@ -938,15 +959,8 @@ macro_rules! sql_store {
             .await?;
             let Some(row) = row else { return Err(StoreError::NotMember) };
             let device = Cursor { delivered: row.try_get("delivered_seq")?, read: row.try_get("read_seq")? };
-            // The user's receipt is the furthest any of their devices got; each column only grows,
-            // and a row comes back only when one of them moved.
-            let moved = sqlx::query(
-                "UPDATE chat_members SET
-                   delivered_seq = CASE WHEN $3 > delivered_seq THEN $3 ELSE delivered_seq END,
-                   read_seq = CASE WHEN $4 > read_seq THEN $4 ELSE read_seq END
-                 WHERE conversation_id = $1 AND user_id = $2 AND (delivered_seq < $3 OR read_seq < $4)
-                 RETURNING delivered_seq, read_seq",
-            )
+            // The user's receipt is the furthest any of their devices got; each column only grows.
+            let moved = sqlx::query(MOVE_RECEIPT)
             .bind(conversation.to_string())
             .bind(user.as_str())
             .bind(device.delivered)
@@ -977,10 +991,15 @@ impl PoolDb for sqlx::PgPool {
 
 mod sqlite {
     use super::*;
-    sql_store!(sqlx::SqlitePool, sqlx::sqlite::SqliteRow, "BEGIN IMMEDIATE", 1);
+    sql_store!(sqlx::SqlitePool, sqlx::sqlite::SqliteRow, "BEGIN IMMEDIATE", 1, crate::sqlite_writer::open);
 }
 
 mod postgres {
     use super::*;
-    sql_store!(sqlx::PgPool, sqlx::postgres::PgRow, "BEGIN", 4);
+    sql_store!(sqlx::PgPool, sqlx::postgres::PgRow, "BEGIN", 4, no_blocking_writer);
+
+    /// PostgreSQL's writers stay async: its round trips are network waits, not hand-offs.
+    fn no_blocking_writer(_: &sqlx::PgPool) -> Option<Box<dyn BlockingWriter>> {
+        None
+    }
 }

@@ -200,6 +200,12 @@ pub enum StoreError {
 }
 
 /// Storage for chat-core. Every method that reads or writes a conversation checks membership.
+/// Runs group-commit batches synchronously; see [`MessageStore::blocking_writer`]. Same contract
+/// as [`MessageStore::write_batch`].
+pub trait BlockingWriter: Send {
+    fn write_batch(&mut self, batch: &[Write]) -> Vec<Result<Written, StoreError>>;
+}
+
 pub trait MessageStore: Send + Sync {
     /// Registers a device for `user` (creating the user on first sight), up to [`MAX_DEVICES`].
     fn add_device(&self, user: &UserId, name: &str) -> impl Future<Output = Result<DeviceId, StoreError>> + Send;
@@ -266,6 +272,13 @@ pub trait MessageStore: Send + Sync {
     /// Runs `batch` in one transaction: one commit (one fsync) for all. Each write succeeds or is
     /// refused on its own; a database error fails them all. The results come in the batch's order.
     fn write_batch(&self, batch: &[Write]) -> impl Future<Output = Vec<Result<Written, StoreError>>> + Send;
+
+    /// A writer that runs [`MessageStore::write_batch`]'s work synchronously on a thread of its
+    /// own, for an embedded database where each statement handed to an async driver costs a trip
+    /// between threads. `None` (the default): batches go through `write_batch`.
+    fn blocking_writer(&self) -> Option<Box<dyn BlockingWriter>> {
+        None
+    }
 
     /// Up to `limit` messages with seq greater than `after`, in seq order.
     fn messages_after(

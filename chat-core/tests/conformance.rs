@@ -429,6 +429,23 @@ async fn a_reused_refresh_token_logs_the_device_out<S: MessageStore + AccountSto
 }
 
 async fn a_batch_commits_what_succeeds_and_refuses_the_rest<S: MessageStore + AccountStore + 'static>(store: Arc<S>) {
+    batch_contract(store, false).await;
+}
+
+/// SQLite's group commit runs on a thread of its own through rusqlite, with the same statements.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_blocking_sqlite_writer_keeps_the_batch_contract() {
+    let (pool, _dir) = sqlite().await;
+    batch_contract(Arc::new(pool), true).await;
+}
+
+async fn batch_contract<S: MessageStore + AccountStore + 'static>(store: Arc<S>, blocking: bool) {
+    let mut writer = blocking.then(|| store.blocking_writer().expect("a file-backed SQLite store has one"));
+    let store = store.as_ref();
+    let run = async |batch: &[Write], writer: &mut Option<Box<dyn chat_core::BlockingWriter>>| match writer {
+        Some(writer) => writer.write_batch(batch),
+        None => store.write_batch(batch).await,
+    };
     let (alice, bob, eve) = (user("alice"), user("bob"), user("eve"));
     let chat = store.direct(&alice, &bob).await.unwrap();
     let device = store.add_device(&alice, "a").await.unwrap();
@@ -441,18 +458,18 @@ async fn a_batch_commits_what_succeeds_and_refuses_the_rest<S: MessageStore + Ac
         body: format!("{{\"text\":\"{client_id}\"}}"),
         now_ms: 1,
     };
-    let results = store
-        .write_batch(&[
-            append(&alice, "one"),
-            append(&eve, "intruder"),
-            append(&alice, "one"),
-            Write::Ack { user: bob.clone(), device: bobs, conversation: chat.id, seq: 1, read: false },
-            Write::Ack { user: eve.clone(), device: bobs, conversation: chat.id, seq: 1, read: false },
-            append(&alice, "two"),
-            append(&alice, ""),
-        ])
-        .await;
-    assert_eq!(results.len(), 7);
+    let batch = [
+        append(&alice, "one"),
+        append(&eve, "intruder"),
+        append(&alice, "one"),
+        Write::Ack { user: bob.clone(), device: bobs, conversation: chat.id, seq: 1, read: false },
+        Write::Ack { user: eve.clone(), device: bobs, conversation: chat.id, seq: 1, read: false },
+        append(&alice, "two"),
+        append(&alice, ""),
+        Write::Ack { user: bob.clone(), device: bobs, conversation: chat.id, seq: 2, read: true },
+    ];
+    let results = run(&batch, &mut writer).await;
+    assert_eq!(results.len(), 8);
     let seq = |r: &Result<Written, StoreError>| match r {
         Ok(Written::Appended(a)) => Some(a.message().seq),
         _ => None,
@@ -463,14 +480,24 @@ async fn a_batch_commits_what_succeeds_and_refuses_the_rest<S: MessageStore + Ac
     assert!(matches!(results[2], Ok(Written::Appended(Appended::Duplicate(_)))), "{:?}", results[2]);
     assert_eq!(seq(&results[2]), Some(1));
     match &results[3] {
-        Ok(Written::Acked(acked)) => assert_eq!(acked.device.delivered, 1),
+        Ok(Written::Acked(acked)) => {
+            assert_eq!(acked.device, Cursor { delivered: 1, read: 0 });
+            assert_eq!(acked.receipt, Some(Cursor { delivered: 1, read: 0 }), "bob's receipt moved");
+        }
         other => panic!("{other:?}"),
     }
     assert!(matches!(results[4], Err(StoreError::NotMember)));
     assert_eq!(seq(&results[5]), Some(2), "the refused writes took no seq");
     assert!(matches!(results[6], Err(StoreError::Invalid(_))));
+    match &results[7] {
+        Ok(Written::Acked(acked)) => {
+            assert_eq!(acked.device, Cursor { delivered: 2, read: 2 });
+            assert_eq!(acked.receipt, Some(Cursor { delivered: 2, read: 2 }));
+        }
+        other => panic!("{other:?}"),
+    }
     let log: Vec<i64> = store.messages_after(&chat.id, &bob, 0, 10).await.unwrap().iter().map(|m| m.seq).collect();
     assert_eq!(log, vec![1, 2]);
-    assert_eq!(store.sync_one(&bob, &bobs, &chat.id).await.unwrap().delivered, 1);
-    assert!(store.write_batch(&[]).await.is_empty());
+    assert_eq!(store.sync_one(&bob, &bobs, &chat.id).await.unwrap().delivered, 2);
+    assert!(run(&[], &mut writer).await.is_empty());
 }
