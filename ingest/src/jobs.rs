@@ -20,6 +20,17 @@ use types::{BlobId, ErrorDetail, MediaId, MediaKind, MediaStatus, UserId};
 use crate::view::JobResult;
 use crate::{Ingest, JobConfig, now_ms};
 
+/// What deleting a media record left behind.
+#[derive(Debug)]
+pub(crate) enum Deleted {
+    /// No such media of this owner's.
+    NotFound,
+    /// Deleted; other uploads of the same bytes keep the job and the blobs.
+    Kept,
+    /// Deleted with its job: these blobs are nobody's now.
+    Orphaned { source: BlobId, variants: Vec<BlobId> },
+}
+
 /// The runner's two queues: images and audio must never wait behind a video.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Lane {
@@ -295,9 +306,8 @@ impl JobQueue {
     }
 
     /// Deletes `owner`'s media `id` and who it was shared with. When no other media refers to its
-    /// bytes, the job goes too, and what is returned names the blobs nothing needs any more (the
-    /// original and the variants). `None` when there is no such media of `owner`'s.
-    pub(crate) async fn delete(&self, id: MediaId, owner: &UserId) -> Result<Option<Vec<BlobId>>, sqlx::Error> {
+    /// bytes, the job goes too, and the blobs nothing refers to any more are named.
+    pub(crate) async fn delete(&self, id: MediaId, owner: &UserId) -> Result<Deleted, sqlx::Error> {
         let mut tx = self.db.begin().await?;
         let source: Option<String> =
             sqlx::query_scalar("DELETE FROM media WHERE id = ? AND owner = ? RETURNING source_blob")
@@ -305,7 +315,7 @@ impl JobQueue {
                 .bind(owner.as_str())
                 .fetch_optional(&mut *tx)
                 .await?;
-        let Some(source) = source else { return Ok(None) };
+        let Some(source) = source else { return Ok(Deleted::NotFound) };
         sqlx::query("DELETE FROM media_grants WHERE media_id = ?").bind(id.to_string()).execute(&mut *tx).await?;
         let job: Option<Option<String>> = sqlx::query_scalar(
             "DELETE FROM jobs WHERE source_blob = ?1 AND NOT EXISTS (SELECT 1 FROM media WHERE source_blob = ?1)
@@ -314,14 +324,28 @@ impl JobQueue {
         .bind(&source)
         .fetch_optional(&mut *tx)
         .await?;
-        tx.commit().await?;
-        let Some(result) = job else { return Ok(Some(Vec::new())) };
-        let mut unused = vec![source.parse().map_err(|_| corrupt_row("blob id"))?];
+        let Some(result) = job else {
+            tx.commit().await?;
+            return Ok(Deleted::Kept);
+        };
+        let mut variants = Vec::new();
         if let Some(json) = result {
             let result: JobResult = serde_json::from_str(&json).map_err(|_| corrupt_row("job result"))?;
-            unused.extend(result.variants.values().map(|v| v.blob));
+            for blob in result.variants.values().map(|v| v.blob) {
+                // Different uploads can come out as the same bytes (variants are named by their
+                // hash too): keep what another job's result still names. Deleting is rare; the
+                // scan is fine.
+                let shared: Option<i64> = sqlx::query_scalar("SELECT 1 FROM jobs WHERE instr(result, ?) > 0 LIMIT 1")
+                    .bind(blob.to_hex())
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                if shared.is_none() {
+                    variants.push(blob);
+                }
+            }
         }
-        Ok(Some(unused))
+        tx.commit().await?;
+        Ok(Deleted::Orphaned { source: source.parse().map_err(|_| corrupt_row("blob id"))?, variants })
     }
 
     pub(crate) async fn complete(&self, blob: &BlobId, result: &JobResult) -> Result<(), sqlx::Error> {

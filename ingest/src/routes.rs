@@ -14,7 +14,7 @@ use tokio::sync::broadcast::error::RecvError;
 use transcode::{MediaType, audio, photo};
 use types::{MediaId, MediaStatus, UserId};
 
-use crate::jobs::{JobState, Lane, NewMedia};
+use crate::jobs::{Deleted, JobState, Lane, NewMedia};
 use crate::view::{MediaParts, url_expiry};
 use crate::{Ingest, IngestError, MediaView, spool};
 
@@ -167,13 +167,15 @@ async fn delete(
     Path(id): Path<String>,
 ) -> Result<StatusCode, IngestError> {
     let id: MediaId = id.parse().map_err(|_| IngestError::NotFound)?;
-    let unused = ingest.queue.delete(id, &user).await?.ok_or(IngestError::NotFound)?;
-    if let Some(source) = unused.first() {
-        ingest.running.cancel(source);
-        // Each blob is either in the originals namespace (the first) or the variants one.
-        ingest.originals.delete(source).await?;
-        for variant in &unused[1..] {
-            ingest.variants.delete(variant).await?;
+    match ingest.queue.delete(id, &user).await? {
+        Deleted::NotFound => return Err(IngestError::NotFound),
+        Deleted::Kept => {}
+        Deleted::Orphaned { source, variants } => {
+            ingest.running.cancel(&source);
+            ingest.originals.delete(&source).await?;
+            for variant in &variants {
+                ingest.variants.delete(variant).await?;
+            }
         }
     }
     Ok(StatusCode::NO_CONTENT)

@@ -492,3 +492,26 @@ async fn a_video_past_its_time_budget_is_killed_and_marked_failed() {
     let photo = server.upload_ready(&token, "image/jpeg", fixture("rocket.jpg")).await;
     assert_eq!(photo["status"], "ready");
 }
+
+#[tokio::test]
+async fn deleting_media_keeps_the_bytes_another_upload_holds() {
+    let data = DataDir::new();
+    let server = Server::start(&data, &[]);
+    let (alice, bob) = (server.token("alice"), server.token("bob"));
+    let voice = ffmpeg("v.ogg", &["-f", "lavfi", "-i", "sine=duration=1", "-c:a", "libopus"]);
+    let first = server.upload_ready(&alice, "audio/ogg", voice.clone()).await;
+    let second = server.upload_ready(&bob, "audio/ogg", voice).await;
+    assert_eq!(first["variants"]["standard"]["blob"], second["variants"]["standard"]["blob"], "stored once");
+
+    assert_eq!(server.delete_media(&alice, first["id"].as_str().unwrap()).await.status(), 204);
+    assert_eq!(server.media(&alice, first["id"].as_str().unwrap()).await.status(), 404);
+    // Bob's copy is untouched: his record, and the bytes behind its URL.
+    let still = server.media(&bob, second["id"].as_str().unwrap()).await.json::<Value>().await.unwrap();
+    assert_eq!(still["status"], "ready");
+    variant_bytes(&server, &still, "standard").await;
+
+    assert_eq!(server.delete_media(&bob, second["id"].as_str().unwrap()).await.status(), 204);
+    assert_eq!(server.files_under("blobs"), Vec::<std::path::PathBuf>::new(), "the last delete frees the blobs");
+    assert_eq!(server.count_rows("jobs").await, 0);
+    assert_eq!(server.delete_media(&bob, second["id"].as_str().unwrap()).await.status(), 404);
+}
