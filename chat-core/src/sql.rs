@@ -73,6 +73,11 @@ where
     migrator.run(pool).await
 }
 
+/// WAL pages before a commit copies them back into the database (SQLite's default is 1,000). The
+/// rows every append and ack touch (the conversation's `last_seq`, members, cursors) sit on a few
+/// hot pages: checkpointing ten times less often copies them ten times less often.
+pub(crate) const WAL_AUTOCHECKPOINT: &str = "10000";
+
 /// Opens chat-core's SQLite pool on the database at `url` (created if missing) and migrates it.
 ///
 /// One connection: SQLite has one writer at a time, and writers that wait for each other inside
@@ -85,7 +90,8 @@ pub async fn open_sqlite(url: &str) -> Result<sqlx::SqlitePool, sqlx::Error> {
         .create_if_missing(true)
         .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
         .synchronous(sqlx::sqlite::SqliteSynchronous::Full)
-        .busy_timeout(std::time::Duration::from_secs(5));
+        .busy_timeout(std::time::Duration::from_secs(5))
+        .pragma("wal_autocheckpoint", WAL_AUTOCHECKPOINT);
     let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect_with(options).await?;
     migrate(&pool).await.map_err(|e| sqlx::Error::Migrate(Box::new(e)))?;
     Ok(pool)

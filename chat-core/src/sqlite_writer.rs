@@ -65,6 +65,7 @@ impl Sqlite {
         let conn = Connection::open(path)?;
         // The database is already in WAL mode (set by the pool); synchronous is per connection.
         conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "wal_autocheckpoint", crate::sql::WAL_AUTOCHECKPOINT)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.set_prepared_statement_cache_capacity(16);
         let sql = Statements {
