@@ -242,16 +242,6 @@ fn rotation(matrix: &[u8]) -> u32 {
     (((clockwise / 90.0).round() as u32) % 4) * 90
 }
 
-/// Checks the headers alone: container, codecs, size, frame rate and duration.
-pub fn probe(path: &Path, limits: &Limits) -> Result<(u32, u32, u64), TranscodeError> {
-    let probed = open(path, limits)?;
-    let stream = probed.input.stream(probed.video).expect("found above");
-    let params = ff::codec::context::Context::from_parameters(stream.parameters()).map_err(av("video parameters"))?;
-    let decoder = params.decoder().video().map_err(av("video decoder"))?;
-    let (w, h) = upright(decoder.width(), decoder.height(), probed.rotation);
-    Ok((w, h, probed.duration_ms))
-}
-
 fn upright(w: u32, h: u32, rotation: u32) -> (u32, u32) {
     if rotation % 180 == 90 { (h, w) } else { (w, h) }
 }
