@@ -1,5 +1,6 @@
 //! chat-core's store on both backends: appending a message (one transaction: next seq, membership,
-//! insert), a group commit of 64 appends (what the writer does under load), and replaying a
+//! insert), a group commit of 64 appends (what the writer does under load; on SQLite also through
+//! the blocking writer thread's connection, which is what the server uses), and replaying a
 //! 500-message page from a cursor. PostgreSQL runs when
 //! `COURIER_TEST_DATABASE_URL` is set (schema `chat_bench`, recreated).
 
@@ -43,23 +44,28 @@ fn bench_store<S: MessageStore + 'static>(c: &mut Criterion, name: &str, runtime
                 .unwrap()
         })
     });
+    let batch = || -> Vec<Write> {
+        (0..64)
+            .map(|_| Write::Append {
+                conversation: fixture.conversation,
+                sender: fixture.alice.clone(),
+                device: fixture.phone,
+                client_id: format!("bench{}", next.fetch_add(1, Ordering::Relaxed)),
+                body: "{\"text\":\"hello there\"}".into(),
+                now_ms: 0,
+            })
+            .collect()
+    };
     group.throughput(criterion::Throughput::Elements(64));
     group.bench_function("append_batch_64", |b| {
-        b.to_async(runtime).iter(|| async {
-            let f = &fixture;
-            let batch: Vec<Write> = (0..64)
-                .map(|_| Write::Append {
-                    conversation: f.conversation,
-                    sender: f.alice.clone(),
-                    device: f.phone,
-                    client_id: format!("bench{}", next.fetch_add(1, Ordering::Relaxed)),
-                    body: "{\"text\":\"hello there\"}".into(),
-                    now_ms: 0,
-                })
-                .collect();
-            assert!(store.write_batch(&batch).await.iter().all(Result::is_ok));
-        })
+        b.to_async(runtime).iter(|| async { assert!(store.write_batch(&batch()).await.iter().all(Result::is_ok)) })
     });
+    // What `courier serve` runs on SQLite: the same batch on the writer thread's own connection.
+    if let Some(mut writer) = store.blocking_writer() {
+        group.bench_function("append_batch_64_blocking_writer", |b| {
+            b.iter(|| assert!(writer.write_batch(&batch()).iter().all(Result::is_ok)))
+        });
+    }
     group.throughput(criterion::Throughput::Elements(1));
     group.bench_function("replay_500", |b| {
         b.to_async(runtime).iter(|| async {

@@ -122,6 +122,8 @@ struct Connection<S> {
     lagged: Arc<Lagged>,
     /// While replaying, an overflowing queue is caught up by another pass instead of a disconnect.
     replaying: bool,
+    /// Frames written into the socket's buffer but not yet flushed to the kernel.
+    unflushed: bool,
 }
 
 async fn run<S: MessageStore + AccountStore + 'static>(
@@ -145,8 +147,9 @@ async fn run<S: MessageStore + AccountStore + 'static>(
         strikes: 0,
         lagged: registration.lagged.clone(),
         replaying: true,
+        unflushed: false,
     };
-    if conn.start().await.is_ok() {
+    if conn.start().await.is_ok() && conn.flush().await.is_ok() {
         let _ = conn.serve(&mut stream, &mut registration).await;
     }
     if chat.hub.unregister(&user, registration.id) {
@@ -159,18 +162,46 @@ async fn run<S: MessageStore + AccountStore + 'static>(
 }
 
 impl<S: MessageStore + AccountStore + 'static> Connection<S> {
-    /// Writes one frame. A client that takes longer than the send timeout is stuck; one whose
-    /// queue overflows meanwhile is too slow: either way the connection ends and the device
-    /// catches up by replay.
+    /// Writes one frame into the socket's buffer; [`Connection::flush`] hands what is buffered to
+    /// the kernel, once per wake-up rather than once per frame. A client that takes longer than the
+    /// send timeout is stuck; one whose queue overflows meanwhile is too slow: either way the
+    /// connection ends and the device catches up by replay.
     async fn send_frame(&mut self, frame: Utf8Bytes) -> Result<(), Stop> {
+        self.unflushed = true;
+        self.write(Some(WsMessage::Text(frame))).await
+    }
+
+    /// Flushes what [`Connection::send_frame`] buffered.
+    async fn flush(&mut self) -> Result<(), Stop> {
+        if !std::mem::take(&mut self.unflushed) {
+            return Ok(());
+        }
+        self.write(None).await
+    }
+
+    /// Buffers `frame`, or flushes when there is none, within the send timeout.
+    async fn write(&mut self, frame: Option<WsMessage>) -> Result<(), Stop> {
         let timeout = Duration::from_secs(self.chat.config.send_timeout_secs);
         let lagged = self.lagged.clone();
-        tokio::select! {
-            sent = tokio::time::timeout(timeout, self.sink.send(WsMessage::Text(frame))) => match sent {
+        let replaying = self.replaying;
+        let sink = &mut self.sink;
+        let op = async move {
+            match frame {
+                Some(frame) => sink.feed(frame).await,
+                None => sink.flush().await,
+            }
+        };
+        let outcome = tokio::select! {
+            written = tokio::time::timeout(timeout, op) => match written {
                 Ok(Ok(())) => Ok(()),
-                _ => Err(Stop),
+                _ => Err(false),
             },
-            _ = lagged.wait(), if !self.replaying => Err(self.close(CLOSE_TOO_SLOW, "too slow: reconnect to catch up").await),
+            _ = lagged.wait(), if !replaying => Err(true),
+        };
+        match outcome {
+            Ok(()) => Ok(()),
+            Err(true) => Err(self.close(CLOSE_TOO_SLOW, "too slow: reconnect to catch up").await),
+            Err(false) => Err(Stop),
         }
     }
 
@@ -333,11 +364,13 @@ impl<S: MessageStore + AccountStore + 'static> Connection<S> {
                         return Err(self.close(CLOSE_IDLE, "idle").await);
                     }
                     self.strikes = 0;
-                    let timeout = Duration::from_secs(self.chat.config.send_timeout_secs);
-                    if !matches!(tokio::time::timeout(timeout, self.sink.send(WsMessage::Ping(Default::default()))).await, Ok(Ok(()))) {
-                        return Err(Stop);
-                    }
+                    self.unflushed = true;
+                    self.write(Some(WsMessage::Ping(Default::default()))).await?;
                 }
+            }
+            // More events already queued go into the same write; otherwise out it goes.
+            if registration.events.is_empty() {
+                self.flush().await?;
             }
         }
     }
