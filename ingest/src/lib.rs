@@ -1,10 +1,12 @@
 //! Courier's uploads: from request body to stored blob, media record and transcode job.
 //!
-//! `POST /v1/media` streams the body under a byte limit, sniffs its first bytes against the declared
-//! type, hashes it with BLAKE3 while spooling it to a temp file, checks the header's dimensions, stores
-//! it once in the originals namespace and records the media and its job in one transaction. The
-//! [`Runner`] claims jobs from the database, runs the pipeline in the `transcode` pool and writes the
-//! variants through `edge-cache`. `GET /v1/media/{id}` shows the result with signed variant URLs.
+//! `POST /v1/media` streams the body under its kind's byte limit, sniffs its first bytes against the
+//! declared type, hashes it with BLAKE3 while spooling it to a temp file, checks an image's dimensions
+//! or audio's duration, rate and channels from the headers, stores it once in the originals namespace
+//! and records the media and its job in one transaction. The [`Runner`] claims jobs from the database
+//! in two lanes (images and audio in the `transcode` pool, videos each in a worker process) and writes
+//! the variants through `edge-cache`. `GET /v1/media/{id}` shows the result with signed variant URLs
+//! (and a video's progress); `DELETE /v1/media/{id}` takes it back and stops its job.
 //!
 //! Routes expect the caller's [`types::UserId`] in the request extensions (the server's auth layer
 //! puts it there). This crate owns the `media` and `jobs` tables and must never touch another
