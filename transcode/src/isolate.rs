@@ -4,8 +4,9 @@
 //! own address space. [`Worker::run_video`] starts `courier transcode-worker` (the same binary),
 //! hands it the job as JSON on stdin and reads one JSON line per event from its stdout: progress,
 //! then the result or the error. The worker caps its own address space (`RLIMIT_AS`, the memory
-//! budget) and core dumps before it reads a byte of input; the parent kills it at the wall-clock
-//! budget or when the job is cancelled (dropping the future kills the process). A crash, an abort on
+//! budget) and core dumps, and lowers its scheduling priority, before it reads a byte of input; the
+//! parent kills it at the wall-clock budget or when the job is cancelled (dropping the future kills
+//! the process). A crash, an abort on
 //! a failed allocation or a kill ends that process alone: the server, its other jobs and the worker
 //! threads are untouched, and nothing is leaked. The environment is cleared, so no proxy or
 //! library setting reaches libav.
@@ -32,6 +33,9 @@ pub struct VideoJob {
     pub memory_bytes: u64,
 }
 
+/// The worker's scheduling niceness (0 is normal, 19 the lowest).
+pub const WORKER_NICENESS: i32 = 10;
+
 /// One line of the worker's stdout.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -57,6 +61,12 @@ pub fn worker_main() -> i32 {
         .and_then(|()| rlimit::setrlimit(rlimit::Resource::CORE, 0, 0));
     if let Err(e) = limits {
         return report(&Event::Failed(TranscodeError::Io(format!("setting the worker's limits: {e}"))));
+    }
+    // Below the server in the scheduler: photos, voice notes and messages on the same cores go
+    // first, and the video takes whatever CPU is left.
+    if let Err(e) = rustix::process::setpriority_process(None, WORKER_NICENESS) {
+        // Best effort: stderr reaches the parent's error message if the job fails.
+        eprintln!("could not lower the worker's priority: {e}");
     }
     let outcome = video::transcode(&job.input, &job.output_dir, &job.settings, &job.limits, |done| {
         report(&Event::Progress(done));

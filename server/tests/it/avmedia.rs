@@ -433,7 +433,12 @@ async fn photos_do_not_wait_behind_a_video_and_deleting_the_video_stops_its_work
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert!(progress < 1.0);
-    assert_eq!(server.children().len(), 1, "one worker process runs the video");
+    let workers = server.children();
+    assert_eq!(workers.len(), 1, "one worker process runs the video");
+    // It runs below the server in the scheduler (field 19 of /proc/PID/stat is the niceness).
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", workers[0])).unwrap();
+    let nice: i32 = stat.rsplit_once(')').unwrap().1.split_whitespace().nth(16).unwrap().parse().unwrap();
+    assert_eq!(nice, 10, "the video worker is not niced");
 
     // A photo and a voice note go through while the video is still being transcoded.
     let photo = server.upload_ready(&token, "image/jpeg", fixture("rocket.jpg")).await;
