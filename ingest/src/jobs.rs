@@ -41,6 +41,14 @@ pub(crate) enum Lane {
 }
 
 impl Lane {
+    /// The kinds this lane claims (a pair, for the claim's `IN`).
+    fn kinds(self) -> [MediaKind; 2] {
+        match self {
+            Lane::Quick => [MediaKind::Image, MediaKind::Audio],
+            Lane::Video => [MediaKind::Video, MediaKind::Video],
+        }
+    }
+
     pub(crate) fn of(kind: MediaKind) -> Self {
         match kind {
             MediaKind::Image | MediaKind::Audio => Lane::Quick,
@@ -258,10 +266,7 @@ impl JobQueue {
     pub(crate) async fn claim(&self, lane: Lane) -> Result<Option<Claimed>, sqlx::Error> {
         let now = now_ms();
         let lease_until = now + (self.config.lease_secs * 1000) as i64;
-        let (first, second) = match lane {
-            Lane::Quick => (MediaKind::Image, MediaKind::Audio),
-            Lane::Video => (MediaKind::Video, MediaKind::Video),
-        };
+        let [first, second] = lane.kinds();
         let row = sqlx::query(
             "UPDATE jobs SET lease_until = ?1, attempts = attempts + 1, progress = NULL, updated_at = ?2
               WHERE source_blob = (

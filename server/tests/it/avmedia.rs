@@ -321,14 +321,6 @@ async fn check_video(
     media
 }
 
-/// Sends `body` as `mime` and checks the refusal's status and code.
-async fn refused(server: &Server, mime: &str, body: Vec<u8>, status: u16, code: &str) {
-    let response = server.upload(&server.token("mallory"), mime, body).await;
-    assert_eq!(response.status(), status, "{mime} {code}");
-    let body: Value = response.json().await.unwrap();
-    assert_eq!(body["error"]["code"], code, "{body}");
-}
-
 #[tokio::test]
 async fn hostile_audio_and_video_are_refused_and_leave_nothing() {
     let data = DataDir::new();
@@ -336,32 +328,29 @@ async fn hostile_audio_and_video_are_refused_and_leave_nothing() {
 
     // A playlist calling itself MP4 never reaches a demuxer.
     let playlist = b"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10,\nhttp://127.0.0.1:9/x.ts\n".to_vec();
-    refused(&server, "video/mp4", playlist.clone(), 415, "type_mismatch").await;
-    refused(&server, "audio/mpeg", playlist, 415, "type_mismatch").await;
+    server.refused("video/mp4", playlist.clone(), 415, "type_mismatch").await;
+    server.refused("audio/mpeg", playlist, 415, "type_mismatch").await;
     // Headers claiming 100000×100000: libav refuses the size, so does the probe.
-    refused(&server, "video/mp4", fixture("huge-dimensions.mp4"), 422, "corrupt_media").await;
+    server.refused("video/mp4", fixture("huge-dimensions.mp4"), 422, "corrupt_media").await;
     // An MP4 cut before its index (ffmpeg writes the moov last unless told otherwise).
     let whole =
         ffmpeg("whole.mp4", &["-f", "lavfi", "-i", "testsrc2=size=320x240:rate=25:duration=2", "-c:v", "libx264"]);
-    refused(&server, "video/mp4", whole[..whole.len() * 2 / 3].to_vec(), 422, "corrupt_media").await;
+    server.refused("video/mp4", whole[..whole.len() * 2 / 3].to_vec(), 422, "corrupt_media").await;
     // Longer than the limit, from the header.
     let long =
         ffmpeg("long.webm", &["-f", "lavfi", "-i", "testsrc2=size=160x120:rate=10:duration=4", "-c:v", "libvpx"]);
-    refused(&server, "video/webm", long, 422, "duration_over_limit").await;
+    server.refused("video/webm", long, 422, "duration_over_limit").await;
     // A valid MP3 frame, then garbage.
     let mp3 = ffmpeg("a.mp3", &["-f", "lavfi", "-i", "sine=duration=1", "-c:a", "libmp3lame"]);
     let mut garbage = mp3[..mp3.len().min(1200)].to_vec();
     garbage.extend((0..200_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8));
-    refused(&server, "audio/mpeg", garbage, 422, "corrupt_media").await;
+    server.refused("audio/mpeg", garbage, 422, "corrupt_media").await;
     // A WAV whose header promises ten seconds and holds a tenth of one.
     let wav = ffmpeg("a.wav", &tone("10").iter().map(String::as_str).collect::<Vec<_>>());
-    refused(&server, "audio/wav", wav[..wav.len() / 100].to_vec(), 422, "corrupt_media").await;
-    refused(&server, "audio/ogg", b"OggS\0\x02\0\0\0\0\0\0\0\0".to_vec(), 422, "corrupt_media").await;
+    server.refused("audio/wav", wav[..wav.len() / 100].to_vec(), 422, "corrupt_media").await;
+    server.refused("audio/ogg", b"OggS\0\x02\0\0\0\0\0\0\0\0".to_vec(), 422, "corrupt_media").await;
 
-    assert_eq!(server.files_under("blobs"), Vec::<std::path::PathBuf>::new(), "a blob was left behind");
-    assert_eq!(server.files_under("tmp"), Vec::<std::path::PathBuf>::new(), "a temp file was left behind");
-    assert_eq!(server.count_rows("media").await, 0);
-    assert_eq!(server.count_rows("jobs").await, 0);
+    server.assert_nothing_left().await;
     assert!(server.children().is_empty(), "a worker process outlived its job");
 }
 
@@ -376,9 +365,9 @@ async fn audio_over_its_limits_is_refused_from_the_header() {
         ],
     );
     let long = ffmpeg("long.flac", &tone("3").iter().map(String::as_str).collect::<Vec<_>>());
-    refused(&server, "audio/flac", long, 422, "duration_over_limit").await;
+    server.refused("audio/flac", long, 422, "duration_over_limit").await;
     let surround = ffmpeg("six.wav", &["-f", "lavfi", "-i", "sine=duration=1", "-ac", "6"]);
-    refused(&server, "audio/wav", surround, 422, "over_limit").await;
+    server.refused("audio/wav", surround, 422, "over_limit").await;
     assert_eq!(server.count_rows("media").await, 0);
 }
 
@@ -389,7 +378,7 @@ async fn a_worker_over_its_memory_budget_fails_alone() {
     let server = Server::start(&data, &[("COURIER_INGEST__VIDEO__MEMORY_BYTES", "67108864")]);
     let token = server.token("alice");
     let video = ffmpeg("v.mp4", &["-f", "lavfi", "-i", "testsrc2=size=320x240:rate=25:duration=1", "-c:v", "libx264"]);
-    refused(&server, "video/mp4", video, 422, "over_memory_budget").await;
+    server.refused("video/mp4", video, 422, "over_memory_budget").await;
     // The server and the other lane are untouched.
     let photo = server.upload_ready(&token, "image/jpeg", fixture("rocket.jpg")).await;
     assert_eq!(photo["status"], "ready");

@@ -135,6 +135,23 @@ impl Server {
         self.http.delete(self.url(&format!("/v1/media/{id}"))).bearer_auth(token).send().await.unwrap()
     }
 
+    /// Uploads `body` as `mime` and checks the refusal: status, error code, a message.
+    pub(crate) async fn refused(&self, mime: &str, body: impl Into<reqwest::Body>, status: u16, code: &str) {
+        let response = self.upload(&self.token("mallory"), mime, body).await;
+        assert_eq!(response.status(), status, "{mime} {code}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], code, "{body}");
+        assert!(!body["error"]["message"].as_str().unwrap().is_empty());
+    }
+
+    /// No blob, temp file, media record or job is left.
+    pub(crate) async fn assert_nothing_left(&self) {
+        assert_eq!(self.files_under("blobs"), Vec::<PathBuf>::new(), "a blob was left behind");
+        assert_eq!(self.files_under("tmp"), Vec::<PathBuf>::new(), "a temp file was left behind");
+        assert_eq!(self.count_rows("media").await, 0);
+        assert_eq!(self.count_rows("jobs").await, 0);
+    }
+
     pub(crate) async fn count_rows(&self, table: &str) -> i64 {
         let url = format!("sqlite://{}?mode=ro", self.data.join("courier.db").display());
         let pool = sqlx::SqlitePool::connect(&url).await.unwrap();

@@ -5,43 +5,27 @@ use serde_json::Value;
 
 use crate::harness::{DataDir, Server, fixture};
 
-/// Sends `body` as `mime` and checks the status and error code of the refusal.
-async fn check(server: &Server, mime: &str, body: impl Into<reqwest::Body>, status: u16, code: &str) {
-    let response = server.upload(&server.token("mallory"), mime, body).await;
-    assert_eq!(response.status(), status, "{mime} {code}");
-    let body: Value = response.json().await.unwrap();
-    assert_eq!(body["error"]["code"], code, "{body}");
-    assert!(!body["error"]["message"].as_str().unwrap().is_empty());
-}
-
-async fn assert_nothing_left(server: &Server) {
-    assert_eq!(server.files_under("blobs"), Vec::<std::path::PathBuf>::new(), "a blob was left behind");
-    assert_eq!(server.files_under("tmp"), Vec::<std::path::PathBuf>::new(), "a temp file was left behind");
-    assert_eq!(server.count_rows("media").await, 0);
-    assert_eq!(server.count_rows("jobs").await, 0);
-}
-
 #[tokio::test]
 async fn bad_uploads_are_refused_and_leave_nothing() {
     let data = DataDir::new();
     let server = Server::start(&data, &[]);
 
-    check(&server, "image/jpeg", fixture("truncated.jpg"), 422, "corrupt_media").await;
-    check(&server, "image/png", fixture("bomb.png"), 422, "too_many_pixels").await;
-    check(&server, "image/jpeg", fixture("png-named.jpg"), 415, "type_mismatch").await;
-    check(&server, "image/png", b"<html><script>alert(1)</script></html>".to_vec(), 415, "type_mismatch").await;
-    check(&server, "text/html", fixture("rocket.jpg"), 415, "unsupported_media_type").await;
-    check(&server, "image/avif", fixture("rocket.jpg"), 415, "unsupported_media_type").await;
-    check(&server, "image/jpeg", Vec::new(), 422, "empty_body").await;
+    server.refused("image/jpeg", fixture("truncated.jpg"), 422, "corrupt_media").await;
+    server.refused("image/png", fixture("bomb.png"), 422, "too_many_pixels").await;
+    server.refused("image/jpeg", fixture("png-named.jpg"), 415, "type_mismatch").await;
+    server.refused("image/png", b"<html><script>alert(1)</script></html>".to_vec(), 415, "type_mismatch").await;
+    server.refused("text/html", fixture("rocket.jpg"), 415, "unsupported_media_type").await;
+    server.refused("image/avif", fixture("rocket.jpg"), 415, "unsupported_media_type").await;
+    server.refused("image/jpeg", Vec::new(), 422, "empty_body").await;
     // A valid header followed by garbage: it sniffs as JPEG but does not decode.
     let mut garbage = fixture("rocket.jpg")[..600].to_vec();
     garbage.extend((0..50_000u32).map(|i| (i * 7919 % 253) as u8));
-    check(&server, "image/jpeg", garbage, 422, "corrupt_media").await;
-    assert_nothing_left(&server).await;
+    server.refused("image/jpeg", garbage, 422, "corrupt_media").await;
+    server.assert_nothing_left().await;
 
     // The same corrupt bytes again are refused straight away, and still nothing is kept.
-    check(&server, "image/jpeg", fixture("truncated.jpg"), 422, "corrupt_media").await;
-    assert_nothing_left(&server).await;
+    server.refused("image/jpeg", fixture("truncated.jpg"), 422, "corrupt_media").await;
+    server.assert_nothing_left().await;
 
     let missing_type =
         server.http.post(server.url("/v1/media")).bearer_auth(server.token("x")).body(fixture("rocket.jpg"));
@@ -57,14 +41,14 @@ async fn bodies_over_the_limit_get_413_while_streaming() {
     big.resize(300_000, 0);
 
     // With Content-Length the refusal comes before any of the body is read.
-    check(&server, "image/jpeg", big.clone(), 413, "payload_too_large").await;
+    server.refused("image/jpeg", big.clone(), 413, "payload_too_large").await;
 
     // Without one (chunked), it is noticed as the bytes pass the limit.
     let chunks: Vec<Result<Bytes, std::io::Error>> =
         big.chunks(16 * 1024).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
     let stream = futures_util::stream::iter(chunks);
-    check(&server, "image/jpeg", reqwest::Body::wrap_stream(stream), 413, "payload_too_large").await;
-    assert_nothing_left(&server).await;
+    server.refused("image/jpeg", reqwest::Body::wrap_stream(stream), 413, "payload_too_large").await;
+    server.assert_nothing_left().await;
 
     let ok = server.upload(&server.token("alice"), "image/jpeg", photo).await;
     assert_eq!(ok.status(), 201);
