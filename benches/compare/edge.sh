@@ -8,6 +8,8 @@
 # Prints req/s, p99 latency and RSS side by side.
 #
 # Usage: benches/compare/edge.sh [SECONDS_PER_RUN]   (default 5; needs nginx and wrk)
+# COURIER_BIN=path runs that courier binary instead of building this tree's (to compare two builds);
+# EDGE_SIZES and EDGE_CONNS narrow the grid (defaults "4096 65536 1048576" and "16 64 256").
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 secs=${1:-5}
@@ -15,8 +17,12 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/courier-target}"
 command -v nginx >/dev/null || { echo "nginx missing: apt-get install nginx-light" >&2; exit 1; }
 command -v wrk >/dev/null || { echo "wrk missing: apt-get install wrk" >&2; exit 1; }
 
-cargo build -q --release -p server --bin courier
-courier="$CARGO_TARGET_DIR/release/courier"
+if [ -n "${COURIER_BIN:-}" ]; then
+  courier=$COURIER_BIN
+else
+  cargo build -q --release -p server --bin courier
+  courier="$CARGO_TARGET_DIR/release/courier"
+fi
 work=$(mktemp -d)
 chmod 755 "$work"   # nginx workers run as another user
 pids=()
@@ -80,9 +86,9 @@ run() { # name port path conns
 }
 
 printf '%-22s %8s %6s %12s %10s %10s\n' server body conns req/s p99 RSS
-for size in 4096 65536 1048576; do
+for size in ${EDGE_SIZES:-4096 65536 1048576}; do
   label=$((size / 1024))KiB
-  for conns in 16 64 256; do
+  for conns in ${EDGE_CONNS:-16 64 256}; do
     run nginx 18090 "${path_of[$size]}" "$conns" "$label"; printf ' %7d KiB\n' "$(nginx_rss)"
     run "courier edge memory" 18091 "${path_of[$size]}" "$conns" "$label"; printf ' %7d KiB\n' "$(rss_kib /proc/$mem_pid/status)"
     run "courier edge disk" 18092 "${path_of[$size]}" "$conns" "$label"; printf ' %7d KiB\n' "$(rss_kib /proc/$disk_pid/status)"

@@ -4,11 +4,20 @@
 //! always whole and right. The index is a moka cache weighed in bytes (TinyLFU admission, LRU
 //! eviction); evicting an entry deletes its file. On open the index is rebuilt from the folder and
 //! partial files from a previous run are removed.
+//!
+//! Hits are served without leaving the request's thread when they can be: the most used files stay
+//! open (a second, count-bounded cache, like nginx's `open_file_cache`), and [`read_now`] reads them
+//! with `RWF_NOWAIT`, which the kernel answers from its page cache or refuses rather than wait for
+//! the device. Only an open or a read that would wait goes to the blocking pool.
 
+use std::fs::File;
+use std::io::IoSliceMut;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
+use rustix::io::{Errno, ReadWriteFlags};
 use tempfile::NamedTempFile;
 use types::BlobId;
 
@@ -17,18 +26,30 @@ use types::BlobId;
 pub struct DiskTier {
     root: Arc<PathBuf>,
     index: moka::sync::Cache<BlobId, u64>,
+    /// Open handles on the most used files; at most the count it was opened with.
+    handles: moka::sync::Cache<BlobId, Arc<File>>,
 }
 
+/// Files kept open when [`DiskTier::open`] is not told otherwise.
+pub const DEFAULT_OPEN_FILES: u64 = 1024;
+
 impl DiskTier {
-    /// Opens (creating) the tier under `dir`, holding at most `capacity` bytes of blobs.
-    /// Evictions are counted in `evictions`.
+    /// Opens (creating) the tier under `dir`, holding at most `capacity` bytes of blobs and keeping
+    /// up to [`DEFAULT_OPEN_FILES`] of them open. Evictions are counted in `evictions`.
     pub fn open(dir: &Path, capacity: u64, evictions: Counter) -> std::io::Result<Self> {
+        Self::open_with(dir, capacity, DEFAULT_OPEN_FILES, evictions)
+    }
+
+    /// [`DiskTier::open`], keeping up to `open_files` files open (0: none).
+    pub fn open_with(dir: &Path, capacity: u64, open_files: u64, evictions: Counter) -> std::io::Result<Self> {
         let root = Arc::new(dir.to_owned());
         std::fs::create_dir_all(dir.join("blobs"))?;
         std::fs::create_dir_all(dir.join("tmp"))?;
         for entry in std::fs::read_dir(dir.join("tmp"))? {
             std::fs::remove_file(entry?.path())?;
         }
+        let handles = moka::sync::Cache::new(open_files);
+        let listener_handles: moka::sync::Cache<BlobId, Arc<File>> = handles.clone();
         let listener_root = root.clone();
         let index = moka::sync::Cache::builder()
             .max_capacity(capacity)
@@ -38,12 +59,13 @@ impl DiskTier {
                     evictions.inc();
                 }
                 if cause != moka::notification::RemovalCause::Replaced {
+                    listener_handles.invalidate(&*id);
                     // A file already gone is what we wanted anyway.
                     let _ = std::fs::remove_file(blob_path(&listener_root, &id));
                 }
             })
             .build();
-        let tier = Self { root, index };
+        let tier = Self { root, index, handles };
         tier.rebuild()?;
         Ok(tier)
     }
@@ -78,6 +100,24 @@ impl DiskTier {
         blob_path(&self.root, id)
     }
 
+    /// The blob's file if it is among those kept open; never blocks.
+    pub fn open_handle(&self, id: &BlobId) -> Option<Arc<File>> {
+        self.handles.get(id)
+    }
+
+    /// The blob's file, opened now if it was not kept open, and then kept. Blocking.
+    pub fn open_file(&self, id: &BlobId) -> std::io::Result<Arc<File>> {
+        if let Some(file) = self.handles.get(id) {
+            return Ok(file);
+        }
+        let file = Arc::new(File::open(self.path(id))?);
+        // A purge or eviction that ran since the lookup must not leave a handle behind.
+        if self.index.contains_key(id) {
+            self.handles.insert(*id, file.clone());
+        }
+        Ok(file)
+    }
+
     /// A new temp file for a fill; deleted when dropped unless committed.
     pub fn temp_file(&self) -> std::io::Result<NamedTempFile> {
         tempfile::Builder::new().prefix("fill-").tempfile_in(self.root.join("tmp"))
@@ -97,6 +137,7 @@ impl DiskTier {
     pub fn remove(&self, id: &BlobId) {
         self.index.invalidate(id);
         self.index.run_pending_tasks();
+        self.handles.invalidate(id);
         let _ = std::fs::remove_file(self.path(id));
     }
 
@@ -105,6 +146,37 @@ impl DiskTier {
         self.index.run_pending_tasks();
         (self.index.weighted_size(), self.index.entry_count())
     }
+}
+
+/// `len` bytes of `file` from `pos`, if the page cache holds them all: read at once with
+/// `RWF_NOWAIT`, so the calling thread never waits for the device. `None` when the read would wait
+/// (or the kernel cannot promise that for this file system), when the file is shorter, or on an
+/// error: the caller then reads on a blocking thread, which reports any real error.
+pub(crate) fn read_now(file: &File, pos: u64, len: usize) -> Option<Bytes> {
+    let mut buf = vec![0u8; len];
+    let mut done = 0;
+    while done < len {
+        match rustix::io::preadv2(
+            file,
+            &mut [IoSliceMut::new(&mut buf[done..])],
+            pos + done as u64,
+            ReadWriteFlags::NOWAIT,
+        ) {
+            Ok(0) => return None,
+            Ok(n) => done += n,
+            Err(Errno::INTR) => {}
+            Err(_) => return None,
+        }
+    }
+    Some(Bytes::from(buf))
+}
+
+/// `len` bytes of `file` from `pos`, waiting for the device if need be. Blocking.
+pub(crate) fn read_at(file: &File, pos: u64, len: usize) -> std::io::Result<Bytes> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; len];
+    file.read_exact_at(&mut buf, pos)?;
+    Ok(Bytes::from(buf))
 }
 
 fn blob_path(root: &Path, id: &BlobId) -> PathBuf {
@@ -190,6 +262,52 @@ mod tests {
                 assert!(tier.lookup(&id).is_some(), "step {step}: {id} is on disk but not indexed");
             }
         }
+    }
+
+    #[test]
+    fn open_files_are_bounded_and_closed_with_their_blob() {
+        let dir = tempfile::tempdir().unwrap();
+        let tier = DiskTier::open_with(dir.path(), 25_000, 2, Counter::default()).unwrap();
+        let ids: Vec<BlobId> = (0..3u8).map(|i| fill(&tier, &vec![i; 10_000])).collect();
+        tier.usage();
+        // The third fill evicted the first; opening what is left keeps at most two open.
+        let kept: Vec<BlobId> = ids.iter().copied().filter(|id| tier.lookup(id).is_some()).collect();
+        assert_eq!(kept.len(), 2);
+        for id in &kept {
+            let file = tier.open_file(id).unwrap();
+            assert_eq!(read_now(&file, 0, 10_000).as_deref(), Some(&std::fs::read(tier.path(id)).unwrap()[..]));
+            assert!(tier.open_handle(id).is_some());
+        }
+        tier.remove(&kept[0]);
+        assert!(tier.open_handle(&kept[0]).is_none(), "a removed blob's file stays open");
+        // Fills that evict the other drop its handle too.
+        for i in 0..100u8 {
+            if !tier.index.contains_key(&kept[1]) {
+                break;
+            }
+            // Asked for before it is filled, as a hot blob would be: TinyLFU admits it.
+            let bytes = vec![100 + i; 10_000];
+            (0..5).for_each(|_| _ = tier.lookup(&BlobId::of(&bytes)));
+            fill(&tier, &bytes);
+            tier.usage();
+        }
+        assert!(!tier.index.contains_key(&kept[1]), "nothing evicted the blob");
+        tier.handles.run_pending_tasks();
+        assert!(tier.open_handle(&kept[1]).is_none(), "an evicted blob's file stays open");
+    }
+
+    #[test]
+    fn reads_without_waiting_only_what_is_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let bytes: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &bytes).unwrap();
+        let file = File::open(&path).unwrap();
+        // Just written, so in the page cache.
+        assert_eq!(read_now(&file, 1000, 5000).as_deref(), Some(&bytes[1000..6000]));
+        assert_eq!(read_now(&file, 99_000, 2000), None, "a read past the end is no answer");
+        assert_eq!(read_at(&file, 99_000, 1000).unwrap(), bytes[99_000..]);
+        assert!(read_at(&file, 99_000, 2000).is_err());
     }
 
     #[test]

@@ -8,7 +8,6 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,6 +18,7 @@ use tempfile::NamedTempFile;
 use tokio::sync::watch;
 use types::{BlobId, UrlSigner};
 
+use crate::disk::{read_at, read_now};
 use crate::upstream::{Upstream, UpstreamError};
 use crate::{DiskTier, EdgeError, MemoryTier, Metrics};
 
@@ -115,8 +115,9 @@ impl Fill {
     }
 }
 
-/// Reads `start..=end` of `file` in pieces on blocking threads. With `progress`, waits for bytes to
-/// become visible and fails when the fill fails.
+/// Reads `start..=end` of `file` in pieces: from the page cache on the calling thread when it holds
+/// them, on a blocking thread otherwise. With `progress`, waits for bytes to become visible and
+/// fails when the fill fails.
 pub(crate) fn read_stream(
     file: Arc<std::fs::File>,
     start: u64,
@@ -145,13 +146,15 @@ pub(crate) fn read_stream(
             }
         };
         let n = piece.min(visible - pos).min(end + 1 - pos);
-        let reader = file.clone();
-        let read = tokio::task::spawn_blocking(move || {
-            let mut buf = vec![0u8; n as usize];
-            reader.read_exact_at(&mut buf, pos).map(|()| Bytes::from(buf))
-        })
-        .await
-        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        let read = match read_now(&file, pos, n as usize) {
+            Some(bytes) => Ok(bytes),
+            None => {
+                let reader = file.clone();
+                tokio::task::spawn_blocking(move || read_at(&reader, pos, n as usize))
+                    .await
+                    .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+            }
+        };
         match read {
             Ok(bytes) => Some((Ok(bytes), Some((file, pos + n, progress)))),
             Err(e) => Some((Err(e), None)),

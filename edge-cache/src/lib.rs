@@ -18,11 +18,11 @@ pub mod serve;
 mod store;
 mod upstream;
 
-pub use disk::DiskTier;
+pub use disk::{DEFAULT_OPEN_FILES, DiskTier};
 pub use error::EdgeError;
 pub use fill::{Fill, Filler};
 pub use memory::MemoryTier;
-pub use metrics::Metrics;
+pub use metrics::{Metrics, Tier};
 pub use serve::{Backend, BlobService, router};
 pub use store::{BlobStore, Namespace, ObjectStoreAt, Stored};
 pub use upstream::{Upstream, UpstreamError};

@@ -17,6 +17,30 @@ pub struct StatusLabel {
     pub status: u16,
 }
 
+/// A tier that answers requests.
+#[derive(Debug, Clone, Copy)]
+pub enum Tier {
+    Memory = 0,
+    Disk = 1,
+    Store = 2,
+}
+
+impl Tier {
+    const ALL: [Tier; 3] = [Tier::Memory, Tier::Disk, Tier::Store];
+
+    fn label(self) -> TierLabel {
+        let tier = match self {
+            Tier::Memory => "memory",
+            Tier::Disk => "disk",
+            Tier::Store => "store",
+        };
+        TierLabel { tier: tier.into() }
+    }
+}
+
+/// Statuses counted without a look-up in the family (each request counts one).
+const COMMON_STATUSES: [u16; 3] = [200, 206, 304];
+
 /// Counters shared by every request of one process.
 pub struct Metrics {
     registry: Registry,
@@ -31,6 +55,10 @@ pub struct Metrics {
     pub verify_failures: Counter,
     pub evictions: Counter,
     tier_bytes: Family<TierLabel, Gauge>,
+    /// The `hits` counter of each [`Tier`], and the `requests` counter of each common status,
+    /// resolved once: the families take a lock and hash a label on every look-up.
+    tier_hits: [Counter; 3],
+    common_requests: [Counter; 3],
 }
 
 impl Default for Metrics {
@@ -48,7 +76,11 @@ impl Default for Metrics {
             verify_failures: Default::default(),
             evictions: Default::default(),
             tier_bytes: Default::default(),
+            tier_hits: Default::default(),
+            common_requests: Default::default(),
         };
+        m.tier_hits = Tier::ALL.map(|tier| m.hits.get_or_create(&tier.label()).clone());
+        m.common_requests = COMMON_STATUSES.map(|status| m.requests.get_or_create(&StatusLabel { status }).clone());
         let r = &mut m.registry;
         r.register("requests", "Blob requests by response status", m.requests.clone());
         r.register("served_bytes", "Body bytes sent", m.bytes_served.clone());
@@ -66,8 +98,16 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    pub fn hit(&self, tier: &str) {
-        self.hits.get_or_create(&TierLabel { tier: tier.into() }).inc();
+    pub fn hit(&self, tier: Tier) {
+        self.tier_hits[tier as usize].inc();
+    }
+
+    /// Counts a response to a blob request.
+    pub fn count_response(&self, status: u16) {
+        match COMMON_STATUSES.iter().position(|&s| s == status) {
+            Some(i) => self.common_requests[i].inc(),
+            None => self.requests.get_or_create(&StatusLabel { status }).inc(),
+        };
     }
 
     pub fn set_tier_bytes(&self, tier: &str, bytes: u64) {

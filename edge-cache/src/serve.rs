@@ -2,23 +2,23 @@
 //! blob store) and for edge nodes (memory, disk, then a verified upstream fill). Also `/metrics` and,
 //! on edges with an admin token, `DELETE /admin/blobs/{blob}`.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
 use bytes::Bytes;
 use futures_util::TryStreamExt;
-use serde::Deserialize;
 use types::{BlobId, SignedUrlError, UrlSigner};
 
+use crate::disk::{read_at, read_now};
 use crate::fill::{Fill, read_stream};
-use crate::metrics::StatusLabel;
+use crate::metrics::Tier;
 use crate::{BlobStore, DiskTier, EdgeError, Filler, MemoryTier, Metrics};
 
 /// Where blobs come from below the memory tier.
@@ -33,14 +33,107 @@ pub enum Backend {
 /// What `/b/` needs.
 #[derive(Debug)]
 pub struct BlobService {
-    pub signer: UrlSigner,
-    pub memory: MemoryTier,
-    pub backend: Backend,
-    pub metrics: Arc<Metrics>,
-    /// Names this cache in `Cache-Status` (`courier-origin`, `courier-edge`).
-    pub cache_name: &'static str,
+    signer: UrlSigner,
+    memory: MemoryTier,
+    backend: Backend,
+    metrics: Arc<Metrics>,
     /// BLAKE3 of the admin token; purging is off without one.
-    pub admin_token: Option<blake3::Hash>,
+    admin_token: Option<blake3::Hash>,
+    /// Every `Cache-Status` value this service sends, by [`Outcome`].
+    cache_status: [HeaderValue; Outcome::COUNT],
+}
+
+/// Which tier answered, for `Cache-Status` (RFC 9211).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// Refused before any tier was asked (bad signature, bad path).
+    Bypass,
+    /// Failed while looking for the blob.
+    Miss,
+    Memory,
+    Disk,
+    Store,
+    /// Joined a fill under way.
+    Collapsed,
+    /// Started a fill.
+    Stored,
+}
+
+impl Outcome {
+    const COUNT: usize = 7;
+    const ALL: [Outcome; Self::COUNT] = [
+        Outcome::Bypass,
+        Outcome::Miss,
+        Outcome::Memory,
+        Outcome::Disk,
+        Outcome::Store,
+        Outcome::Collapsed,
+        Outcome::Stored,
+    ];
+
+    fn parameters(self) -> &'static str {
+        match self {
+            Outcome::Bypass => "fwd=bypass",
+            Outcome::Miss => "fwd=miss",
+            Outcome::Memory => "hit; detail=memory",
+            Outcome::Disk => "hit; detail=disk",
+            Outcome::Store => "hit; detail=store",
+            Outcome::Collapsed => "fwd=miss; collapsed",
+            Outcome::Stored => "fwd=miss; stored",
+        }
+    }
+}
+
+impl BlobService {
+    /// `cache_name` names this cache in `Cache-Status` (`courier-origin`, `courier-edge`);
+    /// `admin_token` turns purging on.
+    pub fn new(
+        signer: UrlSigner,
+        memory: MemoryTier,
+        backend: Backend,
+        metrics: Arc<Metrics>,
+        cache_name: &str,
+        admin_token: Option<&str>,
+    ) -> Self {
+        let cache_status = Outcome::ALL.map(|outcome| {
+            HeaderValue::from_str(&format!("{cache_name}; {}", outcome.parameters())).expect("cache names are ascii")
+        });
+        Self {
+            signer,
+            memory,
+            backend,
+            metrics,
+            admin_token: admin_token.map(|t| blake3::hash(t.trim().as_bytes())),
+            cache_status,
+        }
+    }
+
+    /// Whether [`BlobService::answer`] is the whole answer to a request for `path` with `method`,
+    /// as it is for `GET` and `HEAD` of `/b/{blob}` in this service's router.
+    pub fn serves(method: &Method, path: &str) -> bool {
+        (*method == Method::GET || *method == Method::HEAD)
+            && path.strip_prefix("/b/").is_some_and(|rest| !rest.is_empty() && !rest.contains('/'))
+    }
+
+    /// Answers `GET` or `HEAD /b/{blob}?exp=…&sig=…`: what the router's `/b/` route does, callable
+    /// without a router (an edge's listener hands `/b/` straight here).
+    pub async fn answer(self: &Arc<Self>, method: &Method, uri: &Uri, headers: &HeaderMap) -> Response {
+        let blob = uri.path().strip_prefix("/b/").unwrap_or_default();
+        let mut outcome = Outcome::Bypass;
+        let mut response = match respond(self, blob, uri.query(), method, headers, &mut outcome).await {
+            Ok(response) => response,
+            Err(e) => e.into_response(),
+        };
+        response.headers_mut().insert("cache-status", self.cache_status[outcome as usize].clone());
+        self.metrics.count_response(response.status().as_u16());
+        if *method != Method::HEAD
+            && let Some(len) =
+                response.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok())
+        {
+            self.metrics.bytes_served.inc_by(len);
+        }
+        response
+    }
 }
 
 pub fn router(service: Arc<BlobService>) -> Router {
@@ -51,10 +144,24 @@ pub fn router(service: Arc<BlobService>) -> Router {
         .with_state(service)
 }
 
-#[derive(Debug, Deserialize)]
-struct SignedQuery {
-    exp: Option<String>,
-    sig: Option<String>,
+async fn serve_blob(State(svc): State<Arc<BlobService>>, request: Request) -> Response {
+    svc.answer(request.method(), request.uri(), request.headers()).await
+}
+
+/// `exp` and `sig` from a query string; `None` when either is missing or given twice.
+fn signed_query(query: Option<&str>) -> Option<(Cow<'_, str>, Cow<'_, str>)> {
+    let (mut exp, mut sig) = (None, None);
+    for (key, value) in form_urlencoded::parse(query?.as_bytes()) {
+        let slot = match &*key {
+            "exp" => &mut exp,
+            "sig" => &mut sig,
+            _ => continue,
+        };
+        if slot.replace(value).is_some() {
+            return None;
+        }
+    }
+    Some((exp?, sig?))
 }
 
 /// Disk hits up to this size are read whole rather than streamed.
@@ -117,40 +224,15 @@ impl Source {
     }
 }
 
-async fn serve_blob(
-    State(svc): State<Arc<BlobService>>,
-    Path(blob): Path<String>,
-    query: Result<Query<SignedQuery>, QueryRejection>,
-    method: Method,
-    headers: HeaderMap,
-) -> Response {
-    let mut cache_status = format!("{}; fwd=bypass", svc.cache_name);
-    let mut response = match respond(&svc, &blob, query, &method, &headers, &mut cache_status).await {
-        Ok(response) => response,
-        Err(e) => e.into_response(),
-    };
-    let value = HeaderValue::from_str(&cache_status).expect("cache names are ascii");
-    response.headers_mut().insert("cache-status", value);
-    svc.metrics.requests.get_or_create(&StatusLabel { status: response.status().as_u16() }).inc();
-    if method != Method::HEAD
-        && let Some(len) = response.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok())
-    {
-        svc.metrics.bytes_served.inc_by(len);
-    }
-    response
-}
-
 async fn respond(
     svc: &Arc<BlobService>,
     blob: &str,
-    query: Result<Query<SignedQuery>, QueryRejection>,
+    query: Option<&str>,
     method: &Method,
     headers: &HeaderMap,
-    cache_status: &mut String,
+    outcome: &mut Outcome,
 ) -> Result<Response, EdgeError> {
-    let Ok(Query(SignedQuery { exp: Some(exp), sig: Some(sig) })) = query else {
-        return Err(EdgeError::Forbidden);
-    };
+    let (exp, sig) = signed_query(query).ok_or(EdgeError::Forbidden)?;
     let id: BlobId = blob.parse().map_err(|_| EdgeError::Forbidden)?;
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
     svc.signer.verify(&id, &exp, &sig, now).map_err(|e| match e {
@@ -158,16 +240,16 @@ async fn respond(
         SignedUrlError::Invalid => EdgeError::Forbidden,
     })?;
 
-    *cache_status = format!("{}; fwd=miss", svc.cache_name);
-    let (source, status) = locate(svc, &id).await?;
-    *cache_status = format!("{}; {status}", svc.cache_name);
-    let etag = format!("\"{id}\"");
+    *outcome = Outcome::Miss;
+    let source;
+    (source, *outcome) = locate(svc, &id).await?;
+    let etag = etag(&id);
     let len = source.len();
 
     if if_none_match(headers, &etag) {
         let mut response = Response::new(Body::empty());
         *response.status_mut() = StatusCode::NOT_MODIFIED;
-        common_headers(response.headers_mut(), &etag);
+        common_headers(response.headers_mut(), etag);
         return Ok(response);
     }
 
@@ -180,7 +262,7 @@ async fn respond(
 
     let mut response = Response::new(body);
     let h = response.headers_mut();
-    common_headers(h, &etag);
+    common_headers(h, etag);
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(body_len));
     if range.is_some() {
@@ -191,30 +273,37 @@ async fn respond(
     Ok(response)
 }
 
+/// The strong validator of a blob: its hash, quoted.
+fn etag(id: &BlobId) -> HeaderValue {
+    let mut quoted = [b'"'; 66];
+    quoted[1..65].copy_from_slice(id.hex().as_bytes());
+    HeaderValue::from_bytes(&quoted).expect("hex is a valid header value")
+}
+
 /// Finds the blob in the fastest tier that has it; returns it with its `Cache-Status` parameters.
-async fn locate(svc: &Arc<BlobService>, id: &BlobId) -> Result<(Source, &'static str), EdgeError> {
+async fn locate(svc: &Arc<BlobService>, id: &BlobId) -> Result<(Source, Outcome), EdgeError> {
     if let Some(bytes) = svc.memory.get(id).await {
-        svc.metrics.hit("memory");
-        return Ok((Source::Memory(bytes), "hit; detail=memory"));
+        svc.metrics.hit(Tier::Memory);
+        return Ok((Source::Memory(bytes), Outcome::Memory));
     }
     match &svc.backend {
         Backend::Origin(store) => {
             let len = store.size(id).await?.ok_or(EdgeError::NotFound)?;
-            svc.metrics.hit("store");
+            svc.metrics.hit(Tier::Store);
             if svc.memory.admits(len) {
-                return Ok((Source::Memory(svc.memory.get_or_fill(id, store).await?), "hit; detail=store"));
+                return Ok((Source::Memory(svc.memory.get_or_fill(id, store).await?), Outcome::Store));
             }
-            Ok((Source::Store { store: store.clone(), len }, "hit; detail=store"))
+            Ok((Source::Store { store: store.clone(), len }, Outcome::Store))
         }
         Backend::Edge { disk, filler } => {
             if let Some(len) = disk.lookup(id)
                 && let Some(source) = from_disk(svc, disk, id, len).await
             {
-                svc.metrics.hit("disk");
-                return Ok((source, "hit; detail=disk"));
+                svc.metrics.hit(Tier::Disk);
+                return Ok((source, Outcome::Disk));
             }
             let (fill, joined) = filler.join(id)?;
-            let status = if joined { "fwd=miss; collapsed" } else { "fwd=miss; stored" };
+            let status = if joined { Outcome::Collapsed } else { Outcome::Stored };
             let len = fill.size().await?;
             if svc.memory.admits(len) {
                 // Small blobs are quick to fetch whole: verifying before answering turns a bad
@@ -229,20 +318,32 @@ async fn locate(svc: &Arc<BlobService>, id: &BlobId) -> Result<(Source, &'static
 
 /// A disk hit: small blobs are re-verified and promoted to memory; large ones are streamed from
 /// the file (verified when it was filled). A missing or damaged file is forgotten: a miss.
+///
+/// A file kept open whose bytes are in the page cache is read right here; anything that would wait
+/// for the device (opening a file, a read the page cache cannot answer, promoting) goes to the
+/// blocking pool.
 async fn from_disk(svc: &BlobService, disk: &DiskTier, id: &BlobId, len: u64) -> Option<Source> {
-    let path = disk.path(id);
     let promote = svc.memory.admits(len);
+    if !promote && let Some(file) = disk.open_handle(id) {
+        if len > SMALL_FILE {
+            return Some(Source::File { file, len });
+        }
+        if let Some(bytes) = read_now(&file, 0, len as usize) {
+            return Some(Source::Read(bytes));
+        }
+    }
     let (id_copy, disk_copy) = (*id, disk.clone());
     let read = tokio::task::spawn_blocking(move || {
         if promote {
-            let bytes = std::fs::read(&path).ok().filter(|b| id_copy.matches(b));
+            let bytes = std::fs::read(disk_copy.path(&id_copy)).ok().filter(|b| id_copy.matches(b));
             return bytes.map(|b| Source::Memory(Bytes::from(b)));
         }
+        let file = disk_copy.open_file(&id_copy).ok()?;
         if len <= SMALL_FILE {
             // One read here costs less than a stream of them later.
-            return std::fs::read(&path).ok().filter(|b| b.len() as u64 == len).map(|b| Source::Read(Bytes::from(b)));
+            return read_at(&file, 0, len as usize).ok().map(Source::Read);
         }
-        std::fs::File::open(&path).ok().map(|file| Source::File { file: Arc::new(file), len })
+        Some(Source::File { file, len })
     })
     .await
     .ok()
@@ -255,7 +356,8 @@ async fn from_disk(svc: &BlobService, disk: &DiskTier, id: &BlobId, len: u64) ->
         Some(source) => Some(source),
         None => {
             tracing::warn!(blob = %id, "disk tier file missing or damaged; refilling");
-            let _ = tokio::task::spawn_blocking(move || disk_copy.remove(&id_copy)).await;
+            let (id, disk) = (*id, disk.clone());
+            let _ = tokio::task::spawn_blocking(move || disk.remove(&id)).await;
             None
         }
     }
@@ -295,14 +397,15 @@ async fn metrics(State(svc): State<Arc<BlobService>>) -> Response {
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body).into_response()
 }
 
-fn common_headers(h: &mut HeaderMap, etag: &str) {
-    h.insert(header::ETAG, HeaderValue::from_str(etag).expect("hex is ascii"));
+fn common_headers(h: &mut HeaderMap, etag: HeaderValue) {
+    h.insert(header::ETAG, etag);
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=31536000, immutable"));
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
 }
 
-fn if_none_match(headers: &HeaderMap, etag: &str) -> bool {
+fn if_none_match(headers: &HeaderMap, etag: &HeaderValue) -> bool {
+    let etag = etag.to_str().expect("etags are ascii");
     headers.get_all(header::IF_NONE_MATCH).iter().filter_map(|v| v.to_str().ok()).any(|v| {
         v.split(',').map(str::trim).any(|tag| tag == "*" || tag == etag || tag.strip_prefix("W/") == Some(etag))
     })
@@ -310,12 +413,12 @@ fn if_none_match(headers: &HeaderMap, etag: &str) -> bool {
 
 /// The single range to serve, if any. A malformed `Range` is ignored (the whole blob is served), as
 /// is one with several ranges; `If-Range` with another validator also means the whole blob.
-fn requested_range(headers: &HeaderMap, etag: &str, len: u64) -> Result<Option<(u64, u64)>, EdgeError> {
+fn requested_range(headers: &HeaderMap, etag: &HeaderValue, len: u64) -> Result<Option<(u64, u64)>, EdgeError> {
     let Some(value) = headers.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
         return Ok(None);
     };
     if let Some(if_range) = headers.get(header::IF_RANGE)
-        && if_range.to_str().ok() != Some(etag)
+        && if_range != etag
     {
         return Ok(None);
     }
@@ -339,5 +442,33 @@ fn content_type(prefix: &[u8]) -> &'static str {
         [b'O', b'g', b'g', b'S', ..] => "audio/ogg",
         [_, _, _, _, b'f', b't', b'y', b'p', ..] => "video/mp4",
         _ => "application/octet-stream",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_signature_is_read_from_the_query_once() {
+        let q = |query: &str| signed_query(Some(query)).map(|(e, s)| (e.into_owned(), s.into_owned()));
+        assert_eq!(q("exp=12&sig=ab-_"), Some(("12".into(), "ab-_".into())));
+        assert_eq!(q("sig=ab&x=1&exp=12"), Some(("12".into(), "ab".into())));
+        assert_eq!(q("exp=12&sig=a%2Db"), Some(("12".into(), "a-b".into())));
+        assert_eq!(q("exp=12"), None);
+        assert_eq!(q("exp=12&sig=ab&sig=cd"), None, "a second signature is refused, not chosen");
+        assert_eq!(signed_query(None), None);
+    }
+
+    #[test]
+    fn only_blob_reads_skip_the_router() {
+        let id = "a".repeat(64);
+        assert!(BlobService::serves(&Method::GET, &format!("/b/{id}")));
+        assert!(BlobService::serves(&Method::HEAD, &format!("/b/{id}")));
+        assert!(!BlobService::serves(&Method::POST, &format!("/b/{id}")));
+        assert!(!BlobService::serves(&Method::DELETE, &format!("/b/{id}")));
+        assert!(!BlobService::serves(&Method::GET, &format!("/b/{id}/x")));
+        assert!(!BlobService::serves(&Method::GET, "/b/"));
+        assert!(!BlobService::serves(&Method::GET, &format!("/admin/blobs/{id}")));
     }
 }

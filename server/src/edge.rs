@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use axum::Router;
 use axum::routing::get;
-use edge_cache::{Backend, BlobService, DiskTier, Filler, MemoryTier, Metrics, Upstream};
+use edge_cache::{Backend, BlobService, DEFAULT_OPEN_FILES, DiskTier, Filler, MemoryTier, Metrics, Upstream};
 use serde::{Deserialize, Serialize};
 use types::{Secret, UrlSigner};
 
@@ -33,6 +33,8 @@ pub(crate) struct EdgeConfig {
     pub(crate) memory_max_object_bytes: u64,
     /// Bytes of blobs kept on disk. Default 10 GiB.
     pub(crate) disk_bytes: u64,
+    /// Disk tier files kept open, so hits skip `open` (like nginx's `open_file_cache`). Default 1024.
+    pub(crate) open_files: u64,
     /// A copy of the origin's `url-signing.key`. Required.
     pub(crate) url_key: Option<PathBuf>,
     /// Bearer token for `DELETE /admin/blobs/{blob}`; purging is off without one.
@@ -63,6 +65,7 @@ impl Default for EdgeConfig {
             memory_bytes: 256 * 1024 * 1024,
             memory_max_object_bytes: 1024 * 1024,
             disk_bytes: 10 * 1024 * 1024 * 1024,
+            open_files: DEFAULT_OPEN_FILES,
             url_key: None,
             admin_token: None,
             upstream_timeout_secs: 10,
@@ -132,22 +135,23 @@ pub(crate) async fn run(config: EdgeConfig) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let memory = MemoryTier::new(config.memory_bytes, config.memory_max_object_bytes);
     let (dir, bytes, evictions) = (config.cache_dir.clone(), config.disk_bytes, metrics.evictions.clone());
-    let disk = tokio::task::spawn_blocking(move || DiskTier::open(&dir, bytes, evictions))
+    let open_files = config.open_files;
+    let disk = tokio::task::spawn_blocking(move || DiskTier::open_with(&dir, bytes, open_files, evictions))
         .await?
         .with_context(|| format!("opening the disk tier in {}", config.cache_dir.display()))?;
     let filler =
         Arc::new(Filler::new(upstreams, signer.clone(), disk.clone(), memory.clone(), metrics.clone(), timeout));
-    let service = Arc::new(BlobService {
+    let service = Arc::new(BlobService::new(
         signer,
         memory,
-        backend: Backend::Edge { disk: disk.clone(), filler },
+        Backend::Edge { disk: disk.clone(), filler },
         metrics,
-        cache_name: "courier-edge",
-        admin_token: config.admin_token.as_deref().map(|t| blake3::hash(t.trim().as_bytes())),
-    });
+        "courier-edge",
+        config.admin_token.as_deref(),
+    ));
 
     let app = listener::with_common_layers(
-        Router::new().route("/healthz", get(|| async { "ok\n" })).merge(edge_cache::router(service)),
+        Router::new().route("/healthz", get(|| async { "ok\n" })).merge(edge_cache::router(service.clone())),
     );
     let threads = match config.http_threads {
         0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
@@ -164,7 +168,7 @@ pub(crate) async fn run(config: EdgeConfig) -> anyhow::Result<()> {
         println!("courier edge listening on {scheme}://{addr}");
     }
     let options = config.http.options(tls, config.shutdown_grace_secs);
-    listener::serve_per_core(sockets, app, options, listener::shutdown_signal()).await?;
+    listener::serve_per_core(sockets, app, Some(service), options, listener::shutdown_signal()).await?;
     tracing::info!("edge stopped");
     Ok(())
 }

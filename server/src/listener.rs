@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::http::{HeaderValue, Request, Version, header};
+use edge_cache::BlobService;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
@@ -29,9 +30,15 @@ pub(crate) struct HttpOptions {
 
 /// Serves `app` on `listener` until `shutdown` resolves, then lets open connections finish their
 /// requests for up to `grace`.
+///
+/// With `blobs`, `GET`/`HEAD /b/{blob}` go straight to it rather than through `app`, which routes
+/// them to the same handler: on an edge, where answering a cached blob is a few microseconds, the
+/// router's layers (routing, extractors, request-id and tracing middleware) would cost as much
+/// again. Such requests still get an `x-request-id` and, at `info`, the same log line.
 pub(crate) async fn serve(
     listener: TcpListener,
     app: Router,
+    blobs: Option<Arc<BlobService>>,
     options: HttpOptions,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -46,6 +53,7 @@ pub(crate) async fn serve(
     let builder = Arc::new(builder);
     let acceptor = options.tls.clone().map(tokio_rustls::TlsAcceptor::from);
     let graceful = GracefulShutdown::new();
+    let request_ids = SequentialRequestId::default();
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -65,15 +73,22 @@ pub(crate) async fn serve(
         // cannot hold a connection forever.
         let max_requests = options.max_requests_per_connection;
         let served = Arc::new(AtomicU64::new(0));
-        let app = app.clone();
+        let (app, blobs, request_ids) = (app.clone(), blobs.clone(), request_ids.clone());
         let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-            let app = app.clone();
+            let (app, blobs, request_ids) = (app.clone(), blobs.clone(), request_ids.clone());
             let n = served.fetch_add(1, Ordering::Relaxed) + 1;
             async move {
                 let http1 = matches!(request.version(), Version::HTTP_10 | Version::HTTP_11);
-                let mut request = request.map(axum::body::Body::new);
-                request.extensions_mut().insert(axum::extract::ConnectInfo(peer));
-                let mut response = app.oneshot(request).await?;
+                let mut response = match blobs {
+                    Some(blobs) if BlobService::serves(request.method(), request.uri().path()) => {
+                        answer_blob(&blobs, &request, &request_ids).await
+                    }
+                    _ => {
+                        let mut request = request.map(axum::body::Body::new);
+                        request.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+                        app.oneshot(request).await?
+                    }
+                };
                 if http1 && n >= max_requests {
                     response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
                 }
@@ -111,6 +126,30 @@ pub(crate) async fn serve(
     }
 }
 
+/// A blob request answered without the router, with what the router's layers would have added.
+async fn answer_blob(
+    blobs: &Arc<BlobService>,
+    request: &Request<Incoming>,
+    request_ids: &SequentialRequestId,
+) -> axum::response::Response {
+    let started = tracing::enabled!(tracing::Level::INFO).then(std::time::Instant::now);
+    let mut response = blobs.answer(request.method(), request.uri(), request.headers()).await;
+    let id = match request.headers().get(REQUEST_ID) {
+        Some(given) => given.clone(),
+        None => request_ids.next_id(),
+    };
+    if let Some(started) = started {
+        let (method, status) = (request.method(), response.status().as_u16());
+        let id = id.to_str().unwrap_or("");
+        let latency_us = started.elapsed().as_micros() as u64;
+        tracing::info!(id, %method, route = "/b/{blob}", status, latency_us, "finished processing request");
+    }
+    response.headers_mut().insert(REQUEST_ID, id);
+    response
+}
+
+const REQUEST_ID: &str = "x-request-id";
+
 /// Binds `threads` listening sockets to `addr` with SO_REUSEPORT, so the kernel spreads
 /// connections over them. With port 0 the first socket picks the port and the others share it.
 pub(crate) fn bind_reuseport(
@@ -140,19 +179,20 @@ pub(crate) fn bind_reuseport(
 pub(crate) async fn serve_per_core(
     sockets: Vec<std::net::TcpListener>,
     app: Router,
+    blobs: Option<Arc<BlobService>>,
     options: HttpOptions,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut threads = Vec::new();
     for (i, socket) in sockets.into_iter().enumerate() {
-        let (app, options, mut stopped) = (app.clone(), options.clone(), stopped.clone());
+        let (app, blobs, options, mut stopped) = (app.clone(), blobs.clone(), options.clone(), stopped.clone());
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let thread = std::thread::Builder::new().name(format!("http-{i}")).spawn(move || {
             runtime.block_on(async move {
                 match TcpListener::from_std(socket) {
                     Ok(listener) => {
-                        serve(listener, app, options, async move {
+                        serve(listener, app, blobs, options, async move {
                             let _ = stopped.wait_for(|s| *s).await;
                         })
                         .await
@@ -265,10 +305,15 @@ impl Default for SequentialRequestId {
     }
 }
 
+impl SequentialRequestId {
+    fn next_id(&self) -> HeaderValue {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        HeaderValue::from_str(&format!("{}-{n:x}", self.prefix)).expect("hex and a dash")
+    }
+}
+
 impl tower_http::request_id::MakeRequestId for SequentialRequestId {
     fn make_request_id<B>(&mut self, _: &Request<B>) -> Option<tower_http::request_id::RequestId> {
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let id = HeaderValue::from_str(&format!("{}-{n:x}", self.prefix)).ok()?;
-        Some(tower_http::request_id::RequestId::new(id))
+        Some(tower_http::request_id::RequestId::new(self.next_id()))
     }
 }

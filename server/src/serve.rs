@@ -74,14 +74,14 @@ pub(crate) async fn serve(config: Config) -> anyhow::Result<()> {
     // A process that works the queue works it alone (cluster workers come later): jobs a previous
     // run had claimed resume now. An API-only node leaves leases to whoever holds them.
     let resumed = if config.transcode.run_jobs { ingest.queue().release_leases().await? } else { 0 };
-    let blobs = Arc::new(BlobService {
+    let blobs = Arc::new(BlobService::new(
         signer,
-        memory: MemoryTier::new(config.cache.memory_bytes, config.cache.max_object_bytes),
-        backend: Backend::Origin(variants),
-        metrics: Arc::new(Metrics::default()),
-        cache_name: "courier-origin",
-        admin_token: None,
-    });
+        MemoryTier::new(config.cache.memory_bytes, config.cache.max_object_bytes),
+        Backend::Origin(variants),
+        Arc::new(Metrics::default()),
+        "courier-origin",
+        None,
+    ));
 
     let (stop, stopped) = watch::channel(false);
     let runner = config.transcode.run_jobs.then(|| tokio::spawn(Runner::run(ingest.clone(), stopped.clone())));
@@ -110,7 +110,7 @@ pub(crate) async fn serve(config: Config) -> anyhow::Result<()> {
         listener::shutdown_signal().await;
         let _ = stop.send(true);
     };
-    listener::serve(socket, app, config.http.options(None, config.shutdown_grace_secs), shutdown).await;
+    listener::serve(socket, app, None, config.http.options(None, config.shutdown_grace_secs), shutdown).await;
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     let _ = chat_tasks.await;
     if let Some(runner) = runner

@@ -235,6 +235,19 @@ async fn ranges_conditionals_and_purge_at_the_edge() {
     let forged = edge.get(&format!("/b/{blob}?exp={}&sig=AAAA", now() + 60)).await;
     assert_eq!(forged.status(), 403);
     assert!(forged.headers()["cache-status"].to_str().unwrap().starts_with("courier-edge"));
+    let doubled = edge.get(&format!("{url}&sig=AAAA")).await;
+    assert_eq!(doubled.status(), 403, "a URL with two signatures is served");
+    let body: Value = doubled.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "forbidden");
+    // Blob reads skip the router on an edge; everything else still goes through it.
+    let hit = edge.get(&url).await;
+    assert!(!hit.headers()["x-request-id"].is_empty());
+    let (path, query) = url.split_once('?').unwrap();
+    let deeper = edge.get(&format!("{path}/more?{query}")).await;
+    assert_eq!(deeper.status(), 404);
+    assert_eq!(deeper.json::<Value>().await.unwrap()["error"]["code"], "not_found");
+    let posted = edge.http.post(edge.url(&url)).send().await.unwrap();
+    assert_eq!(posted.status(), 405);
 
     let purge =
         |token: &'static str| edge.http.delete(edge.url(&format!("/admin/blobs/{blob}"))).bearer_auth(token).send();
