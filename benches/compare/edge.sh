@@ -5,14 +5,15 @@
 # serves them straight from that folder (sendfile, open_file_cache). courier edge fills from the same
 # folder (file:// upstream) and answers from memory, or, in a second node with the memory tier
 # turned off, from its disk tier. Every URL is signed; nginx ignores the query.
-# Prints req/s, p99 latency and RSS side by side.
+# Prints req/s, p99 latency (medians over the rounds) and RSS side by side.
 #
-# Usage: benches/compare/edge.sh [SECONDS_PER_RUN]   (default 5; needs nginx and wrk)
+# Usage: benches/compare/edge.sh [SECONDS_PER_RUN] [ROUNDS]   (defaults 5 and 3; needs nginx and wrk)
 # COURIER_BIN=path runs that courier binary instead of building this tree's (to compare two builds);
 # EDGE_SIZES and EDGE_CONNS narrow the grid (defaults "4096 65536 1048576" and "16 64 256").
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 secs=${1:-5}
+rounds=${2:-3}
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/courier-target}"
 command -v nginx >/dev/null || { echo "nginx missing: apt-get install nginx-light" >&2; exit 1; }
 command -v wrk >/dev/null || { echo "wrk missing: apt-get install wrk" >&2; exit 1; }
@@ -75,22 +76,39 @@ sleep 1
 rss_kib() { awk '/VmRSS/ { s += $2 } END { print s }' "$@" 2>/dev/null; }
 nginx_rss() { rss_kib $(pgrep -f "nginx.*$work" | sed 's|.*|/proc/&/status|'); }
 
-run() { # name port path conns
-  local out
-  curl -sf -o /dev/null "http://127.0.0.1:$2$3" || { echo "$1 on :$2 does not serve $3" >&2; cat "$work/nginx-error.log" >&2; return 1; }   # warm: fill the tiers, open the file cache
-  out=$(wrk -t2 -c"$4" -d"${secs}s" --latency "http://127.0.0.1:$2$3")
-  local rps p99
-  rps=$(awk '/Requests\/sec/ { print $2 }' <<<"$out")
-  p99=$(awk '$1 == "99%" { print $2 }' <<<"$out")
-  printf '%-22s %8s %6s %12s %10s' "$1" "$5" "$4" "$rps" "$p99"
+# One wrk run: prints "req/s p99_ms".
+measure() { # port path conns
+  curl -sf -o /dev/null "http://127.0.0.1:$1$2" || { echo ":$1 does not serve $2" >&2; cat "$work/nginx-error.log" >&2; return 1; }   # warm: fill the tiers, open the file cache
+  wrk -t2 -c"$3" -d"${secs}s" --latency "http://127.0.0.1:$1$2" | awk '
+    /Requests\/sec/ { rps = $2 }
+    $1 == "99%" { v = $2; u = v; sub(/[0-9.]+/, "", u); sub(/[a-z]+$/, "", v)
+                  p99 = (u == "us") ? v / 1000 : (u == "s") ? v * 1000 : v }
+    END { printf "%s %.2f\n", rps, p99 }'
 }
 
+median() { sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+
+# Each setting runs ROUNDS times, the three servers taking turns, so a slow spell of the machine
+# falls on all of them; the table shows the median req/s and the median p99.
 printf '%-22s %8s %6s %12s %10s %10s\n' server body conns req/s p99 RSS
 for size in ${EDGE_SIZES:-4096 65536 1048576}; do
   label=$((size / 1024))KiB
   for conns in ${EDGE_CONNS:-16 64 256}; do
-    run nginx 18090 "${path_of[$size]}" "$conns" "$label"; printf ' %7d KiB\n' "$(nginx_rss)"
-    run "courier edge memory" 18091 "${path_of[$size]}" "$conns" "$label"; printf ' %7d KiB\n' "$(rss_kib /proc/$mem_pid/status)"
-    run "courier edge disk" 18092 "${path_of[$size]}" "$conns" "$label"; printf ' %7d KiB\n' "$(rss_kib /proc/$disk_pid/status)"
+    declare -A results=()
+    for ((round = 0; round < rounds; round++)); do
+      for port in 18090 18091 18092; do
+        results[$port]+="$(measure "$port" "${path_of[$size]}" "$conns")"$'\n'
+      done
+    done
+    for port in 18090 18091 18092; do
+      case $port in
+        18090) name=nginx; rss=$(nginx_rss) ;;
+        18091) name="courier edge memory"; rss=$(rss_kib /proc/$mem_pid/status) ;;
+        18092) name="courier edge disk"; rss=$(rss_kib /proc/$disk_pid/status) ;;
+      esac
+      rps=$(awk 'NF { print $1 }' <<<"${results[$port]}" | median)
+      p99=$(awk 'NF { print $2 }' <<<"${results[$port]}" | median)
+      printf '%-22s %8s %6s %12s %8sms %7d KiB\n' "$name" "$label" "$conns" "$rps" "$p99" "$rss"
+    done
   done
 done

@@ -12,6 +12,7 @@ use crate::{BlobStore, EdgeError};
 #[derive(Clone)]
 pub struct MemoryTier {
     cache: moka::future::Cache<BlobId, Bytes>,
+    capacity: u64,
     max_object: u64,
 }
 
@@ -21,7 +22,7 @@ impl MemoryTier {
             .max_capacity(capacity_bytes)
             .weigher(|_: &BlobId, v: &Bytes| u32::try_from(v.len()).unwrap_or(u32::MAX))
             .build();
-        Self { cache, max_object }
+        Self { cache, capacity: capacity_bytes, max_object }
     }
 
     /// The blob if it is in memory; never reads the store.
@@ -46,6 +47,11 @@ impl MemoryTier {
 
     pub fn admits(&self, size: u64) -> bool {
         size <= self.max_object
+    }
+
+    /// Whether anything but empty blobs can ever be in memory (an edge may run with the tier off).
+    pub fn holds_anything(&self) -> bool {
+        self.max_object > 0 && self.capacity > 0
     }
 
     /// The blob from memory, or read from `store`, verified and kept. Concurrent misses for one blob

@@ -150,14 +150,36 @@ async fn serve_blob(State(svc): State<Arc<BlobService>>, request: Request) -> Re
 
 /// `exp` and `sig` from a query string; `None` when either is missing or given twice.
 fn signed_query(query: Option<&str>) -> Option<(Cow<'_, str>, Cow<'_, str>)> {
+    let query = query?;
+    // Our own URLs need no decoding (digits and base64url); skip the decoder for them.
+    if !query.contains(['%', '+']) {
+        return plain_signed_query(query);
+    }
     let (mut exp, mut sig) = (None, None);
-    for (key, value) in form_urlencoded::parse(query?.as_bytes()) {
+    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
         let slot = match &*key {
             "exp" => &mut exp,
             "sig" => &mut sig,
             _ => continue,
         };
         if slot.replace(value).is_some() {
+            return None;
+        }
+    }
+    Some((exp?, sig?))
+}
+
+/// [`signed_query`] of a query with nothing percent- or plus-encoded in it.
+fn plain_signed_query(query: &str) -> Option<(Cow<'_, str>, Cow<'_, str>)> {
+    let (mut exp, mut sig) = (None, None);
+    for pair in query.split('&') {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let slot = match key {
+            "exp" => &mut exp,
+            "sig" => &mut sig,
+            _ => continue,
+        };
+        if slot.replace(Cow::Borrowed(value)).is_some() {
             return None;
         }
     }
@@ -282,7 +304,9 @@ fn etag(id: &BlobId) -> HeaderValue {
 
 /// Finds the blob in the fastest tier that has it; returns it with its `Cache-Status` parameters.
 async fn locate(svc: &Arc<BlobService>, id: &BlobId) -> Result<(Source, Outcome), EdgeError> {
-    if let Some(bytes) = svc.memory.get(id).await {
+    if svc.memory.holds_anything()
+        && let Some(bytes) = svc.memory.get(id).await
+    {
         svc.metrics.hit(Tier::Memory);
         return Ok((Source::Memory(bytes), Outcome::Memory));
     }
@@ -457,6 +481,9 @@ mod tests {
         assert_eq!(q("exp=12&sig=a%2Db"), Some(("12".into(), "a-b".into())));
         assert_eq!(q("exp=12"), None);
         assert_eq!(q("exp=12&sig=ab&sig=cd"), None, "a second signature is refused, not chosen");
+        assert_eq!(q("exp=12&sig=ab&sig=c%2Dd"), None);
+        assert_eq!(q("exp&sig=ab"), Some(("".into(), "ab".into())));
+        assert_eq!(q("exp=1+2&sig=ab"), Some(("1 2".into(), "ab".into())));
         assert_eq!(signed_query(None), None);
     }
 
