@@ -5,7 +5,8 @@
 # serves them straight from that folder (sendfile, open_file_cache). courier edge fills from the same
 # folder (file:// upstream) and answers from memory, or, in a second node with the memory tier
 # turned off, from its disk tier. Every URL is signed; nginx ignores the query.
-# Prints req/s, p99 latency (medians over the rounds) and RSS side by side.
+# Prints req/s, p99 latency, the server's CPU time per request (medians over the rounds) and RSS
+# side by side.
 #
 # Usage: benches/compare/edge.sh [SECONDS_PER_RUN] [ROUNDS]   (defaults 5 and 3; needs nginx and wrk)
 # COURIER_BIN=path runs that courier binary instead of building this tree's (to compare two builds);
@@ -63,6 +64,7 @@ http {
 }
 NGINX
 nginx -c "$work/nginx.conf" -g 'daemon off;' & pids+=($!)
+nginx_pid=$!
 COURIER_EDGE_LOG=warn "$courier" edge --listen 127.0.0.1:18091 --upstream "file://$work/store" \
   --url-key "$work/url.key" --cache-dir "$work/edge-mem" --memory-bytes 1073741824 \
   >/dev/null & pids+=($!)
@@ -74,23 +76,34 @@ disk_pid=$!
 sleep 1
 
 rss_kib() { awk '/VmRSS/ { s += $2 } END { print s }' "$@" 2>/dev/null; }
-nginx_rss() { rss_kib $(pgrep -f "nginx.*$work" | sed 's|.*|/proc/&/status|'); }
+nginx_pids() { echo "$nginx_pid" $(pgrep -P "$nginx_pid"); }   # the master and its workers
+nginx_rss() { rss_kib $(nginx_pids | tr ' ' '\n' | sed 's|.*|/proc/&/status|'); }
 
-# One wrk run: prints "req/s p99_ms".
+# CPU time (clock ticks, user + system) of every thread of the given processes.
+cpu_ticks() { cat $(printf '/proc/%s/task/*/stat ' "$@") 2>/dev/null | awk '{ s += $14 + $15 } END { print s }'; }
+pids_of() { case $1 in 18090) nginx_pids ;; 18091) echo "$mem_pid" ;; 18092) echo "$disk_pid" ;; esac; }
+hz=$(getconf CLK_TCK)
+
+# One wrk run: prints "req/s p99_ms server_cpu_us_per_request".
 measure() { # port path conns
   curl -sf -o /dev/null "http://127.0.0.1:$1$2" || { echo ":$1 does not serve $2" >&2; cat "$work/nginx-error.log" >&2; return 1; }   # warm: fill the tiers, open the file cache
-  wrk -t2 -c"$3" -d"${secs}s" --latency "http://127.0.0.1:$1$2" | awk '
+  local pids before out
+  pids=$(pids_of "$1")
+  before=$(cpu_ticks $pids)
+  out=$(wrk -t2 -c"$3" -d"${secs}s" --latency "http://127.0.0.1:$1$2")
+  awk -v ticks="$(( $(cpu_ticks $pids) - before ))" -v hz="$hz" '
+    /requests in/ { n = $1 }
     /Requests\/sec/ { rps = $2 }
     $1 == "99%" { v = $2; u = v; sub(/[0-9.]+/, "", u); sub(/[a-z]+$/, "", v)
                   p99 = (u == "us") ? v / 1000 : (u == "s") ? v * 1000 : v }
-    END { printf "%s %.2f\n", rps, p99 }'
+    END { printf "%s %.2f %.1f\n", rps, p99, ticks / hz * 1e6 / n }' <<<"$out"
 }
 
 median() { sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 
 # Each setting runs ROUNDS times, the three servers taking turns, so a slow spell of the machine
 # falls on all of them; the table shows the median req/s and the median p99.
-printf '%-22s %8s %6s %12s %10s %10s\n' server body conns req/s p99 RSS
+printf '%-22s %8s %6s %12s %10s %12s %10s\n' server body conns req/s p99 "CPU µs/req" RSS
 for size in ${EDGE_SIZES:-4096 65536 1048576}; do
   label=$((size / 1024))KiB
   for conns in ${EDGE_CONNS:-16 64 256}; do
@@ -108,7 +121,8 @@ for size in ${EDGE_SIZES:-4096 65536 1048576}; do
       esac
       rps=$(awk 'NF { print $1 }' <<<"${results[$port]}" | median)
       p99=$(awk 'NF { print $2 }' <<<"${results[$port]}" | median)
-      printf '%-22s %8s %6s %12s %8sms %7d KiB\n' "$name" "$label" "$conns" "$rps" "$p99" "$rss"
+      cpu=$(awk 'NF { print $3 }' <<<"${results[$port]}" | median)
+      printf '%-22s %8s %6s %12s %8sms %12s %7d KiB\n' "$name" "$label" "$conns" "$rps" "$p99" "$cpu" "$rss"
     done
   done
 done
