@@ -394,9 +394,9 @@ async fn purge(
     headers: HeaderMap,
 ) -> Result<StatusCode, EdgeError> {
     let Some(expected) = svc.admin_token else { return Err(EdgeError::NotFound) };
-    let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()?.strip_prefix("Bearer "));
+    let given = headers.get(header::AUTHORIZATION).and_then(|v| types::bearer_token(v.to_str().ok()?));
     // Comparing hashes keeps the comparison constant-time (blake3::Hash's Eq is).
-    if given.map(|t| blake3::hash(t.trim().as_bytes())) != Some(expected) {
+    if given.map(|t| blake3::hash(t.as_bytes())) != Some(expected) {
         return Err(EdgeError::Unauthorized);
     }
     let id: BlobId = blob.parse().map_err(|_| EdgeError::NotFound)?;
