@@ -22,7 +22,7 @@ use crate::metrics::Tier;
 use crate::{BlobStore, DiskTier, EdgeError, Filler, MemoryTier, Metrics};
 
 /// Where blobs come from below the memory tier.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Backend {
     /// The origin: its own blob store is the truth.
     Origin(BlobStore),
@@ -30,8 +30,8 @@ pub enum Backend {
     Edge { disk: DiskTier, filler: Arc<Filler> },
 }
 
-/// What `/b/` needs.
-#[derive(Debug)]
+/// What `/b/` needs. Clones share their tiers, fills and metrics.
+#[derive(Debug, Clone)]
 pub struct BlobService {
     signer: UrlSigner,
     memory: MemoryTier,
@@ -283,6 +283,8 @@ async fn respond(
         if *method == Method::HEAD || body_len == 0 { Body::empty() } else { source.body(&id, start, end).await? };
 
     let mut response = Response::new(body);
+    // Room for every header this response and the listener add, so the map never grows.
+    *response.headers_mut() = HeaderMap::with_capacity(16);
     let h = response.headers_mut();
     common_headers(h, etag);
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));

@@ -75,15 +75,20 @@ pub(crate) async fn serve(
         let served = Arc::new(AtomicU64::new(0));
         let (app, blobs, request_ids) = (app.clone(), blobs.clone(), request_ids.clone());
         let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-            let (app, blobs, request_ids) = (app.clone(), blobs.clone(), request_ids.clone());
             let n = served.fetch_add(1, Ordering::Relaxed) + 1;
+            // Only what this request's path needs is cloned: each clone of a shared `Arc` is a
+            // write to a cache line the other threads also write.
+            let route = match &blobs {
+                Some(blobs) if BlobService::serves(request.method(), request.uri().path()) => {
+                    Route::Blob(blobs.clone(), request_ids.clone())
+                }
+                _ => Route::App(app.clone()),
+            };
             async move {
                 let http1 = matches!(request.version(), Version::HTTP_10 | Version::HTTP_11);
-                let mut response = match blobs {
-                    Some(blobs) if BlobService::serves(request.method(), request.uri().path()) => {
-                        answer_blob(&blobs, &request, &request_ids).await
-                    }
-                    _ => {
+                let mut response = match route {
+                    Route::Blob(blobs, request_ids) => answer_blob(&blobs, &request, &request_ids).await,
+                    Route::App(app) => {
                         let mut request = request.map(axum::body::Body::new);
                         request.extensions_mut().insert(axum::extract::ConnectInfo(peer));
                         app.oneshot(request).await?
@@ -124,6 +129,12 @@ pub(crate) async fn serve(
     if tokio::time::timeout(options.grace, graceful.shutdown()).await.is_err() {
         tracing::warn!("connections still open after {:?}; closing them", options.grace);
     }
+}
+
+/// Where one request goes.
+enum Route {
+    Blob(Arc<BlobService>, SequentialRequestId),
+    App(Router),
 }
 
 /// A blob request answered without the router, with what the router's layers would have added.
@@ -186,7 +197,10 @@ pub(crate) async fn serve_per_core(
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut threads = Vec::new();
     for (i, socket) in sockets.into_iter().enumerate() {
-        let (app, blobs, options, mut stopped) = (app.clone(), blobs.clone(), options.clone(), stopped.clone());
+        let (app, options, mut stopped) = (app.clone(), options.clone(), stopped.clone());
+        // A service of its own per thread: its tiers are shared, but the `Arc` each request clones
+        // is not, so threads do not contend for its count.
+        let blobs = blobs.as_deref().map(|b| Arc::new(b.clone()));
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let thread = std::thread::Builder::new().name(format!("http-{i}")).spawn(move || {
             runtime.block_on(async move {
