@@ -135,7 +135,12 @@ pub(crate) async fn run(config: EdgeConfig) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let memory = MemoryTier::new(config.memory_bytes, config.memory_max_object_bytes);
     let (dir, bytes, evictions) = (config.cache_dir.clone(), config.disk_bytes, metrics.evictions.clone());
-    let open_files = config.open_files;
+    // Kept-open files share the descriptor limit with connections: they get a quarter of it at most.
+    let fd_limit = listener::raise_open_file_limit();
+    let open_files = config.open_files.min(fd_limit / 4);
+    if open_files < config.open_files {
+        tracing::warn!(open_files, fd_limit, "keeping fewer files open than configured: the open file limit is low");
+    }
     let disk = tokio::task::spawn_blocking(move || DiskTier::open_with(&dir, bytes, open_files, evictions))
         .await?
         .with_context(|| format!("opening the disk tier in {}", config.cache_dir.display()))?;

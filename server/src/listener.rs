@@ -161,6 +161,21 @@ async fn answer_blob(
 
 const REQUEST_ID: &str = "x-request-id";
 
+/// Raises this process's soft limit on open files to its hard limit (many systems start services
+/// at 1,024, which a busy server passes in connections alone) and returns the limit now in force.
+pub(crate) fn raise_open_file_limit() -> u64 {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => {
+            tracing::info!(limit, "open file limit");
+            limit
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not raise the open file limit");
+            rlimit::getrlimit(rlimit::Resource::NOFILE).map(|(soft, _)| soft).unwrap_or(1024)
+        }
+    }
+}
+
 /// Binds `threads` listening sockets to `addr` with SO_REUSEPORT, so the kernel spreads
 /// connections over them. With port 0 the first socket picks the port and the others share it.
 pub(crate) fn bind_reuseport(

@@ -27,6 +27,7 @@ pub(crate) fn init_logging(log: &str, format: LogFormat) -> anyhow::Result<()> {
 }
 
 pub(crate) async fn serve(config: Config) -> anyhow::Result<()> {
+    listener::raise_open_file_limit();
     let data_dir = &config.data_dir;
     std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
     let token_keys = Arc::new(TokenKeys::new(&secrets::load_or_create(data_dir, secrets::TOKEN_KEY)?));

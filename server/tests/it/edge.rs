@@ -462,3 +462,23 @@ async fn a_large_fill_reaches_the_client_before_the_upstream_has_sent_it_all() {
     let again = edge.get(&path).await;
     assert_eq!(again.headers()["cache-status"], "courier-edge; hit; detail=disk");
 }
+
+/// Services often start with a soft limit of 1,024 open files; kept-open disk files and connections
+/// share it. The edge raises its soft limit to the hard one and keeps serving disk hits.
+#[tokio::test]
+async fn an_edge_started_with_few_file_descriptors_raises_its_limit() {
+    let data = DataDir::new();
+    let origin = Server::start(&data, &[]);
+    let media = photo(&origin, "rocket.jpg", "image/jpeg").await;
+    let cache = tempfile::tempdir().unwrap();
+    let key = origin.data.join("url-signing.key");
+    let edge = Edge::start_via(&["prlimit", "--nofile=64:"], &key, &[&origin.base], cache.path(), &[NO_MEMORY]);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", edge.pid())).unwrap();
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(fields[3], fields[4], "the soft limit was not raised: {line}");
+
+    let (url, blob) = (url_of(&media, "standard"), blob_of(&media, "standard"));
+    assert_eq!(fetch(&edge, &url, &blob).await, "courier-edge; fwd=miss; stored");
+    assert_eq!(fetch(&edge, &url, &blob).await, "courier-edge; hit; detail=disk");
+}

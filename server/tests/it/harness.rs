@@ -209,7 +209,26 @@ pub(crate) fn files_in(dir: &Path) -> Vec<PathBuf> {
 /// Runs `courier ARGS…` with `env` and waits for the line that starts with `ready` and names the
 /// address; returns the process and the base URL.
 pub(crate) fn spawn_courier(args: &[String], env: &[(&str, &str)], ready: &str) -> (Child, String) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_courier"));
+    spawn_courier_via(&[], args, env, ready)
+}
+
+/// [`spawn_courier`] through `wrapper`, a program that runs the rest of its arguments in its own
+/// process (`prlimit --nofile=64:`, say); empty for none.
+pub(crate) fn spawn_courier_via(
+    wrapper: &[&str],
+    args: &[String],
+    env: &[(&str, &str)],
+    ready: &str,
+) -> (Child, String) {
+    let exe = env!("CARGO_BIN_EXE_courier");
+    let mut command = match wrapper.split_first() {
+        Some((program, rest)) => {
+            let mut command = Command::new(program);
+            command.args(rest).arg(exe);
+            command
+        }
+        None => Command::new(exe),
+    };
     command
         .args(args)
         .env("COURIER_LOG", "warn")
@@ -245,6 +264,17 @@ impl Edge {
 
     /// An edge with the URL key in the file `url_key`.
     pub(crate) fn start_with_key(url_key: &Path, upstreams: &[&str], cache: &Path, env: &[(&str, &str)]) -> Self {
+        Self::start_via(&[], url_key, upstreams, cache, env)
+    }
+
+    /// [`Edge::start_with_key`], run through `wrapper` (see [`spawn_courier_via`]).
+    pub(crate) fn start_via(
+        wrapper: &[&str],
+        url_key: &Path,
+        upstreams: &[&str],
+        cache: &Path,
+        env: &[(&str, &str)],
+    ) -> Self {
         let mut args = vec!["edge".to_string(), "--listen".into(), "127.0.0.1:0".into()];
         for upstream in upstreams {
             args.push("--upstream".into());
@@ -252,9 +282,13 @@ impl Edge {
         }
         args.extend(["--cache-dir".into(), cache.display().to_string()]);
         args.extend(["--url-key".into(), url_key.display().to_string()]);
-        let (child, base) = spawn_courier(&args, env, "courier edge listening on ");
+        let (child, base) = spawn_courier_via(wrapper, &args, env, "courier edge listening on ");
         let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
         Self { child, base, http }
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub(crate) fn url(&self, path: &str) -> String {
