@@ -270,7 +270,7 @@ mod tests {
         let tier = DiskTier::open_with(dir.path(), 25_000, 2, Counter::default()).unwrap();
         let ids: Vec<BlobId> = (0..3u8).map(|i| fill(&tier, &vec![i; 10_000])).collect();
         tier.usage();
-        // The third fill evicted the first; opening what is left keeps at most two open.
+        // Only two of the three fit; opening those keeps both open, the most it may.
         let kept: Vec<BlobId> = ids.iter().copied().filter(|id| tier.lookup(id).is_some()).collect();
         assert_eq!(kept.len(), 2);
         for id in &kept {
