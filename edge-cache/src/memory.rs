@@ -12,7 +12,6 @@ use crate::{BlobStore, EdgeError};
 #[derive(Clone)]
 pub struct MemoryTier {
     cache: moka::future::Cache<BlobId, Bytes>,
-    capacity: u64,
     max_object: u64,
 }
 
@@ -22,7 +21,7 @@ impl MemoryTier {
             .max_capacity(capacity_bytes)
             .weigher(|_: &BlobId, v: &Bytes| u32::try_from(v.len()).unwrap_or(u32::MAX))
             .build();
-        Self { cache, capacity: capacity_bytes, max_object }
+        Self { cache, max_object }
     }
 
     /// The blob if it is in memory; never reads the store.
@@ -51,7 +50,7 @@ impl MemoryTier {
 
     /// Whether anything but empty blobs can ever be in memory (an edge may run with the tier off).
     pub fn holds_anything(&self) -> bool {
-        self.max_object > 0 && self.capacity > 0
+        self.max_object > 0 && self.cache.policy().max_capacity() != Some(0)
     }
 
     /// The blob from memory, or read from `store`, verified and kept. Concurrent misses for one blob
