@@ -26,6 +26,12 @@ fn ffmpeg(name: &str, args: &[&str]) -> Vec<u8> {
     std::fs::read(out).unwrap()
 }
 
+/// A silent 1080p30 H.264 MP4 of `seconds`, quick to make and slow to transcode on two cores.
+fn busy_video(name: &str, seconds: u32) -> Vec<u8> {
+    let source = format!("testsrc2=size=1920x1080:rate=30:duration={seconds}");
+    ffmpeg(name, &["-f", "lavfi", "-i", &source, "-c:v", "libx264", "-preset", "ultrafast"])
+}
+
 /// ffprobe's view of `bytes`: `format` and `streams`.
 fn ffprobe(bytes: &[u8]) -> Value {
     let dir = tempfile::tempdir().unwrap();
@@ -391,19 +397,7 @@ async fn photos_do_not_wait_behind_a_video_and_deleting_the_video_stops_its_work
     let server = Server::start(&data, &[("COURIER_INGEST__WAIT_FOR_READY_MS", "0")]);
     let token = server.token("alice");
     // Long enough to take a while on two cores.
-    let video = ffmpeg(
-        "long.mp4",
-        &[
-            "-f",
-            "lavfi",
-            "-i",
-            "testsrc2=size=1920x1080:rate=30:duration=40",
-            "-c:v",
-            "libx264",
-            "-preset",
-            "ultrafast",
-        ],
-    );
+    let video = busy_video("long.mp4", 40);
     let response = server.upload(&token, "video/mp4", video).await;
     assert_eq!(response.status(), 201);
     let created: Value = response.json().await.unwrap();
@@ -463,19 +457,7 @@ async fn a_video_past_its_time_budget_is_killed_and_marked_failed() {
         &[("COURIER_INGEST__VIDEO__TIMEOUT_SECS", "1"), ("COURIER_INGEST__JOB__MAX_ATTEMPTS", "1")],
     );
     let token = server.token("alice");
-    let video = ffmpeg(
-        "slow.mp4",
-        &[
-            "-f",
-            "lavfi",
-            "-i",
-            "testsrc2=size=1920x1080:rate=30:duration=30",
-            "-c:v",
-            "libx264",
-            "-preset",
-            "ultrafast",
-        ],
-    );
+    let video = busy_video("slow.mp4", 30);
     let response = server.upload(&token, "video/mp4", video).await;
     assert_eq!(response.status(), 201);
     let created: Value = response.json().await.unwrap();
