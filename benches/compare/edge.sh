@@ -77,11 +77,11 @@ sleep 1
 
 rss_kib() { awk '/VmRSS/ { s += $2 } END { print s }' "$@" 2>/dev/null; }
 nginx_pids() { echo "$nginx_pid" $(pgrep -P "$nginx_pid"); }   # the master and its workers
-nginx_rss() { rss_kib $(nginx_pids | tr ' ' '\n' | sed 's|.*|/proc/&/status|'); }
 
 # CPU time (clock ticks, user + system) of every thread of the given processes.
 cpu_ticks() { cat $(printf '/proc/%s/task/*/stat ' "$@") 2>/dev/null | awk '{ s += $14 + $15 } END { print s }'; }
 pids_of() { case $1 in 18090) nginx_pids ;; 18091) echo "$mem_pid" ;; 18092) echo "$disk_pid" ;; esac; }
+rss_of() { rss_kib $(printf '/proc/%s/status ' $(pids_of "$1")); }   # port
 hz=$(getconf CLK_TCK)
 
 # One wrk run: prints "req/s p99_ms server_cpu_us_per_request".
@@ -115,14 +115,14 @@ for size in ${EDGE_SIZES:-4096 65536 1048576}; do
     done
     for port in 18090 18091 18092; do
       case $port in
-        18090) name=nginx; rss=$(nginx_rss) ;;
-        18091) name="courier edge memory"; rss=$(rss_kib /proc/$mem_pid/status) ;;
-        18092) name="courier edge disk"; rss=$(rss_kib /proc/$disk_pid/status) ;;
+        18090) name=nginx ;;
+        18091) name="courier edge memory" ;;
+        18092) name="courier edge disk" ;;
       esac
       rps=$(awk 'NF { print $1 }' <<<"${results[$port]}" | median)
       p99=$(awk 'NF { print $2 }' <<<"${results[$port]}" | median)
       cpu=$(awk 'NF { print $3 }' <<<"${results[$port]}" | median)
-      printf '%-22s %8s %6s %12s %8sms %12s %7d KiB\n' "$name" "$label" "$conns" "$rps" "$p99" "$cpu" "$rss"
+      printf '%-22s %8s %6s %12s %8sms %12s %7d KiB\n' "$name" "$label" "$conns" "$rps" "$p99" "$cpu" "$(rss_of "$port")"
     done
   done
 done
