@@ -83,7 +83,7 @@ impl Default for Metrics {
         m.common_requests = COMMON_STATUSES.map(|status| m.requests.get_or_create(&StatusLabel { status }).clone());
         let r = &mut m.registry;
         r.register("requests", "Blob requests by response status", m.requests.clone());
-        r.register("served_bytes", "Body bytes sent", m.bytes_served.clone());
+        r.register("served_bytes", "Blob bytes sent in response bodies", m.bytes_served.clone());
         r.register("hits", "Requests answered from a tier", m.hits.clone());
         r.register("misses", "Requests that needed an upstream fill", m.misses.clone());
         r.register("coalesced_waiters", "Misses that joined a fill already under way", m.coalesced.clone());

@@ -120,18 +120,13 @@ impl BlobService {
     pub async fn answer(self: &Arc<Self>, method: &Method, uri: &Uri, headers: &HeaderMap) -> Response {
         let blob = uri.path().strip_prefix("/b/").unwrap_or_default();
         let mut outcome = Outcome::Bypass;
-        let mut response = match respond(self, blob, uri.query(), method, headers, &mut outcome).await {
-            Ok(response) => response,
-            Err(e) => e.into_response(),
+        let (mut response, body_bytes) = match respond(self, blob, uri.query(), method, headers, &mut outcome).await {
+            Ok(answered) => answered,
+            Err(e) => (e.into_response(), 0),
         };
         response.headers_mut().insert("cache-status", self.cache_status[outcome as usize].clone());
         self.metrics.count_response(response.status().as_u16());
-        if *method != Method::HEAD
-            && let Some(len) =
-                response.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok())
-        {
-            self.metrics.bytes_served.inc_by(len);
-        }
+        self.metrics.bytes_served.inc_by(body_bytes);
         response
     }
 }
@@ -253,7 +248,7 @@ async fn respond(
     method: &Method,
     headers: &HeaderMap,
     outcome: &mut Outcome,
-) -> Result<Response, EdgeError> {
+) -> Result<(Response, u64), EdgeError> {
     let (exp, sig) = signed_query(query).ok_or(EdgeError::Forbidden)?;
     let id: BlobId = blob.parse().map_err(|_| EdgeError::Forbidden)?;
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
@@ -272,15 +267,15 @@ async fn respond(
         let mut response = Response::new(Body::empty());
         *response.status_mut() = StatusCode::NOT_MODIFIED;
         common_headers(response.headers_mut(), etag);
-        return Ok(response);
+        return Ok((response, 0));
     }
 
     let range = requested_range(headers, &etag, len)?;
     let (start, end) = range.unwrap_or((0, len.saturating_sub(1)));
     let body_len = if len == 0 { 0 } else { end - start + 1 };
     let content_type = content_type(&source.head(&id).await?);
-    let body =
-        if *method == Method::HEAD || body_len == 0 { Body::empty() } else { source.body(&id, start, end).await? };
+    let sent = if *method == Method::HEAD { 0 } else { body_len };
+    let body = if sent == 0 { Body::empty() } else { source.body(&id, start, end).await? };
 
     let mut response = Response::new(body);
     // Room for every header this response and the listener add, so the map never grows.
@@ -294,7 +289,7 @@ async fn respond(
         let value = format!("bytes {start}-{end}/{len}");
         response.headers_mut().insert(header::CONTENT_RANGE, HeaderValue::from_str(&value).expect("ascii"));
     }
-    Ok(response)
+    Ok((response, sent))
 }
 
 /// The strong validator of a blob: its hash, quoted.

@@ -230,6 +230,8 @@ async fn ranges_conditionals_and_purge_at_the_edge() {
     assert_eq!(cached.headers()["cache-status"], "courier-edge; hit; detail=memory");
     let head = edge.http.head(edge.url(&url)).send().await.unwrap();
     assert_eq!(head.headers()["content-length"], len.to_string().as_str());
+    // Only the two ranges sent blob bytes: 100 + 10.
+    assert_eq!(metric(&edge.http, &edge.base, "courier_blob_served_bytes_total").await, 110.0);
 
     // Signatures are checked at the edge, with no call to the origin.
     let forged = edge.get(&format!("/b/{blob}?exp={}&sig=AAAA", now() + 60)).await;
