@@ -241,6 +241,8 @@ impl Source {
     }
 }
 
+/// The answer to a blob request, with how many blob bytes its body carries (none for `HEAD` and
+/// 304); `outcome` tells which tier answered, also when the answer is an error.
 async fn respond(
     svc: &Arc<BlobService>,
     blob: &str,
