@@ -147,34 +147,25 @@ async fn serve_blob(State(svc): State<Arc<BlobService>>, request: Request) -> Re
 fn signed_query(query: Option<&str>) -> Option<(Cow<'_, str>, Cow<'_, str>)> {
     let query = query?;
     // Our own URLs need no decoding (digits and base64url); skip the decoder for them.
-    if !query.contains(['%', '+']) {
-        return plain_signed_query(query);
+    if query.contains(['%', '+']) {
+        return exp_and_sig(form_urlencoded::parse(query.as_bytes()));
     }
+    exp_and_sig(query.split('&').map(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        (Cow::Borrowed(key), Cow::Borrowed(value))
+    }))
+}
+
+/// The `exp` and `sig` of a query's key-value pairs, each given exactly once.
+fn exp_and_sig<'q>(pairs: impl Iterator<Item = (Cow<'q, str>, Cow<'q, str>)>) -> Option<(Cow<'q, str>, Cow<'q, str>)> {
     let (mut exp, mut sig) = (None, None);
-    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+    for (key, value) in pairs {
         let slot = match &*key {
             "exp" => &mut exp,
             "sig" => &mut sig,
             _ => continue,
         };
         if slot.replace(value).is_some() {
-            return None;
-        }
-    }
-    Some((exp?, sig?))
-}
-
-/// [`signed_query`] of a query with nothing percent- or plus-encoded in it.
-fn plain_signed_query(query: &str) -> Option<(Cow<'_, str>, Cow<'_, str>)> {
-    let (mut exp, mut sig) = (None, None);
-    for pair in query.split('&') {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let slot = match key {
-            "exp" => &mut exp,
-            "sig" => &mut sig,
-            _ => continue,
-        };
-        if slot.replace(Cow::Borrowed(value)).is_some() {
             return None;
         }
     }
