@@ -110,8 +110,8 @@ impl Metrics {
         };
     }
 
-    pub fn set_tier_bytes(&self, tier: &str, bytes: u64) {
-        self.tier_bytes.get_or_create(&TierLabel { tier: tier.into() }).set(bytes as i64);
+    pub fn set_tier_bytes(&self, tier: Tier, bytes: u64) {
+        self.tier_bytes.get_or_create(&tier.label()).set(bytes as i64);
     }
 
     /// The Prometheus text exposition.

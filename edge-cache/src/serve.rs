@@ -400,11 +400,11 @@ async fn purge(
 }
 
 async fn metrics(State(svc): State<Arc<BlobService>>) -> Response {
-    svc.metrics.set_tier_bytes("memory", svc.memory.weighted_size());
+    svc.metrics.set_tier_bytes(Tier::Memory, svc.memory.weighted_size());
     if let Backend::Edge { disk, .. } = &svc.backend {
         let disk = disk.clone();
         if let Ok((bytes, _)) = tokio::task::spawn_blocking(move || disk.usage()).await {
-            svc.metrics.set_tier_bytes("disk", bytes);
+            svc.metrics.set_tier_bytes(Tier::Disk, bytes);
         }
     }
     let body = svc.metrics.render();

@@ -181,6 +181,7 @@ async fn the_disk_tier_stays_under_its_bound_and_survives_a_restart() {
     assert!(on_disk <= bound, "{on_disk} bytes on disk, bound {bound}");
     assert!(on_disk > 0);
     assert!(metric(&edge.http, &edge.base, "courier_blob_evictions_total").await >= 1.0);
+    assert_eq!(metric(&edge.http, &edge.base, "courier_blob_tier_bytes{tier=\"disk\"}").await, on_disk as f64);
     edge.kill();
 
     // Restarted with an upstream that has nothing: whatever was on disk is still served from disk.
