@@ -80,7 +80,7 @@ pub struct VideoConfig {
     pub workers: usize,
     /// Wall-clock budget of one attempt, in seconds.
     pub timeout_secs: u64,
-    /// Address-space limit of the worker process, in bytes.
+    /// Address space a video worker may add to its own footprint at start (`RLIMIT_AS`), in bytes.
     pub memory_bytes: u64,
     pub limits: transcode::video::Limits,
     pub output: transcode::video::Settings,
@@ -104,9 +104,11 @@ impl Default for VideoConfig {
 pub struct JobConfig {
     /// Wall-clock budget of one attempt, in seconds.
     pub timeout_secs: u64,
-    /// Memory budget of one attempt (decoded pixels and working buffers), in bytes.
+    /// Memory budget of one attempt: address space a photo or voice-note worker may add to its own
+    /// footprint (`RLIMIT_AS`), every decoded copy included, in bytes.
     pub memory_bytes: u64,
-    /// Attempts before a job that keeps crashing or timing out is marked failed.
+    /// Attempts before a job that keeps failing for a passing reason (storage) is marked failed.
+    /// A crashed worker gets one retry; a job killed for memory or time, none.
     pub max_attempts: u32,
     /// How long a claimed job stays claimed if its worker dies, in seconds.
     pub lease_secs: u64,

@@ -16,8 +16,12 @@ pub enum IngestError {
     TooLarge { limit: u64 },
     #[error("the body is empty")]
     Empty,
-    #[error("{0}")]
+    /// A job's failure; clients see its fixed message, never the detail.
+    #[error("{}", .0.public_message())]
     Media(#[from] TranscodeError),
+    /// An upload-time probe refused the bytes (or its worker died on them: hostile bytes too).
+    #[error("{}", .0.public_message())]
+    Probe(TranscodeError),
     /// Bytes whose transcode failed for good, with the job's code and message.
     #[error("{}", .0.message)]
     Rejected(types::ErrorDetail),
@@ -48,6 +52,11 @@ impl IngestError {
                 e if e.is_permanent() => StatusCode::UNPROCESSABLE_ENTITY,
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
             },
+            IngestError::Probe(e) => match e {
+                TranscodeError::Unsupported(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                TranscodeError::Io(_) | TranscodeError::PoolClosed => StatusCode::INTERNAL_SERVER_ERROR,
+                _ => StatusCode::UNPROCESSABLE_ENTITY,
+            },
             IngestError::Rejected(e) if e.code == "unsupported_media_type" => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             IngestError::Rejected(_) => StatusCode::UNPROCESSABLE_ENTITY,
             IngestError::QueueFull | IngestError::TooManyUploads => StatusCode::SERVICE_UNAVAILABLE,
@@ -65,7 +74,7 @@ impl IngestError {
             IngestError::TypeMismatch { .. } => "type_mismatch",
             IngestError::TooLarge { .. } => "payload_too_large",
             IngestError::Empty => "empty_body",
-            IngestError::Media(e) => e.code(),
+            IngestError::Media(e) | IngestError::Probe(e) => e.code(),
             IngestError::Rejected(e) => &e.code,
             IngestError::QueueFull => "queue_full",
             IngestError::TooManyUploads => "too_many_uploads",
@@ -79,8 +88,12 @@ impl IngestError {
 impl IntoResponse for IngestError {
     fn into_response(self) -> Response {
         let status = self.status();
+        if let IngestError::Media(e) | IngestError::Probe(e) = &self {
+            // The detail (a decoder's words) is for the log; the client gets the fixed message.
+            tracing::info!(code = e.code(), detail = %e, "media refused");
+        }
         let message = if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
-            tracing::error!(error = %self, "ingest request failed");
+            tracing::error!(error = ?self, "ingest request failed");
             "something went wrong on our side; try again".to_string()
         } else {
             self.to_string()

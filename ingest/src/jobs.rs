@@ -1,20 +1,19 @@
-//! The job queue (rows in the database) and the runner that works it off through the pool.
+//! The job queue (rows in the database) and the runner that works it off through the worker pools.
 //!
-//! A job is claimed by setting a lease; a worker that dies leaves the lease to expire and the job is
-//! claimed again, up to `max_attempts`. Failures a retry cannot fix (corrupt or unsupported input)
-//! end the job at once; others back off exponentially.
+//! A job is claimed by setting a lease; a server that dies leaves the lease to expire and the job is
+//! claimed again, up to `max_attempts`. Failures a retry cannot fix (corrupt or unsupported input,
+//! a job killed for memory or time) end the job at once; a worker that crashed or broke its
+//! contract gets one more try; others back off exponentially.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use sqlx::{Row, SqlitePool};
-use std::io::Cursor;
 
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::JoinSet;
-use transcode::photo;
-use transcode::{MediaType, TranscodeError, audio, isolate};
+use transcode::protocol::Task;
+use transcode::{Body, MediaType, TranscodeError, WorkerPool, audio, photo};
 use types::{BlobId, ErrorDetail, MediaId, MediaKind, MediaStatus, UserId};
 
 use crate::view::JobResult;
@@ -34,7 +33,7 @@ pub(crate) enum Deleted {
 /// The runner's two queues: images and audio must never wait behind a video.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Lane {
-    /// Images and audio, in the in-process pool.
+    /// Images and audio, in the warm `quick` worker pool.
     Quick,
     /// Videos, one worker process each.
     Video,
@@ -367,19 +366,22 @@ impl JobQueue {
         Ok(())
     }
 
-    /// Records a failed attempt: final when permanent or out of attempts, else retried after a back-off.
+    /// Records a failed attempt: final when permanent, a second crash, or out of attempts; else
+    /// retried after a back-off. Bytes that crashed a worker twice are refused for good, like
+    /// corrupt ones. Clients see the error's fixed message; the detail was logged.
     pub(crate) async fn fail(&self, job: &Claimed, error: &TranscodeError) -> Result<(), sqlx::Error> {
         let now = now_ms();
-        let last = error.is_permanent() || job.attempts >= self.config.max_attempts;
+        let crashed_again = error.is_crash() && job.attempts >= 2;
+        let last = error.is_permanent() || crashed_again || job.attempts >= self.config.max_attempts;
         let backoff_ms = 1000i64 << job.attempts.min(8);
         sqlx::query(
             "UPDATE jobs SET status = ?, permanent = ?, error_code = ?, error_message = ?, lease_until = NULL,
                     run_after = ?, updated_at = ? WHERE source_blob = ?",
         )
         .bind(if last { "failed" } else { "processing" })
-        .bind(error.is_permanent())
+        .bind(error.is_permanent() || crashed_again)
         .bind(error.code())
-        .bind(error.to_string())
+        .bind(error.public_message())
         .bind(now + backoff_ms)
         .bind(now)
         .bind(job.blob.to_hex())
@@ -395,8 +397,8 @@ pub struct Runner;
 
 impl Runner {
     pub async fn run(ingest: Arc<Ingest>, shutdown: watch::Receiver<bool>) {
-        let quick = Self::lane(ingest.clone(), Lane::Quick, ingest.pool.workers(), shutdown.clone());
-        let video = Self::lane(ingest.clone(), Lane::Video, ingest.config.video.workers.max(1), shutdown);
+        let quick = Self::lane(ingest.clone(), Lane::Quick, ingest.workers.quick.spec().workers, shutdown.clone());
+        let video = Self::lane(ingest.clone(), Lane::Video, ingest.workers.video.spec().workers, shutdown);
         tokio::join!(quick, video);
     }
 
@@ -506,81 +508,56 @@ impl Ingest {
         }
     }
 
-    async fn original(&self, blob: &BlobId) -> Result<Bytes, TranscodeError> {
-        self.originals
-            .get(blob)
-            .await
-            .map_err(storage)?
-            .ok_or_else(|| TranscodeError::Corrupt("the uploaded bytes are missing from storage".into()))
-    }
-
-    /// Runs `work` in the pool under the job deadline. The pipelines stop themselves past the
-    /// deadline; the outer timeout bounds the wait for a step that never returns.
-    async fn in_pool<T, F>(&self, work: F) -> Result<T, TranscodeError>
-    where
-        T: Send + 'static,
-        F: FnOnce(Instant) -> Result<T, TranscodeError> + Send + 'static,
-    {
-        let timeout = self.config.job.timeout();
-        let deadline = Instant::now() + timeout;
-        tokio::time::timeout(timeout + Duration::from_secs(1), self.pool.run(move || work(deadline)))
-            .await
-            .map_err(|_| TranscodeError::TimedOut)?
+    /// Runs `task` on the job's original in a worker of `pool` under `budget`, then stores the
+    /// variants the parent checked and hashed.
+    async fn in_worker(
+        &self,
+        pool: &WorkerPool,
+        job: &Claimed,
+        task: Task,
+        budget: Duration,
+        progress: impl FnMut(f32),
+    ) -> Result<JobResult, TranscodeError> {
+        let mut lease = pool.checkout(budget).await?;
+        if !self.originals.download(&job.blob, &lease.input()).await.map_err(storage)? {
+            return Err(TranscodeError::Corrupt("the uploaded bytes are missing from storage".into()));
+        }
+        let product = lease.run(task, budget, progress).await?;
+        drop(lease);
+        for variant in JobResult::variants_of(&product) {
+            match &variant.body {
+                Body::Memory(bytes) => self.variants.put(&variant.blob, bytes.clone()).await,
+                Body::File(file) => self.variants.put_file(&variant.blob, file.path()).await,
+            }
+            .map_err(storage)?;
+        }
+        Ok(JobResult::from_product(&product))
     }
 
     async fn transcode_photo(&self, job: &Claimed, format: photo::Format) -> Result<JobResult, TranscodeError> {
-        let bytes = self.original(&job.blob).await?;
         let limits = photo::Limits { max_pixels: self.config.max_pixels, memory_bytes: self.config.job.memory_bytes };
-        let output = self
-            .in_pool(move |deadline| photo::transcode(&bytes, format, &photo::Settings::default(), &limits, deadline))
-            .await?;
-        for variant in [&output.standard, &output.thumb] {
-            self.variants.put(&variant.blob, Bytes::from(variant.bytes.clone())).await.map_err(storage)?;
-        }
-        Ok(JobResult::from_photo(&output))
+        let task = Task::Photo { format, settings: photo::Settings::default(), limits };
+        self.in_worker(&self.workers.quick, job, task, self.config.job.timeout(), |_| {}).await
     }
 
     async fn transcode_audio(&self, job: &Claimed, container: audio::Container) -> Result<JobResult, TranscodeError> {
-        let bytes = self.original(&job.blob).await?;
-        let (settings, limits) = (self.config.audio.output.clone(), self.config.audio.limits.clone());
-        let output = self
-            .in_pool(move |deadline| audio::transcode(Cursor::new(bytes), container, &settings, &limits, deadline))
-            .await?;
-        self.variants.put(&output.blob, Bytes::from(output.bytes.clone())).await.map_err(storage)?;
-        Ok(JobResult::from_audio(&output))
+        let audio = &self.config.audio;
+        let task = Task::Audio { container, settings: audio.output.clone(), limits: audio.limits.clone() };
+        self.in_worker(&self.workers.quick, job, task, self.config.job.timeout(), |_| {}).await
     }
 
-    /// Downloads the original into a folder of its own, runs the worker process on it, stores
-    /// what it wrote. The folder goes when this returns, however it returns.
     async fn transcode_video(
         &self,
         job: &Claimed,
         progress: watch::Sender<Option<f32>>,
     ) -> Result<JobResult, TranscodeError> {
-        let io = |e: std::io::Error| TranscodeError::Io(e.to_string());
-        let dir = isolate::job_dir(&self.tmp_dir).map_err(io)?;
-        let input = dir.path().join("input");
-        if !self.originals.download(&job.blob, &input).await.map_err(storage)? {
-            return Err(TranscodeError::Corrupt("the uploaded bytes are missing from storage".into()));
-        }
         let video = &self.config.video;
-        let request = isolate::VideoJob {
-            input,
-            output_dir: dir.path().to_owned(),
-            settings: video.output.clone(),
-            limits: video.limits.clone(),
-            memory_bytes: video.memory_bytes,
-        };
-        let output = self
-            .video_worker
-            .run_video(&request, |done| {
-                progress.send_replace(Some(done));
-            })
-            .await?;
-        for file in [&output.standard, &output.poster, &output.thumb] {
-            self.variants.put_file(&file.blob, &file.path).await.map_err(storage)?;
-        }
-        Ok(JobResult::from_video(&output))
+        let task = Task::Video { settings: video.output.clone(), limits: video.limits.clone() };
+        let budget = Duration::from_secs(video.timeout_secs);
+        self.in_worker(&self.workers.video, job, task, budget, |done| {
+            progress.send_replace(Some(done));
+        })
+        .await
     }
 }
 
@@ -678,7 +655,7 @@ mod tests {
             let job = queue.claim(Lane::Quick).await.unwrap().expect("a due job is claimable");
             assert_eq!((job.blob, job.attempts), (blob, attempt));
             assert!(queue.claim(Lane::Quick).await.unwrap().is_none(), "a leased job is nobody else's");
-            queue.fail(&job, &TranscodeError::TimedOut).await.unwrap();
+            queue.fail(&job, &TranscodeError::Io("the blob store is down".into())).await.unwrap();
             assert!(queue.claim(Lane::Quick).await.unwrap().is_none(), "a failed attempt backs off");
             fast_forward(&queue).await;
         }

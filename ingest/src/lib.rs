@@ -1,11 +1,13 @@
 //! Courier's uploads: from request body to stored blob, media record and transcode job.
 //!
 //! `POST /v1/media` streams the body under its kind's byte limit, sniffs its first bytes against the
-//! declared type, hashes it with BLAKE3 while spooling it to a temp file, checks an image's dimensions
-//! or audio's duration, rate and channels from the headers, stores it once in the originals namespace
-//! and records the media and its job in one transaction. The [`Runner`] claims jobs from the database
-//! in two lanes (images and audio in the `transcode` pool, videos each in a worker process) and writes
-//! the variants through `edge-cache`. `GET /v1/media/{id}` shows the result with signed variant URLs
+//! declared type, hashes it with BLAKE3 while spooling it to a temp file, has a sandboxed worker
+//! check an image's dimensions or audio's duration, rate and channels from the headers, stores it
+//! once in the originals namespace and records the media and its job in one transaction. The
+//! [`Runner`] claims jobs from the database in two lanes (images and audio in the warm `quick`
+//! worker pool, videos in the `video` pool, a fresh process each) and writes the variants the
+//! parent checked and hashed through `edge-cache`. No byte of an upload is parsed in this process
+//! beyond the sniff. `GET /v1/media/{id}` shows the result with signed variant URLs
 //! (and a video's progress); `DELETE /v1/media/{id}` takes it back and stops its job.
 //!
 //! Routes expect the caller's [`types::UserId`] in the request extensions (the server's auth layer
@@ -32,7 +34,7 @@ pub use view::{MediaView, VariantView};
 
 use edge_cache::BlobStore;
 use tokio::sync::{Notify, Semaphore, broadcast};
-use transcode::Pool;
+use transcode::WorkerPool;
 use types::{BlobId, MediaId, UrlSigner, UserId};
 
 /// Everything the ingest routes and the job runner share.
@@ -42,32 +44,28 @@ pub struct Ingest {
     originals: BlobStore,
     variants: BlobStore,
     signer: UrlSigner,
-    pool: Arc<Pool>,
+    workers: Workers,
     tmp_dir: PathBuf,
     uploads: Semaphore,
     /// Wake the runner's lanes when a job is queued.
     quick_queued: Notify,
     video_queued: Notify,
-    /// Starts video jobs in worker processes.
-    video_worker: transcode::isolate::Worker,
     running: jobs::Running,
     /// Tells waiting uploads that a job has finished, one way or the other.
     job_done: broadcast::Sender<BlobId>,
 }
 
 impl Ingest {
-    /// `tmp_dir` holds uploads while they stream in and video jobs while they run; it is emptied of
-    /// leftovers here. `worker` starts the process a video job runs in.
-    #[allow(clippy::too_many_arguments)]
+    /// `tmp_dir` holds uploads while they stream in and large outputs on their way to storage; it
+    /// is emptied of leftovers here. `workers` run every probe and transcode.
     pub fn new(
         config: IngestConfig,
         db: sqlx::SqlitePool,
         originals: BlobStore,
         variants: BlobStore,
         signer: UrlSigner,
-        pool: Arc<Pool>,
+        workers: Workers,
         tmp_dir: PathBuf,
-        worker: transcode::isolate::Worker,
     ) -> std::io::Result<Arc<Self>> {
         spool::clear_leftovers(&tmp_dir)?;
         let (job_done, _) = broadcast::channel(1024);
@@ -78,14 +76,17 @@ impl Ingest {
             originals,
             variants,
             signer,
-            pool,
+            workers,
             tmp_dir,
             quick_queued: Notify::new(),
             video_queued: Notify::new(),
-            video_worker: worker,
             running: jobs::Running::default(),
             job_done,
         }))
+    }
+
+    pub fn workers(&self) -> &Workers {
+        &self.workers
     }
 
     pub fn queue(&self) -> &JobQueue {
@@ -113,6 +114,19 @@ impl Ingest {
     pub fn router(self: &Arc<Self>) -> axum::Router {
         routes::router(self.clone())
     }
+}
+
+/// The worker pools every probe and transcode runs in.
+#[derive(Debug, Clone)]
+pub struct Workers {
+    /// Photos and voice notes: warm processes reused for many jobs.
+    pub quick: WorkerPool,
+    /// Videos: a fresh process for each.
+    pub video: WorkerPool,
+    /// Upload-time header checks, so they never wait behind a transcode.
+    pub probe: WorkerPool,
+    /// How long an upload's probe may take, waiting for a worker included.
+    pub probe_timeout: std::time::Duration,
 }
 
 impl std::fmt::Debug for Ingest {

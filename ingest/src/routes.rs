@@ -1,6 +1,5 @@
 //! `POST /v1/media` and `GET /v1/media/{id}`.
 
-use std::io::BufReader;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -11,7 +10,8 @@ use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use edge_cache::Stored;
 use tokio::sync::broadcast::error::RecvError;
-use transcode::{MediaType, audio, photo};
+use transcode::protocol::Task;
+use transcode::{MediaType, TranscodeError};
 use types::{MediaId, MediaStatus, UserId};
 
 use crate::jobs::{Deleted, JobState, Lane, NewMedia};
@@ -50,7 +50,7 @@ async fn accept(
         .ok_or_else(|| {
             IngestError::UnsupportedType("a Content-Type header naming the media type is required".into())
         })?;
-    let media_type = MediaType::from_mime(declared).map_err(IngestError::Media)?;
+    let media_type = MediaType::from_mime(declared).map_err(|e| IngestError::UnsupportedType(e.to_string()))?;
     let kind = media_type.kind();
     let max_bytes = config.max_bytes(kind);
     let declared_len = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
@@ -65,27 +65,17 @@ async fn accept(
     let spooled = spool::receive(body, &ingest.tmp_dir, max_bytes, media_type).await?;
 
     // The headers alone say how large the picture is or how long the sound: refuse a pixel bomb or
-    // an hour-long "voice note" before decoding anything. Videos are probed by their job, inside
-    // the worker process: libav never runs in this one.
-    let path = spooled.file.path().to_owned();
-    let max_pixels = config.max_pixels;
-    let audio_limits = config.audio.limits.clone();
-    tokio::task::spawn_blocking(move || {
-        match media_type {
-            MediaType::Image(format) => {
-                let probe = photo::probe(BufReader::new(std::fs::File::open(path)?), format)?;
-                let limits = photo::Limits { max_pixels, ..Default::default() };
-                limits.check_pixels(probe.width, probe.height)?;
-            }
-            MediaType::Audio(container) => {
-                audio::probe(std::fs::File::open(path)?, container, &audio_limits)?;
-            }
-            MediaType::Video(..) => {}
-        }
-        Ok::<_, IngestError>(())
-    })
-    .await
-    .map_err(|e| IngestError::Io(std::io::Error::other(e)))??;
+    // an hour-long "voice note" before decoding anything. A sandboxed worker reads them; this
+    // process never parses more than the sniff. Videos are probed by their job, in the same kind
+    // of worker.
+    let task = match media_type {
+        MediaType::Image(format) => Some(Task::ProbeImage { format, max_pixels: config.max_pixels }),
+        MediaType::Audio(container) => Some(Task::ProbeAudio { container, limits: config.audio.limits.clone() }),
+        MediaType::Video(..) => None,
+    };
+    if let Some(task) = task {
+        probe(ingest, &spooled.file, task).await?;
+    }
 
     // Bytes already known to be unusable are refused without storing anything.
     if let Some(job) = ingest.queue.job(&spooled.blob).await?
@@ -138,6 +128,21 @@ async fn accept(
     }
     let view = ingest.view(id, user).await?;
     Ok((StatusCode::CREATED, Json(view)))
+}
+
+/// Runs an upload-time probe in a worker of the probe pool, within `probe_timeout` in all.
+async fn probe(ingest: &Ingest, file: &tempfile::NamedTempFile, task: Task) -> Result<(), IngestError> {
+    let workers = &ingest.workers;
+    let deadline = tokio::time::Instant::now() + workers.probe_timeout;
+    let refused = |e: TranscodeError| match e {
+        TranscodeError::Busy => IngestError::TooManyUploads,
+        e => IngestError::Probe(e),
+    };
+    let mut lease = workers.probe.checkout(workers.probe_timeout).await.map_err(refused)?;
+    lease.stage(file.path()).await.map_err(refused)?;
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    lease.run(task, left, |_| {}).await.map_err(refused)?;
+    Ok(())
 }
 
 /// The error for bytes whose job failed for good, with the job's own code.

@@ -121,10 +121,8 @@ pub(crate) fn clear_leftovers(dir: &Path) -> std::io::Result<()> {
         let entry = entry?;
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        if name.starts_with("upload-") {
+        if name.starts_with("upload-") || name.starts_with("output-") {
             std::fs::remove_file(entry.path())?;
-        } else if name.starts_with("video-") {
-            std::fs::remove_dir_all(entry.path())?;
         }
     }
     Ok(())

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use serde::{Deserialize, Serialize};
+use transcode::{Product, Variant};
 use types::{BlobId, ErrorDetail, MediaId, MediaKind, MediaStatus, UrlSigner, VariantName};
 
 /// What a finished job made, as kept in `jobs.result`. Fields a kind does not have are absent.
@@ -37,67 +38,55 @@ pub(crate) struct StoredVariant {
     pub(crate) bytes: u64,
 }
 
-fn jpeg(e: &transcode::photo::Encoded) -> StoredVariant {
-    StoredVariant {
-        blob: e.blob,
-        mime: transcode::photo::Encoded::MIME.to_string(),
-        width: Some(e.width),
-        height: Some(e.height),
-        bytes: e.bytes.len() as u64,
-    }
+fn stored(v: &Variant, mime: &str) -> StoredVariant {
+    StoredVariant { blob: v.blob, mime: mime.to_string(), width: v.width, height: v.height, bytes: v.len }
 }
 
 impl JobResult {
-    pub(crate) fn from_photo(out: &transcode::photo::Output) -> Self {
-        Self {
-            width: Some(out.width),
-            height: Some(out.height),
-            variants: BTreeMap::from([
-                (VariantName::Standard, jpeg(&out.standard)),
-                (VariantName::Thumb, jpeg(&out.thumb)),
-            ]),
-            preview: Some(STANDARD.encode(&out.preview)),
-            ..Default::default()
-        }
-    }
-
-    pub(crate) fn from_audio(out: &transcode::audio::Output) -> Self {
-        let standard = StoredVariant {
-            blob: out.blob,
-            mime: transcode::audio::Output::MIME.to_string(),
-            width: None,
-            height: None,
-            bytes: out.bytes.len() as u64,
-        };
-        Self {
-            variants: BTreeMap::from([(VariantName::Standard, standard)]),
-            duration_ms: Some(out.duration_ms),
-            waveform: Some(out.waveform.clone()),
-            ..Default::default()
-        }
-    }
-
-    pub(crate) fn from_video(out: &transcode::video::Output) -> Self {
-        let file = |f: &transcode::video::FileVariant, mime: &str| StoredVariant {
-            blob: f.blob,
-            mime: mime.to_string(),
-            width: Some(f.width),
-            height: Some(f.height),
-            bytes: f.bytes,
-        };
+    /// What a worker made, as recorded on its job.
+    pub(crate) fn from_product(product: &Product) -> Self {
         let jpeg = transcode::photo::Encoded::MIME;
-        Self {
-            width: Some(out.width),
-            height: Some(out.height),
-            variants: BTreeMap::from([
-                (VariantName::Standard, file(&out.standard, transcode::video::Output::MIME)),
-                (VariantName::Poster, file(&out.poster, jpeg)),
-                (VariantName::Thumb, file(&out.thumb, jpeg)),
-            ]),
-            preview: Some(STANDARD.encode(&out.preview)),
-            duration_ms: Some(out.duration_ms),
-            has_audio: Some(out.has_audio),
-            ..Default::default()
+        match product {
+            Product::Probed => Self::default(),
+            Product::Photo { width, height, standard, thumb, preview } => Self {
+                width: Some(*width),
+                height: Some(*height),
+                variants: BTreeMap::from([
+                    (VariantName::Standard, stored(standard, jpeg)),
+                    (VariantName::Thumb, stored(thumb, jpeg)),
+                ]),
+                preview: Some(STANDARD.encode(preview)),
+                ..Default::default()
+            },
+            Product::Audio { duration_ms, waveform, standard } => Self {
+                variants: BTreeMap::from([(VariantName::Standard, stored(standard, transcode::audio::Output::MIME))]),
+                duration_ms: Some(*duration_ms),
+                waveform: Some(waveform.clone()),
+                ..Default::default()
+            },
+            Product::Video { width, height, duration_ms, has_audio, standard, poster, thumb, preview } => Self {
+                width: Some(*width),
+                height: Some(*height),
+                variants: BTreeMap::from([
+                    (VariantName::Standard, stored(standard, transcode::video::Output::MIME)),
+                    (VariantName::Poster, stored(poster, jpeg)),
+                    (VariantName::Thumb, stored(thumb, jpeg)),
+                ]),
+                preview: Some(STANDARD.encode(preview)),
+                duration_ms: Some(*duration_ms),
+                has_audio: Some(*has_audio),
+                ..Default::default()
+            },
+        }
+    }
+
+    /// The variants to store, in the order they are stored.
+    pub(crate) fn variants_of(product: &Product) -> Vec<&Variant> {
+        match product {
+            Product::Probed => Vec::new(),
+            Product::Photo { standard, thumb, .. } => vec![standard, thumb],
+            Product::Audio { standard, .. } => vec![standard],
+            Product::Video { standard, poster, thumb, .. } => vec![standard, poster, thumb],
         }
     }
 }

@@ -88,14 +88,31 @@ pub(crate) enum LogFormat {
     Json,
 }
 
+/// The sandboxed worker processes every probe and transcode runs in.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct TranscodeConfig {
-    /// Transcode worker threads. 0 means one per core; default 0.
+    /// Worker processes for photos and voice notes. 0 means one per core; default 0.
     pub(crate) workers: usize,
     /// Whether this process works the job queue. false makes an API-only node whose jobs another
     /// process runs (or this one after a restart). Default true.
     pub(crate) run_jobs: bool,
+    /// Jobs a photo or voice-note worker runs before it is replaced by a fresh one. Default 200.
+    pub(crate) jobs_per_worker: u32,
+    /// A worker whose resident memory has peaked above this is replaced after its job. Default 256 MiB.
+    pub(crate) recycle_rss_bytes: u64,
+    /// Worker processes for upload-time header checks. Default 2.
+    pub(crate) probe_workers: usize,
+    /// How long an upload's header check may take, waiting for a worker included. Default 5000.
+    pub(crate) probe_timeout_ms: u64,
+    /// Address space a header check may use beyond the worker's own. Default 256 MiB.
+    pub(crate) probe_memory_bytes: u64,
+    /// Run workers as this user, `NAME` or `UID[:GID]`, when `serve` runs as root. Default: unset
+    /// (workers keep the server's user, inside their sandbox).
+    pub(crate) worker_user: Option<String>,
+    /// The program started as a worker, given the worker's flags. Default: this binary's
+    /// `transcode-worker`. For wrapping workers in a further sandbox, and for tests.
+    pub(crate) worker_program: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -129,7 +146,38 @@ impl Default for Config {
 
 impl Default for TranscodeConfig {
     fn default() -> Self {
-        Self { workers: 0, run_jobs: true }
+        Self {
+            workers: 0,
+            run_jobs: true,
+            jobs_per_worker: 200,
+            recycle_rss_bytes: 256 * 1024 * 1024,
+            probe_workers: 2,
+            probe_timeout_ms: 5000,
+            probe_memory_bytes: 256 * 1024 * 1024,
+            worker_user: None,
+            worker_program: None,
+        }
+    }
+}
+
+impl TranscodeConfig {
+    /// `worker_user` as a uid and gid: a number (`UID` or `UID:GID`), or a name from /etc/passwd.
+    pub(crate) fn worker_ids(&self) -> anyhow::Result<Option<(u32, u32)>> {
+        let Some(user) = self.worker_user.as_deref() else { return Ok(None) };
+        if let Some((uid, gid)) = user.split_once(':') {
+            return Ok(Some((uid.parse().context("worker_user uid")?, gid.parse().context("worker_user gid")?)));
+        }
+        if let Ok(uid) = user.parse::<u32>() {
+            return Ok(Some((uid, uid)));
+        }
+        let passwd = std::fs::read_to_string("/etc/passwd").context("reading /etc/passwd for worker_user")?;
+        passwd
+            .lines()
+            .map(|line| line.split(':').collect::<Vec<_>>())
+            .find(|fields| fields.first() == Some(&user))
+            .and_then(|fields| Some((fields.get(2)?.parse().ok()?, fields.get(3)?.parse().ok()?)))
+            .map(Some)
+            .with_context(|| format!("worker_user {user:?} is not in /etc/passwd"))
     }
 }
 

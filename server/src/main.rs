@@ -111,10 +111,56 @@ enum Command {
         #[arg(long, default_value_t = 86400)]
         ttl: u64,
     },
-    /// Internal: the isolated process `serve` runs one video job in (job JSON on stdin, events
-    /// as JSON lines on stdout). Also usable by hand to time the pipeline.
+    /// Internal: a sandboxed worker process `serve` runs probes and transcodes in (jobs as JSON
+    /// lines on stdin, replies as JSON lines on stdout).
     #[command(hide = true)]
-    TranscodeWorker,
+    TranscodeWorker {
+        #[command(flatten)]
+        sandbox: SandboxArgs,
+    },
+    /// Check the transcode workers' sandbox on this machine: enter it as a worker does with DIR as
+    /// the worker's folder, try to open each --open path, then (with --socket) try to open a
+    /// socket, which the sandbox answers by killing the process with SIGSYS.
+    #[command(hide = true)]
+    SandboxCheck {
+        #[command(flatten)]
+        sandbox: SandboxArgs,
+        /// A path to try to open for reading; may repeat
+        #[arg(long)]
+        open: Vec<PathBuf>,
+        /// Last, try to open a TCP socket
+        #[arg(long)]
+        socket: bool,
+    },
+}
+
+/// Where a worker lives and what it may use (set by `serve`).
+#[derive(Debug, clap::Args)]
+struct SandboxArgs {
+    #[arg(long)]
+    dir: PathBuf,
+    /// The pid of the process that started it; the worker exits if that one is gone
+    #[arg(long)]
+    parent: Option<i32>,
+    #[arg(long, default_value_t = 512 * 1024 * 1024)]
+    memory_bytes: u64,
+    #[arg(long, default_value_t = 256 * 1024 * 1024)]
+    file_bytes: u64,
+    #[arg(long, default_value_t = 64)]
+    open_files: u64,
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+    niceness: i32,
+}
+
+impl SandboxArgs {
+    fn limits(&self) -> transcode::sandbox::Limits {
+        transcode::sandbox::Limits {
+            memory_bytes: self.memory_bytes,
+            file_bytes: self.file_bytes,
+            open_files: self.open_files,
+            niceness: self.niceness,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -129,7 +175,12 @@ fn main() -> ExitCode {
 
 fn run() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::TranscodeWorker => std::process::exit(transcode::isolate::worker_main()),
+        Command::TranscodeWorker { sandbox } => {
+            std::process::exit(transcode::worker::main(&sandbox.dir, sandbox.parent, &sandbox.limits()))
+        }
+        Command::SandboxCheck { sandbox, open, socket } => {
+            std::process::exit(transcode::worker::check(&sandbox.dir, sandbox.parent, &sandbox.limits(), &open, socket))
+        }
         Command::Serve { listen, data_dir, config, database_url, bus, dev } => {
             let auth = dev.then_some(config::DevAuth { dev_codes: true });
             let chat = bus.map(|bus_url| config::BusFlag { bus_url });

@@ -37,21 +37,22 @@ pub(crate) async fn serve(config: Config) -> anyhow::Result<()> {
     let store = BlobStore::open(&config.blobs()).context("opening the blob store")?;
     let variants = BlobStore::new(store.clone(), Namespace::Variants);
     let workers = config.workers();
-    let pool = Arc::new(transcode::Pool::new("transcode", workers, workers));
+    let pools = worker_pools(&config)?;
     let ingest = Ingest::new(
         config.ingest.clone(),
         db,
         BlobStore::new(store, Namespace::Originals),
         variants.clone(),
         signer.clone(),
-        pool,
+        pools.clone(),
         data_dir.join("tmp"),
-        transcode::isolate::Worker {
-            exe: std::env::current_exe().context("finding this program, to run video jobs in")?,
-            args: vec!["transcode-worker".into()],
-            timeout: std::time::Duration::from_secs(config.ingest.video.timeout_secs),
-        },
     )?;
+    // Started ahead, so the first upload finds its workers warm.
+    pools.probe.warm_up().await.context("starting the probe workers")?;
+    if config.transcode.run_jobs {
+        pools.quick.warm_up().await.context("starting the transcode workers")?;
+        pools.video.warm_up().await.context("starting the video workers")?;
+    }
     let media: Arc<dyn chat_core::MediaAccess> = Arc::new(SharedMedia(ingest.clone()));
     let bus = match &config.chat.bus_url {
         Some(url) => Some(
@@ -121,6 +122,51 @@ pub(crate) async fn serve(config: Config) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The three pools of sandboxed worker processes, with their folders under `{data_dir}/tmp/work`.
+fn worker_pools(config: &Config) -> anyhow::Result<ingest::Workers> {
+    use transcode::{PoolSpec, WorkerPool, sandbox};
+    let t = &config.transcode;
+    let (program, args) = match &t.worker_program {
+        Some(program) => (program.clone(), Vec::new()),
+        None => (
+            std::env::current_exe().context("finding this program, to start workers")?,
+            vec!["transcode-worker".to_string()],
+        ),
+    };
+    let tmp = config.data_dir.join("tmp");
+    let launch = transcode::Launch { program, args, root: tmp.join("work"), spool: tmp, user: t.worker_ids()? };
+    launch.prepare().context("preparing the workers' folder")?;
+    let limits =
+        |memory_bytes, file_bytes, niceness| sandbox::Limits { memory_bytes, file_bytes, open_files: 64, niceness };
+    let ingest = &config.ingest;
+    let pool = |name, workers, jobs_per_worker, limits| {
+        let spec = PoolSpec { name, workers, jobs_per_worker, recycle_rss_bytes: t.recycle_rss_bytes, limits };
+        WorkerPool::new(spec, launch.clone())
+    };
+    Ok(ingest::Workers {
+        quick: pool("quick", config.workers(), t.jobs_per_worker, limits(ingest.job.memory_bytes, QUICK_FILE_BYTES, 0)),
+        // A fresh process for each video, below the server and the photos in the scheduler.
+        video: pool(
+            "video",
+            ingest.video.workers.max(1),
+            1,
+            limits(ingest.video.memory_bytes, VIDEO_FILE_BYTES, transcode::worker::VIDEO_NICENESS),
+        ),
+        probe: pool(
+            "probe",
+            t.probe_workers.max(1),
+            t.jobs_per_worker,
+            limits(t.probe_memory_bytes, QUICK_FILE_BYTES, 0),
+        ),
+        probe_timeout: Duration::from_millis(t.probe_timeout_ms),
+    })
+}
+
+/// The largest file a photo or voice-note worker may write: far above any JPEG or Opus it makes.
+const QUICK_FILE_BYTES: u64 = 256 * 1024 * 1024;
+/// The largest file a video worker may write.
+const VIDEO_FILE_BYTES: u64 = 4 * 1024 * 1024 * 1024;
 
 #[allow(clippy::print_stdout, reason = "what to do next, for the person who started the server")]
 fn print_welcome(addr: std::net::SocketAddr, config: &Config) {

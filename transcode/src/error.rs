@@ -27,6 +27,10 @@ pub enum TranscodeError {
     Io(String),
     #[error("gave up after {0} attempts")]
     TooManyAttempts(u32),
+    #[error("no transcode worker was free in time")]
+    Busy,
+    #[error("the transcode worker misbehaved: {0}")]
+    Misbehaved(String),
 }
 
 impl TranscodeError {
@@ -40,7 +44,36 @@ impl TranscodeError {
                 | TranscodeError::TooLong { .. }
                 | TranscodeError::OverLimit(_)
                 | TranscodeError::OverMemoryBudget(_)
+                | TranscodeError::TimedOut
         )
+    }
+
+    /// Whether the worker process died or broke its contract: retried once, then final.
+    pub fn is_crash(&self) -> bool {
+        matches!(self, TranscodeError::Panicked(_) | TranscodeError::Misbehaved(_))
+    }
+
+    /// What a client is told: one fixed sentence per code. The detail (a decoder's words, a
+    /// worker's stderr, a storage path) goes to the log only.
+    pub fn public_message(&self) -> &'static str {
+        match self {
+            TranscodeError::Unsupported(_) => "the file's format or codec is not one this server takes",
+            TranscodeError::Corrupt(_) => "the file is corrupt, truncated or cannot be decoded",
+            TranscodeError::TooManyPixels { .. } => "the image has more pixels than this server takes",
+            TranscodeError::TooLong { .. } => "the recording is longer than this server takes",
+            TranscodeError::OverLimit(_) => {
+                "the file is over one of this server's limits (channels, sample rate, frame rate, streams or scans)"
+            }
+            TranscodeError::OverMemoryBudget(_) => "decoding the file needs more memory than a job may use",
+            TranscodeError::TimedOut => "processing the file took longer than a job may take",
+            TranscodeError::Panicked(_) | TranscodeError::Misbehaved(_) => {
+                "the transcoder stopped while processing the file"
+            }
+            TranscodeError::PoolClosed => "the server is shutting down; try again",
+            TranscodeError::Io(_) => "storing or reading the file failed on our side; try again",
+            TranscodeError::TooManyAttempts(_) => "the file could not be processed after several attempts",
+            TranscodeError::Busy => "every transcode worker is busy; try again",
+        }
     }
 
     /// A stable machine-readable name, used in API errors and the media's `error` field.
@@ -57,6 +90,8 @@ impl TranscodeError {
             TranscodeError::PoolClosed => "shutting_down",
             TranscodeError::Io(_) => "storage_error",
             TranscodeError::TooManyAttempts(_) => "too_many_attempts",
+            TranscodeError::Busy => "busy",
+            TranscodeError::Misbehaved(_) => "transcoder_crashed",
         }
     }
 }

@@ -20,7 +20,8 @@ use types::BlobId;
 use crate::TranscodeError;
 
 /// The input formats the pipeline decodes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Format {
     Jpeg,
     Png,
@@ -76,7 +77,7 @@ impl Format {
 }
 
 /// Output sizes and qualities.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Settings {
     /// Long edge of `standard`, in pixels; smaller inputs are never upscaled.
     pub standard_edge: u32,
@@ -95,7 +96,7 @@ impl Default for Settings {
 }
 
 /// What one job may take.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Limits {
     /// Largest width × height accepted, checked from the header before any pixel is decoded.
     pub max_pixels: u64,
@@ -161,6 +162,10 @@ impl Encoded {
 
     fn new(bytes: Vec<u8>, width: u32, height: u32) -> Self {
         Self { blob: BlobId::of(&bytes), bytes, width, height }
+    }
+
+    pub fn dimensions(&self) -> Option<(u32, u32)> {
+        Some((self.width, self.height))
     }
 }
 
@@ -247,8 +252,51 @@ pub fn fit(w: u32, h: u32, edge: u32) -> (u32, u32) {
     (scale(w), scale(h))
 }
 
+/// Scans a JPEG may have. A progressive file needs a handful (libjpeg writes 10); each scan costs
+/// a pass over every coefficient, so thousands of them turn a small file into minutes of CPU.
+pub const MAX_JPEG_SCANS: usize = 100;
+
+/// How many scans (SOS markers) a JPEG holds, walking its segments; `None` if the segment structure
+/// is broken before the end (the decoder then reports the damage itself).
+pub fn jpeg_scans(bytes: &[u8]) -> Option<usize> {
+    let mut at = 2; // after SOI
+    let mut scans = 0;
+    while at + 4 <= bytes.len() {
+        if bytes[at] != 0xFF {
+            return None;
+        }
+        let marker = bytes[at + 1];
+        match marker {
+            // Fill bytes, and markers without a length.
+            0xFF => at += 1,
+            0x01 | 0xD0..=0xD7 => at += 2,
+            0xD9 => return Some(scans),
+            _ => {
+                let len = usize::from(u16::from_be_bytes([bytes[at + 2], bytes[at + 3]]));
+                at += 2 + len;
+                if marker == 0xDA {
+                    scans += 1;
+                    // Entropy-coded data runs to the next marker that is neither a stuffed 0xFF00
+                    // nor a restart marker.
+                    while at + 1 < bytes.len()
+                        && !(bytes[at] == 0xFF && bytes[at + 1] != 0 && !(0xD0..=0xD7).contains(&bytes[at + 1]))
+                    {
+                        at += 1;
+                    }
+                }
+            }
+        }
+    }
+    Some(scans)
+}
+
 fn decode_jpeg(bytes: &[u8], standard_edge: u32, limits: &Limits) -> Result<(Raster, u32, u32), TranscodeError> {
     let corrupt = |e: turbojpeg::Error| TranscodeError::Corrupt(e.to_string());
+    if let Some(scans) = jpeg_scans(bytes)
+        && scans > MAX_JPEG_SCANS
+    {
+        return Err(TranscodeError::OverLimit(format!("{scans} scans; at most {MAX_JPEG_SCANS} are taken")));
+    }
     let mut decompressor = Decompressor::new().map_err(corrupt)?;
     let header = decompressor.read_header(bytes).map_err(corrupt)?;
     let (w, h) = (dimension(header.width)?, dimension(header.height)?);
@@ -298,8 +346,18 @@ fn cmyk_to_rgb(cmyk: &[u8]) -> Vec<u8> {
 }
 
 fn decode_with_image(bytes: &[u8], format: Format, limits: &Limits) -> Result<(Raster, u32, u32), TranscodeError> {
+    use image::ImageDecoder;
     let probe = probe(Cursor::new(bytes), format)?;
     limits.check_pixels(probe.width, probe.height)?;
+    // Every copy the pipeline makes counts: the decoded pixels in their own layout, the 8-bit RGBA
+    // a 16-bit or alpha image is turned into, and the RGB that goes on.
+    let color = image::ImageReader::with_format(Cursor::new(bytes), format.image_format())
+        .into_decoder()
+        .map_err(image_error)?
+        .color_type();
+    let pixels = u64::from(probe.width) * u64::from(probe.height);
+    let converted = if color.has_alpha() || color.bytes_per_pixel() > 4 { 4 + 3 } else { 3 };
+    limits.check_memory(pixels * (u64::from(color.bytes_per_pixel()) + converted))?;
     let mut reader = image::ImageReader::with_format(Cursor::new(bytes), format.image_format());
     let mut image_limits = image::Limits::default();
     image_limits.max_alloc = Some(limits.memory_bytes);
@@ -453,6 +511,21 @@ mod tests {
         assert_eq!(fit(800, 600, 1600), (800, 600));
         assert_eq!(fit(10000, 1, 320), (320, 1));
         assert_eq!(fit(451, 300, 64), (64, 43));
+    }
+
+    #[test]
+    fn scans_are_counted_by_walking_segments() {
+        // SOI, a DQT-like segment holding FF DA bytes, two scans with stuffed and restart bytes, EOI.
+        let jpeg = [
+            &[0xFF, 0xD8][..],
+            &[0xFF, 0xDB, 0x00, 0x06, 0xFF, 0xDA, 0xFF, 0xDA],
+            &[0xFF, 0xDA, 0x00, 0x02, 0x12, 0xFF, 0x00, 0x34, 0xFF, 0xD0, 0x56],
+            &[0xFF, 0xDA, 0x00, 0x02, 0x78],
+            &[0xFF, 0xD9],
+        ]
+        .concat();
+        assert_eq!(jpeg_scans(&jpeg), Some(2));
+        assert_eq!(jpeg_scans(&[0xFF, 0xD8, 0x12, 0x34, 0x56, 0x78]), None);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The video pipeline: MP4/MOV/3GP and WebM/MKV in, a streamable H.264 + AAC MP4 and a poster out.
 //!
 //! libav does the work (ffmpeg-next over Debian's libav*), so this module runs only inside the
-//! worker process that [`crate::isolate`] starts with a memory limit and kills at its deadline; the
+//! worker process ([`crate::worker`]) with a memory limit and kills at its deadline; the
 //! server never opens a video itself. libav is held to what we mean it to read: the file we name
 //! (protocol whitelist `file`), the MP4 and Matroska demuxers (format whitelist: no HLS, concat,
 //! playlist or image-sequence demuxer is reachable), MP4 external data references off, and decoders
@@ -271,7 +271,7 @@ struct AudioLane {
 }
 
 /// Transcodes `input` into `output_dir`, calling `progress` with 0.0–1.0 now and then.
-/// CPU-heavy and unisolated: run it in the worker process ([`crate::isolate`]).
+/// CPU-heavy and unisolated: run it in a worker process ([`crate::worker`]).
 pub fn transcode(
     input: &Path,
     output_dir: &Path,
@@ -301,8 +301,23 @@ pub fn transcode(
     let mut last_report = Instant::now();
     let video_tb = input.stream(video).expect("found above").time_base();
 
+    // Headers can lie: duration, frame count and frame rate are checked again on the packets
+    // themselves, so a file that claims ten seconds and holds ten minutes stops at the limit.
+    let max_frames = (limits.max_duration_ms / 1000 + 1) * u64::from(limits.max_fps);
+    let mut frames = 0u64;
     for (stream, packet) in input.packets() {
+        let at_ms = packet.pts().map_or(0, |pts| pts.rescale(stream.time_base(), (1, 1000)).max(0) as u64);
+        if at_ms > limits.max_duration_ms.saturating_add(1000) {
+            return Err(TranscodeError::TooLong { duration_ms: at_ms, max_ms: limits.max_duration_ms });
+        }
         if stream.index() == vlane.stream {
+            frames += 1;
+            if frames > max_frames {
+                return Err(TranscodeError::OverLimit(format!(
+                    "more than {max_frames} frames: over {} fps for the duration allowed",
+                    limits.max_fps
+                )));
+            }
             vlane.decoder.send_packet(&packet).map_err(av("decoding video"))?;
             vlane.drain(&mut output, &out_tb, &mut poster, poster_at)?;
             if let Some(pts) = packet.pts()

@@ -131,6 +131,25 @@ impl Server {
         found
     }
 
+    /// The server's worker processes of pool `name` (`quick`, `video`, `probe`), by pid: those whose
+    /// `--dir` is a folder named `{name}-N`.
+    pub(crate) fn workers(&self, name: &str) -> Vec<u32> {
+        let prefix = format!("{name}-");
+        self.children()
+            .into_iter()
+            .filter(|pid| {
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+                args.windows(2).any(|pair| {
+                    pair[0] == b"--dir"
+                        && Path::new(std::str::from_utf8(pair[1]).unwrap_or_default())
+                            .file_name()
+                            .is_some_and(|n| n.to_string_lossy().starts_with(&prefix))
+                })
+            })
+            .collect()
+    }
+
     pub(crate) async fn delete_media(&self, token: &str, id: &str) -> reqwest::Response {
         self.http.delete(self.url(&format!("/v1/media/{id}"))).bearer_auth(token).send().await.unwrap()
     }

@@ -13,3 +13,4 @@ mod hostile;
 mod lifecycle;
 mod live;
 mod photos;
+mod sandbox;
