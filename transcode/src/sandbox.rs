@@ -157,7 +157,8 @@ fn restrict_paths(dir: &Path) -> Result<Landlock, SandboxError> {
 ///
 /// Memory: `brk`, `mmap`, `munmap`, `mremap`, `mprotect`, `madvise` (allocators, libav's buffers).
 /// Files, within what Landlock leaves: `openat`, `read`, `write`, `readv`, `writev`, `pread64`,
-/// `pwrite64`, `lseek`, `close`, `fstat`, `newfstatat`, `statx`, `fcntl`, `ftruncate`,
+/// `pwrite64`, `lseek`, `close`, `fstat`, `newfstatat`, `statx`, `fcntl` (descriptor flags and
+/// duplicates only: no `F_SETOWN`/`F_SETSIG`, which would aim signals at another process), `ftruncate`,
 /// `fdatasync`, `fsync`, `getdents64`, `unlinkat` (the MP4 muxer's faststart pass rewrites its own
 /// output). Threads (libx264, libav's frame threads): `clone` with `CLONE_THREAD` only, `futex`,
 /// `set_robust_list`, `rseq`, `set_tid_address`, `sched_yield`, `sched_getaffinity` (how many
@@ -186,7 +187,6 @@ const ALLOWED: &[i64] = &[
     libc::SYS_fstat,
     libc::SYS_newfstatat,
     libc::SYS_statx,
-    libc::SYS_fcntl,
     libc::SYS_ftruncate,
     libc::SYS_fdatasync,
     libc::SYS_fsync,
@@ -238,6 +238,14 @@ fn filters() -> Result<(BpfProgram, BpfProgram), SandboxError> {
     let thread = libc::CLONE_THREAD as u64;
     rules.insert(libc::SYS_clone, vec![SeccompRule::new(vec![condition(0, SeccompCmpOp::MaskedEq(thread), thread)?])?]);
     rules.insert(libc::SYS_tgkill, vec![SeccompRule::new(vec![condition(0, SeccompCmpOp::Eq, pid)?])?]);
+    // Descriptor flags and duplicates only: F_SETOWN/F_SETSIG would let O_ASYNC signal another process.
+    rules.insert(
+        libc::SYS_fcntl,
+        [libc::F_DUPFD, libc::F_DUPFD_CLOEXEC, libc::F_GETFD, libc::F_SETFD, libc::F_GETFL, libc::F_SETFL]
+            .into_iter()
+            .map(|cmd| SeccompRule::new(vec![condition(1, SeccompCmpOp::Eq, cmd as u64)?]).map_err(SandboxError::from))
+            .collect::<Result<Vec<_>, _>>()?,
+    );
     // Thread names (libx264 and libav name their threads); no other prctl.
     rules.insert(
         libc::SYS_prctl,

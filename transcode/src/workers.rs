@@ -207,6 +207,8 @@ fn make_folder(dir: &Path, user: Option<(u32, u32)>) -> std::io::Result<()> {
 const STDERR_KEPT: usize = 4096;
 /// The longest stderr line logged whole.
 const STDERR_LINE: usize = 1024;
+/// Stderr logged per process; past it, lines are only kept in the tail.
+const STDERR_LOGGED: usize = 64 * 1024;
 
 /// Logs a worker's stderr line by line and keeps its tail.
 async fn drain_stderr(
@@ -217,14 +219,18 @@ async fn drain_stderr(
 ) {
     let mut lines = BufReader::new(stderr);
     let mut line = Vec::new();
+    let mut logged = 0;
     loop {
         line.clear();
         match (&mut lines).take(STDERR_LINE as u64).read_until(b'\n', &mut line).await {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
-        let text = String::from_utf8_lossy(&line);
-        tracing::warn!(pool, pid, stderr = %text.trim_end(), "transcode worker");
+        logged += line.len();
+        if logged <= STDERR_LOGGED {
+            let text = String::from_utf8_lossy(&line);
+            tracing::warn!(pool, pid, stderr = ?text.trim_end(), "transcode worker");
+        }
         let mut kept = tail.lock().expect("never poisoned");
         kept.extend(line.iter());
         let excess = kept.len().saturating_sub(STDERR_KEPT);
@@ -248,7 +254,10 @@ struct Process {
 impl Process {
     /// SIGKILL to the worker's process group (a worker cannot fork, a wrapper might).
     fn kill(&mut self) {
-        if let Some(pid) = rustix::process::Pid::from_raw(self.pid as i32) {
+        // Once reaped, the pid (and group id) may belong to someone else.
+        if self.child.id().is_some()
+            && let Some(pid) = rustix::process::Pid::from_raw(self.pid as i32)
+        {
             let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
         }
         let _ = self.child.start_kill();
@@ -377,7 +386,7 @@ impl Lease {
             Reply::Done { made, peak_rss_bytes, landlock } => {
                 (self.collect(&task, made).await, peak_rss_bytes, landlock)
             }
-            Reply::Failed { error, peak_rss_bytes, landlock } => (Err(error), peak_rss_bytes, landlock),
+            Reply::Failed { error, peak_rss_bytes, landlock } => (Err(from_worker(error)), peak_rss_bytes, landlock),
             Reply::Progress(_) => unreachable!("progress is handled above"),
         };
         if landlock != Landlock::Full && !LANDLOCK_REPORTED.swap(true, Ordering::Relaxed) {
@@ -471,6 +480,16 @@ async fn read_line(reader: &mut BufReader<ChildStdout>) -> Result<Option<Vec<u8>
         }
         _ if n > MAX_LINE => Err(misbehaved(format!("a reply line over {MAX_LINE} bytes"))),
         _ => Ok(None),
+    }
+}
+
+/// A failure as a worker reported it: only the kinds a job can meet there are taken at their word.
+fn from_worker(error: TranscodeError) -> TranscodeError {
+    match error {
+        TranscodeError::Busy | TranscodeError::PoolClosed | TranscodeError::TooManyAttempts(_) => {
+            misbehaved(format!("it reported {error:?}"))
+        }
+        error => error,
     }
 }
 
@@ -710,6 +729,13 @@ impl Collector<'_> {
                 head.extend_from_slice(&chunk[..n.min(32 - head.len())]);
             }
             hasher.update(&chunk[..n]);
+            // Decided by the size seen at open and again as bytes come: a file that grows while it
+            // is read never piles up in memory.
+            if spooled.is_none() && memory.len() + n > IN_MEMORY as usize {
+                let mut file = tempfile::Builder::new().prefix("output-").tempfile_in(self.spool).map_err(io)?;
+                file.write_all(&std::mem::take(&mut memory)).map_err(io)?;
+                spooled = Some(file);
+            }
             match &mut spooled {
                 Some(file) => file.write_all(&chunk[..n]).map_err(io)?,
                 None => memory.extend_from_slice(&chunk[..n]),

@@ -13,7 +13,7 @@ use serde_json::Value;
 use crate::harness::{DataDir, Server, decode, fixture, variant_bytes};
 
 /// Runs the ffmpeg CLI with `args` writing `name` in a temp folder; returns the file's bytes.
-fn ffmpeg(name: &str, args: &[&str]) -> Vec<u8> {
+pub(crate) fn ffmpeg(name: &str, args: &[&str]) -> Vec<u8> {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join(name);
     let status = Command::new("ffmpeg")

@@ -8,16 +8,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::avmedia::ffmpeg;
 use crate::harness::{DataDir, Server, fixture};
-
-/// Runs the ffmpeg CLI writing `name`; returns the file's bytes.
-fn ffmpeg(name: &str, args: &[&str]) -> Vec<u8> {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join(name);
-    let status = Command::new("ffmpeg").args(["-v", "error", "-y", "-nostdin"]).args(args).arg(&out).status().unwrap();
-    assert!(status.success(), "ffmpeg {args:?}");
-    std::fs::read(out).unwrap()
-}
 
 /// `bytes` with the u32 at `offset` bytes after the first `tag` set to 0xFFFFFFFF.
 fn bomb(bytes: &[u8], tag: &[u8], nth: usize, offset: usize) -> Vec<u8> {
