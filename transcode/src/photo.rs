@@ -347,15 +347,15 @@ fn cmyk_to_rgb(cmyk: &[u8]) -> Vec<u8> {
 
 fn decode_with_image(bytes: &[u8], format: Format, limits: &Limits) -> Result<(Raster, u32, u32), TranscodeError> {
     use image::ImageDecoder;
-    let probe = probe(Cursor::new(bytes), format)?;
-    limits.check_pixels(probe.width, probe.height)?;
+    // One read of the header gives the size and the pixel layout.
+    let header = image::ImageReader::with_format(Cursor::new(bytes), format.image_format())
+        .into_decoder()
+        .map_err(image_error)?;
+    let ((width, height), color) = (header.dimensions(), header.color_type());
+    limits.check_pixels(width, height)?;
     // Every copy the pipeline makes counts: the decoded pixels in their own layout, the 8-bit RGBA
     // a 16-bit or alpha image is turned into, and the RGB that goes on.
-    let color = image::ImageReader::with_format(Cursor::new(bytes), format.image_format())
-        .into_decoder()
-        .map_err(image_error)?
-        .color_type();
-    let pixels = u64::from(probe.width) * u64::from(probe.height);
+    let pixels = u64::from(width) * u64::from(height);
     let converted = if color.has_alpha() || color.bytes_per_pixel() > 4 { 4 + 3 } else { 3 };
     limits.check_memory(pixels * (u64::from(color.bytes_per_pixel()) + converted))?;
     let mut reader = image::ImageReader::with_format(Cursor::new(bytes), format.image_format());
