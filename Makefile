@@ -11,7 +11,7 @@ BUILD_PACKAGES := pkg-config cmake nasm g++ libopus-dev libclang-dev ffmpeg \
 # Comparison scripts need the peers they compare with.
 COMPARE_PACKAGES := libvips-tools time nginx-light wrk curl
 
-.PHONY: run test deps compare-deps bench compare token
+.PHONY: run test deps compare-deps bench compare token fuzz fuzz-deps
 
 define install_missing
 	@missing=""; for p in $(1); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; done; \
@@ -44,3 +44,30 @@ compare: compare-deps
 	benches/compare/audio.sh
 	benches/compare/video.sh
 	benches/compare/edge.sh
+
+# Fuzzing: each target of fuzz/ runs for FUZZ_SECONDS under libFuzzer (cargo-fuzz, on the nightly
+# toolchain it needs), starting from its checked-in seeds and, for the file parsers, fixtures/.
+# What it grows is kept in fuzz/corpus/ (ignored by git); a finding lands in fuzz/artifacts/ and,
+# once fixed, belongs in fuzz/regressions/{target}/, which `make test` replays.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= sniff image_probe exif_orientation audio_probe byte_range signed_query
+FUZZ_FILE_TARGETS := sniff image_probe exif_orientation audio_probe
+# Targets built as the worker runs them, without overflow checks: symphonia-codec-aac 0.5.5 computes
+# an ADTS stream's length as `len - start - start`, which panics with overflow checks on (a tag
+# larger than the audio after it) and wraps to "no estimate" in a release build.
+FUZZ_RELEASE_TARGETS := audio_probe
+
+fuzz-deps: deps
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install --locked cargo-fuzz
+	@rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+
+fuzz: fuzz-deps
+	@set -e; for t in $(FUZZ_TARGETS); do \
+		mkdir -p fuzz/corpus/$$t; \
+		seeds="fuzz/seeds/$$t"; \
+		case " $(FUZZ_FILE_TARGETS) " in *" $$t "*) seeds="$$seeds fixtures";; esac; \
+		echo "== fuzzing $$t for $(FUZZ_SECONDS) s"; \
+		mode=""; case " $(FUZZ_RELEASE_TARGETS) " in *" $$t "*) mode="-O";; esac; \
+		$(CARGO) +nightly fuzz run $$mode --fuzz-dir fuzz --features libfuzzer $$t fuzz/corpus/$$t $$seeds -- \
+			-max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -malloc_limit_mb=1024 -timeout=10; \
+	done

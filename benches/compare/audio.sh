@@ -4,7 +4,9 @@
 # Both decode a 10-minute stereo 44.1 kHz MP3, mix it to mono, resample to 48 kHz and encode Opus
 # (VBR 28 kb/s, complexity 10, VoIP tuning) into Ogg. ffmpeg decodes with libavcodec and resamples
 # with libswresample; Courier decodes with symphonia and resamples with rubato; both encode with
-# the same libopus. Prints wall time, CPU time and peak RSS (median of RUNS runs) side by side.
+# the same libopus. Courier runs in a warm sandboxed `courier transcode-worker`, as `courier serve`
+# runs voice notes (CPU counts both processes; peak RSS is the larger one's). Prints wall time, CPU
+# time and peak RSS (median of RUNS runs) side by side.
 #
 # Usage: benches/compare/audio.sh [RUNS]   (default 3; needs ffmpeg and GNU time)
 set -euo pipefail
@@ -15,6 +17,7 @@ command -v ffmpeg >/dev/null || { echo "ffmpeg missing: apt-get install ffmpeg" 
 [ -x /usr/bin/time ] || { echo "/usr/bin/time missing: apt-get install time" >&2; exit 1; }
 
 cargo build -q --release -p benches --bin transcode-audio
+cargo build -q --release --bin courier
 bin="$CARGO_TARGET_DIR/release"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -26,7 +29,7 @@ ffmpeg -v error -y -f lavfi -i "aevalsrc=0.3*sin(2*PI*(180+60*sin(2*PI*0.7*t))*t
 
 ffmpeg_cmd=(ffmpeg -v error -y -i "$work/in.mp3" -ac 1 -ar 48000 -c:a libopus -b:a 28k -vbr on
   -compression_level 10 -application voip "$work/ffmpeg/in.ogg")
-courier_cmd=("$bin/transcode-audio" "$work/courier" "$work/in.mp3")
+courier_cmd=("$bin/transcode-audio" --worker "$bin/courier" "$work/courier" "$work/in.mp3")
 
 # Runs "$@" RUNS times; prints the median run's "wall_s cpu_s peak_kib".
 measure() {

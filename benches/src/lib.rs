@@ -27,3 +27,65 @@ pub fn synthetic_jpeg(width: u32, height: u32, quality: u8) -> Vec<u8> {
         .expect("encoding to memory cannot fail");
     out
 }
+
+/// A warm pool of one sandboxed `courier transcode-worker`, set up as `courier serve` sets up its
+/// photo and voice-note pool, for the comparison binaries' `--worker` mode.
+pub struct SandboxedPool {
+    pub pool: transcode::WorkerPool,
+    _scratch: tempfile::TempDir,
+}
+
+impl SandboxedPool {
+    /// Starts the worker (`program transcode-worker`) with `memory_bytes` of address space for jobs.
+    pub async fn start(program: std::path::PathBuf, memory_bytes: u64) -> anyhow::Result<Self> {
+        let scratch = tempfile::tempdir()?;
+        let launch = transcode::Launch {
+            program,
+            args: vec!["transcode-worker".into()],
+            root: scratch.path().join("work"),
+            spool: scratch.path().to_owned(),
+            user: None,
+        };
+        launch.prepare()?;
+        let spec = transcode::PoolSpec {
+            name: "quick",
+            workers: 1,
+            jobs_per_worker: 200,
+            recycle_rss_bytes: 256 * 1024 * 1024,
+            limits: transcode::sandbox::Limits {
+                memory_bytes,
+                file_bytes: 256 * 1024 * 1024,
+                open_files: 64,
+                niceness: 0,
+            },
+        };
+        let pool = transcode::WorkerPool::new(spec, launch);
+        pool.warm_up().await?;
+        Ok(Self { pool, _scratch: scratch })
+    }
+
+    /// Prints each process's resident high-water mark (`parent_peak_kib=… worker_peak_kib=…`, read
+    /// from /proc while the worker lives), then stops the worker and waits for it, so a timer
+    /// around this program (GNU time) counts the worker's CPU time too.
+    pub async fn finish(self) -> anyhow::Result<()> {
+        let pids = self.pool.idle_pids();
+        anyhow::ensure!(pids.len() == 1, "expected one warm worker at the end, found {}", pids.len());
+        let (worker, parent) = (peak_kib(pids[0])?, peak_kib(std::process::id())?);
+        #[allow(clippy::print_stdout, reason = "the figures the comparison scripts read")]
+        {
+            println!("parent_peak_kib={parent} worker_peak_kib={worker}");
+        }
+        self.pool.shutdown().await;
+        Ok(())
+    }
+}
+
+/// The peak resident KiB of a live process (`VmHWM` in /proc).
+fn peak_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no VmHWM in /proc/{pid}/status"))
+}

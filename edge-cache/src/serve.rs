@@ -144,7 +144,7 @@ async fn serve_blob(State(svc): State<Arc<BlobService>>, request: Request) -> Re
 }
 
 /// `exp` and `sig` from a query string; `None` when either is missing or given twice.
-fn signed_query(query: Option<&str>) -> Option<(Cow<'_, str>, Cow<'_, str>)> {
+pub fn signed_query(query: Option<&str>) -> Option<(Cow<'_, str>, Cow<'_, str>)> {
     let query = query?;
     // Our own URLs need no decoding (digits and base64url); skip the decoder for them.
     if query.contains(['%', '+']) {
@@ -427,7 +427,7 @@ fn if_none_match(headers: &HeaderMap, etag: &HeaderValue) -> bool {
 
 /// The single range to serve, if any. A malformed `Range` is ignored (the whole blob is served), as
 /// is one with several ranges; `If-Range` with another validator also means the whole blob.
-fn requested_range(headers: &HeaderMap, etag: &HeaderValue, len: u64) -> Result<Option<(u64, u64)>, EdgeError> {
+pub fn requested_range(headers: &HeaderMap, etag: &HeaderValue, len: u64) -> Result<Option<(u64, u64)>, EdgeError> {
     let Some(value) = headers.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
         return Ok(None);
     };
@@ -439,6 +439,10 @@ fn requested_range(headers: &HeaderMap, etag: &HeaderValue, len: u64) -> Result<
     let Ok(parsed) = http_range_header::parse_range_header(value) else {
         return Ok(None);
     };
+    // No byte range of an empty blob exists (the parser would grant 0-0 of it).
+    if len == 0 {
+        return Err(EdgeError::RangeNotSatisfiable { len });
+    }
     match parsed.validate(len) {
         Ok(ranges) if ranges.len() == 1 => Ok(Some((*ranges[0].start(), *ranges[0].end()))),
         Ok(_) => Ok(None),

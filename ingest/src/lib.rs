@@ -11,25 +11,33 @@
 //! (and a video's progress); `DELETE /v1/media/{id}` takes it back and stops its job.
 //!
 //! Routes expect the caller's [`types::UserId`] in the request extensions (the server's auth layer
-//! puts it there). This crate owns the `media` and `jobs` tables and must never touch another
-//! crate's tables.
+//! puts it there). This crate owns the `media`, `jobs` and `media_grants` tables, on SQLite or
+//! PostgreSQL ([`Store`]), and must never touch another crate's tables.
 
+mod clock;
 mod config;
-mod db;
 mod error;
-mod jobs;
+mod queue;
+mod records;
 mod routes;
+mod runner;
 mod spool;
+mod store;
 mod view;
+
+#[cfg(test)]
+mod conformance;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
+pub use clock::Clock;
 pub use config::{AudioConfig, IngestConfig, JobConfig, VideoConfig};
-pub use db::connect_sqlite;
 pub use error::IngestError;
-pub use jobs::{JobQueue, Runner};
+pub use queue::JobQueue;
+pub use runner::Runner;
 pub use spool::discard_body;
+pub use store::Store;
 pub use view::{MediaView, VariantView};
 
 use edge_cache::BlobStore;
@@ -41,6 +49,7 @@ use types::{BlobId, MediaId, UrlSigner, UserId};
 pub struct Ingest {
     config: IngestConfig,
     queue: JobQueue,
+    records: records::MediaRecords,
     originals: BlobStore,
     variants: BlobStore,
     signer: UrlSigner,
@@ -50,17 +59,20 @@ pub struct Ingest {
     /// Wake the runner's lanes when a job is queued.
     quick_queued: Notify,
     video_queued: Notify,
-    running: jobs::Running,
+    running: runner::Running,
     /// Tells waiting uploads that a job has finished, one way or the other.
     job_done: broadcast::Sender<BlobId>,
 }
 
 impl Ingest {
     /// `tmp_dir` holds uploads while they stream in and large outputs on their way to storage; it
-    /// is emptied of leftovers here. `workers` run every probe and transcode.
+    /// is emptied of leftovers here. `workers` run every probe and transcode; `clock` is what the
+    /// queue and the records go by.
+    #[allow(clippy::too_many_arguments, reason = "each is a separate part the server owns")]
     pub fn new(
         config: IngestConfig,
-        db: sqlx::SqlitePool,
+        store: Store,
+        clock: Clock,
         originals: BlobStore,
         variants: BlobStore,
         signer: UrlSigner,
@@ -71,7 +83,8 @@ impl Ingest {
         let (job_done, _) = broadcast::channel(1024);
         Ok(Arc::new(Self {
             uploads: Semaphore::new(config.max_concurrent_uploads),
-            queue: JobQueue::new(db, config.job.clone()),
+            queue: JobQueue::new(store.clone(), config.job.clone(), clock.clone()),
+            records: records::MediaRecords::new(store, clock),
             config,
             originals,
             variants,
@@ -80,7 +93,7 @@ impl Ingest {
             tmp_dir,
             quick_queued: Notify::new(),
             video_queued: Notify::new(),
-            running: jobs::Running::default(),
+            running: runner::Running::default(),
             job_done,
         }))
     }
@@ -93,21 +106,21 @@ impl Ingest {
         &self.queue
     }
 
-    fn queued(&self, lane: jobs::Lane) -> &Notify {
+    fn queued(&self, lane: queue::Lane) -> &Notify {
         match lane {
-            jobs::Lane::Quick => &self.quick_queued,
-            jobs::Lane::Video => &self.video_queued,
+            queue::Lane::Quick => &self.quick_queued,
+            queue::Lane::Video => &self.video_queued,
         }
     }
 
     /// Whether `user` may pass media `id` on: they own it or it was shared with them.
     pub async fn may_share(&self, id: MediaId, user: &UserId) -> Result<bool, IngestError> {
-        Ok(self.queue.may_read(id, user).await?)
+        Ok(self.records.may_read(id, user).await?)
     }
 
     /// Lets `users` (a conversation's members) read media `id` and its variants.
     pub async fn share(&self, id: MediaId, users: &[UserId]) -> Result<(), IngestError> {
-        Ok(self.queue.grant(id, users).await?)
+        Ok(self.records.grant(id, users).await?)
     }
 
     /// The `/v1/media` routes.
@@ -133,8 +146,4 @@ impl std::fmt::Debug for Ingest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Ingest").field("config", &self.config).finish_non_exhaustive()
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }

@@ -14,7 +14,8 @@ use transcode::protocol::Task;
 use transcode::{MediaType, TranscodeError};
 use types::{MediaId, MediaStatus, UserId};
 
-use crate::jobs::{Deleted, JobState, Lane, NewMedia};
+use crate::queue::Lane;
+use crate::store::{Deleted, JobState, NewMedia};
 use crate::view::{MediaParts, url_expiry};
 use crate::{Ingest, IngestError, MediaView, spool};
 
@@ -92,7 +93,7 @@ async fn accept(
     let mut done = ingest.job_done.subscribe();
     let id = MediaId::new();
     let media = NewMedia { id, owner: user, kind, blob, mime: media_type.mime(), bytes: len };
-    if let Err(e) = ingest.queue.record_upload(media).await {
+    if let Err(e) = ingest.records.record_upload(media).await {
         // Nothing refers to bytes stored just now: take them back rather than leak them.
         if stored == Stored::New {
             let _ = ingest.originals.delete(&blob).await;
@@ -121,7 +122,7 @@ async fn accept(
     }
 
     if let Some(job) = job.filter(|j| j.status == MediaStatus::Failed && j.permanent) {
-        if ingest.queue.forget_upload(id, &blob).await? {
+        if ingest.records.forget_upload(id, &blob).await? {
             ingest.originals.delete(&blob).await?;
         }
         return Err(rejected(job));
@@ -172,7 +173,7 @@ async fn delete(
     Path(id): Path<String>,
 ) -> Result<StatusCode, IngestError> {
     let id: MediaId = id.parse().map_err(|_| IngestError::NotFound)?;
-    match ingest.queue.delete(id, &user).await? {
+    match ingest.records.delete(id, &user).await? {
         Deleted::NotFound => return Err(IngestError::NotFound),
         Deleted::Kept => {}
         Deleted::Orphaned { source, variants } => {
@@ -190,8 +191,8 @@ impl Ingest {
     /// The media as its owner, or someone it was shared with, sees it; anyone else is told it does
     /// not exist.
     async fn view(&self, id: MediaId, user: &UserId) -> Result<MediaView, IngestError> {
-        let row = self.queue.media(id).await?.ok_or(IngestError::NotFound)?;
-        if row.owner != user.as_str() && !self.queue.may_read(id, user).await? {
+        let row = self.records.media(id).await?.ok_or(IngestError::NotFound)?;
+        if row.owner != user.as_str() && !self.records.may_read(id, user).await? {
             return Err(IngestError::NotFound);
         }
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();

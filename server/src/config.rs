@@ -19,8 +19,8 @@ pub(crate) struct Config {
     /// Where the database, blobs, keys and temp files live. Default ./data.
     pub(crate) data_dir: PathBuf,
     /// Database URL: `sqlite://FILE` or `postgres://…`. Default: SQLite files in the data dir
-    /// (`courier.db` for media, `chat.db` for messaging). With PostgreSQL, messaging uses it and
-    /// media records stay in `courier.db` until ingest gains a PostgreSQL backend.
+    /// (`courier.db` for media, `chat.db` for messaging). Given, it holds everything: media records,
+    /// jobs and grants, and messaging.
     pub(crate) database_url: Option<String>,
     /// Where blobs are stored: a folder, or an object store URL (`s3://bucket/prefix`, `gs://…`,
     /// `az://…`, credentials from the usual AWS_*/GOOGLE_*/AZURE_* variables). Default `{data_dir}/blobs`.
@@ -242,16 +242,9 @@ impl Config {
         layered(Config::default(), file, "COURIER_", &["edge_", "test_"], flags)
     }
 
-    fn is_postgres(&self) -> bool {
-        self.database_url.as_deref().is_some_and(|u| u.starts_with("postgres://") || u.starts_with("postgresql://"))
-    }
-
-    /// Ingest's database: SQLite only so far, so `{data_dir}/courier.db` when `database_url` names PostgreSQL.
+    /// Ingest's database: `database_url` (SQLite or PostgreSQL), else `{data_dir}/courier.db`.
     pub(crate) fn ingest_database_url(&self) -> String {
-        match &self.database_url {
-            Some(url) if !self.is_postgres() => url.clone(),
-            _ => format!("sqlite://{}", self.data_dir.join("courier.db").display()),
-        }
+        self.database_url.clone().unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("courier.db").display()))
     }
 
     /// chat-core's database: `database_url` (SQLite or PostgreSQL), else `{data_dir}/chat.db`, a file

@@ -33,7 +33,7 @@ pub(crate) async fn serve(config: Config) -> anyhow::Result<()> {
     let token_keys = Arc::new(TokenKeys::new(&secrets::load_or_create(data_dir, secrets::TOKEN_KEY)?));
     let signer = UrlSigner::new(&secrets::load_or_create(data_dir, secrets::URL_KEY)?);
 
-    let db = ingest::connect_sqlite(&config.ingest_database_url()).await.context("opening the database")?;
+    let db = ingest::Store::connect(&config.ingest_database_url()).await.context("opening ingest's database")?;
     let store = BlobStore::open(&config.blobs()).context("opening the blob store")?;
     let variants = BlobStore::new(store.clone(), Namespace::Variants);
     let workers = config.workers();
@@ -41,6 +41,7 @@ pub(crate) async fn serve(config: Config) -> anyhow::Result<()> {
     let ingest = Ingest::new(
         config.ingest.clone(),
         db,
+        ingest::Clock::system(),
         BlobStore::new(store, Namespace::Originals),
         variants.clone(),
         signer.clone(),
@@ -73,8 +74,9 @@ pub(crate) async fn serve(config: Config) -> anyhow::Result<()> {
     if config.auth.dev_codes {
         tracing::warn!("development mode: sign-in codes are returned in responses");
     }
-    // A process that works the queue works it alone (cluster workers come later): jobs a previous
-    // run had claimed resume now. An API-only node leaves leases to whoever holds them.
+    // On the embedded database this process works the queue alone: jobs a previous run had claimed
+    // resume now. On a shared database (and on an API-only node) leases expire on their own, so no
+    // node frees another's.
     let resumed = if config.transcode.run_jobs { ingest.queue().release_leases().await? } else { 0 };
     let blobs = Arc::new(BlobService::new(
         signer,

@@ -20,7 +20,9 @@ use symphonia::core::errors::Error as SymError;
 use symphonia::core::formats::{FormatOptions, FormatReader, Packet};
 use symphonia::core::io::{MediaSource, MediaSourceStream, MediaSourceStreamOptions};
 use symphonia::core::meta::MetadataOptions;
-use symphonia::core::probe::Hint;
+use symphonia::core::probe::{Hint, Probe as Demuxers};
+use symphonia::default::formats::{AdtsReader, FlacReader, IsoMp4Reader, MkvReader, MpaReader, OggReader, WavReader};
+use symphonia_metadata::id3v2::Id3v2Reader;
 use types::BlobId;
 
 use crate::TranscodeError;
@@ -142,17 +144,42 @@ fn corrupt(e: impl std::fmt::Display) -> TranscodeError {
     TranscodeError::Corrupt(e.to_string())
 }
 
-fn open(source: impl MediaSource + 'static, container: Container, limits: &Limits) -> Result<Input, TranscodeError> {
+/// The demuxer for `container` alone: a file that passed the sniff as one container must never
+/// reach another's parser (symphonia's probe otherwise scans the first MiB for any format's marker).
+fn demuxers(container: Container) -> Demuxers {
+    let mut probe = Demuxers::default();
+    // An ID3v2 tag may lead MP3, ADTS and FLAC files; its reader skips it.
+    if matches!(container, Container::Mp3 | Container::Aac | Container::Flac) {
+        probe.register_all::<Id3v2Reader>();
+    }
+    match container {
+        Container::Mp3 => probe.register_all::<MpaReader>(),
+        Container::Aac => probe.register_all::<AdtsReader>(),
+        Container::Flac => probe.register_all::<FlacReader>(),
+        Container::Mp4 => probe.register_all::<IsoMp4Reader>(),
+        Container::Wav => probe.register_all::<WavReader>(),
+        Container::Ogg => probe.register_all::<OggReader>(),
+        Container::WebM => probe.register_all::<MkvReader>(),
+    }
+    probe
+}
+
+fn open(
+    mut source: impl MediaSource + 'static,
+    container: Container,
+    limits: &Limits,
+) -> Result<Input, TranscodeError> {
+    if container == Container::Mp4 {
+        crate::mp4_tables::check(&mut source)?;
+    }
     let source = MediaSourceStream::new(Box::new(source), MediaSourceStreamOptions::default());
     let mut hint = Hint::new();
     hint.with_extension(container.extension());
     let options = FormatOptions { enable_gapless: true, ..Default::default() };
     let probed =
-        symphonia::default::get_probe().format(&hint, source, &options, &MetadataOptions::default()).map_err(|e| {
-            match e {
-                SymError::Unsupported(what) => TranscodeError::Unsupported(format!("no audio we can read: {what}")),
-                e => corrupt(e),
-            }
+        demuxers(container).format(&hint, source, &options, &MetadataOptions::default()).map_err(|e| match e {
+            SymError::Unsupported(what) => TranscodeError::Unsupported(format!("no audio we can read: {what}")),
+            e => corrupt(e),
         })?;
     let reader = probed.format;
     let track = reader
@@ -235,8 +262,9 @@ impl Decoder {
         Ok(Decoder::Symphonia(decoder, None))
     }
 
-    /// Decodes one packet into interleaved samples; returns them and their channel count.
-    fn decode(&mut self, packet: &Packet) -> Result<(&[f32], usize), SymError> {
+    /// Decodes one packet into interleaved samples; returns them, their channel count and, where
+    /// the codec says, the rate they were decoded at.
+    fn decode(&mut self, packet: &Packet) -> Result<(&[f32], usize, Option<u32>), SymError> {
         match self {
             Decoder::Symphonia(decoder, buffer) => {
                 let decoded = decoder.decode(packet)?;
@@ -247,7 +275,7 @@ impl Decoder {
                 }
                 let buffer = buffer.as_mut().expect("made above");
                 buffer.copy_interleaved_ref(decoded);
-                Ok((buffer.samples(), spec.channels.count()))
+                Ok((buffer.samples(), spec.channels.count(), Some(spec.rate)))
             }
             Decoder::Opus(decoder, channels, out) => {
                 let frames = decoder
@@ -256,7 +284,7 @@ impl Decoder {
                 // The container says how much of the packet is encoder delay or padding.
                 let start = (packet.trim_start() as usize).min(frames);
                 let end = frames.saturating_sub(packet.trim_end() as usize).max(start);
-                Ok((&out[start * *channels..end * *channels], *channels))
+                Ok((&out[start * *channels..end * *channels], *channels, None))
             }
         }
     }
@@ -293,7 +321,7 @@ pub fn transcode(
         if packet.track_id() != track {
             continue;
         }
-        let (samples, channels) = match decoder.decode(&packet) {
+        let (samples, channels, rate) = match decoder.decode(&packet) {
             Ok(out) => out,
             Err(SymError::DecodeError(why)) => {
                 bad += 1;
@@ -303,7 +331,22 @@ pub fn transcode(
             Err(e) => return Err(corrupt(e)),
         };
         good += 1;
-        let channels = channels.max(1);
+        // Headers can lie: what the decoder actually produced is held to the same limits, and a
+        // stream that changes its rate midway is not one this pipeline can time or resample.
+        if channels == 0 || channels as u64 > u64::from(limits.max_channels) {
+            return Err(TranscodeError::OverLimit(format!(
+                "the audio decodes to {channels} channels; between 1 and {} are taken",
+                limits.max_channels
+            )));
+        }
+        if let Some(rate) = rate
+            && rate != probe.sample_rate
+        {
+            return Err(TranscodeError::Corrupt(format!(
+                "the audio decodes at {rate} Hz but its headers say {} Hz",
+                probe.sample_rate
+            )));
+        }
         decoded += (samples.len() / channels) as u64;
         if decoded > max_frames {
             return Err(TranscodeError::TooLong {

@@ -11,6 +11,7 @@
 pub mod audio;
 mod error;
 mod media;
+mod mp4_tables;
 pub mod photo;
 pub mod protocol;
 pub mod sandbox;

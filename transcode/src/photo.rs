@@ -427,7 +427,7 @@ fn to_srgb(raster: &mut Raster, icc: &[u8]) {
 }
 
 /// The EXIF orientation of the file, or upright when it has none (or none that parses).
-fn orientation(bytes: &[u8]) -> Orientation {
+pub fn orientation(bytes: &[u8]) -> Orientation {
     let Ok(exif) = exif::Reader::new().read_from_container(&mut Cursor::new(bytes)) else {
         return Orientation::NoTransforms;
     };

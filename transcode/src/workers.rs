@@ -119,6 +119,16 @@ impl WorkerPool {
         self.0.idle.lock().expect("never poisoned").iter().map(|p| p.pid).collect()
     }
 
+    /// Stops the idle workers and waits (up to two seconds each) until they have exited, so their
+    /// resource usage is accounted to this process. Workers out on a lease end with it as usual.
+    pub async fn shutdown(&self) {
+        let idle = std::mem::take(&mut *self.0.idle.lock().expect("never poisoned"));
+        for mut process in idle {
+            process.kill();
+            let _ = tokio::time::timeout(Duration::from_secs(2), process.child.wait()).await;
+        }
+    }
+
     /// Lends a worker for one job, waiting at most `wait` for one to be free ([`TranscodeError::Busy`]).
     pub async fn checkout(&self, wait: Duration) -> Result<Lease, TranscodeError> {
         let permit = tokio::time::timeout(wait, self.0.slots.clone().acquire_owned())

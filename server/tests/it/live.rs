@@ -9,7 +9,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
-use crate::harness::{DataDir, Server};
+use crate::harness::{DataDir, Server, fixture};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -467,11 +467,11 @@ async fn retention_tells_a_lagging_device_what_it_missed() {
     assert_eq!(kept.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![4, 5]);
 }
 
-/// The same gateway with messaging on PostgreSQL (`--database-url postgres://…`), in a schema of its
-/// own on the server at `COURIER_TEST_DATABASE_URL`. Unset: skipped with a note; set but
-/// unreachable: fails.
+/// The same gateway, and uploads, with everything on PostgreSQL (`--database-url postgres://…`), in
+/// a schema of its own on the server at `COURIER_TEST_DATABASE_URL`. Unset: skipped with a note; set
+/// but unreachable: fails.
 #[tokio::test]
-async fn messaging_runs_on_postgresql_across_a_restart() {
+async fn messaging_and_media_run_on_postgresql_across_a_restart() {
     let Ok(url) = std::env::var("COURIER_TEST_DATABASE_URL") else {
         eprintln!("COURIER_TEST_DATABASE_URL is not set: skipping the PostgreSQL run of the gateway");
         return;
@@ -491,17 +491,29 @@ async fn messaging_runs_on_postgresql_across_a_restart() {
     assert_eq!(text(&next_message(&mut bob_live).await), "on postgres");
     bob_live.close().await;
     let sent = alice_live.send(&chat, json!({"text": "while bob is away"})).await.unwrap();
+    let photo = server.upload_ready(&server.token("carol"), "image/jpeg", fixture("rocket.jpg")).await;
+    assert_eq!(photo["status"], "ready", "{photo}");
 
     server.kill();
-    let rows: i64 =
-        sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {schema}.chat_messages")).fetch_one(&admin).await.unwrap();
+    let count = |table: &str| format!("SELECT COUNT(*) FROM {schema}.{table}");
+    let rows: i64 = sqlx::query_scalar(&count("chat_messages")).fetch_one(&admin).await.unwrap();
     assert_eq!(rows, 2, "the messages are in PostgreSQL");
-    assert!(!data.path().join("chat.db").exists(), "nothing of messaging went to SQLite");
+    let rows: i64 = sqlx::query_scalar(&count("media")).fetch_one(&admin).await.unwrap();
+    assert_eq!(rows, 1, "the media record is in PostgreSQL");
+    let done: String =
+        sqlx::query_scalar(&format!("SELECT status FROM {schema}.jobs")).fetch_one(&admin).await.unwrap();
+    assert_eq!(done, "ready");
+    for file in ["chat.db", "courier.db"] {
+        assert!(!data.path().join(file).exists(), "{file}: nothing went to SQLite");
+    }
 
     let server = Server::start_on(&data, &listen, &[DEV, ("COURIER_DATABASE_URL", &database)]);
     let mut bob_live = live(&bob).await;
     let got = next_message(&mut bob_live).await;
     assert_eq!((got.seq, text(&got)), (sent.seq, "while bob is away"));
+    let again: Value = server.media(&server.token("carol"), photo["id"].as_str().unwrap()).await.json().await.unwrap();
+    assert_eq!(again["status"], "ready", "{again}");
+    assert_eq!(again["variants"]["standard"]["blob"], photo["variants"]["standard"]["blob"]);
     drop(server);
     admin.close().await;
 }

@@ -1,0 +1,284 @@
+//! One suite for ingest's tables, run on both engines through the queue and records production
+//! uses: SQLite in a temp file, and PostgreSQL at `COURIER_TEST_DATABASE_URL` (each test in a schema
+//! of its own). With that variable set, an unreachable server fails the PostgreSQL tests; without
+//! it they are skipped with a note.
+
+use transcode::TranscodeError;
+use types::{BlobId, MediaId, MediaKind, MediaStatus, UserId, VariantName};
+
+use crate::queue::{JobQueue, Lane};
+use crate::records::MediaRecords;
+use crate::store::{Deleted, NewMedia, Store};
+use crate::view::{JobResult, StoredVariant};
+use crate::{Clock, JobConfig};
+
+/// The queue and records on one engine, with a clock the test moves.
+struct Tables {
+    queue: JobQueue,
+    records: MediaRecords,
+    clock: Clock,
+    _dir: Option<tempfile::TempDir>,
+}
+
+async fn sqlite(config: JobConfig) -> Tables {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("test.db").display());
+    tables(Store::connect(&url).await.unwrap(), config, Some(dir))
+}
+
+async fn postgres(test: &str, config: JobConfig) -> Option<Tables> {
+    let Ok(url) = std::env::var("COURIER_TEST_DATABASE_URL") else {
+        eprintln!("COURIER_TEST_DATABASE_URL is not set: skipping the PostgreSQL run of {test}");
+        return None;
+    };
+    let schema = format!("ingest_{test}");
+    let admin = sqlx::PgPool::connect(&url).await.expect("COURIER_TEST_DATABASE_URL is set but unreachable");
+    sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).execute(&admin).await.unwrap();
+    sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&admin).await.unwrap();
+    admin.close().await;
+    Some(tables(Store::connect(&options_url(&url, &schema)).await.unwrap(), config, None))
+}
+
+/// `url` with its connections' search path set to `schema`.
+fn options_url(url: &str, schema: &str) -> String {
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}options=-c%20search_path%3D{schema}")
+}
+
+fn tables(store: Store, config: JobConfig, dir: Option<tempfile::TempDir>) -> Tables {
+    let clock = Clock::manual(1_800_000_000_000);
+    Tables {
+        queue: JobQueue::new(store.clone(), config, clock.clone()),
+        records: MediaRecords::new(store, clock.clone()),
+        clock,
+        _dir: dir,
+    }
+}
+
+/// Declares each suite function as a test per engine.
+macro_rules! on_both {
+    (@config) => { crate::JobConfig::default() };
+    (@config $config:expr) => { $config };
+    ($($name:ident $(($config:expr))?),* $(,)?) => {
+        mod sqlite_engine {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let config = on_both!(@config $($config)?);
+                    super::$name(super::sqlite(config).await).await;
+                }
+            )*
+        }
+        mod postgres_engine {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let config = on_both!(@config $($config)?);
+                    if let Some(tables) = super::postgres(stringify!($name), config).await {
+                        super::$name(tables).await;
+                    }
+                }
+            )*
+        }
+    };
+}
+
+on_both!(
+    videos_wait_in_a_lane_of_their_own,
+    retryable_failures_back_off_until_attempts_run_out(crate::JobConfig { max_attempts: 3, ..Default::default() }),
+    permanent_failures_end_at_once_and_stay_failed,
+    a_dead_runners_lease_expires,
+    records_are_read_by_their_owner_and_those_shared_with,
+    deleting_keeps_what_other_uploads_still_need,
+    a_refused_upload_is_forgotten,
+    concurrent_claims_take_each_job_once,
+);
+
+fn alice() -> UserId {
+    "alice".parse().unwrap()
+}
+
+async fn upload_as(t: &Tables, owner: &UserId, bytes: &[u8], kind: MediaKind) -> (MediaId, BlobId) {
+    let blob = BlobId::of(bytes);
+    let mime = match kind {
+        MediaKind::Image => "image/jpeg",
+        MediaKind::Audio => "audio/ogg",
+        MediaKind::Video => "video/mp4",
+    };
+    let id = MediaId::new();
+    t.records.record_upload(NewMedia { id, owner, kind, blob, mime, bytes: bytes.len() as u64 }).await.unwrap();
+    (id, blob)
+}
+
+async fn upload(t: &Tables, bytes: &[u8]) -> BlobId {
+    upload_as(t, &alice(), bytes, MediaKind::Image).await.1
+}
+
+async fn status(t: &Tables, blob: &BlobId) -> (MediaStatus, bool) {
+    let job = t.queue.job(blob).await.unwrap().unwrap();
+    (job.status, job.permanent)
+}
+
+/// Long enough for any back-off or lease to come due.
+const AN_HOUR: i64 = 3_600_000;
+
+async fn videos_wait_in_a_lane_of_their_own(t: Tables) {
+    let (_, video) = upload_as(&t, &alice(), b"a video", MediaKind::Video).await;
+    let (_, voice) = upload_as(&t, &alice(), b"a voice note", MediaKind::Audio).await;
+    let photo = upload(&t, b"a photo").await;
+    let mut quick = Vec::new();
+    for _ in 0..2 {
+        quick.push(t.queue.claim(Lane::Quick).await.unwrap().unwrap().blob);
+    }
+    assert!(quick.contains(&voice) && quick.contains(&photo), "the quick lane takes images and audio");
+    assert!(t.queue.claim(Lane::Quick).await.unwrap().is_none(), "and never a video");
+    let job = t.queue.claim(Lane::Video).await.unwrap().unwrap();
+    assert_eq!((job.blob, job.kind, job.mime.as_str()), (video, MediaKind::Video, "video/mp4"));
+    t.queue.heartbeat(&video, Some(0.25)).await.unwrap();
+    assert_eq!(t.queue.job(&video).await.unwrap().unwrap().progress, Some(0.25));
+    // A heartbeat without news keeps the progress it had.
+    t.queue.heartbeat(&video, None).await.unwrap();
+    assert_eq!(t.queue.job(&video).await.unwrap().unwrap().progress, Some(0.25));
+}
+
+async fn retryable_failures_back_off_until_attempts_run_out(t: Tables) {
+    let blob = upload(&t, b"photo").await;
+    for attempt in 1..=3 {
+        let job = t.queue.claim(Lane::Quick).await.unwrap().expect("a due job is claimable");
+        assert_eq!((job.blob, job.attempts), (blob, attempt));
+        assert!(t.queue.claim(Lane::Quick).await.unwrap().is_none(), "a leased job is nobody else's");
+        t.queue.fail(&job, &TranscodeError::Io("the blob store is down".into())).await.unwrap();
+        assert!(t.queue.claim(Lane::Quick).await.unwrap().is_none(), "a failed attempt backs off");
+        t.clock.advance(AN_HOUR);
+    }
+    assert_eq!(status(&t, &blob).await, (MediaStatus::Failed, false));
+    let failed = t.queue.job(&blob).await.unwrap().unwrap();
+    assert_eq!(failed.error.unwrap().code, "storage_error");
+    assert!(t.queue.claim(Lane::Quick).await.unwrap().is_none());
+    assert_eq!(t.queue.queued().await.unwrap(), 0);
+
+    // Uploading the same bytes again gives a job that failed for a passing reason another go.
+    upload(&t, b"photo").await;
+    assert_eq!(status(&t, &blob).await, (MediaStatus::Processing, false));
+    assert!(t.queue.job(&blob).await.unwrap().unwrap().error.is_none());
+    assert_eq!(t.queue.claim(Lane::Quick).await.unwrap().unwrap().attempts, 1);
+}
+
+async fn permanent_failures_end_at_once_and_stay_failed(t: Tables) {
+    let blob = upload(&t, b"not really a jpeg").await;
+    let job = t.queue.claim(Lane::Quick).await.unwrap().unwrap();
+    t.queue.fail(&job, &TranscodeError::Corrupt("bad huffman table".into())).await.unwrap();
+    assert_eq!(status(&t, &blob).await, (MediaStatus::Failed, true));
+    upload(&t, b"not really a jpeg").await;
+    assert_eq!(status(&t, &blob).await, (MediaStatus::Failed, true));
+    t.clock.advance(AN_HOUR);
+    assert!(t.queue.claim(Lane::Quick).await.unwrap().is_none());
+}
+
+async fn a_dead_runners_lease_expires(t: Tables) {
+    let first = upload(&t, b"one").await;
+    let second = upload(&t, b"two").await;
+    let a = t.queue.claim(Lane::Quick).await.unwrap().unwrap();
+    let b = t.queue.claim(Lane::Quick).await.unwrap().unwrap();
+    assert_ne!(a.blob, b.blob);
+    assert!([first, second].contains(&a.blob) && [first, second].contains(&b.blob));
+    assert!(t.queue.claim(Lane::Quick).await.unwrap().is_none());
+
+    // The runner holding `a` died and `b`'s kept its lease: once a's lease runs out, a alone is
+    // claimed again.
+    t.clock.advance(JobConfig::default().lease_secs as i64 * 1000 / 2);
+    t.queue.heartbeat(&b.blob, None).await.unwrap();
+    t.clock.advance(JobConfig::default().lease_secs as i64 * 1000 / 2 + 1);
+    let again = t.queue.claim(Lane::Quick).await.unwrap().unwrap();
+    assert_eq!((again.blob, again.attempts), (a.blob, 2));
+    assert!(t.queue.claim(Lane::Quick).await.unwrap().is_none());
+
+    assert_eq!(t.queue.queued().await.unwrap(), 2);
+    t.queue.complete(&first, &JobResult::default()).await.unwrap();
+    assert_eq!(t.queue.queued().await.unwrap(), 1);
+    assert_eq!(status(&t, &first).await, (MediaStatus::Ready, false));
+}
+
+async fn records_are_read_by_their_owner_and_those_shared_with(t: Tables) {
+    let bob: UserId = "bob".parse().unwrap();
+    let carol: UserId = "carol".parse().unwrap();
+    let (id, blob) = upload_as(&t, &alice(), b"a photo", MediaKind::Image).await;
+    let row = t.records.media(id).await.unwrap().unwrap();
+    assert_eq!((row.owner.as_str(), row.kind, row.blob), ("alice", MediaKind::Image, blob));
+    assert_eq!(row.job.status, MediaStatus::Processing);
+    assert!(t.records.may_read(id, &alice()).await.unwrap());
+    assert!(!t.records.may_read(id, &bob).await.unwrap());
+    t.records.grant(id, &[bob.clone(), carol.clone()]).await.unwrap();
+    t.records.grant(id, std::slice::from_ref(&bob)).await.unwrap();
+    assert!(t.records.may_read(id, &bob).await.unwrap() && t.records.may_read(id, &carol).await.unwrap());
+    assert!(!t.records.may_read(MediaId::new(), &alice()).await.unwrap());
+    assert!(t.records.media(MediaId::new()).await.unwrap().is_none());
+}
+
+fn result_naming(variants: &[BlobId]) -> JobResult {
+    let mut result = JobResult::default();
+    for (name, blob) in [VariantName::Standard, VariantName::Thumb].into_iter().zip(variants) {
+        let variant = StoredVariant { blob: *blob, mime: "image/jpeg".into(), width: None, height: None, bytes: 1 };
+        result.variants.insert(name, variant);
+    }
+    result
+}
+
+async fn deleting_keeps_what_other_uploads_still_need(t: Tables) {
+    let bob: UserId = "bob".parse().unwrap();
+    // Alice and bob upload the same bytes: one job.
+    let (alices, blob) = upload_as(&t, &alice(), b"the same photo", MediaKind::Image).await;
+    let (bobs, _) = upload_as(&t, &bob, b"the same photo", MediaKind::Image).await;
+    let (standard, shared) = (BlobId::of(b"standard"), BlobId::of(b"a variant another job made too"));
+    let job = t.queue.claim(Lane::Quick).await.unwrap().unwrap();
+    t.queue.complete(&job.blob, &result_naming(&[standard, shared])).await.unwrap();
+    // Another upload whose transcode came out as one of the same variants.
+    let other = upload(&t, b"another photo").await;
+    let job = t.queue.claim(Lane::Quick).await.unwrap().unwrap();
+    assert_eq!(job.blob, other);
+    t.queue.complete(&other, &result_naming(&[shared])).await.unwrap();
+    t.records.grant(alices, std::slice::from_ref(&bob)).await.unwrap();
+
+    assert!(matches!(t.records.delete(alices, &bob).await.unwrap(), Deleted::NotFound), "only the owner deletes");
+    assert!(matches!(t.records.delete(alices, &alice()).await.unwrap(), Deleted::Kept));
+    assert!(t.records.media(alices).await.unwrap().is_none());
+    assert!(!t.records.may_read(alices, &bob).await.unwrap(), "the grants went with it");
+    assert_eq!(status(&t, &blob).await.0, MediaStatus::Ready, "bob's upload keeps the job");
+    match t.records.delete(bobs, &bob).await.unwrap() {
+        Deleted::Orphaned { source, variants } => {
+            assert_eq!(source, blob);
+            assert_eq!(variants, vec![standard], "the variant another job names is kept");
+        }
+        other => panic!("expected the job to go, got {other:?}"),
+    }
+    assert!(t.queue.job(&blob).await.unwrap().is_none());
+    assert!(matches!(t.records.delete(bobs, &bob).await.unwrap(), Deleted::NotFound));
+}
+
+async fn a_refused_upload_is_forgotten(t: Tables) {
+    let (first, blob) = upload_as(&t, &alice(), b"bytes", MediaKind::Image).await;
+    let (second, _) = upload_as(&t, &alice(), b"bytes", MediaKind::Image).await;
+    assert!(!t.records.forget_upload(second, &blob).await.unwrap(), "the first upload still needs the job");
+    assert!(t.records.media(second).await.unwrap().is_none());
+    assert!(t.records.forget_upload(first, &blob).await.unwrap(), "nothing refers to the bytes now");
+    assert!(t.queue.job(&blob).await.unwrap().is_none());
+}
+
+async fn concurrent_claims_take_each_job_once(t: Tables) {
+    let mut uploaded = Vec::new();
+    for n in 0..12u8 {
+        uploaded.push(upload(&t, &[n; 8]).await);
+    }
+    // Twice as many runners as jobs claim at once, as runners on several nodes would.
+    let claims = (0..24).map(|_| {
+        let queue = t.queue.clone();
+        tokio::spawn(async move { queue.claim(Lane::Quick).await.unwrap().map(|job| job.blob) })
+    });
+    let mut claimed: Vec<BlobId> = Vec::new();
+    for claim in claims.collect::<Vec<_>>() {
+        claimed.extend(claim.await.unwrap());
+    }
+    claimed.sort_by_key(|b| b.to_hex());
+    uploaded.sort_by_key(|b| b.to_hex());
+    assert_eq!(claimed, uploaded, "each job claimed exactly once");
+}

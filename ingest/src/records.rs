@@ -1,0 +1,51 @@
+//! Media records: an upload's row with its job, who may read it, and taking it back.
+
+use types::{BlobId, MediaId, UserId};
+
+use crate::Clock;
+use crate::store::{Deleted, MediaRow, NewMedia, Store};
+
+/// The `media` and `media_grants` tables.
+#[derive(Debug, Clone)]
+pub(crate) struct MediaRecords {
+    store: Store,
+    clock: Clock,
+}
+
+impl MediaRecords {
+    pub(crate) fn new(store: Store, clock: Clock) -> Self {
+        Self { store, clock }
+    }
+
+    /// The media record and a job for its bytes, in one transaction. A job for the same bytes is
+    /// reused; one that failed for a reason a retry might fix is queued again.
+    pub(crate) async fn record_upload(&self, media: NewMedia<'_>) -> Result<(), sqlx::Error> {
+        self.store.record_upload(&media, self.clock.now_ms()).await
+    }
+
+    /// Undoes an upload whose bytes turned out to be unusable. Returns whether nothing refers to
+    /// the bytes any more, in which case the job is gone too and the blob may be deleted.
+    pub(crate) async fn forget_upload(&self, id: MediaId, blob: &BlobId) -> Result<bool, sqlx::Error> {
+        self.store.forget_upload(id, blob).await
+    }
+
+    /// Whether `user` owns media `id` or was given access to it.
+    pub(crate) async fn may_read(&self, id: MediaId, user: &UserId) -> Result<bool, sqlx::Error> {
+        self.store.may_read(id, user).await
+    }
+
+    /// Lets `users` read media `id` (idempotent).
+    pub(crate) async fn grant(&self, id: MediaId, users: &[UserId]) -> Result<(), sqlx::Error> {
+        self.store.grant(id, users, self.clock.now_ms()).await
+    }
+
+    pub(crate) async fn media(&self, id: MediaId) -> Result<Option<MediaRow>, sqlx::Error> {
+        self.store.media(id).await
+    }
+
+    /// Deletes `owner`'s media `id` and who it was shared with. When no other media refers to its
+    /// bytes, the job goes too, and the blobs nothing refers to any more are named.
+    pub(crate) async fn delete(&self, id: MediaId, owner: &UserId) -> Result<Deleted, sqlx::Error> {
+        self.store.delete(id, owner).await
+    }
+}

@@ -1,0 +1,266 @@
+//! ingest's tables (`media`, `jobs`, `media_grants`) on SQLite, the embedded default, or on
+//! PostgreSQL, which many nodes share.
+//!
+//! Each backend is a plain module with one `const` per statement, written for its engine (no SQL is
+//! rewritten at run time), and the same methods: [`Store`] picks one by the database URL and passes
+//! each call through. Rows come back as the `*Row` structs here, which both engines decode alike,
+//! and are checked into domain types in one place. This module knows nothing of HTTP, workers or
+//! policy: the caller passes the time, the lease and the back-off.
+
+mod postgres;
+mod sqlite;
+
+use serde::de::DeserializeOwned;
+use types::{BlobId, ErrorDetail, MediaId, MediaKind, MediaStatus, UserId};
+
+use crate::view::JobResult;
+
+/// One new upload, as recorded with its job.
+#[derive(Debug)]
+pub(crate) struct NewMedia<'a> {
+    pub(crate) id: MediaId,
+    pub(crate) owner: &'a UserId,
+    pub(crate) kind: MediaKind,
+    pub(crate) blob: BlobId,
+    pub(crate) mime: &'a str,
+    pub(crate) bytes: u64,
+}
+
+/// Where a job stands.
+#[derive(Debug, Clone)]
+pub(crate) struct JobState {
+    pub(crate) status: MediaStatus,
+    pub(crate) permanent: bool,
+    pub(crate) error: Option<ErrorDetail>,
+    pub(crate) result: Option<JobResult>,
+    pub(crate) progress: Option<f32>,
+}
+
+/// A media row joined with its job.
+#[derive(Debug)]
+pub(crate) struct MediaRow {
+    pub(crate) owner: String,
+    pub(crate) kind: MediaKind,
+    pub(crate) blob: BlobId,
+    pub(crate) job: JobState,
+}
+
+/// A job a runner has claimed.
+#[derive(Debug)]
+pub(crate) struct Claimed {
+    pub(crate) blob: BlobId,
+    pub(crate) kind: MediaKind,
+    pub(crate) mime: String,
+    pub(crate) attempts: u32,
+}
+
+/// What deleting a media record left behind.
+#[derive(Debug)]
+pub(crate) enum Deleted {
+    /// No such media of this owner's.
+    NotFound,
+    /// Deleted; other uploads of the same bytes keep the job and the blobs.
+    Kept,
+    /// Deleted with its job: these blobs are nobody's now.
+    Orphaned { source: BlobId, variants: Vec<BlobId> },
+}
+
+/// How a failed attempt is recorded: the policy is the queue's, the columns are these.
+#[derive(Debug)]
+pub(crate) struct Failure<'a> {
+    pub(crate) last: bool,
+    pub(crate) permanent: bool,
+    pub(crate) code: &'a str,
+    pub(crate) message: &'a str,
+    pub(crate) run_after: i64,
+}
+
+/// A job's columns as both engines return them.
+#[derive(Debug, sqlx::FromRow)]
+struct JobRow {
+    status: String,
+    permanent: bool,
+    error_code: Option<String>,
+    error_message: Option<String>,
+    result: Option<String>,
+    progress: Option<f64>,
+}
+
+#[derive(Debug, sqlx::FromRow)]
+struct MediaJobRow {
+    owner: String,
+    kind: String,
+    source_blob: String,
+    #[sqlx(flatten)]
+    job: JobRow,
+}
+
+#[derive(Debug, sqlx::FromRow)]
+struct ClaimRow {
+    source_blob: String,
+    kind: String,
+    source_mime: String,
+    attempts: i32,
+}
+
+fn corrupt_row(what: &str) -> sqlx::Error {
+    sqlx::Error::Decode(format!("bad {what} in the database").into())
+}
+
+fn blob(hex: &str) -> Result<BlobId, sqlx::Error> {
+    hex.parse().map_err(|_| corrupt_row("blob id"))
+}
+
+fn kind(name: &str) -> Result<MediaKind, sqlx::Error> {
+    MediaKind::parse(name).ok_or_else(|| corrupt_row("media kind"))
+}
+
+fn json<T: DeserializeOwned>(text: &str) -> Result<T, sqlx::Error> {
+    serde_json::from_str(text).map_err(|_| corrupt_row("job result"))
+}
+
+impl TryFrom<JobRow> for JobState {
+    type Error = sqlx::Error;
+
+    fn try_from(row: JobRow) -> Result<Self, sqlx::Error> {
+        Ok(JobState {
+            status: MediaStatus::parse(&row.status).ok_or_else(|| corrupt_row("job status"))?,
+            permanent: row.permanent,
+            error: row.error_code.map(|code| ErrorDetail { code, message: row.error_message.unwrap_or_default() }),
+            result: row.result.as_deref().map(json).transpose()?,
+            progress: row.progress.map(|p| p as f32),
+        })
+    }
+}
+
+impl TryFrom<MediaJobRow> for MediaRow {
+    type Error = sqlx::Error;
+
+    fn try_from(row: MediaJobRow) -> Result<Self, sqlx::Error> {
+        Ok(MediaRow {
+            owner: row.owner,
+            kind: kind(&row.kind)?,
+            blob: blob(&row.source_blob)?,
+            job: row.job.try_into()?,
+        })
+    }
+}
+
+impl TryFrom<ClaimRow> for Claimed {
+    type Error = sqlx::Error;
+
+    fn try_from(row: ClaimRow) -> Result<Self, sqlx::Error> {
+        Ok(Claimed {
+            blob: blob(&row.source_blob)?,
+            kind: kind(&row.kind)?,
+            mime: row.source_mime,
+            attempts: u32::try_from(row.attempts).map_err(|_| corrupt_row("attempt count"))?,
+        })
+    }
+}
+
+/// What a deleted job's result named: its variants, for the caller to keep those another job
+/// still names.
+fn variants_of(result: Option<String>) -> Result<Vec<BlobId>, sqlx::Error> {
+    let Some(text) = result else { return Ok(Vec::new()) };
+    let result: JobResult = json(&text)?;
+    Ok(result.variants.values().map(|v| v.blob).collect())
+}
+
+/// ingest's tables on one of the two engines.
+#[derive(Debug, Clone)]
+pub enum Store {
+    Sqlite(sqlite::Sqlite),
+    Postgres(postgres::Postgres),
+}
+
+/// Passes a call to whichever backend this is.
+macro_rules! each {
+    ($store:expr, $backend:ident => $call:expr) => {
+        match $store {
+            Store::Sqlite($backend) => $call,
+            Store::Postgres($backend) => $call,
+        }
+    };
+}
+
+impl Store {
+    /// Opens the database at `url` (`sqlite://PATH` or `postgres://…`), creating a SQLite file if
+    /// needed, and applies ingest's migrations for that engine.
+    pub async fn connect(url: &str) -> Result<Self, sqlx::Error> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Store::Postgres(postgres::Postgres::connect(url).await?))
+        } else {
+            Ok(Store::Sqlite(sqlite::Sqlite::connect(url).await?))
+        }
+    }
+
+    /// Whether this is the embedded database, which only this process uses.
+    pub fn is_embedded(&self) -> bool {
+        matches!(self, Store::Sqlite(_))
+    }
+
+    pub(crate) async fn queued(&self) -> Result<u64, sqlx::Error> {
+        each!(self, db => db.queued().await)
+    }
+
+    pub(crate) async fn release_leases(&self) -> Result<u64, sqlx::Error> {
+        each!(self, db => db.release_leases().await)
+    }
+
+    pub(crate) async fn job(&self, blob: &BlobId) -> Result<Option<JobState>, sqlx::Error> {
+        each!(self, db => db.job(blob).await)
+    }
+
+    pub(crate) async fn record_upload(&self, media: &NewMedia<'_>, now: i64) -> Result<(), sqlx::Error> {
+        each!(self, db => db.record_upload(media, now).await)
+    }
+
+    pub(crate) async fn forget_upload(&self, id: MediaId, blob: &BlobId) -> Result<bool, sqlx::Error> {
+        each!(self, db => db.forget_upload(id, blob).await)
+    }
+
+    pub(crate) async fn may_read(&self, id: MediaId, user: &UserId) -> Result<bool, sqlx::Error> {
+        each!(self, db => db.may_read(id, user).await)
+    }
+
+    pub(crate) async fn grant(&self, id: MediaId, users: &[UserId], now: i64) -> Result<(), sqlx::Error> {
+        each!(self, db => db.grant(id, users, now).await)
+    }
+
+    pub(crate) async fn media(&self, id: MediaId) -> Result<Option<MediaRow>, sqlx::Error> {
+        each!(self, db => db.media(id).await)
+    }
+
+    pub(crate) async fn delete(&self, id: MediaId, owner: &UserId) -> Result<Deleted, sqlx::Error> {
+        each!(self, db => db.delete(id, owner).await)
+    }
+
+    pub(crate) async fn claim(
+        &self,
+        kinds: [MediaKind; 2],
+        now: i64,
+        lease_until: i64,
+    ) -> Result<Option<Claimed>, sqlx::Error> {
+        each!(self, db => db.claim(kinds, now, lease_until).await)
+    }
+
+    pub(crate) async fn heartbeat(
+        &self,
+        blob: &BlobId,
+        progress: Option<f32>,
+        now: i64,
+        lease_until: i64,
+    ) -> Result<(), sqlx::Error> {
+        each!(self, db => db.heartbeat(blob, progress, now, lease_until).await)
+    }
+
+    pub(crate) async fn complete(&self, blob: &BlobId, result: &JobResult, now: i64) -> Result<(), sqlx::Error> {
+        let json = serde_json::to_string(result).expect("job results serialise");
+        each!(self, db => db.complete(blob, &json, now).await)
+    }
+
+    pub(crate) async fn fail(&self, blob: &BlobId, failure: &Failure<'_>, now: i64) -> Result<(), sqlx::Error> {
+        each!(self, db => db.fail(blob, failure, now).await)
+    }
+}

@@ -1,0 +1,259 @@
+//! ingest's tables on SQLite (sqlx): the embedded default, one process.
+//!
+//! WAL with `synchronous = FULL` (an accepted upload survives a power cut). SQLite runs one write
+//! transaction at a time, so a claim's select-then-update needs no row lock.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::SqlitePool;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use types::{BlobId, MediaId, MediaKind, UserId};
+
+use super::{
+    ClaimRow, Claimed, Deleted, Failure, JobRow, JobState, MediaJobRow, MediaRow, NewMedia, blob, variants_of,
+};
+
+const QUEUED: &str = "SELECT COUNT(*) FROM jobs WHERE status = 'processing'";
+
+const RELEASE_LEASES: &str =
+    "UPDATE jobs SET lease_until = NULL WHERE status = 'processing' AND lease_until IS NOT NULL";
+
+const JOB: &str =
+    "SELECT status, permanent, error_code, error_message, result, progress FROM jobs WHERE source_blob = ?1";
+
+/// A job for the upload's bytes; one that failed for a reason a retry might fix is queued again.
+const UPSERT_JOB: &str = "
+    INSERT INTO jobs (source_blob, kind, source_mime, status, run_after, created_at, updated_at)
+    VALUES (?1, ?2, ?3, 'processing', ?4, ?4, ?4)
+    ON CONFLICT (source_blob) DO UPDATE
+       SET status = 'processing', attempts = 0, run_after = ?4, lease_until = NULL,
+           error_code = NULL, error_message = NULL, updated_at = ?4
+     WHERE jobs.status = 'failed' AND jobs.permanent = 0";
+
+const INSERT_MEDIA: &str = "
+    INSERT INTO media (id, owner, kind, source_blob, source_mime, source_bytes, created_at)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
+
+const DELETE_MEDIA: &str = "DELETE FROM media WHERE id = ?1";
+
+/// The job of bytes no media record refers to any more.
+const DELETE_ORPHANED_JOB: &str = "
+    DELETE FROM jobs WHERE source_blob = ?1 AND NOT EXISTS (SELECT 1 FROM media WHERE source_blob = ?1)
+    RETURNING result";
+
+const MAY_READ: &str = "
+    SELECT 1 FROM media WHERE id = ?1 AND owner = ?2
+    UNION ALL SELECT 1 FROM media_grants WHERE media_id = ?1 AND user_id = ?2
+    LIMIT 1";
+
+const GRANT: &str = "
+    INSERT INTO media_grants (media_id, user_id, granted_at) VALUES (?1, ?2, ?3)
+    ON CONFLICT (media_id, user_id) DO NOTHING";
+
+const MEDIA: &str = "
+    SELECT m.owner, m.kind, m.source_blob, j.status, j.permanent, j.error_code, j.error_message, j.result,
+           j.progress
+      FROM media m JOIN jobs j ON j.source_blob = m.source_blob
+     WHERE m.id = ?1";
+
+const DELETE_OWNED_MEDIA: &str = "DELETE FROM media WHERE id = ?1 AND owner = ?2 RETURNING source_blob";
+
+const DELETE_GRANTS: &str = "DELETE FROM media_grants WHERE media_id = ?1";
+
+/// Whether another job's result names a blob (deleting is rare; the scan is fine).
+const NAMED_BY_A_JOB: &str = "SELECT 1 FROM jobs WHERE instr(result, ?1) > 0 LIMIT 1";
+
+/// The next due job of two kinds whose lease is free, leased in the same statement.
+const CLAIM: &str = "
+    UPDATE jobs SET lease_until = ?1, attempts = attempts + 1, progress = NULL, updated_at = ?2
+     WHERE source_blob = (
+           SELECT source_blob FROM jobs
+            WHERE kind IN (?3, ?4) AND status = 'processing' AND run_after <= ?2
+              AND (lease_until IS NULL OR lease_until < ?2)
+            ORDER BY run_after LIMIT 1)
+       AND status = 'processing' AND (lease_until IS NULL OR lease_until < ?2)
+    RETURNING source_blob, kind, source_mime, attempts";
+
+const HEARTBEAT: &str = "
+    UPDATE jobs SET lease_until = ?1, progress = COALESCE(?2, progress), updated_at = ?3
+     WHERE source_blob = ?4 AND status = 'processing'";
+
+const COMPLETE: &str = "
+    UPDATE jobs SET status = 'ready', result = ?1, lease_until = NULL, error_code = NULL, error_message = NULL,
+           updated_at = ?2
+     WHERE source_blob = ?3";
+
+const FAIL: &str = "
+    UPDATE jobs SET status = ?1, permanent = ?2, error_code = ?3, error_message = ?4, lease_until = NULL,
+           run_after = ?5, updated_at = ?6
+     WHERE source_blob = ?7";
+
+/// ingest's tables in a SQLite file.
+#[derive(Debug, Clone)]
+pub struct Sqlite {
+    db: SqlitePool,
+}
+
+impl Sqlite {
+    pub(super) async fn connect(url: &str) -> Result<Self, sqlx::Error> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // An accepted upload must survive a power cut, not only a crash.
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(5))
+            .foreign_keys(true);
+        let db = SqlitePoolOptions::new().max_connections(8).connect_with(options).await?;
+        let mut migrator = sqlx::migrate!("./migrations");
+        // Other crates keep their own migrations in the same database.
+        migrator.set_ignore_missing(true);
+        migrator.run(&db).await?;
+        Ok(Self { db })
+    }
+
+    pub(super) async fn queued(&self) -> Result<u64, sqlx::Error> {
+        let n: i64 = sqlx::query_scalar(QUEUED).fetch_one(&self.db).await?;
+        Ok(n as u64)
+    }
+
+    pub(super) async fn release_leases(&self) -> Result<u64, sqlx::Error> {
+        Ok(sqlx::query(RELEASE_LEASES).execute(&self.db).await?.rows_affected())
+    }
+
+    pub(super) async fn job(&self, blob: &BlobId) -> Result<Option<JobState>, sqlx::Error> {
+        let row: Option<JobRow> = sqlx::query_as(JOB).bind(blob.to_hex()).fetch_optional(&self.db).await?;
+        row.map(JobState::try_from).transpose()
+    }
+
+    pub(super) async fn record_upload(&self, media: &NewMedia<'_>, now: i64) -> Result<(), sqlx::Error> {
+        let mut tx = self.db.begin().await?;
+        sqlx::query(UPSERT_JOB)
+            .bind(media.blob.to_hex())
+            .bind(media.kind.as_str())
+            .bind(media.mime)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(INSERT_MEDIA)
+            .bind(media.id.to_string())
+            .bind(media.owner.as_str())
+            .bind(media.kind.as_str())
+            .bind(media.blob.to_hex())
+            .bind(media.mime)
+            .bind(media.bytes as i64)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await
+    }
+
+    pub(super) async fn forget_upload(&self, id: MediaId, blob: &BlobId) -> Result<bool, sqlx::Error> {
+        let mut tx = self.db.begin().await?;
+        sqlx::query(DELETE_MEDIA).bind(id.to_string()).execute(&mut *tx).await?;
+        let orphaned: Option<Option<String>> =
+            sqlx::query_scalar(DELETE_ORPHANED_JOB).bind(blob.to_hex()).fetch_optional(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(orphaned.is_some())
+    }
+
+    pub(super) async fn may_read(&self, id: MediaId, user: &UserId) -> Result<bool, sqlx::Error> {
+        let found: Option<i64> =
+            sqlx::query_scalar(MAY_READ).bind(id.to_string()).bind(user.as_str()).fetch_optional(&self.db).await?;
+        Ok(found.is_some())
+    }
+
+    pub(super) async fn grant(&self, id: MediaId, users: &[UserId], now: i64) -> Result<(), sqlx::Error> {
+        let mut tx = self.db.begin().await?;
+        for user in users {
+            sqlx::query(GRANT).bind(id.to_string()).bind(user.as_str()).bind(now).execute(&mut *tx).await?;
+        }
+        tx.commit().await
+    }
+
+    pub(super) async fn media(&self, id: MediaId) -> Result<Option<MediaRow>, sqlx::Error> {
+        let row: Option<MediaJobRow> = sqlx::query_as(MEDIA).bind(id.to_string()).fetch_optional(&self.db).await?;
+        row.map(MediaRow::try_from).transpose()
+    }
+
+    pub(super) async fn delete(&self, id: MediaId, owner: &UserId) -> Result<Deleted, sqlx::Error> {
+        let mut tx = self.db.begin().await?;
+        let source: Option<String> = sqlx::query_scalar(DELETE_OWNED_MEDIA)
+            .bind(id.to_string())
+            .bind(owner.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(source) = source else { return Ok(Deleted::NotFound) };
+        sqlx::query(DELETE_GRANTS).bind(id.to_string()).execute(&mut *tx).await?;
+        let job: Option<Option<String>> =
+            sqlx::query_scalar(DELETE_ORPHANED_JOB).bind(&source).fetch_optional(&mut *tx).await?;
+        let Some(result) = job else {
+            tx.commit().await?;
+            return Ok(Deleted::Kept);
+        };
+        // Different uploads can come out as the same bytes (variants are named by their hash
+        // too): keep what another job's result still names.
+        let mut variants = Vec::new();
+        for variant in variants_of(result)? {
+            let named: Option<i64> =
+                sqlx::query_scalar(NAMED_BY_A_JOB).bind(variant.to_hex()).fetch_optional(&mut *tx).await?;
+            if named.is_none() {
+                variants.push(variant);
+            }
+        }
+        tx.commit().await?;
+        Ok(Deleted::Orphaned { source: blob(&source)?, variants })
+    }
+
+    pub(super) async fn claim(
+        &self,
+        [first, second]: [MediaKind; 2],
+        now: i64,
+        lease_until: i64,
+    ) -> Result<Option<Claimed>, sqlx::Error> {
+        let row: Option<ClaimRow> = sqlx::query_as(CLAIM)
+            .bind(lease_until)
+            .bind(now)
+            .bind(first.as_str())
+            .bind(second.as_str())
+            .fetch_optional(&self.db)
+            .await?;
+        row.map(Claimed::try_from).transpose()
+    }
+
+    pub(super) async fn heartbeat(
+        &self,
+        blob: &BlobId,
+        progress: Option<f32>,
+        now: i64,
+        lease_until: i64,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(HEARTBEAT)
+            .bind(lease_until)
+            .bind(progress.map(f64::from))
+            .bind(now)
+            .bind(blob.to_hex())
+            .execute(&self.db)
+            .await?;
+        Ok(())
+    }
+
+    pub(super) async fn complete(&self, blob: &BlobId, result: &str, now: i64) -> Result<(), sqlx::Error> {
+        sqlx::query(COMPLETE).bind(result).bind(now).bind(blob.to_hex()).execute(&self.db).await?;
+        Ok(())
+    }
+
+    pub(super) async fn fail(&self, blob: &BlobId, failure: &Failure<'_>, now: i64) -> Result<(), sqlx::Error> {
+        sqlx::query(FAIL)
+            .bind(if failure.last { "failed" } else { "processing" })
+            .bind(failure.permanent)
+            .bind(failure.code)
+            .bind(failure.message)
+            .bind(failure.run_after)
+            .bind(now)
+            .bind(blob.to_hex())
+            .execute(&self.db)
+            .await?;
+        Ok(())
+    }
+}
