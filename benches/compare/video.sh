@@ -3,8 +3,9 @@
 #
 # The input is a 30 s 1080p30 H.264 + AAC phone-like MP4. Both make a 1280×720 H.264 (High,
 # yuv420p, CRF 23, preset veryfast, libx264's own thread count) + AAC 96 kb/s 48 kHz MP4 with the
-# moov atom first, and a JPEG poster one second in. Courier is the worker process `courier serve` runs
-# for a video job (`courier transcode-worker`, job JSON on stdin), which also runs its poster
+# moov atom first, and a JPEG poster one second in. Courier is the sandboxed worker process `courier
+# serve` runs a video job in (`courier transcode-worker`, driven by `transcode-video` as the server's
+# pool drives it; the parent's CPU is counted too), which also runs its poster
 # through the image pipeline (poster, thumb, preview) and hashes the outputs. Prints wall time,
 # CPU time and peak RSS (median of RUNS runs) side by side.
 #
@@ -18,6 +19,7 @@ command -v ffmpeg >/dev/null || { echo "ffmpeg missing: apt-get install ffmpeg" 
 [ -x /usr/bin/time ] || { echo "/usr/bin/time missing: apt-get install time" >&2; exit 1; }
 
 cargo build -q --release -p server
+cargo build -q --release -p benches --bin transcode-video
 bin="$CARGO_TARGET_DIR/release"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -33,9 +35,7 @@ ffmpeg_cmd=(sh -c "ffmpeg -v error -y -i '$work/in.mp4' \
   -vf scale=1280:720:flags=bicubic,setsar=1,format=yuv420p -c:v libx264 -preset veryfast -crf 23 -profile:v high \
   -c:a aac -b:a 96k -ar 48000 -movflags +faststart '$work/ffmpeg/standard.mp4' \
   && ffmpeg -v error -y -ss 1 -i '$work/in.mp4' -frames:v 1 -vf scale=1280:720:flags=bicubic -q:v 2 '$work/ffmpeg/poster.jpg'")
-printf '{"input":"%s","output_dir":"%s","settings":{},"limits":{},"memory_bytes":3221225472}' \
-  "$work/in.mp4" "$work/courier" > "$work/job.json"
-courier_cmd=(sh -c "\"$bin/courier\" transcode-worker < \"$work/job.json\"")
+courier_cmd=("$bin/transcode-video" "$bin/courier" "$work/courier" "$work/in.mp4")
 
 # Runs "$@" RUNS times; prints the median run's "wall_s cpu_s peak_kib".
 measure() {
@@ -52,7 +52,7 @@ printf '\n%d s 1080p30 H.264+AAC -> 720p H.264 CRF 23 veryfast + AAC 96k, fastst
 printf '%-10s %9s %9s %10s %14s %12s\n' "" "wall s" "CPU s" "peak RSS" "MP4 bytes" "duration s"
 for side in ffmpeg courier; do
   w=${side:0:1}_wall; c=${side:0:1}_cpu; p=${side:0:1}_peak
-  out="$work/$side/standard.mp4"
+  out=$(ls "$work/$side"/*standard.mp4)
   dur=$(ffprobe -v error -show_entries format=duration -of csv=p=0 "$out")
   printf '%-10s %9.2f %9.2f %6d MiB %14d %12.3f\n' "$side" "${!w}" "${!c}" $((${!p} / 1024)) "$(stat -c %s "$out")" "$dur"
 done

@@ -38,6 +38,11 @@ pub struct SandboxedPool {
 impl SandboxedPool {
     /// Starts the worker (`program transcode-worker`) with `memory_bytes` of address space for jobs.
     pub async fn start(program: std::path::PathBuf, memory_bytes: u64) -> anyhow::Result<Self> {
+        Self::start_with(program, memory_bytes, 256 * 1024 * 1024).await
+    }
+
+    /// [`SandboxedPool::start`], with `file_bytes` the largest output the worker may write.
+    pub async fn start_with(program: std::path::PathBuf, memory_bytes: u64, file_bytes: u64) -> anyhow::Result<Self> {
         let scratch = tempfile::tempdir()?;
         let launch = transcode::Launch {
             program,
@@ -50,14 +55,10 @@ impl SandboxedPool {
         let spec = transcode::PoolSpec {
             name: "quick",
             workers: 1,
-            jobs_per_worker: 200,
-            recycle_rss_bytes: 256 * 1024 * 1024,
-            limits: transcode::sandbox::Limits {
-                memory_bytes,
-                file_bytes: 256 * 1024 * 1024,
-                open_files: 64,
-                niceness: 0,
-            },
+            jobs_per_worker: u32::MAX,
+            // Never replaced mid-run, so the worker measured at the end is the one that did the work.
+            recycle_rss_bytes: u64::MAX,
+            limits: transcode::sandbox::Limits { memory_bytes, file_bytes, open_files: 64, niceness: 0 },
         };
         let pool = transcode::WorkerPool::new(spec, launch);
         pool.warm_up().await?;

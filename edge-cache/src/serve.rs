@@ -439,9 +439,10 @@ pub fn requested_range(headers: &HeaderMap, etag: &HeaderValue, len: u64) -> Res
     let Ok(parsed) = http_range_header::parse_range_header(value) else {
         return Ok(None);
     };
-    // No byte range of an empty blob exists (the parser would grant 0-0 of it).
+    // An empty blob has no byte to range over (the parser would grant 0-0 of it): the whole,
+    // empty, blob is the answer to any range.
     if len == 0 {
-        return Err(EdgeError::RangeNotSatisfiable { len });
+        return Ok(None);
     }
     match parsed.validate(len) {
         Ok(ranges) if ranges.len() == 1 => Ok(Some((*ranges[0].start(), *ranges[0].end()))),

@@ -66,7 +66,6 @@ pub fn sniff(data: &[u8]) {
 pub fn image_probe(data: &[u8]) {
     for format in FORMATS {
         if let Ok(probe) = photo::probe(Cursor::new(data), format) {
-            assert_eq!(probe.format, format);
             let _ = photo::Limits::default().check_pixels(probe.width, probe.height);
         }
     }

@@ -1,11 +1,9 @@
 -- ingest's tables on PostgreSQL: the same tables as the SQLite migrations in ../migrations, in
 -- PostgreSQL's types (times are unix ms in BIGINT, flags are BOOLEAN).
 --
--- Sharding (Citus or another Postgres-compatible distributed engine): `media` and `media_grants`
--- are distributed on the media id and co-located, so reading a media record and checking who may
--- read it stay on one shard; `jobs` is distributed on `source_blob`, which the claim's index leads
--- with the lane and status. The only join across the two, a media record with its job, is by
--- source_blob on a media id's read.
+-- Distribution: these tables stay whole on one PostgreSQL server (on Citus, local tables on the
+-- coordinator). They hold a row per upload, small next to messages, and the claim's
+-- `FOR UPDATE SKIP LOCKED` and the media-to-job join by source_blob need them undistributed.
 
 CREATE TABLE media (
     id           TEXT PRIMARY KEY,      -- UUIDv7

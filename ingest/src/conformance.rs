@@ -134,10 +134,10 @@ async fn videos_wait_in_a_lane_of_their_own(t: Tables) {
     assert!(t.queue.claim(Lane::Quick).await.unwrap().is_none(), "and never a video");
     let job = t.queue.claim(Lane::Video).await.unwrap().unwrap();
     assert_eq!((job.blob, job.kind, job.mime.as_str()), (video, MediaKind::Video, "video/mp4"));
-    t.queue.heartbeat(&video, Some(0.25)).await.unwrap();
+    assert!(t.queue.heartbeat(&job, Some(0.25)).await.unwrap());
     assert_eq!(t.queue.job(&video).await.unwrap().unwrap().progress, Some(0.25));
     // A heartbeat without news keeps the progress it had.
-    t.queue.heartbeat(&video, None).await.unwrap();
+    assert!(t.queue.heartbeat(&job, None).await.unwrap());
     assert_eq!(t.queue.job(&video).await.unwrap().unwrap().progress, Some(0.25));
 }
 
@@ -187,16 +187,21 @@ async fn a_dead_runners_lease_expires(t: Tables) {
     // The runner holding `a` died and `b`'s kept its lease: once a's lease runs out, a alone is
     // claimed again.
     t.clock.advance(JobConfig::default().lease_secs as i64 * 1000 / 2);
-    t.queue.heartbeat(&b.blob, None).await.unwrap();
+    assert!(t.queue.heartbeat(&b, None).await.unwrap());
     t.clock.advance(JobConfig::default().lease_secs as i64 * 1000 / 2 + 1);
     let again = t.queue.claim(Lane::Quick).await.unwrap().unwrap();
     assert_eq!((again.blob, again.attempts), (a.blob, 2));
     assert!(t.queue.claim(Lane::Quick).await.unwrap().is_none());
 
+    // The first runner comes back: it no longer speaks for the job, whatever it reports.
+    assert!(!t.queue.heartbeat(&a, None).await.unwrap());
+    assert!(!t.queue.fail(&a, &TranscodeError::Corrupt("too late".into())).await.unwrap());
+    assert_eq!(status(&t, &a.blob).await, (MediaStatus::Processing, false));
     assert_eq!(t.queue.queued().await.unwrap(), 2);
-    t.queue.complete(&first, &JobResult::default()).await.unwrap();
+    assert!(t.queue.complete(&again, &JobResult::default()).await.unwrap());
+    assert!(!t.queue.complete(&a, &JobResult::default()).await.unwrap());
     assert_eq!(t.queue.queued().await.unwrap(), 1);
-    assert_eq!(status(&t, &first).await, (MediaStatus::Ready, false));
+    assert_eq!(status(&t, &a.blob).await, (MediaStatus::Ready, false));
 }
 
 async fn records_are_read_by_their_owner_and_those_shared_with(t: Tables) {
@@ -231,12 +236,12 @@ async fn deleting_keeps_what_other_uploads_still_need(t: Tables) {
     let (bobs, _) = upload_as(&t, &bob, b"the same photo", MediaKind::Image).await;
     let (standard, shared) = (BlobId::of(b"standard"), BlobId::of(b"a variant another job made too"));
     let job = t.queue.claim(Lane::Quick).await.unwrap().unwrap();
-    t.queue.complete(&job.blob, &result_naming(&[standard, shared])).await.unwrap();
+    assert!(t.queue.complete(&job, &result_naming(&[standard, shared])).await.unwrap());
     // Another upload whose transcode came out as one of the same variants.
     let other = upload(&t, b"another photo").await;
     let job = t.queue.claim(Lane::Quick).await.unwrap().unwrap();
     assert_eq!(job.blob, other);
-    t.queue.complete(&other, &result_naming(&[shared])).await.unwrap();
+    assert!(t.queue.complete(&job, &result_naming(&[shared])).await.unwrap());
     t.records.grant(alices, std::slice::from_ref(&bob)).await.unwrap();
 
     assert!(matches!(t.records.delete(alices, &bob).await.unwrap(), Deleted::NotFound), "only the owner deletes");

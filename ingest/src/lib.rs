@@ -106,6 +106,11 @@ impl Ingest {
         &self.queue
     }
 
+    /// Jobs this process is running now.
+    pub fn running_jobs(&self) -> usize {
+        self.running.len()
+    }
+
     fn queued(&self, lane: queue::Lane) -> &Notify {
         match lane {
             queue::Lane::Quick => &self.quick_queued,

@@ -51,6 +51,12 @@ impl JobQueue {
         Self { store, config, clock }
     }
 
+    /// Whether other processes may run this queue's jobs (a shared database), so a job's end is
+    /// learnt by reading its row rather than from this process's runner.
+    pub(crate) fn shared(&self) -> bool {
+        !self.store.is_embedded()
+    }
+
     /// Jobs waiting or running.
     pub async fn queued(&self) -> Result<u64, sqlx::Error> {
         self.store.queued().await
@@ -80,20 +86,23 @@ impl JobQueue {
         self.store.claim(lane.kinds(), now, self.lease_until(now)).await
     }
 
-    /// Keeps a running job's lease, and records how far it has got.
-    pub(crate) async fn heartbeat(&self, blob: &BlobId, progress: Option<f32>) -> Result<(), sqlx::Error> {
+    /// Keeps a running job's lease, and records how far it has got. False when the job is no
+    /// longer this claim's: its media was deleted, or its lease ran out and another runner took it.
+    pub(crate) async fn heartbeat(&self, job: &Claimed, progress: Option<f32>) -> Result<bool, sqlx::Error> {
         let now = self.clock.now_ms();
-        self.store.heartbeat(blob, progress, now, self.lease_until(now)).await
+        self.store.heartbeat(job, progress, now, self.lease_until(now)).await
     }
 
-    pub(crate) async fn complete(&self, blob: &BlobId, result: &JobResult) -> Result<(), sqlx::Error> {
-        self.store.complete(blob, result, self.clock.now_ms()).await
+    /// Records the job's result; false when the job is no longer this claim's.
+    pub(crate) async fn complete(&self, job: &Claimed, result: &JobResult) -> Result<bool, sqlx::Error> {
+        self.store.complete(job, result, self.clock.now_ms()).await
     }
 
     /// Records a failed attempt: final when permanent, a second crash, or out of attempts; else
     /// retried after a back-off. Bytes that crashed a worker twice are refused for good, like
     /// corrupt ones. Clients see the error's fixed message; the detail was logged.
-    pub(crate) async fn fail(&self, job: &Claimed, error: &TranscodeError) -> Result<(), sqlx::Error> {
+    /// False when the job is no longer this claim's.
+    pub(crate) async fn fail(&self, job: &Claimed, error: &TranscodeError) -> Result<bool, sqlx::Error> {
         let now = self.clock.now_ms();
         let crashed_again = error.is_crash() && job.attempts >= 2;
         let permanent = error.is_permanent() || crashed_again;
@@ -104,6 +113,6 @@ impl JobQueue {
             message: error.public_message(),
             run_after: now + (1000i64 << job.attempts.min(8)),
         };
-        self.store.fail(&job.blob, &failure, now).await
+        self.store.fail(job, &failure, now).await
     }
 }

@@ -109,6 +109,9 @@ async fn accept(
     // (a video's probe is quick too, so a hostile one is refused here as well).
     let wait = tokio::time::sleep(Duration::from_millis(config.wait_for_ready_ms));
     tokio::pin!(wait);
+    // On a shared database another node may run the job: its row says when it ends.
+    let mut poll = tokio::time::interval(if ingest.queue.shared() { SHARED_POLL } else { Duration::from_secs(3600) });
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut job = ingest.queue.job(&blob).await?;
     while job.as_ref().is_some_and(|j| j.status == MediaStatus::Processing) {
         tokio::select! {
@@ -117,6 +120,7 @@ async fn accept(
                 Ok(_) | Err(RecvError::Lagged(_)) => job = ingest.queue.job(&blob).await?,
                 Err(RecvError::Closed) => break,
             },
+            _ = poll.tick() => job = ingest.queue.job(&blob).await?,
             _ = &mut wait => break,
         }
     }
@@ -130,6 +134,9 @@ async fn accept(
     let view = ingest.view(id, user).await?;
     Ok((StatusCode::CREATED, Json(view)))
 }
+
+/// How often an upload waiting for its job reads the job's row when another node may run it.
+const SHARED_POLL: Duration = Duration::from_millis(100);
 
 /// Runs an upload-time probe in a worker of the probe pool, within `probe_timeout` in all.
 async fn probe(ingest: &Ingest, file: &tempfile::NamedTempFile, task: Task) -> Result<(), IngestError> {

@@ -79,37 +79,44 @@ impl Ingest {
         let (progress_tx, mut progress_rx) = watch::channel(None::<f32>);
         let work = self.transcode(&job, progress_tx);
         tokio::pin!(work);
+        // Ends only when the job is no longer this claim's: its media was deleted (on any node),
+        // or its lease ran out and another runner claimed it again.
         let heartbeat = async {
             loop {
                 tokio::time::sleep(HEARTBEAT).await;
                 let progress = *progress_rx.borrow_and_update();
-                if let Err(e) = self.queue.heartbeat(&job.blob, progress).await {
-                    tracing::warn!(blob = %job.blob, error = %e, "renewing a job's lease failed");
+                match self.queue.heartbeat(&job, progress).await {
+                    Ok(true) => {}
+                    Ok(false) => return,
+                    Err(e) => tracing::warn!(blob = %job.blob, error = %e, "renewing a job's lease failed"),
                 }
             }
         };
         let outcome = tokio::select! {
             outcome = &mut work => Some(outcome),
-            () = heartbeat => unreachable!("the heartbeat never ends"),
+            () = heartbeat => None,
             () = cancel.notified() => None,
         };
         self.running.finish(&job.blob);
         let Some(outcome) = outcome else {
-            // Dropping the work stopped it (a video worker process is killed); the job row is gone.
-            tracing::info!(blob = %job.blob, "job cancelled: its media was deleted");
+            // Dropping the work stopped it (a video worker process is killed).
+            tracing::info!(blob = %job.blob, "job stopped: its media was deleted, or another runner holds it now");
             let _ = self.job_done.send(job.blob);
             return;
         };
         let recorded = match &outcome {
-            Ok(result) => self.queue.complete(&job.blob, result).await,
+            Ok(result) => self.queue.complete(&job, result).await,
             Err(e) => self.queue.fail(&job, e).await,
         };
         match (&outcome, recorded) {
             (_, Err(e)) => tracing::error!(blob = %job.blob, error = %e, "recording a job's outcome failed"),
-            (Ok(_), Ok(())) => {
+            (_, Ok(false)) => {
+                tracing::info!(blob = %job.blob, "job outcome dropped: its media was deleted, or another runner holds it")
+            }
+            (Ok(_), Ok(true)) => {
                 tracing::info!(blob = %job.blob, kind = %job.kind, ms = started.elapsed().as_millis() as u64, "job done")
             }
-            (Err(e), Ok(())) => {
+            (Err(e), Ok(true)) => {
                 tracing::warn!(blob = %job.blob, kind = %job.kind, attempt = job.attempts, error = %e, "job failed")
             }
         }
@@ -202,6 +209,10 @@ impl Running {
 
     fn finish(&self, blob: &BlobId) {
         self.0.lock().expect("never poisoned").remove(blob);
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.0.lock().expect("never poisoned").len()
     }
 
     /// Stops the job of `blob` if it runs here; a no-op otherwise.

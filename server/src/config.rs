@@ -25,6 +25,12 @@ pub(crate) struct Config {
     /// Where blobs are stored: a folder, or an object store URL (`s3://bucket/prefix`, `gs://…`,
     /// `az://…`, credentials from the usual AWS_*/GOOGLE_*/AZURE_* variables). Default `{data_dir}/blobs`.
     pub(crate) blobs: Option<String>,
+    /// The key that signs bearer tokens, a file every node of a cluster shares. Default
+    /// `{data_dir}/token-signing.key`, made on first start. A file named here must exist.
+    pub(crate) token_key_file: Option<PathBuf>,
+    /// The key that signs blob URLs (edges hold a copy). Default `{data_dir}/url-signing.key`,
+    /// made on first start. A file named here must exist.
+    pub(crate) url_key_file: Option<PathBuf>,
     /// Seconds in-flight requests and jobs get to finish after SIGINT/SIGTERM. Default 10.
     pub(crate) shutdown_grace_secs: u64,
     /// Log filter in tracing's syntax. Default "info".
@@ -131,6 +137,8 @@ impl Default for Config {
             data_dir: PathBuf::from("./data"),
             database_url: None,
             blobs: None,
+            token_key_file: None,
+            url_key_file: None,
             shutdown_grace_secs: 10,
             log: "info".into(),
             log_format: LogFormat::Text,
@@ -196,12 +204,35 @@ pub(crate) struct FlagOverrides {
     pub(crate) data_dir: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) database_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) blobs: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) token_key_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) url_key_file: Option<PathBuf>,
+    /// `--transcode-workers`
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) transcode: Option<TranscodeFlag>,
     /// `--dev`: verification codes come back in the response.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) auth: Option<DevAuth>,
     /// `--bus`
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) chat: Option<BusFlag>,
+}
+
+/// `--transcode-workers N`: N photo and voice-note workers, or 0 for a node that runs no jobs.
+#[derive(Debug, Serialize)]
+pub(crate) struct TranscodeFlag {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    workers: Option<usize>,
+    run_jobs: bool,
+}
+
+impl TranscodeFlag {
+    pub(crate) fn workers(n: usize) -> Self {
+        Self { workers: (n > 0).then_some(n), run_jobs: n > 0 }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -251,6 +282,15 @@ impl Config {
     /// of its own so messaging and uploads do not queue for one SQLite write lock.
     pub(crate) fn chat_database_url(&self) -> String {
         self.database_url.clone().unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("chat.db").display()))
+    }
+
+    /// The token-signing and URL-signing keys: the files named, or the data dir's own.
+    pub(crate) fn keys(&self) -> anyhow::Result<(types::Secret, types::Secret)> {
+        let key = |file: &Option<PathBuf>, name| match file {
+            Some(path) => crate::secrets::load(path),
+            None => crate::secrets::load_or_create(&self.data_dir, name),
+        };
+        Ok((key(&self.token_key_file, crate::secrets::TOKEN_KEY)?, key(&self.url_key_file, crate::secrets::URL_KEY)?))
     }
 
     pub(crate) fn blobs(&self) -> String {

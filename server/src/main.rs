@@ -9,6 +9,7 @@ mod edge;
 mod listener;
 mod secrets;
 mod serve;
+mod worker;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -33,21 +34,31 @@ enum Command {
         /// Address to listen on [default: 127.0.0.1:8080] [env: COURIER_LISTEN]
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
-        /// Folder for the database, blobs, keys and temp files [default: ./data] [env: COURIER_DATA_DIR]
+        #[command(flatten)]
+        node: NodeArgs,
+        /// Photo and voice-note worker processes; 0 makes an API node that runs no jobs (a
+        /// `courier worker` does) [default: one per core] [env: COURIER_TRANSCODE__WORKERS]
         #[arg(long)]
-        data_dir: Option<PathBuf>,
-        /// A TOML file with any of the settings (see deploy/courier.toml)
-        #[arg(long, env = "COURIER_CONFIG", hide_env_values = true)]
-        config: Option<PathBuf>,
-        /// Database URL, sqlite://FILE or postgres://… [default: SQLite files in the data dir] [env: COURIER_DATABASE_URL]
-        #[arg(long)]
-        database_url: Option<String>,
+        transcode_workers: Option<usize>,
         /// NATS server for fan-out between nodes, nats://host:4222 [default: none, one node] [env: COURIER_CHAT__BUS_URL]
         #[arg(long)]
         bus: Option<String>,
         /// Development mode: sign-in codes come back in the response as "dev_code" (never in production)
         #[arg(long)]
         dev: bool,
+    },
+    /// Run a transcode node: claim jobs of any kind from the shared database and run them in
+    /// sandboxed worker processes, reading originals from and writing variants to the shared blob
+    /// store. Needs --database-url postgres://… (the queue `serve` nodes fill).
+    Worker {
+        /// Serve /healthz and /metrics (queue depth, jobs running) here [default: none]
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        #[command(flatten)]
+        node: NodeArgs,
+        /// Photo and voice-note worker processes [default: one per core] [env: COURIER_TRANSCODE__WORKERS]
+        #[arg(long)]
+        transcode_workers: Option<usize>,
     },
     /// Run a CDN edge node: serve blobs from memory, local disk, then the upstreams, verifying
     /// every fill against its hash.
@@ -134,6 +145,54 @@ enum Command {
     },
 }
 
+/// What every node of a cluster is given alike: its settings, the shared database, blob store
+/// and keys.
+#[derive(Debug, clap::Args)]
+struct NodeArgs {
+    /// Folder for the database, blobs, keys and temp files [default: ./data] [env: COURIER_DATA_DIR]
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// A TOML file with any of the settings (see deploy/courier.toml)
+    #[arg(long, env = "COURIER_CONFIG", hide_env_values = true)]
+    config: Option<PathBuf>,
+    /// Database URL, sqlite://FILE or postgres://… [default: SQLite files in the data dir] [env: COURIER_DATABASE_URL]
+    #[arg(long)]
+    database_url: Option<String>,
+    /// Blob store: a folder, or s3://BUCKET[/PREFIX] (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
+    /// AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ALLOW_HTTP choose the service), gs://…, az://…
+    /// [default: DATA_DIR/blobs] [env: COURIER_BLOBS]
+    #[arg(long)]
+    blobs: Option<String>,
+    /// The token-signing key every node shares [default: DATA_DIR/token-signing.key, made if
+    /// missing] [env: COURIER_TOKEN_KEY_FILE]
+    #[arg(long)]
+    token_key_file: Option<PathBuf>,
+    /// The URL-signing key every node and edge shares [default: DATA_DIR/url-signing.key, made if
+    /// missing] [env: COURIER_URL_KEY_FILE]
+    #[arg(long)]
+    url_key_file: Option<PathBuf>,
+}
+
+impl NodeArgs {
+    /// The node's flags, layered over the defaults, --config and COURIER_* variables.
+    fn config(
+        self,
+        listen: Option<std::net::SocketAddr>,
+        extra: config::FlagOverrides,
+    ) -> anyhow::Result<config::Config> {
+        let flags = config::FlagOverrides {
+            listen,
+            data_dir: self.data_dir,
+            database_url: self.database_url,
+            blobs: self.blobs,
+            token_key_file: self.token_key_file,
+            url_key_file: self.url_key_file,
+            ..extra
+        };
+        config::Config::load(self.config.as_deref(), flags)
+    }
+}
+
 /// Where a worker lives and what it may use (set by `serve`).
 #[derive(Debug, clap::Args)]
 struct SandboxArgs {
@@ -181,13 +240,25 @@ fn run() -> anyhow::Result<()> {
         Command::SandboxCheck { sandbox, open, socket } => {
             std::process::exit(transcode::worker::check(&sandbox.dir, sandbox.parent, &sandbox.limits(), &open, socket))
         }
-        Command::Serve { listen, data_dir, config, database_url, bus, dev } => {
-            let auth = dev.then_some(config::DevAuth { dev_codes: true });
-            let chat = bus.map(|bus_url| config::BusFlag { bus_url });
-            let flags = config::FlagOverrides { listen, data_dir, database_url, auth, chat };
-            let config = config::Config::load(config.as_deref(), flags)?;
+        Command::Serve { listen, node, transcode_workers, bus, dev } => {
+            let extra = config::FlagOverrides {
+                auth: dev.then_some(config::DevAuth { dev_codes: true }),
+                chat: bus.map(|bus_url| config::BusFlag { bus_url }),
+                transcode: transcode_workers.map(config::TranscodeFlag::workers),
+                ..Default::default()
+            };
+            let config = node.config(listen, extra)?;
             serve::init_logging(&config.log, config.log_format)?;
             tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve::serve(config))
+        }
+        Command::Worker { listen, node, transcode_workers } => {
+            let extra = config::FlagOverrides {
+                transcode: transcode_workers.map(config::TranscodeFlag::workers),
+                ..Default::default()
+            };
+            let config = node.config(None, extra)?;
+            serve::init_logging(&config.log, config.log_format)?;
+            tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(worker::run(config, listen))
         }
         Command::Edge { listen, upstream, cache_dir, memory_bytes, disk_bytes, url_key, tls_cert, tls_key, config } => {
             let flags =

@@ -1,4 +1,5 @@
-//! The two keys `serve` makes on first start and keeps in the data dir, mode 0600.
+//! The two keys `serve` makes on first start and keeps in the data dir, mode 0600, or reads from
+//! files a cluster's nodes share.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -9,6 +10,12 @@ use types::Secret;
 
 pub(crate) const TOKEN_KEY: &str = "token-signing.key";
 pub(crate) const URL_KEY: &str = "url-signing.key";
+
+/// Reads a key file that must exist (one a cluster's nodes share).
+pub(crate) fn load(path: &Path) -> anyhow::Result<Secret> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading the key file {}", path.display()))?;
+    text.parse().with_context(|| format!("{} is not a key file", path.display()))
+}
 
 /// Reads `dir/name`, or makes a new random key there if there is none.
 pub(crate) fn load_or_create(dir: &Path, name: &str) -> anyhow::Result<Secret> {
@@ -23,10 +30,7 @@ pub(crate) fn load_or_create(dir: &Path, name: &str) -> anyhow::Result<Secret> {
             file.sync_all()?;
             Ok(secret)
         }
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-            text.parse().with_context(|| format!("{} is not a key file", path.display()))
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => load(&path),
         Err(e) => Err(e).with_context(|| format!("creating {}", path.display())),
     }
 }

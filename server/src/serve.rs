@@ -13,7 +13,7 @@ use tracing_subscriber::EnvFilter;
 use types::{TokenKeys, UrlSigner};
 
 use crate::config::{Config, LogFormat};
-use crate::{auth, listener, secrets};
+use crate::{auth, listener};
 
 pub(crate) fn init_logging(log: &str, format: LogFormat) -> anyhow::Result<()> {
     let filter = EnvFilter::try_new(log).context("invalid log filter")?;
@@ -30,10 +30,12 @@ pub(crate) async fn serve(config: Config) -> anyhow::Result<()> {
     listener::raise_open_file_limit();
     let data_dir = &config.data_dir;
     std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
-    let token_keys = Arc::new(TokenKeys::new(&secrets::load_or_create(data_dir, secrets::TOKEN_KEY)?));
-    let signer = UrlSigner::new(&secrets::load_or_create(data_dir, secrets::URL_KEY)?);
+    let (token_key, url_key) = config.keys()?;
+    let token_keys = Arc::new(TokenKeys::new(&token_key));
+    let signer = UrlSigner::new(&url_key);
 
     let db = ingest::Store::connect(&config.ingest_database_url()).await.context("opening ingest's database")?;
+    warn_about_shared_setup(&config, &db);
     let store = BlobStore::open(&config.blobs()).context("opening the blob store")?;
     let variants = BlobStore::new(store.clone(), Namespace::Variants);
     let workers = config.workers();
@@ -126,7 +128,7 @@ pub(crate) async fn serve(config: Config) -> anyhow::Result<()> {
 }
 
 /// The three pools of sandboxed worker processes, with their folders under `{data_dir}/tmp/work`.
-fn worker_pools(config: &Config) -> anyhow::Result<ingest::Workers> {
+pub(crate) fn worker_pools(config: &Config) -> anyhow::Result<ingest::Workers> {
     use transcode::{PoolSpec, WorkerPool, sandbox};
     let t = &config.transcode;
     let (program, args) = match &t.worker_program {
@@ -163,6 +165,27 @@ fn worker_pools(config: &Config) -> anyhow::Result<ingest::Workers> {
         ),
         probe_timeout: Duration::from_millis(t.probe_timeout_ms),
     })
+}
+
+/// What a node on a shared database should be told at start: media records left behind in the
+/// embedded database, and a blob folder other nodes cannot see.
+fn warn_about_shared_setup(config: &Config, db: &ingest::Store) {
+    if db.is_embedded() {
+        return;
+    }
+    let old = config.data_dir.join("courier.db");
+    if old.exists() {
+        tracing::warn!(
+            file = %old.display(),
+            "media records in this SQLite file are not read on PostgreSQL: they are not moved, and their media answer 404"
+        );
+    }
+    if config.blobs.is_none() {
+        tracing::warn!(
+            blobs = %config.blobs(),
+            "the database is shared but blobs are in this node's folder: give every node the same --blobs              (s3://…, or a shared mount), or another node's jobs cannot find their originals"
+        );
+    }
 }
 
 /// The largest file a photo or voice-note worker may write: far above any JPEG or Opus it makes.

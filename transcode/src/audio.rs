@@ -300,11 +300,14 @@ pub fn transcode(
 ) -> Result<Output, TranscodeError> {
     let Input { mut reader, track, params, probe } = open(source, container, limits)?;
     let mut decoder = Decoder::new(&params, probe.channels)?;
-    let mut resampler = Resample::new(probe.sample_rate)?;
+    // The rate the samples come out at: the header's, until the decoder says otherwise on its
+    // first packet (HE-AAC in MP4 declares the output rate; symphonia decodes the core, at half).
+    let mut rate = probe.sample_rate;
+    let mut resampler = Resample::new(rate)?;
     let mut sink = OpusSink::new(settings, probe.sample_rate)?;
     let mut mono = Vec::new();
     let (mut decoded, mut good, mut bad) = (0u64, 0u64, 0u64);
-    let max_frames = limits.max_duration_ms.saturating_mul(u64::from(probe.sample_rate)) / 1000;
+    let mut max_frames = limits.max_duration_ms.saturating_mul(u64::from(rate)) / 1000;
     loop {
         let packet = match reader.next_packet() {
             Ok(packet) => packet,
@@ -321,7 +324,7 @@ pub fn transcode(
         if packet.track_id() != track {
             continue;
         }
-        let (samples, channels, rate) = match decoder.decode(&packet) {
+        let (samples, channels, decoded_rate) = match decoder.decode(&packet) {
             Ok(out) => out,
             Err(SymError::DecodeError(why)) => {
                 bad += 1;
@@ -339,18 +342,28 @@ pub fn transcode(
                 limits.max_channels
             )));
         }
-        if let Some(rate) = rate
-            && rate != probe.sample_rate
+        if let Some(decoded_rate) = decoded_rate
+            && decoded_rate != rate
         {
-            return Err(TranscodeError::Corrupt(format!(
-                "the audio decodes at {rate} Hz but its headers say {} Hz",
-                probe.sample_rate
-            )));
+            if good > 1 {
+                return Err(TranscodeError::Corrupt(format!(
+                    "the audio changes its rate from {rate} Hz to {decoded_rate} Hz midway"
+                )));
+            }
+            if decoded_rate == 0 || decoded_rate > limits.max_sample_rate {
+                return Err(TranscodeError::OverLimit(format!(
+                    "the audio decodes at {decoded_rate} Hz; up to {} Hz is taken",
+                    limits.max_sample_rate
+                )));
+            }
+            rate = decoded_rate;
+            resampler = Resample::new(rate)?;
+            max_frames = limits.max_duration_ms.saturating_mul(u64::from(rate)) / 1000;
         }
         decoded += (samples.len() / channels) as u64;
         if decoded > max_frames {
             return Err(TranscodeError::TooLong {
-                duration_ms: decoded * 1000 / u64::from(probe.sample_rate),
+                duration_ms: decoded * 1000 / u64::from(rate),
                 max_ms: limits.max_duration_ms,
             });
         }
@@ -367,7 +380,7 @@ pub fn transcode(
     if decoded == 0 {
         return Err(TranscodeError::Corrupt("the file decodes to no audio".into()));
     }
-    let duration_ms = decoded * 1000 / u64::from(probe.sample_rate);
+    let duration_ms = decoded * 1000 / u64::from(rate);
     if let Some(claimed) = probe.duration_ms
         && claimed.saturating_sub(duration_ms) > (claimed / 20).max(250)
     {
@@ -375,7 +388,7 @@ pub fn transcode(
             "the headers claim {claimed} ms of audio, the file holds {duration_ms} ms"
         )));
     }
-    let total = (decoded * u64::from(RATE) + u64::from(probe.sample_rate) / 2) / u64::from(probe.sample_rate);
+    let total = (decoded * u64::from(RATE) + u64::from(rate) / 2) / u64::from(rate);
     resampler.finish(total, &mut sink)?;
     let (bytes, waveform) = sink.finish()?;
     Ok(Output { blob: BlobId::of(&bytes), bytes, duration_ms: total * 1000 / u64::from(RATE), waveform })

@@ -109,20 +109,24 @@ impl Walk {
                 },
                 size => (u64::from(size), at + 8),
             };
-            let box_end = at.checked_add(size).filter(|&box_end| size >= body - at && box_end <= end);
-            let Some(box_end) = box_end else {
-                // The top level is read one box at a time: a truncated last box is symphonia's
-                // to report, and it sizes nothing from it.
-                if parent.is_none() {
-                    break;
-                }
-                return Err(corrupt(format!("the MP4's {} box runs past its parent", name(&kind))));
+            if size < body - at {
+                return Err(corrupt(format!("the MP4's {} box is smaller than its header", name(&kind))));
+            }
+            let box_end = match at.checked_add(size).filter(|&box_end| box_end <= end) {
+                Some(box_end) => box_end,
+                // symphonia reads a truncated top-level box's children up to the end of the
+                // file, so they are checked up to there; below the top, a child must fit.
+                None if parent.is_none() => end,
+                None => return Err(corrupt(format!("the MP4's {} box runs past its parent", name(&kind)))),
             };
             if CONTAINERS.contains(&&kind) || parent == Some(*b"ilst") {
                 // Containers, and each metadata item in `ilst` (which holds `data` boxes).
                 self.boxes(source, body, box_end, Some(kind), depth + 1)?;
             } else if kind == *b"meta" {
                 // A full box: version and flags, then children.
+                if box_end - body < 4 {
+                    return Err(corrupt("the MP4's meta box is too small".into()));
+                }
                 self.boxes(source, body + 4, box_end, Some(kind), depth + 1)?;
             } else if kind == *b"stsd" {
                 sample_descriptions(source, body, box_end)?;
@@ -191,7 +195,9 @@ impl Walk {
     }
 }
 
-/// The sample descriptions: an ALAC entry's cookie is checked; other codecs are symphonia's.
+/// The sample descriptions. symphonia reads each entry's fixed fields (more of them in versions 1
+/// and 2 of an audio entry), subtracts their length from the entry's, then reads the child boxes:
+/// each must fit, and an ALAC cookie must name a frame an encoder writes.
 fn sample_descriptions(source: &mut (impl Read + Seek), body: u64, end: u64) -> Result<(), TranscodeError> {
     // Version and flags, the entry count, then the entries.
     let mut at = body + 8;
@@ -199,41 +205,68 @@ fn sample_descriptions(source: &mut (impl Read + Seek), body: u64, end: u64) -> 
         let Some(header) = read_at::<8>(source, at)? else { break };
         let size = u64::from(u32_at(&header, 0));
         if size < 8 || at + size > end {
-            break;
+            return Err(corrupt("an MP4 sample description runs past its box".into()));
         }
-        // An audio sample entry is 36 bytes; its child boxes follow.
-        if header[4..8] == *b"alac" && size >= 36 {
-            alac_cookie(source, at + 36, at + size)?;
+        // Reserved, data reference index, then the audio entry's version.
+        let Some(version) = read_at::<2>(source, at + 16)? else { break };
+        let fixed = match u16::from_be_bytes(version) {
+            0 => 28,
+            1 => 28 + 16,
+            2 => 28 + 36,
+            // symphonia refuses other versions before reading further.
+            _ => 0,
+        };
+        if fixed > 0 {
+            if size < 8 + fixed {
+                return Err(corrupt("an MP4 audio sample entry is shorter than its fields".into()));
+            }
+            entry_children(source, at + 8 + fixed, at + size)?;
         }
         at += size;
     }
     Ok(())
 }
 
-fn alac_cookie(source: &mut (impl Read + Seek), start: u64, end: u64) -> Result<(), TranscodeError> {
+/// The boxes inside an audio sample entry (`esds`, `alac`, `dOps`, `dfLa`, …).
+fn entry_children(source: &mut (impl Read + Seek), start: u64, end: u64) -> Result<(), TranscodeError> {
     let mut at = start;
     while at + 8 <= end {
         let Some(header) = read_at::<8>(source, at)? else { break };
         let size = u64::from(u32_at(&header, 0));
+        let kind: [u8; 4] = header[4..8].try_into().expect("four bytes");
         if size < 8 || at + size > end {
-            break;
+            return Err(corrupt(format!("the MP4's {} box runs past its sample entry", name(&kind))));
         }
-        if header[4..8] == *b"alac" {
-            // Version and flags, then ALACSpecificConfig: frame length (u32), compatible version,
-            // bit depth, three tuning bytes, channel count.
-            let Some(config) = read_at::<16>(source, at + 8)? else {
-                return Err(corrupt("the ALAC configuration is cut short".into()));
-            };
-            let frame = u32_at(&config, 4);
-            let (depth, channels) = (config[9], config[13]);
-            if frame == 0 || frame > MAX_ALAC_FRAME {
-                return Err(corrupt(format!("the ALAC frame length {frame} is not one an encoder writes")));
-            }
-            if !matches!(depth, 16 | 20 | 24 | 32) || channels == 0 || channels > 8 {
-                return Err(corrupt(format!("ALAC with {depth}-bit samples in {channels} channels")));
-            }
+        // A full box's version and flags, plus the least each reader takes from the rest.
+        let least = match &kind {
+            b"esds" => 4 + 2,
+            b"alac" => 4 + 24,
+            _ => 0,
+        };
+        if size - 8 < least {
+            return Err(corrupt(format!("the MP4's {} box is too small", name(&kind))));
+        }
+        if kind == *b"alac" {
+            alac_cookie(source, at + 8)?;
         }
         at += size;
+    }
+    Ok(())
+}
+
+/// ALACSpecificConfig, after the box's version and flags: frame length (u32), compatible version,
+/// bit depth, three tuning bytes, channel count.
+fn alac_cookie(source: &mut (impl Read + Seek), body: u64) -> Result<(), TranscodeError> {
+    let Some(config) = read_at::<16>(source, body)? else {
+        return Err(corrupt("the ALAC configuration is cut short".into()));
+    };
+    let frame = u32_at(&config, 4);
+    let (depth, channels) = (config[9], config[13]);
+    if frame == 0 || frame > MAX_ALAC_FRAME {
+        return Err(corrupt(format!("the ALAC frame length {frame} is not one an encoder writes")));
+    }
+    if !matches!(depth, 16 | 20 | 24 | 32) || channels == 0 || channels > 8 {
+        return Err(corrupt(format!("ALAC with {depth}-bit samples in {channels} channels")));
     }
     Ok(())
 }
@@ -266,10 +299,17 @@ mod tests {
     }
 
     fn alac(frame: u32) -> Vec<u8> {
+        alac_entry(frame, 0)
+    }
+
+    /// An ALAC sample entry of `version` (its fixed fields are longer in versions 1 and 2).
+    fn alac_entry(frame: u32, version: u8) -> Vec<u8> {
         let mut config = vec![0; 4];
         config.extend_from_slice(&frame.to_be_bytes());
         config.extend_from_slice(&[0, 16, 40, 10, 14, 2, 0, 255, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 172, 68]);
-        let entry = [vec![0; 28], boxed(b"alac", &config)].concat();
+        let mut fields = vec![0; 28 + [0, 16, 36][usize::from(version)]];
+        fields[9] = version;
+        let entry = [fields, boxed(b"alac", &config)].concat();
         let mut stsd = vec![0, 0, 0, 0, 0, 0, 0, 1];
         stsd.extend(boxed(b"alac", &entry));
         boxed(b"stsd", &stsd)
@@ -307,6 +347,13 @@ mod tests {
         let mut long = stsc(1, 1);
         long[3] += 100;
         assert!(matches!(checked(m4a(&[long])), Err(TranscodeError::Corrupt(_))));
+        // A moov that claims more than the file holds still has its tables read up to the end.
+        let mut file = m4a(&[stsc(u32::MAX, 1)]);
+        let moov = file.windows(4).position(|w| w == b"moov").unwrap() - 4;
+        file[moov + 3] += 1;
+        assert!(matches!(checked(file), Err(TranscodeError::Corrupt(_))));
+        assert!(matches!(checked(m4a(&[alac_entry(u32::MAX, 1)])), Err(TranscodeError::Corrupt(_))));
+        checked(m4a(&[alac_entry(4096, 2)])).unwrap();
         let err = checked(m4a(&[alac(u32::MAX)])).unwrap_err();
         assert!(matches!(&err, TranscodeError::Corrupt(m) if m.contains("frame length")), "{err}");
     }

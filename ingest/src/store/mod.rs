@@ -159,6 +159,12 @@ impl TryFrom<ClaimRow> for Claimed {
     }
 }
 
+/// The attempt a runner claimed, which its heartbeats and outcome must match: a runner whose
+/// lease expired and whose job another runner claimed again no longer speaks for it.
+fn attempt(job: &Claimed) -> i32 {
+    i32::try_from(job.attempts).unwrap_or(i32::MAX)
+}
+
 /// What a deleted job's result named: its variants, for the caller to keep those another job
 /// still names.
 fn variants_of(result: Option<String>) -> Result<Vec<BlobId>, sqlx::Error> {
@@ -245,22 +251,26 @@ impl Store {
         each!(self, db => db.claim(kinds, now, lease_until).await)
     }
 
+    /// Renews `job`'s lease; false when the job is no longer this claim's (deleted, or claimed
+    /// again after its lease ran out).
     pub(crate) async fn heartbeat(
         &self,
-        blob: &BlobId,
+        job: &Claimed,
         progress: Option<f32>,
         now: i64,
         lease_until: i64,
-    ) -> Result<(), sqlx::Error> {
-        each!(self, db => db.heartbeat(blob, progress, now, lease_until).await)
+    ) -> Result<bool, sqlx::Error> {
+        each!(self, db => db.heartbeat(job, progress, now, lease_until).await)
     }
 
-    pub(crate) async fn complete(&self, blob: &BlobId, result: &JobResult, now: i64) -> Result<(), sqlx::Error> {
+    /// Records `job`'s result; false when the job is no longer this claim's.
+    pub(crate) async fn complete(&self, job: &Claimed, result: &JobResult, now: i64) -> Result<bool, sqlx::Error> {
         let json = serde_json::to_string(result).expect("job results serialise");
-        each!(self, db => db.complete(blob, &json, now).await)
+        each!(self, db => db.complete(job, &json, now).await)
     }
 
-    pub(crate) async fn fail(&self, blob: &BlobId, failure: &Failure<'_>, now: i64) -> Result<(), sqlx::Error> {
-        each!(self, db => db.fail(blob, failure, now).await)
+    /// Records a failed attempt of `job`; false when the job is no longer this claim's.
+    pub(crate) async fn fail(&self, job: &Claimed, failure: &Failure<'_>, now: i64) -> Result<bool, sqlx::Error> {
+        each!(self, db => db.fail(job, failure, now).await)
     }
 }

@@ -11,7 +11,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use types::{BlobId, MediaId, MediaKind, UserId};
 
 use super::{
-    ClaimRow, Claimed, Deleted, Failure, JobRow, JobState, MediaJobRow, MediaRow, NewMedia, blob, variants_of,
+    ClaimRow, Claimed, Deleted, Failure, JobRow, JobState, MediaJobRow, MediaRow, NewMedia, attempt, blob, variants_of,
 };
 
 const QUEUED: &str = "SELECT COUNT(*) FROM jobs WHERE status = 'processing'";
@@ -77,17 +77,17 @@ const CLAIM: &str = "
 
 const HEARTBEAT: &str = "
     UPDATE jobs SET lease_until = ?1, progress = COALESCE(?2, progress), updated_at = ?3
-     WHERE source_blob = ?4 AND status = 'processing'";
+     WHERE source_blob = ?4 AND status = 'processing' AND attempts = ?5";
 
 const COMPLETE: &str = "
     UPDATE jobs SET status = 'ready', result = ?1, lease_until = NULL, error_code = NULL, error_message = NULL,
            updated_at = ?2
-     WHERE source_blob = ?3";
+     WHERE source_blob = ?3 AND status = 'processing' AND attempts = ?4";
 
 const FAIL: &str = "
     UPDATE jobs SET status = ?1, permanent = ?2, error_code = ?3, error_message = ?4, lease_until = NULL,
            run_after = ?5, updated_at = ?6
-     WHERE source_blob = ?7";
+     WHERE source_blob = ?7 AND status = 'processing' AND attempts = ?8";
 
 /// ingest's tables in a SQLite file.
 #[derive(Debug, Clone)]
@@ -223,37 +223,45 @@ impl Sqlite {
 
     pub(super) async fn heartbeat(
         &self,
-        blob: &BlobId,
+        job: &Claimed,
         progress: Option<f32>,
         now: i64,
         lease_until: i64,
-    ) -> Result<(), sqlx::Error> {
-        sqlx::query(HEARTBEAT)
+    ) -> Result<bool, sqlx::Error> {
+        let done = sqlx::query(HEARTBEAT)
             .bind(lease_until)
             .bind(progress.map(f64::from))
             .bind(now)
-            .bind(blob.to_hex())
+            .bind(job.blob.to_hex())
+            .bind(attempt(job))
             .execute(&self.db)
             .await?;
-        Ok(())
+        Ok(done.rows_affected() == 1)
     }
 
-    pub(super) async fn complete(&self, blob: &BlobId, result: &str, now: i64) -> Result<(), sqlx::Error> {
-        sqlx::query(COMPLETE).bind(result).bind(now).bind(blob.to_hex()).execute(&self.db).await?;
-        Ok(())
+    pub(super) async fn complete(&self, job: &Claimed, result: &str, now: i64) -> Result<bool, sqlx::Error> {
+        let done = sqlx::query(COMPLETE)
+            .bind(result)
+            .bind(now)
+            .bind(job.blob.to_hex())
+            .bind(attempt(job))
+            .execute(&self.db)
+            .await?;
+        Ok(done.rows_affected() == 1)
     }
 
-    pub(super) async fn fail(&self, blob: &BlobId, failure: &Failure<'_>, now: i64) -> Result<(), sqlx::Error> {
-        sqlx::query(FAIL)
+    pub(super) async fn fail(&self, job: &Claimed, failure: &Failure<'_>, now: i64) -> Result<bool, sqlx::Error> {
+        let done = sqlx::query(FAIL)
             .bind(if failure.last { "failed" } else { "processing" })
             .bind(failure.permanent)
             .bind(failure.code)
             .bind(failure.message)
             .bind(failure.run_after)
             .bind(now)
-            .bind(blob.to_hex())
+            .bind(job.blob.to_hex())
+            .bind(attempt(job))
             .execute(&self.db)
             .await?;
-        Ok(())
+        Ok(done.rows_affected() == 1)
     }
 }

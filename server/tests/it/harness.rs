@@ -46,8 +46,14 @@ impl Server {
 
     /// Starts `courier serve` on `listen` (a restart on the same address lets clients reconnect).
     pub(crate) fn start_on(data: &DataDir, listen: &str, env: &[(&str, &str)]) -> Self {
+        Self::start_with(data, listen, &[], env)
+    }
+
+    /// [`Server::start_on`] with more flags.
+    pub(crate) fn start_with(data: &DataDir, listen: &str, flags: &[&str], env: &[(&str, &str)]) -> Self {
         let mut args = vec!["serve".to_string(), "--listen".into(), listen.into(), "--data-dir".into()];
         args.push(data.path().display().to_string());
+        args.extend(flags.iter().map(|f| f.to_string()));
         let (child, base) = spawn_courier(&args, env, "courier listening on ");
         let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
         Self { child, base, data: data.path().to_owned(), http }
@@ -356,4 +362,14 @@ pub(crate) async fn variant_bytes(server: &Server, media: &Value, name: &str) ->
 
 pub(crate) fn decode(bytes: &[u8]) -> image::RgbImage {
     image::load_from_memory_with_format(bytes, image::ImageFormat::Jpeg).expect("a JPEG").to_rgb8()
+}
+
+/// An empty schema on the test PostgreSQL server: a pool to inspect it, and a database URL whose
+/// connections use it.
+pub(crate) async fn fresh_schema(url: &str, schema: &str) -> (sqlx::PgPool, String) {
+    let admin = sqlx::PgPool::connect(url).await.expect("COURIER_TEST_DATABASE_URL is set but unreachable");
+    sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).execute(&admin).await.unwrap();
+    sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&admin).await.unwrap();
+    let separator = if url.contains('?') { '&' } else { '?' };
+    (admin, format!("{url}{separator}options=-c%20search_path%3D{schema}"))
 }

@@ -9,7 +9,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
-use crate::harness::{DataDir, Server, fixture};
+use crate::harness::{DataDir, Server, fixture, fresh_schema};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -577,14 +577,4 @@ async fn two_nodes_fan_out_through_nats() {
     assert_eq!(code, Some(4001));
     drop((node_a, node_b));
     admin.close().await;
-}
-
-/// An empty schema on the test PostgreSQL server: a pool to inspect it, and a database URL whose
-/// connections use it.
-async fn fresh_schema(url: &str, schema: &str) -> (sqlx::PgPool, String) {
-    let admin = sqlx::PgPool::connect(url).await.expect("COURIER_TEST_DATABASE_URL is set but unreachable");
-    sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).execute(&admin).await.unwrap();
-    sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&admin).await.unwrap();
-    let separator = if url.contains('?') { '&' } else { '?' };
-    (admin, format!("{url}{separator}options=-c%20search_path%3D{schema}"))
 }

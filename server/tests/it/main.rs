@@ -8,6 +8,7 @@ mod auth;
 mod avmedia;
 mod blobs;
 mod chat;
+mod cluster;
 mod edge;
 mod hostile;
 mod lifecycle;
