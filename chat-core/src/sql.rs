@@ -491,8 +491,14 @@ macro_rules! sql_store {
                     Ok(tx) => tx,
                     Err(e) => return failed(&e),
                 };
-                let mut results = Vec::with_capacity(batch.len());
-                for write in batch {
+                // Row locks are taken conversation by conversation in one order for every batch
+                // (stable within a conversation), so two writers' batches [X, Y] and [Y, X] cannot
+                // deadlock; results go back in the batch's order.
+                let mut order: Vec<usize> = (0..batch.len()).collect();
+                order.sort_by_key(|&i| batch[i].conversation());
+                let mut results: Vec<Option<Result<Written, StoreError>>> = batch.iter().map(|_| None).collect();
+                for i in order {
+                    let write = &batch[i];
                     let result = match write {
                         Write::Append { conversation, sender, device, client_id, body, now_ms } => {
                             append_in(&mut tx, conversation, sender, device, client_id, body, *now_ms).await.map(Written::Appended)
@@ -506,12 +512,12 @@ macro_rules! sql_store {
                     if let Err(e @ (StoreError::Database(_) | StoreError::Corrupt(_))) = &result {
                         return failed(e);
                     }
-                    results.push(result);
+                    results[i] = Some(result);
                 }
                 if let Err(e) = tx.commit().await {
                     return failed(&e);
                 }
-                results
+                results.into_iter().map(|r| r.expect("every write ran")).collect()
             }
 
             async fn messages_after(

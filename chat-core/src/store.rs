@@ -118,6 +118,15 @@ pub enum Write {
     },
 }
 
+impl Write {
+    /// The conversation whose rows the write locks.
+    pub fn conversation(&self) -> ConversationId {
+        match self {
+            Write::Append { conversation, .. } | Write::Ack { conversation, .. } => *conversation,
+        }
+    }
+}
+
 /// What a [`Write`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Written {

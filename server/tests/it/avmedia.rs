@@ -27,7 +27,7 @@ pub(crate) fn ffmpeg(name: &str, args: &[&str]) -> Vec<u8> {
 }
 
 /// A silent 1080p30 H.264 MP4 of `seconds`, quick to make and slow to transcode on two cores.
-fn busy_video(name: &str, seconds: u32) -> Vec<u8> {
+pub(crate) fn busy_video(name: &str, seconds: u32) -> Vec<u8> {
     let source = format!("testsrc2=size=1920x1080:rate=30:duration={seconds}");
     ffmpeg(name, &["-f", "lavfi", "-i", &source, "-c:v", "libx264", "-preset", "ultrafast"])
 }
