@@ -2,8 +2,9 @@
 //!
 //! symphonia sizes buffers from what an MP4 claims: the `stsc`, `stsz`, `stts`, `stco` and `co64`
 //! tables from the entry count in their header (`Vec::with_capacity(count)`), each packet from its
-//! `stsz` entry, `hdlr` names and `ilst` values from their box sizes (minus a header, unchecked, so
-//! a box too small underflows), and the ALAC decoder its buffers from the cookie's frame length. A
+//! sample size (an `stsz` entry, or in a fragmented file a `trun` entry or a `tfhd`/`trex` default),
+//! `hdlr` names and `ilst` values from their box sizes (minus a header, unchecked, so a box too
+//! small underflows), and the ALAC decoder its buffers from the cookie's frame length. A
 //! count of 0xFFFFFFFF in a 17 KB file asks for tens of gigabytes, and a failed allocation aborts
 //! the process. The sandbox bounds what that costs (the worker dies at its `RLIMIT_AS`), but the
 //! upload deserves a plain "corrupt" answer, and the fuzzers cannot look past it. So the worker
@@ -150,6 +151,10 @@ impl Walk {
         if end - body < least {
             return Err(corrupt(format!("the MP4's {} box is too small", name(kind))));
         }
+        match kind {
+            b"trex" | b"tfhd" | b"trun" => return self.fragment(source, kind, body, end),
+            _ => {}
+        }
         // After version and flags: the entry count and each entry's size; stsz has a sample size
         // first, and entries only when that is 0.
         let (count_at, entry): (u64, u64) = match kind {
@@ -185,6 +190,68 @@ impl Walk {
             }
         }
         Ok(())
+    }
+
+    /// A fragmented file's sample sizes (packets are read whole, sized by them): the defaults in
+    /// `trex` and `tfhd`, and each `trun` entry's.
+    fn fragment(
+        &self,
+        source: &mut (impl Read + Seek),
+        kind: &[u8; 4],
+        body: u64,
+        end: u64,
+    ) -> Result<(), TranscodeError> {
+        let short = || corrupt(format!("the MP4's {} box is cut short", name(kind)));
+        let Some(head) = read_at::<4>(source, body)? else { return Err(short()) };
+        let flags = u32::from_be_bytes(head) & 0x00FF_FFFF;
+        let u32_field = |source: &mut _, at: u64| -> Result<u64, TranscodeError> {
+            if at + 4 > end {
+                return Err(short());
+            }
+            Ok(u64::from(u32::from_be_bytes(read_at::<4>(source, at)?.ok_or_else(short)?)))
+        };
+        match kind {
+            // Track id, sample description index, duration, then the default size.
+            b"trex" => self.sample_size(u32_field(source, body + 16)?),
+            b"tfhd" => {
+                // Track id, then the fields its flags say are present, in this order.
+                let mut at = body + 8;
+                if flags & 0x01 != 0 {
+                    at += 8;
+                }
+                for (flag, width) in [(0x02, 4), (0x08, 4)] {
+                    if flags & flag != 0 {
+                        at += width;
+                    }
+                }
+                if flags & 0x10 != 0 {
+                    self.sample_size(u32_field(source, at)?)?;
+                }
+                Ok(())
+            }
+            _ => {
+                // The sample count, an optional data offset and first-sample flags, then per
+                // sample the fields its flags say are present (duration, size, flags, offset).
+                let count = u32_field(source, body + 4)?;
+                let mut at = body + 8;
+                for flag in [0x01, 0x04] {
+                    if flags & flag != 0 {
+                        at += 4;
+                    }
+                }
+                let fields: Vec<u32> = [0x100, 0x200, 0x400, 0x800].into_iter().filter(|f| flags & f != 0).collect();
+                let entry = 4 * fields.len() as u64;
+                if count.saturating_mul(entry) > end.saturating_sub(at) {
+                    return Err(corrupt(format!("the MP4's trun claims {count} samples in {} bytes", end - at)));
+                }
+                if let Some(size_at) = fields.iter().position(|f| *f == 0x200) {
+                    for n in 0..count {
+                        self.sample_size(u32_field(source, at + n * entry + 4 * size_at as u64)?)?;
+                    }
+                }
+                Ok(())
+            }
+        }
     }
 
     fn sample_size(&self, size: u64) -> Result<(), TranscodeError> {
@@ -341,6 +408,12 @@ mod tests {
         assert!(matches!(checked(m4a(&[stsz])), Err(TranscodeError::Corrupt(_))));
         let stsz = boxed(b"stsz", &[0, 0, 0, 0, 0x7F, 0, 0, 0, 0, 0, 0, 1]);
         assert!(matches!(checked(m4a(&[stsz])), Err(TranscodeError::Corrupt(_))));
+        // A fragment whose run names a sample larger than the file.
+        let trun = boxed(b"trun", &[0, 0, 2, 0, 0, 0, 0, 1, 0x7F, 0, 0, 0]);
+        let moof = boxed(b"moof", &boxed(b"traf", &trun));
+        assert!(matches!(checked([m4a(&[]), moof].concat()), Err(TranscodeError::Corrupt(_))));
+        let trun = boxed(b"trun", &[0, 0, 2, 0, 0, 0, 0, 1, 0, 0, 0, 4]);
+        checked([m4a(&[]), boxed(b"moof", &boxed(b"traf", &trun))].concat()).unwrap();
         // A handler box too small for its fixed fields (symphonia subtracts them unchecked).
         assert!(matches!(checked(m4a(&[boxed(b"hdlr", &[0; 8])])), Err(TranscodeError::Corrupt(_))));
         // A child that claims more than its parent holds.
