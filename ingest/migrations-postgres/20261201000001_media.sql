@@ -24,6 +24,7 @@ CREATE TABLE jobs (
     attempts      INTEGER NOT NULL DEFAULT 0,
     run_after     BIGINT NOT NULL,      -- back-off after a failed attempt
     lease_until   BIGINT,               -- a claimed job is its runner's until then
+    claim         TEXT,                 -- the current claim's token, which its runner's writes name
     permanent     BOOLEAN NOT NULL DEFAULT FALSE,  -- failed for a reason a retry cannot fix
     error_code    TEXT,
     error_message TEXT,

@@ -92,6 +92,7 @@ on_both!(
     deleting_keeps_what_other_uploads_still_need,
     a_refused_upload_is_forgotten,
     concurrent_claims_take_each_job_once,
+    an_old_claim_never_speaks_for_a_new_job,
 );
 
 fn alice() -> UserId {
@@ -286,4 +287,21 @@ async fn concurrent_claims_take_each_job_once(t: Tables) {
     claimed.sort_by_key(|b| b.to_hex());
     uploaded.sort_by_key(|b| b.to_hex());
     assert_eq!(claimed, uploaded, "each job claimed exactly once");
+}
+
+async fn an_old_claim_never_speaks_for_a_new_job(t: Tables) {
+    // A runner is working on an upload when its owner deletes it (on another node, say), and the
+    // same bytes are uploaded again: the new job's first claim has the old one's attempt number.
+    let (id, blob) = upload_as(&t, &alice(), b"bytes", MediaKind::Image).await;
+    let old = t.queue.claim(Lane::Quick).await.unwrap().unwrap();
+    assert!(matches!(t.records.delete(id, &alice()).await.unwrap(), Deleted::Orphaned { .. }));
+    assert!(!t.queue.heartbeat(&old, None).await.unwrap(), "its job is gone");
+    upload(&t, b"bytes").await;
+    let new = t.queue.claim(Lane::Quick).await.unwrap().unwrap();
+    assert_eq!((new.blob, new.attempts), (old.blob, old.attempts));
+    assert!(!t.queue.heartbeat(&old, None).await.unwrap(), "the old runner does not hold the new claim");
+    assert!(!t.queue.fail(&old, &TranscodeError::Corrupt("its original was deleted".into())).await.unwrap());
+    assert_eq!(status(&t, &blob).await, (MediaStatus::Processing, false));
+    assert!(t.queue.heartbeat(&new, None).await.unwrap());
+    assert!(t.queue.complete(&new, &JobResult::default()).await.unwrap());
 }

@@ -151,7 +151,14 @@ impl Ingest {
     ) -> Result<JobResult, TranscodeError> {
         let mut lease = pool.checkout(budget).await?;
         if !self.originals.download(&job.blob, &lease.input()).await.map_err(storage)? {
-            return Err(TranscodeError::Corrupt("the uploaded bytes are missing from storage".into()));
+            let missing = "the uploaded bytes are missing from storage";
+            // On a shared database the node that took the upload may not share this node's blob
+            // store (a misconfiguration to retry past, not bytes to refuse for good).
+            return Err(if self.queue.shared() {
+                TranscodeError::Io(missing.into())
+            } else {
+                TranscodeError::Corrupt(missing.into())
+            });
         }
         let product = lease.run(task, budget, progress).await?;
         drop(lease);

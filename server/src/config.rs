@@ -233,6 +233,11 @@ impl TranscodeFlag {
     pub(crate) fn workers(n: usize) -> Self {
         Self { workers: (n > 0).then_some(n), run_jobs: n > 0 }
     }
+
+    /// A node that runs jobs whatever a shared config says (`courier worker`).
+    pub(crate) fn run_jobs() -> Self {
+        Self { workers: None, run_jobs: true }
+    }
 }
 
 #[derive(Debug, Serialize)]

@@ -37,7 +37,7 @@ enum Command {
         #[command(flatten)]
         node: NodeArgs,
         /// Photo and voice-note worker processes; 0 makes an API node that runs no jobs (a
-        /// `courier worker` does) [default: one per core] [env: COURIER_TRANSCODE__WORKERS]
+        /// `courier worker` does) [default: one per core]
         #[arg(long)]
         transcode_workers: Option<usize>,
         /// NATS server for fan-out between nodes, nats://host:4222 [default: none, one node] [env: COURIER_CHAT__BUS_URL]
@@ -56,7 +56,7 @@ enum Command {
         listen: Option<std::net::SocketAddr>,
         #[command(flatten)]
         node: NodeArgs,
-        /// Photo and voice-note worker processes [default: one per core] [env: COURIER_TRANSCODE__WORKERS]
+        /// Photo and voice-note worker processes [default: one per core]
         #[arg(long)]
         transcode_workers: Option<usize>,
     },
@@ -115,6 +115,9 @@ enum Command {
         /// The data dir whose token-signing.key signs the token (made if missing)
         #[arg(long, default_value = "./data")]
         data_dir: PathBuf,
+        /// Or the token key file a cluster's nodes share
+        #[arg(long, env = "COURIER_TOKEN_KEY_FILE")]
+        token_key_file: Option<PathBuf>,
         /// The user the token speaks for (1–64 of a-z A-Z 0-9 - _ .)
         #[arg(long)]
         user: String,
@@ -253,7 +256,9 @@ fn run() -> anyhow::Result<()> {
         }
         Command::Worker { listen, node, transcode_workers } => {
             let extra = config::FlagOverrides {
-                transcode: transcode_workers.map(config::TranscodeFlag::workers),
+                transcode: Some(
+                    transcode_workers.map_or_else(config::TranscodeFlag::run_jobs, config::TranscodeFlag::workers),
+                ),
                 ..Default::default()
             };
             let config = node.config(None, extra)?;
@@ -281,9 +286,13 @@ fn run() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Token { data_dir, user, ttl } => {
+        Command::Token { data_dir, token_key_file, user, ttl } => {
             let user: types::UserId = user.parse()?;
-            let keys = types::TokenKeys::new(&secrets::load_or_create(&data_dir, secrets::TOKEN_KEY)?);
+            let key = match token_key_file {
+                Some(file) => secrets::load(&file)?,
+                None => secrets::load_or_create(&data_dir, secrets::TOKEN_KEY)?,
+            };
+            let keys = types::TokenKeys::new(&key);
             let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
             #[allow(clippy::print_stdout, reason = "the token is this command's output")]
             {

@@ -32,6 +32,10 @@ pub(crate) async fn run(config: Config, listen: Option<SocketAddr>) -> anyhow::R
         .clone()
         .filter(|url| url.starts_with("postgres://") || url.starts_with("postgresql://"))
         .context("courier worker works the queue `serve` nodes share: give --database-url postgres://…")?;
+    anyhow::ensure!(
+        config.blobs.is_some(),
+        "courier worker reads originals from and writes variants to the store `serve` nodes use: give --blobs"
+    );
     let store = Store::connect(&url).await.context("opening the shared database")?;
     let blobs = BlobStore::open(&config.blobs()).context("opening the blob store")?;
     // A worker signs no URL; the key only completes the part of ingest it shares with `serve`.

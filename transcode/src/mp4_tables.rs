@@ -20,6 +20,12 @@ use crate::TranscodeError;
 const CONTAINERS: [&[u8; 4]; 12] =
     [b"moov", b"trak", b"mdia", b"minf", b"stbl", b"udta", b"edts", b"dinf", b"mvex", b"moof", b"traf", b"ilst"];
 
+/// The sample entry types symphonia 0.5 reads as audio (`atoms/stsd.rs`).
+const AUDIO_ENTRIES: [&[u8]; 16] = [
+    b"mp4a", b"alac", b"fLaC", b"Opus", b".mp3", b"lpcm", b"wave", b"alaw", b"ulaw", b"raw ", b"sowt", b"twos",
+    b"in24", b"in32", b"fl32", b"fl64",
+];
+
 /// The largest ALAC frame length taken: Apple's encoder writes 4096.
 const MAX_ALAC_FRAME: u32 = 65_536;
 /// Nesting deeper than a real file's is refused rather than followed.
@@ -242,7 +248,8 @@ impl Walk {
                 let fields: Vec<u32> = [0x100, 0x200, 0x400, 0x800].into_iter().filter(|f| flags & f != 0).collect();
                 let entry = 4 * fields.len() as u64;
                 if count.saturating_mul(entry) > end.saturating_sub(at) {
-                    return Err(corrupt(format!("the MP4's trun claims {count} samples in {} bytes", end - at)));
+                    let room = end.saturating_sub(at);
+                    return Err(corrupt(format!("the MP4's trun claims {count} samples in {room} bytes")));
                 }
                 if let Some(size_at) = fields.iter().position(|f| *f == 0x200) {
                     for n in 0..count {
@@ -273,6 +280,12 @@ fn sample_descriptions(source: &mut (impl Read + Seek), body: u64, end: u64) -> 
         let size = u64::from(u32_at(&header, 0));
         if size < 8 || at + size > end {
             return Err(corrupt("an MP4 sample description runs past its box".into()));
+        }
+        // symphonia reads these as audio sample entries; any other (a chapter track's `tx3g`,
+        // cover art's `jpeg`) it passes over.
+        if !AUDIO_ENTRIES.contains(&&header[4..8]) {
+            at += size;
+            continue;
         }
         // Reserved, data reference index, then the audio entry's version.
         let Some(version) = read_at::<2>(source, at + 16)? else { break };
@@ -389,6 +402,12 @@ mod tests {
     #[test]
     fn tables_that_fit_their_boxes_pass() {
         checked(m4a(&[stsc(2, 2), stsc(0, 0), alac(4096)])).unwrap();
+        // A chapter track's text entry is not audio: symphonia passes over it, and so does the walk.
+        let text = boxed(
+            b"stsd",
+            &[vec![0, 0, 0, 0, 0, 0, 0, 1], boxed(b"tx3g", &[0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1])].concat(),
+        );
+        checked(m4a(&[text])).unwrap();
         // A sample size for all samples means stsz has no entries, whatever its count.
         let stsz = boxed(b"stsz", &[0, 0, 0, 0, 0, 0, 0, 4, 0xFF, 0xFF, 0xFF, 0xFF]);
         checked(m4a(&[stsz])).unwrap();
@@ -414,6 +433,9 @@ mod tests {
         assert!(matches!(checked([m4a(&[]), moof].concat()), Err(TranscodeError::Corrupt(_))));
         let trun = boxed(b"trun", &[0, 0, 2, 0, 0, 0, 0, 1, 0, 0, 0, 4]);
         checked([m4a(&[]), boxed(b"moof", &boxed(b"traf", &trun))].concat()).unwrap();
+        // Optional fields that the box is too short for.
+        let trun = boxed(b"trun", &[0, 0, 2, 5, 0, 0, 0, 1]);
+        assert!(checked([m4a(&[]), boxed(b"moof", &boxed(b"traf", &trun))].concat()).is_err());
         // A handler box too small for its fixed fields (symphonia subtracts them unchecked).
         assert!(matches!(checked(m4a(&[boxed(b"hdlr", &[0; 8])])), Err(TranscodeError::Corrupt(_))));
         // A child that claims more than its parent holds.

@@ -52,6 +52,10 @@ pub(crate) struct Claimed {
     pub(crate) kind: MediaKind,
     pub(crate) mime: String,
     pub(crate) attempts: u32,
+    /// A token new to this claim, which its heartbeats and outcome must name: a runner whose lease
+    /// ran out and whose job was claimed again (or deleted and uploaded again) no longer speaks
+    /// for it.
+    pub(crate) claim: String,
 }
 
 /// What deleting a media record left behind.
@@ -101,6 +105,7 @@ struct ClaimRow {
     kind: String,
     source_mime: String,
     attempts: i32,
+    claim: String,
 }
 
 fn corrupt_row(what: &str) -> sqlx::Error {
@@ -155,14 +160,9 @@ impl TryFrom<ClaimRow> for Claimed {
             kind: kind(&row.kind)?,
             mime: row.source_mime,
             attempts: u32::try_from(row.attempts).map_err(|_| corrupt_row("attempt count"))?,
+            claim: row.claim,
         })
     }
-}
-
-/// The attempt a runner claimed, which its heartbeats and outcome must match: a runner whose
-/// lease expired and whose job another runner claimed again no longer speaks for it.
-fn attempt(job: &Claimed) -> i32 {
-    i32::try_from(job.attempts).unwrap_or(i32::MAX)
 }
 
 /// What a deleted job's result named: its variants, for the caller to keep those another job

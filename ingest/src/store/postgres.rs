@@ -12,7 +12,7 @@ use sqlx::postgres::PgPoolOptions;
 use types::{BlobId, MediaId, MediaKind, UserId};
 
 use super::{
-    ClaimRow, Claimed, Deleted, Failure, JobRow, JobState, MediaJobRow, MediaRow, NewMedia, attempt, blob, variants_of,
+    ClaimRow, Claimed, Deleted, Failure, JobRow, JobState, MediaJobRow, MediaRow, NewMedia, blob, variants_of,
 };
 
 const QUEUED: &str = "SELECT COUNT(*) FROM jobs WHERE status = 'processing'";
@@ -70,7 +70,7 @@ const NAMED_BY_A_JOB: &str = "SELECT 1 FROM jobs WHERE strpos(result, $1) > 0 LI
 
 /// The next due job of two kinds whose lease is free, leased in the same statement.
 const CLAIM: &str = "
-    UPDATE jobs SET lease_until = $1, attempts = attempts + 1, progress = NULL, updated_at = $2
+    UPDATE jobs SET lease_until = $1, attempts = attempts + 1, claim = $5, progress = NULL, updated_at = $2
      WHERE source_blob = (
            SELECT source_blob FROM jobs
             WHERE kind IN ($3, $4) AND status = 'processing' AND run_after <= $2
@@ -78,21 +78,21 @@ const CLAIM: &str = "
             ORDER BY run_after LIMIT 1
               FOR UPDATE SKIP LOCKED)
        AND status = 'processing' AND (lease_until IS NULL OR lease_until < $2)
-    RETURNING source_blob, kind, source_mime, attempts";
+    RETURNING source_blob, kind, source_mime, attempts, claim";
 
 const HEARTBEAT: &str = "
     UPDATE jobs SET lease_until = $1, progress = COALESCE($2, progress), updated_at = $3
-     WHERE source_blob = $4 AND status = 'processing' AND attempts = $5";
+     WHERE source_blob = $4 AND status = 'processing' AND claim = $5 AND lease_until IS NOT NULL";
 
 const COMPLETE: &str = "
     UPDATE jobs SET status = 'ready', result = $1, lease_until = NULL, error_code = NULL, error_message = NULL,
            updated_at = $2
-     WHERE source_blob = $3 AND status = 'processing' AND attempts = $4";
+     WHERE source_blob = $3 AND status = 'processing' AND claim = $4";
 
 const FAIL: &str = "
     UPDATE jobs SET status = $1, permanent = $2, error_code = $3, error_message = $4, lease_until = NULL,
            run_after = $5, updated_at = $6
-     WHERE source_blob = $7 AND status = 'processing' AND attempts = $8";
+     WHERE source_blob = $7 AND status = 'processing' AND claim = $8";
 
 /// ingest's tables in a PostgreSQL database.
 #[derive(Debug, Clone)]
@@ -216,6 +216,7 @@ impl Postgres {
             .bind(now)
             .bind(first.as_str())
             .bind(second.as_str())
+            .bind(uuid::Uuid::now_v7().to_string())
             .fetch_optional(&self.db)
             .await?;
         row.map(Claimed::try_from).transpose()
@@ -233,7 +234,7 @@ impl Postgres {
             .bind(progress.map(f64::from))
             .bind(now)
             .bind(job.blob.to_hex())
-            .bind(attempt(job))
+            .bind(&job.claim)
             .execute(&self.db)
             .await?;
         Ok(done.rows_affected() == 1)
@@ -244,7 +245,7 @@ impl Postgres {
             .bind(result)
             .bind(now)
             .bind(job.blob.to_hex())
-            .bind(attempt(job))
+            .bind(&job.claim)
             .execute(&self.db)
             .await?;
         Ok(done.rows_affected() == 1)
@@ -259,7 +260,7 @@ impl Postgres {
             .bind(failure.run_after)
             .bind(now)
             .bind(job.blob.to_hex())
-            .bind(attempt(job))
+            .bind(&job.claim)
             .execute(&self.db)
             .await?;
         Ok(done.rows_affected() == 1)
