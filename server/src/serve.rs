@@ -29,7 +29,7 @@ pub(crate) fn init_logging(log: &str, format: LogFormat) -> anyhow::Result<()> {
 pub(crate) async fn serve(config: Config) -> anyhow::Result<()> {
     listener::raise_open_file_limit();
     let data_dir = &config.data_dir;
-    std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    let _lock = crate::secrets::lock_data_dir(data_dir)?;
     let (token_key, url_key) = config.keys()?;
     let token_keys = Arc::new(TokenKeys::new(&token_key));
     let signer = UrlSigner::new(&url_key);

@@ -36,6 +36,7 @@ pub(crate) async fn run(config: Config, listen: Option<SocketAddr>) -> anyhow::R
         config.blobs.is_some(),
         "courier worker reads originals from and writes variants to the store `serve` nodes use: give --blobs"
     );
+    let _lock = crate::secrets::lock_data_dir(&config.data_dir)?;
     let store = Store::connect(&url).await.context("opening the shared database")?;
     let blobs = BlobStore::open(&config.blobs()).context("opening the blob store")?;
     // A worker signs no URL; the key only completes the part of ingest it shares with `serve`.

@@ -57,3 +57,25 @@ async fn the_blob_store_is_chosen_by_url() {
     crate::harness::variant_bytes(&server, &media, "standard").await;
     assert!(server.files_under("blobs").is_empty());
 }
+
+#[tokio::test]
+async fn a_second_process_on_the_same_data_dir_is_refused() {
+    let data = DataDir::new();
+    let server = Server::start(&data, &[]);
+    // It would empty the running server's worker folders and upload spool at start.
+    let second = std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data.path())
+        .env("COURIER_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    let said = String::from_utf8_lossy(&second.stderr);
+    assert!(said.contains("in use by another courier process"), "{said}");
+    assert_eq!(server.get("/healthz").await.status(), 200, "the first server is untouched");
+    assert!(!server.workers("quick").is_empty(), "and keeps its workers");
+    // Once it is gone, the data dir is free again.
+    server.kill();
+    let again = Server::start(&data, &[]);
+    assert_eq!(again.get("/healthz").await.status(), 200);
+}
