@@ -51,15 +51,21 @@ fn every_seed_fixture_and_finding_passes_every_target() {
 }
 
 #[test]
-fn every_hostile_mp4_finding_is_refused_as_corrupt() {
-    // Not passing without a panic is not enough: a table bomb whose allocation happened to
-    // succeed would pass that. Each must be refused before symphonia sizes anything from it.
+fn every_hostile_audio_finding_is_refused_as_corrupt() {
+    // Not panicking is not enough: a table bomb whose allocation happened to succeed would pass
+    // that. Each must be refused, as the container it claims to be, before a demuxer sizes
+    // anything from it or trips over it.
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("regressions/audio_probe");
     let findings = files(&dir);
-    assert!(findings.len() >= 5, "the MP4 findings are missing from {}", dir.display());
+    assert!(findings.len() >= 6, "the audio findings are missing from {}", dir.display());
     for file in findings {
+        let container = match file.extension().and_then(|e| e.to_str()) {
+            Some("m4a") => audio::Container::Mp4,
+            Some("webm") => audio::Container::WebM,
+            other => panic!("{}: no container for .{other:?}", file.display()),
+        };
         let bytes = std::fs::read(&file).unwrap();
-        let probed = audio::probe(Cursor::new(bytes), audio::Container::Mp4, &audio::Limits::default());
+        let probed = audio::probe(Cursor::new(bytes), container, &audio::Limits::default());
         assert!(matches!(probed, Err(TranscodeError::Corrupt(_))), "{}: {probed:?}", file.display());
     }
 }

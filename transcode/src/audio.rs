@@ -176,11 +176,16 @@ fn open(
     let mut hint = Hint::new();
     hint.with_extension(container.extension());
     let options = FormatOptions { enable_gapless: true, ..Default::default() };
-    let probed =
-        demuxers(container).format(&hint, source, &options, &MetadataOptions::default()).map_err(|e| match e {
-            SymError::Unsupported(what) => TranscodeError::Unsupported(format!("no audio we can read: {what}")),
-            e => corrupt(e),
-        })?;
+    // A demuxer that panics on what it reads (symphonia-format-mkv 0.5.5 asserts on some broken
+    // EBML) has met a corrupt file: refuse it as one, rather than as a crashed worker.
+    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        demuxers(container).format(&hint, source, &options, &MetadataOptions::default())
+    }))
+    .map_err(|_| TranscodeError::Corrupt("the audio's container cannot be read".into()))?;
+    let probed = opened.map_err(|e| match e {
+        SymError::Unsupported(what) => TranscodeError::Unsupported(format!("no audio we can read: {what}")),
+        e => corrupt(e),
+    })?;
     let reader = probed.format;
     let track = reader
         .tracks()
