@@ -28,6 +28,15 @@ pub fn synthetic_jpeg(width: u32, height: u32, quality: u8) -> Vec<u8> {
     out
 }
 
+/// Takes a leading `--worker COURIER` off `args`: the comparison binaries' switch to run their
+/// pipeline in a [`SandboxedPool`].
+pub fn worker_flag(args: &mut Vec<String>) -> Option<std::path::PathBuf> {
+    if args.len() > 1 && args[0] == "--worker" {
+        return Some(args.drain(..2).nth(1).expect("two were there").into());
+    }
+    None
+}
+
 /// A warm pool of one sandboxed `courier transcode-worker`, set up as `courier serve` sets up its
 /// photo and voice-note pool, for the comparison binaries' `--worker` mode.
 pub struct SandboxedPool {

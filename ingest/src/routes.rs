@@ -110,7 +110,8 @@ async fn accept(
     let wait = tokio::time::sleep(Duration::from_millis(config.wait_for_ready_ms));
     tokio::pin!(wait);
     // On a shared database another node may run the job: its row says when it ends.
-    let mut poll = tokio::time::interval(if ingest.queue.shared() { SHARED_POLL } else { Duration::from_secs(3600) });
+    let shared = ingest.queue.shared();
+    let mut poll = tokio::time::interval_at(tokio::time::Instant::now() + SHARED_POLL, SHARED_POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut job = ingest.queue.job(&blob).await?;
     while job.as_ref().is_some_and(|j| j.status == MediaStatus::Processing) {
@@ -120,7 +121,7 @@ async fn accept(
                 Ok(_) | Err(RecvError::Lagged(_)) => job = ingest.queue.job(&blob).await?,
                 Err(RecvError::Closed) => break,
             },
-            _ = poll.tick() => job = ingest.queue.job(&blob).await?,
+            _ = poll.tick(), if shared => job = ingest.queue.job(&blob).await?,
             _ = &mut wait => break,
         }
     }

@@ -66,7 +66,7 @@ pub(crate) async fn serve(config: Config) -> anyhow::Result<()> {
         None => None,
     };
     let chat_url = config.chat_database_url();
-    let chat = if chat_url.starts_with("postgres://") || chat_url.starts_with("postgresql://") {
+    let chat = if ingest::Store::is_postgres_url(&chat_url) {
         let pool = chat_core::open_postgres(&chat_url).await.context("opening chat-core's PostgreSQL database")?;
         ChatParts::start(pool, media, &token_keys, &config, bus).await
     } else {

@@ -5,7 +5,7 @@
 //! Without `--worker` the pipeline runs on this thread; with it, in a warm sandboxed
 //! `COURIER transcode-worker`, as `courier serve` runs voice notes (see `transcode-files`).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -18,10 +18,7 @@ const BUDGET: Duration = Duration::from_secs(3600);
 
 fn main() -> anyhow::Result<()> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
-    let worker = match args.first().map(String::as_str) {
-        Some("--worker") if args.len() > 1 => Some(PathBuf::from(args.drain(..2).nth(1).expect("checked"))),
-        _ => None,
-    };
+    let worker = benches::worker_flag(&mut args);
     let (out_dir, inputs) = args.split_first().context("usage: transcode-audio [--worker COURIER] OUT_DIR IN…")?;
     let jobs =
         inputs.iter().map(|input| Ok((Path::new(input), container(input)?))).collect::<anyhow::Result<Vec<_>>>()?;

@@ -19,10 +19,7 @@ use transcode::{Body, Product};
 
 fn main() -> anyhow::Result<()> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
-    let worker = match args.first().map(String::as_str) {
-        Some("--worker") if args.len() > 1 => Some(PathBuf::from(args.drain(..2).nth(1).expect("checked"))),
-        _ => None,
-    };
+    let worker = benches::worker_flag(&mut args);
     let (out_dir, inputs) = args.split_first().context("usage: transcode-files [--worker COURIER] OUT_DIR IN.jpg…")?;
     let out_dir = Path::new(out_dir);
     match worker {
