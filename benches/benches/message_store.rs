@@ -1,13 +1,11 @@
 //! chat-core's store on both backends: appending a message (one transaction: next seq, membership,
-//! insert), a group commit of 64 appends (what the writer does under load; on SQLite also through
-//! the blocking writer thread's connection, which is what the server uses), and replaying a
-//! 500-message page from a cursor. PostgreSQL runs when
-//! `COURIER_TEST_DATABASE_URL` is set (schema `chat_bench`, recreated).
+//! insert), a group commit of 64 appends (what the writer does under load), and replaying a
+//! 500-message page from a cursor. PostgreSQL runs when `COURIER_TEST_DATABASE_URL` is set (schema
+//! `chat_bench`, recreated).
 
-use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use chat_core::{MessageStore, Write};
+use chat_core::{Store, Write};
 use criterion::{Criterion, criterion_group, criterion_main};
 use types::{ConversationId, DeviceId, UserId};
 
@@ -17,7 +15,7 @@ struct Fixture {
     phone: DeviceId,
 }
 
-async fn prepare<S: MessageStore>(store: &S) -> Fixture {
+async fn prepare(store: &Store) -> Fixture {
     let (alice, bob): (UserId, UserId) = ("alice".parse().unwrap(), "bob".parse().unwrap());
     let conversation = store.direct(&alice, &bob).await.unwrap().id;
     let phone = store.add_device(&alice, "phone").await.unwrap();
@@ -30,7 +28,7 @@ async fn prepare<S: MessageStore>(store: &S) -> Fixture {
     Fixture { conversation, alice, phone }
 }
 
-fn bench_store<S: MessageStore + 'static>(c: &mut Criterion, name: &str, runtime: &tokio::runtime::Runtime, store: S) {
+fn bench_store(c: &mut Criterion, name: &str, runtime: &tokio::runtime::Runtime, store: Store) {
     let fixture = runtime.block_on(prepare(&store));
     let next = AtomicU64::new(0);
     let mut group = c.benchmark_group(format!("message_store/{name}"));
@@ -58,14 +56,8 @@ fn bench_store<S: MessageStore + 'static>(c: &mut Criterion, name: &str, runtime
     };
     group.throughput(criterion::Throughput::Elements(64));
     group.bench_function("append_batch_64", |b| {
-        b.to_async(runtime).iter(|| async { assert!(store.write_batch(&batch()).await.iter().all(Result::is_ok)) })
+        b.to_async(runtime).iter(|| async { assert!(store.write_batch(batch()).await.iter().all(Result::is_ok)) })
     });
-    // What `courier serve` runs on SQLite: the same batch on the writer thread's own connection.
-    if let Some(mut writer) = store.blocking_writer() {
-        group.bench_function("append_batch_64_blocking_writer", |b| {
-            b.iter(|| assert!(writer.write_batch(&batch()).iter().all(Result::is_ok)))
-        });
-    }
     group.throughput(criterion::Throughput::Elements(1));
     group.bench_function("replay_500", |b| {
         b.to_async(runtime).iter(|| async {
@@ -79,23 +71,20 @@ fn bench_store<S: MessageStore + 'static>(c: &mut Criterion, name: &str, runtime
 fn message_store(c: &mut Criterion) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    // The pool `courier serve` uses: WAL, synchronous=FULL, one connection.
+    // What `courier serve` opens: WAL, synchronous=FULL, one writer thread and read connections.
     let url = format!("sqlite://{}", dir.path().join("bench.db").display());
-    let sqlite = runtime.block_on(chat_core::open_sqlite(&url)).unwrap();
+    let sqlite = runtime.block_on(Store::connect(&url)).unwrap();
     bench_store(c, "sqlite", &runtime, sqlite);
 
     if let Ok(url) = std::env::var("COURIER_TEST_DATABASE_URL") {
-        let pool = runtime.block_on(async {
+        let store = runtime.block_on(async {
             let admin = sqlx::PgPool::connect(&url).await.expect("COURIER_TEST_DATABASE_URL is set but unreachable");
             sqlx::query("DROP SCHEMA IF EXISTS chat_bench CASCADE").execute(&admin).await.unwrap();
             sqlx::query("CREATE SCHEMA chat_bench").execute(&admin).await.unwrap();
-            let options =
-                sqlx::postgres::PgConnectOptions::from_str(&url).unwrap().options([("search_path", "chat_bench")]);
-            let pool = sqlx::PgPool::connect_with(options).await.unwrap();
-            chat_core::migrate(&pool).await.unwrap();
-            pool
+            let separator = if url.contains('?') { '&' } else { '?' };
+            Store::connect(&format!("{url}{separator}options=-c%20search_path%3Dchat_bench")).await.unwrap()
         });
-        bench_store(c, "postgres", &runtime, pool);
+        bench_store(c, "postgres", &runtime, store);
     }
 }
 

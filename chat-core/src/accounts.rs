@@ -6,7 +6,6 @@
 //! tokens and cursors go, its connections close). Rate limits are per node, in memory.
 
 use std::net::{IpAddr, SocketAddr};
-use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,15 +14,13 @@ use axum::extract::{ConnectInfo, Query, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
 use base64::Engine;
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use types::{Claims, DeviceId, UserId};
 
 use crate::chat::{Chat, now_ms};
-use crate::error::ApiError;
-use crate::http::json_body;
-use crate::{AccountStore, CodeCheck, MessageStore, Rotation};
+use crate::error::{ApiError, json_body};
+use crate::store::{CodeCheck, Rotation};
 
 /// How long a verification code is good for.
 const CODE_TTL_MS: i64 = 10 * 60 * 1000;
@@ -31,41 +28,6 @@ const CODE_TTL_MS: i64 = 10 * 60 * 1000;
 const MAX_DEVICE_NAME: usize = 128;
 /// Tries to deliver one code to the SMS webhook.
 const SMS_ATTEMPTS: u32 = 5;
-
-/// Per-node rate limits on the unauthenticated and enumeration-prone routes.
-pub(crate) struct Limits {
-    codes_per_phone: DefaultKeyedRateLimiter<String>,
-    codes_per_client: DefaultKeyedRateLimiter<IpAddr>,
-    verify_per_client: DefaultKeyedRateLimiter<IpAddr>,
-    lookups_per_user: DefaultKeyedRateLimiter<UserId>,
-}
-
-fn quota(per: Duration, burst: u32) -> Quota {
-    Quota::with_period(per).expect("non-zero period").allow_burst(NonZeroU32::new(burst).expect("non-zero burst"))
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            // Three codes at once, then one every two minutes.
-            codes_per_phone: RateLimiter::keyed(quota(Duration::from_secs(120), 3)),
-            codes_per_client: RateLimiter::keyed(quota(Duration::from_secs(10), 20)),
-            verify_per_client: RateLimiter::keyed(quota(Duration::from_secs(2), 30)),
-            // Contact discovery: a burst for a fresh address book, then one a second.
-            lookups_per_user: RateLimiter::keyed(quota(Duration::from_secs(1), 100)),
-        }
-    }
-}
-
-impl Limits {
-    /// Forgets keys whose limits have refilled, so the maps stay small.
-    pub(crate) fn shrink(&self) {
-        self.codes_per_phone.retain_recent();
-        self.codes_per_client.retain_recent();
-        self.verify_per_client.retain_recent();
-        self.lookups_per_user.retain_recent();
-    }
-}
 
 /// An E.164 number: `+` and 8 to 15 digits, the first not 0.
 fn check_phone(phone: &str) -> Result<&str, ApiError> {
@@ -115,8 +77,8 @@ pub(crate) struct CodeRequest {
 }
 
 /// `POST /v1/auth/code`: sends a code to the phone (202).
-pub(crate) async fn request_code<S: MessageStore + AccountStore + 'static>(
-    State(chat): State<Arc<Chat<S>>>,
+pub(crate) async fn request_code(
+    State(chat): State<Arc<Chat>>,
     addr: Option<Extension<ConnectInfo<SocketAddr>>>,
     body: Result<Json<CodeRequest>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
@@ -169,8 +131,8 @@ pub(crate) struct Verify {
 }
 
 /// `POST /v1/auth/verify`: a right code links a new device and returns its tokens.
-pub(crate) async fn verify<S: MessageStore + AccountStore + 'static>(
-    State(chat): State<Arc<Chat<S>>>,
+pub(crate) async fn verify(
+    State(chat): State<Arc<Chat>>,
     addr: Option<Extension<ConnectInfo<SocketAddr>>>,
     body: Result<Json<Verify>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
@@ -196,12 +158,7 @@ pub(crate) async fn verify<S: MessageStore + AccountStore + 'static>(
 }
 
 /// What sign-in and refresh answer: the device's ids and a fresh pair of tokens.
-fn session<S: MessageStore + AccountStore + 'static>(
-    chat: &Chat<S>,
-    user: &UserId,
-    device: DeviceId,
-    refresh: &str,
-) -> Value {
+fn session(chat: &Chat, user: &UserId, device: DeviceId, refresh: &str) -> Value {
     json!({
         "user_id": user,
         "device_id": device.to_string(),
@@ -211,7 +168,7 @@ fn session<S: MessageStore + AccountStore + 'static>(
     })
 }
 
-fn refresh_ttl_ms<S>(chat: &Chat<S>) -> i64 {
+fn refresh_ttl_ms(chat: &Chat) -> i64 {
     chat.auth.refresh_token_days as i64 * 86_400_000
 }
 
@@ -222,8 +179,8 @@ pub(crate) struct Refresh {
 }
 
 /// `POST /v1/auth/refresh`: spends a refresh token for a new access token and refresh token.
-pub(crate) async fn refresh<S: MessageStore + AccountStore + 'static>(
-    State(chat): State<Arc<Chat<S>>>,
+pub(crate) async fn refresh(
+    State(chat): State<Arc<Chat>>,
     addr: Option<Extension<ConnectInfo<SocketAddr>>>,
     body: Result<Json<Refresh>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
@@ -253,8 +210,8 @@ pub(crate) struct Lookup {
 
 /// `GET /v1/users/lookup?phone=…`: the user id of a phone number (contact discovery), rate-limited
 /// per caller.
-pub(crate) async fn lookup<S: MessageStore + AccountStore + 'static>(
-    State(chat): State<Arc<Chat<S>>>,
+pub(crate) async fn lookup(
+    State(chat): State<Arc<Chat>>,
     Extension(claims): Extension<Claims>,
     query: Result<Query<Lookup>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {

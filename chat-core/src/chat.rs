@@ -10,11 +10,12 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use types::{ConversationId, DeviceId, MediaId, TokenKeys, UserId};
 
 use crate::bus::{Bus, Inbound};
+use crate::config::{AuthConfig, ChatConfig};
 use crate::error::ApiError;
 use crate::frames::{ServerFrame, message_frame};
 use crate::hub::{Event, Hub};
-use crate::store::BlockingWriter;
-use crate::{AccountStore, Acked, Appended, AuthConfig, ChatConfig, MessageStore, StoreError, Write, Written};
+use crate::limits::Limits;
+use crate::store::{Acked, Appended, Store, StoreError, Write, Written};
 
 /// What messaging needs from media storage, which another crate owns: whether a user may send a
 /// media record (they own it, or it was shared with them), and sharing it with a conversation's
@@ -34,8 +35,8 @@ const DEVICE_CACHE_TTL: Duration = Duration::from_secs(30);
 const MEMBERS_CACHE_TTL: Duration = Duration::from_secs(60);
 
 /// chat-core, wired: the store, the hub of live connections, media access and settings.
-pub struct Chat<S> {
-    pub(crate) store: Arc<S>,
+pub struct Chat {
+    pub(crate) store: Store,
     pub(crate) hub: Arc<Hub>,
     pub(crate) media: Arc<dyn MediaAccess>,
     pub(crate) keys: TokenKeys,
@@ -44,7 +45,7 @@ pub struct Chat<S> {
     members: moka::sync::Cache<ConversationId, Arc<[UserId]>>,
     devices: moka::sync::Cache<(UserId, DeviceId), ()>,
     pub(crate) push_wake: Notify,
-    pub(crate) limits: crate::accounts::Limits,
+    pub(crate) limits: Limits,
     /// One queue per writer; a conversation always goes to the same one, so its writes keep their order.
     writers: Vec<mpsc::Sender<Queued>>,
     bus: Option<Arc<Bus>>,
@@ -61,11 +62,11 @@ const WRITE_QUEUE: usize = 4096;
 /// The group-commit writer: whatever appends and acks wait when it gets to them go into one
 /// transaction, so under load one commit (one fsync) serves many messages, and when idle a lone
 /// write goes straight through.
-async fn writer<S: MessageStore>(store: Arc<S>, mut writes: mpsc::Receiver<Queued>) {
+async fn writer(store: Store, mut writes: mpsc::Receiver<Queued>) {
     let mut batch = Batch::default();
     while let Some(first) = writes.recv().await {
         batch.fill(first, &mut writes);
-        let results = store.write_batch(&batch.writes).await;
+        let results = store.write_batch(std::mem::take(&mut batch.writes)).await;
         batch.answer(results);
     }
 }
@@ -92,18 +93,6 @@ impl Batch {
         for (reply, result) in self.replies.drain(..).zip(results) {
             let _ = reply.send(result);
         }
-        self.writes.clear();
-    }
-}
-
-/// The same loop on a thread of its own, for a store whose batches run synchronously. It ends when
-/// every sender is gone.
-fn blocking_writer(mut store: Box<dyn BlockingWriter>, mut writes: mpsc::Receiver<Queued>) {
-    let mut batch = Batch::default();
-    while let Some(first) = writes.blocking_recv() {
-        batch.fill(first, &mut writes);
-        let results = store.write_batch(&batch.writes);
-        batch.answer(results);
     }
 }
 
@@ -112,13 +101,13 @@ pub trait DeviceCheck: Send + Sync {
     fn device_active<'a>(&'a self, user: &'a UserId, device: DeviceId) -> BoxFuture<'a, Result<bool, StoreError>>;
 }
 
-impl<S: MessageStore + AccountStore + 'static> DeviceCheck for Chat<S> {
+impl DeviceCheck for Chat {
     fn device_active<'a>(&'a self, user: &'a UserId, device: DeviceId) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(Chat::device_active(self, user, device))
     }
 }
 
-impl<S> std::fmt::Debug for Chat<S> {
+impl std::fmt::Debug for Chat {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Chat").field("hub", &self.hub).finish_non_exhaustive()
     }
@@ -128,9 +117,9 @@ pub(crate) fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
-impl<S: MessageStore + AccountStore + 'static> Chat<S> {
+impl Chat {
     pub fn new(
-        store: Arc<S>,
+        store: Store,
         media: Arc<dyn MediaAccess>,
         keys: TokenKeys,
         config: ChatConfig,
@@ -138,19 +127,9 @@ impl<S: MessageStore + AccountStore + 'static> Chat<S> {
         bus: Option<Bus>,
     ) -> Arc<Self> {
         let writers = (0..store.writers().max(1))
-            .map(|i| {
+            .map(|_| {
                 let (writes, queue) = mpsc::channel(WRITE_QUEUE);
-                match store.blocking_writer() {
-                    Some(blocking) => {
-                        std::thread::Builder::new()
-                            .name(format!("chat-writer-{i}"))
-                            .spawn(move || blocking_writer(blocking, queue))
-                            .expect("spawning the chat writer thread");
-                    }
-                    None => {
-                        tokio::spawn(writer(store.clone(), queue));
-                    }
-                }
+                tokio::spawn(writer(store.clone(), queue));
                 writes
             })
             .collect();
@@ -181,7 +160,7 @@ impl<S: MessageStore + AccountStore + 'static> Chat<S> {
             members,
             devices,
             push_wake: Notify::new(),
-            limits: crate::accounts::Limits::default(),
+            limits: Limits::default(),
         })
     }
 

@@ -1,11 +1,12 @@
 //! What chat-core answers when it refuses, over HTTP and as WebSocket `error` frames alike.
 
 use axum::Json;
+use axum::extract::rejection::JsonRejection;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use types::ErrorBody;
 
-use crate::{CodeCheck, StoreError};
+use crate::store::{CodeCheck, StoreError};
 
 /// Everything the routes answer with when they refuse.
 #[derive(Debug)]
@@ -93,4 +94,12 @@ impl IntoResponse for ApiError {
         let (status, code, message) = self.parts();
         (status, Json(ErrorBody::new(code, message))).into_response()
     }
+}
+
+/// A JSON request body, or the error that says what was wrong with it.
+pub(crate) fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+    body.map(|Json(t)| t).map_err(|e| match e {
+        JsonRejection::JsonDataError(e) => ApiError::Invalid(e.body_text()),
+        other => ApiError::BadJson(other.body_text()),
+    })
 }

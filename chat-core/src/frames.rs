@@ -5,7 +5,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use types::{ConversationId, UserId};
 
-use crate::Message;
+use crate::store::Message;
 
 #[derive(Serialize)]
 #[serde(tag = "type", rename_all = "lowercase")]

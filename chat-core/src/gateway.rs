@@ -26,7 +26,7 @@ use types::{ConversationId, DeviceId, ErrorBody, TokenError, UserId};
 use crate::chat::{Chat, now_ms};
 use crate::frames::{ServerFrame, message_frame};
 use crate::hub::{Event, Lagged};
-use crate::{AccountStore, Appended, MAX_BODY_BYTES, MAX_PAGE, MessageStore, StoreError};
+use crate::store::{Appended, MAX_BODY_BYTES, MAX_PAGE, StoreError};
 
 /// Largest frame a client may send: a full body plus its envelope.
 pub const MAX_CLIENT_FRAME: usize = MAX_BODY_BYTES + 4096;
@@ -55,8 +55,8 @@ fn refuse(status: StatusCode, code: &str, message: &str) -> Response {
 }
 
 /// Authenticates (bearer header or `?token=`, bound to a linked device) and upgrades.
-pub(crate) async fn upgrade<S: MessageStore + AccountStore + 'static>(
-    State(chat): State<Arc<Chat<S>>>,
+pub(crate) async fn upgrade(
+    State(chat): State<Arc<Chat>>,
     headers: HeaderMap,
     Query(query): Query<TokenQuery>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -110,8 +110,8 @@ enum ClientFrame {
     Typing { conversation: String },
 }
 
-struct Connection<S> {
-    chat: Arc<Chat<S>>,
+struct Connection {
+    chat: Arc<Chat>,
     user: UserId,
     device: DeviceId,
     sink: SplitSink<WebSocket, WsMessage>,
@@ -126,12 +126,7 @@ struct Connection<S> {
     unflushed: bool,
 }
 
-async fn run<S: MessageStore + AccountStore + 'static>(
-    chat: Arc<Chat<S>>,
-    socket: WebSocket,
-    user: UserId,
-    device: DeviceId,
-) {
+async fn run(chat: Arc<Chat>, socket: WebSocket, user: UserId, device: DeviceId) {
     let mut registration = chat.hub.register(&user, device);
     if registration.first {
         chat.announce_presence(&user, true, now_ms()).await;
@@ -161,7 +156,7 @@ async fn run<S: MessageStore + AccountStore + 'static>(
     }
 }
 
-impl<S: MessageStore + AccountStore + 'static> Connection<S> {
+impl Connection {
     /// Writes one frame into the socket's buffer; [`Connection::flush`] hands what is buffered to
     /// the kernel, once per wake-up rather than once per frame. A client that takes longer than the
     /// send timeout is stuck; one whose queue overflows meanwhile is too slow: either way the

@@ -17,8 +17,8 @@ use serde_json::{Value, json};
 use types::{Claims, ConversationId, DeviceId, UserId};
 
 use crate::chat::Chat;
-use crate::error::ApiError;
-use crate::{AccountStore, Appended, Conversation, ConversationKind, Message, MessageStore, StoreError};
+use crate::error::{ApiError, json_body};
+use crate::store::{Appended, Conversation, ConversationKind, Message, StoreError};
 
 /// Lifetime of a device-bound access token, in seconds.
 const DEVICE_TOKEN_TTL: u64 = 24 * 3600;
@@ -26,23 +26,16 @@ const DEVICE_TOKEN_TTL: u64 = 24 * 3600;
 const MAX_NAME: usize = 128;
 
 /// The routes that need an authenticated caller ([`Claims`] in the extensions).
-pub(crate) fn routes<S: MessageStore + AccountStore + 'static>(chat: Arc<Chat<S>>) -> Router {
+pub(crate) fn routes(chat: Arc<Chat>) -> Router {
     Router::new()
-        .route("/v1/devices", post(link_device::<S>))
-        .route("/v1/conversations", post(create_conversation::<S>).get(list_conversations::<S>))
-        .route("/v1/conversations/{id}/members", post(add_members::<S>))
-        .route("/v1/conversations/{id}/members/{user}", delete(remove_member::<S>))
-        .route("/v1/conversations/{id}/messages", post(send::<S>).get(history::<S>))
-        .route("/v1/devices/{id}", delete(unlink_device::<S>))
-        .route("/v1/users/lookup", get(crate::accounts::lookup::<S>))
+        .route("/v1/devices", post(link_device))
+        .route("/v1/conversations", post(create_conversation).get(list_conversations))
+        .route("/v1/conversations/{id}/members", post(add_members))
+        .route("/v1/conversations/{id}/members/{user}", delete(remove_member))
+        .route("/v1/conversations/{id}/messages", post(send).get(history))
+        .route("/v1/devices/{id}", delete(unlink_device))
+        .route("/v1/users/lookup", get(crate::accounts::lookup))
         .with_state(chat)
-}
-
-pub(crate) fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
-    body.map(|Json(t)| t).map_err(|e| match e {
-        JsonRejection::JsonDataError(e) => ApiError::Invalid(e.body_text()),
-        other => ApiError::BadJson(other.body_text()),
-    })
 }
 
 fn device(claims: &Claims) -> Result<DeviceId, ApiError> {
@@ -67,8 +60,8 @@ struct LinkDevice {
     name: String,
 }
 
-async fn link_device<S: MessageStore + AccountStore + 'static>(
-    State(chat): State<Arc<Chat<S>>>,
+async fn link_device(
+    State(chat): State<Arc<Chat>>,
     Extension(claims): Extension<Claims>,
     body: Result<Json<LinkDevice>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
@@ -111,8 +104,8 @@ impl ConversationView {
     }
 }
 
-async fn create_conversation<S: MessageStore + AccountStore + 'static>(
-    State(chat): State<Arc<Chat<S>>>,
+async fn create_conversation(
+    State(chat): State<Arc<Chat>>,
     Extension(claims): Extension<Claims>,
     body: Result<Json<NewConversation>, JsonRejection>,
 ) -> Result<(StatusCode, Json<ConversationView>), ApiError> {
@@ -138,8 +131,8 @@ async fn create_conversation<S: MessageStore + AccountStore + 'static>(
     Ok((status, Json(ConversationView::of(conversation, None))))
 }
 
-async fn list_conversations<S: MessageStore + AccountStore + 'static>(
-    State(chat): State<Arc<Chat<S>>>,
+async fn list_conversations(
+    State(chat): State<Arc<Chat>>,
     Extension(claims): Extension<Claims>,
 ) -> Result<Json<Value>, ApiError> {
     let device = device(&claims)?;
@@ -154,8 +147,8 @@ struct Members {
     members: Vec<String>,
 }
 
-async fn add_members<S: MessageStore + AccountStore + 'static>(
-    State(chat): State<Arc<Chat<S>>>,
+async fn add_members(
+    State(chat): State<Arc<Chat>>,
     Extension(claims): Extension<Claims>,
     Path(id): Path<String>,
     body: Result<Json<Members>, JsonRejection>,
@@ -167,8 +160,8 @@ async fn add_members<S: MessageStore + AccountStore + 'static>(
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn remove_member<S: MessageStore + AccountStore + 'static>(
-    State(chat): State<Arc<Chat<S>>>,
+async fn remove_member(
+    State(chat): State<Arc<Chat>>,
     Extension(claims): Extension<Claims>,
     Path((id, user)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
@@ -210,8 +203,8 @@ impl MessageView {
     }
 }
 
-async fn send<S: MessageStore + AccountStore + 'static>(
-    State(chat): State<Arc<Chat<S>>>,
+async fn send(
+    State(chat): State<Arc<Chat>>,
     Extension(claims): Extension<Claims>,
     Path(id): Path<String>,
     body: Result<Json<SendMessage>, JsonRejection>,
@@ -239,8 +232,8 @@ fn default_limit() -> i64 {
     100
 }
 
-async fn history<S: MessageStore + AccountStore + 'static>(
-    State(chat): State<Arc<Chat<S>>>,
+async fn history(
+    State(chat): State<Arc<Chat>>,
     Extension(claims): Extension<Claims>,
     Path(id): Path<String>,
     page: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
@@ -252,8 +245,8 @@ async fn history<S: MessageStore + AccountStore + 'static>(
     Ok(Json(json!({ "messages": views })))
 }
 
-async fn unlink_device<S: MessageStore + AccountStore + 'static>(
-    State(chat): State<Arc<Chat<S>>>,
+async fn unlink_device(
+    State(chat): State<Arc<Chat>>,
     Extension(claims): Extension<Claims>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {

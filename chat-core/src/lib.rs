@@ -2,13 +2,15 @@
 //! the message log with per-conversation sequence numbers, per-device delivery and read cursors,
 //! and the real-time gateway that delivers messages exactly once and in order (PROTOCOL.md).
 //!
-//! [`MessageStore`] and [`AccountStore`] are the storage interfaces; each has two real backends,
-//! SQLite (the embedded default) and PostgreSQL, built from the same SQL and held to one conformance
-//! suite (`tests/conformance.rs`). Appends are idempotent on the sender's `client_id` and assign
-//! gapless, strictly increasing `seq`s per conversation. How the tables shard is written at the top
-//! of the migrations. [`Chat`] wires a store to the [`Hub`] of live connections and exposes the
-//! routes and background tasks. This crate never reaches into another crate's tables; it depends
-//! on `types` only.
+//! [`Store`] holds the tables, on SQLite (the embedded default) or PostgreSQL, held to one
+//! conformance suite (`tests/conformance.rs`). Appends are idempotent on the sender's `client_id`
+//! and assign gapless, strictly increasing `seq`s per conversation. How the tables shard is written
+//! at the top of the migrations. [`Chat`] wires a store to the [`Hub`] of live connections and
+//! exposes the routes and background tasks. This crate never reaches into another crate's tables;
+//! it depends on `types` only.
+//!
+//! Modules import downward only, in this order: `store`, then `frames`, `hub`, `bus` and `error`,
+//! then `chat` (the service), then `accounts`, `http`, `gateway` and `tasks` (its faces).
 
 mod accounts;
 mod bus;
@@ -19,8 +21,7 @@ mod frames;
 mod gateway;
 mod http;
 mod hub;
-mod sql;
-mod sqlite_writer;
+mod limits;
 mod store;
 mod tasks;
 
@@ -34,14 +35,13 @@ pub use chat::{BoxFuture, Chat, DeviceCheck, MediaAccess};
 pub use config::{AuthConfig, ChatConfig};
 pub use gateway::{CLOSE_IDLE, CLOSE_LOGGED_OUT, CLOSE_TOO_SLOW, MAX_CLIENT_FRAME};
 pub use hub::Hub;
-pub use sql::{migrate, open_postgres, open_sqlite};
 pub use store::{
-    AccountStore, Acked, Appended, BlockingWriter, CodeCheck, Contact, Conversation, ConversationKind,
-    ConversationSummary, Cursor, MAX_BODY_BYTES, MAX_CLIENT_ID_LEN, MAX_CODE_ATTEMPTS, MAX_DEVICES, MAX_GROUP_MEMBERS,
-    MAX_PAGE, Message, MessageStore, PendingPush, Receipt, Role, Rotation, StoreError, SyncState, Write, Written,
+    Acked, Appended, CodeCheck, Contact, Conversation, ConversationKind, ConversationSummary, Cursor, MAX_BODY_BYTES,
+    MAX_CLIENT_ID_LEN, MAX_CODE_ATTEMPTS, MAX_DEVICES, MAX_GROUP_MEMBERS, MAX_PAGE, Message, PendingPush, Receipt,
+    Role, Rotation, Store, StoreError, SyncState, Write, Written,
 };
 
-impl<S: MessageStore + AccountStore + 'static> Chat<S> {
+impl Chat {
     /// Routes for authenticated callers: the server's auth layer puts [`types::Claims`] in the
     /// request extensions.
     pub fn user_routes(self: &Arc<Self>) -> Router {
@@ -52,10 +52,10 @@ impl<S: MessageStore + AccountStore + 'static> Chat<S> {
     /// whose token may come in the query string, as browsers cannot set headers on WebSockets).
     pub fn public_routes(self: &Arc<Self>) -> Router {
         Router::new()
-            .route("/v1/auth/code", post(accounts::request_code::<S>))
-            .route("/v1/auth/verify", post(accounts::verify::<S>))
-            .route("/v1/auth/refresh", post(accounts::refresh::<S>))
-            .route("/v1/ws", get(gateway::upgrade::<S>))
+            .route("/v1/auth/code", post(accounts::request_code))
+            .route("/v1/auth/verify", post(accounts::verify))
+            .route("/v1/auth/refresh", post(accounts::refresh))
+            .route("/v1/ws", get(gateway::upgrade))
             .with_state(self.clone())
     }
 }

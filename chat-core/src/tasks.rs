@@ -7,7 +7,7 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use crate::chat::{Chat, now_ms};
-use crate::{AccountStore, MessageStore, PendingPush};
+use crate::store::PendingPush;
 
 /// Tries per notification before it is dropped.
 const PUSH_ATTEMPTS: i64 = 10;
@@ -16,7 +16,7 @@ const PUSH_BATCH: i64 = 100;
 /// How often retention runs.
 const RETENTION_EVERY: Duration = Duration::from_secs(3600);
 
-impl<S: MessageStore + AccountStore + 'static> Chat<S> {
+impl Chat {
     /// Runs the background tasks until `stop` turns true.
     pub async fn run_background(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let push = tokio::spawn(self.clone().push_loop(stop.clone()));

@@ -2,12 +2,9 @@
 //! `COURIER_TEST_DATABASE_URL` (each test in a schema of its own). With that variable set, an
 //! unreachable server fails the PostgreSQL tests; without it they are skipped with a note.
 
-use std::str::FromStr;
-use std::sync::Arc;
-
 use chat_core::{
-    AccountStore, Appended, CodeCheck, ConversationKind, Cursor, MAX_CODE_ATTEMPTS, MAX_GROUP_MEMBERS, MessageStore,
-    Role, Rotation, StoreError, SyncState, Write, Written,
+    Appended, CodeCheck, ConversationKind, Cursor, MAX_CODE_ATTEMPTS, MAX_GROUP_MEMBERS, Role, Rotation, Store,
+    StoreError, SyncState, Write, Written,
 };
 use futures_util::future::join_all;
 use types::{ConversationId, UserId};
@@ -16,21 +13,14 @@ fn user(name: &str) -> UserId {
     name.parse().unwrap()
 }
 
-async fn sqlite() -> (sqlx::SqlitePool, tempfile::TempDir) {
+async fn sqlite() -> (Store, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let options =
-        sqlx::sqlite::SqliteConnectOptions::from_str(&format!("sqlite://{}", dir.path().join("chat.db").display()))
-            .unwrap()
-            .create_if_missing(true)
-            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
-            .busy_timeout(std::time::Duration::from_secs(10));
-    let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(8).connect_with(options).await.unwrap();
-    chat_core::migrate(&pool).await.unwrap();
-    (pool, dir)
+    let store = Store::connect(&format!("sqlite://{}", dir.path().join("chat.db").display())).await.unwrap();
+    (store, dir)
 }
 
-/// A pool on a fresh schema of the test server, or `None` when no server is configured.
-async fn postgres(test: &str) -> Option<sqlx::PgPool> {
+/// A store on a fresh schema of the test server, or `None` when no server is configured.
+async fn postgres(test: &str) -> Option<Store> {
     let Ok(url) = std::env::var("COURIER_TEST_DATABASE_URL") else {
         eprintln!("COURIER_TEST_DATABASE_URL is not set: skipping the PostgreSQL run of {test}");
         return None;
@@ -40,10 +30,8 @@ async fn postgres(test: &str) -> Option<sqlx::PgPool> {
     sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).execute(&admin).await.unwrap();
     sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&admin).await.unwrap();
     admin.close().await;
-    let options = sqlx::postgres::PgConnectOptions::from_str(&url).unwrap().options([("search_path", schema.as_str())]);
-    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(8).connect_with(options).await.unwrap();
-    chat_core::migrate(&pool).await.unwrap();
-    Some(pool)
+    let separator = if url.contains('?') { '&' } else { '?' };
+    Some(Store::connect(&format!("{url}{separator}options=-c%20search_path%3D{schema}")).await.unwrap())
 }
 
 /// Declares each suite function as a test per backend.
@@ -53,8 +41,8 @@ macro_rules! conformance {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $name() {
-                    let (pool, _dir) = super::sqlite().await;
-                    super::$name(std::sync::Arc::new(pool)).await;
+                    let (store, _dir) = super::sqlite().await;
+                    super::$name(store).await;
                 }
             )*
         }
@@ -62,8 +50,8 @@ macro_rules! conformance {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $name() {
-                    if let Some(pool) = super::postgres(stringify!($name)).await {
-                        super::$name(std::sync::Arc::new(pool)).await;
+                    if let Some(store) = super::postgres(stringify!($name)).await {
+                        super::$name(store).await;
                     }
                 }
             )*
@@ -88,9 +76,11 @@ conformance!(
     a_reused_refresh_token_logs_the_device_out,
     a_batch_commits_what_succeeds_and_refuses_the_rest,
     crossed_batches_do_not_deadlock,
+    linking_at_once_cannot_pass_the_device_limit,
+    reads_see_what_was_just_written,
 );
 
-async fn devices_per_user_are_bounded<S: MessageStore + AccountStore + 'static>(store: Arc<S>) {
+async fn devices_per_user_are_bounded(store: Store) {
     let alice = user("alice");
     let mut devices = Vec::new();
     for i in 0..chat_core::MAX_DEVICES {
@@ -104,7 +94,37 @@ async fn devices_per_user_are_bounded<S: MessageStore + AccountStore + 'static>(
     store.add_device(&user("bob"), "phone").await.unwrap();
 }
 
-async fn direct_conversations_exist_once_per_pair<S: MessageStore + AccountStore + 'static>(store: Arc<S>) {
+/// Many links of one user at once (a stolen token racing the owner, or a script): the count and
+/// the insert are one step, so no more than the limit get through.
+async fn linking_at_once_cannot_pass_the_device_limit(store: Store) {
+    let alice = user("alice");
+    store.add_device(&alice, "first").await.unwrap();
+    let links = (0..3 * chat_core::MAX_DEVICES).map(|i| {
+        let (store, alice) = (store.clone(), alice.clone());
+        tokio::spawn(async move { store.add_device(&alice, &format!("device {i}")).await })
+    });
+    let linked = join_all(links).await.into_iter().map(|r| r.unwrap()).filter(Result::is_ok).count();
+    assert_eq!(linked as i64, chat_core::MAX_DEVICES - 1, "only the free places were taken");
+}
+
+/// Reads may run on other connections than writes (SQLite's readers beside its writer): what a
+/// write returned is visible to the next read.
+async fn reads_see_what_was_just_written(store: Store) {
+    let (alice, bob) = (user("alice"), user("bob"));
+    let phone = store.add_device(&alice, "phone").await.unwrap();
+    assert!(store.device_exists(&alice, &phone).await.unwrap());
+    let chat = store.direct(&alice, &bob).await.unwrap();
+    for n in 1..=50 {
+        let sent = store.append(&chat.id, &alice, &phone, &format!("m{n}"), "{\"text\":\"hi\"}", 1).await.unwrap();
+        let log = store.messages_after(&chat.id, &bob, n - 1, 10).await.unwrap();
+        assert_eq!(log.first().map(|m| m.seq), Some(sent.message().seq));
+        assert_eq!(store.sync_one(&bob, &phone, &chat.id).await.unwrap().last_seq, n);
+    }
+    assert!(store.remove_device(&alice, &phone).await.unwrap());
+    assert!(!store.device_exists(&alice, &phone).await.unwrap());
+}
+
+async fn direct_conversations_exist_once_per_pair(store: Store) {
     let (alice, bob) = (user("alice"), user("bob"));
     let calls = (0..16).map(|i| {
         let store = store.clone();
@@ -124,7 +144,7 @@ async fn direct_conversations_exist_once_per_pair<S: MessageStore + AccountStore
     assert_ne!(store.direct(&alice, &user("carol")).await.unwrap().id, conversation.id);
 }
 
-async fn seqs_are_gapless_under_concurrent_senders<S: MessageStore + AccountStore + 'static>(store: Arc<S>) {
+async fn seqs_are_gapless_under_concurrent_senders(store: Store) {
     let senders: Vec<UserId> = (0..4).map(|i| user(&format!("sender{i}"))).collect();
     let group = store.create_group(&senders[0], "busy", &senders[1..]).await.unwrap();
     let mut tasks = Vec::new();
@@ -147,7 +167,7 @@ async fn seqs_are_gapless_under_concurrent_senders<S: MessageStore + AccountStor
     assert_eq!(all.iter().map(|m| m.seq).collect::<Vec<_>>(), (1..=100).collect::<Vec<i64>>());
 }
 
-async fn a_retried_client_id_is_stored_once<S: MessageStore + AccountStore + 'static>(store: Arc<S>) {
+async fn a_retried_client_id_is_stored_once(store: Store) {
     let (alice, bob) = (user("alice"), user("bob"));
     let chat = store.direct(&alice, &bob).await.unwrap();
     let phone = store.add_device(&alice, "phone").await.unwrap();
@@ -177,7 +197,7 @@ async fn a_retried_client_id_is_stored_once<S: MessageStore + AccountStore + 'st
     assert_eq!(store.messages_after(&chat.id, &bob, 0, 100).await.unwrap().len(), 2);
 }
 
-async fn history_pages_in_seq_order<S: MessageStore + AccountStore + 'static>(store: Arc<S>) {
+async fn history_pages_in_seq_order(store: Store) {
     let (alice, bob) = (user("alice"), user("bob"));
     let chat = store.direct(&alice, &bob).await.unwrap();
     let phone = store.add_device(&alice, "phone").await.unwrap();
@@ -204,7 +224,7 @@ async fn history_pages_in_seq_order<S: MessageStore + AccountStore + 'static>(st
     }
 }
 
-async fn non_members_see_nothing<S: MessageStore + AccountStore + 'static>(store: Arc<S>) {
+async fn non_members_see_nothing(store: Store) {
     let (alice, bob, eve) = (user("alice"), user("bob"), user("eve"));
     let chat = store.direct(&alice, &bob).await.unwrap();
     let phone = store.add_device(&alice, "phone").await.unwrap();
@@ -221,7 +241,7 @@ async fn non_members_see_nothing<S: MessageStore + AccountStore + 'static>(store
     assert_eq!(store.append(&chat.id, &alice, &phone, "d", "{}", 2).await.unwrap().message().seq, 2);
 }
 
-async fn groups_have_admins_and_a_size_limit<S: MessageStore + AccountStore + 'static>(store: Arc<S>) {
+async fn groups_have_admins_and_a_size_limit(store: Store) {
     let (alice, bob, carol) = (user("alice"), user("bob"), user("carol"));
     let group = store.create_group(&alice, "friends", &[bob.clone(), bob.clone()]).await.unwrap();
     assert_eq!(group.name.as_deref(), Some("friends"));
@@ -256,7 +276,7 @@ async fn groups_have_admins_and_a_size_limit<S: MessageStore + AccountStore + 's
     ));
 }
 
-async fn cursors_only_move_forward_and_count_unread<S: MessageStore + AccountStore + 'static>(store: Arc<S>) {
+async fn cursors_only_move_forward_and_count_unread(store: Store) {
     let (alice, bob) = (user("alice"), user("bob"));
     let chat = store.direct(&alice, &bob).await.unwrap();
     let alices = store.add_device(&alice, "phone").await.unwrap();
@@ -300,7 +320,7 @@ async fn cursors_only_move_forward_and_count_unread<S: MessageStore + AccountSto
     assert_eq!(listed[0].conversation.last_seq, 5);
 }
 
-async fn removing_a_device_takes_its_cursors_and_tokens<S: MessageStore + AccountStore + 'static>(store: Arc<S>) {
+async fn removing_a_device_takes_its_cursors_and_tokens(store: Store) {
     let (alice, bob) = (user("alice"), user("bob"));
     let chat = store.direct(&alice, &bob).await.unwrap();
     let phone = store.add_device(&bob, "phone").await.unwrap();
@@ -315,7 +335,7 @@ async fn removing_a_device_takes_its_cursors_and_tokens<S: MessageStore + Accoun
     assert_eq!(store.sync_one(&bob, &phone, &chat.id).await.unwrap().delivered, 0, "its cursor went with it");
 }
 
-async fn contacts_and_fanout_follow_membership<S: MessageStore + AccountStore + 'static>(store: Arc<S>) {
+async fn contacts_and_fanout_follow_membership(store: Store) {
     let (alice, bob, carol, dave) = (user("alice"), user("bob"), user("carol"), user("dave"));
     let group = store.create_group(&alice, "g", &[bob.clone(), carol.clone()]).await.unwrap();
     store.direct(&alice, &dave).await.unwrap();
@@ -334,9 +354,7 @@ async fn contacts_and_fanout_follow_membership<S: MessageStore + AccountStore + 
     assert!(matches!(store.sync_one(&carol, &types::DeviceId::new(), &group.id).await, Err(StoreError::NotMember)));
 }
 
-async fn the_push_outbox_keeps_one_pending_push_per_conversation<S: MessageStore + AccountStore + 'static>(
-    store: Arc<S>,
-) {
+async fn the_push_outbox_keeps_one_pending_push_per_conversation(store: Store) {
     let (alice, bob, carol) = (user("alice"), user("bob"), user("carol"));
     let conversation = ConversationId::new();
     store.queue_pushes(&[bob.clone(), carol.clone()], &conversation, 1, &alice, 100).await.unwrap();
@@ -364,7 +382,7 @@ async fn the_push_outbox_keeps_one_pending_push_per_conversation<S: MessageStore
     assert!(store.due_pushes(i64::MAX, 10).await.unwrap().is_empty());
 }
 
-async fn retention_purges_old_messages_and_says_how_far<S: MessageStore + AccountStore + 'static>(store: Arc<S>) {
+async fn retention_purges_old_messages_and_says_how_far(store: Store) {
     let (alice, bob) = (user("alice"), user("bob"));
     let chat = store.direct(&alice, &bob).await.unwrap();
     let other = store.direct(&alice, &user("carol")).await.unwrap();
@@ -384,7 +402,7 @@ async fn retention_purges_old_messages_and_says_how_far<S: MessageStore + Accoun
     assert_eq!(next.message().seq, 6, "seqs go on after a purge");
 }
 
-async fn phone_codes_expire_and_lock<S: MessageStore + AccountStore + 'static>(store: Arc<S>) {
+async fn phone_codes_expire_and_lock(store: Store) {
     let phone = "+4915112345678";
     assert_eq!(store.check_code(phone, "h", 0).await.unwrap(), CodeCheck::Missing);
     store.put_code(phone, "right", 1_000, 0).await.unwrap();
@@ -408,7 +426,7 @@ async fn phone_codes_expire_and_lock<S: MessageStore + AccountStore + 'static>(s
     assert_ne!(store.user_for_phone("+4915100000000", 3).await.unwrap(), first);
 }
 
-async fn a_reused_refresh_token_logs_the_device_out<S: MessageStore + AccountStore + 'static>(store: Arc<S>) {
+async fn a_reused_refresh_token_logs_the_device_out(store: Store) {
     let bob = user("bob");
     let phone = store.add_device(&bob, "phone").await.unwrap();
     let laptop = store.add_device(&bob, "laptop").await.unwrap();
@@ -429,24 +447,11 @@ async fn a_reused_refresh_token_logs_the_device_out<S: MessageStore + AccountSto
     assert!(matches!(store.rotate_refresh("l1", "l2", 3_000, 40).await.unwrap(), Rotation::Rotated { .. }));
 }
 
-async fn a_batch_commits_what_succeeds_and_refuses_the_rest<S: MessageStore + AccountStore + 'static>(store: Arc<S>) {
-    batch_contract(store, false).await;
+async fn a_batch_commits_what_succeeds_and_refuses_the_rest(store: Store) {
+    batch_contract(store).await;
 }
 
-/// SQLite's group commit runs on a thread of its own through rusqlite, with the same statements.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_blocking_sqlite_writer_keeps_the_batch_contract() {
-    let (pool, _dir) = sqlite().await;
-    batch_contract(Arc::new(pool), true).await;
-}
-
-async fn batch_contract<S: MessageStore + AccountStore + 'static>(store: Arc<S>, blocking: bool) {
-    let mut writer = blocking.then(|| store.blocking_writer().expect("a file-backed SQLite store has one"));
-    let store = store.as_ref();
-    let run = async |batch: &[Write], writer: &mut Option<Box<dyn chat_core::BlockingWriter>>| match writer {
-        Some(writer) => writer.write_batch(batch),
-        None => store.write_batch(batch).await,
-    };
+async fn batch_contract(store: Store) {
     let (alice, bob, eve) = (user("alice"), user("bob"), user("eve"));
     let chat = store.direct(&alice, &bob).await.unwrap();
     let device = store.add_device(&alice, "a").await.unwrap();
@@ -469,7 +474,7 @@ async fn batch_contract<S: MessageStore + AccountStore + 'static>(store: Arc<S>,
         append(&alice, ""),
         Write::Ack { user: bob.clone(), device: bobs, conversation: chat.id, seq: 2, read: true },
     ];
-    let results = run(&batch, &mut writer).await;
+    let results = store.write_batch(batch.to_vec()).await;
     assert_eq!(results.len(), 8);
     let seq = |r: &Result<Written, StoreError>| match r {
         Ok(Written::Appended(a)) => Some(a.message().seq),
@@ -500,13 +505,13 @@ async fn batch_contract<S: MessageStore + AccountStore + 'static>(store: Arc<S>,
     let log: Vec<i64> = store.messages_after(&chat.id, &bob, 0, 10).await.unwrap().iter().map(|m| m.seq).collect();
     assert_eq!(log, vec![1, 2]);
     assert_eq!(store.sync_one(&bob, &bobs, &chat.id).await.unwrap().delivered, 2);
-    assert!(run(&[], &mut writer).await.is_empty());
+    assert!(store.write_batch(Vec::new()).await.is_empty());
 }
 
 /// Two writers (two nodes, or two of PostgreSQL's writers) committing batches that touch the same
 /// conversations in opposite orders: each batch locks them in one order, so none waits on the
 /// other in a cycle (PostgreSQL would abort one with "deadlock detected").
-async fn crossed_batches_do_not_deadlock<S: MessageStore + AccountStore + 'static>(store: Arc<S>) {
+async fn crossed_batches_do_not_deadlock(store: Store) {
     let (alice, bob, carol) = (user("alice"), user("bob"), user("carol"));
     let x = store.direct(&alice, &bob).await.unwrap().id;
     let y = store.direct(&alice, &carol).await.unwrap().id;
@@ -525,7 +530,7 @@ async fn crossed_batches_do_not_deadlock<S: MessageStore + AccountStore + 'stati
         tokio::spawn(async move {
             for round in 0..rounds {
                 let batch = [append(first, format!("{first}-{round}")), append(second, format!("{second}-{round}-b"))];
-                for result in store.write_batch(&batch).await {
+                for result in store.write_batch(batch.to_vec()).await {
                     assert!(matches!(result, Ok(Written::Appended(Appended::New(_)))), "{result:?}");
                 }
             }

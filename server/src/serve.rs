@@ -66,13 +66,8 @@ pub(crate) async fn serve(config: Config) -> anyhow::Result<()> {
         None => None,
     };
     let chat_url = config.chat_database_url();
-    let chat = if ingest::Store::is_postgres_url(&chat_url) {
-        let pool = chat_core::open_postgres(&chat_url).await.context("opening chat-core's PostgreSQL database")?;
-        ChatParts::start(pool, media, &token_keys, &config, bus).await
-    } else {
-        let pool = chat_core::open_sqlite(&chat_url).await.context("opening chat-core's database")?;
-        ChatParts::start(pool, media, &token_keys, &config, bus).await
-    };
+    let store = chat_core::Store::connect(&chat_url).await.context("opening chat-core's database")?;
+    let chat = ChatParts::start(store, media, &token_keys, &config, bus).await;
     if config.auth.dev_codes {
         tracing::warn!("development mode: sign-in codes are returned in responses");
     }
@@ -214,18 +209,14 @@ struct ChatParts {
 }
 
 impl ChatParts {
-    async fn start<S>(
-        store: S,
+    async fn start(
+        store: chat_core::Store,
         media: Arc<dyn chat_core::MediaAccess>,
         keys: &TokenKeys,
         config: &Config,
         bus: Option<chat_core::Bus>,
-    ) -> Self
-    where
-        S: chat_core::MessageStore + chat_core::AccountStore + 'static,
-    {
-        let chat =
-            chat_core::Chat::new(Arc::new(store), media, keys.clone(), config.chat.clone(), config.auth.clone(), bus);
+    ) -> Self {
+        let chat = chat_core::Chat::new(store, media, keys.clone(), config.chat.clone(), config.auth.clone(), bus);
         // Retention runs once before the server listens, then hourly.
         chat.purge_old().await;
         let background = chat.clone();

@@ -5,6 +5,8 @@
 //! no database. Anything that needs one of those belongs in the crate that owns that concern.
 
 mod blob;
+#[cfg(any(feature = "sqlx", feature = "rusqlite"))]
+mod columns;
 mod error_body;
 mod ids;
 mod media;

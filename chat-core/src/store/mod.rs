@@ -1,0 +1,709 @@
+//! chat-core's tables on SQLite (the embedded default) or PostgreSQL (shared by many nodes), and
+//! the values they hold.
+//!
+//! Each engine is a plain module with one `const` per statement, written for that engine:
+//! [`postgres`] on sqlx, [`sqlite`] on rusqlite (one writer thread that runs every write, and
+//! reader connections beside it under WAL). [`Store`] picks one by the database URL and passes
+//! each call through; both are held to one conformance suite (`tests/conformance.rs`). Appends and
+//! acks go through one entry point, [`Store::write_batch`] (a group commit), so a lone append is a
+//! batch of one. Ids are bound and read as their own types (the `types` crate's column codecs).
+//!
+//! Room for what comes next: per-device end-to-end envelopes are a table keyed by
+//! (conversation_id, seq, recipient device) beside `chat_messages`, written by a third [`Write`]
+//! kind inside the same batch as the append that takes the seq.
+
+mod postgres;
+mod sqlite;
+
+use types::{ConversationId, DeviceId, UserId};
+
+/// Largest group, creator included.
+pub const MAX_GROUP_MEMBERS: usize = 1024;
+/// Most devices one user may link.
+pub const MAX_DEVICES: i64 = 16;
+/// Largest message body (opaque JSON), in bytes.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// Longest `client_id`.
+pub const MAX_CLIENT_ID_LEN: usize = 128;
+/// Most messages one history read returns.
+pub const MAX_PAGE: i64 = 500;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConversationKind {
+    Direct,
+    Group,
+}
+
+impl ConversationKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConversationKind::Direct => "direct",
+            ConversationKind::Group => "group",
+        }
+    }
+
+    pub(crate) fn parse(s: &str) -> Option<Self> {
+        match s {
+            "direct" => Some(ConversationKind::Direct),
+            "group" => Some(ConversationKind::Group),
+            _ => None,
+        }
+    }
+}
+
+impl TryFrom<String> for ConversationKind {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        Self::parse(&s).ok_or_else(|| format!("bad conversation kind {s:?}"))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Admin,
+    Member,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Member => "member",
+        }
+    }
+}
+
+impl TryFrom<String> for Role {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "admin" => Ok(Role::Admin),
+            "member" => Ok(Role::Member),
+            _ => Err(format!("bad role {s:?}")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Conversation {
+    #[sqlx(rename = "conversation_id")]
+    pub id: ConversationId,
+    #[sqlx(try_from = "String")]
+    pub kind: ConversationKind,
+    pub name: Option<String>,
+    /// The seq of the newest message, 0 when there is none.
+    pub last_seq: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct ConversationSummary {
+    #[sqlx(flatten)]
+    pub conversation: Conversation,
+    /// Messages from others after this device's read cursor.
+    pub unread: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Message {
+    #[sqlx(rename = "conversation_id")]
+    pub conversation: ConversationId,
+    pub seq: i64,
+    #[sqlx(rename = "sender_user")]
+    pub sender: UserId,
+    #[sqlx(rename = "sender_device")]
+    pub device: DeviceId,
+    pub client_id: String,
+    /// Opaque JSON, as sent.
+    pub body: String,
+    /// Unix milliseconds, server-assigned.
+    pub created_at: i64,
+}
+
+/// What an append did. A retried send is not an error: it gets the first result back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Appended {
+    New(Message),
+    Duplicate(Message),
+}
+
+impl Appended {
+    pub fn message(&self) -> &Message {
+        match self {
+            Appended::New(m) | Appended::Duplicate(m) => m,
+        }
+    }
+}
+
+/// A write that may share a transaction with others (group commit): each one succeeds or fails on
+/// its own, and all that succeeded are committed together.
+#[derive(Debug, Clone)]
+pub enum Write {
+    Append {
+        conversation: ConversationId,
+        sender: UserId,
+        device: DeviceId,
+        client_id: String,
+        body: String,
+        now_ms: i64,
+    },
+    Ack {
+        user: UserId,
+        device: DeviceId,
+        conversation: ConversationId,
+        seq: i64,
+        read: bool,
+    },
+}
+
+impl Write {
+    /// The conversation whose rows the write locks.
+    pub fn conversation(&self) -> ConversationId {
+        match self {
+            Write::Append { conversation, .. } | Write::Ack { conversation, .. } => *conversation,
+        }
+    }
+}
+
+/// What a [`Write`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Written {
+    Appended(Appended),
+    Acked(Acked),
+}
+
+/// Where one device stands in one conversation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, sqlx::FromRow)]
+pub struct Cursor {
+    #[sqlx(rename = "delivered_seq")]
+    pub delivered: i64,
+    #[sqlx(rename = "read_seq")]
+    pub read: i64,
+}
+
+/// What an ack or read did: the device's cursor, and the user's receipt (the highest seq any of
+/// their devices reached) when it moved, which the other members are told about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Acked {
+    pub device: Cursor,
+    pub receipt: Option<Cursor>,
+}
+
+/// Where a device stands in one of its conversations, for replay on connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::FromRow)]
+pub struct SyncState {
+    #[sqlx(rename = "conversation_id")]
+    pub conversation: ConversationId,
+    pub last_seq: i64,
+    /// This device's delivered cursor.
+    pub delivered: i64,
+    /// Messages up to here were purged by retention.
+    pub purged_upto: i64,
+}
+
+/// Another member's receipt in a conversation the asking user is in.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Receipt {
+    #[sqlx(rename = "conversation_id")]
+    pub conversation: ConversationId,
+    #[sqlx(rename = "user_id")]
+    pub user: UserId,
+    #[sqlx(flatten)]
+    pub cursor: Cursor,
+}
+
+/// Someone who shares a conversation with the asking user.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Contact {
+    #[sqlx(rename = "user_id")]
+    pub user: UserId,
+    /// Unix ms when their last device went offline; 0 if never.
+    pub last_seen: i64,
+}
+
+/// A notification waiting in the push outbox: `user` has unseen messages in `conversation` up to `seq`.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct PendingPush {
+    #[sqlx(rename = "user_id")]
+    pub user: UserId,
+    #[sqlx(rename = "conversation_id")]
+    pub conversation: ConversationId,
+    pub seq: i64,
+    #[sqlx(rename = "sender_user")]
+    pub sender: UserId,
+    pub attempts: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The conversation does not exist or the user is not in it; callers answer 404 either way.
+    #[error("no such conversation")]
+    NotMember,
+    #[error("only admins may do that")]
+    NotAdmin,
+    #[error("a group holds at most {MAX_GROUP_MEMBERS} members")]
+    TooManyMembers,
+    #[error("a user may link at most {MAX_DEVICES} devices")]
+    TooManyDevices,
+    #[error("{0}")]
+    Invalid(String),
+    #[error("database: {0}")]
+    Database(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("bad data in the database: {0}")]
+    Corrupt(String),
+    /// The batch this write was part of could not be committed.
+    #[error("committing a batch of writes failed: {0}")]
+    Batch(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        StoreError::Database(Box::new(e))
+    }
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Database(Box::new(e))
+    }
+}
+
+/// chat-core's tables on one of the two engines. Cloning shares the connections.
+#[derive(Debug, Clone)]
+pub enum Store {
+    Sqlite(sqlite::Sqlite),
+    Postgres(postgres::Postgres),
+}
+
+/// Passes a call to whichever engine this is.
+macro_rules! each {
+    ($store:expr, $engine:ident => $call:expr) => {
+        match $store {
+            Store::Sqlite($engine) => $call,
+            Store::Postgres($engine) => $call,
+        }
+    };
+}
+
+impl Store {
+    /// Opens the database at `url` (`sqlite://PATH`, created if missing, or `postgres://…`) and
+    /// applies chat-core's migrations (other crates keep theirs in the same database).
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Store::Postgres(postgres::Postgres::connect(url).await?))
+        } else {
+            Ok(Store::Sqlite(sqlite::Sqlite::connect(url).await?))
+        }
+    }
+
+    /// How many group-commit writers this engine profits from: one for SQLite (it has one writer
+    /// anyway), several for PostgreSQL, where conversations lock apart.
+    pub fn writers(&self) -> usize {
+        match self {
+            Store::Sqlite(_) => 1,
+            Store::Postgres(_) => 4,
+        }
+    }
+
+    /// Runs `batch` in one transaction: one commit (one fsync) for all. Each write succeeds or is
+    /// refused on its own; a database error fails them all (as [`StoreError::Batch`]). The results
+    /// come in the batch's order. Conversations are locked in one order for every batch, so two
+    /// writers' batches never wait on each other in a cycle.
+    pub async fn write_batch(&self, batch: Vec<Write>) -> Vec<Result<Written, StoreError>> {
+        if batch.is_empty() {
+            return Vec::new();
+        }
+        let len = batch.len();
+        match each!(self, s => s.write_batch(batch).await) {
+            Ok(results) => results,
+            Err(e) => {
+                let message = e.to_string();
+                (0..len).map(|_| Err(StoreError::Batch(message.clone()))).collect()
+            }
+        }
+    }
+
+    /// One write, as a batch of one.
+    async fn write_one(&self, write: Write) -> Result<Written, StoreError> {
+        self.write_batch(vec![write]).await.pop().unwrap_or_else(|| Err(StoreError::Batch("no result".into())))
+    }
+
+    /// Appends a message with the conversation's next seq, or returns the one already stored under
+    /// the sender's `client_id`.
+    pub async fn append(
+        &self,
+        conversation: &ConversationId,
+        sender: &UserId,
+        device: &DeviceId,
+        client_id: &str,
+        body: &str,
+        now_ms: i64,
+    ) -> Result<Appended, StoreError> {
+        let write = Write::Append {
+            conversation: *conversation,
+            sender: sender.clone(),
+            device: *device,
+            client_id: client_id.to_owned(),
+            body: body.to_owned(),
+            now_ms,
+        };
+        match self.write_one(write).await? {
+            Written::Appended(appended) => Ok(appended),
+            Written::Acked(_) => Err(StoreError::Corrupt("an append was answered as an ack".into())),
+        }
+    }
+
+    /// Moves this device's delivered cursor forward to `seq` (never back, never past the log), and
+    /// the user's delivered receipt with it.
+    pub async fn ack(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+        conversation: &ConversationId,
+        seq: i64,
+    ) -> Result<Acked, StoreError> {
+        self.move_cursor(user, device, conversation, seq, false).await
+    }
+
+    /// Moves this device's read cursor (and delivered with it) forward to `seq`, and the user's
+    /// receipts with them.
+    pub async fn mark_read(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+        conversation: &ConversationId,
+        seq: i64,
+    ) -> Result<Acked, StoreError> {
+        self.move_cursor(user, device, conversation, seq, true).await
+    }
+
+    async fn move_cursor(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+        conversation: &ConversationId,
+        seq: i64,
+        read: bool,
+    ) -> Result<Acked, StoreError> {
+        let write = Write::Ack { user: user.clone(), device: *device, conversation: *conversation, seq, read };
+        match self.write_one(write).await? {
+            Written::Acked(acked) => Ok(acked),
+            Written::Appended(_) => Err(StoreError::Corrupt("an ack was answered as an append".into())),
+        }
+    }
+
+    /// Registers a device for `user` (creating the user on first sight), up to [`MAX_DEVICES`].
+    pub async fn add_device(&self, user: &UserId, name: &str) -> Result<DeviceId, StoreError> {
+        each!(self, s => s.add_device(user, name, now_ms()).await)
+    }
+
+    /// The one direct conversation of `a` and `b`, created the first time it is asked for.
+    pub async fn direct(&self, a: &UserId, b: &UserId) -> Result<Conversation, StoreError> {
+        if a == b {
+            return Err(StoreError::Invalid("a direct conversation needs two different users".into()));
+        }
+        each!(self, s => s.direct(a, b, now_ms()).await)
+    }
+
+    /// A new group; `creator` is its admin, `members` join as members.
+    pub async fn create_group(
+        &self,
+        creator: &UserId,
+        name: &str,
+        members: &[UserId],
+    ) -> Result<Conversation, StoreError> {
+        let roster = group_roster(creator, members)?;
+        each!(self, s => s.create_group(name, &roster, now_ms()).await)
+    }
+
+    /// Admins add members to a group.
+    pub async fn add_members(
+        &self,
+        conversation: &ConversationId,
+        actor: &UserId,
+        users: &[UserId],
+    ) -> Result<(), StoreError> {
+        each!(self, s => s.add_members(conversation, actor, users, now_ms()).await)
+    }
+
+    /// Admins remove members from a group; anyone may remove themselves (leave).
+    pub async fn remove_member(
+        &self,
+        conversation: &ConversationId,
+        actor: &UserId,
+        user: &UserId,
+    ) -> Result<(), StoreError> {
+        each!(self, s => s.remove_member(conversation, actor, user).await)
+    }
+
+    /// The members of a conversation, for one of its members.
+    pub async fn members(
+        &self,
+        conversation: &ConversationId,
+        user: &UserId,
+    ) -> Result<Vec<(UserId, Role)>, StoreError> {
+        each!(self, s => s.members(conversation, user).await)
+    }
+
+    /// The conversations of `user`, with unread counts for `device`, newest activity first.
+    pub async fn conversations(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+    ) -> Result<Vec<ConversationSummary>, StoreError> {
+        each!(self, s => s.conversations(user, device).await)
+    }
+
+    /// Up to `limit` (at most [`MAX_PAGE`]) messages with seq greater than `after`, in seq order.
+    pub async fn messages_after(
+        &self,
+        conversation: &ConversationId,
+        user: &UserId,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<Message>, StoreError> {
+        each!(self, s => s.messages_after(conversation, user, after, limit.clamp(1, MAX_PAGE)).await)
+    }
+
+    /// Whether `device` is one of `user`'s linked devices.
+    pub async fn device_exists(&self, user: &UserId, device: &DeviceId) -> Result<bool, StoreError> {
+        each!(self, s => s.device_exists(user, device).await)
+    }
+
+    /// Unlinks a device: its cursors and refresh tokens go with it. False if there was none.
+    pub async fn remove_device(&self, user: &UserId, device: &DeviceId) -> Result<bool, StoreError> {
+        each!(self, s => s.remove_device(user, device).await)
+    }
+
+    /// Where `device` stands in each of `user`'s conversations.
+    pub async fn sync_state(&self, user: &UserId, device: &DeviceId) -> Result<Vec<SyncState>, StoreError> {
+        each!(self, s => s.sync_state(user, device).await)
+    }
+
+    /// Where `device` stands in one conversation; `NotMember` if the user is not in it.
+    pub async fn sync_one(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+        conversation: &ConversationId,
+    ) -> Result<SyncState, StoreError> {
+        each!(self, s => s.sync_one(user, device, conversation).await)?.ok_or(StoreError::NotMember)
+    }
+
+    /// Who is in a conversation, for fan-out inside chat-core (no membership check: callers have
+    /// made theirs).
+    pub async fn member_ids(&self, conversation: &ConversationId) -> Result<Vec<UserId>, StoreError> {
+        each!(self, s => s.member_ids(conversation).await)
+    }
+
+    /// The other members' receipts in `user`'s conversations, where they have any.
+    pub async fn receipts(&self, user: &UserId) -> Result<Vec<Receipt>, StoreError> {
+        each!(self, s => s.receipts(user).await)
+    }
+
+    /// Everyone who shares a conversation with `user`.
+    pub async fn contacts(&self, user: &UserId) -> Result<Vec<Contact>, StoreError> {
+        each!(self, s => s.contacts(user).await)
+    }
+
+    /// Records when the user's last device went offline.
+    pub async fn set_last_seen(&self, user: &UserId, at_ms: i64) -> Result<(), StoreError> {
+        each!(self, s => s.set_last_seen(user, at_ms).await)
+    }
+
+    /// Queues (or refreshes) a push for each of `users`: they have a message at `seq`.
+    pub async fn queue_pushes(
+        &self,
+        users: &[UserId],
+        conversation: &ConversationId,
+        seq: i64,
+        sender: &UserId,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        each!(self, s => s.queue_pushes(users, conversation, seq, sender, now_ms).await)
+    }
+
+    /// Up to `limit` pushes due at `now_ms`, oldest due first.
+    pub async fn due_pushes(&self, now_ms: i64, limit: i64) -> Result<Vec<PendingPush>, StoreError> {
+        each!(self, s => s.due_pushes(now_ms, limit).await)
+    }
+
+    /// A push went out: drops it unless a newer message replaced it meanwhile.
+    pub async fn push_done(&self, push: &PendingPush) -> Result<(), StoreError> {
+        each!(self, s => s.push_done(push).await)
+    }
+
+    /// A push failed: tries again at `retry_at_ms`, or drops it when `retry_at_ms` is `None`.
+    pub async fn push_failed(&self, push: &PendingPush, retry_at_ms: Option<i64>) -> Result<(), StoreError> {
+        each!(self, s => s.push_failed(push, retry_at_ms).await)
+    }
+
+    /// Deletes messages created before `before_ms`; returns how many went.
+    pub async fn purge_before(&self, before_ms: i64) -> Result<u64, StoreError> {
+        each!(self, s => s.purge_before(before_ms).await)
+    }
+
+    /// Stores the pending code of `phone`, replacing any earlier one (and its attempt count).
+    pub async fn put_code(
+        &self,
+        phone: &str,
+        code_hash: &str,
+        expires_at_ms: i64,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        each!(self, s => s.put_code(phone, code_hash, expires_at_ms, now_ms).await)
+    }
+
+    /// Counts one attempt against the phone's code and says whether `code_hash` is it; the right
+    /// code is used up.
+    pub async fn check_code(&self, phone: &str, code_hash: &str, now_ms: i64) -> Result<CodeCheck, StoreError> {
+        let Some(code) = each!(self, s => s.count_attempt(phone).await)? else { return Ok(CodeCheck::Missing) };
+        let verdict = if code.attempts > MAX_CODE_ATTEMPTS {
+            CodeCheck::Locked
+        } else if code.expires_at <= now_ms {
+            CodeCheck::Expired
+        } else if code.code_hash == code_hash {
+            CodeCheck::Valid
+        } else {
+            CodeCheck::Wrong
+        };
+        if verdict == CodeCheck::Valid {
+            // Only the attempt that matched deletes it, and only once (a second use is Missing).
+            let deleted = each!(self, s => s.use_code(phone, code_hash).await)?;
+            if !deleted {
+                return Ok(CodeCheck::Missing);
+            }
+        }
+        Ok(verdict)
+    }
+
+    /// The user of a phone number, created the first time it is verified.
+    pub async fn user_for_phone(&self, phone: &str, now_ms: i64) -> Result<UserId, StoreError> {
+        let fresh = UserId::try_from(format!("u{}", DeviceId::new().to_string().replace('-', "")))
+            .map_err(|_| StoreError::Corrupt("generated user id".into()))?;
+        each!(self, s => s.user_for_phone(phone, &fresh, now_ms).await)
+    }
+
+    /// The user of a phone number, if it has one.
+    pub async fn lookup_phone(&self, phone: &str) -> Result<Option<UserId>, StoreError> {
+        each!(self, s => s.lookup_phone(phone).await)
+    }
+
+    /// Stores a new refresh token for a device.
+    pub async fn issue_refresh(
+        &self,
+        token_hash: &str,
+        user: &UserId,
+        device: &DeviceId,
+        expires_at_ms: i64,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let token = NewRefresh { hash: token_hash, user, device, expires_at_ms, now_ms };
+        each!(self, s => s.issue_refresh(&token).await)
+    }
+
+    /// Spends `old_hash` and stores `new_hash` in its place; a second spend logs the device out.
+    pub async fn rotate_refresh(
+        &self,
+        old_hash: &str,
+        new_hash: &str,
+        expires_at_ms: i64,
+        now_ms: i64,
+    ) -> Result<Rotation, StoreError> {
+        let rotation = each!(self, s => s.rotate_refresh(old_hash, new_hash, expires_at_ms, now_ms).await)?;
+        if let Rotation::Reused { user, device } = &rotation {
+            self.remove_device(user, device).await?;
+        }
+        Ok(rotation)
+    }
+}
+
+/// A refresh token to store.
+#[derive(Debug)]
+pub(crate) struct NewRefresh<'a> {
+    hash: &'a str,
+    user: &'a UserId,
+    device: &'a DeviceId,
+    expires_at_ms: i64,
+    now_ms: i64,
+}
+
+/// A phone's pending code after one more attempt was counted against it.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct PendingCode {
+    code_hash: String,
+    expires_at: i64,
+    attempts: i64,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// The key of a pair's direct conversation: `a|b` with `a < b`.
+fn pair_key(a: &UserId, b: &UserId) -> String {
+    if a < b { format!("{a}|{b}") } else { format!("{b}|{a}") }
+}
+
+/// Distinct users with their roles (the creator first, as admin), within the group limit.
+fn group_roster(creator: &UserId, members: &[UserId]) -> Result<Vec<(UserId, Role)>, StoreError> {
+    let mut roster = vec![(creator.clone(), Role::Admin)];
+    for m in members {
+        if !roster.iter().any(|(u, _)| u == m) {
+            roster.push((m.clone(), Role::Member));
+        }
+    }
+    if roster.len() > MAX_GROUP_MEMBERS {
+        return Err(StoreError::TooManyMembers);
+    }
+    Ok(roster)
+}
+
+/// The users of `users` not yet in `present`, each once.
+fn newcomers(users: &[UserId], present: &[UserId]) -> Vec<(UserId, Role)> {
+    let mut new: Vec<(UserId, Role)> = Vec::new();
+    for user in users {
+        if !present.contains(user) && !new.iter().any(|(u, _)| u == user) {
+            new.push((user.clone(), Role::Member));
+        }
+    }
+    new
+}
+
+pub(crate) fn check_message(client_id: &str, body: &str) -> Result<(), StoreError> {
+    if client_id.is_empty() || client_id.len() > MAX_CLIENT_ID_LEN {
+        return Err(StoreError::Invalid(format!("client_id must be 1 to {MAX_CLIENT_ID_LEN} bytes")));
+    }
+    if body.len() > MAX_BODY_BYTES {
+        return Err(StoreError::Invalid(format!("a message body holds at most {MAX_BODY_BYTES} bytes")));
+    }
+    Ok(())
+}
+
+/// What checking a verification code found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CodeCheck {
+    /// Right code, in time: the code is used up.
+    Valid,
+    Wrong,
+    Expired,
+    /// Too many wrong guesses: the phone must ask for a new code.
+    Locked,
+    /// No code was asked for (or it was used).
+    Missing,
+}
+
+/// What presenting a refresh token did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rotation {
+    /// The token was live: it is spent now and the new one replaces it.
+    Rotated { user: UserId, device: DeviceId },
+    /// The token had been spent before: someone replayed it, so the device is logged out.
+    Reused { user: UserId, device: DeviceId },
+    /// Unknown or expired.
+    Invalid,
+}
+
+/// Most wrong guesses one code takes.
+pub const MAX_CODE_ATTEMPTS: i64 = 5;

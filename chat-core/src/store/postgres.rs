@@ -1,0 +1,682 @@
+//! chat-core's tables on PostgreSQL (sqlx), shared by every node of a cluster.
+//!
+//! Every write transaction that touches a conversation starts by updating its row, which locks it:
+//! appends, acks and membership changes of one conversation run one at a time, and a group commit
+//! locks its conversations in ascending id order so two nodes' batches cannot deadlock.
+
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::{PgConnection, Postgres as Pg, Transaction};
+use types::{ConversationId, DeviceId, UserId};
+
+use super::{
+    Acked, Appended, Contact, Conversation, ConversationKind, ConversationSummary, Cursor, MAX_DEVICES,
+    MAX_GROUP_MEMBERS, Message, NewRefresh, PendingCode, PendingPush, Receipt, Role, Rotation, StoreError, SyncState,
+    Write, Written, check_message, newcomers, pair_key,
+};
+
+/// Users come into being the first time they are named.
+const ENSURE_USER: &str =
+    "INSERT INTO chat_users (user_id, created_at) VALUES ($1, $2) ON CONFLICT (user_id) DO NOTHING";
+
+/// Locks the user's row, so two links at once cannot both take the last place.
+const LOCK_USER: &str = "SELECT 1 FROM chat_users WHERE user_id = $1 FOR UPDATE";
+
+const COUNT_DEVICES: &str = "SELECT COUNT(*) FROM chat_devices WHERE user_id = $1";
+
+const INSERT_DEVICE: &str = "INSERT INTO chat_devices (user_id, device_id, name, created_at) VALUES ($1, $2, $3, $4)";
+
+const CLAIM_PAIR: &str = "
+    INSERT INTO chat_direct_pairs (pair_key, conversation_id) VALUES ($1, $2)
+    ON CONFLICT (pair_key) DO NOTHING";
+
+const PAIR: &str = "SELECT conversation_id FROM chat_direct_pairs WHERE pair_key = $1";
+
+const CONVERSATION: &str =
+    "SELECT conversation_id, kind, name, last_seq FROM chat_conversations WHERE conversation_id = $1";
+
+const INSERT_CONVERSATION: &str = "
+    INSERT INTO chat_conversations (conversation_id, kind, name, last_seq, created_at) VALUES ($1, $2, $3, 0, $4)";
+
+const INSERT_MEMBER: &str = "
+    INSERT INTO chat_members (conversation_id, user_id, role, joined_at) VALUES ($1, $2, $3, $4)
+    ON CONFLICT (conversation_id, user_id) DO NOTHING";
+
+const INSERT_MEMBERSHIP: &str = "
+    INSERT INTO chat_memberships (user_id, conversation_id) VALUES ($1, $2)
+    ON CONFLICT (user_id, conversation_id) DO NOTHING";
+
+/// Locks the conversation's row for the rest of the transaction; no row, no conversation.
+const LOCK_CONVERSATION: &str =
+    "UPDATE chat_conversations SET last_seq = last_seq WHERE conversation_id = $1 RETURNING kind";
+
+const ROLE: &str = "SELECT role FROM chat_members WHERE conversation_id = $1 AND user_id = $2";
+
+const MEMBER_IDS: &str = "SELECT user_id FROM chat_members WHERE conversation_id = $1";
+
+const MEMBERS: &str = "SELECT user_id, role FROM chat_members WHERE conversation_id = $1 ORDER BY joined_at, user_id";
+
+const DELETE_MEMBER: &str = "DELETE FROM chat_members WHERE conversation_id = $1 AND user_id = $2";
+
+const DELETE_MEMBERSHIP: &str = "DELETE FROM chat_memberships WHERE conversation_id = $1 AND user_id = $2";
+
+const CONVERSATIONS: &str = "
+    SELECT c.conversation_id, c.kind, c.name, c.last_seq,
+           (SELECT COUNT(*) FROM chat_messages msg
+             WHERE msg.conversation_id = c.conversation_id AND msg.sender_user <> $1
+               AND msg.seq > COALESCE(cu.read_seq, 0)) AS unread
+      FROM chat_memberships m
+      JOIN chat_conversations c ON c.conversation_id = m.conversation_id
+      LEFT JOIN chat_cursors cu
+        ON cu.user_id = m.user_id AND cu.device_id = $2 AND cu.conversation_id = m.conversation_id
+     WHERE m.user_id = $1
+     ORDER BY c.last_seq DESC, c.conversation_id";
+
+/// Takes the conversation's next seq; only a member gets one (no row otherwise).
+const TAKE_SEQ: &str = "
+    UPDATE chat_conversations SET last_seq = last_seq + 1
+     WHERE conversation_id = $1
+       AND EXISTS (SELECT 1 FROM chat_members WHERE conversation_id = $1 AND user_id = $2)
+    RETURNING last_seq";
+
+/// Inserts the message, or nothing when the sender already sent this client id.
+const INSERT_MESSAGE: &str = "
+    INSERT INTO chat_messages (conversation_id, seq, sender_user, sender_device, client_id, body, created_at)
+    VALUES ($1, $2, $3, $4, $5, $6, $7)
+    ON CONFLICT (conversation_id, sender_user, client_id) DO NOTHING";
+
+/// Gives a retry's seq back (the transaction holds the row, so it is still the last one).
+const GIVE_SEQ_BACK: &str = "UPDATE chat_conversations SET last_seq = last_seq - 1 WHERE conversation_id = $1";
+
+/// The first copy of a retried message.
+const BY_CLIENT_ID: &str = "
+    SELECT conversation_id, seq, sender_user, sender_device, client_id, body, created_at FROM chat_messages
+     WHERE conversation_id = $1 AND sender_user = $2 AND client_id = $3";
+
+/// Moves a device's cursors, clamped to the log's end; only a member gets a row.
+const MOVE_CURSOR: &str = "
+    INSERT INTO chat_cursors (user_id, device_id, conversation_id, delivered_seq, read_seq)
+    SELECT $1, $2, $3, LEAST(GREATEST($4, 0), c.last_seq), LEAST(GREATEST($5, 0), c.last_seq)
+      FROM chat_conversations c
+      JOIN chat_members m ON m.conversation_id = c.conversation_id AND m.user_id = $1
+     WHERE c.conversation_id = $3
+    ON CONFLICT (user_id, device_id, conversation_id) DO UPDATE SET
+      delivered_seq = GREATEST(excluded.delivered_seq, chat_cursors.delivered_seq),
+      read_seq = GREATEST(excluded.read_seq, chat_cursors.read_seq)
+    RETURNING delivered_seq, read_seq";
+
+/// Raises the user's receipt to a device's cursors; a row comes back only when it moved.
+const MOVE_RECEIPT: &str = "
+    UPDATE chat_members SET delivered_seq = GREATEST($3, delivered_seq), read_seq = GREATEST($4, read_seq)
+     WHERE conversation_id = $1 AND user_id = $2 AND (delivered_seq < $3 OR read_seq < $4)
+    RETURNING delivered_seq, read_seq";
+
+const MESSAGES_AFTER: &str = "
+    SELECT conversation_id, seq, sender_user, sender_device, client_id, body, created_at FROM chat_messages
+     WHERE conversation_id = $1 AND seq > $2 ORDER BY seq LIMIT $3";
+
+const DEVICE_EXISTS: &str = "SELECT EXISTS (SELECT 1 FROM chat_devices WHERE user_id = $1 AND device_id = $2)";
+
+const DELETE_DEVICE: &str = "DELETE FROM chat_devices WHERE user_id = $1 AND device_id = $2";
+
+const DELETE_DEVICE_CURSORS: &str = "DELETE FROM chat_cursors WHERE user_id = $1 AND device_id = $2";
+
+const DELETE_DEVICE_TOKENS: &str = "DELETE FROM chat_refresh_tokens WHERE user_id = $1 AND device_id = $2";
+
+/// Where a device stands in each of a user's conversations.
+const SYNC_STATE: &str = "
+    SELECT c.conversation_id, c.last_seq, c.purged_upto, COALESCE(cu.delivered_seq, 0) AS delivered
+      FROM chat_memberships m
+      JOIN chat_conversations c ON c.conversation_id = m.conversation_id
+      LEFT JOIN chat_cursors cu
+        ON cu.user_id = m.user_id AND cu.device_id = $2 AND cu.conversation_id = m.conversation_id
+     WHERE m.user_id = $1";
+
+/// The same, in one conversation.
+const SYNC_ONE: &str = "
+    SELECT c.conversation_id, c.last_seq, c.purged_upto, COALESCE(cu.delivered_seq, 0) AS delivered
+      FROM chat_memberships m
+      JOIN chat_conversations c ON c.conversation_id = m.conversation_id
+      LEFT JOIN chat_cursors cu
+        ON cu.user_id = m.user_id AND cu.device_id = $2 AND cu.conversation_id = m.conversation_id
+     WHERE m.user_id = $1 AND m.conversation_id = $3";
+
+const RECEIPTS: &str = "
+    SELECT o.conversation_id, o.user_id, o.delivered_seq, o.read_seq
+      FROM chat_memberships m
+      JOIN chat_members o ON o.conversation_id = m.conversation_id
+     WHERE m.user_id = $1 AND o.user_id <> $1 AND o.delivered_seq > 0";
+
+const CONTACTS: &str = "
+    SELECT DISTINCT o.user_id, u.last_seen
+      FROM chat_memberships m
+      JOIN chat_members o ON o.conversation_id = m.conversation_id
+      JOIN chat_users u ON u.user_id = o.user_id
+     WHERE m.user_id = $1 AND o.user_id <> $1";
+
+const SET_LAST_SEEN: &str = "UPDATE chat_users SET last_seen = $2 WHERE user_id = $1";
+
+/// One pending push per user and conversation; the newest seq wins.
+const QUEUE_PUSH: &str = "
+    INSERT INTO chat_push_outbox (user_id, conversation_id, seq, sender_user, attempts, next_attempt_at, created_at)
+    VALUES ($1, $2, $3, $4, 0, $5, $5)
+    ON CONFLICT (user_id, conversation_id) DO UPDATE SET
+      seq = GREATEST(excluded.seq, chat_push_outbox.seq), sender_user = excluded.sender_user";
+
+const DUE_PUSHES: &str = "
+    SELECT user_id, conversation_id, seq, sender_user, attempts FROM chat_push_outbox
+     WHERE next_attempt_at <= $1 ORDER BY next_attempt_at LIMIT $2";
+
+const DELETE_PUSH: &str = "DELETE FROM chat_push_outbox WHERE user_id = $1 AND conversation_id = $2 AND seq = $3";
+
+const RETRY_PUSH: &str = "
+    UPDATE chat_push_outbox SET attempts = attempts + 1, next_attempt_at = $3
+     WHERE user_id = $1 AND conversation_id = $2";
+
+/// Marks how far each conversation with old messages is purged (deleted next, same transaction).
+const MARK_PURGED: &str = "
+    UPDATE chat_conversations SET purged_upto = (
+           SELECT MAX(m.seq) FROM chat_messages m
+            WHERE m.conversation_id = chat_conversations.conversation_id AND m.created_at < $1)
+     WHERE conversation_id IN (SELECT conversation_id FROM chat_messages WHERE created_at < $1)";
+
+const PURGE: &str = "DELETE FROM chat_messages WHERE created_at < $1";
+
+const PUT_CODE: &str = "
+    INSERT INTO chat_phone_codes (phone, code_hash, expires_at, attempts, created_at) VALUES ($1, $2, $3, 0, $4)
+    ON CONFLICT (phone) DO UPDATE SET code_hash = excluded.code_hash, expires_at = excluded.expires_at,
+      attempts = 0, created_at = excluded.created_at";
+
+const COUNT_ATTEMPT: &str = "
+    UPDATE chat_phone_codes SET attempts = attempts + 1 WHERE phone = $1 RETURNING code_hash, expires_at, attempts";
+
+const USE_CODE: &str = "DELETE FROM chat_phone_codes WHERE phone = $1 AND code_hash = $2";
+
+const CLAIM_PHONE: &str =
+    "INSERT INTO chat_phones (phone, user_id, created_at) VALUES ($1, $2, $3) ON CONFLICT (phone) DO NOTHING";
+
+const PHONE_USER: &str = "SELECT user_id FROM chat_phones WHERE phone = $1";
+
+const INSERT_REFRESH: &str = "
+    INSERT INTO chat_refresh_tokens (token_hash, user_id, device_id, expires_at, spent_at, created_at)
+    VALUES ($1, $2, $3, $4, NULL, $5)";
+
+/// Spends a live token; no row when it is unknown, expired or spent.
+const SPEND_REFRESH: &str = "
+    UPDATE chat_refresh_tokens SET spent_at = $2 WHERE token_hash = $1 AND spent_at IS NULL AND expires_at > $2
+    RETURNING user_id, device_id";
+
+const SPENT_REFRESH: &str =
+    "SELECT user_id, device_id FROM chat_refresh_tokens WHERE token_hash = $1 AND spent_at IS NOT NULL";
+
+/// chat-core's tables in a PostgreSQL database.
+#[derive(Debug, Clone)]
+pub struct Postgres {
+    db: PgPool,
+}
+
+impl Postgres {
+    pub(super) async fn connect(url: &str) -> Result<Self, StoreError> {
+        let db = PgPoolOptions::new().max_connections(16).connect(url).await?;
+        let mut migrator = sqlx::migrate!("./migrations");
+        // Other crates keep their own migrations in the same database.
+        migrator.set_ignore_missing(true);
+        migrator.run(&db).await.map_err(sqlx::Error::from)?;
+        Ok(Self { db })
+    }
+
+    pub(super) async fn write_batch(&self, batch: Vec<Write>) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
+        let mut tx = self.db.begin().await?;
+        // Conversations are locked in ascending id order (stable within one), so two writers'
+        // batches [X, Y] and [Y, X] cannot deadlock; results go back in the batch's order.
+        let mut order: Vec<usize> = (0..batch.len()).collect();
+        order.sort_by_key(|&i| batch[i].conversation());
+        let mut results: Vec<Option<Result<Written, StoreError>>> = batch.iter().map(|_| None).collect();
+        for i in order {
+            let result = match &batch[i] {
+                Write::Append { conversation, sender, device, client_id, body, now_ms } => {
+                    append(&mut tx, conversation, sender, device, client_id, body, *now_ms).await.map(Written::Appended)
+                }
+                Write::Ack { user, device, conversation, seq, read } => {
+                    move_cursor(&mut tx, user, device, conversation, *seq, *read).await.map(Written::Acked)
+                }
+            };
+            // Refusals wrote nothing; a database error may have written half, so the batch fails.
+            if let Err(e @ (StoreError::Database(_) | StoreError::Corrupt(_))) = result {
+                return Err(e);
+            }
+            results[i] = Some(result);
+        }
+        tx.commit().await?;
+        Ok(results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(StoreError::Batch("a write did not run".into()))))
+            .collect())
+    }
+
+    pub(super) async fn add_device(&self, user: &UserId, name: &str, now: i64) -> Result<DeviceId, StoreError> {
+        let mut tx = self.db.begin().await?;
+        sqlx::query(ENSURE_USER).bind(user).bind(now).execute(&mut *tx).await?;
+        sqlx::query(LOCK_USER).bind(user).execute(&mut *tx).await?;
+        let linked: i64 = sqlx::query_scalar(COUNT_DEVICES).bind(user).fetch_one(&mut *tx).await?;
+        if linked >= MAX_DEVICES {
+            return Err(StoreError::TooManyDevices);
+        }
+        let device = DeviceId::new();
+        sqlx::query(INSERT_DEVICE).bind(user).bind(device).bind(name).bind(now).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(device)
+    }
+
+    pub(super) async fn direct(&self, a: &UserId, b: &UserId, now: i64) -> Result<Conversation, StoreError> {
+        let key = pair_key(a, b);
+        let id = ConversationId::new();
+        let mut tx = self.db.begin().await?;
+        let claimed = sqlx::query(CLAIM_PAIR).bind(&key).bind(id).execute(&mut *tx).await?.rows_affected();
+        if claimed == 0 {
+            tx.rollback().await?;
+            let existing: ConversationId = sqlx::query_scalar(PAIR).bind(&key).fetch_one(&self.db).await?;
+            return sqlx::query_as(CONVERSATION).bind(existing).fetch_one(&self.db).await.map_err(Into::into);
+        }
+        let kind = ConversationKind::Direct;
+        sqlx::query(INSERT_CONVERSATION)
+            .bind(id)
+            .bind(kind.as_str())
+            .bind(None::<&str>)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        insert_members(&mut tx, &id, &[(a.clone(), Role::Member), (b.clone(), Role::Member)], now).await?;
+        tx.commit().await?;
+        Ok(Conversation { id, kind, name: None, last_seq: 0 })
+    }
+
+    pub(super) async fn create_group(
+        &self,
+        name: &str,
+        roster: &[(UserId, Role)],
+        now: i64,
+    ) -> Result<Conversation, StoreError> {
+        let id = ConversationId::new();
+        let kind = ConversationKind::Group;
+        let mut tx = self.db.begin().await?;
+        sqlx::query(INSERT_CONVERSATION).bind(id).bind(kind.as_str()).bind(name).bind(now).execute(&mut *tx).await?;
+        insert_members(&mut tx, &id, roster, now).await?;
+        tx.commit().await?;
+        Ok(Conversation { id, kind, name: Some(name.to_owned()), last_seq: 0 })
+    }
+
+    pub(super) async fn add_members(
+        &self,
+        conversation: &ConversationId,
+        actor: &UserId,
+        users: &[UserId],
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.db.begin().await?;
+        let kind = lock_conversation(&mut tx, conversation).await?;
+        match role(&mut tx, conversation, actor).await? {
+            None => return Err(StoreError::NotMember),
+            Some(Role::Member) => return Err(StoreError::NotAdmin),
+            Some(Role::Admin) => {}
+        }
+        if kind != ConversationKind::Group {
+            return Err(StoreError::Invalid("members can only be added to groups".into()));
+        }
+        let present: Vec<UserId> = sqlx::query_scalar(MEMBER_IDS).bind(conversation).fetch_all(&mut *tx).await?;
+        let new = newcomers(users, &present);
+        if present.len() + new.len() > MAX_GROUP_MEMBERS {
+            return Err(StoreError::TooManyMembers);
+        }
+        insert_members(&mut tx, conversation, &new, now).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub(super) async fn remove_member(
+        &self,
+        conversation: &ConversationId,
+        actor: &UserId,
+        user: &UserId,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.db.begin().await?;
+        let kind = lock_conversation(&mut tx, conversation).await?;
+        match role(&mut tx, conversation, actor).await? {
+            None => return Err(StoreError::NotMember),
+            Some(Role::Member) if actor != user => return Err(StoreError::NotAdmin),
+            _ => {}
+        }
+        if kind != ConversationKind::Group {
+            return Err(StoreError::Invalid("nobody leaves a direct conversation".into()));
+        }
+        sqlx::query(DELETE_MEMBER).bind(conversation).bind(user).execute(&mut *tx).await?;
+        sqlx::query(DELETE_MEMBERSHIP).bind(conversation).bind(user).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub(super) async fn members(
+        &self,
+        conversation: &ConversationId,
+        user: &UserId,
+    ) -> Result<Vec<(UserId, Role)>, StoreError> {
+        let mut conn = self.db.acquire().await?;
+        role(&mut conn, conversation, user).await?.ok_or(StoreError::NotMember)?;
+        let rows: Vec<(UserId, String)> = sqlx::query_as(MEMBERS).bind(conversation).fetch_all(&mut *conn).await?;
+        rows.into_iter().map(|(user, role)| Ok((user, Role::try_from(role).map_err(StoreError::Corrupt)?))).collect()
+    }
+
+    pub(super) async fn conversations(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+    ) -> Result<Vec<ConversationSummary>, StoreError> {
+        Ok(sqlx::query_as(CONVERSATIONS).bind(user).bind(device).fetch_all(&self.db).await?)
+    }
+
+    pub(super) async fn messages_after(
+        &self,
+        conversation: &ConversationId,
+        user: &UserId,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<Message>, StoreError> {
+        let mut conn = self.db.acquire().await?;
+        role(&mut conn, conversation, user).await?.ok_or(StoreError::NotMember)?;
+        Ok(sqlx::query_as(MESSAGES_AFTER).bind(conversation).bind(after).bind(limit).fetch_all(&mut *conn).await?)
+    }
+
+    pub(super) async fn device_exists(&self, user: &UserId, device: &DeviceId) -> Result<bool, StoreError> {
+        Ok(sqlx::query_scalar(DEVICE_EXISTS).bind(user).bind(device).fetch_one(&self.db).await?)
+    }
+
+    pub(super) async fn remove_device(&self, user: &UserId, device: &DeviceId) -> Result<bool, StoreError> {
+        let mut tx = self.db.begin().await?;
+        let removed = sqlx::query(DELETE_DEVICE).bind(user).bind(device).execute(&mut *tx).await?.rows_affected();
+        sqlx::query(DELETE_DEVICE_CURSORS).bind(user).bind(device).execute(&mut *tx).await?;
+        sqlx::query(DELETE_DEVICE_TOKENS).bind(user).bind(device).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(removed > 0)
+    }
+
+    pub(super) async fn sync_state(&self, user: &UserId, device: &DeviceId) -> Result<Vec<SyncState>, StoreError> {
+        Ok(sqlx::query_as(SYNC_STATE).bind(user).bind(device).fetch_all(&self.db).await?)
+    }
+
+    pub(super) async fn sync_one(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+        conversation: &ConversationId,
+    ) -> Result<Option<SyncState>, StoreError> {
+        Ok(sqlx::query_as(SYNC_ONE).bind(user).bind(device).bind(conversation).fetch_optional(&self.db).await?)
+    }
+
+    pub(super) async fn member_ids(&self, conversation: &ConversationId) -> Result<Vec<UserId>, StoreError> {
+        Ok(sqlx::query_scalar(MEMBER_IDS).bind(conversation).fetch_all(&self.db).await?)
+    }
+
+    pub(super) async fn receipts(&self, user: &UserId) -> Result<Vec<Receipt>, StoreError> {
+        Ok(sqlx::query_as(RECEIPTS).bind(user).fetch_all(&self.db).await?)
+    }
+
+    pub(super) async fn contacts(&self, user: &UserId) -> Result<Vec<Contact>, StoreError> {
+        Ok(sqlx::query_as(CONTACTS).bind(user).fetch_all(&self.db).await?)
+    }
+
+    pub(super) async fn set_last_seen(&self, user: &UserId, at_ms: i64) -> Result<(), StoreError> {
+        sqlx::query(SET_LAST_SEEN).bind(user).bind(at_ms).execute(&self.db).await?;
+        Ok(())
+    }
+
+    pub(super) async fn queue_pushes(
+        &self,
+        users: &[UserId],
+        conversation: &ConversationId,
+        seq: i64,
+        sender: &UserId,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.db.begin().await?;
+        for user in users {
+            sqlx::query(QUEUE_PUSH)
+                .bind(user)
+                .bind(conversation)
+                .bind(seq)
+                .bind(sender)
+                .bind(now_ms)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub(super) async fn due_pushes(&self, now_ms: i64, limit: i64) -> Result<Vec<PendingPush>, StoreError> {
+        Ok(sqlx::query_as(DUE_PUSHES).bind(now_ms).bind(limit).fetch_all(&self.db).await?)
+    }
+
+    pub(super) async fn push_done(&self, push: &PendingPush) -> Result<(), StoreError> {
+        sqlx::query(DELETE_PUSH).bind(&push.user).bind(push.conversation).bind(push.seq).execute(&self.db).await?;
+        Ok(())
+    }
+
+    pub(super) async fn push_failed(&self, push: &PendingPush, retry_at_ms: Option<i64>) -> Result<(), StoreError> {
+        match retry_at_ms {
+            Some(at) => {
+                sqlx::query(RETRY_PUSH).bind(&push.user).bind(push.conversation).bind(at).execute(&self.db).await?
+            }
+            None => {
+                sqlx::query(DELETE_PUSH)
+                    .bind(&push.user)
+                    .bind(push.conversation)
+                    .bind(push.seq)
+                    .execute(&self.db)
+                    .await?
+            }
+        };
+        Ok(())
+    }
+
+    pub(super) async fn purge_before(&self, before_ms: i64) -> Result<u64, StoreError> {
+        let mut tx = self.db.begin().await?;
+        sqlx::query(MARK_PURGED).bind(before_ms).execute(&mut *tx).await?;
+        let purged = sqlx::query(PURGE).bind(before_ms).execute(&mut *tx).await?.rows_affected();
+        tx.commit().await?;
+        Ok(purged)
+    }
+
+    pub(super) async fn put_code(
+        &self,
+        phone: &str,
+        code_hash: &str,
+        expires_at_ms: i64,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(PUT_CODE).bind(phone).bind(code_hash).bind(expires_at_ms).bind(now_ms).execute(&self.db).await?;
+        Ok(())
+    }
+
+    pub(super) async fn count_attempt(&self, phone: &str) -> Result<Option<PendingCode>, StoreError> {
+        Ok(sqlx::query_as(COUNT_ATTEMPT).bind(phone).fetch_optional(&self.db).await?)
+    }
+
+    pub(super) async fn use_code(&self, phone: &str, code_hash: &str) -> Result<bool, StoreError> {
+        Ok(sqlx::query(USE_CODE).bind(phone).bind(code_hash).execute(&self.db).await?.rows_affected() > 0)
+    }
+
+    pub(super) async fn user_for_phone(&self, phone: &str, fresh: &UserId, now_ms: i64) -> Result<UserId, StoreError> {
+        let mut tx = self.db.begin().await?;
+        sqlx::query(CLAIM_PHONE).bind(phone).bind(fresh).bind(now_ms).execute(&mut *tx).await?;
+        let user: UserId = sqlx::query_scalar(PHONE_USER).bind(phone).fetch_one(&mut *tx).await?;
+        sqlx::query(ENSURE_USER).bind(&user).bind(now_ms).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(user)
+    }
+
+    pub(super) async fn lookup_phone(&self, phone: &str) -> Result<Option<UserId>, StoreError> {
+        Ok(sqlx::query_scalar(PHONE_USER).bind(phone).fetch_optional(&self.db).await?)
+    }
+
+    pub(super) async fn issue_refresh(&self, token: &NewRefresh<'_>) -> Result<(), StoreError> {
+        insert_refresh(&mut *self.db.acquire().await?, token).await
+    }
+
+    /// Spends `old_hash` for `new_hash`; a spent token comes back as `Reused` (the caller logs its
+    /// device out).
+    pub(super) async fn rotate_refresh(
+        &self,
+        old_hash: &str,
+        new_hash: &str,
+        expires_at_ms: i64,
+        now_ms: i64,
+    ) -> Result<Rotation, StoreError> {
+        let mut tx = self.db.begin().await?;
+        let spent: Option<(UserId, DeviceId)> =
+            sqlx::query_as(SPEND_REFRESH).bind(old_hash).bind(now_ms).fetch_optional(&mut *tx).await?;
+        if let Some((user, device)) = spent {
+            let token = NewRefresh { hash: new_hash, user: &user, device: &device, expires_at_ms, now_ms };
+            insert_refresh(&mut tx, &token).await?;
+            tx.commit().await?;
+            return Ok(Rotation::Rotated { user, device });
+        }
+        tx.rollback().await?;
+        let reused: Option<(UserId, DeviceId)> =
+            sqlx::query_as(SPENT_REFRESH).bind(old_hash).fetch_optional(&self.db).await?;
+        Ok(match reused {
+            Some((user, device)) => Rotation::Reused { user, device },
+            None => Rotation::Invalid,
+        })
+    }
+}
+
+async fn insert_refresh(conn: &mut PgConnection, token: &NewRefresh<'_>) -> Result<(), StoreError> {
+    sqlx::query(INSERT_REFRESH)
+        .bind(token.hash)
+        .bind(token.user)
+        .bind(token.device)
+        .bind(token.expires_at_ms)
+        .bind(token.now_ms)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Locks a conversation's row for the transaction and says what kind it is; `NotMember` if none.
+async fn lock_conversation(
+    tx: &mut Transaction<'_, Pg>,
+    conversation: &ConversationId,
+) -> Result<ConversationKind, StoreError> {
+    let kind: Option<String> =
+        sqlx::query_scalar(LOCK_CONVERSATION).bind(conversation).fetch_optional(&mut **tx).await?;
+    let kind = kind.ok_or(StoreError::NotMember)?;
+    ConversationKind::try_from(kind).map_err(StoreError::Corrupt)
+}
+
+async fn role(
+    conn: &mut PgConnection,
+    conversation: &ConversationId,
+    user: &UserId,
+) -> Result<Option<Role>, StoreError> {
+    let role: Option<String> = sqlx::query_scalar(ROLE).bind(conversation).bind(user).fetch_optional(conn).await?;
+    role.map(|r| Role::try_from(r).map_err(StoreError::Corrupt)).transpose()
+}
+
+/// Adds members (creating users on first sight); ignores users already in.
+async fn insert_members(
+    tx: &mut Transaction<'_, Pg>,
+    conversation: &ConversationId,
+    users: &[(UserId, Role)],
+    now: i64,
+) -> Result<(), StoreError> {
+    for (user, role) in users {
+        sqlx::query(ENSURE_USER).bind(user).bind(now).execute(&mut **tx).await?;
+        sqlx::query(INSERT_MEMBER)
+            .bind(conversation)
+            .bind(user)
+            .bind(role.as_str())
+            .bind(now)
+            .execute(&mut **tx)
+            .await?;
+        sqlx::query(INSERT_MEMBERSHIP).bind(user).bind(conversation).execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+/// Appends inside `tx`. A refusal (not a member, a bad message) writes nothing, and a duplicate
+/// gives its seq back, so a batch goes on after either without a savepoint.
+async fn append(
+    tx: &mut Transaction<'_, Pg>,
+    conversation: &ConversationId,
+    sender: &UserId,
+    device: &DeviceId,
+    client_id: &str,
+    body: &str,
+    now_ms: i64,
+) -> Result<Appended, StoreError> {
+    check_message(client_id, body)?;
+    // Taking the next seq locks the conversation row, and only a member takes one.
+    let seq: Option<i64> =
+        sqlx::query_scalar(TAKE_SEQ).bind(conversation).bind(sender).fetch_optional(&mut **tx).await?;
+    let Some(seq) = seq else { return Err(StoreError::NotMember) };
+    let inserted = sqlx::query(INSERT_MESSAGE)
+        .bind(conversation)
+        .bind(seq)
+        .bind(sender)
+        .bind(device)
+        .bind(client_id)
+        .bind(body)
+        .bind(now_ms)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+    if inserted == 0 {
+        sqlx::query(GIVE_SEQ_BACK).bind(conversation).execute(&mut **tx).await?;
+        let first: Option<Message> = sqlx::query_as(BY_CLIENT_ID)
+            .bind(conversation)
+            .bind(sender)
+            .bind(client_id)
+            .fetch_optional(&mut **tx)
+            .await?;
+        return first
+            .map(Appended::Duplicate)
+            .ok_or_else(|| StoreError::Corrupt("a conflicting message vanished".into()));
+    }
+    Ok(Appended::New(Message {
+        conversation: *conversation,
+        seq,
+        sender: sender.clone(),
+        device: *device,
+        client_id: client_id.to_owned(),
+        body: body.to_owned(),
+        created_at: now_ms,
+    }))
+}
+
+/// Moves a device's cursor and the user's receipt inside `tx`; a non-member writes nothing.
+async fn move_cursor(
+    tx: &mut Transaction<'_, Pg>,
+    user: &UserId,
+    device: &DeviceId,
+    conversation: &ConversationId,
+    seq: i64,
+    read: bool,
+) -> Result<Acked, StoreError> {
+    let moved: Option<Cursor> = sqlx::query_as(MOVE_CURSOR)
+        .bind(user)
+        .bind(device)
+        .bind(conversation)
+        .bind(seq)
+        .bind(if read { seq } else { 0 })
+        .fetch_optional(&mut **tx)
+        .await?;
+    let Some(device) = moved else { return Err(StoreError::NotMember) };
+    // The user's receipt is the furthest any of their devices got; each column only grows.
+    let receipt: Option<Cursor> = sqlx::query_as(MOVE_RECEIPT)
+        .bind(conversation)
+        .bind(user)
+        .bind(device.delivered)
+        .bind(device.read)
+        .fetch_optional(&mut **tx)
+        .await?;
+    Ok(Acked { device, receipt })
+}

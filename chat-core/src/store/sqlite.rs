@@ -1,0 +1,914 @@
+//! chat-core's tables in a SQLite file (rusqlite): the embedded default, one process.
+//!
+//! Every write runs on one thread that owns the writing connection: group commits and the rarer
+//! writes (sign-in, groups, devices) queue for it in order and never wait in SQLite's busy handler,
+//! and a batch runs from `BEGIN IMMEDIATE` to `COMMIT` without leaving the thread. Reads run on a
+//! small pool of read-only connections beside it (WAL lets them read while it writes), each on a
+//! blocking thread, never on the async runtime's. WAL with `synchronous = FULL`: an acknowledged
+//! message survives a power cut, not only a crash. The schema is applied by the same sqlx
+//! migrations PostgreSQL runs, so a data dir keeps one migration history.
+
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use r2d2_sqlite::SqliteConnectionManager;
+use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ValueRef};
+use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehavior, params};
+use tokio::sync::{mpsc, oneshot};
+use types::{ConversationId, DeviceId, UserId};
+
+use super::{
+    Acked, Appended, Contact, Conversation, ConversationKind, ConversationSummary, Cursor, MAX_DEVICES,
+    MAX_GROUP_MEMBERS, Message, NewRefresh, PendingCode, PendingPush, Receipt, Role, Rotation, StoreError, SyncState,
+    Write, Written, check_message, newcomers, pair_key,
+};
+
+/// Users come into being the first time they are named.
+const ENSURE_USER: &str =
+    "INSERT INTO chat_users (user_id, created_at) VALUES (?1, ?2) ON CONFLICT (user_id) DO NOTHING";
+
+const COUNT_DEVICES: &str = "SELECT COUNT(*) FROM chat_devices WHERE user_id = ?1";
+
+const INSERT_DEVICE: &str = "INSERT INTO chat_devices (user_id, device_id, name, created_at) VALUES (?1, ?2, ?3, ?4)";
+
+const CLAIM_PAIR: &str = "
+    INSERT INTO chat_direct_pairs (pair_key, conversation_id) VALUES (?1, ?2)
+    ON CONFLICT (pair_key) DO NOTHING";
+
+const PAIR: &str = "SELECT conversation_id FROM chat_direct_pairs WHERE pair_key = ?1";
+
+const CONVERSATION: &str =
+    "SELECT conversation_id, kind, name, last_seq FROM chat_conversations WHERE conversation_id = ?1";
+
+const INSERT_CONVERSATION: &str = "
+    INSERT INTO chat_conversations (conversation_id, kind, name, last_seq, created_at) VALUES (?1, ?2, ?3, 0, ?4)";
+
+const INSERT_MEMBER: &str = "
+    INSERT INTO chat_members (conversation_id, user_id, role, joined_at) VALUES (?1, ?2, ?3, ?4)
+    ON CONFLICT (conversation_id, user_id) DO NOTHING";
+
+const INSERT_MEMBERSHIP: &str = "
+    INSERT INTO chat_memberships (user_id, conversation_id) VALUES (?1, ?2)
+    ON CONFLICT (user_id, conversation_id) DO NOTHING";
+
+const KIND: &str = "SELECT kind FROM chat_conversations WHERE conversation_id = ?1";
+
+const ROLE: &str = "SELECT role FROM chat_members WHERE conversation_id = ?1 AND user_id = ?2";
+
+const MEMBER_IDS: &str = "SELECT user_id FROM chat_members WHERE conversation_id = ?1";
+
+const MEMBERS: &str = "SELECT user_id, role FROM chat_members WHERE conversation_id = ?1 ORDER BY joined_at, user_id";
+
+const DELETE_MEMBER: &str = "DELETE FROM chat_members WHERE conversation_id = ?1 AND user_id = ?2";
+
+const DELETE_MEMBERSHIP: &str = "DELETE FROM chat_memberships WHERE conversation_id = ?1 AND user_id = ?2";
+
+const CONVERSATIONS: &str = "
+    SELECT c.conversation_id, c.kind, c.name, c.last_seq,
+           (SELECT COUNT(*) FROM chat_messages msg
+             WHERE msg.conversation_id = c.conversation_id AND msg.sender_user <> ?1
+               AND msg.seq > COALESCE(cu.read_seq, 0)) AS unread
+      FROM chat_memberships m
+      JOIN chat_conversations c ON c.conversation_id = m.conversation_id
+      LEFT JOIN chat_cursors cu
+        ON cu.user_id = m.user_id AND cu.device_id = ?2 AND cu.conversation_id = m.conversation_id
+     WHERE m.user_id = ?1
+     ORDER BY c.last_seq DESC, c.conversation_id";
+
+/// Takes the conversation's next seq; only a member gets one (no row otherwise).
+const TAKE_SEQ: &str = "
+    UPDATE chat_conversations SET last_seq = last_seq + 1
+     WHERE conversation_id = ?1
+       AND EXISTS (SELECT 1 FROM chat_members WHERE conversation_id = ?1 AND user_id = ?2)
+    RETURNING last_seq";
+
+/// Inserts the message, or nothing when the sender already sent this client id.
+const INSERT_MESSAGE: &str = "
+    INSERT INTO chat_messages (conversation_id, seq, sender_user, sender_device, client_id, body, created_at)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+    ON CONFLICT (conversation_id, sender_user, client_id) DO NOTHING";
+
+/// Gives a retry's seq back (the transaction holds the write lock, so it is still the last one).
+const GIVE_SEQ_BACK: &str = "UPDATE chat_conversations SET last_seq = last_seq - 1 WHERE conversation_id = ?1";
+
+/// The first copy of a retried message.
+const BY_CLIENT_ID: &str = "
+    SELECT conversation_id, seq, sender_user, sender_device, client_id, body, created_at FROM chat_messages
+     WHERE conversation_id = ?1 AND sender_user = ?2 AND client_id = ?3";
+
+/// Moves a device's cursors, clamped to the log's end; only a member gets a row.
+const MOVE_CURSOR: &str = "
+    INSERT INTO chat_cursors (user_id, device_id, conversation_id, delivered_seq, read_seq)
+    SELECT ?1, ?2, ?3, MIN(MAX(?4, 0), c.last_seq), MIN(MAX(?5, 0), c.last_seq)
+      FROM chat_conversations c
+      JOIN chat_members m ON m.conversation_id = c.conversation_id AND m.user_id = ?1
+     WHERE c.conversation_id = ?3
+    ON CONFLICT (user_id, device_id, conversation_id) DO UPDATE SET
+      delivered_seq = MAX(excluded.delivered_seq, chat_cursors.delivered_seq),
+      read_seq = MAX(excluded.read_seq, chat_cursors.read_seq)
+    RETURNING delivered_seq, read_seq";
+
+/// Raises the user's receipt to a device's cursors; a row comes back only when it moved.
+const MOVE_RECEIPT: &str = "
+    UPDATE chat_members SET delivered_seq = MAX(?3, delivered_seq), read_seq = MAX(?4, read_seq)
+     WHERE conversation_id = ?1 AND user_id = ?2 AND (delivered_seq < ?3 OR read_seq < ?4)
+    RETURNING delivered_seq, read_seq";
+
+const MESSAGES_AFTER: &str = "
+    SELECT conversation_id, seq, sender_user, sender_device, client_id, body, created_at FROM chat_messages
+     WHERE conversation_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3";
+
+const DEVICE_EXISTS: &str = "SELECT EXISTS (SELECT 1 FROM chat_devices WHERE user_id = ?1 AND device_id = ?2)";
+
+const DELETE_DEVICE: &str = "DELETE FROM chat_devices WHERE user_id = ?1 AND device_id = ?2";
+
+const DELETE_DEVICE_CURSORS: &str = "DELETE FROM chat_cursors WHERE user_id = ?1 AND device_id = ?2";
+
+const DELETE_DEVICE_TOKENS: &str = "DELETE FROM chat_refresh_tokens WHERE user_id = ?1 AND device_id = ?2";
+
+/// Where a device stands in each of a user's conversations.
+const SYNC_STATE: &str = "
+    SELECT c.conversation_id, c.last_seq, c.purged_upto, COALESCE(cu.delivered_seq, 0) AS delivered
+      FROM chat_memberships m
+      JOIN chat_conversations c ON c.conversation_id = m.conversation_id
+      LEFT JOIN chat_cursors cu
+        ON cu.user_id = m.user_id AND cu.device_id = ?2 AND cu.conversation_id = m.conversation_id
+     WHERE m.user_id = ?1";
+
+/// The same, in one conversation.
+const SYNC_ONE: &str = "
+    SELECT c.conversation_id, c.last_seq, c.purged_upto, COALESCE(cu.delivered_seq, 0) AS delivered
+      FROM chat_memberships m
+      JOIN chat_conversations c ON c.conversation_id = m.conversation_id
+      LEFT JOIN chat_cursors cu
+        ON cu.user_id = m.user_id AND cu.device_id = ?2 AND cu.conversation_id = m.conversation_id
+     WHERE m.user_id = ?1 AND m.conversation_id = ?3";
+
+const RECEIPTS: &str = "
+    SELECT o.conversation_id, o.user_id, o.delivered_seq, o.read_seq
+      FROM chat_memberships m
+      JOIN chat_members o ON o.conversation_id = m.conversation_id
+     WHERE m.user_id = ?1 AND o.user_id <> ?1 AND o.delivered_seq > 0";
+
+const CONTACTS: &str = "
+    SELECT DISTINCT o.user_id, u.last_seen
+      FROM chat_memberships m
+      JOIN chat_members o ON o.conversation_id = m.conversation_id
+      JOIN chat_users u ON u.user_id = o.user_id
+     WHERE m.user_id = ?1 AND o.user_id <> ?1";
+
+const SET_LAST_SEEN: &str = "UPDATE chat_users SET last_seen = ?2 WHERE user_id = ?1";
+
+/// One pending push per user and conversation; the newest seq wins.
+const QUEUE_PUSH: &str = "
+    INSERT INTO chat_push_outbox (user_id, conversation_id, seq, sender_user, attempts, next_attempt_at, created_at)
+    VALUES (?1, ?2, ?3, ?4, 0, ?5, ?5)
+    ON CONFLICT (user_id, conversation_id) DO UPDATE SET
+      seq = MAX(excluded.seq, chat_push_outbox.seq), sender_user = excluded.sender_user";
+
+const DUE_PUSHES: &str = "
+    SELECT user_id, conversation_id, seq, sender_user, attempts FROM chat_push_outbox
+     WHERE next_attempt_at <= ?1 ORDER BY next_attempt_at LIMIT ?2";
+
+const DELETE_PUSH: &str = "DELETE FROM chat_push_outbox WHERE user_id = ?1 AND conversation_id = ?2 AND seq = ?3";
+
+const RETRY_PUSH: &str = "
+    UPDATE chat_push_outbox SET attempts = attempts + 1, next_attempt_at = ?3
+     WHERE user_id = ?1 AND conversation_id = ?2";
+
+/// Marks how far each conversation with old messages is purged (deleted next, same transaction).
+const MARK_PURGED: &str = "
+    UPDATE chat_conversations SET purged_upto = (
+           SELECT MAX(m.seq) FROM chat_messages m
+            WHERE m.conversation_id = chat_conversations.conversation_id AND m.created_at < ?1)
+     WHERE conversation_id IN (SELECT conversation_id FROM chat_messages WHERE created_at < ?1)";
+
+const PURGE: &str = "DELETE FROM chat_messages WHERE created_at < ?1";
+
+const PUT_CODE: &str = "
+    INSERT INTO chat_phone_codes (phone, code_hash, expires_at, attempts, created_at) VALUES (?1, ?2, ?3, 0, ?4)
+    ON CONFLICT (phone) DO UPDATE SET code_hash = excluded.code_hash, expires_at = excluded.expires_at,
+      attempts = 0, created_at = excluded.created_at";
+
+const COUNT_ATTEMPT: &str = "
+    UPDATE chat_phone_codes SET attempts = attempts + 1 WHERE phone = ?1 RETURNING code_hash, expires_at, attempts";
+
+const USE_CODE: &str = "DELETE FROM chat_phone_codes WHERE phone = ?1 AND code_hash = ?2";
+
+const CLAIM_PHONE: &str =
+    "INSERT INTO chat_phones (phone, user_id, created_at) VALUES (?1, ?2, ?3) ON CONFLICT (phone) DO NOTHING";
+
+const PHONE_USER: &str = "SELECT user_id FROM chat_phones WHERE phone = ?1";
+
+const INSERT_REFRESH: &str = "
+    INSERT INTO chat_refresh_tokens (token_hash, user_id, device_id, expires_at, spent_at, created_at)
+    VALUES (?1, ?2, ?3, ?4, NULL, ?5)";
+
+/// Spends a live token; no row when it is unknown, expired or spent.
+const SPEND_REFRESH: &str = "
+    UPDATE chat_refresh_tokens SET spent_at = ?2 WHERE token_hash = ?1 AND spent_at IS NULL AND expires_at > ?2
+    RETURNING user_id, device_id";
+
+const SPENT_REFRESH: &str =
+    "SELECT user_id, device_id FROM chat_refresh_tokens WHERE token_hash = ?1 AND spent_at IS NOT NULL";
+
+/// WAL pages before a commit copies them back into the database (SQLite's default is 1,000). The
+/// rows every append and ack touch (the conversation's `last_seq`, members, cursors) sit on a few
+/// hot pages: checkpointing ten times less often copies them ten times less often.
+const WAL_AUTOCHECKPOINT: i64 = 10_000;
+
+/// Read connections beside the writer.
+const READERS: u32 = 4;
+
+/// Writes waiting for the writer thread before callers wait to queue.
+const WRITE_QUEUE: usize = 1024;
+
+/// How long anything waits for a lock or a connection.
+const WAIT: Duration = Duration::from_secs(5);
+
+/// A piece of work for the writer thread.
+type Job = Box<dyn FnOnce(&mut Connection) + Send>;
+
+/// chat-core's tables in a SQLite file.
+#[derive(Clone)]
+pub struct Sqlite {
+    writer: mpsc::Sender<Job>,
+    readers: r2d2::Pool<SqliteConnectionManager>,
+    path: Arc<PathBuf>,
+}
+
+impl std::fmt::Debug for Sqlite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sqlite").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+impl Sqlite {
+    pub(super) async fn connect(url: &str) -> Result<Self, StoreError> {
+        let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+            .busy_timeout(WAIT);
+        let path = options.get_filename().to_owned();
+        if path.as_os_str().is_empty() || path.to_string_lossy().contains(":memory:") {
+            return Err(StoreError::Invalid("chat-core's SQLite database must be a file".into()));
+        }
+        // Creates the file in WAL mode (which sticks to it) and applies the schema.
+        let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect_with(options).await?;
+        let mut migrator = sqlx::migrate!("./migrations");
+        // Other crates keep their own migrations in the same database.
+        migrator.set_ignore_missing(true);
+        migrator.run(&pool).await.map_err(sqlx::Error::from)?;
+        pool.close().await;
+
+        let writer = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || open_writer(&path))
+                .await
+                .map_err(|e| StoreError::Database(Box::new(e)))??
+        };
+        let readers = r2d2::Pool::builder()
+            .max_size(READERS)
+            .min_idle(Some(1))
+            .connection_timeout(WAIT)
+            // A checkout runs no query of its own: a broken connection fails its statement.
+            .test_on_check_out(false)
+            .build(SqliteConnectionManager::file(&path).with_init(|conn| {
+                conn.busy_timeout(WAIT)?;
+                conn.pragma_update(None, "query_only", true)?;
+                conn.set_prepared_statement_cache_capacity(32);
+                Ok(())
+            }))
+            .map_err(|e| StoreError::Database(Box::new(e)))?;
+        Ok(Self { writer: spawn_writer(writer), readers, path: Arc::new(path) })
+    }
+
+    /// Runs `work` on the writer thread, after the writes queued before it.
+    async fn write<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let stopped = || StoreError::Batch("the SQLite writer has stopped".into());
+        let (reply, answer) = oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            let _ = reply.send(work(conn));
+        });
+        self.writer.send(job).await.map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+
+    /// Runs `work` on a read connection, on a blocking thread.
+    async fn read<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let readers = self.readers.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = readers.get().map_err(|e| StoreError::Database(Box::new(e)))?;
+            work(&conn)
+        })
+        .await
+        .map_err(|e| StoreError::Database(Box::new(e)))?
+    }
+
+    pub(super) async fn write_batch(&self, batch: Vec<Write>) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
+        self.write(move |conn| {
+            // One writer: no other transaction can hold a conversation, so the batch runs in order.
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let mut results = Vec::with_capacity(batch.len());
+            for write in &batch {
+                let result = match write {
+                    Write::Append { conversation, sender, device, client_id, body, now_ms } => {
+                        append(&tx, conversation, sender, device, client_id, body, *now_ms).map(Written::Appended)
+                    }
+                    Write::Ack { user, device, conversation, seq, read } => {
+                        move_cursor(&tx, user, device, conversation, *seq, *read).map(Written::Acked)
+                    }
+                };
+                // Refusals wrote nothing; a database error may have written half: roll it all back.
+                if let Err(e @ (StoreError::Database(_) | StoreError::Corrupt(_))) = result {
+                    return Err(e);
+                }
+                results.push(result);
+            }
+            tx.commit()?;
+            Ok(results)
+        })
+        .await
+    }
+
+    pub(super) async fn add_device(&self, user: &UserId, name: &str, now: i64) -> Result<DeviceId, StoreError> {
+        let (user, name) = (user.clone(), name.to_owned());
+        self.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.prepare_cached(ENSURE_USER)?.execute(params![user, now])?;
+            let linked: i64 = tx.prepare_cached(COUNT_DEVICES)?.query_row(params![user], |r| r.get(0))?;
+            if linked >= MAX_DEVICES {
+                return Err(StoreError::TooManyDevices);
+            }
+            let device = DeviceId::new();
+            tx.prepare_cached(INSERT_DEVICE)?.execute(params![user, device, name, now])?;
+            tx.commit()?;
+            Ok(device)
+        })
+        .await
+    }
+
+    pub(super) async fn direct(&self, a: &UserId, b: &UserId, now: i64) -> Result<Conversation, StoreError> {
+        let (a, b) = (a.clone(), b.clone());
+        self.write(move |conn| {
+            let key = pair_key(&a, &b);
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let existing: Option<ConversationId> =
+                tx.prepare_cached(PAIR)?.query_row(params![key], |r| r.get(0)).optional()?;
+            if let Some(existing) = existing {
+                return Ok(tx.prepare_cached(CONVERSATION)?.query_row(params![existing], conversation)?);
+            }
+            let id = ConversationId::new();
+            let kind = ConversationKind::Direct;
+            tx.prepare_cached(CLAIM_PAIR)?.execute(params![key, id])?;
+            tx.prepare_cached(INSERT_CONVERSATION)?.execute(params![id, kind.as_str(), None::<&str>, now])?;
+            insert_members(&tx, &id, &[(a, Role::Member), (b, Role::Member)], now)?;
+            tx.commit()?;
+            Ok(Conversation { id, kind, name: None, last_seq: 0 })
+        })
+        .await
+    }
+
+    pub(super) async fn create_group(
+        &self,
+        name: &str,
+        roster: &[(UserId, Role)],
+        now: i64,
+    ) -> Result<Conversation, StoreError> {
+        let (name, roster) = (name.to_owned(), roster.to_vec());
+        self.write(move |conn| {
+            let id = ConversationId::new();
+            let kind = ConversationKind::Group;
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.prepare_cached(INSERT_CONVERSATION)?.execute(params![id, kind.as_str(), name, now])?;
+            insert_members(&tx, &id, &roster, now)?;
+            tx.commit()?;
+            Ok(Conversation { id, kind, name: Some(name), last_seq: 0 })
+        })
+        .await
+    }
+
+    pub(super) async fn add_members(
+        &self,
+        conversation: &ConversationId,
+        actor: &UserId,
+        users: &[UserId],
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let (conversation, actor, users) = (*conversation, actor.clone(), users.to_vec());
+        self.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            match role(&tx, &conversation, &actor)? {
+                None => return Err(StoreError::NotMember),
+                Some(Role::Member) => return Err(StoreError::NotAdmin),
+                Some(Role::Admin) => {}
+            }
+            if kind(&tx, &conversation)? != ConversationKind::Group {
+                return Err(StoreError::Invalid("members can only be added to groups".into()));
+            }
+            let present = member_ids(&tx, &conversation)?;
+            let new = newcomers(&users, &present);
+            if present.len() + new.len() > MAX_GROUP_MEMBERS {
+                return Err(StoreError::TooManyMembers);
+            }
+            insert_members(&tx, &conversation, &new, now)?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub(super) async fn remove_member(
+        &self,
+        conversation: &ConversationId,
+        actor: &UserId,
+        user: &UserId,
+    ) -> Result<(), StoreError> {
+        let (conversation, actor, user) = (*conversation, actor.clone(), user.clone());
+        self.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            match role(&tx, &conversation, &actor)? {
+                None => return Err(StoreError::NotMember),
+                Some(Role::Member) if actor != user => return Err(StoreError::NotAdmin),
+                _ => {}
+            }
+            if kind(&tx, &conversation)? != ConversationKind::Group {
+                return Err(StoreError::Invalid("nobody leaves a direct conversation".into()));
+            }
+            tx.prepare_cached(DELETE_MEMBER)?.execute(params![conversation, user])?;
+            tx.prepare_cached(DELETE_MEMBERSHIP)?.execute(params![conversation, user])?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub(super) async fn members(
+        &self,
+        conversation: &ConversationId,
+        user: &UserId,
+    ) -> Result<Vec<(UserId, Role)>, StoreError> {
+        let (conversation, user) = (*conversation, user.clone());
+        self.read(move |conn| {
+            role(conn, &conversation, &user)?.ok_or(StoreError::NotMember)?;
+            let mut statement = conn.prepare_cached(MEMBERS)?;
+            let rows = statement.query_map(params![conversation], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    pub(super) async fn conversations(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+    ) -> Result<Vec<ConversationSummary>, StoreError> {
+        let (user, device) = (user.clone(), *device);
+        self.read(move |conn| {
+            let mut statement = conn.prepare_cached(CONVERSATIONS)?;
+            let rows = statement.query_map(params![user, device], |r| {
+                Ok(ConversationSummary { conversation: conversation(r)?, unread: r.get("unread")? })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    pub(super) async fn messages_after(
+        &self,
+        conversation: &ConversationId,
+        user: &UserId,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<Message>, StoreError> {
+        let (conversation, user) = (*conversation, user.clone());
+        self.read(move |conn| {
+            role(conn, &conversation, &user)?.ok_or(StoreError::NotMember)?;
+            let mut statement = conn.prepare_cached(MESSAGES_AFTER)?;
+            let rows = statement.query_map(params![conversation, after, limit], message)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    pub(super) async fn device_exists(&self, user: &UserId, device: &DeviceId) -> Result<bool, StoreError> {
+        let (user, device) = (user.clone(), *device);
+        self.read(move |conn| Ok(conn.prepare_cached(DEVICE_EXISTS)?.query_row(params![user, device], |r| r.get(0))?))
+            .await
+    }
+
+    pub(super) async fn remove_device(&self, user: &UserId, device: &DeviceId) -> Result<bool, StoreError> {
+        let (user, device) = (user.clone(), *device);
+        self.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let removed = tx.prepare_cached(DELETE_DEVICE)?.execute(params![user, device])?;
+            tx.prepare_cached(DELETE_DEVICE_CURSORS)?.execute(params![user, device])?;
+            tx.prepare_cached(DELETE_DEVICE_TOKENS)?.execute(params![user, device])?;
+            tx.commit()?;
+            Ok(removed > 0)
+        })
+        .await
+    }
+
+    pub(super) async fn sync_state(&self, user: &UserId, device: &DeviceId) -> Result<Vec<SyncState>, StoreError> {
+        let (user, device) = (user.clone(), *device);
+        self.read(move |conn| {
+            let mut statement = conn.prepare_cached(SYNC_STATE)?;
+            let rows = statement.query_map(params![user, device], sync_state)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    pub(super) async fn sync_one(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+        conversation: &ConversationId,
+    ) -> Result<Option<SyncState>, StoreError> {
+        let (user, device, conversation) = (user.clone(), *device, *conversation);
+        self.read(move |conn| {
+            Ok(conn.prepare_cached(SYNC_ONE)?.query_row(params![user, device, conversation], sync_state).optional()?)
+        })
+        .await
+    }
+
+    pub(super) async fn member_ids(&self, conversation: &ConversationId) -> Result<Vec<UserId>, StoreError> {
+        let conversation = *conversation;
+        self.read(move |conn| member_ids(conn, &conversation)).await
+    }
+
+    pub(super) async fn receipts(&self, user: &UserId) -> Result<Vec<Receipt>, StoreError> {
+        let user = user.clone();
+        self.read(move |conn| {
+            let mut statement = conn.prepare_cached(RECEIPTS)?;
+            let rows = statement.query_map(params![user], |r| {
+                Ok(Receipt { conversation: r.get("conversation_id")?, user: r.get("user_id")?, cursor: cursor(r)? })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    pub(super) async fn contacts(&self, user: &UserId) -> Result<Vec<Contact>, StoreError> {
+        let user = user.clone();
+        self.read(move |conn| {
+            let mut statement = conn.prepare_cached(CONTACTS)?;
+            let rows = statement.query_map(params![user], |r| {
+                Ok(Contact { user: r.get("user_id")?, last_seen: r.get("last_seen")? })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    pub(super) async fn set_last_seen(&self, user: &UserId, at_ms: i64) -> Result<(), StoreError> {
+        let user = user.clone();
+        self.write(move |conn| {
+            conn.prepare_cached(SET_LAST_SEEN)?.execute(params![user, at_ms])?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub(super) async fn queue_pushes(
+        &self,
+        users: &[UserId],
+        conversation: &ConversationId,
+        seq: i64,
+        sender: &UserId,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let (users, conversation, sender) = (users.to_vec(), *conversation, sender.clone());
+        self.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            for user in &users {
+                tx.prepare_cached(QUEUE_PUSH)?.execute(params![user, conversation, seq, sender, now_ms])?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub(super) async fn due_pushes(&self, now_ms: i64, limit: i64) -> Result<Vec<PendingPush>, StoreError> {
+        self.read(move |conn| {
+            let mut statement = conn.prepare_cached(DUE_PUSHES)?;
+            let rows = statement.query_map(params![now_ms, limit], |r| {
+                Ok(PendingPush {
+                    user: r.get("user_id")?,
+                    conversation: r.get("conversation_id")?,
+                    seq: r.get("seq")?,
+                    sender: r.get("sender_user")?,
+                    attempts: r.get("attempts")?,
+                })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    pub(super) async fn push_done(&self, push: &PendingPush) -> Result<(), StoreError> {
+        let push = push.clone();
+        self.write(move |conn| {
+            conn.prepare_cached(DELETE_PUSH)?.execute(params![push.user, push.conversation, push.seq])?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub(super) async fn push_failed(&self, push: &PendingPush, retry_at_ms: Option<i64>) -> Result<(), StoreError> {
+        let push = push.clone();
+        self.write(move |conn| {
+            match retry_at_ms {
+                Some(at) => conn.prepare_cached(RETRY_PUSH)?.execute(params![push.user, push.conversation, at])?,
+                None => conn.prepare_cached(DELETE_PUSH)?.execute(params![push.user, push.conversation, push.seq])?,
+            };
+            Ok(())
+        })
+        .await
+    }
+
+    pub(super) async fn purge_before(&self, before_ms: i64) -> Result<u64, StoreError> {
+        self.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.prepare_cached(MARK_PURGED)?.execute(params![before_ms])?;
+            let purged = tx.prepare_cached(PURGE)?.execute(params![before_ms])?;
+            tx.commit()?;
+            Ok(purged as u64)
+        })
+        .await
+    }
+
+    pub(super) async fn put_code(
+        &self,
+        phone: &str,
+        code_hash: &str,
+        expires_at_ms: i64,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let (phone, code_hash) = (phone.to_owned(), code_hash.to_owned());
+        self.write(move |conn| {
+            conn.prepare_cached(PUT_CODE)?.execute(params![phone, code_hash, expires_at_ms, now_ms])?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub(super) async fn count_attempt(&self, phone: &str) -> Result<Option<PendingCode>, StoreError> {
+        let phone = phone.to_owned();
+        self.write(move |conn| {
+            let code = conn
+                .prepare_cached(COUNT_ATTEMPT)?
+                .query_row(params![phone], |r| {
+                    Ok(PendingCode { code_hash: r.get(0)?, expires_at: r.get(1)?, attempts: r.get(2)? })
+                })
+                .optional()?;
+            Ok(code)
+        })
+        .await
+    }
+
+    pub(super) async fn use_code(&self, phone: &str, code_hash: &str) -> Result<bool, StoreError> {
+        let (phone, code_hash) = (phone.to_owned(), code_hash.to_owned());
+        self.write(move |conn| Ok(conn.prepare_cached(USE_CODE)?.execute(params![phone, code_hash])? > 0)).await
+    }
+
+    pub(super) async fn user_for_phone(&self, phone: &str, fresh: &UserId, now_ms: i64) -> Result<UserId, StoreError> {
+        let (phone, fresh) = (phone.to_owned(), fresh.clone());
+        self.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.prepare_cached(CLAIM_PHONE)?.execute(params![phone, fresh, now_ms])?;
+            let user: UserId = tx.prepare_cached(PHONE_USER)?.query_row(params![phone], |r| r.get(0))?;
+            tx.prepare_cached(ENSURE_USER)?.execute(params![user, now_ms])?;
+            tx.commit()?;
+            Ok(user)
+        })
+        .await
+    }
+
+    pub(super) async fn lookup_phone(&self, phone: &str) -> Result<Option<UserId>, StoreError> {
+        let phone = phone.to_owned();
+        self.read(move |conn| {
+            Ok(conn.prepare_cached(PHONE_USER)?.query_row(params![phone], |r| r.get(0)).optional()?)
+        })
+        .await
+    }
+
+    pub(super) async fn issue_refresh(&self, token: &NewRefresh<'_>) -> Result<(), StoreError> {
+        let (hash, user, device) = (token.hash.to_owned(), token.user.clone(), *token.device);
+        let (expires_at_ms, now_ms) = (token.expires_at_ms, token.now_ms);
+        self.write(move |conn| {
+            conn.prepare_cached(INSERT_REFRESH)?.execute(params![hash, user, device, expires_at_ms, now_ms])?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Spends `old_hash` for `new_hash`; a spent token comes back as `Reused` (the caller logs its
+    /// device out).
+    pub(super) async fn rotate_refresh(
+        &self,
+        old_hash: &str,
+        new_hash: &str,
+        expires_at_ms: i64,
+        now_ms: i64,
+    ) -> Result<Rotation, StoreError> {
+        let (old_hash, new_hash) = (old_hash.to_owned(), new_hash.to_owned());
+        self.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let pair = |r: &Row<'_>| Ok((r.get::<_, UserId>(0)?, r.get::<_, DeviceId>(1)?));
+            let spent = tx.prepare_cached(SPEND_REFRESH)?.query_row(params![old_hash, now_ms], pair).optional()?;
+            if let Some((user, device)) = spent {
+                tx.prepare_cached(INSERT_REFRESH)?.execute(params![new_hash, user, device, expires_at_ms, now_ms])?;
+                tx.commit()?;
+                return Ok(Rotation::Rotated { user, device });
+            }
+            let reused = tx.prepare_cached(SPENT_REFRESH)?.query_row(params![old_hash], pair).optional()?;
+            Ok(match reused {
+                Some((user, device)) => Rotation::Reused { user, device },
+                None => Rotation::Invalid,
+            })
+        })
+        .await
+    }
+}
+
+/// The writing connection: WAL (already set on the file), `synchronous = FULL` (per connection).
+fn open_writer(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path)?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT)?;
+    conn.busy_timeout(WAIT)?;
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(conn)
+}
+
+/// Starts the writer thread; it ends when every sender is gone. A job that panics (a bug) fails
+/// only its own caller: its transaction rolls back as it unwinds and the thread goes on.
+fn spawn_writer(mut conn: Connection) -> mpsc::Sender<Job> {
+    let (jobs, mut queue) = mpsc::channel::<Job>(WRITE_QUEUE);
+    std::thread::Builder::new()
+        .name("chat-sqlite-writer".into())
+        .spawn(move || {
+            while let Some(job) = queue.blocking_recv() {
+                if std::panic::catch_unwind(AssertUnwindSafe(|| job(&mut conn))).is_err() {
+                    tracing::error!("a chat-core write panicked; its caller was told it failed");
+                }
+            }
+        })
+        .expect("spawning the chat-core SQLite writer thread");
+    jobs
+}
+
+impl FromSql for ConversationKind {
+    fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
+        ConversationKind::parse(value.as_str()?).ok_or_else(|| FromSqlError::Other("bad conversation kind".into()))
+    }
+}
+
+impl FromSql for Role {
+    fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
+        Role::try_from(value.as_str()?.to_owned()).map_err(|e| FromSqlError::Other(e.into()))
+    }
+}
+
+fn conversation(r: &Row<'_>) -> rusqlite::Result<Conversation> {
+    Ok(Conversation {
+        id: r.get("conversation_id")?,
+        kind: r.get("kind")?,
+        name: r.get("name")?,
+        last_seq: r.get("last_seq")?,
+    })
+}
+
+fn message(r: &Row<'_>) -> rusqlite::Result<Message> {
+    Ok(Message {
+        conversation: r.get("conversation_id")?,
+        seq: r.get("seq")?,
+        sender: r.get("sender_user")?,
+        device: r.get("sender_device")?,
+        client_id: r.get("client_id")?,
+        body: r.get("body")?,
+        created_at: r.get("created_at")?,
+    })
+}
+
+fn cursor(r: &Row<'_>) -> rusqlite::Result<Cursor> {
+    Ok(Cursor { delivered: r.get("delivered_seq")?, read: r.get("read_seq")? })
+}
+
+fn sync_state(r: &Row<'_>) -> rusqlite::Result<SyncState> {
+    Ok(SyncState {
+        conversation: r.get("conversation_id")?,
+        last_seq: r.get("last_seq")?,
+        delivered: r.get("delivered")?,
+        purged_upto: r.get("purged_upto")?,
+    })
+}
+
+fn kind(conn: &Connection, conversation: &ConversationId) -> Result<ConversationKind, StoreError> {
+    let kind = conn.prepare_cached(KIND)?.query_row(params![conversation], |r| r.get(0)).optional()?;
+    kind.ok_or(StoreError::NotMember)
+}
+
+fn role(conn: &Connection, conversation: &ConversationId, user: &UserId) -> Result<Option<Role>, StoreError> {
+    Ok(conn.prepare_cached(ROLE)?.query_row(params![conversation, user], |r| r.get(0)).optional()?)
+}
+
+fn member_ids(conn: &Connection, conversation: &ConversationId) -> Result<Vec<UserId>, StoreError> {
+    let mut statement = conn.prepare_cached(MEMBER_IDS)?;
+    let rows = statement.query_map(params![conversation], |r| r.get(0))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Adds members (creating users on first sight); ignores users already in.
+fn insert_members(
+    tx: &Transaction<'_>,
+    conversation: &ConversationId,
+    users: &[(UserId, Role)],
+    now: i64,
+) -> Result<(), StoreError> {
+    for (user, role) in users {
+        tx.prepare_cached(ENSURE_USER)?.execute(params![user, now])?;
+        tx.prepare_cached(INSERT_MEMBER)?.execute(params![conversation, user, role.as_str(), now])?;
+        tx.prepare_cached(INSERT_MEMBERSHIP)?.execute(params![user, conversation])?;
+    }
+    Ok(())
+}
+
+/// Appends inside `tx`. A refusal (not a member, a bad message) writes nothing, and a duplicate
+/// gives its seq back, so a batch goes on after either without a savepoint.
+fn append(
+    tx: &Transaction<'_>,
+    conversation: &ConversationId,
+    sender: &UserId,
+    device: &DeviceId,
+    client_id: &str,
+    body: &str,
+    now_ms: i64,
+) -> Result<Appended, StoreError> {
+    check_message(client_id, body)?;
+    let seq: Option<i64> =
+        tx.prepare_cached(TAKE_SEQ)?.query_row(params![conversation, sender], |r| r.get(0)).optional()?;
+    let Some(seq) = seq else { return Err(StoreError::NotMember) };
+    let inserted = tx.prepare_cached(INSERT_MESSAGE)?.execute(params![
+        conversation,
+        seq,
+        sender,
+        device,
+        client_id,
+        body,
+        now_ms
+    ])?;
+    if inserted == 0 {
+        tx.prepare_cached(GIVE_SEQ_BACK)?.execute(params![conversation])?;
+        let first =
+            tx.prepare_cached(BY_CLIENT_ID)?.query_row(params![conversation, sender, client_id], message).optional()?;
+        return first
+            .map(Appended::Duplicate)
+            .ok_or_else(|| StoreError::Corrupt("a conflicting message vanished".into()));
+    }
+    Ok(Appended::New(Message {
+        conversation: *conversation,
+        seq,
+        sender: sender.clone(),
+        device: *device,
+        client_id: client_id.to_owned(),
+        body: body.to_owned(),
+        created_at: now_ms,
+    }))
+}
+
+/// Moves a device's cursor and the user's receipt inside `tx`; a non-member writes nothing.
+fn move_cursor(
+    tx: &Transaction<'_>,
+    user: &UserId,
+    device: &DeviceId,
+    conversation: &ConversationId,
+    seq: i64,
+    read: bool,
+) -> Result<Acked, StoreError> {
+    let moved = tx
+        .prepare_cached(MOVE_CURSOR)?
+        .query_row(params![user, device, conversation, seq, if read { seq } else { 0 }], cursor)
+        .optional()?;
+    let Some(device) = moved else { return Err(StoreError::NotMember) };
+    // The user's receipt is the furthest any of their devices got; each column only grows.
+    let receipt = tx
+        .prepare_cached(MOVE_RECEIPT)?
+        .query_row(params![conversation, user, device.delivered, device.read], cursor)
+        .optional()?;
+    Ok(Acked { device, receipt })
+}
