@@ -196,7 +196,8 @@ pub(crate) async fn refresh(
         Rotation::Rotated { user, device } => Ok(Json(session(&chat, &user, device, &next))),
         Rotation::Reused { user, device } => {
             tracing::warn!(%user, %device, "a spent refresh token was presented again; the device is logged out");
-            chat.log_out(&user, device).await?;
+            // The store has unlinked it already; its connections close now.
+            chat.forget_device(&user, device).await;
             Err(ApiError::BadRefreshToken)
         }
         Rotation::Invalid => Err(ApiError::BadRefreshToken),

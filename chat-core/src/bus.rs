@@ -1,24 +1,49 @@
-//! Cross-node fan-out over NATS: every node publishes its hub events on one subject and delivers
-//! what the other nodes publish to its own connections.
+//! Fan-out between the nodes of a cluster over NATS, addressed to the nodes that hold the users.
 //!
-//! Like the hub, the bus carries wake-ups, not truth: a lost or doubled envelope is made good by
-//! the connection's gap fill or dropped by its seq check, so core NATS (at-most-once) is enough and
-//! JetStream is not needed here.
+//! Each node has a subject of its own (`{subject}.node.{id}`); the sender looks up which nodes
+//! hold the receivers (`chat_presence`, see [`crate::chat`]) and publishes each event once per
+//! such node, with the users it holds there. Rare events every node must hear (logouts, changed
+//! memberships) go to `{subject}.all`, and so does an event whose receivers could not be looked up.
+//!
+//! Like the hub, the bus carries wake-ups, not truth: the store has every message, and a connection
+//! that misses a wake-up reads the gap when it notices. So that it notices, every envelope from
+//! node S to node R carries the next number of the pair (S, R), and every second each node tells
+//! all others on `{subject}.beat` how far it has numbered to each. A receiver that sees a number
+//! jump, or a beat ahead of what it received, or its NATS connection come back, or NATS dropping
+//! messages for it, resyncs its connections from the store ([`Inbound::Resync`]): a lost envelope
+//! is made good within a beat, without waiting for a later message.
+//!
+//! Envelopes are authenticated: a BLAKE3 keyed hash over the bytes, with a key derived from the
+//! cluster's token-signing key, which every node already shares. A stranger on the bus cannot
+//! forge or alter one, and a copy replayed later is refused by its number.
 
+use std::collections::HashMap;
+use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use axum::extract::ws::Utf8Bytes;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
-use types::{ConversationId, DeviceId, UserId};
+use tokio::sync::{Mutex, mpsc};
+use types::{ConversationId, DeviceId, Secret, UserId};
 
-use crate::hub::{Event, Hub};
+use crate::hub::Event;
+
+/// The context of the envelope key, derived from the token-signing key.
+const KEY_CONTEXT: &str = "courier 2026-12-01 chat bus envelope authentication";
+/// Bytes of the keyed hash in front of each envelope.
+const MAC_LEN: usize = 32;
+/// Longest wait for the NATS client to take an envelope.
+const PUBLISH_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What travels between nodes.
 #[derive(Serialize, Deserialize)]
 struct Envelope {
     /// The publishing node, which has delivered locally already.
     node: String,
+    /// This envelope's number in the (sender, receiver) pair; 0 on the shared subjects.
+    seq: u64,
     users: Vec<UserId>,
     event: Wire,
 }
@@ -42,13 +67,10 @@ enum Wire {
     Members {
         conversation: ConversationId,
     },
-}
-
-/// A node's connection to the bus (`chat.bus_url`, `courier serve --bus nats://…`).
-pub struct Bus {
-    client: async_nats::Client,
-    subject: String,
-    node: String,
+    /// How far the sender has numbered its envelopes to each node.
+    Beat {
+        sent: HashMap<String, u64>,
+    },
 }
 
 /// What a node does with what other nodes publish.
@@ -56,64 +78,246 @@ pub(crate) enum Inbound {
     Deliver(Vec<UserId>, Event),
     LogOut(UserId, DeviceId),
     ForgetMembers(ConversationId),
+    /// Wake-ups may have been lost: every connection here reads what it missed from the store.
+    Resync,
+}
+
+/// Counts of what the bus did, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct BusStats {
+    pub published: AtomicU64,
+    pub received: AtomicU64,
+    /// Envelopes refused: a bad MAC (forged or altered), unreadable, or a replayed number.
+    pub refused: AtomicU64,
+    /// Times this node resynced its connections (a gap, a reconnect, a slow subscription).
+    pub resyncs: AtomicU64,
+}
+
+/// A node's connection to the bus (`chat.bus_url`, `courier serve --bus nats://…`).
+pub struct Bus {
+    client: async_nats::Client,
+    subject: String,
+    node: String,
+    key: [u8; 32],
+    /// The last number sent to each node. Taken with the publish, so that numbers reach NATS in
+    /// order and a beat never runs ahead of the envelopes it counts.
+    sent: Mutex<HashMap<String, u64>>,
+    /// Envelopes to other nodes still to drop, for tests of the repair (`chat.test_drop_envelopes`).
+    drop: AtomicU32,
+    /// The NATS connection came back, or dropped messages: resync. Taken by the listener.
+    trouble: std::sync::Mutex<Option<mpsc::UnboundedReceiver<()>>>,
+    pub stats: Arc<BusStats>,
 }
 
 impl Bus {
-    /// Connects to the NATS server at `url`; envelopes go on `subject`.
-    pub async fn connect(url: &str, subject: &str) -> Result<Self, async_nats::ConnectError> {
-        let client = async_nats::connect(url).await?;
-        Ok(Self { client, subject: subject.to_owned(), node: types::DeviceId::new().to_string() })
+    /// Connects to the NATS server at `url` (credentials in the URL, or in the NATS `creds` file
+    /// given); subjects start with `subject`. Envelopes are authenticated with a key derived from
+    /// `cluster_key`.
+    pub async fn connect(
+        url: &str,
+        creds: Option<&Path>,
+        subject: &str,
+        cluster_key: &Secret,
+        test_drop: u32,
+    ) -> Result<Self, async_nats::ConnectError> {
+        let (tell, trouble) = mpsc::unbounded_channel();
+        let mut options = async_nats::ConnectOptions::new().event_callback(move |event| {
+            let tell = tell.clone();
+            async move {
+                match event {
+                    async_nats::Event::Connected | async_nats::Event::SlowConsumer(_) => {
+                        let _ = tell.send(());
+                    }
+                    async_nats::Event::Disconnected => tracing::warn!("lost the bus; reconnecting"),
+                    _ => {}
+                }
+            }
+        });
+        if let Some(path) = creds {
+            options = options.credentials_file(path).await?;
+        }
+        let client = options.connect(url).await?;
+        Ok(Self {
+            client,
+            subject: subject.to_owned(),
+            node: DeviceId::new().to_string(),
+            key: blake3::derive_key(KEY_CONTEXT, cluster_key.as_bytes()),
+            sent: Mutex::new(HashMap::new()),
+            drop: AtomicU32::new(test_drop),
+            trouble: std::sync::Mutex::new(Some(trouble)),
+            stats: Arc::new(BusStats::default()),
+        })
     }
 
-    async fn publish(&self, users: Vec<UserId>, event: Wire) {
-        let envelope = Envelope { node: self.node.clone(), users, event };
-        let Ok(payload) = serde_json::to_vec(&envelope) else { return };
-        if let Err(e) = self.client.publish(self.subject.clone(), payload.into()).await {
-            // Other nodes' devices catch up on their next event or reconnect.
-            tracing::warn!(error = %e, "could not publish to the bus");
+    /// This node's id on the bus (and in `chat_presence`).
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    fn node_subject(&self, node: &str) -> String {
+        format!("{}.node.{node}", self.subject)
+    }
+
+    fn all_subject(&self) -> String {
+        format!("{}.all", self.subject)
+    }
+
+    fn beat_subject(&self) -> String {
+        format!("{}.beat", self.subject)
+    }
+
+    /// MAC ‖ JSON.
+    fn seal(&self, envelope: &Envelope) -> Option<Vec<u8>> {
+        let json = serde_json::to_vec(envelope).ok()?;
+        let mut sealed = Vec::with_capacity(MAC_LEN + json.len());
+        sealed.extend_from_slice(blake3::keyed_hash(&self.key, &json).as_bytes());
+        sealed.extend_from_slice(&json);
+        Some(sealed)
+    }
+
+    /// The envelope in `payload` if its MAC is right (compared in constant time).
+    fn open(&self, payload: &[u8]) -> Option<Envelope> {
+        if payload.len() < MAC_LEN {
+            return None;
+        }
+        let (mac, json) = payload.split_at(MAC_LEN);
+        let mac: [u8; MAC_LEN] = mac.try_into().ok()?;
+        if blake3::keyed_hash(&self.key, json) != blake3::Hash::from_bytes(mac) {
+            return None;
+        }
+        serde_json::from_slice(json).ok()
+    }
+
+    /// Publishes, waiting at most [`PUBLISH_WAIT`] for room in the client's queue: with NATS away,
+    /// sends go on (the store has them) and the receivers resync when it is back.
+    async fn publish(&self, subject: String, envelope: &Envelope) {
+        let Some(payload) = self.seal(envelope) else { return };
+        self.stats.published.fetch_add(1, Ordering::Relaxed);
+        match tokio::time::timeout(PUBLISH_WAIT, self.client.publish(subject, payload.into())).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not publish to the bus"),
+            Err(_) => tracing::warn!("the bus is not taking envelopes; receivers resync when it does"),
         }
     }
 
-    pub(crate) async fn publish_event(&self, users: &[UserId], event: &Event) {
-        let wire = match event {
-            Event::Message { conversation, seq, device, frame } => Wire::Message {
-                conversation: *conversation,
-                seq: *seq,
-                device: *device,
-                frame: frame.as_str().to_owned(),
-            },
-            Event::Frame(frame) => Wire::Frame { frame: frame.as_str().to_owned() },
-            Event::LoggedOut => return,
-        };
-        self.publish(users.to_vec(), wire).await;
+    /// Sends `event` for `users` to the node that holds them.
+    pub(crate) async fn send_to(&self, node: &str, users: Vec<UserId>, event: &Event) {
+        let Some(event) = wire(event) else { return };
+        let mut sent = self.sent.lock().await;
+        let seq = sent.entry(node.to_owned()).or_insert(0);
+        *seq += 1;
+        let envelope = Envelope { node: self.node.clone(), seq: *seq, users, event };
+        if self.drop.load(Ordering::Relaxed) > 0 {
+            self.drop.fetch_sub(1, Ordering::Relaxed);
+            tracing::warn!(to = node, seq = *seq, "dropping an envelope on purpose (chat.test_drop_envelopes)");
+            return;
+        }
+        self.publish(self.node_subject(node), &envelope).await;
+    }
+
+    /// Sends `event` for `users` to every node (their holders could not be looked up).
+    pub(crate) async fn send_to_all(&self, users: Vec<UserId>, event: &Event) {
+        let Some(event) = wire(event) else { return };
+        self.publish(self.all_subject(), &Envelope { node: self.node.clone(), seq: 0, users, event }).await;
     }
 
     pub(crate) async fn publish_logout(&self, user: &UserId, device: DeviceId) {
-        self.publish(vec![user.clone()], Wire::Logout { device }).await;
+        let envelope =
+            Envelope { node: self.node.clone(), seq: 0, users: vec![user.clone()], event: Wire::Logout { device } };
+        self.publish(self.all_subject(), &envelope).await;
     }
 
     pub(crate) async fn publish_members(&self, conversation: ConversationId) {
-        self.publish(Vec::new(), Wire::Members { conversation }).await;
+        let envelope =
+            Envelope { node: self.node.clone(), seq: 0, users: Vec::new(), event: Wire::Members { conversation } };
+        self.publish(self.all_subject(), &envelope).await;
     }
 
-    /// Feeds what other nodes publish to `handle` until the subscription ends.
-    pub(crate) async fn listen(self: Arc<Self>, hub: Arc<Hub>, handle: impl Fn(Inbound) + Send + 'static) {
-        let mut subscription = match self.client.subscribe(self.subject.clone()).await {
-            Ok(s) => s,
+    /// Tells the other nodes how far this one has numbered its envelopes to each.
+    pub(crate) async fn beat(&self) {
+        let sent = self.sent.lock().await;
+        let envelope =
+            Envelope { node: self.node.clone(), seq: 0, users: Vec::new(), event: Wire::Beat { sent: sent.clone() } };
+        self.publish(self.beat_subject(), &envelope).await;
+    }
+
+    /// Feeds what other nodes publish to `handle` until the subscriptions end. `online` says
+    /// whether a user has a connection here.
+    pub(crate) async fn listen(
+        self: Arc<Self>,
+        online: impl Fn(&UserId) -> bool + Send + 'static,
+        handle: impl Fn(Inbound) + Send + 'static,
+    ) {
+        let subscribe = |subject: String| {
+            let client = self.client.clone();
+            async move { client.subscribe(subject).await }
+        };
+        let (own, all, beats) = match tokio::try_join!(
+            subscribe(self.node_subject(&self.node)),
+            subscribe(self.all_subject()),
+            subscribe(self.beat_subject())
+        ) {
+            Ok(subscriptions) => subscriptions,
             Err(e) => return tracing::error!(error = %e, "could not subscribe to the bus"),
         };
-        while let Some(message) = subscription.next().await {
-            let Ok(envelope) = serde_json::from_slice::<Envelope>(&message.payload) else {
-                tracing::warn!("an unreadable envelope on the bus");
+        let taken = self.trouble.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some(mut trouble) = taken else {
+            return tracing::error!("the bus has a listener already");
+        };
+        let mut incoming = futures_util::stream::select_all([own, all, beats]);
+        // The last number received from each sender node.
+        let mut received: HashMap<String, u64> = HashMap::new();
+        let resync = |handle: &dyn Fn(Inbound), why: &str| {
+            tracing::info!(why, "resyncing this node's connections from the store");
+            self.stats.resyncs.fetch_add(1, Ordering::Relaxed);
+            handle(Inbound::Resync);
+        };
+        loop {
+            let message = tokio::select! {
+                message = incoming.next() => match message {
+                    Some(message) => message,
+                    None => break,
+                },
+                Some(()) = trouble.recv() => {
+                    resync(&handle, "the bus connection came back or dropped messages");
+                    continue;
+                }
+            };
+            let Some(envelope) = self.open(&message.payload) else {
+                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(subject = %message.subject, "refused an envelope that is not from this cluster");
                 continue;
             };
             if envelope.node == self.node {
                 continue;
             }
-            // Only users connected here matter; most envelopes concern none of them.
-            let users: Vec<UserId> = envelope.users.into_iter().filter(|u| hub.online(u)).collect();
+            self.stats.received.fetch_add(1, Ordering::Relaxed);
+            if let Wire::Beat { sent } = &envelope.event {
+                let counted = sent.get(&self.node).copied().unwrap_or(0);
+                let got = received.entry(envelope.node.clone()).or_insert(0);
+                if counted > *got {
+                    *got = counted;
+                    resync(&handle, "a beat counts envelopes that never came");
+                }
+                continue;
+            }
+            if envelope.seq > 0 {
+                let got = received.entry(envelope.node.clone()).or_insert(0);
+                if envelope.seq <= *got {
+                    self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                let gap = envelope.seq > *got + 1;
+                *got = envelope.seq;
+                if gap {
+                    resync(&handle, "envelopes from a node went missing");
+                }
+            }
+            // Only users connected here matter.
+            let users: Vec<UserId> = envelope.users.into_iter().filter(|u| online(u)).collect();
             let inbound = match envelope.event {
                 Wire::Members { conversation } => Inbound::ForgetMembers(conversation),
+                Wire::Beat { .. } => continue,
                 _ if users.is_empty() => continue,
                 Wire::Message { conversation, seq, device, frame } => {
                     Inbound::Deliver(users, Event::Message { conversation, seq, device, frame: Utf8Bytes::from(frame) })
@@ -126,7 +330,21 @@ impl Bus {
             };
             handle(inbound);
         }
-        tracing::warn!("the bus subscription ended");
+        tracing::warn!("the bus subscriptions ended");
+    }
+}
+
+/// What of a hub event travels; `None` for what stays on its node.
+fn wire(event: &Event) -> Option<Wire> {
+    match event {
+        Event::Message { conversation, seq, device, frame } => Some(Wire::Message {
+            conversation: *conversation,
+            seq: *seq,
+            device: *device,
+            frame: frame.as_str().to_owned(),
+        }),
+        Event::Frame(frame) => Some(Wire::Frame { frame: frame.as_str().to_owned() }),
+        Event::LoggedOut | Event::Resync => None,
     }
 }
 

@@ -1,6 +1,7 @@
 //! The messaging service: one send path and one ack path shared by HTTP and WebSocket, fan-out
 //! through the [`Hub`], and the caches in front of the store.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -48,8 +49,13 @@ pub struct Chat {
     pub(crate) limits: Limits,
     /// One queue per writer; a conversation always goes to the same one, so its writes keep their order.
     writers: Vec<mpsc::Sender<Queued>>,
-    bus: Option<Arc<Bus>>,
+    pub(crate) bus: Option<Arc<Bus>>,
+    /// Orders the directory updates of one user on this node (striped by user).
+    presence_locks: Vec<tokio::sync::Mutex<()>>,
 }
+
+/// Stripes of [`Chat::presence_locks`].
+const PRESENCE_LOCKS: usize = 64;
 
 /// A write waiting for its writer, with where its result goes.
 type Queued = (Write, oneshot::Sender<Result<Written, StoreError>>);
@@ -139,14 +145,19 @@ impl Chat {
         let bus = bus.map(Arc::new);
         if let Some(bus) = &bus {
             let (local, members, devices) = (hub.clone(), members.clone(), devices.clone());
-            tokio::spawn(bus.clone().listen(hub.clone(), move |inbound| match inbound {
-                Inbound::Deliver(users, event) => local.deliver(&users, event),
-                Inbound::LogOut(user, device) => {
-                    devices.invalidate(&(user.clone(), device));
-                    local.log_out(&user, device);
-                }
-                Inbound::ForgetMembers(conversation) => members.invalidate(&conversation),
-            }));
+            let here = hub.clone();
+            tokio::spawn(bus.clone().listen(
+                move |user| here.online(user),
+                move |inbound| match inbound {
+                    Inbound::Deliver(users, event) => local.deliver(&users, event),
+                    Inbound::LogOut(user, device) => {
+                        devices.invalidate(&(user.clone(), device));
+                        local.log_out(&user, device);
+                    }
+                    Inbound::ForgetMembers(conversation) => members.invalidate(&conversation),
+                    Inbound::Resync => local.resync_all(),
+                },
+            ));
         }
         Arc::new(Self {
             writers,
@@ -161,6 +172,7 @@ impl Chat {
             devices,
             push_wake: Notify::new(),
             limits: Limits::default(),
+            presence_locks: (0..PRESENCE_LOCKS).map(|_| tokio::sync::Mutex::new(())).collect(),
         })
     }
 
@@ -195,12 +207,18 @@ impl Chat {
     /// Unlinks a device and closes its connections on this node.
     pub(crate) async fn log_out(&self, user: &UserId, device: DeviceId) -> Result<bool, StoreError> {
         let removed = self.store.remove_device(user, &device).await?;
+        self.forget_device(user, device).await;
+        Ok(removed)
+    }
+
+    /// A device the store no longer has: its cached check goes, and its connections close on
+    /// every node.
+    pub(crate) async fn forget_device(&self, user: &UserId, device: DeviceId) {
         self.devices.invalidate(&(user.clone(), device));
         self.hub.log_out(user, device);
         if let Some(bus) = &self.bus {
             bus.publish_logout(user, device).await;
         }
-        Ok(removed)
     }
 
     /// The members of a conversation, for fan-out.
@@ -221,11 +239,74 @@ impl Chat {
     }
 
     /// Hands `event` to the devices of `users` connected here, and through the bus to the other nodes.
-    pub(crate) async fn fan_out(&self, users: &[UserId], event: Event) {
+    /// Returns who of `users` is connected to another node (`None`: not known, the directory
+    /// could not be read).
+    pub(crate) async fn fan_out(&self, users: &[UserId], event: Event) -> Option<HashSet<UserId>> {
+        let mut elsewhere = Some(HashSet::new());
         if let Some(bus) = &self.bus {
-            bus.publish_event(users, &event).await;
+            match self.store.nodes_of(users, now_ms()).await {
+                Ok(held) => {
+                    let mut by_node: HashMap<String, Vec<UserId>> = HashMap::new();
+                    for (user, node) in held {
+                        if node != bus.node() {
+                            by_node.entry(node).or_default().push(user);
+                        }
+                    }
+                    for (node, users) in by_node {
+                        elsewhere.as_mut().into_iter().for_each(|e| e.extend(users.iter().cloned()));
+                        bus.send_to(&node, users, &event).await;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not read the directory; sending to every node");
+                    elsewhere = None;
+                    bus.send_to_all(users.to_vec(), &event).await;
+                }
+            }
         }
         self.hub.deliver(users, event);
+        elsewhere
+    }
+
+    /// Who of `users` has a device connected to any node.
+    pub(crate) async fn online(&self, users: &[UserId]) -> HashSet<UserId> {
+        let mut online: HashSet<UserId> = users.iter().filter(|u| self.hub.online(u)).cloned().collect();
+        if self.bus.is_some() {
+            match self.store.nodes_of(users, now_ms()).await {
+                Ok(held) => online.extend(held.into_iter().map(|(user, _)| user)),
+                Err(e) => tracing::warn!(error = %e, "could not read the directory"),
+            }
+        }
+        online
+    }
+
+    /// A first device of `user` connected here: other nodes address its events to this one from
+    /// now on. Returns once the directory says so, so a replay read after it misses nothing.
+    pub(crate) async fn arrived(&self, user: &UserId) {
+        let Some(bus) = &self.bus else { return };
+        let _order = self.presence_lock(user).lock().await;
+        if let Err(e) = self.store.present(user, bus.node()).await {
+            // Other nodes' events for this user miss this node until the next resync.
+            tracing::error!(error = %e, %user, "could not record where a user is connected");
+        }
+    }
+
+    /// The last device of `user` here went away (unless another came meanwhile).
+    pub(crate) async fn left(&self, user: &UserId) {
+        let Some(bus) = &self.bus else { return };
+        let _order = self.presence_lock(user).lock().await;
+        if self.hub.online(user) {
+            return;
+        }
+        if let Err(e) = self.store.absent(user, bus.node()).await {
+            tracing::warn!(error = %e, %user, "could not record that a user left this node");
+        }
+    }
+
+    fn presence_lock(&self, user: &UserId) -> &tokio::sync::Mutex<()> {
+        let mut hasher = std::hash::DefaultHasher::new();
+        std::hash::Hash::hash(user, &mut hasher);
+        &self.presence_locks[std::hash::Hasher::finish(&hasher) as usize % self.presence_locks.len()]
     }
 
     /// Sends a message: checks the body and media, appends (idempotent on `client_id`), shares
@@ -265,19 +346,32 @@ impl Chat {
         let message = appended.message();
         let event =
             Event::Message { conversation: *conversation, seq: message.seq, device, frame: message_frame(message) };
-        self.fan_out(&members, event).await;
+        let elsewhere = self.fan_out(&members, event).await;
         if let Appended::New(message) = &appended {
-            self.queue_pushes(&members, user, conversation, message.seq).await;
+            self.queue_pushes(&members, elsewhere, user, conversation, message.seq).await;
         }
         Ok(appended)
     }
 
-    /// Members with no connected device get a push (when a notifier is configured).
-    async fn queue_pushes(&self, members: &[UserId], sender: &UserId, conversation: &ConversationId, seq: i64) {
+    /// Members with no device connected to any node get a push (when a notifier is configured).
+    /// `elsewhere` is who is connected to other nodes, when known (if not, the push worker checks).
+    async fn queue_pushes(
+        &self,
+        members: &[UserId],
+        elsewhere: Option<HashSet<UserId>>,
+        sender: &UserId,
+        conversation: &ConversationId,
+        seq: i64,
+    ) {
         if self.config.push_webhook_url.is_none() {
             return;
         }
-        let offline: Vec<UserId> = members.iter().filter(|u| *u != sender && !self.hub.online(u)).cloned().collect();
+        let elsewhere = elsewhere.unwrap_or_default();
+        let offline: Vec<UserId> = members
+            .iter()
+            .filter(|u| *u != sender && !self.hub.online(u) && !elsewhere.contains(*u))
+            .cloned()
+            .collect();
         if offline.is_empty() {
             return;
         }

@@ -19,8 +19,13 @@ pub struct ChatConfig {
     pub outbound_queue: usize,
     /// NATS server for cross-node fan-out (`nats://host:4222`); unset: one node, in-process only.
     pub bus_url: Option<String>,
-    /// The NATS subject the nodes of one cluster share. Default "courier.chat.fanout".
+    /// A NATS credentials file (`.creds`) for the bus; or put a user and password in `bus_url`.
+    pub bus_creds_file: Option<std::path::PathBuf>,
+    /// The prefix of the NATS subjects the nodes of one cluster share. Default "courier.chat.fanout".
     pub bus_subject: String,
+    /// Envelopes to other nodes this node drops on purpose, to test that the cluster repairs the
+    /// loss. Testing only. Default 0.
+    pub test_drop_envelopes: u32,
 }
 
 impl Default for ChatConfig {
@@ -33,7 +38,9 @@ impl Default for ChatConfig {
             send_timeout_secs: 10,
             outbound_queue: 256,
             bus_url: None,
+            bus_creds_file: None,
             bus_subject: "courier.chat.fanout".into(),
+            test_drop_envelopes: 0,
         }
     }
 }

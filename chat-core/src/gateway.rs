@@ -129,6 +129,8 @@ struct Connection {
 async fn run(chat: Arc<Chat>, socket: WebSocket, user: UserId, device: DeviceId) {
     let mut registration = chat.hub.register(&user, device);
     if registration.first {
+        // Before the replay: from here on other nodes send this user's events here.
+        chat.arrived(&user).await;
         chat.announce_presence(&user, true, now_ms()).await;
     }
     let (sink, mut stream) = socket.split();
@@ -148,11 +150,15 @@ async fn run(chat: Arc<Chat>, socket: WebSocket, user: UserId, device: DeviceId)
         let _ = conn.serve(&mut stream, &mut registration).await;
     }
     if chat.hub.unregister(&user, registration.id) {
-        let now = now_ms();
-        if let Err(e) = chat.store.set_last_seen(&user, now).await {
-            tracing::warn!(error = %e, "could not record last seen");
+        chat.left(&user).await;
+        // Offline only when no node holds a device of theirs.
+        if chat.online(std::slice::from_ref(&user)).await.is_empty() {
+            let now = now_ms();
+            if let Err(e) = chat.store.set_last_seen(&user, now).await {
+                tracing::warn!(error = %e, "could not record last seen");
+            }
+            chat.announce_presence(&user, false, now).await;
         }
-        chat.announce_presence(&user, false, now).await;
     }
 }
 
@@ -236,8 +242,10 @@ impl Connection {
             }
         }
         let contacts = self.chat.store.contacts(&self.user).await.map_err(|e| self.fail(e))?;
+        let users: Vec<UserId> = contacts.iter().map(|c| c.user.clone()).collect();
+        let online_now = self.chat.online(&users).await;
         for c in contacts {
-            let online = self.chat.hub.online(&c.user);
+            let online = online_now.contains(&c.user);
             self.send_frame(ServerFrame::Presence { user: &c.user, online, last_seen: c.last_seen }.encode()).await?;
         }
         Ok(())
@@ -388,6 +396,7 @@ impl Connection {
             }
             Event::Frame(frame) => self.send_frame(frame.clone()).await,
             Event::LoggedOut => Err(self.close(CLOSE_LOGGED_OUT, "logged out").await),
+            Event::Resync => self.catch_up().await,
         }
     }
 

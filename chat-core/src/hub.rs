@@ -23,6 +23,8 @@ pub(crate) enum Event {
     Frame(Utf8Bytes),
     /// The device was logged out: close the connection.
     LoggedOut,
+    /// Wake-ups may have been lost (between nodes): read what was missed from the store.
+    Resync,
 }
 
 struct Slot {
@@ -139,6 +141,14 @@ impl Hub {
             for slot in users_map.get(user).into_iter().flatten() {
                 push(slot, &event);
             }
+        }
+    }
+
+    /// Tells every connection here to read what it may have missed from the store.
+    pub(crate) fn resync_all(&self) {
+        let event = Arc::new(Event::Resync);
+        for slot in self.users().values().flatten() {
+            push(slot, &event);
         }
     }
 

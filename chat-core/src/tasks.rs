@@ -15,11 +15,20 @@ const PUSH_ATTEMPTS: i64 = 10;
 const PUSH_BATCH: i64 = 100;
 /// How often retention runs.
 const RETENTION_EVERY: Duration = Duration::from_secs(3600);
+/// How often a node of a cluster beats, on the bus and in the directory.
+const BEAT: Duration = Duration::from_secs(1);
+/// How long after its last beat a node still counts as alive.
+const ALIVE_FOR_MS: i64 = 10_000;
+/// How long a node must have been silent before its directory rows are swept away.
+const SWEEP_AFTER_MS: i64 = 60_000;
+/// Beats between two sweeps.
+const SWEEP_EVERY: u64 = 30;
 
 impl Chat {
     /// Runs the background tasks until `stop` turns true.
     pub async fn run_background(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let push = tokio::spawn(self.clone().push_loop(stop.clone()));
+        let beat = tokio::spawn(self.clone().beat_loop(stop.clone()));
         // The first purge runs before the server listens (see `purge_old`); then every hour.
         let mut retention = tokio::time::interval_at(tokio::time::Instant::now() + RETENTION_EVERY, RETENTION_EVERY);
         loop {
@@ -32,6 +41,64 @@ impl Chat {
             }
         }
         push.abort();
+        // Leaves the directory before the process goes, so no node sends here meanwhile.
+        let _ = beat.await;
+    }
+
+    /// A node of a cluster says it is alive before it takes connections, so the first device
+    /// that connects here is found by the other nodes at once.
+    pub async fn join_cluster(&self) -> Result<(), crate::StoreError> {
+        let Some(bus) = &self.bus else { return Ok(()) };
+        self.store.node_alive(bus.node(), now_ms() + ALIVE_FOR_MS).await
+    }
+
+    /// Every [`BEAT`]: renews this node in the directory and tells the others how far it has
+    /// numbered its envelopes to each; now and then sweeps nodes that stopped beating. On stop,
+    /// leaves the directory.
+    async fn beat_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let Some(bus) = self.bus.clone() else { return };
+        let mut tick = tokio::time::interval(BEAT);
+        let mut last_renewed = now_ms();
+        let mut beats = 0u64;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stopped(&mut stop) => break,
+            }
+            let now = now_ms();
+            match self.store.node_alive(bus.node(), now + ALIVE_FOR_MS).await {
+                Ok(()) => {
+                    if now - last_renewed > ALIVE_FOR_MS {
+                        // Other nodes counted this one gone meanwhile and sent nothing here.
+                        tracing::warn!("this node was missing from the directory; resyncing its connections");
+                        self.hub.resync_all();
+                    }
+                    last_renewed = now;
+                }
+                Err(e) => tracing::warn!(error = %e, "could not renew this node in the directory"),
+            }
+            bus.beat().await;
+            beats += 1;
+            if beats.is_multiple_of(SWEEP_EVERY) {
+                self.sweep_nodes(now - SWEEP_AFTER_MS).await;
+            }
+        }
+        if let Err(e) = self.store.node_gone(bus.node()).await {
+            tracing::warn!(error = %e, "could not leave the directory; other nodes will count this one gone soon");
+        }
+    }
+
+    async fn sweep_nodes(&self, silent_since: i64) {
+        match self.store.dead_nodes(silent_since).await {
+            Ok(dead) => {
+                for node in dead {
+                    if let Err(e) = self.store.node_gone(&node).await {
+                        tracing::warn!(error = %e, node, "could not sweep a silent node");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not list silent nodes"),
+        }
     }
 
     /// Deletes messages past `chat.retention_days`.
@@ -78,7 +145,7 @@ impl Chat {
     }
 
     async fn deliver_push(&self, client: &reqwest::Client, url: &str, push: &PendingPush) {
-        if self.hub.online(&push.user) {
+        if !self.online(std::slice::from_ref(&push.user)).await.is_empty() {
             // Connected again: the message reaches them live or by replay.
             return self.log_push(self.store.push_done(push).await);
         }

@@ -78,7 +78,35 @@ conformance!(
     crossed_batches_do_not_deadlock,
     linking_at_once_cannot_pass_the_device_limit,
     reads_see_what_was_just_written,
+    a_code_verified_twice_at_once_is_used_once,
+    cursors_stay_inside_the_log,
 );
+
+/// The right code sent twice at once (a double tap, or an attacker racing the owner) signs in once.
+async fn a_code_verified_twice_at_once_is_used_once(store: Store) {
+    let phone = "+4915112345678";
+    store.put_code(phone, "right", 1_000, 0).await.unwrap();
+    // As many as the attempts a code allows, so none is refused as one guess too many.
+    let checks = (0..MAX_CODE_ATTEMPTS).map(|_| {
+        let store = store.clone();
+        tokio::spawn(async move { store.check_code(phone, "right", 10).await.unwrap() })
+    });
+    let verdicts: Vec<CodeCheck> = join_all(checks).await.into_iter().map(|r| r.unwrap()).collect();
+    assert_eq!(verdicts.iter().filter(|v| **v == CodeCheck::Valid).count(), 1, "{verdicts:?}");
+    assert!(verdicts.iter().all(|v| matches!(v, CodeCheck::Valid | CodeCheck::Missing)), "{verdicts:?}");
+}
+
+/// An ack below zero or past the end of the log moves the cursor to the edge, never past it.
+async fn cursors_stay_inside_the_log(store: Store) {
+    let (alice, bob) = (user("alice"), user("bob"));
+    let chat = store.direct(&alice, &bob).await.unwrap();
+    let phone = store.add_device(&alice, "phone").await.unwrap();
+    let bobs = store.add_device(&bob, "phone").await.unwrap();
+    store.append(&chat.id, &alice, &phone, "one", "{}", 1).await.unwrap();
+    assert_eq!(store.ack(&bob, &bobs, &chat.id, -5).await.unwrap().device, Cursor { delivered: 0, read: 0 });
+    assert_eq!(store.mark_read(&bob, &bobs, &chat.id, 99).await.unwrap().device, Cursor { delivered: 1, read: 1 });
+    assert_eq!(store.ack(&bob, &bobs, &chat.id, 0).await.unwrap().device, Cursor { delivered: 1, read: 1 });
+}
 
 async fn devices_per_user_are_bounded(store: Store) {
     let alice = user("alice");

@@ -59,9 +59,15 @@ pub(crate) async fn serve(config: Config) -> anyhow::Result<()> {
     let media: Arc<dyn chat_core::MediaAccess> = Arc::new(SharedMedia(ingest.clone()));
     let bus = match &config.chat.bus_url {
         Some(url) => Some(
-            chat_core::Bus::connect(url, &config.chat.bus_subject)
-                .await
-                .with_context(|| format!("connecting to the bus at {url}"))?,
+            chat_core::Bus::connect(
+                url,
+                config.chat.bus_creds_file.as_deref(),
+                &config.chat.bus_subject,
+                &token_key,
+                config.chat.test_drop_envelopes,
+            )
+            .await
+            .with_context(|| format!("connecting to the bus at {url}"))?,
         ),
         None => None,
     };
@@ -219,6 +225,9 @@ impl ChatParts {
         let chat = chat_core::Chat::new(store, media, keys.clone(), config.chat.clone(), config.auth.clone(), bus);
         // Retention runs once before the server listens, then hourly.
         chat.purge_old().await;
+        if let Err(e) = chat.join_cluster().await {
+            tracing::warn!(error = %e, "could not join the cluster's directory; retrying with the next beat");
+        }
         let background = chat.clone();
         Self {
             user_routes: chat.user_routes(),

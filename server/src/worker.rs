@@ -30,7 +30,7 @@ pub(crate) async fn run(config: Config, listen: Option<SocketAddr>) -> anyhow::R
     let url = config
         .database_url
         .clone()
-        .filter(|url| Store::is_postgres_url(url))
+        .filter(|url| types::is_postgres_url(url))
         .context("courier worker works the queue `serve` nodes share: give --database-url postgres://…")?;
     anyhow::ensure!(
         config.blobs.is_some(),

@@ -1,7 +1,7 @@
 //! The id types as text columns: bound and read as ids, checked when read (a malformed id in the
 //! database is a decode error, not a panic or a silently different id).
 
-use crate::{ConversationId, DeviceId, MediaId, UserId};
+use crate::{ConversationId, DeviceId, UserId};
 
 #[cfg(feature = "sqlx")]
 macro_rules! sqlx_text_column {
@@ -43,7 +43,7 @@ macro_rules! sqlx_text_column {
 }
 
 #[cfg(feature = "sqlx")]
-sqlx_text_column!(UserId, ConversationId, DeviceId, MediaId);
+sqlx_text_column!(UserId, ConversationId, DeviceId);
 
 #[cfg(feature = "rusqlite")]
 macro_rules! rusqlite_text_column {
@@ -63,4 +63,4 @@ macro_rules! rusqlite_text_column {
 }
 
 #[cfg(feature = "rusqlite")]
-rusqlite_text_column!(UserId, ConversationId, DeviceId, MediaId);
+rusqlite_text_column!(UserId, ConversationId, DeviceId);

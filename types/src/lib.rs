@@ -23,3 +23,9 @@ pub use media::{MediaKind, MediaStatus, VariantName};
 pub use secret::{Secret, SecretError};
 pub use signed_url::{SignedUrlError, UrlSigner};
 pub use token::{Claims, TokenError, TokenKeys, bearer_token};
+
+/// Whether a database URL names a PostgreSQL server; anything else is an embedded SQLite file.
+/// Every crate with tables picks its engine by this one rule.
+pub fn is_postgres_url(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}

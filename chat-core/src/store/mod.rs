@@ -257,15 +257,25 @@ pub enum StoreError {
     Batch(String),
 }
 
+/// A value the database holds that is not what we wrote (a malformed id, an unknown kind) is
+/// corrupt data; anything else is the database failing.
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
-        StoreError::Database(Box::new(e))
+        match e {
+            sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => StoreError::Corrupt(e.to_string()),
+            e => StoreError::Database(Box::new(e)),
+        }
     }
 }
 
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
-        StoreError::Database(Box::new(e))
+        match e {
+            rusqlite::Error::FromSqlConversionFailure(..) | rusqlite::Error::InvalidColumnType(..) => {
+                StoreError::Corrupt(e.to_string())
+            }
+            e => StoreError::Database(Box::new(e)),
+        }
     }
 }
 
@@ -290,7 +300,7 @@ impl Store {
     /// Opens the database at `url` (`sqlite://PATH`, created if missing, or `postgres://…`) and
     /// applies chat-core's migrations (other crates keep theirs in the same database).
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        if types::is_postgres_url(url) {
             Ok(Store::Postgres(postgres::Postgres::connect(url).await?))
         } else {
             Ok(Store::Sqlite(sqlite::Sqlite::connect(url).await?))
@@ -318,7 +328,10 @@ impl Store {
         match each!(self, s => s.write_batch(batch).await) {
             Ok(results) => results,
             Err(e) => {
-                let message = e.to_string();
+                let message = match e {
+                    StoreError::Batch(message) => message,
+                    e => e.to_string(),
+                };
                 (0..len).map(|_| Err(StoreError::Batch(message.clone()))).collect()
             }
         }
@@ -603,7 +616,8 @@ impl Store {
         each!(self, s => s.issue_refresh(&token).await)
     }
 
-    /// Spends `old_hash` and stores `new_hash` in its place; a second spend logs the device out.
+    /// Spends `old_hash` and stores `new_hash` in its place. A second spend unlinks the device
+    /// (`Reused`); the caller closes its connections.
     pub async fn rotate_refresh(
         &self,
         old_hash: &str,
@@ -616,6 +630,41 @@ impl Store {
             self.remove_device(user, device).await?;
         }
         Ok(rotation)
+    }
+}
+
+impl Store {
+    /// Records that node `node` is alive until `until_ms` (its heartbeat).
+    pub async fn node_alive(&self, node: &str, until_ms: i64) -> Result<(), StoreError> {
+        each!(self, s => s.node_alive(node, until_ms).await)
+    }
+
+    /// Forgets node `node` and whom it held (it is shutting down, or stopped beating long ago).
+    pub async fn node_gone(&self, node: &str) -> Result<(), StoreError> {
+        each!(self, s => s.node_gone(node).await)
+    }
+
+    /// Nodes that stopped beating before `now_ms`, to be forgotten.
+    pub async fn dead_nodes(&self, now_ms: i64) -> Result<Vec<String>, StoreError> {
+        each!(self, s => s.dead_nodes(now_ms).await)
+    }
+
+    /// Records that `user` has a device connected to `node`.
+    pub async fn present(&self, user: &UserId, node: &str) -> Result<(), StoreError> {
+        each!(self, s => s.present(user, node).await)
+    }
+
+    /// Records that `user` has no device connected to `node` any more.
+    pub async fn absent(&self, user: &UserId, node: &str) -> Result<(), StoreError> {
+        each!(self, s => s.absent(user, node).await)
+    }
+
+    /// The live nodes holding a connection of any of `users`, with whom each holds.
+    pub async fn nodes_of(&self, users: &[UserId], now_ms: i64) -> Result<Vec<(UserId, String)>, StoreError> {
+        if users.is_empty() {
+            return Ok(Vec::new());
+        }
+        each!(self, s => s.nodes_of(users, now_ms).await)
     }
 }
 

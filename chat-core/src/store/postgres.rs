@@ -208,6 +208,25 @@ const SPEND_REFRESH: &str = "
 const SPENT_REFRESH: &str =
     "SELECT user_id, device_id FROM chat_refresh_tokens WHERE token_hash = $1 AND spent_at IS NOT NULL";
 
+const NODE_ALIVE: &str = "
+    INSERT INTO chat_nodes (node_id, alive_until) VALUES ($1, $2)
+    ON CONFLICT (node_id) DO UPDATE SET alive_until = excluded.alive_until";
+
+const DELETE_NODE: &str = "DELETE FROM chat_nodes WHERE node_id = $1";
+
+const DELETE_NODE_PRESENCE: &str = "DELETE FROM chat_presence WHERE node_id = $1";
+
+const DEAD_NODES: &str = "SELECT node_id FROM chat_nodes WHERE alive_until < $1";
+
+const PRESENT: &str = "
+    INSERT INTO chat_presence (user_id, node_id) VALUES ($1, $2) ON CONFLICT (user_id, node_id) DO NOTHING";
+
+const ABSENT: &str = "DELETE FROM chat_presence WHERE user_id = $1 AND node_id = $2";
+
+const NODES_OF: &str = "
+    SELECT p.user_id, p.node_id FROM chat_presence p JOIN chat_nodes n ON n.node_id = p.node_id
+     WHERE p.user_id = ANY($1) AND n.alive_until >= $2";
+
 /// chat-core's tables in a PostgreSQL database.
 #[derive(Debug, Clone)]
 pub struct Postgres {
@@ -275,7 +294,9 @@ impl Postgres {
         if claimed == 0 {
             tx.rollback().await?;
             let existing: ConversationId = sqlx::query_scalar(PAIR).bind(&key).fetch_one(&self.db).await?;
-            return sqlx::query_as(CONVERSATION).bind(existing).fetch_one(&self.db).await.map_err(Into::into);
+            let found: Option<Conversation> =
+                sqlx::query_as(CONVERSATION).bind(existing).fetch_optional(&self.db).await?;
+            return found.ok_or_else(|| StoreError::Corrupt("a direct pair names no conversation".into()));
         }
         let kind = ConversationKind::Direct;
         sqlx::query(INSERT_CONVERSATION)
@@ -546,6 +567,40 @@ impl Postgres {
             Some((user, device)) => Rotation::Reused { user, device },
             None => Rotation::Invalid,
         })
+    }
+}
+
+impl Postgres {
+    pub(super) async fn node_alive(&self, node: &str, until_ms: i64) -> Result<(), StoreError> {
+        sqlx::query(NODE_ALIVE).bind(node).bind(until_ms).execute(&self.db).await?;
+        Ok(())
+    }
+
+    pub(super) async fn node_gone(&self, node: &str) -> Result<(), StoreError> {
+        let mut tx = self.db.begin().await?;
+        sqlx::query(DELETE_NODE_PRESENCE).bind(node).execute(&mut *tx).await?;
+        sqlx::query(DELETE_NODE).bind(node).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub(super) async fn dead_nodes(&self, now_ms: i64) -> Result<Vec<String>, StoreError> {
+        Ok(sqlx::query_scalar(DEAD_NODES).bind(now_ms).fetch_all(&self.db).await?)
+    }
+
+    pub(super) async fn present(&self, user: &UserId, node: &str) -> Result<(), StoreError> {
+        sqlx::query(PRESENT).bind(user).bind(node).execute(&self.db).await?;
+        Ok(())
+    }
+
+    pub(super) async fn absent(&self, user: &UserId, node: &str) -> Result<(), StoreError> {
+        sqlx::query(ABSENT).bind(user).bind(node).execute(&self.db).await?;
+        Ok(())
+    }
+
+    pub(super) async fn nodes_of(&self, users: &[UserId], now_ms: i64) -> Result<Vec<(UserId, String)>, StoreError> {
+        let ids: Vec<&str> = users.iter().map(UserId::as_str).collect();
+        Ok(sqlx::query_as(NODES_OF).bind(ids).bind(now_ms).fetch_all(&self.db).await?)
     }
 }
 

@@ -17,7 +17,7 @@ use std::time::Duration;
 use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ValueRef};
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehavior, params};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use types::{ConversationId, DeviceId, UserId};
 
 use super::{
@@ -215,6 +215,26 @@ const SPEND_REFRESH: &str = "
 const SPENT_REFRESH: &str =
     "SELECT user_id, device_id FROM chat_refresh_tokens WHERE token_hash = ?1 AND spent_at IS NOT NULL";
 
+const NODE_ALIVE: &str = "
+    INSERT INTO chat_nodes (node_id, alive_until) VALUES (?1, ?2)
+    ON CONFLICT (node_id) DO UPDATE SET alive_until = excluded.alive_until";
+
+const DELETE_NODE: &str = "DELETE FROM chat_nodes WHERE node_id = ?1";
+
+const DELETE_NODE_PRESENCE: &str = "DELETE FROM chat_presence WHERE node_id = ?1";
+
+const DEAD_NODES: &str = "SELECT node_id FROM chat_nodes WHERE alive_until < ?1";
+
+const PRESENT: &str = "
+    INSERT INTO chat_presence (user_id, node_id) VALUES (?1, ?2) ON CONFLICT (user_id, node_id) DO NOTHING";
+
+const ABSENT: &str = "DELETE FROM chat_presence WHERE user_id = ?1 AND node_id = ?2";
+
+/// One user at a time: SQLite binds no arrays, and only one node ever reads its own file.
+const NODES_OF_USER: &str = "
+    SELECT p.node_id FROM chat_presence p JOIN chat_nodes n ON n.node_id = p.node_id
+     WHERE p.user_id = ?1 AND n.alive_until >= ?2";
+
 /// WAL pages before a commit copies them back into the database (SQLite's default is 1,000). The
 /// rows every append and ack touch (the conversation's `last_seq`, members, cursors) sit on a few
 /// hot pages: checkpointing ten times less often copies them ten times less often.
@@ -237,6 +257,9 @@ type Job = Box<dyn FnOnce(&mut Connection) + Send>;
 pub struct Sqlite {
     writer: mpsc::Sender<Job>,
     readers: r2d2::Pool<SqliteConnectionManager>,
+    /// One permit per read connection, taken before a blocking thread is: a burst of reads waits
+    /// here, holding no thread.
+    reading: Arc<Semaphore>,
     path: Arc<PathBuf>,
 }
 
@@ -253,8 +276,13 @@ impl Sqlite {
             .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
             .busy_timeout(WAIT);
         let path = options.get_filename().to_owned();
-        if path.as_os_str().is_empty() || path.to_string_lossy().contains(":memory:") {
-            return Err(StoreError::Invalid("chat-core's SQLite database must be a file".into()));
+        // The writer and readers open the file by its path: an in-memory database (which sqlx
+        // names `file:sqlx-in-memory-…`) or one with URL settings would not be the one migrated.
+        let named = path.to_string_lossy();
+        if url.contains('?') || named.is_empty() || named.starts_with("file:") || named.contains(":memory:") {
+            return Err(StoreError::Invalid(format!(
+                "chat-core's SQLite database must be a file named as sqlite://PATH, without settings: {url}"
+            )));
         }
         // Creates the file in WAL mode (which sticks to it) and applies the schema.
         let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect_with(options).await?;
@@ -264,26 +292,19 @@ impl Sqlite {
         migrator.run(&pool).await.map_err(sqlx::Error::from)?;
         pool.close().await;
 
-        let writer = {
+        let opened = {
             let path = path.clone();
-            tokio::task::spawn_blocking(move || open_writer(&path))
+            tokio::task::spawn_blocking(move || Ok::<_, StoreError>((open_writer(&path)?, open_readers(&path)?)))
                 .await
                 .map_err(|e| StoreError::Database(Box::new(e)))??
         };
-        let readers = r2d2::Pool::builder()
-            .max_size(READERS)
-            .min_idle(Some(1))
-            .connection_timeout(WAIT)
-            // A checkout runs no query of its own: a broken connection fails its statement.
-            .test_on_check_out(false)
-            .build(SqliteConnectionManager::file(&path).with_init(|conn| {
-                conn.busy_timeout(WAIT)?;
-                conn.pragma_update(None, "query_only", true)?;
-                conn.set_prepared_statement_cache_capacity(32);
-                Ok(())
-            }))
-            .map_err(|e| StoreError::Database(Box::new(e)))?;
-        Ok(Self { writer: spawn_writer(writer), readers, path: Arc::new(path) })
+        let (writer, readers) = opened;
+        Ok(Self {
+            writer: spawn_writer(writer),
+            readers,
+            reading: Arc::new(Semaphore::new(READERS as usize)),
+            path: Arc::new(path),
+        })
     }
 
     /// Runs `work` on the writer thread, after the writes queued before it.
@@ -292,13 +313,18 @@ impl Sqlite {
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        let stopped = || StoreError::Batch("the SQLite writer has stopped".into());
         let (reply, answer) = oneshot::channel();
         let job: Job = Box::new(move |conn| {
+            // A caller that gave up while this waited (a cancelled request) wants nothing written
+            // any more: a refresh token spent for a session nobody receives would log the device
+            // out on its next refresh.
+            if reply.is_closed() {
+                return;
+            }
             let _ = reply.send(work(conn));
         });
-        self.writer.send(job).await.map_err(|_| stopped())?;
-        answer.await.map_err(|_| stopped())?
+        self.writer.send(job).await.map_err(|_| StoreError::Batch("the SQLite writer has stopped".into()))?;
+        answer.await.map_err(|_| StoreError::Batch("the write failed on the SQLite writer (see its log)".into()))?
     }
 
     /// Runs `work` on a read connection, on a blocking thread.
@@ -307,8 +333,10 @@ impl Sqlite {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
+        let permit = self.reading.clone().acquire_owned().await.map_err(|e| StoreError::Database(Box::new(e)))?;
         let readers = self.readers.clone();
         tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             let conn = readers.get().map_err(|e| StoreError::Database(Box::new(e)))?;
             work(&conn)
         })
@@ -367,7 +395,8 @@ impl Sqlite {
             let existing: Option<ConversationId> =
                 tx.prepare_cached(PAIR)?.query_row(params![key], |r| r.get(0)).optional()?;
             if let Some(existing) = existing {
-                return Ok(tx.prepare_cached(CONVERSATION)?.query_row(params![existing], conversation)?);
+                let found = tx.prepare_cached(CONVERSATION)?.query_row(params![existing], conversation).optional()?;
+                return found.ok_or_else(|| StoreError::Corrupt("a direct pair names no conversation".into()));
             }
             let id = ConversationId::new();
             let kind = ConversationKind::Direct;
@@ -745,18 +774,90 @@ impl Sqlite {
     }
 }
 
+impl Sqlite {
+    pub(super) async fn node_alive(&self, node: &str, until_ms: i64) -> Result<(), StoreError> {
+        let node = node.to_owned();
+        self.write(move |conn| Ok(conn.prepare_cached(NODE_ALIVE)?.execute(params![node, until_ms]).map(drop)?)).await
+    }
+
+    pub(super) async fn node_gone(&self, node: &str) -> Result<(), StoreError> {
+        let node = node.to_owned();
+        self.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.prepare_cached(DELETE_NODE_PRESENCE)?.execute(params![node])?;
+            tx.prepare_cached(DELETE_NODE)?.execute(params![node])?;
+            Ok(tx.commit()?)
+        })
+        .await
+    }
+
+    pub(super) async fn dead_nodes(&self, now_ms: i64) -> Result<Vec<String>, StoreError> {
+        self.read(move |conn| {
+            let mut statement = conn.prepare_cached(DEAD_NODES)?;
+            let rows = statement.query_map(params![now_ms], |r| r.get(0))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    pub(super) async fn present(&self, user: &UserId, node: &str) -> Result<(), StoreError> {
+        let (user, node) = (user.clone(), node.to_owned());
+        self.write(move |conn| Ok(conn.prepare_cached(PRESENT)?.execute(params![user, node]).map(drop)?)).await
+    }
+
+    pub(super) async fn absent(&self, user: &UserId, node: &str) -> Result<(), StoreError> {
+        let (user, node) = (user.clone(), node.to_owned());
+        self.write(move |conn| Ok(conn.prepare_cached(ABSENT)?.execute(params![user, node]).map(drop)?)).await
+    }
+
+    pub(super) async fn nodes_of(&self, users: &[UserId], now_ms: i64) -> Result<Vec<(UserId, String)>, StoreError> {
+        let users = users.to_vec();
+        self.read(move |conn| {
+            let mut statement = conn.prepare_cached(NODES_OF_USER)?;
+            let mut found = Vec::new();
+            for user in users {
+                let nodes = statement.query_map(params![user, now_ms], |r| r.get::<_, String>(0))?;
+                for node in nodes {
+                    found.push((user.clone(), node?));
+                }
+            }
+            Ok(found)
+        })
+        .await
+    }
+}
+
 /// The writing connection: WAL (already set on the file), `synchronous = FULL` (per connection).
+/// It checks that the schema is there, so a file other than the one migrated is refused now.
 fn open_writer(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path)?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT)?;
     conn.busy_timeout(WAIT)?;
     conn.set_prepared_statement_cache_capacity(64);
+    conn.prepare("SELECT 1 FROM chat_conversations LIMIT 0")?;
     Ok(conn)
 }
 
+/// The read-only connections, opened on a blocking thread (the pool opens its first at once).
+fn open_readers(path: &Path) -> Result<r2d2::Pool<SqliteConnectionManager>, StoreError> {
+    r2d2::Pool::builder()
+        .max_size(READERS)
+        .min_idle(Some(1))
+        .connection_timeout(WAIT)
+        // A checkout runs no query of its own: a broken connection fails its statement.
+        .test_on_check_out(false)
+        .build(SqliteConnectionManager::file(path).with_init(|conn| {
+            conn.busy_timeout(WAIT)?;
+            conn.pragma_update(None, "query_only", true)?;
+            conn.set_prepared_statement_cache_capacity(32);
+            Ok(())
+        }))
+        .map_err(|e| StoreError::Database(Box::new(e)))
+}
+
 /// Starts the writer thread; it ends when every sender is gone. A job that panics (a bug) fails
-/// only its own caller: its transaction rolls back as it unwinds and the thread goes on.
+/// only its own caller: whatever transaction it left open is rolled back and the thread goes on.
 fn spawn_writer(mut conn: Connection) -> mpsc::Sender<Job> {
     let (jobs, mut queue) = mpsc::channel::<Job>(WRITE_QUEUE);
     std::thread::Builder::new()
@@ -765,6 +866,9 @@ fn spawn_writer(mut conn: Connection) -> mpsc::Sender<Job> {
             while let Some(job) = queue.blocking_recv() {
                 if std::panic::catch_unwind(AssertUnwindSafe(|| job(&mut conn))).is_err() {
                     tracing::error!("a chat-core write panicked; its caller was told it failed");
+                    if !conn.is_autocommit() {
+                        let _ = conn.execute_batch("ROLLBACK");
+                    }
                 }
             }
         })

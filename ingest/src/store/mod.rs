@@ -194,16 +194,11 @@ impl Store {
     /// Opens the database at `url` (`sqlite://PATH` or `postgres://…`), creating a SQLite file if
     /// needed, and applies ingest's migrations for that engine.
     pub async fn connect(url: &str) -> Result<Self, sqlx::Error> {
-        if Self::is_postgres_url(url) {
+        if types::is_postgres_url(url) {
             Ok(Store::Postgres(postgres::Postgres::connect(url).await?))
         } else {
             Ok(Store::Sqlite(sqlite::Sqlite::connect(url).await?))
         }
-    }
-
-    /// Whether `url` names a PostgreSQL database (anything else is a SQLite file).
-    pub fn is_postgres_url(url: &str) -> bool {
-        url.starts_with("postgres://") || url.starts_with("postgresql://")
     }
 
     /// Whether this is the embedded database, which only this process uses.

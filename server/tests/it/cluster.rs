@@ -1,15 +1,21 @@
 //! Several nodes on one PostgreSQL database, one blob store and shared key files: API nodes that
 //! run no jobs (`serve --transcode-workers 0`) and a `courier worker` that runs them. Needs
-//! `COURIER_TEST_DATABASE_URL` (skipped with a note when unset; set but unreachable fails).
+//! `COURIER_TEST_DATABASE_URL`; the whole cluster (two API nodes, a worker and an edge on
+//! PostgreSQL, NATS and S3) also needs `COURIER_TEST_NATS_URL` and `COURIER_TEST_S3_URL`
+//! (`http://KEY:SECRET@HOST:PORT/BUCKET`, an existing bucket). Each test is skipped with a note
+//! when its variables are unset; a set but unreachable service fails it.
 
+use std::path::PathBuf;
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-use types::{Secret, TokenKeys, UserId};
+use client::{Api, Event, Live, LiveOptions};
+use serde_json::{Value, json};
+use types::{BlobId, Secret, TokenKeys, UserId};
 
-use crate::avmedia::busy_video;
-use crate::harness::{DataDir, Server, fixture, fresh_schema, now, spawn_courier};
+use crate::avmedia::{busy_video, ffmpeg};
+use crate::harness::{DataDir, Edge, Server, fixture, fresh_schema, now, spawn_courier};
+use crate::live::{DEV, sign_in};
 
 /// A random key, written where every node can read it.
 fn key_file(dir: &DataDir, name: &str) -> (Secret, String) {
@@ -48,14 +54,46 @@ impl Drop for Worker {
 struct Shared {
     admin: sqlx::PgPool,
     token_key: Secret,
+    url_key_file: PathBuf,
     blobs: String,
     env: Vec<(&'static str, String)>,
     _dir: DataDir,
 }
 
+/// Where a test's blobs go on the S3 service `COURIER_TEST_S3_URL` names (a prefix of its own in
+/// the bucket), with the `AWS_*` settings that point object_store at it; `None` when unset.
+fn s3_blobs(test: &str) -> Option<(String, Vec<(&'static str, String)>)> {
+    let Ok(url) = std::env::var("COURIER_TEST_S3_URL") else {
+        eprintln!("COURIER_TEST_S3_URL is not set: skipping the S3 run of {test}");
+        return None;
+    };
+    let url = reqwest::Url::parse(&url).expect("COURIER_TEST_S3_URL is http://KEY:SECRET@HOST:PORT/BUCKET");
+    let endpoint = format!("{}://{}:{}", url.scheme(), url.host_str().unwrap(), url.port_or_known_default().unwrap());
+    let mut random = [0u8; 8];
+    getrandom::fill(&mut random).unwrap();
+    let blobs = format!("s3://{}/{test}-{:016x}", url.path().trim_matches('/'), u64::from_le_bytes(random));
+    let env = vec![
+        ("AWS_ENDPOINT_URL", endpoint),
+        ("AWS_ACCESS_KEY_ID", url.username().to_owned()),
+        ("AWS_SECRET_ACCESS_KEY", url.password().unwrap_or_default().to_owned()),
+        ("AWS_REGION", "us-east-1".to_owned()),
+        ("AWS_ALLOW_HTTP", "true".to_owned()),
+    ];
+    Some((blobs, env))
+}
+
 impl Shared {
-    /// `None` (with a note) when `COURIER_TEST_DATABASE_URL` is unset.
+    /// Blobs in a shared folder. `None` (with a note) when `COURIER_TEST_DATABASE_URL` is unset.
     async fn new(schema: &str, settings: &[(&'static str, &str)]) -> Option<Self> {
+        Self::with_blobs(schema, settings, None).await
+    }
+
+    /// Blobs at `blobs` (a location and the settings it needs), or in a shared folder.
+    async fn with_blobs(
+        schema: &str,
+        settings: &[(&'static str, &str)],
+        blobs: Option<(String, Vec<(&'static str, String)>)>,
+    ) -> Option<Self> {
         let Ok(url) = std::env::var("COURIER_TEST_DATABASE_URL") else {
             eprintln!("COURIER_TEST_DATABASE_URL is not set: skipping the cluster run");
             return None;
@@ -64,14 +102,20 @@ impl Shared {
         let dir = DataDir::new();
         let (token_key, token_file) = key_file(&dir, "token.key");
         let (_, url_file) = key_file(&dir, "url.key");
-        let blobs = dir.path().join("blobs").display().to_string();
         let mut env = vec![
             ("COURIER_DATABASE_URL", database),
             ("COURIER_TOKEN_KEY_FILE", token_file),
-            ("COURIER_URL_KEY_FILE", url_file),
+            ("COURIER_URL_KEY_FILE", url_file.clone()),
         ];
         env.extend(settings.iter().map(|(k, v)| (*k, v.to_string())));
-        Some(Self { admin, token_key, blobs, env, _dir: dir })
+        let blobs = match blobs {
+            Some((location, settings)) => {
+                env.extend(settings);
+                location
+            }
+            None => dir.path().join("blobs").display().to_string(),
+        };
+        Some(Self { admin, token_key, url_key_file: url_file.into(), blobs, env, _dir: dir })
     }
 
     fn env(&self) -> Vec<(&str, &str)> {
@@ -80,7 +124,14 @@ impl Shared {
 
     /// An API node: runs no jobs.
     fn api_node(&self, data: &DataDir) -> Server {
-        Server::start_with(data, "127.0.0.1:0", &["--transcode-workers", "0", "--blobs", &self.blobs], &self.env())
+        self.api_node_with(data, &[])
+    }
+
+    /// An API node with settings of its own besides the shared ones.
+    fn api_node_with(&self, data: &DataDir, extra: &[(&str, &str)]) -> Server {
+        let mut env = self.env();
+        env.extend_from_slice(extra);
+        Server::start_with(data, "127.0.0.1:0", &["--transcode-workers", "0", "--blobs", &self.blobs], &env)
     }
 
     fn worker(&self, data: &DataDir) -> Worker {
@@ -170,4 +221,213 @@ async fn a_killed_workers_video_is_finished_by_another_once_its_lease_runs_out()
         sqlx::query_scalar("SELECT attempts FROM it_cluster_lease.jobs").fetch_one(&shared.admin).await.unwrap();
     assert_eq!(attempts, 2, "claimed once by each worker");
     drop((second, node));
+}
+
+/// The whole cluster on real engines: two API nodes (no transcoding) and a worker on one
+/// PostgreSQL database, one NATS bus and one S3 bucket, and an edge that fills from S3. A user on
+/// node A uploads a photo and a video, the worker makes their variants into S3, and a message with
+/// each reaches a user connected to node B live; B's user fetches every variant through the edge,
+/// byte for byte what its name says.
+#[tokio::test]
+async fn two_api_nodes_a_worker_and_an_edge_on_postgresql_nats_and_s3() {
+    let Ok(nats) = std::env::var("COURIER_TEST_NATS_URL") else {
+        eprintln!("COURIER_TEST_NATS_URL is not set: skipping the whole-cluster run");
+        return;
+    };
+    let Some(s3) = s3_blobs("it-whole-cluster") else { return };
+    let subject = format!("courier.cluster.{}", std::process::id());
+    let settings = [
+        DEV,
+        ("COURIER_CHAT__BUS_URL", nats.as_str()),
+        ("COURIER_CHAT__BUS_SUBJECT", subject.as_str()),
+        ("COURIER_INGEST__WAIT_FOR_READY_MS", "0"),
+    ];
+    let Some(shared) = Shared::with_blobs("it_whole_cluster", &settings, Some(s3)).await else {
+        return;
+    };
+    let (data_a, data_b, data_w) = (DataDir::new(), DataDir::new(), DataDir::new());
+    let node_a = shared.api_node(&data_a);
+    let node_b = shared.api_node(&data_b);
+    let _worker = shared.worker(&data_w);
+    let cache = DataDir::new();
+    // The edge reads variants straight from the bucket; it needs only the S3 settings.
+    let s3_env: Vec<(&str, &str)> = shared.env().into_iter().filter(|(k, _)| k.starts_with("AWS_")).collect();
+    let edge = Edge::start_with_key(&shared.url_key_file, &[&shared.blobs], cache.path(), &s3_env);
+
+    let (alice, _) = sign_in(&node_a, "+4915100002001", "phone").await;
+    let (bob_on_a, bob_session) = sign_in(&node_a, "+4915100002002", "phone").await;
+    let bob = Api::new(&node_b.base).with_token(bob_on_a.token().unwrap());
+    let chat = alice.direct(&bob_session.user_id).await.unwrap().id;
+    let alice_live = Live::connect(&alice, LiveOptions::default()).await.unwrap();
+    let mut bob_live = Live::connect(&bob, LiveOptions::default()).await.unwrap();
+
+    let alice_token = alice.token().unwrap();
+    let clip =
+        ffmpeg("clip.mp4", &["-f", "lavfi", "-i", "testsrc2=size=640x360:rate=30:duration=1", "-c:v", "libx264"]);
+    let mut sent = Vec::new();
+    for (mime, bytes, variants) in [
+        ("image/jpeg", fixture("rocket.jpg"), &["standard", "thumb"][..]),
+        ("video/mp4", clip, &["standard", "poster", "thumb"][..]),
+    ] {
+        let response = node_a.upload(alice_token, mime, bytes).await;
+        assert_eq!(response.status(), 201, "{mime}");
+        let id = response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+        let media = node_a.wait_done(alice_token, &id).await;
+        assert_eq!(media["status"], "ready", "the worker made {mime}'s variants: {media}");
+        let message = alice_live.send(&chat, json!({"media": id})).await.unwrap();
+        sent.push((message.seq, id, variants));
+    }
+
+    for (seq, id, variants) in sent {
+        // Live on node B, through the bus.
+        let got =
+            next_message(&mut bob_live, Duration::from_secs(20)).await.expect("the message reached node B in time");
+        assert_eq!((got.seq, got.body["media"].as_str()), (seq, Some(id.as_str())));
+        // Shared with bob by the send; the variants come through the edge, from S3.
+        let media: Value = node_b.media(bob.token().unwrap(), &id).await.json().await.unwrap();
+        for name in variants {
+            let variant = &media["variants"][name];
+            let response = edge.get(variant["url"].as_str().expect("a signed URL")).await;
+            assert_eq!(response.status(), 200, "{id} {name}");
+            let bytes = response.bytes().await.unwrap();
+            let blob: BlobId = variant["blob"].as_str().unwrap().parse().unwrap();
+            assert!(blob.matches(&bytes), "{id} {name}: the edge served its blob's bytes");
+        }
+    }
+    let stored: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM it_whole_cluster.jobs WHERE status = 'ready'")
+        .fetch_one(&shared.admin)
+        .await
+        .unwrap();
+    assert_eq!(stored, 2);
+    drop((node_a, node_b, edge));
+}
+
+/// Subjects and payloads, in the order they were seen.
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>;
+
+/// Everything published under `prefix`, as a stranger subscribed to the bus sees it.
+struct Tap {
+    client: async_nats::Client,
+    seen: Seen,
+}
+
+impl Tap {
+    async fn start(url: &str, prefix: &str) -> Self {
+        let client = async_nats::connect(url).await.expect("COURIER_TEST_NATS_URL is set but unreachable");
+        let mut subscription = client.subscribe(format!("{prefix}.>")).await.unwrap();
+        client.flush().await.unwrap();
+        let seen = Seen::default();
+        let sink = seen.clone();
+        tokio::spawn(async move {
+            while let Some(message) = futures_util::StreamExt::next(&mut subscription).await {
+                sink.lock().unwrap().push((message.subject.to_string(), message.payload.to_vec()));
+            }
+        });
+        Self { client, seen }
+    }
+
+    /// What went to node subjects: (node id, the envelope's JSON, after its 32-byte MAC).
+    fn to_nodes(&self, prefix: &str) -> Vec<(String, Value)> {
+        let node_prefix = format!("{prefix}.node.");
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|(subject, payload)| {
+                let node = subject.strip_prefix(&node_prefix)?;
+                Some((node.to_owned(), serde_json::from_slice(&payload[32..]).unwrap()))
+            })
+            .collect()
+    }
+}
+
+/// The next message event on `live` within `wait`, skipping other events; `None` if none came.
+async fn next_message(live: &mut Live, wait: Duration) -> Option<client::Message> {
+    tokio::time::timeout(wait, async {
+        loop {
+            match live.next_event().await.expect("the connection stopped") {
+                Event::Message(m) => return m,
+                _ => continue,
+            }
+        }
+    })
+    .await
+    .ok()
+}
+
+/// Three nodes on one bus: an event goes only to the node that holds its receivers; an envelope
+/// lost on the way (node A drops its first on purpose) is repaired within a beat, with no later
+/// message to reveal the gap; and envelopes a stranger forges or alters are refused.
+#[tokio::test]
+async fn the_bus_addresses_nodes_repairs_a_lost_envelope_and_refuses_forgeries() {
+    let Ok(nats) = std::env::var("COURIER_TEST_NATS_URL") else {
+        eprintln!("COURIER_TEST_NATS_URL is not set: skipping the bus run");
+        return;
+    };
+    let prefix = format!("courier.test.bus{}", std::process::id());
+    let settings = [DEV, ("COURIER_CHAT__BUS_URL", nats.as_str()), ("COURIER_CHAT__BUS_SUBJECT", prefix.as_str())];
+    let Some(shared) = Shared::new("it_cluster_bus", &settings).await else { return };
+    let tap = Tap::start(&nats, &prefix).await;
+    let (data_a, data_b, data_c) = (DataDir::new(), DataDir::new(), DataDir::new());
+    let node_a = shared.api_node_with(&data_a, &[("COURIER_CHAT__TEST_DROP_ENVELOPES", "1")]);
+    let node_b = shared.api_node(&data_b);
+    let node_c = shared.api_node(&data_c);
+
+    let (alice, _) = sign_in(&node_a, "+4915100003001", "phone").await;
+    let (bob_on_a, bob_session) = sign_in(&node_a, "+4915100003002", "phone").await;
+    let (carol_on_a, _) = sign_in(&node_a, "+4915100003003", "phone").await;
+    let bob = Api::new(&node_b.base).with_token(bob_on_a.token().unwrap());
+    let carol = Api::new(&node_c.base).with_token(carol_on_a.token().unwrap());
+    let chat = alice.direct(&bob_session.user_id).await.unwrap().id;
+    let alice_live = Live::connect(&alice, LiveOptions::default()).await.unwrap();
+    let mut bob_live = Live::connect(&bob, LiveOptions::default()).await.unwrap();
+    let _carol_live = Live::connect(&carol, LiveOptions::default()).await.unwrap();
+
+    // The envelope for "one" is dropped by node A; nothing else is sent, yet bob gets it, once
+    // node B hears from A's next beat that an envelope is missing.
+    let one = alice_live.send(&chat, json!({"text": "one"})).await.unwrap();
+    let got = next_message(&mut bob_live, Duration::from_secs(10)).await.expect("the lost wake-up was repaired");
+    assert_eq!((got.seq, got.body["text"].as_str()), (one.seq, Some("one")));
+    for text in ["two", "three"] {
+        let sent = alice_live.send(&chat, json!({"text": text})).await.unwrap();
+        let got = next_message(&mut bob_live, Duration::from_secs(10)).await.expect("delivered live");
+        assert_eq!((got.seq, got.body["text"].as_str()), (sent.seq, Some(text)));
+    }
+    bob_live.send(&chat, json!({"text": "back"})).await.unwrap();
+
+    // Only the nodes holding alice and bob were sent envelopes: carol's node C none.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let envelopes = tap.to_nodes(&prefix);
+    let mut nodes: Vec<&str> = envelopes.iter().map(|(node, _)| node.as_str()).collect();
+    nodes.sort();
+    nodes.dedup();
+    assert_eq!(nodes.len(), 2, "envelopes went to A and B only: {nodes:?}");
+    let (to_b, envelope) = envelopes
+        .iter()
+        .find(|(_, e)| e["event"]["kind"] == "message" && e["users"][0] == bob_session.user_id.as_str())
+        .expect("a message envelope to node B");
+    assert!(envelope["seq"].as_u64().unwrap() >= 2, "numbered per pair of nodes; the first was dropped");
+
+    // A stranger on the bus: a made-up envelope with a wrong MAC, and a real one altered.
+    let frame =
+        json!({"type": "message", "conversation": chat, "seq": 99, "sender": "mallory", "body": {"text": "forged"}});
+    let forged = json!({
+        "node": "mallory", "seq": 1_000_000, "users": [bob_session.user_id],
+        "event": {"kind": "message", "conversation": chat, "seq": 4, "device": types::DeviceId::new(), "frame": frame.to_string()}
+    });
+    let mut payload = vec![0u8; 32];
+    payload.extend(serde_json::to_vec(&forged).unwrap());
+    let subject = format!("{prefix}.node.{to_b}");
+    tap.client.publish(subject.clone(), payload.into()).await.unwrap();
+    let real = tap.seen.lock().unwrap().iter().find(|(s, _)| *s == subject).unwrap().1.clone();
+    let mut altered = real.clone();
+    let at = altered.windows(3).position(|w| w == b"one" || w == b"two").map_or(40, |i| i);
+    altered[at] ^= 0x20;
+    tap.client.publish(subject, altered.into()).await.unwrap();
+    tap.client.flush().await.unwrap();
+    assert!(next_message(&mut bob_live, Duration::from_secs(2)).await.is_none(), "a forged envelope was delivered");
+    let four = alice_live.send(&chat, json!({"text": "four"})).await.unwrap();
+    let got = next_message(&mut bob_live, Duration::from_secs(10)).await.expect("real envelopes still pass");
+    assert_eq!((got.seq, got.body["text"].as_str()), (four.seq, Some("four")));
+    drop((node_a, node_b, node_c));
 }
