@@ -10,12 +10,19 @@
 //! node S to node R carries the next number of the pair (S, R), and every second each node tells
 //! all others on `{subject}.beat` how far it has numbered to each. A receiver that sees a number
 //! jump, or a beat ahead of what it received, or its NATS connection come back, or NATS dropping
-//! messages for it, resyncs its connections from the store ([`Inbound::Resync`]): a lost envelope
-//! is made good within a beat, without waiting for a later message.
+//! messages for it, or a node fall silent (it may have died with envelopes unsent), resyncs its
+//! connections from the store ([`Inbound::Resync`]): a lost envelope is made good within a beat
+//! (a dead node's within three), without waiting for a later message.
 //!
 //! Envelopes are authenticated: a BLAKE3 keyed hash over the bytes, with a key derived from the
-//! cluster's token-signing key, which every node already shares. A stranger on the bus cannot
-//! forge or alter one, and a copy replayed later is refused by its number.
+//! cluster's token-signing key, which every node already shares, and sealed for the subject they
+//! travel on. A stranger on the bus cannot forge or alter one; a copy of a numbered one replayed
+//! later, or on another subject, is refused. The unnumbered ones on `.all` (logouts, membership
+//! changes) can be replayed, to no effect beyond repeating them. Envelopes are not encrypted: run
+//! NATS with TLS and with publish and subscribe permissions on the prefix for Courier's nodes
+//! only. What a resync repairs is messages (the store has them); a lost receipt, typing or presence
+//! frame is not repaired, and a lost logout leaves the device's open connection on another node
+//! until it reconnects (its token is refused within 30 s).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -34,6 +41,17 @@ use crate::hub::Event;
 const KEY_CONTEXT: &str = "courier 2026-12-01 chat bus envelope authentication";
 /// Bytes of the keyed hash in front of each envelope.
 const MAC_LEN: usize = 32;
+/// [`Envelope::to`] on the subject every node reads.
+const TO_ALL: &str = "all";
+/// [`Envelope::to`] on the beat subject.
+const TO_BEAT: &str = "beat";
+/// Fewest milliseconds between two resyncs of this node's connections: causes that come together
+/// (a burst of drops, a reconnect) cost one.
+const RESYNC_GAP: std::time::Duration = std::time::Duration::from_millis(500);
+/// How often the listener looks for nodes that stopped beating.
+const SILENCE_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+/// A node not heard beating for this long is taken for dead (it beats every second).
+const SILENT_AFTER: std::time::Duration = std::time::Duration::from_secs(3);
 /// Longest wait for the NATS client to take an envelope.
 const PUBLISH_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -42,6 +60,9 @@ const PUBLISH_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 struct Envelope {
     /// The publishing node, which has delivered locally already.
     node: String,
+    /// Whom it is for: a node's id, [`TO_ALL`] or [`TO_BEAT`]. Under the MAC, so a captured
+    /// envelope replayed on another subject is refused.
+    to: String,
     /// This envelope's number in the (sender, receiver) pair; 0 on the shared subjects.
     seq: u64,
     users: Vec<UserId>,
@@ -206,8 +227,9 @@ impl Bus {
         let mut sent = self.sent.lock().await;
         let seq = sent.entry(node.to_owned()).or_insert(0);
         *seq += 1;
-        let envelope = Envelope { node: self.node.clone(), seq: *seq, users, event };
-        if self.drop.load(Ordering::Relaxed) > 0 {
+        let message = matches!(event, Wire::Message { .. });
+        let envelope = Envelope { node: self.node.clone(), to: node.to_owned(), seq: *seq, users, event };
+        if message && self.drop.load(Ordering::Relaxed) > 0 {
             self.drop.fetch_sub(1, Ordering::Relaxed);
             tracing::warn!(to = node, seq = *seq, "dropping an envelope on purpose (chat.test_drop_envelopes)");
             return;
@@ -218,27 +240,50 @@ impl Bus {
     /// Sends `event` for `users` to every node (their holders could not be looked up).
     pub(crate) async fn send_to_all(&self, users: Vec<UserId>, event: &Event) {
         let Some(event) = wire(event) else { return };
-        self.publish(self.all_subject(), &Envelope { node: self.node.clone(), seq: 0, users, event }).await;
+        let envelope = Envelope { node: self.node.clone(), to: TO_ALL.into(), seq: 0, users, event };
+        self.publish(self.all_subject(), &envelope).await;
     }
 
     pub(crate) async fn publish_logout(&self, user: &UserId, device: DeviceId) {
-        let envelope =
-            Envelope { node: self.node.clone(), seq: 0, users: vec![user.clone()], event: Wire::Logout { device } };
+        let envelope = Envelope {
+            node: self.node.clone(),
+            to: TO_ALL.into(),
+            seq: 0,
+            users: vec![user.clone()],
+            event: Wire::Logout { device },
+        };
         self.publish(self.all_subject(), &envelope).await;
     }
 
     pub(crate) async fn publish_members(&self, conversation: ConversationId) {
-        let envelope =
-            Envelope { node: self.node.clone(), seq: 0, users: Vec::new(), event: Wire::Members { conversation } };
+        let envelope = Envelope {
+            node: self.node.clone(),
+            to: TO_ALL.into(),
+            seq: 0,
+            users: Vec::new(),
+            event: Wire::Members { conversation },
+        };
         self.publish(self.all_subject(), &envelope).await;
     }
 
     /// Tells the other nodes how far this one has numbered its envelopes to each.
     pub(crate) async fn beat(&self) {
         let sent = self.sent.lock().await;
-        let envelope =
-            Envelope { node: self.node.clone(), seq: 0, users: Vec::new(), event: Wire::Beat { sent: sent.clone() } };
+        let envelope = Envelope {
+            node: self.node.clone(),
+            to: TO_BEAT.into(),
+            seq: 0,
+            users: Vec::new(),
+            event: Wire::Beat { sent: sent.clone() },
+        };
         self.publish(self.beat_subject(), &envelope).await;
+    }
+
+    /// Hands what the client buffered to NATS (before this node goes away).
+    pub(crate) async fn flush(&self) {
+        if let Err(e) = self.client.flush().await {
+            tracing::warn!(error = %e, "could not flush the bus");
+        }
     }
 
     /// Feeds what other nodes publish to `handle` until the subscriptions end. `online` says
@@ -265,72 +310,157 @@ impl Bus {
             return tracing::error!("the bus has a listener already");
         };
         let mut incoming = futures_util::stream::select_all([own, all, beats]);
-        // The last number received from each sender node.
-        let mut received: HashMap<String, u64> = HashMap::new();
-        let resync = |handle: &dyn Fn(Inbound), why: &str| {
-            tracing::info!(why, "resyncing this node's connections from the store");
-            self.stats.resyncs.fetch_add(1, Ordering::Relaxed);
-            handle(Inbound::Resync);
-        };
+        let (own_subject, all_subject, beat_subject) =
+            (self.node_subject(&self.node), self.all_subject(), self.beat_subject());
+        let mut heard = Heard::default();
+        let mut check = tokio::time::interval(SILENCE_CHECK);
+        let mut last_resync: Option<tokio::time::Instant> = None;
         loop {
             let message = tokio::select! {
                 message = incoming.next() => match message {
-                    Some(message) => message,
+                    Some(message) => Some(message),
                     None => break,
                 },
                 Some(()) = trouble.recv() => {
-                    resync(&handle, "the bus connection came back or dropped messages");
-                    continue;
+                    tracing::info!("the bus connection came back or dropped messages");
+                    heard.resync_due = true;
+                    None
+                }
+                _ = check.tick() => {
+                    heard.check_silence();
+                    None
                 }
             };
-            let Some(envelope) = self.open(&message.payload) else {
-                self.stats.refused.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(subject = %message.subject, "refused an envelope that is not from this cluster");
-                continue;
-            };
-            if envelope.node == self.node {
-                continue;
+            if let Some(message) = message {
+                self.receive(message, (&own_subject, &all_subject, &beat_subject), &mut heard, &online, &handle);
             }
-            self.stats.received.fetch_add(1, Ordering::Relaxed);
-            if let Wire::Beat { sent } = &envelope.event {
-                let counted = sent.get(&self.node).copied().unwrap_or(0);
-                let got = received.entry(envelope.node.clone()).or_insert(0);
-                if counted > *got {
-                    *got = counted;
-                    resync(&handle, "a beat counts envelopes that never came");
-                }
-                continue;
+            if heard.resync_due && last_resync.is_none_or(|at| at.elapsed() >= RESYNC_GAP) {
+                heard.resync_due = false;
+                last_resync = Some(tokio::time::Instant::now());
+                self.stats.resyncs.fetch_add(1, Ordering::Relaxed);
+                handle(Inbound::Resync);
             }
-            if envelope.seq > 0 {
-                let got = received.entry(envelope.node.clone()).or_insert(0);
-                if envelope.seq <= *got {
-                    self.stats.refused.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                }
-                let gap = envelope.seq > *got + 1;
-                *got = envelope.seq;
-                if gap {
-                    resync(&handle, "envelopes from a node went missing");
-                }
-            }
-            // Only users connected here matter.
-            let users: Vec<UserId> = envelope.users.into_iter().filter(|u| online(u)).collect();
-            let inbound = match envelope.event {
-                Wire::Members { conversation } => Inbound::ForgetMembers(conversation),
-                Wire::Beat { .. } => continue,
-                _ if users.is_empty() => continue,
-                Wire::Message { conversation, seq, device, frame } => {
-                    Inbound::Deliver(users, Event::Message { conversation, seq, device, frame: Utf8Bytes::from(frame) })
-                }
-                Wire::Frame { frame } => Inbound::Deliver(users, Event::Frame(Utf8Bytes::from(frame))),
-                Wire::Logout { device } => {
-                    let Some(user) = users.into_iter().next() else { continue };
-                    Inbound::LogOut(user, device)
-                }
-            };
-            handle(inbound);
         }
         tracing::warn!("the bus subscriptions ended");
+    }
+
+    /// Checks one message from the bus and hands on what it carries.
+    fn receive(
+        &self,
+        message: async_nats::Message,
+        (own_subject, all_subject, beat_subject): (&str, &str, &str),
+        heard: &mut Heard,
+        online: &impl Fn(&UserId) -> bool,
+        handle: &impl Fn(Inbound),
+    ) {
+        let refuse = |why: &str| {
+            self.stats.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(subject = %message.subject, why, "refused an envelope");
+        };
+        let Some(envelope) = self.open(&message.payload) else {
+            tracing::warn!(subject = %message.subject, "refused an envelope that is not from this cluster");
+            return refuse("bad MAC");
+        };
+        if envelope.node == self.node {
+            return;
+        }
+        // The subject it came on must be the one it was sealed for, and only a node's own
+        // subject carries numbered envelopes.
+        let subject = message.subject.as_str();
+        let addressed = if subject == own_subject {
+            envelope.to == self.node && envelope.seq > 0
+        } else if subject == all_subject {
+            envelope.to == TO_ALL && envelope.seq == 0
+        } else {
+            subject == beat_subject && envelope.to == TO_BEAT && matches!(envelope.event, Wire::Beat { .. })
+        };
+        if !addressed {
+            return refuse("sealed for another subject");
+        }
+        self.stats.received.fetch_add(1, Ordering::Relaxed);
+        if let Wire::Beat { sent } = &envelope.event {
+            heard.beat(&envelope.node, sent.get(&self.node).copied().unwrap_or(0));
+            return;
+        }
+        if envelope.seq > 0 && !heard.numbered(&envelope.node, envelope.seq) {
+            return refuse("a number already seen");
+        }
+        // Only users connected here matter.
+        let users: Vec<UserId> = envelope.users.into_iter().filter(|u| online(u)).collect();
+        let inbound = match envelope.event {
+            Wire::Members { conversation } => Inbound::ForgetMembers(conversation),
+            Wire::Beat { .. } => return,
+            _ if users.is_empty() => return,
+            Wire::Message { conversation, seq, device, frame } => {
+                Inbound::Deliver(users, Event::Message { conversation, seq, device, frame: Utf8Bytes::from(frame) })
+            }
+            Wire::Frame { frame } => Inbound::Deliver(users, Event::Frame(Utf8Bytes::from(frame))),
+            Wire::Logout { device } => {
+                let Some(user) = users.into_iter().next() else { return };
+                Inbound::LogOut(user, device)
+            }
+        };
+        handle(inbound);
+    }
+}
+
+/// What a node has heard from the others, to find what it missed.
+#[derive(Default)]
+struct Heard {
+    /// The last number received from each sender node; kept after a node falls silent, so its
+    /// old envelopes stay refused.
+    received: HashMap<String, u64>,
+    /// What each sender's previous beat said it had numbered to this node. Envelopes and beats
+    /// come on different subjects and may be read out of order, so a count is only held against
+    /// what arrived one beat later.
+    promised: HashMap<String, u64>,
+    /// When each node last beat. One that falls silent may have died between committing a
+    /// message and publishing its envelope (or with envelopes still in its NATS buffer).
+    last_beat: HashMap<String, tokio::time::Instant>,
+    /// Something may be missing: this node's connections should catch up.
+    resync_due: bool,
+}
+
+impl Heard {
+    /// A beat from `node`, which has numbered `counted` envelopes to this node so far.
+    fn beat(&mut self, node: &str, counted: u64) {
+        self.last_beat.insert(node.to_owned(), tokio::time::Instant::now());
+        let got = self.received.entry(node.to_owned()).or_insert(0);
+        if let Some(before) = self.promised.insert(node.to_owned(), counted)
+            && before > *got
+        {
+            tracing::info!(node, missing = before - *got, "envelopes a beat counted never came");
+            *got = before;
+            self.resync_due = true;
+        }
+    }
+
+    /// Envelope `seq` from `node`: false for a number already seen (a copy or a replay).
+    fn numbered(&mut self, node: &str, seq: u64) -> bool {
+        let got = self.received.entry(node.to_owned()).or_insert(0);
+        if seq <= *got {
+            return false;
+        }
+        if seq > *got + 1 {
+            tracing::info!(node, missing = seq - *got - 1, "envelopes from a node went missing");
+            self.resync_due = true;
+        }
+        *got = seq;
+        true
+    }
+
+    /// Nodes not heard beating for [`SILENT_AFTER`] are taken for dead.
+    fn check_silence(&mut self) {
+        let silent: Vec<String> =
+            self.last_beat.iter().filter(|(_, at)| at.elapsed() >= SILENT_AFTER).map(|(n, _)| n.clone()).collect();
+        for node in &silent {
+            self.last_beat.remove(node);
+            self.promised.remove(node);
+        }
+        if !silent.is_empty() {
+            tracing::info!(nodes = ?silent, "nodes fell silent; their last envelopes may be lost");
+            self.resync_due = true;
+        }
     }
 }
 

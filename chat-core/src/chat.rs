@@ -242,37 +242,39 @@ impl Chat {
     /// Returns who of `users` is connected to another node (`None`: not known, the directory
     /// could not be read).
     pub(crate) async fn fan_out(&self, users: &[UserId], event: Event) -> Option<HashSet<UserId>> {
-        let mut elsewhere = Some(HashSet::new());
-        if let Some(bus) = &self.bus {
-            match self.store.nodes_of(users, now_ms()).await {
-                Ok(held) => {
-                    let mut by_node: HashMap<String, Vec<UserId>> = HashMap::new();
-                    for (user, node) in held {
-                        if node != bus.node() {
-                            by_node.entry(node).or_default().push(user);
-                        }
-                    }
-                    for (node, users) in by_node {
-                        elsewhere.as_mut().into_iter().for_each(|e| e.extend(users.iter().cloned()));
-                        bus.send_to(&node, users, &event).await;
+        // This node's connections first: they wait for nothing the bus does.
+        let Some(bus) = &self.bus else {
+            self.hub.deliver(users, event);
+            return Some(HashSet::new());
+        };
+        self.hub.deliver(users, event.clone());
+        match self.store.nodes_of(users).await {
+            Ok(held) => {
+                let mut by_node: HashMap<String, Vec<UserId>> = HashMap::new();
+                for (user, node) in held {
+                    if node != bus.node() {
+                        by_node.entry(node).or_default().push(user);
                     }
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not read the directory; sending to every node");
-                    elsewhere = None;
-                    bus.send_to_all(users.to_vec(), &event).await;
+                let elsewhere = by_node.values().flatten().cloned().collect();
+                for (node, users) in by_node {
+                    bus.send_to(&node, users, &event).await;
                 }
+                Some(elsewhere)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the directory; sending to every node");
+                bus.send_to_all(users.to_vec(), &event).await;
+                None
             }
         }
-        self.hub.deliver(users, event);
-        elsewhere
     }
 
     /// Who of `users` has a device connected to any node.
     pub(crate) async fn online(&self, users: &[UserId]) -> HashSet<UserId> {
         let mut online: HashSet<UserId> = users.iter().filter(|u| self.hub.online(u)).cloned().collect();
         if self.bus.is_some() {
-            match self.store.nodes_of(users, now_ms()).await {
+            match self.store.nodes_of(users).await {
                 Ok(held) => online.extend(held.into_iter().map(|(user, _)| user)),
                 Err(e) => tracing::warn!(error = %e, "could not read the directory"),
             }
@@ -280,15 +282,13 @@ impl Chat {
         online
     }
 
-    /// A first device of `user` connected here: other nodes address its events to this one from
-    /// now on. Returns once the directory says so, so a replay read after it misses nothing.
-    pub(crate) async fn arrived(&self, user: &UserId) {
-        let Some(bus) = &self.bus else { return };
+    /// A device of `user` connected here: other nodes address the user's events to this one
+    /// from now on. Every connection waits for the directory to say so (not only the user's first
+    /// here, whose write may still be under way), so its replay read after this misses nothing.
+    pub(crate) async fn arrived(&self, user: &UserId) -> Result<(), StoreError> {
+        let Some(bus) = &self.bus else { return Ok(()) };
         let _order = self.presence_lock(user).lock().await;
-        if let Err(e) = self.store.present(user, bus.node()).await {
-            // Other nodes' events for this user miss this node until the next resync.
-            tracing::error!(error = %e, %user, "could not record where a user is connected");
-        }
+        self.store.present(user, bus.node()).await
     }
 
     /// The last device of `user` here went away (unless another came meanwhile).

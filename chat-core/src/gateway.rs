@@ -128,9 +128,16 @@ struct Connection {
 
 async fn run(chat: Arc<Chat>, socket: WebSocket, user: UserId, device: DeviceId) {
     let mut registration = chat.hub.register(&user, device);
+    // Before the replay: from here on other nodes send this user's events here. Without that,
+    // the connection would miss them: it ends, and the device reconnects.
+    if let Err(e) = chat.arrived(&user).await {
+        tracing::error!(error = %e, %user, "could not record where a user is connected; closing");
+        if chat.hub.unregister(&user, registration.id) {
+            chat.left(&user).await;
+        }
+        return;
+    }
     if registration.first {
-        // Before the replay: from here on other nodes send this user's events here.
-        chat.arrived(&user).await;
         chat.announce_presence(&user, true, now_ms()).await;
     }
     let (sink, mut stream) = socket.split();

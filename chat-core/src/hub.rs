@@ -15,7 +15,7 @@ use tokio::sync::{Notify, mpsc};
 use types::{ConversationId, DeviceId, UserId};
 
 /// What the hub hands a connection.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) enum Event {
     /// A message was appended; `frame` is its `message` frame, serialised once for every receiver.
     Message { conversation: ConversationId, seq: i64, device: DeviceId, frame: Utf8Bytes },
@@ -126,6 +126,11 @@ impl Hub {
     /// Whether any device of `user` is connected to this node.
     pub fn online(&self, user: &UserId) -> bool {
         self.users().contains_key(user)
+    }
+
+    /// The users with a connection on this node.
+    pub(crate) fn user_ids(&self) -> Vec<UserId> {
+        self.users().keys().cloned().collect()
     }
 
     /// Connections on this node, all users.

@@ -21,7 +21,7 @@ const BEAT: Duration = Duration::from_secs(1);
 const ALIVE_FOR_MS: i64 = 10_000;
 /// How long a node must have been silent before its directory rows are swept away.
 const SWEEP_AFTER_MS: i64 = 60_000;
-/// Beats between two sweeps.
+/// Beats between two sweeps (each node sweeps; deleting a silent node twice is harmless).
 const SWEEP_EVERY: u64 = 30;
 
 impl Chat {
@@ -49,56 +49,59 @@ impl Chat {
     /// that connects here is found by the other nodes at once.
     pub async fn join_cluster(&self) -> Result<(), crate::StoreError> {
         let Some(bus) = &self.bus else { return Ok(()) };
-        self.store.node_alive(bus.node(), now_ms() + ALIVE_FOR_MS).await
+        self.store.node_alive(bus.node(), ALIVE_FOR_MS).await.map(drop)
     }
 
     /// Every [`BEAT`]: renews this node in the directory and tells the others how far it has
     /// numbered its envelopes to each; now and then sweeps nodes that stopped beating. On stop,
-    /// leaves the directory.
+    /// beats a last time, flushes the bus and leaves the directory.
     async fn beat_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let Some(bus) = self.bus.clone() else { return };
         let mut tick = tokio::time::interval(BEAT);
-        let mut last_renewed = now_ms();
         let mut beats = 0u64;
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = stopped(&mut stop) => break,
             }
-            let now = now_ms();
-            match self.store.node_alive(bus.node(), now + ALIVE_FOR_MS).await {
-                Ok(()) => {
-                    if now - last_renewed > ALIVE_FOR_MS {
-                        // Other nodes counted this one gone meanwhile and sent nothing here.
-                        tracing::warn!("this node was missing from the directory; resyncing its connections");
-                        self.hub.resync_all();
-                    }
-                    last_renewed = now;
-                }
+            match self.store.node_alive(bus.node(), ALIVE_FOR_MS).await {
+                Ok(true) if beats > 0 => self.rejoin().await,
+                Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "could not renew this node in the directory"),
             }
-            bus.beat().await;
+            // The beat never waits long behind a stuck bus: the directory is what keeps this node
+            // reachable.
+            let _ = tokio::time::timeout(BEAT / 2, bus.beat()).await;
             beats += 1;
             if beats.is_multiple_of(SWEEP_EVERY) {
-                self.sweep_nodes(now - SWEEP_AFTER_MS).await;
+                match self.store.sweep_nodes(SWEEP_AFTER_MS).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(nodes = n, "swept nodes that stopped beating from the directory"),
+                    Err(e) => tracing::warn!(error = %e, "could not sweep silent nodes"),
+                }
             }
         }
+        let _ = tokio::time::timeout(BEAT, async {
+            bus.beat().await;
+            bus.flush().await;
+        })
+        .await;
         if let Err(e) = self.store.node_gone(bus.node()).await {
             tracing::warn!(error = %e, "could not leave the directory; other nodes will count this one gone soon");
         }
     }
 
-    async fn sweep_nodes(&self, silent_since: i64) {
-        match self.store.dead_nodes(silent_since).await {
-            Ok(dead) => {
-                for node in dead {
-                    if let Err(e) = self.store.node_gone(&node).await {
-                        tracing::warn!(error = %e, node, "could not sweep a silent node");
-                    }
-                }
+    /// This node's row had lapsed: other nodes stopped sending here and may have swept whom it
+    /// holds. It records its users again, then has every connection catch up.
+    async fn rejoin(&self) {
+        let Some(bus) = &self.bus else { return };
+        tracing::warn!("this node had lapsed from the directory; recording its users again and resyncing");
+        for user in self.hub.user_ids() {
+            if let Err(e) = self.store.present(&user, bus.node()).await {
+                tracing::warn!(error = %e, %user, "could not record a user again");
             }
-            Err(e) => tracing::warn!(error = %e, "could not list silent nodes"),
         }
+        self.hub.resync_all();
     }
 
     /// Deletes messages past `chat.retention_days`.

@@ -57,6 +57,11 @@ pub(crate) async fn serve(config: Config) -> anyhow::Result<()> {
         pools.video.warm_up().await.context("starting the video workers")?;
     }
     let media: Arc<dyn chat_core::MediaAccess> = Arc::new(SharedMedia(ingest.clone()));
+    let chat_url = config.chat_database_url();
+    if config.chat.bus_url.is_some() && !types::is_postgres_url(&chat_url) {
+        // Each node's directory would hold only itself: nothing would cross nodes.
+        anyhow::bail!("--bus needs the nodes' shared PostgreSQL database (--database-url postgres://…)");
+    }
     let bus = match &config.chat.bus_url {
         Some(url) => Some(
             chat_core::Bus::connect(
@@ -71,7 +76,6 @@ pub(crate) async fn serve(config: Config) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let chat_url = config.chat_database_url();
     let store = chat_core::Store::connect(&chat_url).await.context("opening chat-core's database")?;
     let chat = ChatParts::start(store, media, &token_keys, &config, bus).await;
     if config.auth.dev_codes {

@@ -633,20 +633,25 @@ impl Store {
     }
 }
 
+/// The directory of a cluster: which nodes are alive and which users each holds. Times are the
+/// database's clock, never a node's, so nodes whose clocks disagree still agree on who is alive.
 impl Store {
-    /// Records that node `node` is alive until `until_ms` (its heartbeat).
-    pub async fn node_alive(&self, node: &str, until_ms: i64) -> Result<(), StoreError> {
-        each!(self, s => s.node_alive(node, until_ms).await)
+    /// Records that node `node` is alive for `for_ms` more. True when its row had lapsed or was
+    /// missing: other nodes counted it gone meanwhile (or swept its users), so it must record its
+    /// users again and have its connections catch up.
+    pub async fn node_alive(&self, node: &str, for_ms: i64) -> Result<bool, StoreError> {
+        each!(self, s => s.node_alive(node, for_ms).await)
     }
 
-    /// Forgets node `node` and whom it held (it is shutting down, or stopped beating long ago).
+    /// Forgets node `node` and whom it held (it is shutting down).
     pub async fn node_gone(&self, node: &str) -> Result<(), StoreError> {
         each!(self, s => s.node_gone(node).await)
     }
 
-    /// Nodes that stopped beating before `now_ms`, to be forgotten.
-    pub async fn dead_nodes(&self, now_ms: i64) -> Result<Vec<String>, StoreError> {
-        each!(self, s => s.dead_nodes(now_ms).await)
+    /// Forgets the nodes silent for more than `silent_ms` and whom they held; a node that beat in
+    /// the meantime is kept. Returns how many went.
+    pub async fn sweep_nodes(&self, silent_ms: i64) -> Result<u64, StoreError> {
+        each!(self, s => s.sweep_nodes(silent_ms).await)
     }
 
     /// Records that `user` has a device connected to `node`.
@@ -660,11 +665,11 @@ impl Store {
     }
 
     /// The live nodes holding a connection of any of `users`, with whom each holds.
-    pub async fn nodes_of(&self, users: &[UserId], now_ms: i64) -> Result<Vec<(UserId, String)>, StoreError> {
+    pub async fn nodes_of(&self, users: &[UserId]) -> Result<Vec<(UserId, String)>, StoreError> {
         if users.is_empty() {
             return Ok(Vec::new());
         }
-        each!(self, s => s.nodes_of(users, now_ms).await)
+        each!(self, s => s.nodes_of(users).await)
     }
 }
 

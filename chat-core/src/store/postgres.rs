@@ -208,24 +208,42 @@ const SPEND_REFRESH: &str = "
 const SPENT_REFRESH: &str =
     "SELECT user_id, device_id FROM chat_refresh_tokens WHERE token_hash = $1 AND spent_at IS NOT NULL";
 
-const NODE_ALIVE: &str = "
-    INSERT INTO chat_nodes (node_id, alive_until) VALUES ($1, $2)
-    ON CONFLICT (node_id) DO UPDATE SET alive_until = excluded.alive_until";
+/// Unix milliseconds by the database's clock.
+macro_rules! db_now_ms {
+    () => {
+        "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT"
+    };
+}
+
+/// Renews a node; says whether its row had lapsed (or was missing) before.
+const NODE_ALIVE: &str = concat!(
+    "WITH before AS (SELECT alive_until FROM chat_nodes WHERE node_id = $1)
+     INSERT INTO chat_nodes (node_id, alive_until) VALUES ($1, ",
+    db_now_ms!(),
+    " + $2)
+     ON CONFLICT (node_id) DO UPDATE SET alive_until = excluded.alive_until
+     RETURNING COALESCE((SELECT alive_until FROM before), 0) < ",
+    db_now_ms!()
+);
 
 const DELETE_NODE: &str = "DELETE FROM chat_nodes WHERE node_id = $1";
 
 const DELETE_NODE_PRESENCE: &str = "DELETE FROM chat_presence WHERE node_id = $1";
 
-const DEAD_NODES: &str = "SELECT node_id FROM chat_nodes WHERE alive_until < $1";
+/// Nodes silent for longer than $1 ms, removed at once (a node that beat meanwhile is not one).
+const SWEEP_NODES: &str =
+    concat!("DELETE FROM chat_nodes WHERE alive_until < ", db_now_ms!(), " - $1 RETURNING node_id");
 
 const PRESENT: &str = "
     INSERT INTO chat_presence (user_id, node_id) VALUES ($1, $2) ON CONFLICT (user_id, node_id) DO NOTHING";
 
 const ABSENT: &str = "DELETE FROM chat_presence WHERE user_id = $1 AND node_id = $2";
 
-const NODES_OF: &str = "
-    SELECT p.user_id, p.node_id FROM chat_presence p JOIN chat_nodes n ON n.node_id = p.node_id
-     WHERE p.user_id = ANY($1) AND n.alive_until >= $2";
+const NODES_OF: &str = concat!(
+    "SELECT p.user_id, p.node_id FROM chat_presence p JOIN chat_nodes n ON n.node_id = p.node_id
+      WHERE p.user_id = ANY($1) AND n.alive_until >= ",
+    db_now_ms!()
+);
 
 /// chat-core's tables in a PostgreSQL database.
 #[derive(Debug, Clone)]
@@ -571,9 +589,8 @@ impl Postgres {
 }
 
 impl Postgres {
-    pub(super) async fn node_alive(&self, node: &str, until_ms: i64) -> Result<(), StoreError> {
-        sqlx::query(NODE_ALIVE).bind(node).bind(until_ms).execute(&self.db).await?;
-        Ok(())
+    pub(super) async fn node_alive(&self, node: &str, for_ms: i64) -> Result<bool, StoreError> {
+        Ok(sqlx::query_scalar(NODE_ALIVE).bind(node).bind(for_ms).fetch_one(&self.db).await?)
     }
 
     pub(super) async fn node_gone(&self, node: &str) -> Result<(), StoreError> {
@@ -584,8 +601,14 @@ impl Postgres {
         Ok(())
     }
 
-    pub(super) async fn dead_nodes(&self, now_ms: i64) -> Result<Vec<String>, StoreError> {
-        Ok(sqlx::query_scalar(DEAD_NODES).bind(now_ms).fetch_all(&self.db).await?)
+    pub(super) async fn sweep_nodes(&self, silent_ms: i64) -> Result<u64, StoreError> {
+        let mut tx = self.db.begin().await?;
+        let gone: Vec<String> = sqlx::query_scalar(SWEEP_NODES).bind(silent_ms).fetch_all(&mut *tx).await?;
+        for node in &gone {
+            sqlx::query(DELETE_NODE_PRESENCE).bind(node).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(gone.len() as u64)
     }
 
     pub(super) async fn present(&self, user: &UserId, node: &str) -> Result<(), StoreError> {
@@ -598,9 +621,9 @@ impl Postgres {
         Ok(())
     }
 
-    pub(super) async fn nodes_of(&self, users: &[UserId], now_ms: i64) -> Result<Vec<(UserId, String)>, StoreError> {
+    pub(super) async fn nodes_of(&self, users: &[UserId]) -> Result<Vec<(UserId, String)>, StoreError> {
         let ids: Vec<&str> = users.iter().map(UserId::as_str).collect();
-        Ok(sqlx::query_as(NODES_OF).bind(ids).bind(now_ms).fetch_all(&self.db).await?)
+        Ok(sqlx::query_as(NODES_OF).bind(ids).fetch_all(&self.db).await?)
     }
 }
 

@@ -215,30 +215,51 @@ const SPEND_REFRESH: &str = "
 const SPENT_REFRESH: &str =
     "SELECT user_id, device_id FROM chat_refresh_tokens WHERE token_hash = ?1 AND spent_at IS NOT NULL";
 
-const NODE_ALIVE: &str = "
-    INSERT INTO chat_nodes (node_id, alive_until) VALUES (?1, ?2)
-    ON CONFLICT (node_id) DO UPDATE SET alive_until = excluded.alive_until";
+/// Unix milliseconds by the database's clock (SQLite 3.40 has no `unixepoch('subsec')`).
+macro_rules! db_now_ms {
+    () => {
+        "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)"
+    };
+}
+
+const NODE_ALIVE_BEFORE: &str = "SELECT alive_until FROM chat_nodes WHERE node_id = ?1";
+
+const NODE_ALIVE: &str = concat!(
+    "INSERT INTO chat_nodes (node_id, alive_until) VALUES (?1, ",
+    db_now_ms!(),
+    " + ?2)
+     ON CONFLICT (node_id) DO UPDATE SET alive_until = excluded.alive_until"
+);
+
+const NOW_MS: &str = concat!("SELECT ", db_now_ms!());
 
 const DELETE_NODE: &str = "DELETE FROM chat_nodes WHERE node_id = ?1";
 
 const DELETE_NODE_PRESENCE: &str = "DELETE FROM chat_presence WHERE node_id = ?1";
 
-const DEAD_NODES: &str = "SELECT node_id FROM chat_nodes WHERE alive_until < ?1";
+/// Nodes silent for longer than ?1 ms, removed at once.
+const SWEEP_NODES: &str =
+    concat!("DELETE FROM chat_nodes WHERE alive_until < ", db_now_ms!(), " - ?1 RETURNING node_id");
 
 const PRESENT: &str = "
     INSERT INTO chat_presence (user_id, node_id) VALUES (?1, ?2) ON CONFLICT (user_id, node_id) DO NOTHING";
 
 const ABSENT: &str = "DELETE FROM chat_presence WHERE user_id = ?1 AND node_id = ?2";
 
-/// One user at a time: SQLite binds no arrays, and only one node ever reads its own file.
-const NODES_OF_USER: &str = "
-    SELECT p.node_id FROM chat_presence p JOIN chat_nodes n ON n.node_id = p.node_id
-     WHERE p.user_id = ?1 AND n.alive_until >= ?2";
+/// One user at a time: SQLite binds no arrays (and a cluster needs PostgreSQL anyway).
+const NODES_OF_USER: &str = concat!(
+    "SELECT p.node_id FROM chat_presence p JOIN chat_nodes n ON n.node_id = p.node_id
+      WHERE p.user_id = ?1 AND n.alive_until >= ",
+    db_now_ms!()
+);
 
 /// WAL pages before a commit copies them back into the database (SQLite's default is 1,000). The
 /// rows every append and ack touch (the conversation's `last_seq`, members, cursors) sit on a few
 /// hot pages: checkpointing ten times less often copies them ten times less often.
 const WAL_AUTOCHECKPOINT: i64 = 10_000;
+
+/// The writer's page cache, in KiB (SQLite takes a negative cache_size as KiB).
+const WRITER_CACHE_KIB: i64 = -64 * 1024;
 
 /// Read connections beside the writer.
 const READERS: u32 = 4;
@@ -775,9 +796,18 @@ impl Sqlite {
 }
 
 impl Sqlite {
-    pub(super) async fn node_alive(&self, node: &str, until_ms: i64) -> Result<(), StoreError> {
+    pub(super) async fn node_alive(&self, node: &str, for_ms: i64) -> Result<bool, StoreError> {
         let node = node.to_owned();
-        self.write(move |conn| Ok(conn.prepare_cached(NODE_ALIVE)?.execute(params![node, until_ms]).map(drop)?)).await
+        self.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let before: Option<i64> =
+                tx.prepare_cached(NODE_ALIVE_BEFORE)?.query_row(params![node], |r| r.get(0)).optional()?;
+            let now: i64 = tx.prepare_cached(NOW_MS)?.query_row([], |r| r.get(0))?;
+            tx.prepare_cached(NODE_ALIVE)?.execute(params![node, for_ms])?;
+            tx.commit()?;
+            Ok(before.unwrap_or(0) < now)
+        })
+        .await
     }
 
     pub(super) async fn node_gone(&self, node: &str) -> Result<(), StoreError> {
@@ -791,11 +821,19 @@ impl Sqlite {
         .await
     }
 
-    pub(super) async fn dead_nodes(&self, now_ms: i64) -> Result<Vec<String>, StoreError> {
-        self.read(move |conn| {
-            let mut statement = conn.prepare_cached(DEAD_NODES)?;
-            let rows = statement.query_map(params![now_ms], |r| r.get(0))?;
-            Ok(rows.collect::<Result<_, _>>()?)
+    pub(super) async fn sweep_nodes(&self, silent_ms: i64) -> Result<u64, StoreError> {
+        self.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let gone: Vec<String> = {
+                let mut statement = tx.prepare_cached(SWEEP_NODES)?;
+                let rows = statement.query_map(params![silent_ms], |r| r.get(0))?;
+                rows.collect::<Result<_, _>>()?
+            };
+            for node in &gone {
+                tx.prepare_cached(DELETE_NODE_PRESENCE)?.execute(params![node])?;
+            }
+            tx.commit()?;
+            Ok(gone.len() as u64)
         })
         .await
     }
@@ -810,13 +848,13 @@ impl Sqlite {
         self.write(move |conn| Ok(conn.prepare_cached(ABSENT)?.execute(params![user, node]).map(drop)?)).await
     }
 
-    pub(super) async fn nodes_of(&self, users: &[UserId], now_ms: i64) -> Result<Vec<(UserId, String)>, StoreError> {
+    pub(super) async fn nodes_of(&self, users: &[UserId]) -> Result<Vec<(UserId, String)>, StoreError> {
         let users = users.to_vec();
         self.read(move |conn| {
             let mut statement = conn.prepare_cached(NODES_OF_USER)?;
             let mut found = Vec::new();
             for user in users {
-                let nodes = statement.query_map(params![user, now_ms], |r| r.get::<_, String>(0))?;
+                let nodes = statement.query_map(params![user], |r| r.get::<_, String>(0))?;
                 for node in nodes {
                     found.push((user.clone(), node?));
                 }
@@ -833,6 +871,9 @@ fn open_writer(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path)?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT)?;
+    // Appends land at random places in the message indexes (conversation ids are random): a page
+    // cache of SQLite's default 2 MiB misses on most of them and reads the page back from the file.
+    conn.pragma_update(None, "cache_size", WRITER_CACHE_KIB)?;
     conn.busy_timeout(WAIT)?;
     conn.set_prepared_statement_cache_capacity(64);
     conn.prepare("SELECT 1 FROM chat_conversations LIMIT 0")?;

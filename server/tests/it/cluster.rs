@@ -383,8 +383,23 @@ async fn the_bus_addresses_nodes_repairs_a_lost_envelope_and_refuses_forgeries()
     let mut bob_live = Live::connect(&bob, LiveOptions::default()).await.unwrap();
     let _carol_live = Live::connect(&carol, LiveOptions::default()).await.unwrap();
 
+    // Bob's connection on B is in the directory before alice sends (so A addresses B).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let held: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM it_cluster_bus.chat_presence WHERE user_id = $1")
+            .bind(&bob_session.user_id)
+            .fetch_one(&shared.admin)
+            .await
+            .unwrap();
+        if held == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "bob's connection never reached the directory");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
     // The envelope for "one" is dropped by node A; nothing else is sent, yet bob gets it, once
-    // node B hears from A's next beat that an envelope is missing.
+    // node B hears from A's beats that an envelope is missing.
     let one = alice_live.send(&chat, json!({"text": "one"})).await.unwrap();
     let got = next_message(&mut bob_live, Duration::from_secs(10)).await.expect("the lost wake-up was repaired");
     assert_eq!((got.seq, got.body["text"].as_str()), (one.seq, Some("one")));
@@ -393,7 +408,7 @@ async fn the_bus_addresses_nodes_repairs_a_lost_envelope_and_refuses_forgeries()
         let got = next_message(&mut bob_live, Duration::from_secs(10)).await.expect("delivered live");
         assert_eq!((got.seq, got.body["text"].as_str()), (sent.seq, Some(text)));
     }
-    bob_live.send(&chat, json!({"text": "back"})).await.unwrap();
+    let back = bob_live.send(&chat, json!({"text": "back"})).await.unwrap();
 
     // Only the nodes holding alice and bob were sent envelopes: carol's node C none.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -402,32 +417,145 @@ async fn the_bus_addresses_nodes_repairs_a_lost_envelope_and_refuses_forgeries()
     nodes.sort();
     nodes.dedup();
     assert_eq!(nodes.len(), 2, "envelopes went to A and B only: {nodes:?}");
-    let (to_b, envelope) = envelopes
+    let (to_b, real) = envelopes
         .iter()
         .find(|(_, e)| e["event"]["kind"] == "message" && e["users"][0] == bob_session.user_id.as_str())
+        .cloned()
         .expect("a message envelope to node B");
-    assert!(envelope["seq"].as_u64().unwrap() >= 2, "numbered per pair of nodes; the first was dropped");
+    assert!(real["seq"].as_u64().unwrap() >= 2, "numbered per pair of nodes; the first was dropped");
 
-    // A stranger on the bus: a made-up envelope with a wrong MAC, and a real one altered.
-    let frame =
-        json!({"type": "message", "conversation": chat, "seq": 99, "sender": "mallory", "body": {"text": "forged"}});
-    let forged = json!({
-        "node": "mallory", "seq": 1_000_000, "users": [bob_session.user_id],
-        "event": {"kind": "message", "conversation": chat, "seq": 4, "device": types::DeviceId::new(), "frame": frame.to_string()}
-    });
-    let mut payload = vec![0u8; 32];
-    payload.extend(serde_json::to_vec(&forged).unwrap());
+    // A stranger on the bus: an envelope as node A would seal it for B, carrying the next message
+    // bob expects, first with a made-up MAC, then with the MAC of a real envelope it was altered from.
     let subject = format!("{prefix}.node.{to_b}");
-    tap.client.publish(subject.clone(), payload.into()).await.unwrap();
-    let real = tap.seen.lock().unwrap().iter().find(|(s, _)| *s == subject).unwrap().1.clone();
-    let mut altered = real.clone();
-    let at = altered.windows(3).position(|w| w == b"one" || w == b"two").map_or(40, |i| i);
-    altered[at] ^= 0x20;
+    let next = |text: &str, seq: u64| {
+        let frame = json!({"type": "message", "conversation": chat, "seq": back.seq + 1, "sender": "mallory",
+                           "device": real["event"]["device"], "client_id": text, "body": {"text": text}, "ts": 1});
+        let mut envelope = real.clone();
+        envelope["seq"] = json!(seq);
+        envelope["event"] = json!({"kind": "message", "conversation": chat, "seq": back.seq + 1,
+                                   "device": real["event"]["device"], "frame": frame.to_string()});
+        serde_json::to_vec(&envelope).unwrap()
+    };
+    let mut forged = vec![0u8; 32];
+    forged.extend(next("forged", 1_000_000));
+    tap.client.publish(subject.clone(), forged.into()).await.unwrap();
+    let real_mac = tap.seen.lock().unwrap().iter().find(|(s, p)| *s == subject && p[32..].starts_with(b"{")).unwrap().1
+        [..32]
+        .to_vec();
+    let mut altered = real_mac;
+    altered.extend(next("altered", 2_000_000));
     tap.client.publish(subject, altered.into()).await.unwrap();
     tap.client.flush().await.unwrap();
     assert!(next_message(&mut bob_live, Duration::from_secs(2)).await.is_none(), "a forged envelope was delivered");
     let four = alice_live.send(&chat, json!({"text": "four"})).await.unwrap();
+    assert_eq!(four.seq, back.seq + 1);
     let got = next_message(&mut bob_live, Duration::from_secs(10)).await.expect("real envelopes still pass");
     assert_eq!((got.seq, got.body["text"].as_str()), (four.seq, Some("four")));
     drop((node_a, node_b, node_c));
+}
+
+/// kill -9 of node A in the middle of a 10,000-message burst from users on A to users on B. Every
+/// message A confirmed (`sent`) reaches its receiver on B exactly once and in order; the senders
+/// move to B and send again what A never confirmed, with the same client ids, and nothing arrives
+/// twice: each conversation's log is its 1,000 messages, each once, and each receiver got all of
+/// them in seq order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_mid_burst_loses_and_doubles_nothing() {
+    const PAIRS: usize = 10;
+    const EACH: usize = 1_000;
+    const KILL_AFTER: usize = 3_000;
+    let Ok(nats) = std::env::var("COURIER_TEST_NATS_URL") else {
+        eprintln!("COURIER_TEST_NATS_URL is not set: skipping the kill -9 burst");
+        return;
+    };
+    let prefix = format!("courier.test.burst{}", std::process::id());
+    let settings = [DEV, ("COURIER_CHAT__BUS_URL", nats.as_str()), ("COURIER_CHAT__BUS_SUBJECT", prefix.as_str())];
+    let Some(shared) = Shared::new("it_cluster_burst", &settings).await else { return };
+    let (data_a, data_b) = (DataDir::new(), DataDir::new());
+    let node_a = shared.api_node(&data_a);
+    let node_b = shared.api_node(&data_b);
+
+    let confirmed_total = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut senders = Vec::new();
+    let mut receivers = Vec::new();
+    for pair in 0..PAIRS {
+        let (sender, _) = sign_in(&node_a, &format!("+49151000040{pair:02}"), "phone").await;
+        let (receiver_on_a, receiver) = sign_in(&node_a, &format!("+49151000041{pair:02}"), "phone").await;
+        let chat = sender.direct(&receiver.user_id).await.unwrap().id;
+        let on_b = Api::new(&node_b.base).with_token(receiver_on_a.token().unwrap());
+        let mut live = Live::connect(&on_b, LiveOptions::default()).await.unwrap();
+        // The receiver on B: every message, in arrival order, until it has the whole log.
+        receivers.push(tokio::spawn(async move {
+            let mut got: Vec<(i64, String)> = Vec::new();
+            while got.len() < EACH {
+                let message = next_message(&mut live, Duration::from_secs(60)).await.expect("messages kept coming");
+                got.push((message.seq, message.body["text"].as_str().unwrap().to_owned()));
+            }
+            // Nothing more may come: everything was in the log once.
+            assert!(next_message(&mut live, Duration::from_secs(2)).await.is_none(), "a message came twice");
+            got
+        }));
+        let on_b = Api::new(&node_b.base).with_token(sender.token().unwrap());
+        let total = confirmed_total.clone();
+        senders.push(tokio::spawn(async move {
+            let options = LiveOptions { send_timeout: Duration::from_secs(3), ..LiveOptions::default() };
+            let live = Live::connect(&sender, options).await.unwrap();
+            let mut confirmed: Vec<(String, i64)> = Vec::new();
+            let mut next = 0;
+            // On A until it dies under the sender.
+            while next < EACH {
+                let id = format!("p{pair}-m{next}");
+                match live.send_with_id(&chat, &id, json!({"text": id})).await {
+                    Ok(sent) => {
+                        confirmed.push((id, sent.seq));
+                        total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        next += 1;
+                    }
+                    Err(_) => break,
+                }
+            }
+            drop(live);
+            // Then on B: the unconfirmed one again (A may have stored it), and the rest.
+            while next < EACH {
+                let id = format!("p{pair}-m{next}");
+                let mut tries = 0;
+                let message = loop {
+                    match on_b.send(&chat, &id, json!({"text": id})).await {
+                        Ok(message) => break message,
+                        Err(e) => {
+                            tries += 1;
+                            assert!(tries < 20, "node B refused {id}: {e:?}");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
+                };
+                confirmed.push((id, message.seq));
+                next += 1;
+            }
+            confirmed
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while confirmed_total.load(std::sync::atomic::Ordering::Relaxed) < KILL_AFTER {
+        assert!(Instant::now() < deadline, "the burst on node A stalled");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    node_a.kill();
+    let confirmed_before_kill = confirmed_total.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(confirmed_before_kill < PAIRS * EACH, "node A was killed mid-burst");
+
+    for (sender, receiver) in senders.into_iter().zip(receivers) {
+        let confirmed = sender.await.unwrap();
+        let got = receiver.await.unwrap();
+        let seqs: Vec<i64> = got.iter().map(|(seq, _)| *seq).collect();
+        assert_eq!(seqs, (1..=EACH as i64).collect::<Vec<_>>(), "gapless, in order, each once");
+        let mut texts: Vec<&str> = got.iter().map(|(_, text)| text.as_str()).collect();
+        texts.sort();
+        texts.dedup();
+        assert_eq!(texts.len(), EACH, "every client id once");
+        for (id, seq) in &confirmed {
+            assert_eq!(got[(*seq - 1) as usize].1, *id, "a confirmed send is where its seq says");
+        }
+    }
+    drop(node_b);
 }
