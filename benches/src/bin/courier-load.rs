@@ -7,6 +7,13 @@
 //! message is checked to arrive exactly once and in seq order; the report gives delivered msgs/s,
 //! latency percentiles (send → receipt, on one clock) and the server's RSS per connection.
 //! Exits non-zero if any message was lost, doubled or out of order.
+//!
+//! For a cluster: `--server` may repeat (running nodes sharing one token key, found in
+//! `--data-dir`); device `i` connects to server `i mod n`, so with two servers every message
+//! crosses from one node to the other. `--processes N` splits the connections, messages and rate
+//! over N child processes of this tool (each process may hold only so many sockets), which set up
+//! and connect their share, start sending together, and report back; latencies are merged. With
+//! `--server-pid` for each server, the report gives the servers' memory per connection.
 
 #![allow(clippy::print_stdout, reason = "the report is this tool's output")]
 
@@ -43,30 +50,64 @@ struct Args {
     /// The `courier` binary to start [default: next to this one].
     #[arg(long)]
     courier: Option<PathBuf>,
-    /// Use a running server at this base URL instead of starting one (needs --data-dir for its key).
+    /// Use running servers at these base URLs instead of starting one (needs --data-dir for their
+    /// token key); may repeat: device i connects to server i mod n.
     #[arg(long, requires = "data_dir")]
-    server: Option<String>,
-    /// Data dir of the server given with --server.
+    server: Vec<String>,
+    /// A folder holding the servers' `token-signing.key`, with --server.
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Process ids of the servers given with --server, to report their memory per connection.
+    #[arg(long = "server-pid")]
+    server_pid: Vec<u32>,
     /// Extra `KEY=VALUE` environment for the started server (e.g. COURIER_CHAT__OUTBOUND_QUEUE=512).
     #[arg(long = "server-env")]
     server_env: Vec<String>,
+    /// Generator processes to split the work over (with --server).
+    #[arg(long, default_value_t = 1)]
+    processes: usize,
+    /// Which share a child process runs (set by the parent).
+    #[arg(long, hide = true)]
+    slice: Option<usize>,
+    /// Where a child writes its outcome (set by the parent).
+    #[arg(long, hide = true)]
+    report: Option<PathBuf>,
+}
+
+impl Args {
+    /// This process's connections, messages and rate.
+    fn share(&self) -> (usize, u64, f64) {
+        let p = self.processes.max(1);
+        (self.connections / p, self.messages / p as u64, self.rate / p as f64)
+    }
+
+    /// The parent of several generator processes holds no connections itself.
+    fn is_parent(&self) -> bool {
+        self.processes > 1 && self.slice.is_none()
+    }
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    if args.is_parent() {
+        return runtime.block_on(parent(args));
+    }
     // One descriptor per connection on each side: take what the hard limit allows.
     let limit = rlimit::increase_nofile_limit(u64::MAX).context("raising the file descriptor limit")?;
-    if (limit as usize) < args.connections + 64 {
-        bail!("this process may open {limit} files; {} connections need more (see ulimit -Hn)", args.connections);
+    let (connections, _, _) = args.share();
+    if (limit as usize) < connections + 64 {
+        bail!(
+            "this process may open {limit} files; {connections} connections need more (see ulimit -Hn, or --processes)"
+        );
     }
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(args))
+    runtime.block_on(run(args))
 }
 
 struct Server {
     child: Option<Child>,
-    base: String,
+    bases: Vec<String>,
+    pids: Vec<u32>,
     data_dir: PathBuf,
     _temp: Option<tempfile::TempDir>,
 }
@@ -81,8 +122,9 @@ impl Drop for Server {
 }
 
 fn start_server(args: &Args) -> anyhow::Result<Server> {
-    if let (Some(base), Some(data_dir)) = (&args.server, &args.data_dir) {
-        return Ok(Server { child: None, base: base.clone(), data_dir: data_dir.clone(), _temp: None });
+    if let (false, Some(data_dir)) = (args.server.is_empty(), &args.data_dir) {
+        let (bases, pids) = (args.server.clone(), args.server_pid.clone());
+        return Ok(Server { child: None, bases, pids, data_dir: data_dir.clone(), _temp: None });
     }
     let courier = match &args.courier {
         Some(path) => path.clone(),
@@ -105,7 +147,8 @@ fn start_server(args: &Args) -> anyhow::Result<Server> {
     let first = out.next().context("courier printed nothing")??;
     let base = first.strip_prefix("courier listening on ").context("unexpected first line")?.to_owned();
     std::thread::spawn(move || for _ in out {});
-    Ok(Server { child: Some(child), base, data_dir: temp.path().to_owned(), _temp: Some(temp) })
+    let pids = vec![child.id()];
+    Ok(Server { child: Some(child), bases: vec![base], pids, data_dir: temp.path().to_owned(), _temp: Some(temp) })
 }
 
 /// POSTs each `(path, token, body)` to the server, 32 at a time, and returns the string `field` of
@@ -161,42 +204,66 @@ struct Tally {
     last_delivery_us: AtomicU64,
 }
 
+/// What one generator process saw.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct Outcome {
+    connections: usize,
+    messages: u64,
+    sent_in_secs: f64,
+    delivered: u64,
+    confirmed: u64,
+    out_of_order: u64,
+    errors: u64,
+    first_send_us: u64,
+    last_delivery_us: u64,
+    /// Send → receipt, microseconds, one per delivered message.
+    latencies_us: Vec<u64>,
+}
+
+/// Total resident memory of `pids`.
+fn rss_of(pids: &[u32]) -> u64 {
+    pids.iter().map(|pid| rss(*pid)).sum()
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
     let server = start_server(&args)?;
-    let pid = server.child.as_ref().map(Child::id);
+    let (connections, messages, rate) = args.share();
     let http = reqwest::Client::builder().pool_max_idle_per_host(64).build()?;
     let key: types::Secret = std::fs::read_to_string(server.data_dir.join("token-signing.key"))?.trim().parse()?;
     let keys = TokenKeys::new(&key);
-    let n = args.connections & !1;
+    let n = connections & !1;
     if n < 2 {
-        bail!("--connections must be at least 2");
+        bail!("--connections must be at least 2 per process");
     }
+    let slice = args.slice.unwrap_or(0);
+    let base = &server.bases[0];
 
     // Devices, and a direct conversation per pair.
     let setup = Instant::now();
     let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+    let user = |i: usize| format!("load-{slice}-{i}");
     let devices = (0..n).map(|i| {
-        let user_token = keys.mint(&format!("load{i}").parse::<UserId>().expect("valid id"), now, 86_400);
+        let user_token = keys.mint(&user(i).parse::<UserId>().expect("valid id"), now, 86_400);
         ("/v1/devices", user_token, json!({"name": "load"}))
     });
-    let tokens = post_all(&http, &server.base, devices.collect(), "access_token").await?;
+    let tokens = post_all(&http, base, devices.collect(), "access_token").await?;
     let pairs = (0..n / 2).map(|p| {
-        let body = json!({"type": "direct", "members": [format!("load{}", 2 * p + 1)]});
+        let body = json!({"type": "direct", "members": [user(2 * p + 1)]});
         ("/v1/conversations", tokens[2 * p].clone(), body)
     });
-    let conversations = post_all(&http, &server.base, pairs.collect(), "id").await?;
+    let conversations = post_all(&http, base, pairs.collect(), "id").await?;
     eprintln!("set up {n} devices and {} conversations in {:.1?}", n / 2, setup.elapsed());
 
-    // Connections.
+    // Connections: device i to server i mod n, so with two servers each pair spans both.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let rss_before = pid.map(rss).unwrap_or(0);
+    let rss_before = rss_of(&server.pids);
     let tally = Arc::new(Tally::default());
-    let latencies = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?));
-    let ws_base = server.base.replacen("http://", "ws://", 1);
+    let latencies = Arc::new(Mutex::new(Vec::<u64>::new()));
+    let ws_bases: Vec<String> = server.bases.iter().map(|b| b.replacen("http://", "ws://", 1)).collect();
     let connect = Instant::now();
     let senders: Vec<mpsc::Sender<String>> = stream::iter(tokens.into_iter().enumerate())
         .map(|(i, token)| {
-            let url = format!("{ws_base}/v1/ws?token={token}");
+            let url = format!("{}/v1/ws?token={token}", ws_bases[i % ws_bases.len()]);
             let (tally, latencies) = (tally.clone(), latencies.clone());
             let conversation = conversations[i / 2].clone();
             async move {
@@ -212,17 +279,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .into_iter()
         .collect::<Result<_, _>>()?;
     eprintln!("opened {n} connections in {:.1?}", connect.elapsed());
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss_connected = pid.map(rss).unwrap_or(0);
+    if args.slice.is_some() {
+        // Ready: wait for the parent's go, so every process starts sending at once.
+        println!("ready");
+        use std::io::Write as _;
+        std::io::stdout().flush()?;
+        tokio::task::spawn_blocking(|| std::io::stdin().read_line(&mut String::new())).await??;
+    } else {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let rss_connected = rss_of(&server.pids);
 
     // Messages: from the even member of each pair to the odd one, round-robin over pairs.
     let filler = "x".repeat(args.body_bytes.saturating_sub(20));
     let start = Instant::now();
     let first_send_us = now_micros();
     let pairs = n / 2;
-    for k in 0..args.messages {
-        if args.rate > 0.0 {
-            let due = start + Duration::from_secs_f64(k as f64 / args.rate);
+    for k in 0..messages {
+        if rate > 0.0 {
+            let due = start + Duration::from_secs_f64(k as f64 / rate);
             if due > Instant::now() {
                 tokio::time::sleep_until(due.into()).await;
             }
@@ -238,42 +313,129 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let sent_in = start.elapsed();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while tally.delivered.load(Ordering::Relaxed) < args.messages && Instant::now() < deadline {
+    while tally.delivered.load(Ordering::Relaxed) < messages && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Receivers hand their latencies over every 100 ms.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let delivered = tally.delivered.load(Ordering::Relaxed);
-    let span = Duration::from_micros(tally.last_delivery_us.load(Ordering::Relaxed).saturating_sub(first_send_us));
-    let rss_end = pid.map(rss).unwrap_or(0);
-    let h = latencies.lock().await;
+    let outcome = Outcome {
+        connections: n,
+        messages,
+        sent_in_secs: sent_in.as_secs_f64(),
+        delivered: tally.delivered.load(Ordering::Relaxed),
+        confirmed: tally.confirmed.load(Ordering::Relaxed),
+        out_of_order: tally.out_of_order.load(Ordering::Relaxed),
+        errors: tally.errors.load(Ordering::Relaxed),
+        first_send_us,
+        last_delivery_us: tally.last_delivery_us.load(Ordering::Relaxed),
+        latencies_us: std::mem::take(&mut *latencies.lock().await),
+    };
+    if let Some(path) = &args.report {
+        std::fs::write(path, serde_json::to_vec(&outcome)?)?;
+        return Ok(());
+    }
+    let memory = (!server.pids.is_empty()).then(|| (rss_before, rss_connected, rss_of(&server.pids)));
+    report(&outcome, args.rate, memory)
+}
 
+/// Runs `--processes` children of this tool, each with its share, starts them sending together
+/// and reports what they saw together.
+async fn parent(args: Args) -> anyhow::Result<()> {
+    let Some(data_dir) = &args.data_dir else { bail!("--processes needs running servers (--server, --data-dir)") };
+    if args.server.is_empty() {
+        bail!("--processes needs running servers (--server, --data-dir)");
+    }
+    let temp = tempfile::tempdir()?;
+    let rss_before = rss_of(&args.server_pid);
+    let mut children = Vec::new();
+    for slice in 0..args.processes {
+        let mut command = Command::new(std::env::current_exe()?);
+        command
+            .args(["--connections", &args.connections.to_string(), "--messages", &args.messages.to_string()])
+            .args(["--rate", &args.rate.to_string(), "--body-bytes", &args.body_bytes.to_string()])
+            .args(["--processes", &args.processes.to_string(), "--slice", &slice.to_string()])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--report")
+            .arg(temp.path().join(format!("{slice}.json")))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for server in &args.server {
+            command.args(["--server", server]);
+        }
+        let mut child = command.spawn().context("starting a generator process")?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let ready = tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).map(|_| line)
+        });
+        children.push((child, ready));
+    }
+    let mut running = Vec::new();
+    for (child, ready) in children {
+        let line = ready.await??;
+        if line.trim() != "ready" {
+            bail!("a generator process failed before it was ready");
+        }
+        running.push(child);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_connected = rss_of(&args.server_pid);
+    for child in &mut running {
+        use std::io::Write as _;
+        writeln!(child.stdin.as_mut().context("no stdin")?, "go")?;
+    }
+    let mut total = Outcome { first_send_us: u64::MAX, ..Outcome::default() };
+    for (slice, mut child) in running.into_iter().enumerate() {
+        let status = tokio::task::spawn_blocking(move || child.wait()).await??;
+        let part: Outcome = serde_json::from_slice(&std::fs::read(temp.path().join(format!("{slice}.json")))?)
+            .with_context(|| format!("generator process {slice} ({status}) left no report"))?;
+        total.connections += part.connections;
+        total.messages += part.messages;
+        total.sent_in_secs = total.sent_in_secs.max(part.sent_in_secs);
+        total.delivered += part.delivered;
+        total.confirmed += part.confirmed;
+        total.out_of_order += part.out_of_order;
+        total.errors += part.errors;
+        total.first_send_us = total.first_send_us.min(part.first_send_us);
+        total.last_delivery_us = total.last_delivery_us.max(part.last_delivery_us);
+        total.latencies_us.extend(part.latencies_us);
+    }
+    let memory = (!args.server_pid.is_empty()).then(|| (rss_before, rss_connected, rss_of(&args.server_pid)));
+    report(&total, args.rate, memory)
+}
+
+/// Prints what was measured; fails if anything was lost, doubled or out of order.
+fn report(outcome: &Outcome, rate: f64, memory: Option<(u64, u64, u64)>) -> anyhow::Result<()> {
+    let n = outcome.connections;
+    let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    for v in &outcome.latencies_us {
+        let _ = h.record(*v);
+    }
+    let span = Duration::from_micros(outcome.last_delivery_us.saturating_sub(outcome.first_send_us));
     println!("connections:        {n}");
-    println!("messages sent:      {} in {:.2?} (target {} msg/s)", args.messages, sent_in, args.rate);
-    println!("delivered:          {delivered} ({} confirmed by `sent`)", tally.confirmed.load(Ordering::Relaxed));
-    println!("delivered msg/s:    {:.0}", delivered as f64 / span.as_secs_f64());
+    println!("messages sent:      {} in {:.2}s (target {rate} msg/s)", outcome.messages, outcome.sent_in_secs);
+    println!("delivered:          {} ({} confirmed by `sent`)", outcome.delivered, outcome.confirmed);
+    println!("delivered msg/s:    {:.0}", outcome.delivered as f64 / span.as_secs_f64());
     println!(
         "latency ms:         p50 {:.2}  p99 {:.2}  max {:.2}",
         h.value_at_quantile(0.50) as f64 / 1000.0,
         h.value_at_quantile(0.99) as f64 / 1000.0,
         h.max() as f64 / 1000.0
     );
-    if pid.is_some() {
+    if let Some((before, connected, end)) = memory {
         println!(
             "server RSS:         {:.1} MiB idle before connecting, {:.1} MiB with {n} connections, {:.1} MiB at the end",
-            rss_before as f64 / 1048576.0,
-            rss_connected as f64 / 1048576.0,
-            rss_end as f64 / 1048576.0
+            before as f64 / 1048576.0,
+            connected as f64 / 1048576.0,
+            end as f64 / 1048576.0
         );
-        println!(
-            "RSS per connection: {:.1} KiB",
-            (rss_connected.saturating_sub(rss_before)) as f64 / n as f64 / 1024.0
-        );
+        println!("RSS per connection: {:.1} KiB", (connected.saturating_sub(before)) as f64 / n as f64 / 1024.0);
     }
-    let (disorder, errors) = (tally.out_of_order.load(Ordering::Relaxed), tally.errors.load(Ordering::Relaxed));
-    println!("out of order/dup:   {disorder}");
-    println!("error frames:       {errors}");
-    if delivered != args.messages || disorder != 0 || errors != 0 {
+    println!("out of order/dup:   {}", outcome.out_of_order);
+    println!("error frames:       {}", outcome.errors);
+    if outcome.delivered != outcome.messages || outcome.out_of_order != 0 || outcome.errors != 0 {
         bail!("delivery was not exactly once and in order");
     }
     Ok(())
@@ -288,7 +450,7 @@ async fn connection(
     mut outgoing: mpsc::Receiver<String>,
     conversation: String,
     tally: Arc<Tally>,
-    latencies: Arc<Mutex<Histogram<u64>>>,
+    latencies: Arc<Mutex<Vec<u64>>>,
 ) {
     let (mut sink, mut stream) = socket.split();
     let mut last_seq = 0i64;
@@ -335,10 +497,7 @@ async fn connection(
             _ = tokio::time::sleep_until(ack_at.unwrap_or_else(tokio::time::Instant::now)), if ack_at.is_some() => {
                 ack_at = None;
                 if !local.is_empty() {
-                    let mut h = latencies.lock().await;
-                    for v in local.drain(..) {
-                        let _ = h.record(v);
-                    }
+                    latencies.lock().await.append(&mut local);
                 }
                 if last_seq > acked {
                     let frame = json!({"type": "ack", "conversation": conversation, "seq": last_seq}).to_string();
