@@ -7,7 +7,7 @@
 - every courier invocation in them (compose commands, Kubernetes args, systemd ExecStart, the
   Dockerfile's CMD) names a real subcommand and only flags its `--help` lists;
 - every COURIER_* variable they set is a flag's `[env: …]` or a settings key of deploy/courier.toml
-  (COURIER_SECTION__KEY) or deploy/edge.toml (COURIER_EDGE_KEY), and every AWS_* one is among those
+  (COURIER_SECTION__KEY) or deploy/edge.toml (COURIER_EDGE_KEY, COURIER_EDGE_SECTION__KEY), and every AWS_* one is among those
   `--blobs` names;
 - `systemd-analyze verify` accepts the units (run against the given binary);
 - the Kubernetes manifests match their API schemas (kubernetes-validate, from PyPI).
@@ -40,19 +40,18 @@ def help_text(binary: str, sub: str) -> str | None:
 
 
 def settings_keys() -> tuple[set[str], set[str]]:
-    """COURIER_* names the two settings files allow: nested for serve/worker, flat for edge."""
+    """COURIER_* names the two settings files allow (nested keys joined by a double underscore)."""
     serve, edge = set(), set()
 
-    def walk(table: dict, path: list[str]) -> None:
+    def walk(table: dict, path: list[str], prefix: str, names: set[str]) -> None:
         for key, value in table.items():
             if isinstance(value, dict):
-                walk(value, path + [key])
+                walk(value, path + [key], prefix, names)
             else:
-                serve.add("COURIER_" + "__".join(path + [key]).upper())
+                names.add(prefix + "__".join(path + [key]).upper())
 
-    walk(tomllib.loads((DEPLOY / "courier.toml").read_text()), [])
-    for key in tomllib.loads((DEPLOY / "edge.toml").read_text()):
-        edge.add("COURIER_EDGE_" + key.upper())
+    walk(tomllib.loads((DEPLOY / "courier.toml").read_text()), [], "COURIER_", serve)
+    walk(tomllib.loads((DEPLOY / "edge.toml").read_text()), [], "COURIER_EDGE_", edge)
     return serve, edge
 
 

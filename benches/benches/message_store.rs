@@ -18,7 +18,7 @@ struct Fixture {
 async fn prepare(store: &Store) -> Fixture {
     let (alice, bob): (UserId, UserId) = ("alice".parse().unwrap(), "bob".parse().unwrap());
     let conversation = store.direct(&alice, &bob).await.unwrap().id;
-    let phone = store.add_device(&alice, "phone").await.unwrap();
+    let phone = store.add_device(&alice, "phone").await.unwrap().device;
     for n in 0..1000 {
         store
             .append(&conversation, &alice, &phone, &format!("seed{n}"), "{\"text\":\"hello there\"}", 0)

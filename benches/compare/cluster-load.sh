@@ -35,6 +35,9 @@ openssl rand -hex 32 > "$work/keys/url-signing.key"
 export COURIER_TOKEN_KEY_FILE="$work/keys/token-signing.key" COURIER_URL_KEY_FILE="$work/keys/url-signing.key"
 export COURIER_CHAT__BUS_URL="$nats" COURIER_CHAT__BUS_SUBJECT="courier.load.$$" COURIER_LOG=warn
 # The default per-connection queue; sign-up limits are per IP and every device comes from loopback.
+# Every generated client comes from 127.0.0.1: no per-address connection cap; and up to 19,500
+# connections a node (the default keeps a tenth of the 20,000 descriptors spare).
+export COURIER_HTTP__MAX_CONNECTIONS_PER_ADDRESS=0 COURIER_HTTP__MAX_CONNECTIONS=19500
 servers=()
 server_pids=()
 for node in a b; do

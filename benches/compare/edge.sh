@@ -65,11 +65,11 @@ http {
 NGINX
 nginx -c "$work/nginx.conf" -g 'daemon off;' & pids+=($!)
 nginx_pid=$!
-COURIER_EDGE_LOG=warn "$courier" edge --listen 127.0.0.1:18091 --upstream "file://$work/store" \
+COURIER_EDGE_LOG=warn COURIER_EDGE_HTTP__MAX_CONNECTIONS_PER_ADDRESS=0 "$courier" edge --listen 127.0.0.1:18091 --upstream "file://$work/store" \
   --url-key "$work/url.key" --cache-dir "$work/edge-mem" --memory-bytes 1073741824 \
   >/dev/null & pids+=($!)
 mem_pid=$!
-COURIER_EDGE_LOG=warn COURIER_EDGE_MEMORY_MAX_OBJECT_BYTES=0 "$courier" edge --listen 127.0.0.1:18092 \
+COURIER_EDGE_LOG=warn COURIER_EDGE_HTTP__MAX_CONNECTIONS_PER_ADDRESS=0 COURIER_EDGE_MEMORY_MAX_OBJECT_BYTES=0 "$courier" edge --listen 127.0.0.1:18092 \
   --upstream "file://$work/store" --url-key "$work/url.key" --cache-dir "$work/edge-disk" \
   >/dev/null & pids+=($!)
 disk_pid=$!

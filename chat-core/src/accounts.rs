@@ -3,7 +3,9 @@
 //!
 //! Codes and refresh tokens are stored as BLAKE3 hashes only. A refresh token is spent by use and
 //! replaced; presenting a spent one again means it was copied, so the device is logged out (its
-//! tokens and cursors go, its connections close). Rate limits are per node, in memory.
+//! tokens and cursors go, its connections close). A signed-in device links another only with a
+//! fresh SMS code; past the device limit the least recently seen device is replaced. Rate limits
+//! are per node, in memory.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -151,7 +153,9 @@ pub(crate) async fn verify(
         other => return Err(ApiError::Code(other)),
     }
     let user = chat.store.user_for_phone(phone, now).await?;
-    let device = chat.store.add_device(&user, name).await?;
+    let linked = chat.store.add_device(&user, name).await?;
+    chat.linked(&user, linked, name).await;
+    let device = linked.device;
     let refresh = new_refresh_token();
     chat.store.issue_refresh(&hash(&[&refresh]), &user, &device, now + refresh_ttl_ms(&chat), now).await?;
     Ok(Json(session(&chat, &user, device, &refresh)))
@@ -193,7 +197,12 @@ pub(crate) async fn refresh(
     let rotation =
         chat.store.rotate_refresh(&hash(&[&refresh_token]), &hash(&[&next]), now + refresh_ttl_ms(&chat), now).await?;
     match rotation {
-        Rotation::Rotated { user, device } => Ok(Json(session(&chat, &user, device, &next))),
+        Rotation::Rotated { user, device } => {
+            if let Err(e) = chat.store.device_seen(&user, &device).await {
+                tracing::warn!(error = %e, %user, "could not note that a device was seen");
+            }
+            Ok(Json(session(&chat, &user, device, &next)))
+        }
         Rotation::Reused { user, device } => {
             tracing::warn!(%user, %device, "a spent refresh token was presented again; the device is logged out");
             // The store has unlinked it already; its connections close now.
@@ -201,6 +210,23 @@ pub(crate) async fn refresh(
             Err(ApiError::BadRefreshToken)
         }
         Rotation::Invalid => Err(ApiError::BadRefreshToken),
+    }
+}
+
+/// Checks the SMS code that lets a signed-in device link another: a token alone is not enough,
+/// so a stolen one cannot chain new devices. The code is spent by the check, like a sign-in's.
+pub(crate) async fn check_link_code(chat: &Chat, user: &UserId, code: Option<&str>) -> Result<(), ApiError> {
+    let phone = chat.store.phone_of(user).await?.ok_or(ApiError::NoPhone)?;
+    let code = code.ok_or_else(|| {
+        ApiError::Invalid(
+            "linking a device from a signed-in one needs `code`: a fresh code sent by POST /v1/auth/code to the \
+             account's phone"
+                .into(),
+        )
+    })?;
+    match chat.store.check_code(&phone, &hash(&[&phone, code.trim()]), now_ms()).await? {
+        CodeCheck::Valid => Ok(()),
+        other => Err(ApiError::Code(other)),
     }
 }
 

@@ -474,7 +474,7 @@ fn wire(event: &Event) -> Option<Wire> {
             frame: frame.as_str().to_owned(),
         }),
         Event::Frame(frame) => Some(Wire::Frame { frame: frame.as_str().to_owned() }),
-        Event::LoggedOut | Event::Resync => None,
+        Event::LoggedOut | Event::Replaced | Event::Resync => None,
     }
 }
 

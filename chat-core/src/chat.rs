@@ -16,7 +16,7 @@ use crate::error::ApiError;
 use crate::frames::{ServerFrame, message_frame};
 use crate::hub::{Event, Hub};
 use crate::limits::Limits;
-use crate::store::{Acked, Appended, Store, StoreError, Write, Written};
+use crate::store::{Acked, Appended, Linked, Store, StoreError, Write, Written};
 
 /// What messaging needs from media storage, which another crate owns: whether a user may send a
 /// media record (they own it, or it was shared with them), and sharing it with a conversation's
@@ -139,7 +139,7 @@ impl Chat {
                 writes
             })
             .collect();
-        let hub = Arc::new(Hub::new(config.outbound_queue));
+        let hub = Arc::new(Hub::new(config.outbound_queue, config.max_sockets_per_device));
         let members = moka::sync::Cache::builder().max_capacity(100_000).time_to_live(MEMBERS_CACHE_TTL).build();
         let devices = moka::sync::Cache::builder().max_capacity(1_000_000).time_to_live(DEVICE_CACHE_TTL).build();
         let bus = bus.map(Arc::new);
@@ -219,6 +219,17 @@ impl Chat {
         if let Some(bus) = &self.bus {
             bus.publish_logout(user, device).await;
         }
+    }
+
+    /// A device of `user` was linked: their other devices hear of it, and one it replaced (the
+    /// least recently seen, past the device limit) is logged out.
+    pub(crate) async fn linked(&self, user: &UserId, linked: Linked, name: &str) {
+        if let Some(old) = linked.replaced {
+            tracing::info!(%user, device = %old, "a device was replaced by a newly linked one");
+            self.forget_device(user, old).await;
+        }
+        let frame = ServerFrame::DeviceLinked { device_id: linked.device, name, replaced: linked.replaced }.encode();
+        self.fan_out(std::slice::from_ref(user), Event::Frame(frame)).await;
     }
 
     /// The members of a conversation, for fan-out.

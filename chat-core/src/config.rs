@@ -17,6 +17,9 @@ pub struct ChatConfig {
     pub send_timeout_secs: u64,
     /// Events queued for one connection before it is disconnected as too slow. Default 256.
     pub outbound_queue: usize,
+    /// WebSocket connections one device may hold on a node; a newer one closes its oldest (4009).
+    /// Default 2 (an app reconnecting before its old socket has timed out).
+    pub max_sockets_per_device: usize,
     /// NATS server for cross-node fan-out (`nats://host:4222`); unset: one node, in-process only.
     pub bus_url: Option<String>,
     /// A NATS credentials file (`.creds`) for the bus; or put a user and password in `bus_url`.
@@ -37,6 +40,7 @@ impl Default for ChatConfig {
             idle_timeout_secs: 75,
             send_timeout_secs: 10,
             outbound_queue: 256,
+            max_sockets_per_device: 2,
             bus_url: None,
             bus_creds_file: None,
             bus_subject: "courier.chat.fanout".into(),

@@ -21,6 +21,8 @@ pub(crate) enum ApiError {
     Code(CodeCheck),
     BadRefreshToken,
     NotFound(&'static str),
+    /// Linking a device from a signed-in device needs a fresh SMS code, and this user has no phone.
+    NoPhone,
 }
 
 impl From<StoreError> for ApiError {
@@ -41,9 +43,6 @@ impl ApiError {
             }
             ApiError::Store(e @ StoreError::TooManyMembers) => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "too_many_members", e.to_string())
-            }
-            ApiError::Store(e @ StoreError::TooManyDevices) => {
-                (StatusCode::UNPROCESSABLE_ENTITY, "too_many_devices", e.to_string())
             }
             ApiError::Store(StoreError::Invalid(m)) | ApiError::Invalid(m) => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", m)
@@ -80,6 +79,11 @@ impl ApiError {
                 "the refresh token is unknown, expired or already used; sign in again".into(),
             ),
             ApiError::NotFound(what) => (StatusCode::NOT_FOUND, "not_found", format!("no such {what}")),
+            ApiError::NoPhone => (
+                StatusCode::FORBIDDEN,
+                "code_unavailable",
+                "linking a device needs a code sent to the account's phone, and this account has none".into(),
+            ),
             ApiError::DeviceRequired => (
                 StatusCode::FORBIDDEN,
                 "device_token_required",

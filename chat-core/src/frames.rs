@@ -39,6 +39,14 @@ pub(crate) enum ServerFrame<'a> {
         online: bool,
         last_seen: i64,
     },
+    /// Another device was linked to this account (or replaced one, which `replaced` names).
+    #[serde(rename = "device_linked")]
+    DeviceLinked {
+        device_id: types::DeviceId,
+        name: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        replaced: Option<types::DeviceId>,
+    },
     /// The device's cursor fell behind retention: messages before `oldest_seq` are gone.
     Expired {
         conversation: ConversationId,

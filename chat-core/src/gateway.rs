@@ -34,6 +34,7 @@ pub const MAX_CLIENT_FRAME: usize = MAX_BODY_BYTES + 4096;
 pub const CLOSE_TOO_SLOW: u16 = 4008;
 pub const CLOSE_LOGGED_OUT: u16 = 4001;
 pub const CLOSE_IDLE: u16 = 4000;
+pub const CLOSE_REPLACED: u16 = 4009;
 /// Bad frames tolerated per heartbeat interval before the connection is closed as abusive.
 const MAX_STRIKES: u32 = 50;
 /// One typing frame per conversation per this long is forwarded; the rest are dropped.
@@ -139,6 +140,9 @@ async fn run(chat: Arc<Chat>, socket: WebSocket, user: UserId, device: DeviceId)
     }
     if registration.first {
         chat.announce_presence(&user, true, now_ms()).await;
+    }
+    if let Err(e) = chat.store.device_seen(&user, &device).await {
+        tracing::warn!(error = %e, %user, "could not note that a device was seen");
     }
     let (sink, mut stream) = socket.split();
     let mut conn = Connection {
@@ -403,6 +407,7 @@ impl Connection {
             }
             Event::Frame(frame) => self.send_frame(frame.clone()).await,
             Event::LoggedOut => Err(self.close(CLOSE_LOGGED_OUT, "logged out").await),
+            Event::Replaced => Err(self.close(CLOSE_REPLACED, "replaced by a newer connection of this device").await),
             Event::Resync => self.catch_up().await,
         }
     }

@@ -28,7 +28,7 @@ const MAX_NAME: usize = 128;
 /// The routes that need an authenticated caller ([`Claims`] in the extensions).
 pub(crate) fn routes(chat: Arc<Chat>) -> Router {
     Router::new()
-        .route("/v1/devices", post(link_device))
+        .route("/v1/devices", post(link_device).get(list_devices))
         .route("/v1/conversations", post(create_conversation).get(list_conversations))
         .route("/v1/conversations/{id}/members", post(add_members))
         .route("/v1/conversations/{id}/members/{user}", delete(remove_member))
@@ -56,8 +56,12 @@ fn now() -> (u64, i64) {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct LinkDevice {
     name: String,
+    /// A fresh SMS code for the account's phone; needed when the caller is a signed-in device.
+    #[serde(default)]
+    code: Option<String>,
 }
 
 async fn link_device(
@@ -65,11 +69,18 @@ async fn link_device(
     Extension(claims): Extension<Claims>,
     body: Result<Json<LinkDevice>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let LinkDevice { name } = json_body(body)?;
+    let LinkDevice { name, code } = json_body(body)?;
     if name.trim().is_empty() || name.len() > MAX_NAME {
         return Err(ApiError::Invalid(format!("a device name is 1 to {MAX_NAME} bytes")));
     }
-    let device = chat.store.add_device(&claims.sub, name.trim()).await?;
+    // A device's token needs the phone's code as well. A user token (no device: minted by the
+    // operator with `courier token`) links as the operator's tool.
+    if claims.dev.is_some() {
+        crate::accounts::check_link_code(&chat, &claims.sub, code.as_deref()).await?;
+    }
+    let linked = chat.store.add_device(&claims.sub, name.trim()).await?;
+    chat.linked(&claims.sub, linked, name.trim()).await;
+    let device = linked.device;
     let token = chat.keys.mint_for_device(&claims.sub, device, now().0, DEVICE_TOKEN_TTL);
     let body = json!({"user_id": claims.sub, "device_id": device.to_string(), "access_token": token, "expires_in": DEVICE_TOKEN_TTL});
     Ok((StatusCode::CREATED, Json(body)))
@@ -243,6 +254,28 @@ async fn history(
     let messages = chat.store.messages_after(&id, &claims.sub, page.after.max(0), page.limit).await?;
     let views: Vec<MessageView> = messages.iter().map(MessageView::of).collect();
     Ok(Json(json!({ "messages": views })))
+}
+
+/// `GET /v1/devices`: the caller's linked devices, so a stolen token's devices can be seen and
+/// unlinked.
+async fn list_devices(
+    State(chat): State<Arc<Chat>>,
+    Extension(claims): Extension<Claims>,
+) -> Result<Json<Value>, ApiError> {
+    let devices = chat.store.devices(&claims.sub).await?;
+    let devices: Vec<Value> = devices
+        .iter()
+        .map(|d| {
+            json!({
+                "id": d.id.to_string(),
+                "name": d.name,
+                "created_at": d.created_at,
+                "last_seen": d.last_seen.unwrap_or(d.created_at),
+                "current": claims.dev == Some(d.id),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "devices": devices })))
 }
 
 async fn unlink_device(

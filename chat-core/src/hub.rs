@@ -23,6 +23,8 @@ pub(crate) enum Event {
     Frame(Utf8Bytes),
     /// The device was logged out: close the connection.
     LoggedOut,
+    /// The device opened more connections than it may hold here: close this, its oldest.
+    Replaced,
     /// Wake-ups may have been lost (between nodes): read what was missed from the store.
     Resync,
 }
@@ -32,6 +34,8 @@ struct Slot {
     device: DeviceId,
     tx: mpsc::Sender<Arc<Event>>,
     lagged: Arc<Lagged>,
+    /// Told to close to make room for a newer connection of its device.
+    replaced: bool,
 }
 
 /// Set when an event could not be queued for a connection; its task is woken to close it.
@@ -80,6 +84,7 @@ pub struct Hub {
     users: Mutex<HashMap<UserId, Vec<Slot>>>,
     next_id: AtomicU64,
     queue: usize,
+    per_device: usize,
 }
 
 impl std::fmt::Debug for Hub {
@@ -89,9 +94,15 @@ impl std::fmt::Debug for Hub {
 }
 
 impl Hub {
-    /// A hub whose connections each queue at most `queue` events.
-    pub fn new(queue: usize) -> Self {
-        Self { users: Mutex::new(HashMap::new()), next_id: AtomicU64::new(1), queue: queue.max(1) }
+    /// A hub whose connections each queue at most `queue` events, and where one device holds at
+    /// most `per_device` connections (a newer one closes its oldest).
+    pub fn new(queue: usize, per_device: usize) -> Self {
+        Self {
+            users: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            queue: queue.max(1),
+            per_device: per_device.max(1),
+        }
     }
 
     fn users(&self) -> std::sync::MutexGuard<'_, HashMap<UserId, Vec<Slot>>> {
@@ -106,7 +117,14 @@ impl Hub {
         let mut users = self.users();
         let slots = users.entry(user.clone()).or_default();
         let first = slots.is_empty();
-        slots.push(Slot { id, device, tx, lagged: lagged.clone() });
+        // Slots are in the order they connected: the first live ones of this device are its oldest.
+        let mut live = slots.iter_mut().filter(|s| s.device == device && !s.replaced).collect::<Vec<_>>();
+        let over = (live.len() + 1).saturating_sub(self.per_device);
+        for oldest in live.iter_mut().take(over) {
+            oldest.replaced = true;
+            push(oldest, &Arc::new(Event::Replaced));
+        }
+        slots.push(Slot { id, device, tx, lagged: lagged.clone(), replaced: false });
         Registration { id, events, lagged, first }
     }
 
@@ -182,7 +200,7 @@ mod tests {
 
     #[test]
     fn a_full_queue_marks_the_connection_lagged_and_others_still_get_events() {
-        let hub = Hub::new(2);
+        let hub = Hub::new(2, 4);
         let (alice, bob) = (user("alice"), user("bob"));
         let slow = hub.register(&alice, DeviceId::new());
         let mut fast = hub.register(&bob, DeviceId::new());
@@ -197,7 +215,7 @@ mod tests {
 
     #[test]
     fn presence_follows_the_last_connection() {
-        let hub = Hub::new(4);
+        let hub = Hub::new(4, 4);
         let alice = user("alice");
         let phone = hub.register(&alice, DeviceId::new());
         let laptop = hub.register(&alice, DeviceId::new());
@@ -207,5 +225,24 @@ mod tests {
         assert!(hub.unregister(&alice, laptop.id));
         assert!(!hub.online(&alice));
         assert_eq!(hub.connections(), 0);
+    }
+
+    #[test]
+    fn a_device_over_its_socket_cap_closes_its_oldest() {
+        let hub = Hub::new(4, 2);
+        let alice = user("alice");
+        let (phone, laptop) = (DeviceId::new(), DeviceId::new());
+        let mut first = hub.register(&alice, phone);
+        let mut second = hub.register(&alice, phone);
+        let mut other = hub.register(&alice, laptop);
+        assert!(first.events.try_recv().is_err() && second.events.try_recv().is_err());
+        let mut third = hub.register(&alice, phone);
+        assert!(matches!(*first.events.try_recv().unwrap(), Event::Replaced), "the oldest was not told to close");
+        assert!(second.events.try_recv().is_err() && third.events.try_recv().is_err());
+        assert!(other.events.try_recv().is_err(), "another device's connection was closed");
+        // The next one closes the next oldest, not the one already closing.
+        let _fourth = hub.register(&alice, phone);
+        assert!(matches!(*second.events.try_recv().unwrap(), Event::Replaced));
+        assert!(first.events.try_recv().is_err());
     }
 }

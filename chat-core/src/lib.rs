@@ -33,12 +33,12 @@ use axum::routing::{get, post};
 pub use bus::Bus;
 pub use chat::{BoxFuture, Chat, DeviceCheck, MediaAccess};
 pub use config::{AuthConfig, ChatConfig};
-pub use gateway::{CLOSE_IDLE, CLOSE_LOGGED_OUT, CLOSE_TOO_SLOW, MAX_CLIENT_FRAME};
+pub use gateway::{CLOSE_IDLE, CLOSE_LOGGED_OUT, CLOSE_REPLACED, CLOSE_TOO_SLOW, MAX_CLIENT_FRAME};
 pub use hub::Hub;
 pub use store::{
-    Acked, Appended, CodeCheck, Contact, Conversation, ConversationKind, ConversationSummary, Cursor, MAX_BODY_BYTES,
-    MAX_CLIENT_ID_LEN, MAX_CODE_ATTEMPTS, MAX_DEVICES, MAX_GROUP_MEMBERS, MAX_PAGE, Message, PendingPush, Receipt,
-    Role, Rotation, Store, StoreError, SyncState, Write, Written,
+    Acked, Appended, CodeCheck, Contact, Conversation, ConversationKind, ConversationSummary, Cursor, DeviceInfo,
+    Linked, MAX_BODY_BYTES, MAX_CLIENT_ID_LEN, MAX_CODE_ATTEMPTS, MAX_DEVICES, MAX_GROUP_MEMBERS, MAX_PAGE,
+    MAX_PAGE_BYTES, Message, PendingPush, Receipt, Role, Rotation, Store, StoreError, SyncState, Write, Written,
 };
 
 impl Chat {

@@ -7,7 +7,7 @@ use chat_core::{
     StoreError, SyncState, Write, Written,
 };
 use futures_util::future::join_all;
-use types::{ConversationId, UserId};
+use types::{ConversationId, DeviceId, UserId};
 
 fn user(name: &str) -> UserId {
     name.parse().unwrap()
@@ -100,8 +100,8 @@ async fn a_code_verified_twice_at_once_is_used_once(store: Store) {
 async fn cursors_stay_inside_the_log(store: Store) {
     let (alice, bob) = (user("alice"), user("bob"));
     let chat = store.direct(&alice, &bob).await.unwrap();
-    let phone = store.add_device(&alice, "phone").await.unwrap();
-    let bobs = store.add_device(&bob, "phone").await.unwrap();
+    let phone = store.add_device(&alice, "phone").await.unwrap().device;
+    let bobs = store.add_device(&bob, "phone").await.unwrap().device;
     store.append(&chat.id, &alice, &phone, "one", "{}", 1).await.unwrap();
     assert_eq!(store.ack(&bob, &bobs, &chat.id, -5).await.unwrap().device, Cursor { delivered: 0, read: 0 });
     assert_eq!(store.mark_read(&bob, &bobs, &chat.id, 99).await.unwrap().device, Cursor { delivered: 1, read: 1 });
@@ -112,18 +112,27 @@ async fn devices_per_user_are_bounded(store: Store) {
     let alice = user("alice");
     let mut devices = Vec::new();
     for i in 0..chat_core::MAX_DEVICES {
-        devices.push(store.add_device(&alice, &format!("device {i}")).await.unwrap());
+        let linked = store.add_device(&alice, &format!("device {i}")).await.unwrap();
+        assert_eq!(linked.replaced, None);
+        devices.push(linked.device);
     }
-    devices.sort();
-    devices.dedup();
-    assert_eq!(devices.len() as i64, chat_core::MAX_DEVICES);
-    assert!(matches!(store.add_device(&alice, "one too many").await, Err(StoreError::TooManyDevices)));
+    // Every device but the second is seen again: the second is the least recently seen.
+    for device in devices.iter().filter(|d| **d != devices[1]) {
+        store.device_seen(&alice, device).await.unwrap();
+    }
+    let linked = store.add_device(&alice, "one more").await.unwrap();
+    assert_eq!(linked.replaced, Some(devices[1]), "the least recently seen device was not the one replaced");
+    let listed: Vec<DeviceId> = store.devices(&alice).await.unwrap().into_iter().map(|d| d.id).collect();
+    assert_eq!(listed.len() as i64, chat_core::MAX_DEVICES);
+    assert!(!listed.contains(&devices[1]) && listed.contains(&linked.device));
+    assert!(!store.device_exists(&alice, &devices[1]).await.unwrap());
     // Another user is not affected.
     store.add_device(&user("bob"), "phone").await.unwrap();
+    assert_eq!(store.devices(&user("bob")).await.unwrap().len(), 1);
 }
 
-/// Many links of one user at once (a stolen token racing the owner, or a script): the count and
-/// the insert are one step, so no more than the limit get through.
+/// Many links of one user at once (a stolen token racing the owner, or a script): the count, the
+/// replacement and the insert are one step, so the user never holds more than the limit.
 async fn linking_at_once_cannot_pass_the_device_limit(store: Store) {
     let alice = user("alice");
     store.add_device(&alice, "first").await.unwrap();
@@ -131,15 +140,17 @@ async fn linking_at_once_cannot_pass_the_device_limit(store: Store) {
         let (store, alice) = (store.clone(), alice.clone());
         tokio::spawn(async move { store.add_device(&alice, &format!("device {i}")).await })
     });
-    let linked = join_all(links).await.into_iter().map(|r| r.unwrap()).filter(Result::is_ok).count();
-    assert_eq!(linked as i64, chat_core::MAX_DEVICES - 1, "only the free places were taken");
+    let linked = join_all(links).await.into_iter().map(|r| r.unwrap().unwrap()).collect::<Vec<_>>();
+    let replaced = linked.iter().filter(|l| l.replaced.is_some()).count() as i64;
+    assert_eq!(replaced, 3 * chat_core::MAX_DEVICES + 1 - chat_core::MAX_DEVICES);
+    assert_eq!(store.devices(&alice).await.unwrap().len() as i64, chat_core::MAX_DEVICES);
 }
 
 /// Reads may run on other connections than writes (SQLite's readers beside its writer): what a
 /// write returned is visible to the next read.
 async fn reads_see_what_was_just_written(store: Store) {
     let (alice, bob) = (user("alice"), user("bob"));
-    let phone = store.add_device(&alice, "phone").await.unwrap();
+    let phone = store.add_device(&alice, "phone").await.unwrap().device;
     assert!(store.device_exists(&alice, &phone).await.unwrap());
     let chat = store.direct(&alice, &bob).await.unwrap();
     for n in 1..=50 {
@@ -177,7 +188,7 @@ async fn seqs_are_gapless_under_concurrent_senders(store: Store) {
     let group = store.create_group(&senders[0], "busy", &senders[1..]).await.unwrap();
     let mut tasks = Vec::new();
     for sender in &senders {
-        let device = store.add_device(sender, "phone").await.unwrap();
+        let device = store.add_device(sender, "phone").await.unwrap().device;
         for n in 0..25 {
             let (store, sender, id) = (store.clone(), sender.clone(), group.id);
             tasks.push(tokio::spawn(async move {
@@ -198,7 +209,7 @@ async fn seqs_are_gapless_under_concurrent_senders(store: Store) {
 async fn a_retried_client_id_is_stored_once(store: Store) {
     let (alice, bob) = (user("alice"), user("bob"));
     let chat = store.direct(&alice, &bob).await.unwrap();
-    let phone = store.add_device(&alice, "phone").await.unwrap();
+    let phone = store.add_device(&alice, "phone").await.unwrap().device;
     let first = store.append(&chat.id, &alice, &phone, "c-1", "{\"text\":\"one\"}", 10).await.unwrap();
     let Appended::New(first) = first else { panic!("the first send was not new") };
     assert_eq!(first.seq, 1);
@@ -214,7 +225,7 @@ async fn a_retried_client_id_is_stored_once(store: Store) {
         assert_eq!(retry.unwrap(), Appended::Duplicate(first.clone()));
     }
     // Another sender may use the same client_id: it is the sender's own key.
-    let bobs = store.add_device(&bob, "phone").await.unwrap();
+    let bobs = store.add_device(&bob, "phone").await.unwrap().device;
     let other = store.append(&chat.id, &bob, &bobs, "c-1", "{\"text\":\"bob\"}", 30).await.unwrap();
     assert_eq!(other.message().seq, 2, "a duplicate used up a seq");
     assert_eq!(store.messages_after(&chat.id, &bob, 0, 100).await.unwrap().len(), 2);
@@ -228,7 +239,7 @@ async fn a_retried_client_id_is_stored_once(store: Store) {
 async fn history_pages_in_seq_order(store: Store) {
     let (alice, bob) = (user("alice"), user("bob"));
     let chat = store.direct(&alice, &bob).await.unwrap();
-    let phone = store.add_device(&alice, "phone").await.unwrap();
+    let phone = store.add_device(&alice, "phone").await.unwrap().device;
     for n in 1..=30 {
         store.append(&chat.id, &alice, &phone, &format!("c{n}"), &format!("{{\"n\":{n}}}"), n).await.unwrap();
     }
@@ -255,9 +266,9 @@ async fn history_pages_in_seq_order(store: Store) {
 async fn non_members_see_nothing(store: Store) {
     let (alice, bob, eve) = (user("alice"), user("bob"), user("eve"));
     let chat = store.direct(&alice, &bob).await.unwrap();
-    let phone = store.add_device(&alice, "phone").await.unwrap();
+    let phone = store.add_device(&alice, "phone").await.unwrap().device;
     store.append(&chat.id, &alice, &phone, "c", "{}", 1).await.unwrap();
-    let evil = store.add_device(&eve, "laptop").await.unwrap();
+    let evil = store.add_device(&eve, "laptop").await.unwrap().device;
     assert!(matches!(store.messages_after(&chat.id, &eve, 0, 10).await, Err(StoreError::NotMember)));
     assert!(matches!(store.append(&chat.id, &eve, &evil, "x", "{}", 1).await, Err(StoreError::NotMember)));
     assert!(matches!(store.members(&chat.id, &eve).await, Err(StoreError::NotMember)));
@@ -307,9 +318,9 @@ async fn groups_have_admins_and_a_size_limit(store: Store) {
 async fn cursors_only_move_forward_and_count_unread(store: Store) {
     let (alice, bob) = (user("alice"), user("bob"));
     let chat = store.direct(&alice, &bob).await.unwrap();
-    let alices = store.add_device(&alice, "phone").await.unwrap();
-    let bobs_phone = store.add_device(&bob, "phone").await.unwrap();
-    let bobs_laptop = store.add_device(&bob, "laptop").await.unwrap();
+    let alices = store.add_device(&alice, "phone").await.unwrap().device;
+    let bobs_phone = store.add_device(&bob, "phone").await.unwrap().device;
+    let bobs_laptop = store.add_device(&bob, "laptop").await.unwrap().device;
     for n in 1..=5 {
         store.append(&chat.id, &alice, &alices, &format!("c{n}"), "{}", n).await.unwrap();
     }
@@ -351,8 +362,8 @@ async fn cursors_only_move_forward_and_count_unread(store: Store) {
 async fn removing_a_device_takes_its_cursors_and_tokens(store: Store) {
     let (alice, bob) = (user("alice"), user("bob"));
     let chat = store.direct(&alice, &bob).await.unwrap();
-    let phone = store.add_device(&bob, "phone").await.unwrap();
-    store.append(&chat.id, &alice, &store.add_device(&alice, "a").await.unwrap(), "c1", "{}", 1).await.unwrap();
+    let phone = store.add_device(&bob, "phone").await.unwrap().device;
+    store.append(&chat.id, &alice, &store.add_device(&alice, "a").await.unwrap().device, "c1", "{}", 1).await.unwrap();
     store.ack(&bob, &phone, &chat.id, 1).await.unwrap();
     store.issue_refresh("h1", &bob, &phone, i64::MAX, 1).await.unwrap();
     assert!(store.device_exists(&bob, &phone).await.unwrap());
@@ -414,7 +425,7 @@ async fn retention_purges_old_messages_and_says_how_far(store: Store) {
     let (alice, bob) = (user("alice"), user("bob"));
     let chat = store.direct(&alice, &bob).await.unwrap();
     let other = store.direct(&alice, &user("carol")).await.unwrap();
-    let device = store.add_device(&alice, "a").await.unwrap();
+    let device = store.add_device(&alice, "a").await.unwrap().device;
     for (n, at) in [(1, 10), (2, 20), (3, 30), (4, 5_000), (5, 6_000)] {
         store.append(&chat.id, &alice, &device, &format!("c{n}"), "{}", at).await.unwrap();
     }
@@ -422,7 +433,7 @@ async fn retention_purges_old_messages_and_says_how_far(store: Store) {
     assert_eq!(store.purge_before(1_000).await.unwrap(), 3);
     let kept: Vec<i64> = store.messages_after(&chat.id, &bob, 0, 10).await.unwrap().iter().map(|m| m.seq).collect();
     assert_eq!(kept, vec![4, 5]);
-    let bobs = store.add_device(&bob, "b").await.unwrap();
+    let bobs = store.add_device(&bob, "b").await.unwrap().device;
     assert_eq!(store.sync_one(&bob, &bobs, &chat.id).await.unwrap().purged_upto, 3);
     assert_eq!(store.sync_one(&alice, &device, &other.id).await.unwrap().purged_upto, 0, "untouched");
     assert_eq!(store.purge_before(1_000).await.unwrap(), 0);
@@ -456,8 +467,8 @@ async fn phone_codes_expire_and_lock(store: Store) {
 
 async fn a_reused_refresh_token_logs_the_device_out(store: Store) {
     let bob = user("bob");
-    let phone = store.add_device(&bob, "phone").await.unwrap();
-    let laptop = store.add_device(&bob, "laptop").await.unwrap();
+    let phone = store.add_device(&bob, "phone").await.unwrap().device;
+    let laptop = store.add_device(&bob, "laptop").await.unwrap().device;
     store.issue_refresh("p1", &bob, &phone, 1_000, 0).await.unwrap();
     store.issue_refresh("l1", &bob, &laptop, 1_000, 0).await.unwrap();
     let rotated = store.rotate_refresh("p1", "p2", 2_000, 10).await.unwrap();
@@ -482,8 +493,8 @@ async fn a_batch_commits_what_succeeds_and_refuses_the_rest(store: Store) {
 async fn batch_contract(store: Store) {
     let (alice, bob, eve) = (user("alice"), user("bob"), user("eve"));
     let chat = store.direct(&alice, &bob).await.unwrap();
-    let device = store.add_device(&alice, "a").await.unwrap();
-    let bobs = store.add_device(&bob, "b").await.unwrap();
+    let device = store.add_device(&alice, "a").await.unwrap().device;
+    let bobs = store.add_device(&bob, "b").await.unwrap().device;
     let append = |sender: &UserId, client_id: &str| Write::Append {
         conversation: chat.id,
         sender: sender.clone(),
@@ -543,7 +554,7 @@ async fn crossed_batches_do_not_deadlock(store: Store) {
     let (alice, bob, carol) = (user("alice"), user("bob"), user("carol"));
     let x = store.direct(&alice, &bob).await.unwrap().id;
     let y = store.direct(&alice, &carol).await.unwrap().id;
-    let device = store.add_device(&alice, "a").await.unwrap();
+    let device = store.add_device(&alice, "a").await.unwrap().device;
     let append = move |conversation, client_id: String| Write::Append {
         conversation,
         sender: user("alice"),

@@ -52,6 +52,19 @@ pub struct Session {
     pub expires_in: u64,
 }
 
+/// A linked device, as `GET /v1/devices` lists it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Device {
+    pub id: String,
+    pub name: String,
+    /// Unix ms.
+    pub created_at: i64,
+    /// Unix ms of its last sign-in, token refresh or connect.
+    pub last_seen: i64,
+    /// The device whose token asked.
+    pub current: bool,
+}
+
 /// A conversation as the API describes it.
 #[derive(Debug, Clone, Deserialize)]
 pub struct ConversationInfo {
@@ -158,6 +171,22 @@ impl Api {
     /// Links a device with an operator-minted user token (`courier token`).
     pub async fn link_device(&self, name: &str) -> Result<Session, Error> {
         self.call(self.http.post(self.url("/v1/devices")).json(&json!({"name": name}))).await
+    }
+
+    /// Links another device from a signed-in one: `code` is a fresh code that `request_code` sent
+    /// to the account's phone (a device's token alone cannot link devices).
+    pub async fn link_device_with_code(&self, name: &str, code: &str) -> Result<Session, Error> {
+        self.call(self.http.post(self.url("/v1/devices")).json(&json!({"name": name, "code": code}))).await
+    }
+
+    /// The account's linked devices.
+    pub async fn devices(&self) -> Result<Vec<Device>, Error> {
+        #[derive(Deserialize)]
+        struct Devices {
+            devices: Vec<Device>,
+        }
+        let answer: Devices = self.call(self.http.get(self.url("/v1/devices"))).await?;
+        Ok(answer.devices)
     }
 
     /// Logs a device out.

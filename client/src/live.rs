@@ -84,6 +84,14 @@ pub enum Event {
         code: String,
         message: String,
     },
+    /// Another device was linked to this account; `replaced` names one it logged out (the least
+    /// recently seen, past the device limit). An app shows it: a link the user did not make means
+    /// their account is in someone else's hands (unlink it with `Api::unlink_device`).
+    DeviceLinked {
+        device_id: String,
+        name: String,
+        replaced: Option<String>,
+    },
     /// The connection is up (again); replay follows.
     Connected,
     /// The connection dropped; the SDK reconnects unless the server refused the device.
@@ -96,13 +104,43 @@ pub enum Event {
 #[derive(Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 enum ServerFrame {
-    Sent { client_id: String, conversation: String, seq: i64, ts: i64 },
+    Sent {
+        client_id: String,
+        conversation: String,
+        seq: i64,
+        ts: i64,
+    },
     Message(Message),
-    Receipt { conversation: String, user: String, status: String, seq: i64 },
-    Typing { conversation: String, user: String },
-    Presence { user: String, online: bool, last_seen: i64 },
-    Expired { conversation: String, oldest_seq: i64 },
-    Error { code: String, message: String, client_id: Option<String> },
+    Receipt {
+        conversation: String,
+        user: String,
+        status: String,
+        seq: i64,
+    },
+    Typing {
+        conversation: String,
+        user: String,
+    },
+    Presence {
+        user: String,
+        online: bool,
+        last_seen: i64,
+    },
+    Expired {
+        conversation: String,
+        oldest_seq: i64,
+    },
+    Error {
+        code: String,
+        message: String,
+        client_id: Option<String>,
+    },
+    #[serde(rename = "device_linked")]
+    DeviceLinked {
+        device_id: String,
+        name: String,
+        replaced: Option<String>,
+    },
 }
 
 enum Command {
@@ -376,6 +414,9 @@ impl Worker {
             }
             ServerFrame::Typing { conversation, user } => Event::Typing { conversation, user },
             ServerFrame::Presence { user, online, last_seen } => Event::Presence { user, online, last_seen },
+            ServerFrame::DeviceLinked { device_id, name, replaced } => {
+                Event::DeviceLinked { device_id, name, replaced }
+            }
             ServerFrame::Expired { conversation, oldest_seq } => {
                 let cursor = self.cursors.entry(conversation.clone()).or_insert(0);
                 *cursor = (*cursor).max(oldest_seq - 1);

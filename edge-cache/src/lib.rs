@@ -23,6 +23,6 @@ pub use error::EdgeError;
 pub use fill::{Fill, Filler};
 pub use memory::MemoryTier;
 pub use metrics::{Metrics, Tier};
-pub use serve::{Backend, BlobService, router};
+pub use serve::{Backend, BlobService, metrics_text, router};
 pub use store::{BlobStore, Namespace, ObjectStoreAt, Stored};
 pub use upstream::{Upstream, UpstreamError};

@@ -1,5 +1,5 @@
 //! `GET /b/{blob}?exp=…&sig=…`: signed, immutable, range-aware blob serving, for the origin (over its
-//! blob store) and for edge nodes (memory, disk, then a verified upstream fill). Also `/metrics` and,
+//! blob store) and for edge nodes (memory, disk, then a verified upstream fill). Also the text of `/metrics` and,
 //! on edges with an admin token, `DELETE /admin/blobs/{blob}`.
 
 use std::borrow::Cow;
@@ -103,7 +103,7 @@ impl BlobService {
             memory,
             backend,
             metrics,
-            admin_token: admin_token.map(|t| blake3::hash(t.trim().as_bytes())),
+            admin_token: admin_token.map(str::trim).filter(|t| !t.is_empty()).map(|t| blake3::hash(t.as_bytes())),
             cache_status,
         }
     }
@@ -132,11 +132,7 @@ impl BlobService {
 }
 
 pub fn router(service: Arc<BlobService>) -> Router {
-    Router::new()
-        .route("/b/{blob}", get(serve_blob))
-        .route("/admin/blobs/{blob}", delete(purge))
-        .route("/metrics", get(metrics))
-        .with_state(service)
+    Router::new().route("/b/{blob}", get(serve_blob)).route("/admin/blobs/{blob}", delete(purge)).with_state(service)
 }
 
 async fn serve_blob(State(svc): State<Arc<BlobService>>, request: Request) -> Response {
@@ -384,7 +380,10 @@ async fn purge(
     headers: HeaderMap,
 ) -> Result<StatusCode, EdgeError> {
     let Some(expected) = svc.admin_token else { return Err(EdgeError::NotFound) };
-    let given = headers.get(header::AUTHORIZATION).and_then(|v| types::bearer_token(v.to_str().ok()?));
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| types::bearer_token(v.to_str().ok()?))
+        .filter(|t| !t.trim().is_empty());
     // Comparing hashes keeps the comparison constant-time (blake3::Hash's Eq is).
     if given.map(|t| blake3::hash(t.as_bytes())) != Some(expected) {
         return Err(EdgeError::Unauthorized);
@@ -399,7 +398,8 @@ async fn purge(
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn metrics(State(svc): State<Arc<BlobService>>) -> Response {
+/// The Prometheus text of blob serving (`courier_blob_*`), for the server's `/metrics`.
+pub async fn metrics_text(svc: &BlobService) -> String {
     svc.metrics.set_tier_bytes(Tier::Memory, svc.memory.weighted_size());
     if let Backend::Edge { disk, .. } = &svc.backend {
         let disk = disk.clone();
@@ -407,8 +407,7 @@ async fn metrics(State(svc): State<Arc<BlobService>>) -> Response {
             svc.metrics.set_tier_bytes(Tier::Disk, bytes);
         }
     }
-    let body = svc.metrics.render();
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body).into_response()
+    svc.metrics.render()
 }
 
 fn common_headers(h: &mut HeaderMap, etag: HeaderValue) {

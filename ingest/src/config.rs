@@ -11,7 +11,8 @@ pub struct IngestConfig {
     pub max_upload_bytes: u64,
     /// Largest width × height of an image, checked from its header.
     pub max_pixels: u64,
-    /// Uploads streaming in at once; more get 503.
+    /// Uploads streaming in at once, all users together; more get 503 (each user has a share of
+    /// its own in `quota.uploads_at_once`).
     pub max_concurrent_uploads: usize,
     /// Jobs waiting or running before uploads get 503 with Retry-After.
     pub max_queued_jobs: u64,
@@ -22,6 +23,8 @@ pub struct IngestConfig {
     pub job: JobConfig,
     pub audio: AudioConfig,
     pub video: VideoConfig,
+    /// What one user may hold: uploads at once, jobs waiting, bytes a day and in all.
+    pub quota: crate::QuotaConfig,
 }
 
 impl Default for IngestConfig {
@@ -36,6 +39,7 @@ impl Default for IngestConfig {
             job: JobConfig::default(),
             audio: AudioConfig::default(),
             video: VideoConfig::default(),
+            quota: crate::QuotaConfig::default(),
         }
     }
 }

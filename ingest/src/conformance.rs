@@ -8,7 +8,7 @@ use types::{BlobId, MediaId, MediaKind, MediaStatus, UserId, VariantName};
 
 use crate::queue::{JobQueue, Lane};
 use crate::records::MediaRecords;
-use crate::store::{Deleted, NewMedia, Store};
+use crate::store::{Deleted, NewMedia, Store, Usage};
 use crate::view::{JobResult, StoredVariant};
 use crate::{Clock, JobConfig};
 
@@ -93,6 +93,7 @@ on_both!(
     a_refused_upload_is_forgotten,
     concurrent_claims_take_each_job_once,
     an_old_claim_never_speaks_for_a_new_job,
+    usage_counts_a_users_bytes_by_day_and_in_all,
 );
 
 fn alice() -> UserId {
@@ -304,4 +305,33 @@ async fn an_old_claim_never_speaks_for_a_new_job(t: Tables) {
     assert_eq!(status(&t, &blob).await, (MediaStatus::Processing, false));
     assert!(t.queue.heartbeat(&new, None).await.unwrap());
     assert!(t.queue.complete(&new, &JobResult::default()).await.unwrap());
+}
+
+async fn usage_counts_a_users_bytes_by_day_and_in_all(t: Tables) {
+    let (alice, bob): (UserId, UserId) = (alice(), "bob".parse().unwrap());
+    let usage = |user: UserId| {
+        let (records, now) = (&t.records, t.clock.now_ms());
+        async move { records.usage(&user, now).await.unwrap() }
+    };
+    assert_eq!(usage(alice.clone()).await, Usage::default());
+    let (first, _) = upload_as(&t, &alice, b"first upload", MediaKind::Image).await; // 12 bytes
+    upload_as(&t, &alice, b"second", MediaKind::Image).await; // 6 bytes
+    upload_as(&t, &bob, b"bob's", MediaKind::Image).await;
+    assert_eq!(usage(alice.clone()).await, Usage { stored_bytes: 18, bytes_today: 18, queued_jobs: 2 });
+    assert_eq!(usage(bob.clone()).await, Usage { stored_bytes: 5, bytes_today: 5, queued_jobs: 1 });
+
+    // Deleting frees what is stored, not the day's count.
+    t.records.delete(first, &alice).await.unwrap();
+    assert_eq!(usage(alice.clone()).await, Usage { stored_bytes: 6, bytes_today: 18, queued_jobs: 1 });
+    // A refused upload takes its bytes back.
+    let (refused, blob) = upload_as(&t, &alice, b"refused!", MediaKind::Image).await;
+    assert_eq!(usage(alice.clone()).await.bytes_today, 26);
+    t.records.forget_upload(refused, &blob).await.unwrap();
+    assert_eq!(usage(alice.clone()).await, Usage { stored_bytes: 6, bytes_today: 18, queued_jobs: 1 });
+
+    // A day later the count starts again; what is stored stays.
+    t.clock.advance(crate::store::DAY_MS);
+    assert_eq!(usage(alice.clone()).await, Usage { stored_bytes: 6, bytes_today: 0, queued_jobs: 0 });
+    upload_as(&t, &alice, b"next day", MediaKind::Image).await;
+    assert_eq!(usage(alice).await, Usage { stored_bytes: 14, bytes_today: 8, queued_jobs: 1 });
 }

@@ -29,6 +29,9 @@ pub enum IngestError {
     QueueFull,
     #[error("too many uploads at once; try again later")]
     TooManyUploads,
+    /// Over one of the user's quotas.
+    #[error("{}", .0.message)]
+    Quota(crate::QuotaExceeded),
     #[error("the upload was interrupted: {0}")]
     Interrupted(String),
     #[error("no such media")]
@@ -60,6 +63,8 @@ impl IngestError {
             IngestError::Rejected(e) if e.code == "unsupported_media_type" => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             IngestError::Rejected(_) => StatusCode::UNPROCESSABLE_ENTITY,
             IngestError::QueueFull | IngestError::TooManyUploads => StatusCode::SERVICE_UNAVAILABLE,
+            IngestError::Quota(q) if q.retry_after.is_some() => StatusCode::TOO_MANY_REQUESTS,
+            IngestError::Quota(_) => StatusCode::PAYLOAD_TOO_LARGE,
             IngestError::Interrupted(_) => StatusCode::BAD_REQUEST,
             IngestError::NotFound => StatusCode::NOT_FOUND,
             IngestError::Database(_) | IngestError::Storage(_) | IngestError::Io(_) => {
@@ -78,6 +83,7 @@ impl IngestError {
             IngestError::Rejected(e) => &e.code,
             IngestError::QueueFull => "queue_full",
             IngestError::TooManyUploads => "too_many_uploads",
+            IngestError::Quota(_) => "quota_exceeded",
             IngestError::Interrupted(_) => "upload_interrupted",
             IngestError::NotFound => "not_found",
             IngestError::Database(_) | IngestError::Storage(_) | IngestError::Io(_) => "internal",
@@ -101,6 +107,9 @@ impl IntoResponse for IngestError {
         let mut response = (status, Json(ErrorBody::new(self.code(), message))).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        }
+        if let IngestError::Quota(crate::QuotaExceeded { retry_after: Some(secs), .. }) = &self {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(*secs));
         }
         response
     }

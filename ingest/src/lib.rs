@@ -12,12 +12,15 @@
 //!
 //! Routes expect the caller's [`types::UserId`] in the request extensions (the server's auth layer
 //! puts it there). This crate owns the `media`, `jobs` and `media_grants` tables, on SQLite or
-//! PostgreSQL ([`Store`]), and must never touch another crate's tables.
+//! PostgreSQL ([`Store`]), and `upload_days` (the daily quota), and must never touch another crate's
+//! tables. Per-user quotas (uploads at once, jobs waiting, bytes a day and in all) and `GET
+//! /v1/limits` are in `quota`.
 
 mod clock;
 mod config;
 mod error;
 mod queue;
+mod quota;
 mod records;
 mod routes;
 mod runner;
@@ -35,9 +38,10 @@ pub use clock::Clock;
 pub use config::{AudioConfig, IngestConfig, JobConfig, VideoConfig};
 pub use error::IngestError;
 pub use queue::JobQueue;
+pub use quota::{QuotaConfig, QuotaExceeded};
 pub use runner::Runner;
 pub use spool::discard_body;
-pub use store::Store;
+pub use store::{Store, Usage};
 pub use view::{MediaView, VariantView};
 
 use edge_cache::BlobStore;
@@ -56,6 +60,10 @@ pub struct Ingest {
     workers: Workers,
     tmp_dir: PathBuf,
     uploads: Semaphore,
+    /// Uploads streaming in per user, for their `uploads_at_once` quota.
+    user_uploads: quota::UploadsAtOnce,
+    /// What quotas go by (the queue and records keep their own copy).
+    clock: Clock,
     /// Wake the runner's lanes when a job is queued.
     quick_queued: Notify,
     video_queued: Notify,
@@ -83,8 +91,10 @@ impl Ingest {
         let (job_done, _) = broadcast::channel(1024);
         Ok(Arc::new(Self {
             uploads: Semaphore::new(config.max_concurrent_uploads),
+            user_uploads: quota::UploadsAtOnce::default(),
             queue: JobQueue::new(store.clone(), config.job.clone(), clock.clone()),
-            records: records::MediaRecords::new(store, clock),
+            records: records::MediaRecords::new(store, clock.clone()),
+            clock,
             config,
             originals,
             variants,

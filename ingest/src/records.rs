@@ -1,9 +1,10 @@
-//! Media records: an upload's row with its job, who may read it, and taking it back.
+//! Media records: an upload's row with its job, who may read it, taking it back, and what each
+//! user's records add up to for their quotas.
 
 use types::{BlobId, MediaId, UserId};
 
 use crate::Clock;
-use crate::store::{Deleted, MediaRow, NewMedia, Store};
+use crate::store::{Deleted, MediaRow, NewMedia, Store, Usage};
 
 /// The `media` and `media_grants` tables.
 #[derive(Debug, Clone)]
@@ -21,6 +22,11 @@ impl MediaRecords {
     /// reused; one that failed for a reason a retry might fix is queued again.
     pub(crate) async fn record_upload(&self, media: NewMedia<'_>) -> Result<(), sqlx::Error> {
         self.store.record_upload(&media, self.clock.now_ms()).await
+    }
+
+    /// What `owner` has used of their quotas at `now_ms`.
+    pub(crate) async fn usage(&self, owner: &UserId, now_ms: i64) -> Result<Usage, sqlx::Error> {
+        self.store.usage(owner, now_ms).await
     }
 
     /// Undoes an upload whose bytes turned out to be unusable. Returns whether nothing refers to

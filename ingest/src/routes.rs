@@ -17,10 +17,14 @@ use types::{MediaId, MediaStatus, UserId};
 use crate::queue::Lane;
 use crate::store::{Deleted, JobState, NewMedia};
 use crate::view::{MediaParts, url_expiry};
-use crate::{Ingest, IngestError, MediaView, spool};
+use crate::{Ingest, IngestError, MediaView, quota, spool};
 
 pub(crate) fn router(ingest: Arc<Ingest>) -> Router {
-    Router::new().route("/v1/media", post(upload)).route("/v1/media/{id}", get(show).delete(delete)).with_state(ingest)
+    Router::new()
+        .route("/v1/media", post(upload))
+        .route("/v1/media/{id}", get(show).delete(delete))
+        .route("/v1/limits", get(crate::quota::limits))
+        .with_state(ingest)
 }
 
 async fn upload(
@@ -58,12 +62,21 @@ async fn accept(
     if declared_len.is_some_and(|len| len > max_bytes) {
         return Err(IngestError::TooLarge { limit: max_bytes });
     }
+    // The user's own share first, so one over it takes none of the shared slots.
+    let user_slot = ingest.user_uploads.take(user, config.quota.uploads_at_once)?;
+    let now = ingest.clock.now_ms();
+    let usage = ingest.records.usage(user, now).await?;
+    quota::check(&config.quota, &usage, declared_len, now)?;
     let slot = ingest.uploads.try_acquire().map_err(|_| IngestError::TooManyUploads)?;
     if ingest.queue.queued().await? >= config.max_queued_jobs {
         return Err(IngestError::QueueFull);
     }
 
     let spooled = spool::receive(body, &ingest.tmp_dir, max_bytes, media_type).await?;
+    // A body without a Content-Length is held to the quotas now that its length is known.
+    if declared_len.is_none() {
+        quota::check(&config.quota, &usage, Some(spooled.len), now)?;
+    }
 
     // The headers alone say how large the picture is or how long the sound: refuse a pixel bomb or
     // an hour-long "voice note" before decoding anything. A sandboxed worker reads them; this
@@ -102,7 +115,7 @@ async fn accept(
     }
     ingest.queued(Lane::of(kind)).notify_one();
     // The body is in; waiting for the transcode holds no upload slot.
-    drop(slot);
+    drop((slot, user_slot));
 
     // Photos and voice notes take a fraction of a second: wait a little so most uploads answer
     // `ready`, and so bytes that cannot be decoded are refused here rather than reported later

@@ -45,44 +45,103 @@ pub(crate) struct Config {
     pub(crate) auth: chat_core::AuthConfig,
 }
 
-/// Connection limits, shared by `serve` and `edge`.
+/// Connection limits, shared by `serve`, `edge` and `worker`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct HttpConfig {
-    /// Seconds a client gets to send a request's headers (or finish a TLS handshake). Default 10.
+    /// Seconds from accepting a connection (TLS handshake included) to its first request's
+    /// headers, and for each later request's headers once they begin. Default 10.
     pub(crate) header_read_timeout_secs: u64,
+    /// Seconds a connection may sit with no request in flight before it is closed. Default 60.
+    pub(crate) idle_timeout_secs: u64,
+    /// Seconds a response may wait on a client that is not reading it. Default 60.
+    pub(crate) stalled_write_timeout_secs: u64,
+    /// Bytes a second a request body must keep up while the server waits for it, measured over
+    /// `body_rate_window_secs`; below it the request gets 408 and its upload slot is freed.
+    /// 0 turns the check off. Default 1024.
+    pub(crate) min_body_rate: u64,
+    /// Seconds the body rate is measured over. Default 10.
+    pub(crate) body_rate_window_secs: u64,
+    /// Seconds between HTTP/2 PINGs to a quiet peer; one not answered within as long again
+    /// closes the connection. Default 20.
+    pub(crate) keep_alive_interval_secs: u64,
+    /// Open connections in all; past it a new one is closed at accept. 0: the open-file limit less
+    /// a tenth (at least 256) kept for the database, blob files and workers. Default 0.
+    pub(crate) max_connections: usize,
+    /// Open connections from one client address (an IPv6 /64 counts as one); 0: no cap.
+    /// Default 256 (carrier-grade NAT puts many phones behind one IPv4 address).
+    pub(crate) max_connections_per_address: usize,
+    /// Networks of the load balancers and proxies in front (e.g. `["10.0.0.0/8"]`): their
+    /// connections are not held to the per-address cap. Default: none.
+    pub(crate) trusted_proxies: Vec<ipnet::IpNet>,
     /// Largest request head, in bytes. Default 65536.
     pub(crate) max_header_bytes: usize,
     /// HTTP/1 requests per connection before it is closed. Default 10000.
     pub(crate) max_requests_per_connection: u64,
     /// Concurrent HTTP/2 streams per connection. Default 256.
     pub(crate) max_concurrent_streams: u32,
+    /// Serve `/metrics` on this address only, rather than beside the API. Default: unset.
+    pub(crate) metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         Self {
             header_read_timeout_secs: 10,
+            idle_timeout_secs: 60,
+            stalled_write_timeout_secs: 60,
+            min_body_rate: 1024,
+            body_rate_window_secs: 10,
+            keep_alive_interval_secs: 20,
+            max_connections: 0,
+            max_connections_per_address: 256,
+            trusted_proxies: Vec::new(),
             max_header_bytes: 64 * 1024,
             max_requests_per_connection: 10_000,
             max_concurrent_streams: 256,
+            metrics_listen: None,
         }
     }
 }
 
 impl HttpConfig {
+    /// The listener's options, with connection caps sized against `fd_limit`, this process's
+    /// open-file limit.
     pub(crate) fn options(
         &self,
         tls: Option<std::sync::Arc<rustls::ServerConfig>>,
         grace_secs: u64,
+        fd_limit: u64,
     ) -> crate::listener::HttpOptions {
+        use std::time::Duration;
+        let secs = |s: u64| Duration::from_secs(s.max(1));
+        let fd_limit = usize::try_from(fd_limit).unwrap_or(usize::MAX);
+        let max_connections = match self.max_connections {
+            0 => fd_limit.saturating_sub((fd_limit / 10).max(256)).max(1),
+            n => n,
+        };
+        let limits = crate::connections::Limits {
+            max_connections,
+            max_per_address: self.max_connections_per_address,
+            trusted_proxies: self.trusted_proxies.clone(),
+            first_request: secs(self.header_read_timeout_secs),
+            idle: secs(self.idle_timeout_secs),
+            stalled_write: secs(self.stalled_write_timeout_secs),
+            min_body_rate: self.min_body_rate,
+            body_rate_window: secs(self.body_rate_window_secs),
+        };
         crate::listener::HttpOptions {
-            header_read_timeout: std::time::Duration::from_secs(self.header_read_timeout_secs),
+            header_read_timeout: secs(self.header_read_timeout_secs),
             max_header_bytes: self.max_header_bytes,
             max_requests_per_connection: self.max_requests_per_connection.max(1),
             max_concurrent_streams: self.max_concurrent_streams,
+            keep_alive_interval: secs(self.keep_alive_interval_secs),
+            keep_alive_timeout: secs(self.keep_alive_interval_secs),
+            max_pending_accept_reset_streams: 20,
+            max_local_error_reset_streams: 1024,
             tls,
-            grace: std::time::Duration::from_secs(grace_secs),
+            grace: Duration::from_secs(grace_secs),
+            connections: crate::connections::Connections::new(limits),
         }
     }
 }

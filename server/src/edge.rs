@@ -37,7 +37,7 @@ pub(crate) struct EdgeConfig {
     pub(crate) open_files: u64,
     /// A copy of the origin's `url-signing.key`. Required.
     pub(crate) url_key: Option<PathBuf>,
-    /// Bearer token for `DELETE /admin/blobs/{blob}`; purging is off without one.
+    /// Bearer token for `DELETE /admin/blobs/{blob}`, at least 16 characters; purging is off without one.
     pub(crate) admin_token: Option<String>,
     /// Seconds to connect to an upstream and get its response headers, and the longest pause
     /// within a body. Default 10.
@@ -108,6 +108,9 @@ impl EdgeConfig {
     }
 }
 
+/// The shortest purge token `courier edge` starts with.
+const MIN_ADMIN_TOKEN_CHARS: usize = 16;
+
 pub(crate) async fn run(config: EdgeConfig) -> anyhow::Result<()> {
     anyhow::ensure!(!config.upstream.is_empty(), "give at least one --upstream");
     let key_path = config.url_key.as_ref().context("give --url-key: a copy of the origin's url-signing.key")?;
@@ -116,6 +119,13 @@ pub(crate) async fn run(config: EdgeConfig) -> anyhow::Result<()> {
         .parse()
         .with_context(|| format!("{} is not a key file", key_path.display()))?;
     let signer = UrlSigner::new(&key);
+    if let Some(token) = &config.admin_token {
+        anyhow::ensure!(
+            token.trim().len() >= MIN_ADMIN_TOKEN_CHARS,
+            "admin_token must be at least {MIN_ADMIN_TOKEN_CHARS} characters (make one with `openssl rand -hex 32`): \
+             an empty or short token would let anyone who guesses it purge this edge"
+        );
+    }
     let tls = match (&config.tls_cert, &config.tls_key) {
         (Some(cert), Some(key)) => Some(listener::tls_config(cert, key)?),
         (None, None) => None,
@@ -155,9 +165,18 @@ pub(crate) async fn run(config: EdgeConfig) -> anyhow::Result<()> {
         config.admin_token.as_deref(),
     ));
 
-    let app = listener::with_common_layers(
-        Router::new().route("/healthz", get(|| async { "ok\n" })).merge(edge_cache::router(service.clone())),
+    let options = config.http.options(tls, config.shutdown_grace_secs, fd_limit);
+    let (connections, metric_service) = (options.connections.clone(), service.clone());
+    let metrics = Router::new().route(
+        "/metrics",
+        get(move || {
+            let (service, connections) = (metric_service.clone(), connections.clone());
+            async move { listener::metrics_response([edge_cache::metrics_text(&service).await, connections.render()]) }
+        }),
     );
+    let app = Router::new().route("/healthz", get(|| async { "ok\n" })).merge(edge_cache::router(service.clone()));
+    let app =
+        listener::with_common_layers(listener::with_metrics(app, metrics, config.http.metrics_listen, &options).await?);
     let threads = match config.http_threads {
         0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         n => n,
@@ -165,14 +184,13 @@ pub(crate) async fn run(config: EdgeConfig) -> anyhow::Result<()> {
     let sockets =
         listener::bind_reuseport(config.listen, threads).with_context(|| format!("binding {}", config.listen))?;
     let addr = sockets[0].local_addr()?;
-    let scheme = if tls.is_some() { "https" } else { "http" };
+    let scheme = if options.tls.is_some() { "https" } else { "http" };
     let (used, count) = disk.usage();
     tracing::info!(%addr, threads, upstreams = ?config.upstream, disk_blobs = count, disk_bytes = used, "courier edge serving");
     #[allow(clippy::print_stdout, reason = "the address, for whoever started the node")]
     {
         println!("courier edge listening on {scheme}://{addr}");
     }
-    let options = config.http.options(tls, config.shutdown_grace_secs);
     listener::serve_per_core(sockets, app, Some(service), options, listener::shutdown_signal()).await?;
     tracing::info!("edge stopped");
     Ok(())

@@ -1,21 +1,25 @@
-//! The HTTP server loop: HTTP/1.1 and HTTP/2 (ALPN over TLS, or prior knowledge in clear), with a
-//! header read timeout against slowloris, bounded header size, a cap on requests per connection,
-//! and a graceful drain on shutdown.
+//! The HTTP server loop: HTTP/1.1 and HTTP/2 (ALPN over TLS, or prior knowledge in clear), with
+//! the connection rules of [`crate::connections`] (caps, a first-request deadline, idle and
+//! stalled-write cuts, a minimum body rate), bounded header size, a cap on requests per
+//! connection, HTTP/2 keep-alive pings and reset-flood limits, and a graceful drain on shutdown.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::Router;
-use axum::http::{HeaderValue, Request, Version, header};
+use axum::http::{HeaderValue, Request, StatusCode, Version, header};
+use axum::response::IntoResponse;
 use edge_cache::BlobService;
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tower::ServiceExt;
+
+use crate::connections::{Activity, Connections, MinRate, Tracked, Watched};
 
 /// Connection-level limits.
 #[derive(Debug, Clone)]
@@ -24,8 +28,17 @@ pub(crate) struct HttpOptions {
     pub(crate) max_header_bytes: usize,
     pub(crate) max_requests_per_connection: u64,
     pub(crate) max_concurrent_streams: u32,
+    /// HTTP/2 PING interval; a peer that does not answer one within `keep_alive_timeout` is dropped.
+    pub(crate) keep_alive_interval: Duration,
+    pub(crate) keep_alive_timeout: Duration,
+    /// HTTP/2 streams a client may reset before the server has taken them (rapid reset), and streams
+    /// the server may reset for a client's protocol errors, before the connection gets a GOAWAY.
+    pub(crate) max_pending_accept_reset_streams: usize,
+    pub(crate) max_local_error_reset_streams: usize,
     pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
     pub(crate) grace: Duration,
+    /// The caps and deadlines every connection is held to, shared by the listeners that use them.
+    pub(crate) connections: Arc<Connections>,
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then lets open connections finish their
@@ -49,10 +62,18 @@ pub(crate) async fn serve(
         .header_read_timeout(options.header_read_timeout)
         .max_buf_size(options.max_header_bytes.max(8192))
         .keep_alive(true);
-    builder.http2().timer(TokioTimer::new()).max_concurrent_streams(options.max_concurrent_streams);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(options.max_concurrent_streams)
+        .keep_alive_interval(options.keep_alive_interval)
+        .keep_alive_timeout(options.keep_alive_timeout)
+        .max_pending_accept_reset_streams(options.max_pending_accept_reset_streams)
+        .max_local_error_reset_streams(options.max_local_error_reset_streams);
     let builder = Arc::new(builder);
     let acceptor = options.tls.clone().map(tokio_rustls::TlsAcceptor::from);
-    let graceful = GracefulShutdown::new();
+    // Fires at shutdown; each connection holds a receiver, so `closed()` means all have ended.
+    let (drain, draining) = tokio::sync::watch::channel(());
     let request_ids = SequentialRequestId::default();
     tokio::pin!(shutdown);
     loop {
@@ -68,48 +89,79 @@ pub(crate) async fn serve(
             },
             _ = &mut shutdown => break,
         };
+        // Over a cap, the connection is closed at once: it costs an accept, nothing more.
+        let admitted = match options.connections.admit(peer) {
+            Ok(admitted) => admitted,
+            Err(cap) => {
+                tracing::debug!(%peer, cap, "connection refused: over the cap");
+                continue;
+            }
+        };
+        let connections = admitted.connections().clone();
         let _ = stream.set_nodelay(true);
+        let activity = Activity::new();
         // After this many HTTP/1 requests the response says `Connection: close`, so one client
         // cannot hold a connection forever.
         let max_requests = options.max_requests_per_connection;
         let served = Arc::new(AtomicU64::new(0));
         let (app, blobs, request_ids) = (app.clone(), blobs.clone(), request_ids.clone());
+        let (service_activity, service_connections) = (activity.clone(), connections.clone());
         let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+            let in_flight = service_activity.begin();
             let n = served.fetch_add(1, Ordering::Relaxed) + 1;
             // Only what this request's path needs is cloned: each clone of a shared `Arc` is a
             // write to a cache line the other threads also write.
             let route = match &blobs {
                 Some(blobs) if BlobService::serves(request.method(), request.uri().path()) => {
-                    Route::Blob(blobs.clone(), request_ids.clone())
+                    Route::Blob(blobs.clone(), request_ids.clone(), request)
                 }
-                _ => Route::App(app.clone()),
+                _ => {
+                    let limits = service_connections.limits();
+                    let (request, too_slow) = if limits.min_body_rate > 0 && !request.body().is_end_stream() {
+                        let tripped = Arc::new(AtomicBool::new(false));
+                        let (parts, body) = request.into_parts();
+                        let body = MinRate::new(body, limits, tripped.clone());
+                        (Request::from_parts(parts, axum::body::Body::new(body)), Some(tripped))
+                    } else {
+                        (request.map(axum::body::Body::new), None)
+                    };
+                    Route::App(app.clone(), request, too_slow, service_connections.clone())
+                }
             };
             async move {
-                let http1 = matches!(request.version(), Version::HTTP_10 | Version::HTTP_11);
+                let http1 = route.version().is_some_and(|v| matches!(v, Version::HTTP_10 | Version::HTTP_11));
                 let mut response = match route {
-                    Route::Blob(blobs, request_ids) => answer_blob(&blobs, &request, &request_ids).await,
-                    Route::App(app) => {
-                        let mut request = request.map(axum::body::Body::new);
+                    Route::Blob(blobs, request_ids, request) => answer_blob(&blobs, &request, &request_ids).await,
+                    Route::App(app, mut request, too_slow, connections) => {
                         request.extensions_mut().insert(axum::extract::ConnectInfo(peer));
-                        app.oneshot(request).await?
+                        let response = app.oneshot(request).await?;
+                        match too_slow {
+                            Some(tripped) if tripped.load(Ordering::Acquire) => {
+                                connections.count_cut("slow_body");
+                                body_too_slow(connections.limits().min_body_rate)
+                            }
+                            _ => response,
+                        }
                     }
                 };
-                if http1 && n >= max_requests {
+                if http1 && (n >= max_requests || response.status() == StatusCode::REQUEST_TIMEOUT) {
                     response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
                 }
-                Ok::<_, std::convert::Infallible>(response)
+                Ok::<_, std::convert::Infallible>(response.map(|body| Tracked::new(body, in_flight)))
             }
         });
         let builder = builder.clone();
-        let watcher = graceful.watcher();
+        let draining = draining.clone();
         let acceptor = acceptor.clone();
         let handshake_timeout = options.header_read_timeout;
+        // The socket carries the connection's place under the caps: an upgraded WebSocket keeps it
+        // until it closes.
+        let stream = Watched::new(stream, activity.clone(), admitted);
         tokio::spawn(async move {
             let result = match acceptor {
                 None => {
-                    watcher
-                        .watch(builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned())
-                        .await
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    supervise(conn, |c| c.graceful_shutdown(), &activity, &connections, draining).await
                 }
                 Some(acceptor) => {
                     let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
@@ -117,7 +169,8 @@ pub(crate) async fn serve(
                         Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
                     };
-                    watcher.watch(builder.serve_connection_with_upgrades(TokioIo::new(tls), service).into_owned()).await
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+                    supervise(conn, |c| c.graceful_shutdown(), &activity, &connections, draining).await
                 }
             };
             if let Err(e) = result {
@@ -125,16 +178,84 @@ pub(crate) async fn serve(
             }
         });
     }
-    drop(listener);
-    if tokio::time::timeout(options.grace, graceful.shutdown()).await.is_err() {
+    drop((listener, draining));
+    let _ = drain.send(());
+    if tokio::time::timeout(options.grace, drain.closed()).await.is_err() {
         tracing::warn!("connections still open after {:?}; closing them", options.grace);
     }
 }
 
-/// Where one request goes.
+/// Where one request goes, with what it needs there.
 enum Route {
-    Blob(Arc<BlobService>, SequentialRequestId),
-    App(Router),
+    Blob(Arc<BlobService>, SequentialRequestId, Request<Incoming>),
+    /// The request, and the flag its body sets when it is cut for being too slow.
+    App(Router, Request<axum::body::Body>, Option<Arc<AtomicBool>>, Arc<Connections>),
+}
+
+impl Route {
+    fn version(&self) -> Option<Version> {
+        match self {
+            Route::Blob(_, _, request) => Some(request.version()),
+            Route::App(_, request, _, _) => Some(request.version()),
+        }
+    }
+}
+
+/// Runs a connection until it ends. An idle connection, or every connection once `drain` fires,
+/// is asked to close gracefully (HTTP/2: GOAWAY; HTTP/1: after the current response); one that
+/// has had no first request in time, or whose response the client stopped reading, is dropped.
+async fn supervise<F, E>(
+    conn: F,
+    close: impl Fn(Pin<&mut F>),
+    activity: &Activity,
+    connections: &Connections,
+    mut drain: tokio::sync::watch::Receiver<()>,
+) -> Result<(), E>
+where
+    F: Future<Output = Result<(), E>>,
+{
+    tokio::pin!(conn);
+    let mut closing = false;
+    loop {
+        let limits = connections.limits();
+        let next = match activity.check(limits) {
+            // Looked at again at least this often: a response that begins to stall while the
+            // connection waits out another deadline is still cut within twice the limit.
+            Ok(next) => next.min(tokio::time::Instant::now() + limits.stalled_write),
+            Err("idle") if !closing => {
+                connections.count_cut("idle");
+                close(conn.as_mut());
+                closing = true;
+                // Closed from here on unless a request slipped in before the GOAWAY; still idle
+                // after this long, it is dropped.
+                tokio::time::Instant::now() + CLOSE_GRACE
+            }
+            Err(reason) => {
+                if !closing {
+                    connections.count_cut(reason);
+                }
+                tracing::debug!(reason, "dropping a connection");
+                return Ok(());
+            }
+        };
+        tokio::select! {
+            ended = conn.as_mut() => return ended,
+            _ = tokio::time::sleep_until(next) => {}
+            _ = drain.changed(), if !closing => {
+                close(conn.as_mut());
+                closing = true;
+            }
+        }
+    }
+}
+
+/// How long a connection asked to close gracefully while idle has to go.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// The answer to a request whose body came slower than `min_rate` bytes a second.
+fn body_too_slow(min_rate: u64) -> axum::response::Response {
+    let message = format!("the request body arrived slower than {min_rate} bytes a second; send it again");
+    (StatusCode::REQUEST_TIMEOUT, axum::Json(types::ErrorBody::new("request_timeout", message))).into_response()
 }
 
 /// A blob request answered without the router, with what the router's layers would have added.
@@ -298,6 +419,34 @@ pub(crate) fn with_common_layers(router: Router) -> Router {
                 )
                 .layer(PropagateRequestIdLayer::x_request_id()),
         )
+}
+
+/// A `/metrics` answer: Prometheus texts joined, each without its own closing `# EOF`.
+pub(crate) fn metrics_response(texts: impl IntoIterator<Item = String>) -> axum::response::Response {
+    let mut body = String::new();
+    for text in texts {
+        body.push_str(text.strip_suffix("# EOF\n").unwrap_or(&text));
+    }
+    body.push_str("# EOF\n");
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body).into_response()
+}
+
+/// Puts `metrics` (the `/metrics` route) beside `app`, or, with `metrics_listen`, on a listener
+/// of its own that only it answers on (so a private network can scrape what the public cannot).
+pub(crate) async fn with_metrics(
+    app: Router,
+    metrics: Router,
+    metrics_listen: Option<std::net::SocketAddr>,
+    options: &HttpOptions,
+) -> anyhow::Result<Router> {
+    use anyhow::Context;
+    let Some(addr) = metrics_listen else { return Ok(app.merge(metrics)) };
+    let socket = TcpListener::bind(addr).await.with_context(|| format!("binding {addr} for /metrics"))?;
+    tracing::info!(addr = %socket.local_addr()?, "serving /metrics");
+    let options = HttpOptions { tls: None, ..options.clone() };
+    // It lives as long as the process: a scrape needs no graceful drain.
+    tokio::spawn(serve(socket, with_common_layers(metrics), None, options, std::future::pending()));
+    Ok(app)
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -27,7 +27,7 @@ pub(crate) fn init_logging(log: &str, format: LogFormat) -> anyhow::Result<()> {
 }
 
 pub(crate) async fn serve(config: Config) -> anyhow::Result<()> {
-    listener::raise_open_file_limit();
+    let fd_limit = listener::raise_open_file_limit();
     let data_dir = &config.data_dir;
     let _lock = crate::secrets::lock_data_dir(data_dir)?;
     let (token_key, url_key) = config.keys()?;
@@ -103,13 +103,22 @@ pub(crate) async fn serve(config: Config) -> anyhow::Result<()> {
         .router()
         .merge(chat.user_routes)
         .route_layer(axum::middleware::from_fn_with_state(auth, auth::require_user));
-    let app = listener::with_common_layers(
-        Router::new()
-            .route("/healthz", get(|| async { "ok\n" }))
-            .merge(edge_cache::router(blobs))
-            .merge(chat.public_routes)
-            .merge(user_routes),
+    let options = config.http.options(None, config.shutdown_grace_secs, fd_limit);
+    let (connections, metric_blobs) = (options.connections.clone(), blobs.clone());
+    let metrics = Router::new().route(
+        "/metrics",
+        get(move || {
+            let (blobs, connections) = (metric_blobs.clone(), connections.clone());
+            async move { listener::metrics_response([edge_cache::metrics_text(&blobs).await, connections.render()]) }
+        }),
     );
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .merge(edge_cache::router(blobs))
+        .merge(chat.public_routes)
+        .merge(user_routes);
+    let app =
+        listener::with_common_layers(listener::with_metrics(app, metrics, config.http.metrics_listen, &options).await?);
 
     let socket =
         tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
@@ -121,7 +130,7 @@ pub(crate) async fn serve(config: Config) -> anyhow::Result<()> {
         listener::shutdown_signal().await;
         let _ = stop.send(true);
     };
-    listener::serve(socket, app, None, config.http.options(None, config.shutdown_grace_secs), shutdown).await;
+    listener::serve(socket, app, None, options, shutdown).await;
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     let _ = chat_tasks.await;
     if let Some(runner) = runner
@@ -188,7 +197,7 @@ fn warn_about_shared_setup(config: &Config, db: &ingest::Store) {
     if config.blobs.is_none() {
         tracing::warn!(
             blobs = %config.blobs(),
-            "the database is shared but blobs are in this node's folder: give every node the same --blobs              (s3://…, or a shared mount), or another node's jobs cannot find their originals"
+            "the database is shared but blobs are in this node's folder: give every node the same --blobs (s3://…, or a shared mount), or another node's jobs cannot find their originals"
         );
     }
 }

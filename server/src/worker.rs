@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::Context;
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use edge_cache::{BlobStore, Namespace};
@@ -23,6 +23,7 @@ use tokio::sync::watch;
 use types::{Secret, UrlSigner};
 
 use crate::config::Config;
+use crate::connections::Connections;
 use crate::{listener, serve};
 
 pub(crate) async fn run(config: Config, listen: Option<SocketAddr>) -> anyhow::Result<()> {
@@ -65,13 +66,13 @@ pub(crate) async fn run(config: Config, listen: Option<SocketAddr>) -> anyhow::R
     };
     match listen {
         Some(addr) => {
+            let options = config.http.options(None, config.shutdown_grace_secs, listener::raise_open_file_limit());
             let app = Router::new()
                 .route("/healthz", get(|| async { "ok\n" }))
                 .route("/metrics", get(metrics))
-                .with_state(ingest);
+                .with_state((ingest, options.connections.clone()));
             let socket = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
             announce(&format!("courier worker serving /healthz and /metrics on http://{}", socket.local_addr()?));
-            let options = config.http.options(None, config.shutdown_grace_secs);
             listener::serve(socket, listener::with_common_layers(app), None, options, shutdown).await;
         }
         None => {
@@ -92,7 +93,7 @@ fn announce(line: &str) {
 }
 
 /// Prometheus text: jobs waiting or running in the whole queue, and jobs running on this node.
-async fn metrics(State(ingest): State<Arc<Ingest>>) -> impl IntoResponse {
+async fn metrics(State((ingest, connections)): State<(Arc<Ingest>, Arc<Connections>)>) -> impl IntoResponse {
     let queued = match ingest.queue().queued().await {
         Ok(n) => n,
         Err(e) => {
@@ -109,8 +110,8 @@ async fn metrics(State(ingest): State<Arc<Ingest>>) -> impl IntoResponse {
     gauge(&mut registry, "courier_jobs_queued", "Jobs waiting or running, in the whole queue", queued);
     gauge(&mut registry, "courier_jobs_running", "Jobs running on this node", ingest.running_jobs() as u64);
     let mut text = String::new();
-    if prometheus_client::encoding::text::encode(&mut text, &registry).is_err() {
+    if prometheus_client::encoding::text::encode_registry(&mut text, &registry).is_err() {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     }
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text).into_response()
+    listener::metrics_response([text, connections.render()])
 }

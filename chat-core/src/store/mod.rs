@@ -27,6 +27,9 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 pub const MAX_CLIENT_ID_LEN: usize = 128;
 /// Most messages one history read returns.
 pub const MAX_PAGE: i64 = 500;
+/// Most bytes of bodies one history read returns (it always returns at least one message): 500
+/// full-size bodies would be 32 MiB held for one request.
+pub const MAX_PAGE_BYTES: usize = 1024 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConversationKind {
@@ -222,6 +225,25 @@ pub struct Contact {
     pub last_seen: i64,
 }
 
+/// A device linked to a user.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct DeviceInfo {
+    #[sqlx(rename = "device_id")]
+    pub id: DeviceId,
+    pub name: String,
+    /// Unix ms.
+    pub created_at: i64,
+    /// Unix ms of its last sign-in, refresh or connect; `None` if not seen since it was linked.
+    pub last_seen: Option<i64>,
+}
+
+/// A newly linked device, and the one it replaced when the user had [`MAX_DEVICES`] already.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Linked {
+    pub device: DeviceId,
+    pub replaced: Option<DeviceId>,
+}
+
 /// A notification waiting in the push outbox: `user` has unseen messages in `conversation` up to `seq`.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct PendingPush {
@@ -244,8 +266,6 @@ pub enum StoreError {
     NotAdmin,
     #[error("a group holds at most {MAX_GROUP_MEMBERS} members")]
     TooManyMembers,
-    #[error("a user may link at most {MAX_DEVICES} devices")]
-    TooManyDevices,
     #[error("{0}")]
     Invalid(String),
     #[error("database: {0}")]
@@ -406,9 +426,25 @@ impl Store {
         }
     }
 
-    /// Registers a device for `user` (creating the user on first sight), up to [`MAX_DEVICES`].
-    pub async fn add_device(&self, user: &UserId, name: &str) -> Result<DeviceId, StoreError> {
+    /// Registers a device for `user` (creating the user on first sight). Past [`MAX_DEVICES`], the
+    /// least recently seen device is unlinked in the same transaction (its tokens and cursors go).
+    pub async fn add_device(&self, user: &UserId, name: &str) -> Result<Linked, StoreError> {
         each!(self, s => s.add_device(user, name, now_ms()).await)
+    }
+
+    /// `user`'s linked devices, oldest first.
+    pub async fn devices(&self, user: &UserId) -> Result<Vec<DeviceInfo>, StoreError> {
+        each!(self, s => s.devices(user).await)
+    }
+
+    /// Notes that `device` was seen now (a sign-in, a refresh, a WebSocket connect).
+    pub async fn device_seen(&self, user: &UserId, device: &DeviceId) -> Result<(), StoreError> {
+        each!(self, s => s.device_seen(user, device, now_ms()).await)
+    }
+
+    /// The phone number `user` signed in with, if they did.
+    pub async fn phone_of(&self, user: &UserId) -> Result<Option<String>, StoreError> {
+        each!(self, s => s.phone_of(user).await)
     }
 
     /// The one direct conversation of `a` and `b`, created the first time it is asked for.
@@ -468,7 +504,8 @@ impl Store {
         each!(self, s => s.conversations(user, device).await)
     }
 
-    /// Up to `limit` (at most [`MAX_PAGE`]) messages with seq greater than `after`, in seq order.
+    /// Up to `limit` (at most [`MAX_PAGE`]) messages with seq greater than `after`, in seq order,
+    /// stopping before the bodies pass [`MAX_PAGE_BYTES`]; the next page starts after the last.
     pub async fn messages_after(
         &self,
         conversation: &ConversationId,
@@ -476,7 +513,17 @@ impl Store {
         after: i64,
         limit: i64,
     ) -> Result<Vec<Message>, StoreError> {
-        each!(self, s => s.messages_after(conversation, user, after, limit.clamp(1, MAX_PAGE)).await)
+        let mut page = each!(self, s => s.messages_after(conversation, user, after, limit.clamp(1, MAX_PAGE)).await)?;
+        let mut bytes = 0;
+        let fits = page
+            .iter()
+            .position(|m| {
+                bytes += m.body.len() + m.client_id.len();
+                bytes > MAX_PAGE_BYTES
+            })
+            .unwrap_or(page.len());
+        page.truncate(fits.max(1));
+        Ok(page)
     }
 
     /// Whether `device` is one of `user`'s linked devices.

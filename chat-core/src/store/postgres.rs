@@ -9,9 +9,9 @@ use sqlx::{PgConnection, Postgres as Pg, Transaction};
 use types::{ConversationId, DeviceId, UserId};
 
 use super::{
-    Acked, Appended, Contact, Conversation, ConversationKind, ConversationSummary, Cursor, MAX_DEVICES,
-    MAX_GROUP_MEMBERS, Message, NewRefresh, PendingCode, PendingPush, Receipt, Role, Rotation, StoreError, SyncState,
-    Write, Written, check_message, newcomers, pair_key,
+    Acked, Appended, Contact, Conversation, ConversationKind, ConversationSummary, Cursor, DeviceInfo, Linked,
+    MAX_DEVICES, MAX_GROUP_MEMBERS, Message, NewRefresh, PendingCode, PendingPush, Receipt, Role, Rotation, StoreError,
+    SyncState, Write, Written, check_message, newcomers, pair_key,
 };
 
 /// Users come into being the first time they are named.
@@ -22,6 +22,18 @@ const ENSURE_USER: &str =
 const LOCK_USER: &str = "SELECT 1 FROM chat_users WHERE user_id = $1 FOR UPDATE";
 
 const COUNT_DEVICES: &str = "SELECT COUNT(*) FROM chat_devices WHERE user_id = $1";
+
+/// The device to replace when a user links one past the limit: the least recently seen.
+const LEAST_RECENT_DEVICE: &str = "
+    SELECT device_id FROM chat_devices WHERE user_id = $1
+     ORDER BY COALESCE(last_seen, created_at), created_at LIMIT 1";
+
+const DEVICES: &str =
+    "SELECT device_id, name, created_at, last_seen FROM chat_devices WHERE user_id = $1 ORDER BY created_at";
+
+const DEVICE_SEEN: &str = "UPDATE chat_devices SET last_seen = $3 WHERE user_id = $1 AND device_id = $2";
+
+const PHONE_OF: &str = "SELECT phone FROM chat_phones WHERE user_id = $1";
 
 const INSERT_DEVICE: &str = "INSERT INTO chat_devices (user_id, device_id, name, created_at) VALUES ($1, $2, $3, $4)";
 
@@ -290,18 +302,37 @@ impl Postgres {
             .collect())
     }
 
-    pub(super) async fn add_device(&self, user: &UserId, name: &str, now: i64) -> Result<DeviceId, StoreError> {
+    pub(super) async fn add_device(&self, user: &UserId, name: &str, now: i64) -> Result<Linked, StoreError> {
         let mut tx = self.db.begin().await?;
         sqlx::query(ENSURE_USER).bind(user).bind(now).execute(&mut *tx).await?;
+        // Two sign-ins at once count the devices one after the other.
         sqlx::query(LOCK_USER).bind(user).execute(&mut *tx).await?;
         let linked: i64 = sqlx::query_scalar(COUNT_DEVICES).bind(user).fetch_one(&mut *tx).await?;
+        let mut replaced = None;
         if linked >= MAX_DEVICES {
-            return Err(StoreError::TooManyDevices);
+            let oldest: DeviceId = sqlx::query_scalar(LEAST_RECENT_DEVICE).bind(user).fetch_one(&mut *tx).await?;
+            sqlx::query(DELETE_DEVICE).bind(user).bind(oldest).execute(&mut *tx).await?;
+            sqlx::query(DELETE_DEVICE_CURSORS).bind(user).bind(oldest).execute(&mut *tx).await?;
+            sqlx::query(DELETE_DEVICE_TOKENS).bind(user).bind(oldest).execute(&mut *tx).await?;
+            replaced = Some(oldest);
         }
         let device = DeviceId::new();
         sqlx::query(INSERT_DEVICE).bind(user).bind(device).bind(name).bind(now).execute(&mut *tx).await?;
         tx.commit().await?;
-        Ok(device)
+        Ok(Linked { device, replaced })
+    }
+
+    pub(super) async fn devices(&self, user: &UserId) -> Result<Vec<DeviceInfo>, StoreError> {
+        Ok(sqlx::query_as(DEVICES).bind(user).fetch_all(&self.db).await?)
+    }
+
+    pub(super) async fn device_seen(&self, user: &UserId, device: &DeviceId, now: i64) -> Result<(), StoreError> {
+        sqlx::query(DEVICE_SEEN).bind(user).bind(device).bind(now).execute(&self.db).await?;
+        Ok(())
+    }
+
+    pub(super) async fn phone_of(&self, user: &UserId) -> Result<Option<String>, StoreError> {
+        Ok(sqlx::query_scalar(PHONE_OF).bind(user).fetch_optional(&self.db).await?)
     }
 
     pub(super) async fn direct(&self, a: &UserId, b: &UserId, now: i64) -> Result<Conversation, StoreError> {

@@ -21,9 +21,9 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use types::{ConversationId, DeviceId, UserId};
 
 use super::{
-    Acked, Appended, Contact, Conversation, ConversationKind, ConversationSummary, Cursor, MAX_DEVICES,
-    MAX_GROUP_MEMBERS, Message, NewRefresh, PendingCode, PendingPush, Receipt, Role, Rotation, StoreError, SyncState,
-    Write, Written, check_message, newcomers, pair_key,
+    Acked, Appended, Contact, Conversation, ConversationKind, ConversationSummary, Cursor, DeviceInfo, Linked,
+    MAX_DEVICES, MAX_GROUP_MEMBERS, Message, NewRefresh, PendingCode, PendingPush, Receipt, Role, Rotation, StoreError,
+    SyncState, Write, Written, check_message, newcomers, pair_key,
 };
 
 /// Users come into being the first time they are named.
@@ -31,6 +31,18 @@ const ENSURE_USER: &str =
     "INSERT INTO chat_users (user_id, created_at) VALUES (?1, ?2) ON CONFLICT (user_id) DO NOTHING";
 
 const COUNT_DEVICES: &str = "SELECT COUNT(*) FROM chat_devices WHERE user_id = ?1";
+
+/// The device to replace when a user links one past the limit: the least recently seen.
+const LEAST_RECENT_DEVICE: &str = "
+    SELECT device_id FROM chat_devices WHERE user_id = ?1
+     ORDER BY COALESCE(last_seen, created_at), created_at LIMIT 1";
+
+const DEVICES: &str =
+    "SELECT device_id, name, created_at, last_seen FROM chat_devices WHERE user_id = ?1 ORDER BY created_at";
+
+const DEVICE_SEEN: &str = "UPDATE chat_devices SET last_seen = ?3 WHERE user_id = ?1 AND device_id = ?2";
+
+const PHONE_OF: &str = "SELECT phone FROM chat_phones WHERE user_id = ?1";
 
 const INSERT_DEVICE: &str = "INSERT INTO chat_devices (user_id, device_id, name, created_at) VALUES (?1, ?2, ?3, ?4)";
 
@@ -391,21 +403,59 @@ impl Sqlite {
         .await
     }
 
-    pub(super) async fn add_device(&self, user: &UserId, name: &str, now: i64) -> Result<DeviceId, StoreError> {
+    pub(super) async fn add_device(&self, user: &UserId, name: &str, now: i64) -> Result<Linked, StoreError> {
         let (user, name) = (user.clone(), name.to_owned());
         self.write(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             tx.prepare_cached(ENSURE_USER)?.execute(params![user, now])?;
             let linked: i64 = tx.prepare_cached(COUNT_DEVICES)?.query_row(params![user], |r| r.get(0))?;
+            let mut replaced = None;
             if linked >= MAX_DEVICES {
-                return Err(StoreError::TooManyDevices);
+                let oldest: DeviceId =
+                    tx.prepare_cached(LEAST_RECENT_DEVICE)?.query_row(params![user], |r| r.get(0))?;
+                tx.prepare_cached(DELETE_DEVICE)?.execute(params![user, oldest])?;
+                tx.prepare_cached(DELETE_DEVICE_CURSORS)?.execute(params![user, oldest])?;
+                tx.prepare_cached(DELETE_DEVICE_TOKENS)?.execute(params![user, oldest])?;
+                replaced = Some(oldest);
             }
             let device = DeviceId::new();
             tx.prepare_cached(INSERT_DEVICE)?.execute(params![user, device, name, now])?;
             tx.commit()?;
-            Ok(device)
+            Ok(Linked { device, replaced })
         })
         .await
+    }
+
+    pub(super) async fn devices(&self, user: &UserId) -> Result<Vec<DeviceInfo>, StoreError> {
+        let user = user.clone();
+        self.read(move |conn| {
+            let mut statement = conn.prepare_cached(DEVICES)?;
+            let rows = statement.query_map(params![user], |r| {
+                Ok(DeviceInfo {
+                    id: r.get("device_id")?,
+                    name: r.get("name")?,
+                    created_at: r.get("created_at")?,
+                    last_seen: r.get("last_seen")?,
+                })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    pub(super) async fn device_seen(&self, user: &UserId, device: &DeviceId, now: i64) -> Result<(), StoreError> {
+        let (user, device) = (user.clone(), *device);
+        self.write(move |conn| {
+            conn.prepare_cached(DEVICE_SEEN)?.execute(params![user, device, now])?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub(super) async fn phone_of(&self, user: &UserId) -> Result<Option<String>, StoreError> {
+        let user = user.clone();
+        self.read(move |conn| Ok(conn.prepare_cached(PHONE_OF)?.query_row(params![user], |r| r.get(0)).optional()?))
+            .await
     }
 
     pub(super) async fn direct(&self, a: &UserId, b: &UserId, now: i64) -> Result<Conversation, StoreError> {

@@ -180,6 +180,20 @@ pub enum Store {
     Postgres(postgres::Postgres),
 }
 
+/// A day in unix milliseconds: quotas count bytes per UTC day.
+pub(crate) const DAY_MS: i64 = 86_400_000;
+
+/// What one user has used of their quotas.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Bytes of the originals of their media records.
+    pub stored_bytes: u64,
+    /// Bytes uploaded this UTC day, deleted media included.
+    pub bytes_today: u64,
+    /// Their uploads of the last day whose jobs wait or run.
+    pub queued_jobs: u64,
+}
+
 /// Passes a call to whichever backend this is.
 macro_rules! each {
     ($store:expr, $backend:ident => $call:expr) => {
@@ -220,6 +234,11 @@ impl Store {
 
     pub(crate) async fn record_upload(&self, media: &NewMedia<'_>, now: i64) -> Result<(), sqlx::Error> {
         each!(self, db => db.record_upload(media, now).await)
+    }
+
+    /// What `owner` has used of their quotas at `now` (unix ms).
+    pub(crate) async fn usage(&self, owner: &UserId, now: i64) -> Result<Usage, sqlx::Error> {
+        each!(self, db => db.usage(owner, now).await)
     }
 
     pub(crate) async fn forget_upload(&self, id: MediaId, blob: &BlobId) -> Result<bool, sqlx::Error> {

@@ -11,7 +11,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use types::{BlobId, MediaId, MediaKind, UserId};
 
 use super::{
-    ClaimRow, Claimed, Deleted, Failure, JobRow, JobState, MediaJobRow, MediaRow, NewMedia, blob, variants_of,
+    ClaimRow, Claimed, DAY_MS, Deleted, Failure, JobRow, JobState, MediaJobRow, MediaRow, NewMedia, Usage, blob,
+    variants_of,
 };
 
 const QUEUED: &str = "SELECT COUNT(*) FROM jobs WHERE status = 'processing'";
@@ -41,6 +42,26 @@ const DELETE_MEDIA: &str = "DELETE FROM media WHERE id = ?1";
 const DELETE_ORPHANED_JOB: &str = "
     DELETE FROM jobs WHERE source_blob = ?1 AND NOT EXISTS (SELECT 1 FROM media WHERE source_blob = ?1)
     RETURNING result";
+
+/// Counts an upload's bytes on its UTC day, and drops the owner's days before yesterday.
+const COUNT_UPLOAD_DAY: &str = "
+    INSERT INTO upload_days (owner, day, bytes) VALUES (?1, ?2, ?3)
+    ON CONFLICT (owner, day) DO UPDATE SET bytes = upload_days.bytes + excluded.bytes";
+const DROP_OLD_UPLOAD_DAYS: &str = "DELETE FROM upload_days WHERE owner = ?1 AND day < ?2 - 1";
+
+/// Takes a refused upload's bytes back off its day (before its record goes).
+const UNCOUNT_UPLOAD_DAY: &str = "
+    UPDATE upload_days SET bytes = upload_days.bytes - m.source_bytes
+      FROM media m
+     WHERE m.id = ?1 AND upload_days.owner = m.owner AND upload_days.day = m.created_at / 86400000";
+
+/// A user's quota use: bytes of their media, bytes uploaded on day ?2, and their uploads since
+/// ?3 whose jobs are still waiting or running.
+const USAGE: &str = "
+    SELECT (SELECT COALESCE(SUM(source_bytes), 0) FROM media WHERE owner = ?1),
+           (SELECT COALESCE(SUM(bytes), 0) FROM upload_days WHERE owner = ?1 AND day = ?2),
+           (SELECT COUNT(*) FROM media m JOIN jobs j ON j.source_blob = m.source_blob
+             WHERE m.owner = ?1 AND m.created_at > ?3 AND j.status = 'processing')";
 
 const MAY_READ: &str = "
     SELECT 1 FROM media WHERE id = ?1 AND owner = ?2
@@ -145,11 +166,26 @@ impl Sqlite {
             .bind(now)
             .execute(&mut *tx)
             .await?;
+        let day = now.div_euclid(DAY_MS);
+        let owner = media.owner.as_str();
+        sqlx::query(COUNT_UPLOAD_DAY).bind(owner).bind(day).bind(media.bytes as i64).execute(&mut *tx).await?;
+        sqlx::query(DROP_OLD_UPLOAD_DAYS).bind(owner).bind(day).execute(&mut *tx).await?;
         tx.commit().await
+    }
+
+    pub(super) async fn usage(&self, owner: &UserId, now: i64) -> Result<Usage, sqlx::Error> {
+        let (stored, today, queued): (i64, i64, i64) = sqlx::query_as(USAGE)
+            .bind(owner.as_str())
+            .bind(now.div_euclid(DAY_MS))
+            .bind(now - DAY_MS)
+            .fetch_one(&self.db)
+            .await?;
+        Ok(Usage { stored_bytes: stored.max(0) as u64, bytes_today: today.max(0) as u64, queued_jobs: queued as u64 })
     }
 
     pub(super) async fn forget_upload(&self, id: MediaId, blob: &BlobId) -> Result<bool, sqlx::Error> {
         let mut tx = self.db.begin().await?;
+        sqlx::query(UNCOUNT_UPLOAD_DAY).bind(id.to_string()).execute(&mut *tx).await?;
         sqlx::query(DELETE_MEDIA).bind(id.to_string()).execute(&mut *tx).await?;
         let orphaned: Option<Option<String>> =
             sqlx::query_scalar(DELETE_ORPHANED_JOB).bind(blob.to_hex()).fetch_optional(&mut *tx).await?;

@@ -209,3 +209,81 @@ async fn wait_for(received: &Received, n: usize) -> Vec<Value> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn a_device_token_alone_cannot_link_devices_and_links_are_seen() {
+    let data = DataDir::new();
+    let server = Server::start(&data, &[DEV]);
+    let phone_number = "+4915100000941";
+    let (phone, session) = sign_in(&server, phone_number, "phone").await;
+    let mut live = Live::connect(&phone, LiveOptions::default()).await.unwrap();
+
+    // A stolen access token is not enough to link a device.
+    let err = phone.link_device("attacker").await.unwrap_err();
+    assert!(matches!(err, client::Error::Api { status: 422, .. }), "{err}");
+    let err = phone.link_device_with_code("attacker", "123456").await.unwrap_err();
+    assert_eq!(err.code(), Some("no_code"));
+    assert_eq!(phone.devices().await.unwrap().len(), 1);
+
+    // With the code sent to the account's phone, it is.
+    let code = Api::new(&server.base).request_code(phone_number).await.unwrap().unwrap();
+    let wrong = if code == "000000" { "000001" } else { "000000" };
+    assert_eq!(phone.link_device_with_code("tablet", wrong).await.unwrap_err().code(), Some("wrong_code"));
+    let tablet = phone.link_device_with_code("tablet", &code).await.unwrap();
+    assert_eq!(tablet.user_id, session.user_id);
+    // The code is spent.
+    assert!(phone.link_device_with_code("another", &code).await.is_err());
+
+    // The other device hears of it at once, and the list shows both.
+    let linked = loop {
+        match tokio::time::timeout(Duration::from_secs(10), live.next_event()).await.unwrap() {
+            Some(Event::DeviceLinked { device_id, name, replaced }) => break (device_id, name, replaced),
+            Some(_) => continue,
+            None => panic!("the live connection ended"),
+        }
+    };
+    assert_eq!(linked, (tablet.device_id.clone(), "tablet".to_owned(), None));
+    let devices = phone.devices().await.unwrap();
+    let names: Vec<(&str, bool)> = devices.iter().map(|d| (d.name.as_str(), d.current)).collect();
+    assert_eq!(names, [("phone", true), ("tablet", false)]);
+    assert!(devices.iter().all(|d| d.last_seen >= d.created_at));
+
+    // A user without a phone (an operator's account) links only with the operator's user token.
+    let operator = Api::new(&server.base).with_token(&server.token("ops"));
+    let ops_device = operator.link_device("console").await.unwrap();
+    let ops = Api::new(&server.base).with_token(&ops_device.access_token);
+    assert_eq!(ops.link_device_with_code("more", "123456").await.unwrap_err().code(), Some("code_unavailable"));
+    live.close().await;
+}
+
+#[tokio::test]
+async fn linking_past_the_limit_replaces_the_least_recently_seen_device() {
+    let data = DataDir::new();
+    let server = Server::start(&data, &[DEV]);
+    let operator = Api::new(&server.base).with_token(&server.token("many"));
+    let mut sessions = Vec::new();
+    for i in 0..chat_core::MAX_DEVICES {
+        sessions.push(operator.link_device(&format!("install {i}")).await.unwrap());
+    }
+    // The first device connects (it is seen now); the second has not been seen since it was linked.
+    let first = Api::new(&server.base).with_token(&sessions[0].access_token);
+    let mut live = Live::connect(&first, LiveOptions::default()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let newest = operator.link_device("new phone").await.expect("the 17th device is linked, not refused");
+
+    let replaced = loop {
+        match tokio::time::timeout(Duration::from_secs(10), live.next_event()).await.unwrap() {
+            Some(Event::DeviceLinked { device_id, replaced, .. }) if device_id == newest.device_id => break replaced,
+            Some(_) => continue,
+            None => panic!("the live connection ended"),
+        }
+    };
+    assert_eq!(replaced.as_deref(), Some(sessions[1].device_id.as_str()));
+    let gone = Api::new(&server.base).with_token(&sessions[1].access_token);
+    assert_eq!(gone.conversations().await.unwrap_err().code(), Some("device_logged_out"));
+    let listed = first.devices().await.unwrap();
+    assert_eq!(listed.len() as i64, chat_core::MAX_DEVICES);
+    assert!(listed.iter().all(|d| d.id != sessions[1].device_id));
+    first.conversations().await.unwrap();
+    live.close().await;
+}

@@ -73,7 +73,9 @@ async fn a_thousand_concurrent_cold_requests_make_one_upstream_fetch() {
     let origin = Server::start(&data, &[]);
     let media = photo(&origin, "phone-rotated-gps.jpg", "image/jpeg").await;
     let cache = tempfile::tempdir().unwrap();
-    let edge = Edge::start(&origin, &[&origin.base], cache.path(), &[]);
+    // A thousand clients, all from 127.0.0.1: no per-address cap.
+    let edge =
+        Edge::start(&origin, &[&origin.base], cache.path(), &[("COURIER_EDGE_HTTP__MAX_CONNECTIONS_PER_ADDRESS", "0")]);
     let (url, blob) = (url_of(&media, "standard"), blob_of(&media, "standard"));
     let before = metric(&origin.http, &origin.base, "courier_blob_requests_total{status=\"200\"}").await;
 
@@ -208,7 +210,8 @@ async fn ranges_conditionals_and_purge_at_the_edge() {
     let origin = Server::start(&data, &[]);
     let media = photo(&origin, "rocket.jpg", "image/jpeg").await;
     let cache = tempfile::tempdir().unwrap();
-    let edge = Edge::start(&origin, &[&origin.base], cache.path(), &[("COURIER_EDGE_ADMIN_TOKEN", "let-me-purge")]);
+    let edge =
+        Edge::start(&origin, &[&origin.base], cache.path(), &[("COURIER_EDGE_ADMIN_TOKEN", "let-me-purge-this-edge")]);
     let (url, blob) = (url_of(&media, "standard"), blob_of(&media, "standard"));
     let len = media["variants"]["standard"]["bytes"].as_u64().unwrap();
     let full = origin.get(&url).await.bytes().await.unwrap();
@@ -255,13 +258,16 @@ async fn ranges_conditionals_and_purge_at_the_edge() {
     let purge =
         |token: &'static str| edge.http.delete(edge.url(&format!("/admin/blobs/{blob}"))).bearer_auth(token).send();
     assert_eq!(purge("wrong").await.unwrap().status(), 401);
-    let no_scheme = edge.http.delete(edge.url(&format!("/admin/blobs/{blob}"))).header("authorization", "let-me-purge");
+    let no_scheme =
+        edge.http.delete(edge.url(&format!("/admin/blobs/{blob}"))).header("authorization", "let-me-purge-this-edge");
     assert_eq!(no_scheme.send().await.unwrap().status(), 401);
     // The scheme is case-insensitive (RFC 9110); some clients send it in lower case.
-    let lower =
-        edge.http.delete(edge.url(&format!("/admin/blobs/{blob}"))).header("authorization", "bearer let-me-purge");
+    let lower = edge
+        .http
+        .delete(edge.url(&format!("/admin/blobs/{blob}")))
+        .header("authorization", "bearer let-me-purge-this-edge");
     assert_eq!(lower.send().await.unwrap().status(), 204);
-    assert_eq!(purge("let-me-purge").await.unwrap().status(), 204, "purging what is gone is not an error");
+    assert_eq!(purge("let-me-purge-this-edge").await.unwrap().status(), 204, "purging what is gone is not an error");
     assert_eq!(disk_bytes(cache.path()), 0);
     assert_eq!(fetch(&edge, &url, &blob).await, "courier-edge; fwd=miss; stored");
 
@@ -484,4 +490,25 @@ async fn an_edge_started_with_few_file_descriptors_raises_its_limit() {
     let (url, blob) = (url_of(&media, "standard"), blob_of(&media, "standard"));
     assert_eq!(fetch(&edge, &url, &blob).await, "courier-edge; fwd=miss; stored");
     assert_eq!(fetch(&edge, &url, &blob).await, "courier-edge; hit; detail=disk");
+}
+
+#[test]
+fn an_edge_will_not_start_with_an_empty_or_short_purge_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("url.key");
+    std::fs::write(&key, "ab".repeat(32)).unwrap();
+    for token in ["", "   ", "\t", "short-token"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
+            .args(["edge", "--listen", "127.0.0.1:0", "--upstream", "http://127.0.0.1:9"])
+            .arg("--cache-dir")
+            .arg(dir.path().join("cache"))
+            .arg("--url-key")
+            .arg(&key)
+            .env("COURIER_EDGE_ADMIN_TOKEN", token)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "started with the purge token {token:?}");
+        assert!(stderr.contains("admin_token must be at least 16 characters"), "{token:?}: {stderr}");
+    }
 }

@@ -578,3 +578,51 @@ async fn two_nodes_fan_out_through_nats() {
     drop((node_a, node_b));
     admin.close().await;
 }
+
+#[tokio::test]
+async fn a_device_holds_two_sockets_and_a_third_closes_its_oldest() {
+    let data = DataDir::new();
+    let server = Server::start(&data, &[DEV]);
+    let (alice, _) = sign_in(&server, "+4915100000611", "phone").await;
+    let url = format!("{}?token={}", alice.ws_url(), alice.token().unwrap());
+    let (mut first, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    let (mut second, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    let (mut third, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    assert_closed(&mut first, Some(4009)).await;
+    // The two newest still answer.
+    for ws in [&mut second, &mut third] {
+        ws.send(WsMessage::Text("not json".into())).await.unwrap();
+        loop {
+            match tokio::time::timeout(WAIT, ws.next()).await.expect("no answer").unwrap().unwrap() {
+                WsMessage::Text(t) if t.as_str().contains("bad_json") => break,
+                WsMessage::Close(frame) => panic!("a newer socket was closed: {frame:?}"),
+                _ => continue,
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_history_page_stops_at_a_byte_budget() {
+    let data = DataDir::new();
+    let server = Server::start(&data, &[DEV]);
+    let (alice, _) = sign_in(&server, "+4915100000621", "phone").await;
+    let (_, bob) = sign_in(&server, "+4915100000622", "phone").await;
+    let chat = alice.direct(&bob.user_id).await.unwrap().id;
+    // 40 bodies of 60 KB: 2.4 MB in all, under the 500-row limit.
+    let filler = "x".repeat(60_000);
+    for i in 0..40 {
+        alice.send(&chat, &format!("big-{i}"), json!({ "text": filler })).await.unwrap();
+    }
+    let first = alice.history(&chat, 0, 500).await.unwrap();
+    assert!(!first.is_empty() && first.len() < 40, "one page held {} messages of 60 KB", first.len());
+    assert!(first.len() * 60_000 <= 1024 * 1024, "{} messages is over 1 MiB", first.len());
+    // Reading on from the last seq gets the rest, in order, nothing twice.
+    let mut seen: Vec<i64> = first.iter().map(|m| m.seq).collect();
+    while seen.len() < 40 {
+        let page = alice.history(&chat, *seen.last().unwrap(), 500).await.unwrap();
+        assert!(!page.is_empty());
+        seen.extend(page.iter().map(|m| m.seq));
+    }
+    assert_eq!(seen, (1..=40).collect::<Vec<i64>>());
+}

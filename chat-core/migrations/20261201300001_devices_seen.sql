@@ -1,0 +1,6 @@
+-- When each device was last seen (sign-in, token refresh, WebSocket connect): `GET /v1/devices`
+-- shows it, and linking a device past the limit replaces the least recently seen one.
+ALTER TABLE chat_devices ADD COLUMN last_seen BIGINT;
+-- A signed-in user's phone, whose SMS code links another device. (On Citus chat_phones is
+-- distributed by phone, so this look-up asks every shard; linking a device is rare.)
+CREATE INDEX chat_phones_by_user ON chat_phones (user_id);
