@@ -22,7 +22,7 @@ use types::{Claims, DeviceId, UserId};
 
 use crate::chat::{Chat, now_ms};
 use crate::error::{ApiError, json_body};
-use crate::store::{CodeCheck, Rotation};
+use crate::store::{CodeCheck, Rotation, Spend};
 
 /// How long a verification code is good for.
 const CODE_TTL_MS: i64 = 10 * 60 * 1000;
@@ -194,8 +194,16 @@ pub(crate) async fn refresh(
     }
     let now = now_ms();
     let next = new_refresh_token();
-    let rotation =
-        chat.store.rotate_refresh(&hash(&[&refresh_token]), &hash(&[&next]), now + refresh_ttl_ms(&chat), now).await?;
+    let (old_hash, new_hash, client) = (hash(&[&refresh_token]), hash(&[&next]), client(addr).to_string());
+    let spend = Spend {
+        old_hash: &old_hash,
+        new_hash: &new_hash,
+        client: &client,
+        grace_ms: chat.auth.refresh_grace_secs as i64 * 1000,
+        expires_at_ms: now + refresh_ttl_ms(&chat),
+        now_ms: now,
+    };
+    let rotation = chat.store.rotate_refresh(&spend).await?;
     match rotation {
         Rotation::Rotated { user, device } => {
             if let Err(e) = chat.store.device_seen(&user, &device).await {
@@ -217,6 +225,9 @@ pub(crate) async fn refresh(
 /// so a stolen one cannot chain new devices. The code is spent by the check, like a sign-in's.
 pub(crate) async fn check_link_code(chat: &Chat, user: &UserId, code: Option<&str>) -> Result<(), ApiError> {
     let phone = chat.store.phone_of(user).await?.ok_or(ApiError::NoPhone)?;
+    if code.is_some() && chat.limits.links_per_user.check_key(user).is_err() {
+        return Err(ApiError::RateLimited);
+    }
     let code = code.ok_or_else(|| {
         ApiError::Invalid(
             "linking a device from a signed-in one needs `code`: a fresh code sent by POST /v1/auth/code to the \

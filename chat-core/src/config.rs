@@ -61,10 +61,20 @@ pub struct AuthConfig {
     pub access_token_secs: u64,
     /// Lifetime of a refresh token, in days. Default 60.
     pub refresh_token_days: u64,
+    /// Seconds a spent refresh token is taken again from the same client address, for a refresh
+    /// whose answer was lost; later, or from elsewhere, it is a copy and logs the device out.
+    /// Default 30.
+    pub refresh_grace_secs: u64,
 }
 
 impl Default for AuthConfig {
     fn default() -> Self {
-        Self { sms_webhook_url: None, dev_codes: false, access_token_secs: 3600, refresh_token_days: 60 }
+        Self {
+            sms_webhook_url: None,
+            dev_codes: false,
+            access_token_secs: 3600,
+            refresh_token_days: 60,
+            refresh_grace_secs: 30,
+        }
     }
 }

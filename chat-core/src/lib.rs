@@ -38,7 +38,7 @@ pub use hub::Hub;
 pub use store::{
     Acked, Appended, CodeCheck, Contact, Conversation, ConversationKind, ConversationSummary, Cursor, DeviceInfo,
     Linked, MAX_BODY_BYTES, MAX_CLIENT_ID_LEN, MAX_CODE_ATTEMPTS, MAX_DEVICES, MAX_GROUP_MEMBERS, MAX_PAGE,
-    MAX_PAGE_BYTES, Message, PendingPush, Receipt, Role, Rotation, Store, StoreError, SyncState, Write, Written,
+    MAX_PAGE_BYTES, Message, PendingPush, Receipt, Role, Rotation, Spend, Store, StoreError, SyncState, Write, Written,
 };
 
 impl Chat {

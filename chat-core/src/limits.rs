@@ -13,6 +13,9 @@ pub(crate) struct Limits {
     pub(crate) codes_per_client: DefaultKeyedRateLimiter<IpAddr>,
     pub(crate) verify_per_client: DefaultKeyedRateLimiter<IpAddr>,
     pub(crate) lookups_per_user: DefaultKeyedRateLimiter<UserId>,
+    /// Device links from a signed-in device: each spends a guess at the account's code, so a stolen
+    /// token cannot burn the owner's sign-in codes one request after another.
+    pub(crate) links_per_user: DefaultKeyedRateLimiter<UserId>,
 }
 
 fn quota(per: Duration, burst: u32) -> Quota {
@@ -28,6 +31,8 @@ impl Default for Limits {
             verify_per_client: RateLimiter::keyed(quota(Duration::from_secs(2), 30)),
             // Contact discovery: a burst for a fresh address book, then one a second.
             lookups_per_user: RateLimiter::keyed(quota(Duration::from_secs(1), 100)),
+            // Three tries, then one every ten minutes.
+            links_per_user: RateLimiter::keyed(quota(Duration::from_secs(600), 3)),
         }
     }
 }
@@ -39,5 +44,6 @@ impl Limits {
         self.codes_per_client.retain_recent();
         self.verify_per_client.retain_recent();
         self.lookups_per_user.retain_recent();
+        self.links_per_user.retain_recent();
     }
 }

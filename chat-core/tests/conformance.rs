@@ -3,7 +3,7 @@
 //! unreachable server fails the PostgreSQL tests; without it they are skipped with a note.
 
 use chat_core::{
-    Appended, CodeCheck, ConversationKind, Cursor, MAX_CODE_ATTEMPTS, MAX_GROUP_MEMBERS, Role, Rotation, Store,
+    Appended, CodeCheck, ConversationKind, Cursor, MAX_CODE_ATTEMPTS, MAX_GROUP_MEMBERS, Role, Rotation, Spend, Store,
     StoreError, SyncState, Write, Written,
 };
 use futures_util::future::join_all;
@@ -74,6 +74,7 @@ conformance!(
     retention_purges_old_messages_and_says_how_far,
     phone_codes_expire_and_lock,
     a_reused_refresh_token_logs_the_device_out,
+    a_refresh_retried_within_the_grace_is_taken_again,
     a_batch_commits_what_succeeds_and_refuses_the_rest,
     crossed_batches_do_not_deadlock,
     linking_at_once_cannot_pass_the_device_limit,
@@ -370,7 +371,7 @@ async fn removing_a_device_takes_its_cursors_and_tokens(store: Store) {
     assert!(store.remove_device(&bob, &phone).await.unwrap());
     assert!(!store.device_exists(&bob, &phone).await.unwrap());
     assert!(!store.remove_device(&bob, &phone).await.unwrap(), "gone already");
-    assert_eq!(store.rotate_refresh("h1", "h2", i64::MAX, 2).await.unwrap(), Rotation::Invalid);
+    assert_eq!(store.rotate_refresh(&spend("h1", "h2", i64::MAX, 2)).await.unwrap(), Rotation::Invalid);
     assert_eq!(store.sync_one(&bob, &phone, &chat.id).await.unwrap().delivered, 0, "its cursor went with it");
 }
 
@@ -465,25 +466,69 @@ async fn phone_codes_expire_and_lock(store: Store) {
     assert_ne!(store.user_for_phone("+4915100000000", 3).await.unwrap(), first);
 }
 
+/// A refresh from one client address with no grace for retries.
+fn spend<'a>(old_hash: &'a str, new_hash: &'a str, expires_at_ms: i64, now_ms: i64) -> Spend<'a> {
+    Spend { old_hash, new_hash, client: "192.0.2.1", grace_ms: 0, expires_at_ms, now_ms }
+}
+
+async fn a_refresh_retried_within_the_grace_is_taken_again(store: Store) {
+    let bob = user("bob");
+    let phone = store.add_device(&bob, "phone").await.unwrap().device;
+    store.issue_refresh("t1", &bob, &phone, 100_000, 0).await.unwrap();
+    let from = |client, old, new, now| Spend {
+        old_hash: old,
+        new_hash: new,
+        client,
+        grace_ms: 1_000,
+        expires_at_ms: 100_000,
+        now_ms: now,
+    };
+    let rotated = Rotation::Rotated { user: bob.clone(), device: phone };
+    assert_eq!(store.rotate_refresh(&from("a", "t1", "t2", 10)).await.unwrap(), rotated);
+    // The answer carrying t2 was lost: the same client sends t1 again and gets t3; t2 is taken back.
+    assert_eq!(store.rotate_refresh(&from("a", "t1", "t3", 500)).await.unwrap(), rotated);
+    assert_eq!(store.rotate_refresh(&from("a", "t2", "x", 600)).await.unwrap(), Rotation::Invalid);
+    assert_eq!(store.rotate_refresh(&from("a", "t3", "t4", 700)).await.unwrap(), rotated);
+    // Another client (the phone moved networks) spends t4, and retries it within the grace.
+    assert_eq!(store.rotate_refresh(&from("b", "t4", "t5", 800)).await.unwrap(), rotated);
+    assert_eq!(store.rotate_refresh(&from("b", "t4", "t6", 900)).await.unwrap(), rotated, "t5 was never used");
+    // t3 again, within the grace and from the client that spent it, but its successor was used:
+    // a copy. The device is logged out.
+    assert_eq!(
+        store.rotate_refresh(&from("a", "t3", "t7", 950)).await.unwrap(),
+        Rotation::Reused { user: bob.clone(), device: phone }
+    );
+    assert!(!store.device_exists(&bob, &phone).await.unwrap());
+
+    // Past the grace, a retry from the same client is a copy too.
+    let laptop = store.add_device(&bob, "laptop").await.unwrap().device;
+    store.issue_refresh("l1", &bob, &laptop, 100_000, 0).await.unwrap();
+    assert!(matches!(store.rotate_refresh(&from("a", "l1", "l2", 10)).await.unwrap(), Rotation::Rotated { .. }));
+    assert_eq!(
+        store.rotate_refresh(&from("a", "l1", "l3", 1_011)).await.unwrap(),
+        Rotation::Reused { user: bob.clone(), device: laptop }
+    );
+}
+
 async fn a_reused_refresh_token_logs_the_device_out(store: Store) {
     let bob = user("bob");
     let phone = store.add_device(&bob, "phone").await.unwrap().device;
     let laptop = store.add_device(&bob, "laptop").await.unwrap().device;
     store.issue_refresh("p1", &bob, &phone, 1_000, 0).await.unwrap();
     store.issue_refresh("l1", &bob, &laptop, 1_000, 0).await.unwrap();
-    let rotated = store.rotate_refresh("p1", "p2", 2_000, 10).await.unwrap();
+    let rotated = store.rotate_refresh(&spend("p1", "p2", 2_000, 10)).await.unwrap();
     assert_eq!(rotated, Rotation::Rotated { user: bob.clone(), device: phone });
-    assert_eq!(store.rotate_refresh("p2", "p3", 3_000, 2_000).await.unwrap(), Rotation::Invalid, "expired");
-    assert_eq!(store.rotate_refresh("nope", "x", 3_000, 20).await.unwrap(), Rotation::Invalid);
+    assert_eq!(store.rotate_refresh(&spend("p2", "p3", 3_000, 2_000)).await.unwrap(), Rotation::Invalid, "expired");
+    assert_eq!(store.rotate_refresh(&spend("nope", "x", 3_000, 20)).await.unwrap(), Rotation::Invalid);
 
     // p1 again: a copy of a spent token. The phone is logged out, the laptop is not.
     assert_eq!(
-        store.rotate_refresh("p1", "p9", 3_000, 30).await.unwrap(),
+        store.rotate_refresh(&spend("p1", "p9", 3_000, 30)).await.unwrap(),
         Rotation::Reused { user: bob.clone(), device: phone }
     );
     assert!(!store.device_exists(&bob, &phone).await.unwrap());
     assert!(store.device_exists(&bob, &laptop).await.unwrap());
-    assert!(matches!(store.rotate_refresh("l1", "l2", 3_000, 40).await.unwrap(), Rotation::Rotated { .. }));
+    assert!(matches!(store.rotate_refresh(&spend("l1", "l2", 3_000, 40)).await.unwrap(), Rotation::Rotated { .. }));
 }
 
 async fn a_batch_commits_what_succeeds_and_refuses_the_rest(store: Store) {

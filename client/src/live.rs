@@ -94,7 +94,8 @@ pub enum Event {
     },
     /// The connection is up (again); replay follows.
     Connected,
-    /// The connection dropped; the SDK reconnects unless the server refused the device.
+    /// The connection dropped; the SDK reconnects unless the server refused the device, or closed
+    /// this connection for a newer one of the same device (4009), which ends this `Live`.
     Disconnected {
         code: Option<u16>,
         reason: String,
@@ -269,6 +270,9 @@ enum Ended {
     Closed,
 }
 
+/// The close code of a connection replaced by a newer one of the same device.
+const REPLACED: u16 = 4009;
+
 impl Worker {
     async fn run(mut self, mut socket: Socket, mut commands: mpsc::Receiver<Command>) {
         let mut backoff = Duration::from_millis(100);
@@ -277,7 +281,16 @@ impl Worker {
             match self.serve(&mut socket, &mut commands).await {
                 Ended::Closed => return,
                 Ended::Dropped { code, reason } => {
+                    let replaced = code == Some(REPLACED);
                     let _ = self.events.send(Event::Disconnected { code, reason }).await;
+                    if replaced {
+                        // A newer connection of this device took over: reconnecting would take it
+                        // back, and the two would take turns for ever.
+                        for (_, p) in self.pending.drain() {
+                            let _ = p.reply.send(Err(Error::Closed));
+                        }
+                        return;
+                    }
                 }
             }
             self.unacked.clear();

@@ -1,6 +1,7 @@
 -- Bytes each user uploaded per UTC day, for the daily quota. A deleted media record keeps its
--- bytes counted here (deleting does not buy more uploads today); a refused upload takes its bytes
--- back. A user's rows before yesterday are dropped as they upload.
+-- bytes counted here, and so does an upload its job refused (both cost the bandwidth and the
+-- work): deleting or sending junk does not buy more uploads today. A user's rows before yesterday
+-- are dropped as they upload.
 CREATE TABLE upload_days (
     owner TEXT NOT NULL,
     day   INTEGER NOT NULL,   -- days since the unix epoch, UTC

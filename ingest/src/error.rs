@@ -67,10 +67,34 @@ impl IngestError {
             IngestError::Quota(_) => StatusCode::PAYLOAD_TOO_LARGE,
             IngestError::Interrupted(_) => StatusCode::BAD_REQUEST,
             IngestError::NotFound => StatusCode::NOT_FOUND,
+            IngestError::Database(_) | IngestError::Storage(_) | IngestError::Io(_) if self.storage_full() => {
+                StatusCode::INSUFFICIENT_STORAGE
+            }
             IngestError::Database(_) | IngestError::Storage(_) | IngestError::Io(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
         }
+    }
+
+    /// Whether this failed because a disk, a quota on it, or the database file is full: the
+    /// client can do nothing but try later, and the operator must add room.
+    fn storage_full(&self) -> bool {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(e) = cause {
+            if let Some(io) = e.downcast_ref::<std::io::Error>()
+                && matches!(io.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded)
+            {
+                return true;
+            }
+            // SQLite's SQLITE_FULL (13): the database or the disk under it is full.
+            if let Some(sqlx::Error::Database(db)) = e.downcast_ref::<sqlx::Error>()
+                && db.code().as_deref() == Some("13")
+            {
+                return true;
+            }
+            cause = e.source();
+        }
+        false
     }
 
     pub fn code(&self) -> &str {
@@ -86,6 +110,9 @@ impl IngestError {
             IngestError::Quota(_) => "quota_exceeded",
             IngestError::Interrupted(_) => "upload_interrupted",
             IngestError::NotFound => "not_found",
+            IngestError::Database(_) | IngestError::Storage(_) | IngestError::Io(_) if self.storage_full() => {
+                "storage_full"
+            }
             IngestError::Database(_) | IngestError::Storage(_) | IngestError::Io(_) => "internal",
         }
     }
@@ -98,7 +125,10 @@ impl IntoResponse for IngestError {
             // The detail (a decoder's words) is for the log; the client gets the fixed message.
             tracing::info!(code = e.code(), detail = %e, "media refused");
         }
-        let message = if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
+        let message = if status == StatusCode::INSUFFICIENT_STORAGE {
+            tracing::error!(error = ?self, "storage is full: an upload was refused");
+            "the server's storage is full; try again later".to_string()
+        } else if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
             tracing::error!(error = ?self, "ingest request failed");
             "something went wrong on our side; try again".to_string()
         } else {

@@ -23,7 +23,7 @@ pub struct QuotaConfig {
     pub uploads_at_once: usize,
     /// Uploads of one user (in the last day) whose jobs wait or run; more get 429. Default 20.
     pub queued_jobs: u64,
-    /// Bytes one user may upload per UTC day, deleted media included; more get 429 until
+    /// Bytes one user may upload per UTC day, deleted and refused uploads included; more get 429 until
     /// midnight UTC. Default 2 GiB.
     pub bytes_per_day: u64,
     /// Bytes of originals one user may keep in all; more get 413 until they delete some.

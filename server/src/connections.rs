@@ -45,6 +45,13 @@ pub(crate) struct Limits {
     pub(crate) body_rate_window: Duration,
 }
 
+impl Limits {
+    /// The shortest span any per-connection rule waits.
+    pub(crate) fn shortest(&self) -> Duration {
+        self.first_request.min(self.idle).min(self.stalled_write)
+    }
+}
+
 /// Why a connection was closed or refused, as a metric label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
@@ -190,6 +197,11 @@ pub(crate) struct Activity {
     last_request_end: AtomicU64,
     /// When a write last found the socket full, or `u64::MAX` while writes go through.
     write_blocked_since: AtomicU64,
+    /// Response bodies being sent, and when one last handed the connection a frame. A body that
+    /// is not asked for its next frame is one the client is not taking: over HTTP/2 it withholds
+    /// flow-control credit, over HTTP/1 it reads too slowly for the socket to drain.
+    bodies: AtomicU32,
+    last_frame: AtomicU64,
 }
 
 impl Activity {
@@ -200,6 +212,8 @@ impl Activity {
             in_flight: AtomicU32::new(0),
             last_request_end: AtomicU64::new(0),
             write_blocked_since: AtomicU64::new(u64::MAX),
+            bodies: AtomicU32::new(0),
+            last_frame: AtomicU64::new(0),
         })
     }
 
@@ -228,13 +242,23 @@ impl Activity {
             let deadline = self.last_request_end.load(Ordering::Acquire) + ms(limits.idle);
             return if now >= deadline { Err("idle") } else { Ok(at(deadline)) };
         }
-        match self.write_blocked_since.load(Ordering::Acquire) {
-            u64::MAX => Ok(at(now + ms(limits.stalled_write))),
-            since => {
-                let deadline = since + ms(limits.stalled_write);
-                if now >= deadline { Err("stalled_write") } else { Ok(at(deadline)) }
+        let stalled = ms(limits.stalled_write);
+        let mut next = now + stalled;
+        let since = self.write_blocked_since.load(Ordering::Acquire);
+        if since != u64::MAX {
+            if now >= since + stalled {
+                return Err("stalled_write");
             }
+            next = next.min(since + stalled);
         }
+        if self.bodies.load(Ordering::Acquire) > 0 {
+            let since = self.last_frame.load(Ordering::Acquire);
+            if now >= since + stalled {
+                return Err("stalled_write");
+            }
+            next = next.min(since + stalled);
+        }
+        Ok(at(next))
     }
 }
 
@@ -249,15 +273,38 @@ impl Drop for InFlight {
     }
 }
 
-/// A response body that holds its request's [`InFlight`] until it is sent or dropped.
+/// A response body that holds its request's [`InFlight`] until it is sent or dropped, and tells
+/// the connection's [`Activity`] each time the connection takes a frame of it.
 pub(crate) struct Tracked<B> {
     body: B,
-    _in_flight: InFlight,
+    in_flight: InFlight,
+    /// Still counted among the connection's bodies being sent.
+    counted: bool,
 }
 
-impl<B> Tracked<B> {
+impl<B: Body> Tracked<B> {
     pub(crate) fn new(body: B, in_flight: InFlight) -> Self {
-        Self { body, _in_flight: in_flight }
+        let counted = !body.is_end_stream();
+        if counted {
+            let activity = &in_flight.0;
+            activity.last_frame.store(activity.now_ms(), Ordering::Release);
+            activity.bodies.fetch_add(1, Ordering::AcqRel);
+        }
+        Self { body, in_flight, counted }
+    }
+
+    fn uncount(&mut self) {
+        if std::mem::take(&mut self.counted) {
+            self.in_flight.0.bodies.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl<B> Drop for Tracked<B> {
+    fn drop(&mut self) {
+        if self.counted {
+            self.in_flight.0.bodies.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 
@@ -269,7 +316,16 @@ impl<B: Body + Unpin> Body for Tracked<B> {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(_))) => {
+                let activity = &self.in_flight.0;
+                activity.last_frame.store(activity.now_ms(), Ordering::Release);
+            }
+            Poll::Ready(_) => self.uncount(),
+            Poll::Pending => {}
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -361,16 +417,20 @@ impl std::fmt::Display for BodyTooSlow {
 
 impl std::error::Error for BodyTooSlow {}
 
-/// A request body that fails with [`BodyTooSlow`] when, over a whole window in which the server
-/// was waiting for it, fewer bytes arrived than the minimum rate asks. Time the server spends
-/// elsewhere (hashing, waiting for a slot) is never held against the client.
+/// A request body that fails with [`BodyTooSlow`] when fewer bytes arrive than the minimum rate
+/// asks over a window of time in which the server was waiting for them. Only waiting time counts:
+/// time the server spends elsewhere (hashing, storing, waiting for a slot) is never held against
+/// the client, and a window runs from the server's first read, not from the request's arrival.
 pub(crate) struct MinRate<B> {
     body: B,
-    deadline: Pin<Box<Sleep>>,
+    timer: Pin<Box<Sleep>>,
     window: Duration,
     min_bytes: u64,
+    /// Bytes and waiting time in the current window.
     got: u64,
-    waiting: bool,
+    waited: Duration,
+    /// Set while the server waits on the body.
+    pending_since: Option<Instant>,
     tripped: Arc<AtomicBool>,
 }
 
@@ -381,18 +441,14 @@ impl<B> MinRate<B> {
         let min_bytes = (limits.min_body_rate as u128 * window.as_millis() / 1000) as u64;
         Self {
             body,
-            deadline: Box::pin(tokio::time::sleep(window)),
+            timer: Box::pin(tokio::time::sleep(window)),
             window,
             min_bytes,
             got: 0,
-            waiting: false,
+            waited: Duration::ZERO,
+            pending_since: None,
             tripped,
         }
-    }
-
-    fn restart(&mut self) {
-        self.got = 0;
-        self.deadline.as_mut().reset(Instant::now() + self.window);
     }
 }
 
@@ -409,28 +465,29 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = &mut *self;
+        let now = Instant::now();
+        if let Some(since) = this.pending_since.take() {
+            this.waited += now - since;
+        }
+        if this.waited >= this.window {
+            if this.got < this.min_bytes {
+                this.tripped.store(true, Ordering::Release);
+                return Poll::Ready(Some(Err(Box::new(BodyTooSlow))));
+            }
+            (this.got, this.waited) = (0, Duration::ZERO);
+        }
         match Pin::new(&mut this.body).poll_frame(cx) {
             Poll::Ready(frame) => {
-                this.waiting = false;
                 if let Some(Ok(data)) = frame.as_ref().map(|f| f.as_ref().map(Frame::data_ref)) {
                     this.got += data.map_or(0, |d| d.len() as u64);
                 }
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
             Poll::Pending => {
-                // The server comes back for more after doing something else: a window that ran out
-                // meanwhile says nothing about the client, so a fresh one starts.
-                if !this.waiting && this.deadline.is_elapsed() {
-                    this.restart();
-                }
-                this.waiting = true;
-                while this.deadline.as_mut().poll(cx).is_ready() {
-                    if this.got < this.min_bytes {
-                        this.tripped.store(true, Ordering::Release);
-                        return Poll::Ready(Some(Err(Box::new(BodyTooSlow))));
-                    }
-                    this.restart();
-                }
+                // Woken when the window's waiting time would run out, to judge it.
+                this.pending_since = Some(now);
+                this.timer.as_mut().reset(now + (this.window - this.waited));
+                let _ = this.timer.as_mut().poll(cx);
                 Poll::Pending
             }
         }

@@ -219,9 +219,10 @@ where
     loop {
         let limits = connections.limits();
         let next = match activity.check(limits) {
-            // Looked at again at least this often: a response that begins to stall while the
-            // connection waits out another deadline is still cut within twice the limit.
-            Ok(next) => next.min(tokio::time::Instant::now() + limits.stalled_write),
+            // Looked at again at least as often as the shortest rule's span: a connection that
+            // goes idle or starts to stall while it waits out another deadline is still cut
+            // within twice that rule's limit.
+            Ok(next) => next.min(tokio::time::Instant::now() + limits.shortest()),
             Err("idle") if !closing => {
                 connections.count_cut("idle");
                 close(conn.as_mut());
@@ -443,7 +444,9 @@ pub(crate) async fn with_metrics(
     let Some(addr) = metrics_listen else { return Ok(app.merge(metrics)) };
     let socket = TcpListener::bind(addr).await.with_context(|| format!("binding {addr} for /metrics"))?;
     tracing::info!(addr = %socket.local_addr()?, "serving /metrics");
-    let options = HttpOptions { tls: None, ..options.clone() };
+    // Caps of its own: a flood on the public listener must not refuse the scrape that shows it.
+    let connections = Connections::new(options.connections.limits().clone());
+    let options = HttpOptions { tls: None, connections, ..options.clone() };
     // It lives as long as the process: a scrape needs no graceful drain.
     tokio::spawn(serve(socket, with_common_layers(metrics), None, options, std::future::pending()));
     Ok(app)

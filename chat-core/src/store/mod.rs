@@ -664,15 +664,10 @@ impl Store {
     }
 
     /// Spends `old_hash` and stores `new_hash` in its place. A second spend unlinks the device
-    /// (`Reused`); the caller closes its connections.
-    pub async fn rotate_refresh(
-        &self,
-        old_hash: &str,
-        new_hash: &str,
-        expires_at_ms: i64,
-        now_ms: i64,
-    ) -> Result<Rotation, StoreError> {
-        let rotation = each!(self, s => s.rotate_refresh(old_hash, new_hash, expires_at_ms, now_ms).await)?;
+    /// (`Reused`; the caller closes its connections), except a retry from the same client within
+    /// the grace, whose lost answer's token is taken back and replaced by `new_hash`.
+    pub async fn rotate_refresh(&self, spend: &Spend<'_>) -> Result<Rotation, StoreError> {
+        let rotation = each!(self, s => s.rotate_refresh(spend).await)?;
         if let Rotation::Reused { user, device } = &rotation {
             self.remove_device(user, device).await?;
         }
@@ -793,6 +788,18 @@ pub enum CodeCheck {
     Locked,
     /// No code was asked for (or it was used).
     Missing,
+}
+
+/// A refresh: the token presented, its successor, and who presents it.
+#[derive(Debug, Clone, Copy)]
+pub struct Spend<'a> {
+    pub old_hash: &'a str,
+    pub new_hash: &'a str,
+    /// The client's address: a retry within `grace_ms` from the same one takes the spent token again.
+    pub client: &'a str,
+    pub grace_ms: i64,
+    pub expires_at_ms: i64,
+    pub now_ms: i64,
 }
 
 /// What presenting a refresh token did.

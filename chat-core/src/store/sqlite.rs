@@ -22,8 +22,8 @@ use types::{ConversationId, DeviceId, UserId};
 
 use super::{
     Acked, Appended, Contact, Conversation, ConversationKind, ConversationSummary, Cursor, DeviceInfo, Linked,
-    MAX_DEVICES, MAX_GROUP_MEMBERS, Message, NewRefresh, PendingCode, PendingPush, Receipt, Role, Rotation, StoreError,
-    SyncState, Write, Written, check_message, newcomers, pair_key,
+    MAX_DEVICES, MAX_GROUP_MEMBERS, Message, NewRefresh, PendingCode, PendingPush, Receipt, Role, Rotation, Spend,
+    StoreError, SyncState, Write, Written, check_message, newcomers, pair_key,
 };
 
 /// Users come into being the first time they are named.
@@ -35,12 +35,15 @@ const COUNT_DEVICES: &str = "SELECT COUNT(*) FROM chat_devices WHERE user_id = ?
 /// The device to replace when a user links one past the limit: the least recently seen.
 const LEAST_RECENT_DEVICE: &str = "
     SELECT device_id FROM chat_devices WHERE user_id = ?1
-     ORDER BY COALESCE(last_seen, created_at), created_at LIMIT 1";
+     ORDER BY COALESCE(last_seen, created_at), created_at, device_id LIMIT 1";
 
 const DEVICES: &str =
     "SELECT device_id, name, created_at, last_seen FROM chat_devices WHERE user_id = ?1 ORDER BY created_at";
 
-const DEVICE_SEEN: &str = "UPDATE chat_devices SET last_seen = ?3 WHERE user_id = ?1 AND device_id = ?2";
+/// Noted at most once a minute per device: a device reconnecting in a loop costs no writes.
+const DEVICE_SEEN: &str = "
+    UPDATE chat_devices SET last_seen = ?3
+     WHERE user_id = ?1 AND device_id = ?2 AND (last_seen IS NULL OR last_seen < ?3 - 60000)";
 
 const PHONE_OF: &str = "SELECT phone FROM chat_phones WHERE user_id = ?1";
 
@@ -219,10 +222,24 @@ const INSERT_REFRESH: &str = "
     INSERT INTO chat_refresh_tokens (token_hash, user_id, device_id, expires_at, spent_at, created_at)
     VALUES (?1, ?2, ?3, ?4, NULL, ?5)";
 
-/// Spends a live token; no row when it is unknown, expired or spent.
+/// Spends a live token for its successor, noting who spent it; no row when it is unknown,
+/// expired or spent.
 const SPEND_REFRESH: &str = "
-    UPDATE chat_refresh_tokens SET spent_at = ?2 WHERE token_hash = ?1 AND spent_at IS NULL AND expires_at > ?2
+    UPDATE chat_refresh_tokens SET spent_at = ?2, spent_by = ?3, replaced_by = ?4
+     WHERE token_hash = ?1 AND spent_at IS NULL AND expires_at > ?2
     RETURNING user_id, device_id";
+
+/// A token spent within the grace (?4 ms) by the same client, presented again because the answer
+/// carrying its successor was lost: the successor, never used, is taken back. No row otherwise.
+const TAKE_BACK_SUCCESSOR: &str = "
+    DELETE FROM chat_refresh_tokens
+     WHERE spent_at IS NULL
+       AND token_hash = (SELECT replaced_by FROM chat_refresh_tokens
+                          WHERE token_hash = ?1 AND spent_at > ?2 - ?4 AND spent_by = ?3
+                            AND expires_at > ?2)
+    RETURNING user_id, device_id";
+
+const SET_SUCCESSOR: &str = "UPDATE chat_refresh_tokens SET replaced_by = ?2 WHERE token_hash = ?1";
 
 const SPENT_REFRESH: &str =
     "SELECT user_id, device_id FROM chat_refresh_tokens WHERE token_hash = ?1 AND spent_at IS NOT NULL";
@@ -818,19 +835,28 @@ impl Sqlite {
 
     /// Spends `old_hash` for `new_hash`; a spent token comes back as `Reused` (the caller logs its
     /// device out).
-    pub(super) async fn rotate_refresh(
-        &self,
-        old_hash: &str,
-        new_hash: &str,
-        expires_at_ms: i64,
-        now_ms: i64,
-    ) -> Result<Rotation, StoreError> {
-        let (old_hash, new_hash) = (old_hash.to_owned(), new_hash.to_owned());
+    pub(super) async fn rotate_refresh(&self, spend: &Spend<'_>) -> Result<Rotation, StoreError> {
+        let Spend { old_hash, new_hash, client, grace_ms, expires_at_ms, now_ms } = *spend;
+        let (old_hash, new_hash, client) = (old_hash.to_owned(), new_hash.to_owned(), client.to_owned());
         self.write(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let pair = |r: &Row<'_>| Ok((r.get::<_, UserId>(0)?, r.get::<_, DeviceId>(1)?));
-            let spent = tx.prepare_cached(SPEND_REFRESH)?.query_row(params![old_hash, now_ms], pair).optional()?;
-            if let Some((user, device)) = spent {
+            let spent = tx
+                .prepare_cached(SPEND_REFRESH)?
+                .query_row(params![old_hash, now_ms, client, new_hash], pair)
+                .optional()?;
+            let retried = match spent {
+                Some(_) => None,
+                None => tx
+                    .prepare_cached(TAKE_BACK_SUCCESSOR)?
+                    .query_row(params![old_hash, now_ms, client, grace_ms], pair)
+                    .optional()?,
+            };
+            let was_retry = retried.is_some();
+            if let Some((user, device)) = spent.or(retried) {
+                if was_retry {
+                    tx.prepare_cached(SET_SUCCESSOR)?.execute(params![old_hash, new_hash])?;
+                }
                 tx.prepare_cached(INSERT_REFRESH)?.execute(params![new_hash, user, device, expires_at_ms, now_ms])?;
                 tx.commit()?;
                 return Ok(Rotation::Rotated { user, device });

@@ -188,7 +188,7 @@ pub(crate) const DAY_MS: i64 = 86_400_000;
 pub struct Usage {
     /// Bytes of the originals of their media records.
     pub stored_bytes: u64,
-    /// Bytes uploaded this UTC day, deleted media included.
+    /// Bytes uploaded this UTC day, deleted and refused uploads included.
     pub bytes_today: u64,
     /// Their uploads of the last day whose jobs wait or run.
     pub queued_jobs: u64,

@@ -53,12 +53,6 @@ const COUNT_UPLOAD_DAY: &str = "
     ON CONFLICT (owner, day) DO UPDATE SET bytes = upload_days.bytes + excluded.bytes";
 const DROP_OLD_UPLOAD_DAYS: &str = "DELETE FROM upload_days WHERE owner = $1 AND day < $2 - 1";
 
-/// Takes a refused upload's bytes back off its day (before its record goes).
-const UNCOUNT_UPLOAD_DAY: &str = "
-    UPDATE upload_days SET bytes = upload_days.bytes - m.source_bytes
-      FROM media m
-     WHERE m.id = $1 AND upload_days.owner = m.owner AND upload_days.day = m.created_at / 86400000";
-
 /// A user's quota use: bytes of their media, bytes uploaded on day $2, and their uploads since
 /// $3 whose jobs are still waiting or running.
 const USAGE: &str = "
@@ -183,7 +177,6 @@ impl Postgres {
 
     pub(super) async fn forget_upload(&self, id: MediaId, blob: &BlobId) -> Result<bool, sqlx::Error> {
         let mut tx = self.db.begin().await?;
-        sqlx::query(UNCOUNT_UPLOAD_DAY).bind(id.to_string()).execute(&mut *tx).await?;
         sqlx::query(DELETE_MEDIA).bind(id.to_string()).execute(&mut *tx).await?;
         sqlx::query(LOCK_JOB).bind(blob.to_hex()).execute(&mut *tx).await?;
         let orphaned: Option<Option<String>> =

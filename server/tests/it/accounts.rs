@@ -98,10 +98,12 @@ async fn refresh_tokens_rotate_and_a_replayed_one_logs_the_device_out() {
     fresh.conversations().await.unwrap();
 
     let mut connection = Live::connect(&fresh, LiveOptions::default()).await.unwrap();
-    // Someone replays the spent token: refused, and the device is logged out everywhere.
+    // The device refreshes again (so `first`'s successor has been used)...
+    let third = anonymous.refresh(&second).await.unwrap().refresh_token.unwrap();
+    // ...then someone replays the spent token: refused, and the device is logged out everywhere.
     let err = anonymous.refresh(&first).await.unwrap_err();
     assert_eq!(err.code(), Some("invalid_refresh_token"));
-    let err = anonymous.refresh(&second).await.unwrap_err();
+    let err = anonymous.refresh(&third).await.unwrap_err();
     assert_eq!(err.code(), Some("invalid_refresh_token"), "the whole device is out, newest token too");
     for token_holder in [&api, &fresh] {
         let err = token_holder.conversations().await.unwrap_err();
@@ -231,8 +233,9 @@ async fn a_device_token_alone_cannot_link_devices_and_links_are_seen() {
     assert_eq!(phone.link_device_with_code("tablet", wrong).await.unwrap_err().code(), Some("wrong_code"));
     let tablet = phone.link_device_with_code("tablet", &code).await.unwrap();
     assert_eq!(tablet.user_id, session.user_id);
-    // The code is spent.
+    // The code is spent (and a fourth try in a row is refused as too many anyway).
     assert!(phone.link_device_with_code("another", &code).await.is_err());
+    assert_eq!(phone.link_device_with_code("another", "111111").await.unwrap_err().code(), Some("rate_limited"));
 
     // The other device hears of it at once, and the list shows both.
     let linked = loop {
@@ -246,7 +249,9 @@ async fn a_device_token_alone_cannot_link_devices_and_links_are_seen() {
     let devices = phone.devices().await.unwrap();
     let names: Vec<(&str, bool)> = devices.iter().map(|d| (d.name.as_str(), d.current)).collect();
     assert_eq!(names, [("phone", true), ("tablet", false)]);
-    assert!(devices.iter().all(|d| d.last_seen >= d.created_at));
+    // The phone was seen when it connected; the tablet not since it was linked.
+    assert!(devices[0].last_seen > devices[0].created_at, "{devices:?}");
+    assert_eq!(devices[1].last_seen, devices[1].created_at);
 
     // A user without a phone (an operator's account) links only with the operator's user token.
     let operator = Api::new(&server.base).with_token(&server.token("ops"));
@@ -268,7 +273,11 @@ async fn linking_past_the_limit_replaces_the_least_recently_seen_device() {
     // The first device connects (it is seen now); the second has not been seen since it was linked.
     let first = Api::new(&server.base).with_token(&sessions[0].access_token);
     let mut live = Live::connect(&first, LiveOptions::default()).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !first.devices().await.unwrap().iter().any(|d| d.id == sessions[0].device_id && d.last_seen > d.created_at) {
+        assert!(std::time::Instant::now() < deadline, "the connected device was never seen");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let newest = operator.link_device("new phone").await.expect("the 17th device is linked, not refused");
 
     let replaced = loop {
@@ -286,4 +295,30 @@ async fn linking_past_the_limit_replaces_the_least_recently_seen_device() {
     assert!(listed.iter().all(|d| d.id != sessions[1].device_id));
     first.conversations().await.unwrap();
     live.close().await;
+}
+
+#[tokio::test]
+async fn a_refresh_retried_after_its_answer_was_lost_keeps_the_device() {
+    let data = DataDir::new();
+    let server = Server::start(&data, &[DEV, ("COURIER_AUTH__REFRESH_GRACE_SECS", "2")]);
+    let (_, session) = sign_in(&server, "+4915100000951", "phone").await;
+    let anonymous = Api::new(&server.base);
+    let first = session.refresh_token.clone().unwrap();
+    // The answer to this refresh is lost on the way...
+    let lost = anonymous.refresh(&first).await.unwrap();
+    // ...so the app sends the same token again, at once: a fresh pair, not a log-out.
+    let retried = anonymous.refresh(&first).await.unwrap();
+    assert_eq!(retried.device_id, session.device_id);
+    let err = anonymous.refresh(lost.refresh_token.as_deref().unwrap()).await.unwrap_err();
+    assert_eq!(err.code(), Some("invalid_refresh_token"), "the lost answer's token was taken back");
+    let api = anonymous.with_token(&retried.access_token);
+    api.conversations().await.unwrap();
+    let next = anonymous.refresh(retried.refresh_token.as_deref().unwrap()).await.unwrap();
+
+    // Past the grace, the same token again is a copy: the device is logged out.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let err = anonymous.refresh(&first).await.unwrap_err();
+    assert_eq!(err.code(), Some("invalid_refresh_token"));
+    let err = anonymous.with_token(&next.access_token).conversations().await.unwrap_err();
+    assert_eq!(err.code(), Some("device_logged_out"));
 }

@@ -80,3 +80,72 @@ async fn a_full_queue_answers_503_with_retry_after() {
     assert_eq!(server.files_under("blobs/originals").len(), 1);
     assert_eq!(server.count_rows("media").await, 1);
 }
+
+/// A tmpfs of `bytes`, unmounted when dropped. Mounting needs root, which CI has.
+struct SmallDisk(tempfile::TempDir);
+
+impl SmallDisk {
+    fn new(bytes: u64) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(mounted.success(), "mounting a small tmpfs needs root");
+        Self(dir)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(self.0.path()).status();
+    }
+}
+
+/// `photo` made distinct by a comment segment after its start-of-image marker.
+fn distinct_jpeg(photo: &[u8], n: u16) -> Vec<u8> {
+    let mut bytes = photo[..2].to_vec();
+    bytes.extend([0xFF, 0xFE, 0x00, 0x04]);
+    bytes.extend(n.to_be_bytes());
+    bytes.extend(&photo[2..]);
+    bytes
+}
+
+#[tokio::test]
+async fn a_full_disk_answers_507_and_messaging_still_reads() {
+    let disk = SmallDisk::new(600 * 1024);
+    let data = DataDir::new();
+    let blobs = disk.0.path().display().to_string();
+    let server = Server::start_with(&data, "127.0.0.1:0", &["--blobs", &blobs], &[]);
+    let device = server
+        .http
+        .post(server.url("/v1/devices"))
+        .bearer_auth(server.token("alice"))
+        .json(&serde_json::json!({"name": "phone"}))
+        .send()
+        .await
+        .unwrap();
+    let device: Value = device.json().await.unwrap();
+    let device_token = device["access_token"].as_str().unwrap().to_owned();
+
+    let (photo, token) = (fixture("rocket.jpg"), server.token("alice"));
+    let mut full = None;
+    for n in 0..40 {
+        let response = server.upload(&token, "image/jpeg", distinct_jpeg(&photo, n)).await;
+        if response.status() == 507 {
+            full = Some(response);
+            break;
+        }
+        assert_eq!(response.status(), 201, "{}", response.text().await.unwrap());
+    }
+    let full = full.expect("the disk never filled");
+    let body: Value = full.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "storage_full", "{body}");
+    assert!(server.files_under("tmp").is_empty(), "a temp file was left behind");
+
+    // Messaging still answers.
+    let conversations =
+        server.http.get(server.url("/v1/conversations")).bearer_auth(&device_token).send().await.unwrap();
+    assert_eq!(conversations.status(), 200);
+}
