@@ -44,7 +44,8 @@ queued() { curl -s "http://$1/metrics" | sed -n 's/^courier_jobs_queued //p'; }
 
 run() { # label processes transcode_workers_each
   local label=$1 processes=$2 each=$3
-  psql -q "$db" -c "DROP SCHEMA IF EXISTS worker_bench CASCADE" -c "CREATE SCHEMA worker_bench"
+  PGOPTIONS="--client-min-messages=warning" psql -q "$db" -c "DROP SCHEMA IF EXISTS worker_bench CASCADE" \
+    -c "CREATE SCHEMA worker_bench"
   rm -rf "$work/blobs" "$work/api" "$work"/w*
   "$bin/courier" serve --listen 127.0.0.1:0 --data-dir "$work/api" --blobs "$work/blobs" \
     --transcode-workers 0 > "$work/api.out" 2> "$work/api.err" &
