@@ -86,9 +86,10 @@ impl IngestError {
             {
                 return true;
             }
-            // SQLite's SQLITE_FULL (13): the database or the disk under it is full.
+            // SQLite's SQLITE_FULL (13), PostgreSQL's disk_full (53100): the database or the disk
+            // under it is full.
             if let Some(sqlx::Error::Database(db)) = e.downcast_ref::<sqlx::Error>()
-                && db.code().as_deref() == Some("13")
+                && matches!(db.code().as_deref(), Some("13" | "53100"))
             {
                 return true;
             }

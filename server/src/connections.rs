@@ -197,11 +197,14 @@ pub(crate) struct Activity {
     last_request_end: AtomicU64,
     /// When a write last found the socket full, or `u64::MAX` while writes go through.
     write_blocked_since: AtomicU64,
-    /// Response bodies being sent, and when one last handed the connection a frame. A body that
-    /// is not asked for its next frame is one the client is not taking: over HTTP/2 it withholds
-    /// flow-control credit, over HTTP/1 it reads too slowly for the socket to drain.
-    bodies: AtomicU32,
-    last_frame: AtomicU64,
+    /// Response bodies that have handed the connection a frame and not been asked for the next:
+    /// each waits on the client to take what it has. With one waiting, a connection that writes
+    /// nothing to its socket for the stalled-write span is one whose client stopped taking its
+    /// response (a reader too slow to drain even one frame, or an HTTP/2 peer withholding credit).
+    /// A body waiting on its own source (an edge fill behind a range) is not counted.
+    waiting_bodies: AtomicU32,
+    /// When a frame was last handed over, or a write last reached the socket.
+    last_progress: AtomicU64,
 }
 
 impl Activity {
@@ -212,8 +215,8 @@ impl Activity {
             in_flight: AtomicU32::new(0),
             last_request_end: AtomicU64::new(0),
             write_blocked_since: AtomicU64::new(u64::MAX),
-            bodies: AtomicU32::new(0),
-            last_frame: AtomicU64::new(0),
+            waiting_bodies: AtomicU32::new(0),
+            last_progress: AtomicU64::new(0),
         })
     }
 
@@ -251,8 +254,8 @@ impl Activity {
             }
             next = next.min(since + stalled);
         }
-        if self.bodies.load(Ordering::Acquire) > 0 {
-            let since = self.last_frame.load(Ordering::Acquire);
+        if self.waiting_bodies.load(Ordering::Acquire) > 0 {
+            let since = self.last_progress.load(Ordering::Acquire);
             if now >= since + stalled {
                 return Err("stalled_write");
             }
@@ -274,36 +277,38 @@ impl Drop for InFlight {
 }
 
 /// A response body that holds its request's [`InFlight`] until it is sent or dropped, and tells
-/// the connection's [`Activity`] each time the connection takes a frame of it.
+/// the connection's [`Activity`] while a frame it handed over waits on the client.
 pub(crate) struct Tracked<B> {
     body: B,
     in_flight: InFlight,
-    /// Still counted among the connection's bodies being sent.
-    counted: bool,
+    /// A frame was handed over and the next not asked for yet.
+    handed: bool,
 }
 
 impl<B: Body> Tracked<B> {
     pub(crate) fn new(body: B, in_flight: InFlight) -> Self {
-        let counted = !body.is_end_stream();
-        if counted {
-            let activity = &in_flight.0;
-            activity.last_frame.store(activity.now_ms(), Ordering::Release);
-            activity.bodies.fetch_add(1, Ordering::AcqRel);
-        }
-        Self { body, in_flight, counted }
+        Self { body, in_flight, handed: false }
     }
 
-    fn uncount(&mut self) {
-        if std::mem::take(&mut self.counted) {
-            self.in_flight.0.bodies.fetch_sub(1, Ordering::AcqRel);
+    fn set_handed(&mut self, handed: bool) {
+        if self.handed == handed {
+            return;
+        }
+        self.handed = handed;
+        let activity = &self.in_flight.0;
+        if handed {
+            activity.last_progress.store(activity.now_ms(), Ordering::Release);
+            activity.waiting_bodies.fetch_add(1, Ordering::AcqRel);
+        } else {
+            activity.waiting_bodies.fetch_sub(1, Ordering::AcqRel);
         }
     }
 }
 
 impl<B> Drop for Tracked<B> {
     fn drop(&mut self) {
-        if self.counted {
-            self.in_flight.0.bodies.fetch_sub(1, Ordering::AcqRel);
+        if self.handed {
+            self.in_flight.0.waiting_bodies.fetch_sub(1, Ordering::AcqRel);
         }
     }
 }
@@ -316,14 +321,11 @@ impl<B: Body + Unpin> Body for Tracked<B> {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        // Asked for more: what was handed over has been taken.
+        self.set_handed(false);
         let polled = Pin::new(&mut self.body).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(_))) => {
-                let activity = &self.in_flight.0;
-                activity.last_frame.store(activity.now_ms(), Ordering::Release);
-            }
-            Poll::Ready(_) => self.uncount(),
-            Poll::Pending => {}
+        if let Poll::Ready(Some(Ok(_))) = &polled {
+            self.set_handed(true);
         }
         polled
     }
@@ -361,6 +363,10 @@ impl<S> Watched<S> {
             Poll::Ready(_) => {
                 if blocked.load(Ordering::Relaxed) != u64::MAX {
                     blocked.store(u64::MAX, Ordering::Release);
+                }
+                // Only while a body waits on the client is progress looked at.
+                if self.activity.waiting_bodies.load(Ordering::Relaxed) > 0 {
+                    self.activity.last_progress.store(self.activity.now_ms(), Ordering::Release);
                 }
             }
         }
@@ -469,13 +475,7 @@ where
         if let Some(since) = this.pending_since.take() {
             this.waited += now - since;
         }
-        if this.waited >= this.window {
-            if this.got < this.min_bytes {
-                this.tripped.store(true, Ordering::Release);
-                return Poll::Ready(Some(Err(Box::new(BodyTooSlow))));
-            }
-            (this.got, this.waited) = (0, Duration::ZERO);
-        }
+        // What has arrived is counted before the window is judged.
         match Pin::new(&mut this.body).poll_frame(cx) {
             Poll::Ready(frame) => {
                 if let Some(Ok(data)) = frame.as_ref().map(|f| f.as_ref().map(Frame::data_ref)) {
@@ -484,6 +484,13 @@ where
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
             Poll::Pending => {
+                if this.waited >= this.window {
+                    if this.got < this.min_bytes {
+                        this.tripped.store(true, Ordering::Release);
+                        return Poll::Ready(Some(Err(Box::new(BodyTooSlow))));
+                    }
+                    (this.got, this.waited) = (0, Duration::ZERO);
+                }
                 // Woken when the window's waiting time would run out, to judge it.
                 this.pending_since = Some(now);
                 this.timer.as_mut().reset(now + (this.window - this.waited));

@@ -223,14 +223,18 @@ const SPEND_REFRESH: &str = "
     RETURNING user_id, device_id";
 
 /// A token spent within the grace ($4 ms) by the same client, presented again because the answer
-/// carrying its successor was lost: the successor, never used, is taken back. No row otherwise.
+/// carrying its successor was lost: the successor, never used, is spent now, so that presenting it
+/// later counts as a copy. No row otherwise.
 const TAKE_BACK_SUCCESSOR: &str = "
-    DELETE FROM chat_refresh_tokens
+    UPDATE chat_refresh_tokens SET spent_at = $2, spent_by = 'taken back'
      WHERE spent_at IS NULL
        AND token_hash = (SELECT replaced_by FROM chat_refresh_tokens
                           WHERE token_hash = $1 AND spent_at > $2 - $4 AND spent_by = $3
                             AND expires_at > $2)
     RETURNING user_id, device_id";
+
+/// Two retries of one token at once take turns, so the second sees the first's successor.
+const LOCK_REFRESH: &str = "SELECT 1 FROM chat_refresh_tokens WHERE token_hash = $1 FOR UPDATE";
 
 const SET_SUCCESSOR: &str = "UPDATE chat_refresh_tokens SET replaced_by = $2 WHERE token_hash = $1";
 
@@ -623,6 +627,7 @@ impl Postgres {
         let retried = match spent {
             Some(_) => None,
             None => {
+                sqlx::query(LOCK_REFRESH).bind(old_hash).execute(&mut *tx).await?;
                 sqlx::query_as(TAKE_BACK_SUCCESSOR)
                     .bind(old_hash)
                     .bind(now_ms)
