@@ -26,7 +26,8 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
 trap cleanup EXIT
 
-psql -q "$db" -c "DROP SCHEMA IF EXISTS cluster_load CASCADE" -c "CREATE SCHEMA cluster_load"
+PGOPTIONS="--client-min-messages=warning" psql -q "$db" -c "DROP SCHEMA IF EXISTS cluster_load CASCADE" \
+  -c "CREATE SCHEMA cluster_load"
 separator='?'; [[ "$db" == *\?* ]] && separator='&'
 export COURIER_DATABASE_URL="${db}${separator}options=-c%20search_path%3Dcluster_load"
 mkdir -p "$work/keys"
@@ -51,5 +52,9 @@ for node in a b; do
   servers+=(--server "$(sed -n 's/^courier listening on //p' "$work/$node.out" | head -1)")
 done
 echo "nodes: ${servers[*]} (pids ${pids[*]})"
+# The generator fills the tables in seconds; a live system's autovacuum would have their statistics
+# current, so the planner uses the indexes the connect path needs. Refresh them every 15 s here.
+( while sleep 15; do psql -q "$COURIER_DATABASE_URL" -c ANALYZE > /dev/null 2>&1 || true; done ) &
+pids+=("$!")
 "$bin/courier-load" --connections "$connections" --messages "$messages" --rate "$rate" \
   --processes "$processes" --data-dir "$work/keys" "${servers[@]}" "${server_pids[@]}"
