@@ -68,8 +68,10 @@ fn new_refresh_token() -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random_bytes::<32>())
 }
 
+/// The client's address as limits count it (an IPv6 /64 as one); the server puts the address a
+/// trusted proxy forwards in place of the proxy's.
 fn client(addr: Option<Extension<ConnectInfo<SocketAddr>>>) -> IpAddr {
-    addr.map(|Extension(ConnectInfo(a))| a.ip()).unwrap_or(IpAddr::from([0, 0, 0, 0]))
+    types::client_key(addr.map(|Extension(ConnectInfo(a))| a.ip()).unwrap_or(IpAddr::from([0, 0, 0, 0])))
 }
 
 #[derive(Deserialize)]

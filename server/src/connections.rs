@@ -119,7 +119,7 @@ impl Connections {
         }
         let ip = peer.ip().to_canonical();
         let key = (self.limits.max_per_address > 0 && !self.limits.trusted_proxies.iter().any(|net| net.contains(&ip)))
-            .then(|| address_key(ip));
+            .then(|| types::client_key(ip));
         if let Some(key) = key {
             let mut counts = self.per_address.lock().unwrap_or_else(|e| e.into_inner());
             let count = counts.entry(key).or_default();
@@ -148,16 +148,41 @@ impl Connections {
     }
 }
 
-/// The address a per-address cap counts: IPv4 as it is, IPv6 by its /64 (one subscriber's
-/// allocation: rotating addresses inside it must not buy more connections).
-pub(crate) fn address_key(ip: IpAddr) -> IpAddr {
-    match ip.to_canonical() {
-        IpAddr::V6(v6) => {
-            let bits = u128::from(v6) & !((1u128 << 64) - 1);
-            IpAddr::V6(bits.into())
-        }
-        v4 => v4,
+/// The client's address for a request: the peer's, or, when the peer is a trusted proxy, the
+/// nearest address the proxies name that is not itself a trusted proxy (`Forwarded: for=`, else
+/// `X-Forwarded-For`, read right to left). An untrusted peer's headers are ignored: anyone can
+/// write them.
+pub(crate) fn client_address(peer: IpAddr, headers: &axum::http::HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(&ip.to_canonical()));
+    if !is_trusted(&peer) {
+        return peer;
     }
+    let values = |name: &str| {
+        headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).collect::<Vec<_>>()
+    };
+    let forwarded: Vec<IpAddr> = values("forwarded")
+        .iter()
+        .flat_map(|element| element.split(';'))
+        .filter_map(|pair| {
+            let (key, value) = pair.trim().split_once('=')?;
+            key.eq_ignore_ascii_case("for").then(|| node_address(value)).flatten()
+        })
+        .collect();
+    let chain = if forwarded.is_empty() {
+        values("x-forwarded-for").iter().filter_map(|v| node_address(v)).collect()
+    } else {
+        forwarded
+    };
+    chain.iter().rev().find(|ip| !is_trusted(ip)).or(chain.first()).copied().unwrap_or(peer)
+}
+
+/// An address as proxies write it: `192.0.2.1`, `192.0.2.1:4711`, `"[2001:db8::1]:4711"`.
+fn node_address(value: &str) -> Option<IpAddr> {
+    let value = value.trim().trim_matches('"');
+    if let Some(rest) = value.strip_prefix('[') {
+        return rest.split(']').next()?.parse().ok();
+    }
+    value.parse().ok().or_else(|| value.rsplit_once(':')?.0.parse().ok())
 }
 
 /// A connection's place under the caps; given back when dropped.
@@ -518,9 +543,24 @@ mod tests {
         let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
         let b: IpAddr = "2001:db8:1:2:ffff:1:2:3".parse().unwrap();
         let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
-        assert_eq!(address_key(a), address_key(b));
-        assert_ne!(address_key(a), address_key(other));
+        assert_eq!(types::client_key(a), types::client_key(b));
+        assert_ne!(types::client_key(a), types::client_key(other));
         let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
-        assert_eq!(address_key(mapped), "192.0.2.7".parse::<IpAddr>().unwrap());
+        assert_eq!(types::client_key(mapped), "192.0.2.7".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn the_client_is_read_from_trusted_proxies_only() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let mut headers = axum::http::HeaderMap::new();
+        headers.insert("x-forwarded-for", "198.51.100.7, 203.0.113.9, 10.1.1.1".parse().unwrap());
+        let proxy: IpAddr = "10.0.0.2".parse().unwrap();
+        let stranger: IpAddr = "192.0.2.50".parse().unwrap();
+        // The nearest untrusted hop: what the client sent itself (198.51.100.7) could be a lie.
+        assert_eq!(client_address(proxy, &headers, &trusted), "203.0.113.9".parse::<IpAddr>().unwrap());
+        assert_eq!(client_address(stranger, &headers, &trusted), stranger, "an untrusted peer's header counts");
+        headers.insert("forwarded", "for=\"[2001:db8::7]:4711\";proto=https, for=10.2.2.2".parse().unwrap());
+        assert_eq!(client_address(proxy, &headers, &trusted), "2001:db8::7".parse::<IpAddr>().unwrap());
+        assert_eq!(client_address(proxy, &axum::http::HeaderMap::new(), &trusted), proxy);
     }
 }

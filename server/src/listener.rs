@@ -117,7 +117,11 @@ pub(crate) async fn serve(
                 }
                 _ => {
                     let limits = service_connections.limits();
-                    let (request, too_slow) = if limits.min_body_rate > 0 && !request.body().is_end_stream() {
+                    // Who the client is, for the routes' rate limits: behind a trusted proxy, the
+                    // address it forwards.
+                    let client =
+                        crate::connections::client_address(peer.ip(), request.headers(), &limits.trusted_proxies);
+                    let (mut request, too_slow) = if limits.min_body_rate > 0 && !request.body().is_end_stream() {
                         let tripped = Arc::new(AtomicBool::new(false));
                         let (parts, body) = request.into_parts();
                         let body = MinRate::new(body, limits, tripped.clone());
@@ -125,6 +129,8 @@ pub(crate) async fn serve(
                     } else {
                         (request.map(axum::body::Body::new), None)
                     };
+                    let client = std::net::SocketAddr::new(client, peer.port());
+                    request.extensions_mut().insert(axum::extract::ConnectInfo(client));
                     Route::App(app.clone(), request, too_slow, service_connections.clone())
                 }
             };
@@ -132,8 +138,7 @@ pub(crate) async fn serve(
                 let http1 = route.version().is_some_and(|v| matches!(v, Version::HTTP_10 | Version::HTTP_11));
                 let mut response = match route {
                     Route::Blob(blobs, request_ids, request) => answer_blob(&blobs, &request, &request_ids).await,
-                    Route::App(app, mut request, too_slow, connections) => {
-                        request.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+                    Route::App(app, request, too_slow, connections) => {
                         let response = app.oneshot(request).await?;
                         match too_slow {
                             Some(tripped) if tripped.load(Ordering::Acquire) => {

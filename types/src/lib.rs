@@ -29,3 +29,12 @@ pub use token::{Claims, TokenError, TokenKeys, bearer_token};
 pub fn is_postgres_url(url: &str) -> bool {
     url.starts_with("postgres://") || url.starts_with("postgresql://")
 }
+
+/// The address limits count a client by: IPv4 as it is, IPv6 by its /64 (one subscriber's
+/// allocation: rotating addresses inside it must not buy more connections, codes or guesses).
+pub fn client_key(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip.to_canonical() {
+        std::net::IpAddr::V6(v6) => std::net::IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        v4 => v4,
+    }
+}

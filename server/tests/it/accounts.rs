@@ -321,3 +321,48 @@ async fn a_refresh_retried_after_its_answer_was_lost_keeps_the_device() {
     let err = anonymous.with_token(&next.access_token).conversations().await.unwrap_err();
     assert_eq!(err.code(), Some("device_logged_out"));
 }
+
+/// Asks for a code for a new phone number as the client `forwarded_for`; the status.
+async fn code_as(server: &Server, forwarded_for: &str, phone: u64) -> u16 {
+    let response = server
+        .http
+        .post(server.url("/v1/auth/code"))
+        .header("x-forwarded-for", forwarded_for)
+        .json(&json!({ "phone": format!("+49151{phone:08}") }))
+        .send()
+        .await
+        .unwrap();
+    response.status().as_u16()
+}
+
+#[tokio::test]
+async fn rate_limits_count_the_client_a_trusted_proxy_names_and_an_ipv6_64_as_one() {
+    let data = DataDir::new();
+    let behind_proxy = Server::start(&data, &[DEV, ("COURIER_HTTP__TRUSTED_PROXIES", "[\"127.0.0.0/8\"]")]);
+    let mut phone = 0;
+    let mut next = || {
+        phone += 1;
+        phone
+    };
+    // 20 codes a client, then one every 10 s.
+    for _ in 0..20 {
+        assert_eq!(code_as(&behind_proxy, "198.51.100.1", next()).await, 202);
+    }
+    assert_eq!(code_as(&behind_proxy, "198.51.100.1", next()).await, 429);
+    // Another client behind the same proxy has a bucket of its own.
+    assert_eq!(code_as(&behind_proxy, "198.51.100.2", next()).await, 202);
+    // Addresses rotated inside one IPv6 /64 are one client.
+    for i in 0..20 {
+        assert_eq!(code_as(&behind_proxy, &format!("2001:db8:1:2::{:x}", i + 1), next()).await, 202);
+    }
+    assert_eq!(code_as(&behind_proxy, "2001:db8:1:2:ffff::9", next()).await, 429);
+    assert_eq!(code_as(&behind_proxy, "2001:db8:1:3::1", next()).await, 202, "the next /64 is another client");
+
+    // Without trusted proxies the header is the client's own word, and counts for nothing.
+    let data = DataDir::new();
+    let direct = Server::start(&data, &[DEV]);
+    for i in 0..20 {
+        assert_eq!(code_as(&direct, &format!("198.51.100.{}", i + 1), next()).await, 202);
+    }
+    assert_eq!(code_as(&direct, "198.51.100.99", next()).await, 429);
+}
