@@ -46,6 +46,12 @@ pub(crate) struct Limits {
 }
 
 impl Limits {
+    /// Whether `ip` is one of the trusted proxies in front.
+    pub(crate) fn trusts(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.trusted_proxies.iter().any(|net| net.contains(&ip))
+    }
+
     /// The shortest span any per-connection rule waits.
     pub(crate) fn shortest(&self) -> Duration {
         self.first_request.min(self.idle).min(self.stalled_write)
@@ -117,9 +123,8 @@ impl Connections {
             self.refused.get_or_create(&ReasonLabel { reason: "total" }).inc();
             return Err("total");
         }
-        let ip = peer.ip().to_canonical();
-        let key = (self.limits.max_per_address > 0 && !self.limits.trusted_proxies.iter().any(|net| net.contains(&ip)))
-            .then(|| types::client_key(ip));
+        let key =
+            (self.limits.max_per_address > 0 && !self.limits.trusts(peer.ip())).then(|| types::client_key(peer.ip()));
         if let Some(key) = key {
             let mut counts = self.per_address.lock().unwrap_or_else(|e| e.into_inner());
             let count = counts.entry(key).or_default();
@@ -152,8 +157,8 @@ impl Connections {
 /// nearest address the proxies name that is not itself a trusted proxy (`Forwarded: for=`, else
 /// `X-Forwarded-For`, read right to left). An untrusted peer's headers are ignored: anyone can
 /// write them.
-pub(crate) fn client_address(peer: IpAddr, headers: &axum::http::HeaderMap, trusted: &[IpNet]) -> IpAddr {
-    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(&ip.to_canonical()));
+pub(crate) fn client_address(peer: IpAddr, headers: &axum::http::HeaderMap, limits: &Limits) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| limits.trusts(*ip);
     if !is_trusted(&peer) {
         return peer;
     }
@@ -189,12 +194,6 @@ fn node_address(value: &str) -> Option<IpAddr> {
 pub(crate) struct Admitted {
     connections: Arc<Connections>,
     key: Option<IpAddr>,
-}
-
-impl Admitted {
-    pub(crate) fn connections(&self) -> &Arc<Connections> {
-        &self.connections
-    }
 }
 
 impl Drop for Admitted {
@@ -551,14 +550,24 @@ mod tests {
 
     #[test]
     fn the_client_is_read_from_trusted_proxies_only() {
-        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let secs = Duration::from_secs;
+        let trusted = Limits {
+            max_connections: 10,
+            max_per_address: 0,
+            trusted_proxies: vec!["10.0.0.0/8".parse().unwrap()],
+            first_request: secs(10),
+            idle: secs(60),
+            stalled_write: secs(60),
+            min_body_rate: 0,
+            body_rate_window: secs(10),
+        };
         let mut headers = axum::http::HeaderMap::new();
         headers.insert("x-forwarded-for", "198.51.100.7, 203.0.113.9, 10.1.1.1".parse().unwrap());
         let proxy: IpAddr = "10.0.0.2".parse().unwrap();
         let stranger: IpAddr = "192.0.2.50".parse().unwrap();
         // The nearest untrusted hop: what the client sent itself (198.51.100.7) could be a lie.
         assert_eq!(client_address(proxy, &headers, &trusted), "203.0.113.9".parse::<IpAddr>().unwrap());
-        assert_eq!(client_address(stranger, &headers, &trusted), stranger, "an untrusted peer's header counts");
+        assert_eq!(client_address(stranger, &headers, &trusted), stranger, "an untrusted peer's header was believed");
         headers.insert("forwarded", "for=\"[2001:db8::7]:4711\";proto=https, for=10.2.2.2".parse().unwrap());
         assert_eq!(client_address(proxy, &headers, &trusted), "2001:db8::7".parse::<IpAddr>().unwrap());
         assert_eq!(client_address(proxy, &axum::http::HeaderMap::new(), &trusted), proxy);

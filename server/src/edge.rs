@@ -166,14 +166,7 @@ pub(crate) async fn run(config: EdgeConfig) -> anyhow::Result<()> {
     ));
 
     let options = config.http.options(tls, config.shutdown_grace_secs, fd_limit);
-    let (connections, metric_service) = (options.connections.clone(), service.clone());
-    let metrics = Router::new().route(
-        "/metrics",
-        get(move || {
-            let (service, connections) = (metric_service.clone(), connections.clone());
-            async move { listener::metrics_response([edge_cache::metrics_text(&service).await, connections.render()]) }
-        }),
-    );
+    let metrics = listener::metrics_route(service.clone(), options.connections.clone());
     let app = Router::new().route("/healthz", get(|| async { "ok\n" })).merge(edge_cache::router(service.clone()));
     let app =
         listener::with_common_layers(listener::with_metrics(app, metrics, config.http.metrics_listen, &options).await?);

@@ -97,7 +97,7 @@ pub(crate) async fn serve(
                 continue;
             }
         };
-        let connections = admitted.connections().clone();
+        let connections = options.connections.clone();
         let _ = stream.set_nodelay(true);
         let activity = Activity::new();
         // After this many HTTP/1 requests the response says `Connection: close`, so one client
@@ -119,8 +119,7 @@ pub(crate) async fn serve(
                     let limits = service_connections.limits();
                     // Who the client is, for the routes' rate limits: behind a trusted proxy, the
                     // address it forwards.
-                    let client =
-                        crate::connections::client_address(peer.ip(), request.headers(), &limits.trusted_proxies);
+                    let client = crate::connections::client_address(peer.ip(), request.headers(), limits);
                     let (mut request, too_slow) = if limits.min_body_rate > 0 && !request.body().is_end_stream() {
                         let tripped = Arc::new(AtomicBool::new(false));
                         let (parts, body) = request.into_parts();
@@ -135,7 +134,7 @@ pub(crate) async fn serve(
                 }
             };
             async move {
-                let http1 = route.version().is_some_and(|v| matches!(v, Version::HTTP_10 | Version::HTTP_11));
+                let http1 = matches!(route.version(), Version::HTTP_10 | Version::HTTP_11);
                 let mut response = match route {
                     Route::Blob(blobs, request_ids, request) => answer_blob(&blobs, &request, &request_ids).await,
                     Route::App(app, request, too_slow, connections) => {
@@ -198,10 +197,10 @@ enum Route {
 }
 
 impl Route {
-    fn version(&self) -> Option<Version> {
+    fn version(&self) -> Version {
         match self {
-            Route::Blob(_, _, request) => Some(request.version()),
-            Route::App(_, request, _, _) => Some(request.version()),
+            Route::Blob(_, _, request) => request.version(),
+            Route::App(_, request, _, _) => request.version(),
         }
     }
 }
@@ -435,6 +434,15 @@ pub(crate) fn metrics_response(texts: impl IntoIterator<Item = String>) -> axum:
     }
     body.push_str("# EOF\n");
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body).into_response()
+}
+
+/// `/metrics` of a node that serves blobs (origin and edge): blob serving and its connections.
+pub(crate) fn metrics_route(blobs: Arc<BlobService>, connections: Arc<Connections>) -> Router {
+    let answer = move || {
+        let (blobs, connections) = (blobs.clone(), connections.clone());
+        async move { metrics_response([edge_cache::metrics_text(&blobs).await, connections.render()]) }
+    };
+    Router::new().route("/metrics", axum::routing::get(answer))
 }
 
 /// Puts `metrics` (the `/metrics` route) beside `app`, or, with `metrics_listen`, on a listener

@@ -104,14 +104,7 @@ pub(crate) async fn serve(config: Config) -> anyhow::Result<()> {
         .merge(chat.user_routes)
         .route_layer(axum::middleware::from_fn_with_state(auth, auth::require_user));
     let options = config.http.options(None, config.shutdown_grace_secs, fd_limit);
-    let (connections, metric_blobs) = (options.connections.clone(), blobs.clone());
-    let metrics = Router::new().route(
-        "/metrics",
-        get(move || {
-            let (blobs, connections) = (metric_blobs.clone(), connections.clone());
-            async move { listener::metrics_response([edge_cache::metrics_text(&blobs).await, connections.render()]) }
-        }),
-    );
+    let metrics = listener::metrics_route(blobs.clone(), options.connections.clone());
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .merge(edge_cache::router(blobs))
