@@ -5,7 +5,7 @@
 //! replaced; presenting a spent one again means it was copied, so the device is logged out (its
 //! tokens and cursors go, its connections close). A signed-in device links another only with a
 //! fresh SMS code; past the device limit the least recently seen device is replaced. Rate limits
-//! are per node, in memory.
+//! are shared by all nodes (see [`crate::limits`]).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -22,6 +22,7 @@ use types::{Claims, DeviceId, UserId};
 
 use crate::chat::{Chat, now_ms};
 use crate::error::{ApiError, json_body};
+use crate::limits;
 use crate::store::{CodeCheck, Rotation, Spend};
 
 /// How long a verification code is good for.
@@ -36,6 +37,16 @@ fn check_phone(phone: &str) -> Result<&str, ApiError> {
     let digits = phone.strip_prefix('+').unwrap_or("");
     let ok = (8..=15).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit()) && !digits.starts_with('0');
     if ok { Ok(phone) } else { Err(ApiError::Invalid("phone is an E.164 number such as +4915112345678".into())) }
+}
+
+/// The country calling code of an E.164 number (49 for +49…), from libphonenumber's metadata: the
+/// key of the per-country SMS cap. Parsed off the async runtime (the metadata loads on first use).
+async fn calling_code(phone: &str) -> Result<u16, ApiError> {
+    let owned = phone.to_owned();
+    let parsed = tokio::task::spawn_blocking(move || phonenumber::parse(None, &owned).map(|n| n.code().value()))
+        .await
+        .map_err(|e| ApiError::Invalid(format!("could not read the phone number: {e}")))?;
+    parsed.map_err(|_| ApiError::Invalid(format!("{phone} has no country calling code")))
 }
 
 fn hash(parts: &[&str]) -> String {
@@ -88,11 +99,11 @@ pub(crate) async fn request_code(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let CodeRequest { phone } = json_body(body)?;
     let phone = check_phone(&phone)?;
-    if chat.limits.codes_per_client.check_key(&client(addr)).is_err()
-        || chat.limits.codes_per_phone.check_key(&phone.to_owned()).is_err()
-    {
-        return Err(ApiError::RateLimited);
-    }
+    chat.limit(limits::CODES_PER_CLIENT, &client(addr).to_string()).await?;
+    let country = calling_code(phone).await?;
+    chat.limit(limits::CODES_PER_PHONE, phone).await?;
+    let per_country = limits::sms_per_country(&chat.auth, country).ok_or(ApiError::CountryUnavailable(country))?;
+    chat.limit(per_country, &country.to_string()).await?;
     let code = new_code();
     let now = now_ms();
     chat.store.put_code(phone, &hash(&[phone, &code]), now + CODE_TTL_MS, now).await?;
@@ -146,9 +157,8 @@ pub(crate) async fn verify(
     if name.is_empty() || name.len() > MAX_DEVICE_NAME {
         return Err(ApiError::Invalid(format!("device_name is 1 to {MAX_DEVICE_NAME} bytes")));
     }
-    if chat.limits.verify_per_client.check_key(&client(addr)).is_err() {
-        return Err(ApiError::RateLimited);
-    }
+    chat.limit(limits::VERIFY_PER_CLIENT, &client(addr).to_string()).await?;
+    chat.limit(limits::GUESSES_PER_PHONE, phone).await?;
     let now = now_ms();
     match chat.store.check_code(phone, &hash(&[phone, code.trim()]), now).await? {
         CodeCheck::Valid => {}
@@ -191,9 +201,7 @@ pub(crate) async fn refresh(
     body: Result<Json<Refresh>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Refresh { refresh_token } = json_body(body)?;
-    if chat.limits.verify_per_client.check_key(&client(addr)).is_err() {
-        return Err(ApiError::RateLimited);
-    }
+    chat.limit(limits::VERIFY_PER_CLIENT, &client(addr).to_string()).await?;
     let now = now_ms();
     let next = new_refresh_token();
     let (old_hash, new_hash, client) = (hash(&[&refresh_token]), hash(&[&next]), client(addr).to_string());
@@ -227,9 +235,6 @@ pub(crate) async fn refresh(
 /// so a stolen one cannot chain new devices. The code is spent by the check, like a sign-in's.
 pub(crate) async fn check_link_code(chat: &Chat, user: &UserId, code: Option<&str>) -> Result<(), ApiError> {
     let phone = chat.store.phone_of(user).await?.ok_or(ApiError::NoPhone)?;
-    if code.is_some() && chat.limits.links_per_user.check_key(user).is_err() {
-        return Err(ApiError::RateLimited);
-    }
     let code = code.ok_or_else(|| {
         ApiError::Invalid(
             "linking a device from a signed-in one needs `code`: a fresh code sent by POST /v1/auth/code to the \
@@ -237,6 +242,8 @@ pub(crate) async fn check_link_code(chat: &Chat, user: &UserId, code: Option<&st
                 .into(),
         )
     })?;
+    chat.limit(limits::LINKS_PER_USER, user.as_str()).await?;
+    chat.limit(limits::GUESSES_PER_PHONE, &phone).await?;
     match chat.store.check_code(&phone, &hash(&[&phone, code.trim()]), now_ms()).await? {
         CodeCheck::Valid => Ok(()),
         other => Err(ApiError::Code(other)),
@@ -257,9 +264,7 @@ pub(crate) async fn lookup(
 ) -> Result<Json<Value>, ApiError> {
     let Query(Lookup { phone }) = query.map_err(|e| ApiError::Invalid(e.body_text()))?;
     let phone = check_phone(&phone)?;
-    if chat.limits.lookups_per_user.check_key(&claims.sub).is_err() {
-        return Err(ApiError::RateLimited);
-    }
+    chat.limit(limits::LOOKUPS_PER_USER, claims.sub.as_str()).await?;
     match chat.store.lookup_phone(phone).await? {
         Some(user) => Ok(Json(json!({ "user_id": user }))),
         None => Err(ApiError::NotFound("user with that phone")),

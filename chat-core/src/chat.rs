@@ -15,8 +15,7 @@ use crate::config::{AuthConfig, ChatConfig};
 use crate::error::ApiError;
 use crate::frames::{ServerFrame, message_frame};
 use crate::hub::{Event, Hub};
-use crate::limits::Limits;
-use crate::store::{Acked, Appended, Linked, Store, StoreError, Write, Written};
+use crate::store::{Acked, Appended, LinkAnswer, Linked, Store, StoreError, Write, Written};
 
 /// What messaging needs from media storage, which another crate owns: whether a user may send a
 /// media record (they own it, or it was shared with them), and sharing it with a conversation's
@@ -46,13 +45,15 @@ pub struct Chat {
     members: moka::sync::Cache<ConversationId, Arc<[UserId]>>,
     devices: moka::sync::Cache<(UserId, DeviceId), ()>,
     pub(crate) push_wake: Notify,
-    pub(crate) limits: Limits,
     /// One queue per writer; a conversation always goes to the same one, so its writes keep their order.
     writers: Vec<mpsc::Sender<Queued>>,
     pub(crate) bus: Option<Arc<Bus>>,
     /// Orders the directory updates of one user on this node (striped by user).
     presence_locks: Vec<tokio::sync::Mutex<()>>,
 }
+
+/// How long a link request waits for another device's answer.
+pub(crate) const LINK_REQUEST_TTL_SECS: u64 = 300;
 
 /// Stripes of [`Chat::presence_locks`].
 const PRESENCE_LOCKS: usize = 64;
@@ -171,7 +172,6 @@ impl Chat {
             members,
             devices,
             push_wake: Notify::new(),
-            limits: Limits::default(),
             presence_locks: (0..PRESENCE_LOCKS).map(|_| tokio::sync::Mutex::new(())).collect(),
         })
     }
@@ -230,6 +230,43 @@ impl Chat {
         }
         let frame = ServerFrame::DeviceLinked { device_id: linked.device, name, replaced: linked.replaced }.encode();
         self.fan_out(std::slice::from_ref(user), Event::Frame(frame)).await;
+    }
+
+    /// Stores a signed-in device's request to link another named `name`, and asks the user's
+    /// devices to approve it. Returns the request's id.
+    pub(crate) async fn request_link(&self, user: &UserId, asker: DeviceId, name: &str) -> Result<String, ApiError> {
+        let mut id = [0u8; 16];
+        getrandom::fill(&mut id).expect("the OS random source works");
+        let id = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(id);
+        let expires_at = now_ms() + LINK_REQUEST_TTL_SECS as i64 * 1000;
+        self.store.create_link_request(&id, user, &asker, name, expires_at).await?;
+        let frame = ServerFrame::LinkRequest { request: &id, name, requested_by: asker }.encode();
+        self.fan_out(std::slice::from_ref(user), Event::Frame(frame)).await;
+        Ok(id)
+    }
+
+    /// `approver` (a device of `user`) approves or denies a link request; an approval links the
+    /// device, which every device of the user hears of (`device_linked`).
+    pub(crate) async fn answer_link(
+        &self,
+        user: &UserId,
+        approver: DeviceId,
+        request: &str,
+        approve: bool,
+    ) -> Result<(), ApiError> {
+        match self.store.answer_link_request(request, user, &approver, approve, now_ms()).await? {
+            LinkAnswer::Answered { name, requested_by } => {
+                if approve {
+                    let linked = self.store.add_device(user, &name).await?;
+                    self.store.set_link_device(request, &linked.device).await?;
+                    tracing::info!(%user, %approver, %requested_by, device = %linked.device, "a device link was approved");
+                    self.linked(user, linked, &name).await;
+                }
+                Ok(())
+            }
+            LinkAnswer::OwnRequest => Err(ApiError::OwnLinkRequest),
+            LinkAnswer::Unknown => Err(ApiError::NotFound("link request")),
+        }
     }
 
     /// The members of a conversation, for fan-out.
@@ -418,15 +455,19 @@ impl Chat {
         Ok(acked)
     }
 
-    /// Tells the user's connected contacts that they came online or went offline.
+    /// Tells the user's audience (their contacts, and whoever they have exchanged messages with
+    /// both ways) that they came online or went offline; the time only if they share it.
     pub(crate) async fn announce_presence(&self, user: &UserId, online: bool, last_seen: i64) {
-        let contacts = match self.store.contacts(user).await {
-            Ok(c) => c,
-            Err(e) => return tracing::warn!(error = %e, "could not load contacts for presence"),
+        let (audience, privacy) = match tokio::try_join!(self.store.audience(user), self.store.privacy(user)) {
+            Ok(both) => both,
+            Err(e) => return tracing::warn!(error = %e, "could not load the audience of a presence"),
         };
-        let contacts: Vec<UserId> = contacts.into_iter().map(|c| c.user).collect();
+        if audience.is_empty() {
+            return;
+        }
+        let last_seen = if privacy.share_last_seen { last_seen } else { 0 };
         let frame = ServerFrame::Presence { user, online, last_seen }.encode();
-        self.fan_out(&contacts, Event::Frame(frame)).await;
+        self.fan_out(&audience, Event::Frame(frame)).await;
     }
 
     /// Mints an access token for a device.

@@ -65,6 +65,12 @@ pub struct AuthConfig {
     /// whose answer was lost; later, or from elsewhere, it is a copy and logs the device out.
     /// Default 30.
     pub refresh_grace_secs: u64,
+    /// Verification SMS sent to one country calling code per hour, across all nodes: toll fraud
+    /// pumps codes to one country's premium numbers. Default 500.
+    pub sms_per_country_per_hour: u32,
+    /// The hourly cap for particular calling codes, in place of the default: `{"44" = 2000}`; 0
+    /// sends no codes there. Default none.
+    pub sms_country_limits: std::collections::BTreeMap<String, u32>,
 }
 
 impl Default for AuthConfig {
@@ -75,6 +81,8 @@ impl Default for AuthConfig {
             access_token_secs: 3600,
             refresh_token_days: 60,
             refresh_grace_secs: 30,
+            sms_per_country_per_hour: 500,
+            sms_country_limits: Default::default(),
         }
     }
 }

@@ -4,7 +4,7 @@ use axum::Json;
 use axum::extract::rejection::JsonRejection;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use types::ErrorBody;
+use types::{ErrorBody, UserId};
 
 use crate::store::{CodeCheck, StoreError};
 
@@ -17,7 +17,15 @@ pub(crate) enum ApiError {
     UnknownMedia,
     DeviceRequired,
     Media(String),
-    RateLimited,
+    RateLimited {
+        retry_after_secs: u64,
+    },
+    /// The device that asked for a link tried to approve it itself.
+    OwnLinkRequest,
+    /// Another of the user's devices denied the link.
+    LinkDenied,
+    /// The operator sends no codes to this country calling code.
+    CountryUnavailable(u16),
     Code(CodeCheck),
     BadRefreshToken,
     NotFound(&'static str),
@@ -44,6 +52,10 @@ impl ApiError {
             ApiError::Store(e @ StoreError::TooManyMembers) => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "too_many_members", e.to_string())
             }
+            ApiError::Store(StoreError::UnknownUsers(users)) => {
+                let users: Vec<&str> = users.iter().map(UserId::as_str).collect();
+                (StatusCode::NOT_FOUND, "unknown_user", format!("no such users: {}", users.join(", ")))
+            }
             ApiError::Store(StoreError::Invalid(m)) | ApiError::Invalid(m) => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", m)
             }
@@ -61,9 +73,24 @@ impl ApiError {
                 tracing::error!(error = %e, "media access failed");
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal", "something went wrong on our side; try again".into())
             }
-            ApiError::RateLimited => {
-                (StatusCode::TOO_MANY_REQUESTS, "rate_limited", "too many requests; wait a while and try again".into())
+            ApiError::RateLimited { retry_after_secs } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!("too many requests; try again in {retry_after_secs} s"),
+            ),
+            ApiError::OwnLinkRequest => (
+                StatusCode::FORBIDDEN,
+                "own_link_request",
+                "a link is approved by another of your devices, not by the one that asked".into(),
+            ),
+            ApiError::LinkDenied => {
+                (StatusCode::FORBIDDEN, "link_denied", "another of your devices denied this link".into())
             }
+            ApiError::CountryUnavailable(code) => (
+                StatusCode::FORBIDDEN,
+                "country_unavailable",
+                format!("this server sends no verification codes to numbers starting +{code}"),
+            ),
             ApiError::Code(check) => {
                 let (code, message) = match check {
                     CodeCheck::Wrong | CodeCheck::Valid => ("wrong_code", "that is not the code we sent"),
@@ -95,8 +122,16 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let retry_after = match &self {
+            ApiError::RateLimited { retry_after_secs } => Some(*retry_after_secs),
+            _ => None,
+        };
         let (status, code, message) = self.parts();
-        (status, Json(ErrorBody::new(code, message))).into_response()
+        let mut response = (status, Json(ErrorBody::new(code, message))).into_response();
+        if let Some(secs) = retry_after {
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        response
     }
 }
 

@@ -47,6 +47,14 @@ pub(crate) enum ServerFrame<'a> {
         #[serde(skip_serializing_if = "Option::is_none")]
         replaced: Option<types::DeviceId>,
     },
+    /// A device of this account asks for another to be linked; another device answers it with a
+    /// `link_answer` frame.
+    #[serde(rename = "link_request")]
+    LinkRequest {
+        request: &'a str,
+        name: &'a str,
+        requested_by: types::DeviceId,
+    },
     /// The device's cursor fell behind retention: messages before `oldest_seq` are gone.
     Expired {
         conversation: ConversationId,

@@ -24,6 +24,7 @@ use serde_json::Value;
 use types::{ConversationId, DeviceId, ErrorBody, TokenError, UserId};
 
 use crate::chat::{Chat, now_ms};
+use crate::error::ApiError;
 use crate::frames::{ServerFrame, message_frame};
 use crate::hub::{Event, Lagged};
 use crate::store::{Appended, MAX_BODY_BYTES, MAX_PAGE, StoreError};
@@ -105,10 +106,27 @@ struct Stop;
 #[derive(Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 enum ClientFrame {
-    Send { client_id: String, conversation: String, body: Value },
-    Ack { conversation: String, seq: i64 },
-    Read { conversation: String, seq: i64 },
-    Typing { conversation: String },
+    Send {
+        client_id: String,
+        conversation: String,
+        body: Value,
+    },
+    Ack {
+        conversation: String,
+        seq: i64,
+    },
+    Read {
+        conversation: String,
+        seq: i64,
+    },
+    Typing {
+        conversation: String,
+    },
+    #[serde(rename = "link_answer")]
+    LinkAnswer {
+        request: String,
+        approve: bool,
+    },
 }
 
 struct Connection {
@@ -252,7 +270,7 @@ impl Connection {
                 }
             }
         }
-        let contacts = self.chat.store.contacts(&self.user).await.map_err(|e| self.fail(e))?;
+        let contacts = self.chat.store.watched(&self.user).await.map_err(|e| self.fail(e))?;
         let users: Vec<UserId> = contacts.iter().map(|c| c.user.clone()).collect();
         let online_now = self.chat.online(&users).await;
         for c in contacts {
@@ -432,6 +450,16 @@ impl Connection {
             ClientFrame::Ack { conversation, seq } => self.on_ack(&conversation, seq, false).await,
             ClientFrame::Read { conversation, seq } => self.on_ack(&conversation, seq, true).await,
             ClientFrame::Typing { conversation } => self.on_typing(&conversation).await,
+            ClientFrame::LinkAnswer { request, approve } => {
+                match self.chat.answer_link(&self.user, self.device, &request, approve).await {
+                    Ok(()) => Ok(()),
+                    Err(ApiError::Store(e @ (StoreError::Database(_) | StoreError::Corrupt(_)))) => Err(self.fail(e)),
+                    Err(e) => {
+                        let (_, code, message) = e.parts();
+                        self.error(code, &message, None).await
+                    }
+                }
+            }
         }
     }
 
@@ -493,7 +521,13 @@ impl Connection {
             self.typing.clear();
         }
         self.typing.insert(conversation, now);
-        let others: Vec<UserId> = members.iter().filter(|u| **u != self.user).cloned().collect();
+        // Only to the members in the typist's audience: not to a stranger's message request.
+        let audience = self.chat.store.audience(&self.user).await.map_err(|e| self.fail(e))?;
+        let others: Vec<UserId> =
+            members.iter().filter(|u| **u != self.user && audience.contains(u)).cloned().collect();
+        if others.is_empty() {
+            return Ok(());
+        }
         let frame = ServerFrame::Typing { conversation, user: &self.user }.encode();
         self.chat.fan_out(&others, Event::Frame(frame)).await;
         Ok(())

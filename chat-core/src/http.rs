@@ -10,15 +10,17 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use axum::{Extension, Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use types::{Claims, ConversationId, DeviceId, UserId};
 
-use crate::chat::Chat;
+use crate::chat::{Chat, LINK_REQUEST_TTL_SECS};
 use crate::error::{ApiError, json_body};
-use crate::store::{Appended, Conversation, ConversationKind, Message, StoreError};
+use crate::limits;
+use crate::privacy;
+use crate::store::{Appended, Conversation, ConversationKind, LinkState, Message, StoreError};
 
 /// Lifetime of a device-bound access token, in seconds.
 const DEVICE_TOKEN_TTL: u64 = 24 * 3600;
@@ -34,7 +36,12 @@ pub(crate) fn routes(chat: Arc<Chat>) -> Router {
         .route("/v1/conversations/{id}/members/{user}", delete(remove_member))
         .route("/v1/conversations/{id}/messages", post(send).get(history))
         .route("/v1/devices/{id}", delete(unlink_device))
+        .route("/v1/devices/requests", post(request_link))
+        .route("/v1/devices/requests/{id}", get(link_status))
         .route("/v1/users/lookup", get(crate::accounts::lookup))
+        .route("/v1/contacts", get(privacy::list).put(privacy::replace))
+        .route("/v1/contacts/{user}", put(privacy::add).delete(privacy::remove))
+        .route("/v1/privacy", get(privacy::get_privacy).put(privacy::put_privacy))
         .with_state(chat)
 }
 
@@ -80,10 +87,55 @@ async fn link_device(
     }
     let linked = chat.store.add_device(&claims.sub, name.trim()).await?;
     chat.linked(&claims.sub, linked, name.trim()).await;
-    let device = linked.device;
-    let token = chat.keys.mint_for_device(&claims.sub, device, now().0, DEVICE_TOKEN_TTL);
-    let body = json!({"user_id": claims.sub, "device_id": device.to_string(), "access_token": token, "expires_in": DEVICE_TOKEN_TTL});
-    Ok((StatusCode::CREATED, Json(body)))
+    Ok((StatusCode::CREATED, Json(device_session(&chat, &claims.sub, linked.device))))
+}
+
+/// A newly linked device's ids and access token.
+fn device_session(chat: &Chat, user: &UserId, device: DeviceId) -> Value {
+    let token = chat.keys.mint_for_device(user, device, now().0, DEVICE_TOKEN_TTL);
+    json!({"user_id": user, "device_id": device.to_string(), "access_token": token, "expires_in": DEVICE_TOKEN_TTL})
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LinkRequest {
+    name: String,
+}
+
+/// `POST /v1/devices/requests {"name"}`: asks the user's other devices to approve linking one more
+/// (the way to link without an SMS code). 202 with the request's id; the other devices get a
+/// `link_request` frame and answer it over the gateway.
+async fn request_link(
+    State(chat): State<Arc<Chat>>,
+    Extension(claims): Extension<Claims>,
+    body: Result<Json<LinkRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let LinkRequest { name } = json_body(body)?;
+    let name = name.trim();
+    if name.is_empty() || name.len() > MAX_NAME {
+        return Err(ApiError::Invalid(format!("a device name is 1 to {MAX_NAME} bytes")));
+    }
+    let device = device(&claims)?;
+    // Each request prompts the user's devices: a stolen token cannot flood them with prompts.
+    chat.limit(limits::LINKS_PER_USER, claims.sub.as_str()).await?;
+    let request = chat.request_link(&claims.sub, device, name).await?;
+    Ok((StatusCode::ACCEPTED, Json(json!({ "request_id": request, "expires_in": LINK_REQUEST_TTL_SECS }))))
+}
+
+/// `GET /v1/devices/requests/{id}`: for the device that asked, where its request stands: 202
+/// pending, 201 with the new device's token once approved (handed over once), 403 `link_denied`.
+async fn link_status(
+    State(chat): State<Arc<Chat>>,
+    Extension(claims): Extension<Claims>,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let device = device(&claims)?;
+    match chat.store.collect_link(&id, &claims.sub, &device, now().1).await? {
+        LinkState::Pending => Ok((StatusCode::ACCEPTED, Json(json!({ "status": "pending" })))),
+        LinkState::Linked(new) => Ok((StatusCode::CREATED, Json(device_session(&chat, &claims.sub, new)))),
+        LinkState::Denied => Err(ApiError::LinkDenied),
+        LinkState::Unknown => Err(ApiError::NotFound("link request")),
+    }
 }
 
 #[derive(Deserialize)]

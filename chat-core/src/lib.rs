@@ -10,7 +10,8 @@
 //! it depends on `types` only.
 //!
 //! Modules import downward only, in this order: `store`, then `frames`, `hub`, `bus` and `error`,
-//! then `chat` (the service), then `accounts`, `http`, `gateway` and `tasks` (its faces).
+//! then `chat` (the service) and `limits` (its shared rate limits), then `accounts`, `http`,
+//! `privacy`, `gateway` and `tasks` (its faces).
 
 mod accounts;
 mod bus;
@@ -22,6 +23,7 @@ mod gateway;
 mod http;
 mod hub;
 mod limits;
+mod privacy;
 mod store;
 mod tasks;
 
@@ -36,9 +38,10 @@ pub use config::{AuthConfig, ChatConfig};
 pub use gateway::{CLOSE_IDLE, CLOSE_LOGGED_OUT, CLOSE_REPLACED, CLOSE_TOO_SLOW, MAX_CLIENT_FRAME};
 pub use hub::Hub;
 pub use store::{
-    Acked, Appended, CodeCheck, Contact, Conversation, ConversationKind, ConversationSummary, Cursor, DeviceInfo,
-    Linked, MAX_BODY_BYTES, MAX_CLIENT_ID_LEN, MAX_CODE_ATTEMPTS, MAX_DEVICES, MAX_GROUP_MEMBERS, MAX_PAGE,
-    MAX_PAGE_BYTES, Message, PendingPush, Receipt, Role, Rotation, Spend, Store, StoreError, SyncState, Write, Written,
+    Acked, Appended, CodeCheck, Contact, ContactEntry, Conversation, ConversationKind, ConversationSummary, Cursor,
+    DeviceInfo, LinkAnswer, LinkState, Linked, MAX_BODY_BYTES, MAX_CLIENT_ID_LEN, MAX_CODE_ATTEMPTS, MAX_CONTACTS,
+    MAX_DEVICES, MAX_GROUP_MEMBERS, MAX_PAGE, MAX_PAGE_BYTES, Message, PendingPush, Privacy, Receipt, Role, Rotation,
+    Spend, Store, StoreError, SyncState, Write, Written,
 };
 
 impl Chat {

@@ -35,7 +35,8 @@ impl Chat {
             tokio::select! {
                 _ = retention.tick() => {
                     self.purge_old().await;
-                    self.limits.shrink();
+                    self.sweep_limits().await;
+                    self.sweep_link_requests().await;
                 }
                 _ = stopped(&mut stop) => break,
             }

@@ -69,7 +69,9 @@ conformance!(
     cursors_only_move_forward_and_count_unread,
     devices_per_user_are_bounded,
     removing_a_device_takes_its_cursors_and_tokens,
-    contacts_and_fanout_follow_membership,
+    fanout_follows_membership,
+    presence_goes_to_contacts_and_to_answered_direct_chats,
+    rate_limits_let_a_burst_through_then_one_per_interval,
     the_push_outbox_keeps_one_pending_push_per_conversation,
     retention_purges_old_messages_and_says_how_far,
     phone_codes_expire_and_lock,
@@ -330,6 +332,12 @@ async fn cursors_only_move_forward_and_count_unread(store: Store) {
     assert_eq!(unread(&store.conversations(&bob, &bobs_phone).await.unwrap()), 5);
     assert_eq!(unread(&store.conversations(&alice, &alices).await.unwrap()), 0, "own messages are not unread");
 
+    // Until bob answers, the conversation is a message request: his receipt moves but is not shared.
+    let unanswered = store.ack(&bob, &bobs_phone, &chat.id, 1).await.unwrap();
+    assert_eq!((unanswered.device.delivered, unanswered.receipt), (1, None));
+    assert!(store.receipts(&alice).await.unwrap().is_empty(), "a message request shares no receipts");
+    store.append(&chat.id, &bob, &bobs_phone, "b1", "{}", 6).await.unwrap();
+
     let acked = store.ack(&bob, &bobs_phone, &chat.id, 3).await.unwrap();
     assert_eq!(acked.device, Cursor { delivered: 3, read: 0 });
     assert_eq!(acked.receipt, Some(Cursor { delivered: 3, read: 0 }), "bob's receipt moved");
@@ -337,27 +345,27 @@ async fn cursors_only_move_forward_and_count_unread(store: Store) {
     assert_eq!((back.device.delivered, back.receipt), (3, None), "a cursor moved back");
     assert_eq!(
         store.ack(&bob, &bobs_phone, &chat.id, 99).await.unwrap().device.delivered,
-        5,
+        6,
         "a cursor passed the log"
     );
     let read = store.mark_read(&bob, &bobs_phone, &chat.id, 4).await.unwrap();
-    assert_eq!(read.device, Cursor { delivered: 5, read: 4 });
-    assert_eq!(read.receipt, Some(Cursor { delivered: 5, read: 4 }));
+    assert_eq!(read.device, Cursor { delivered: 6, read: 4 });
+    assert_eq!(read.receipt, Some(Cursor { delivered: 6, read: 4 }));
     // Another device behind the first moves its own cursor but not the user's receipt.
     let laptop = store.ack(&bob, &bobs_laptop, &chat.id, 2).await.unwrap();
     assert_eq!((laptop.device.delivered, laptop.receipt), (2, None));
     let receipts = store.receipts(&alice).await.unwrap();
     assert_eq!(receipts.len(), 1);
-    assert_eq!((receipts[0].user.clone(), receipts[0].cursor), (bob.clone(), Cursor { delivered: 5, read: 4 }));
+    assert_eq!((receipts[0].user.clone(), receipts[0].cursor), (bob.clone(), Cursor { delivered: 6, read: 4 }));
     assert!(store.receipts(&bob).await.unwrap().is_empty(), "alice has acked nothing");
     assert_eq!(unread(&store.conversations(&bob, &bobs_phone).await.unwrap()), 1);
     // Cursors are per device: the laptop has read nothing.
     assert_eq!(unread(&store.conversations(&bob, &bobs_laptop).await.unwrap()), 5);
     let sync = store.sync_state(&bob, &bobs_laptop).await.unwrap();
-    assert_eq!(sync, vec![SyncState { conversation: chat.id, last_seq: 5, delivered: 2, purged_upto: 0 }]);
-    assert_eq!(store.sync_one(&bob, &bobs_phone, &chat.id).await.unwrap().delivered, 5);
+    assert_eq!(sync, vec![SyncState { conversation: chat.id, last_seq: 6, delivered: 2, purged_upto: 0 }]);
+    assert_eq!(store.sync_one(&bob, &bobs_phone, &chat.id).await.unwrap().delivered, 6);
     let listed = store.conversations(&bob, &bobs_phone).await.unwrap();
-    assert_eq!(listed[0].conversation.last_seq, 5);
+    assert_eq!(listed[0].conversation.last_seq, 6);
 }
 
 async fn removing_a_device_takes_its_cursors_and_tokens(store: Store) {
@@ -375,23 +383,89 @@ async fn removing_a_device_takes_its_cursors_and_tokens(store: Store) {
     assert_eq!(store.sync_one(&bob, &phone, &chat.id).await.unwrap().delivered, 0, "its cursor went with it");
 }
 
-async fn contacts_and_fanout_follow_membership(store: Store) {
-    let (alice, bob, carol, dave) = (user("alice"), user("bob"), user("carol"), user("dave"));
+async fn fanout_follows_membership(store: Store) {
+    let (alice, bob, carol) = (user("alice"), user("bob"), user("carol"));
     let group = store.create_group(&alice, "g", &[bob.clone(), carol.clone()]).await.unwrap();
-    store.direct(&alice, &dave).await.unwrap();
     let mut members = store.member_ids(&group.id).await.unwrap();
     members.sort();
     assert_eq!(members, vec![alice.clone(), bob.clone(), carol.clone()]);
-    let mut contacts: Vec<UserId> = store.contacts(&alice).await.unwrap().into_iter().map(|c| c.user).collect();
-    contacts.sort();
-    assert_eq!(contacts, vec![bob.clone(), carol.clone(), dave.clone()], "each contact once, never alice herself");
-    store.set_last_seen(&bob, 1234).await.unwrap();
-    let seen = store.contacts(&carol).await.unwrap();
-    assert_eq!(seen.iter().find(|c| c.user == bob).unwrap().last_seen, 1234);
     store.remove_member(&group.id, &alice, &carol).await.unwrap();
     assert!(!store.member_ids(&group.id).await.unwrap().contains(&carol));
-    assert!(store.contacts(&carol).await.unwrap().is_empty());
     assert!(matches!(store.sync_one(&carol, &types::DeviceId::new(), &group.id).await, Err(StoreError::NotMember)));
+}
+
+fn sorted(mut users: Vec<UserId>) -> Vec<UserId> {
+    users.sort();
+    users
+}
+
+async fn presence_goes_to_contacts_and_to_answered_direct_chats(store: Store) {
+    let (alice, bob, carol, dave) = (user("alice"), user("bob"), user("carol"), user("dave"));
+    let device = types::DeviceId::new();
+    // A stranger who writes first earns nothing until the other answers.
+    let direct = store.direct(&bob, &alice).await.unwrap();
+    store.append(&direct.id, &bob, &device, "b1", "{}", 1).await.unwrap();
+    assert!(store.audience(&alice).await.unwrap().is_empty());
+    assert!(store.audience(&bob).await.unwrap().is_empty());
+    assert!(store.watched(&bob).await.unwrap().is_empty());
+    store.append(&direct.id, &alice, &device, "a1", "{}", 2).await.unwrap();
+    assert_eq!(store.audience(&alice).await.unwrap(), vec![bob.clone()]);
+    assert_eq!(store.audience(&bob).await.unwrap(), vec![alice.clone()]);
+    // Talking in a group is not talking to each other.
+    let group = store.create_group(&alice, "g", std::slice::from_ref(&carol)).await.unwrap();
+    store.append(&group.id, &alice, &device, "g1", "{}", 3).await.unwrap();
+    store.append(&group.id, &carol, &device, "g2", "{}", 4).await.unwrap();
+    assert_eq!(store.audience(&alice).await.unwrap(), vec![bob.clone()]);
+
+    // A contact sees the user who added them, not the other way round.
+    store.add_device(&dave, "phone").await.unwrap();
+    let err = store.add_contacts(&alice, &[dave.clone(), user("nobody")], false).await.unwrap_err();
+    assert!(matches!(err, StoreError::UnknownUsers(ref u) if *u == vec![user("nobody")]), "{err:?}");
+    assert!(store.contact_list(&alice).await.unwrap().is_empty(), "a refused list adds nobody");
+    store.add_contacts(&alice, &[dave.clone(), alice.clone(), dave.clone()], false).await.unwrap();
+    let listed: Vec<UserId> = store.contact_list(&alice).await.unwrap().into_iter().map(|c| c.user).collect();
+    assert_eq!(listed, vec![dave.clone()], "once each, never oneself");
+    assert_eq!(sorted(store.audience(&alice).await.unwrap()), vec![bob.clone(), dave.clone()]);
+    assert!(store.audience(&dave).await.unwrap().is_empty());
+    store.set_last_seen(&alice, 1234).await.unwrap();
+    let seen = store.watched(&dave).await.unwrap();
+    assert_eq!((seen.len(), &seen[0].user, seen[0].last_seen), (1, &alice, 1234));
+    assert!(store.watched(&alice).await.unwrap().iter().all(|c| c.user != dave));
+
+    // Last seen can be kept to oneself.
+    assert!(store.privacy(&alice).await.unwrap().share_last_seen);
+    store.set_privacy(&alice, chat_core::Privacy { share_last_seen: false }).await.unwrap();
+    assert!(!store.privacy(&alice).await.unwrap().share_last_seen);
+    assert_eq!(store.watched(&dave).await.unwrap()[0].last_seen, 0);
+
+    // Replacing the list and removing a contact take effect at once.
+    store.add_contacts(&alice, std::slice::from_ref(&carol), true).await.unwrap();
+    assert_eq!(sorted(store.audience(&alice).await.unwrap()), vec![bob.clone(), carol.clone()]);
+    assert!(store.remove_contact(&alice, &carol).await.unwrap());
+    assert!(!store.remove_contact(&alice, &carol).await.unwrap());
+    assert_eq!(store.audience(&alice).await.unwrap(), vec![bob.clone()]);
+}
+
+async fn rate_limits_let_a_burst_through_then_one_per_interval(store: Store) {
+    let take = |key: &'static str, now: i64| {
+        let store = store.clone();
+        async move { store.take_token("test", key, 1000, 3, now).await.unwrap() }
+    };
+    for _ in 0..3 {
+        assert_eq!(take("a", 10_000).await, None);
+    }
+    let wait = take("a", 10_000).await.expect("the fourth at once is refused");
+    assert_eq!(wait, 1000, "the next token comes an interval after the burst");
+    assert_eq!(take("b", 10_000).await, None, "each key has its own bucket");
+    assert_eq!(take("a", 10_500).await, Some(500));
+    assert_eq!(take("a", 11_000).await, None);
+    assert!(take("a", 11_000).await.is_some());
+    // Concurrent takes never let more through than the bucket holds.
+    let taken = join_all((0..20).map(|_| take("c", 50_000))).await;
+    assert_eq!(taken.iter().filter(|t| t.is_none()).count(), 3);
+    // Buckets that are full again are forgotten; the others are kept.
+    assert_eq!(store.sweep_limits(12_500).await.unwrap(), 1, "b is full again by then");
+    assert!(take("a", 12_500).await.is_none());
 }
 
 async fn the_push_outbox_keeps_one_pending_push_per_conversation(store: Store) {
@@ -549,6 +623,8 @@ async fn batch_contract(store: Store) {
     let chat = store.direct(&alice, &bob).await.unwrap();
     let device = store.add_device(&alice, "a").await.unwrap().device;
     let bobs = store.add_device(&bob, "b").await.unwrap().device;
+    // Bob has written (seq 1): his receipts are shared.
+    store.append(&chat.id, &bob, &bobs, "hello", "{}", 1).await.unwrap();
     let append = |sender: &UserId, client_id: &str| Write::Append {
         conversation: chat.id,
         sender: sender.clone(),
@@ -561,11 +637,11 @@ async fn batch_contract(store: Store) {
         append(&alice, "one"),
         append(&eve, "intruder"),
         append(&alice, "one"),
-        Write::Ack { user: bob.clone(), device: bobs, conversation: chat.id, seq: 1, read: false },
-        Write::Ack { user: eve.clone(), device: bobs, conversation: chat.id, seq: 1, read: false },
+        Write::Ack { user: bob.clone(), device: bobs, conversation: chat.id, seq: 2, read: false },
+        Write::Ack { user: eve.clone(), device: bobs, conversation: chat.id, seq: 2, read: false },
         append(&alice, "two"),
         append(&alice, ""),
-        Write::Ack { user: bob.clone(), device: bobs, conversation: chat.id, seq: 2, read: true },
+        Write::Ack { user: bob.clone(), device: bobs, conversation: chat.id, seq: 3, read: true },
     ];
     let results = store.write_batch(batch.to_vec()).await;
     assert_eq!(results.len(), 8);
@@ -574,30 +650,30 @@ async fn batch_contract(store: Store) {
         _ => None,
     };
     assert!(matches!(results[0], Ok(Written::Appended(Appended::New(_)))));
-    assert_eq!(seq(&results[0]), Some(1));
+    assert_eq!(seq(&results[0]), Some(2));
     assert!(matches!(results[1], Err(StoreError::NotMember)));
     assert!(matches!(results[2], Ok(Written::Appended(Appended::Duplicate(_)))), "{:?}", results[2]);
-    assert_eq!(seq(&results[2]), Some(1));
+    assert_eq!(seq(&results[2]), Some(2));
     match &results[3] {
         Ok(Written::Acked(acked)) => {
-            assert_eq!(acked.device, Cursor { delivered: 1, read: 0 });
-            assert_eq!(acked.receipt, Some(Cursor { delivered: 1, read: 0 }), "bob's receipt moved");
+            assert_eq!(acked.device, Cursor { delivered: 2, read: 0 });
+            assert_eq!(acked.receipt, Some(Cursor { delivered: 2, read: 0 }), "bob's receipt moved");
         }
         other => panic!("{other:?}"),
     }
     assert!(matches!(results[4], Err(StoreError::NotMember)));
-    assert_eq!(seq(&results[5]), Some(2), "the refused writes took no seq");
+    assert_eq!(seq(&results[5]), Some(3), "the refused writes took no seq");
     assert!(matches!(results[6], Err(StoreError::Invalid(_))));
     match &results[7] {
         Ok(Written::Acked(acked)) => {
-            assert_eq!(acked.device, Cursor { delivered: 2, read: 2 });
-            assert_eq!(acked.receipt, Some(Cursor { delivered: 2, read: 2 }));
+            assert_eq!(acked.device, Cursor { delivered: 3, read: 3 });
+            assert_eq!(acked.receipt, Some(Cursor { delivered: 3, read: 3 }));
         }
         other => panic!("{other:?}"),
     }
     let log: Vec<i64> = store.messages_after(&chat.id, &bob, 0, 10).await.unwrap().iter().map(|m| m.seq).collect();
-    assert_eq!(log, vec![1, 2]);
-    assert_eq!(store.sync_one(&bob, &bobs, &chat.id).await.unwrap().delivered, 2);
+    assert_eq!(log, vec![1, 2, 3]);
+    assert_eq!(store.sync_one(&bob, &bobs, &chat.id).await.unwrap().delivered, 3);
     assert!(store.write_batch(Vec::new()).await.is_empty());
 }
 

@@ -179,6 +179,28 @@ impl Api {
         self.call(self.http.post(self.url("/v1/devices")).json(&json!({"name": name, "code": code}))).await
     }
 
+    /// Asks the account's other devices to approve linking one more named `name` (instead of an
+    /// SMS code); the request's id, to poll with `link_status`.
+    pub async fn request_link(&self, name: &str) -> Result<String, Error> {
+        let answer: Value =
+            self.call(self.http.post(self.url("/v1/devices/requests")).json(&json!({"name": name}))).await?;
+        Ok(answer["request_id"].as_str().unwrap_or_default().to_owned())
+    }
+
+    /// Where a link request stands: `None` while pending, the new device's session once approved
+    /// (handed over once); a denied one is the error `link_denied`.
+    pub async fn link_status(&self, request: &str) -> Result<Option<Session>, Error> {
+        let answer: Value = self.call(self.http.get(self.url(&format!("/v1/devices/requests/{request}")))).await?;
+        if answer["status"] == "pending" {
+            return Ok(None);
+        }
+        serde_json::from_value(answer).map(Some).map_err(|e| Error::Api {
+            status: 200,
+            code: "unexpected_response".into(),
+            message: e.to_string(),
+        })
+    }
+
     /// The account's linked devices.
     pub async fn devices(&self) -> Result<Vec<Device>, Error> {
         #[derive(Deserialize)]
@@ -198,6 +220,35 @@ impl Api {
     pub async fn lookup(&self, phone: &str) -> Result<String, Error> {
         let answer: Value = self.call(self.http.get(self.url("/v1/users/lookup")).query(&[("phone", phone)])).await?;
         Ok(answer["user_id"].as_str().unwrap_or_default().to_owned())
+    }
+
+    /// The caller's contacts (user ids). Presence and typing go to them, and to whoever the caller
+    /// has exchanged messages with both ways.
+    pub async fn contacts(&self) -> Result<Vec<String>, Error> {
+        let answer: Value = self.call(self.http.get(self.url("/v1/contacts"))).await?;
+        let contacts = answer["contacts"].as_array().map(Vec::as_slice).unwrap_or_default();
+        Ok(contacts.iter().filter_map(|c| c["user_id"].as_str().map(str::to_owned)).collect())
+    }
+
+    /// Makes `users` the caller's whole contact list (an address book after `lookup`).
+    pub async fn set_contacts(&self, users: &[&str]) -> Result<(), Error> {
+        self.call::<Value>(self.http.put(self.url("/v1/contacts")).json(&json!({"users": users}))).await.map(drop)
+    }
+
+    /// Adds one contact.
+    pub async fn add_contact(&self, user: &str) -> Result<(), Error> {
+        self.call::<Value>(self.http.put(self.url(&format!("/v1/contacts/{user}")))).await.map(drop)
+    }
+
+    /// Removes one contact.
+    pub async fn remove_contact(&self, user: &str) -> Result<(), Error> {
+        self.call::<Value>(self.http.delete(self.url(&format!("/v1/contacts/{user}")))).await.map(drop)
+    }
+
+    /// Whether presence frames about the caller carry the time they were last online.
+    pub async fn share_last_seen(&self, share: bool) -> Result<(), Error> {
+        let body = json!({"share_last_seen": share});
+        self.call::<Value>(self.http.put(self.url("/v1/privacy")).json(&body)).await.map(drop)
     }
 
     /// The one direct conversation with `other`.

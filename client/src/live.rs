@@ -92,6 +92,14 @@ pub enum Event {
         name: String,
         replaced: Option<String>,
     },
+    /// Device `requested_by` of this account asks to link another named `name`. The app asks its
+    /// user and answers with `Live::answer_link`; a request the user did not make means someone
+    /// else holds that device's token (deny it, and unlink that device).
+    LinkRequest {
+        request: String,
+        name: String,
+        requested_by: String,
+    },
     /// The connection is up (again); replay follows.
     Connected,
     /// The connection dropped; the SDK reconnects unless the server refused the device, or closed
@@ -141,6 +149,12 @@ enum ServerFrame {
         device_id: String,
         name: String,
         replaced: Option<String>,
+    },
+    #[serde(rename = "link_request")]
+    LinkRequest {
+        request: String,
+        name: String,
+        requested_by: String,
     },
 }
 
@@ -230,6 +244,13 @@ impl Live {
     /// Marks a conversation read up to `seq`.
     pub async fn read(&self, conversation: &str, seq: i64) -> Result<(), Error> {
         let frame = json!({"type": "read", "conversation": conversation, "seq": seq});
+        self.commands.send(Command::Frame(frame)).await.map_err(|_| Error::Closed)
+    }
+
+    /// Approves (or denies) another device's request to link one more (`Event::LinkRequest`).
+    /// An approval links it: every device hears `Event::DeviceLinked`.
+    pub async fn answer_link(&self, request: &str, approve: bool) -> Result<(), Error> {
+        let frame = json!({"type": "link_answer", "request": request, "approve": approve});
         self.commands.send(Command::Frame(frame)).await.map_err(|_| Error::Closed)
     }
 
@@ -429,6 +450,9 @@ impl Worker {
             ServerFrame::Presence { user, online, last_seen } => Event::Presence { user, online, last_seen },
             ServerFrame::DeviceLinked { device_id, name, replaced } => {
                 Event::DeviceLinked { device_id, name, replaced }
+            }
+            ServerFrame::LinkRequest { request, name, requested_by } => {
+                Event::LinkRequest { request, name, requested_by }
             }
             ServerFrame::Expired { conversation, oldest_seq } => {
                 let cursor = self.cursors.entry(conversation.clone()).or_insert(0);

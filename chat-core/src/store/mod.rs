@@ -216,13 +216,35 @@ pub struct Receipt {
     pub cursor: Cursor,
 }
 
-/// Someone who shares a conversation with the asking user.
+/// Someone whose presence the asking user may see (see [`Store::watched`]).
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct Contact {
     #[sqlx(rename = "user_id")]
     pub user: UserId,
-    /// Unix ms when their last device went offline; 0 if never.
+    /// Unix ms when their last device went offline; 0 if never, or if they do not share it.
     pub last_seen: i64,
+}
+
+/// One of a user's own contacts.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct ContactEntry {
+    #[sqlx(rename = "contact_id")]
+    pub user: UserId,
+    /// Unix ms when it was added.
+    pub created_at: i64,
+}
+
+/// What a user shares about themselves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Privacy {
+    /// Whether the time they were last online goes out with their presence.
+    pub share_last_seen: bool,
+}
+
+impl Default for Privacy {
+    fn default() -> Self {
+        Self { share_last_seen: true }
+    }
 }
 
 /// A device linked to a user.
@@ -268,6 +290,9 @@ pub enum StoreError {
     TooManyMembers,
     #[error("{0}")]
     Invalid(String),
+    /// Users named in a request who do not exist.
+    #[error("no such users: {0:?}")]
+    UnknownUsers(Vec<UserId>),
     #[error("database: {0}")]
     Database(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("bad data in the database: {0}")]
@@ -562,9 +587,118 @@ impl Store {
         each!(self, s => s.receipts(user).await)
     }
 
-    /// Everyone who shares a conversation with `user`.
-    pub async fn contacts(&self, user: &UserId) -> Result<Vec<Contact>, StoreError> {
-        each!(self, s => s.contacts(user).await)
+    /// Who sees `user`'s presence and typing: the contacts `user` added, and whoever `user` has
+    /// exchanged messages with both ways in a direct conversation.
+    pub async fn audience(&self, user: &UserId) -> Result<Vec<UserId>, StoreError> {
+        each!(self, s => s.audience(user).await)
+    }
+
+    /// Whose presence `user` sees: everyone whose [`Store::audience`] holds `user`, with their
+    /// last-seen time where they share it.
+    pub async fn watched(&self, user: &UserId) -> Result<Vec<Contact>, StoreError> {
+        each!(self, s => s.watched(user).await)
+    }
+
+    /// `user`'s own contacts, oldest first.
+    pub async fn contact_list(&self, user: &UserId) -> Result<Vec<ContactEntry>, StoreError> {
+        each!(self, s => s.contact_list(user).await)
+    }
+
+    /// Adds `contacts` to `user`'s (or, with `replace`, makes them the whole list). Unknown users
+    /// refuse the lot ([`StoreError::UnknownUsers`]), as does passing [`MAX_CONTACTS`]; `user`
+    /// is never their own contact.
+    pub async fn add_contacts(&self, user: &UserId, contacts: &[UserId], replace: bool) -> Result<(), StoreError> {
+        let mut distinct: Vec<UserId> = contacts.iter().filter(|c| *c != user).cloned().collect();
+        distinct.sort();
+        distinct.dedup();
+        if distinct.len() > MAX_CONTACTS {
+            return Err(StoreError::Invalid(format!("a user keeps at most {MAX_CONTACTS} contacts")));
+        }
+        each!(self, s => s.add_contacts(user, &distinct, replace, now_ms()).await)
+    }
+
+    /// Takes `contact` off `user`'s contacts; false if it was not on them.
+    pub async fn remove_contact(&self, user: &UserId, contact: &UserId) -> Result<bool, StoreError> {
+        each!(self, s => s.remove_contact(user, contact).await)
+    }
+
+    /// What `user` shares ([`Privacy::default`] for a user never seen).
+    pub async fn privacy(&self, user: &UserId) -> Result<Privacy, StoreError> {
+        each!(self, s => s.privacy(user).await)
+    }
+
+    /// Sets what `user` shares.
+    pub async fn set_privacy(&self, user: &UserId, privacy: Privacy) -> Result<(), StoreError> {
+        each!(self, s => s.set_privacy(user, privacy, now_ms()).await)
+    }
+
+    /// Takes one request from the rate limit `bucket` of `key`, which lets `burst` through at once
+    /// and one more every `every_ms` (GCRA). `None` when it may go ahead; else how many ms until
+    /// it could. All nodes on one database share the buckets.
+    pub async fn take_token(
+        &self,
+        bucket: &str,
+        key: &str,
+        every_ms: i64,
+        burst: i64,
+        now_ms: i64,
+    ) -> Result<Option<i64>, StoreError> {
+        let limit = Bucket { bucket, key, every_ms: every_ms.max(1), burst: burst.max(1), now_ms };
+        each!(self, s => s.take_token(&limit).await)
+    }
+
+    /// Stores `requested_by`'s request to link a device named `name`, pending until `expires_at_ms`.
+    pub async fn create_link_request(
+        &self,
+        request_id: &str,
+        user: &UserId,
+        requested_by: &DeviceId,
+        name: &str,
+        expires_at_ms: i64,
+    ) -> Result<(), StoreError> {
+        let request = NewLinkRequest { id: request_id, user, requested_by, name, expires_at_ms };
+        each!(self, s => s.create_link_request(&request).await)
+    }
+
+    /// Approves or denies a pending, unexpired link request of `user` from `approver`, which must be
+    /// another device than the one that asked. Once only: a second answer finds nothing pending.
+    pub async fn answer_link_request(
+        &self,
+        request_id: &str,
+        user: &UserId,
+        approver: &DeviceId,
+        approve: bool,
+        now_ms: i64,
+    ) -> Result<LinkAnswer, StoreError> {
+        let status = if approve { "approved" } else { "denied" };
+        each!(self, s => s.answer_link_request(request_id, user, approver, status, now_ms).await)
+    }
+
+    /// Records the device an approved request linked, for the asking device to collect.
+    pub async fn set_link_device(&self, request_id: &str, device: &DeviceId) -> Result<(), StoreError> {
+        each!(self, s => s.set_link_device(request_id, device).await)
+    }
+
+    /// Where `requested_by`'s request stands; an approved one is handed over once (`Linked`), and
+    /// is `Unknown` after that.
+    pub async fn collect_link(
+        &self,
+        request_id: &str,
+        user: &UserId,
+        requested_by: &DeviceId,
+        now_ms: i64,
+    ) -> Result<LinkState, StoreError> {
+        each!(self, s => s.collect_link(request_id, user, requested_by, now_ms).await)
+    }
+
+    /// Deletes link requests that expired before `before_ms`.
+    pub async fn sweep_link_requests(&self, before_ms: i64) -> Result<u64, StoreError> {
+        each!(self, s => s.sweep_link_requests(before_ms).await)
+    }
+
+    /// Forgets rate-limit buckets that are full again by `now_ms`; returns how many went.
+    pub async fn sweep_limits(&self, now_ms: i64) -> Result<u64, StoreError> {
+        each!(self, s => s.sweep_limits(now_ms).await)
     }
 
     /// Records when the user's last device went offline.
@@ -725,6 +859,67 @@ pub(crate) struct NewRefresh<'a> {
     now_ms: i64,
 }
 
+/// A link request to store.
+#[derive(Debug)]
+pub(crate) struct NewLinkRequest<'a> {
+    id: &'a str,
+    user: &'a UserId,
+    requested_by: &'a DeviceId,
+    name: &'a str,
+    expires_at_ms: i64,
+}
+
+/// What answering a link request did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkAnswer {
+    /// It was pending, and is answered now: the name the asking device gave, and that device.
+    Answered { name: String, requested_by: DeviceId },
+    /// The approver is the device that asked: a token alone cannot approve its own link.
+    OwnRequest,
+    /// No such pending request of this user (unknown, expired, or answered already).
+    Unknown,
+}
+
+/// Where a link request stands, for the device that asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkState {
+    Pending,
+    /// Approved: the new device, handed over now and never again.
+    Linked(DeviceId),
+    Denied,
+    /// Unknown, expired, or collected already.
+    Unknown,
+}
+
+/// Where a request that was not collected stands, from its status and expiry.
+fn link_state(status: Option<(String, i64)>, now_ms: i64) -> LinkState {
+    match status {
+        // An approved one whose device is still being linked is pending a moment longer.
+        Some((status, expires_at)) if (status == "pending" || status == "approved") && expires_at > now_ms => {
+            LinkState::Pending
+        }
+        Some((status, _)) if status == "denied" => LinkState::Denied,
+        _ => LinkState::Unknown,
+    }
+}
+
+/// One request against a rate limit.
+#[derive(Debug)]
+pub(crate) struct Bucket<'a> {
+    bucket: &'a str,
+    key: &'a str,
+    every_ms: i64,
+    burst: i64,
+    now_ms: i64,
+}
+
+impl Bucket<'_> {
+    /// How long a refused request waits, from the time the bucket is full again (`tat`).
+    fn wait_ms(&self, tat: i64) -> i64 {
+        (tat + self.every_ms - self.now_ms - self.burst * self.every_ms).max(1)
+    }
+}
+
 /// A phone's pending code after one more attempt was counted against it.
 #[derive(Debug, sqlx::FromRow)]
 pub(crate) struct PendingCode {
@@ -812,6 +1007,9 @@ pub enum Rotation {
     /// Unknown or expired.
     Invalid,
 }
+
+/// Most contacts one user may keep.
+pub const MAX_CONTACTS: usize = 5000;
 
 /// Most wrong guesses one code takes.
 pub const MAX_CODE_ATTEMPTS: i64 = 5;

@@ -9,9 +9,10 @@ use sqlx::{PgConnection, Postgres as Pg, Transaction};
 use types::{ConversationId, DeviceId, UserId};
 
 use super::{
-    Acked, Appended, Contact, Conversation, ConversationKind, ConversationSummary, Cursor, DeviceInfo, Linked,
-    MAX_DEVICES, MAX_GROUP_MEMBERS, Message, NewRefresh, PendingCode, PendingPush, Receipt, Role, Rotation, Spend,
-    StoreError, SyncState, Write, Written, check_message, newcomers, pair_key,
+    Acked, Appended, Bucket, Contact, ContactEntry, Conversation, ConversationKind, ConversationSummary, Cursor,
+    DeviceInfo, LinkAnswer, LinkState, Linked, MAX_CONTACTS, MAX_DEVICES, MAX_GROUP_MEMBERS, Message, NewLinkRequest,
+    NewRefresh, PendingCode, PendingPush, Privacy, Receipt, Role, Rotation, Spend, StoreError, SyncState, Write,
+    Written, check_message, link_state, newcomers, pair_key,
 };
 
 /// Users come into being the first time they are named.
@@ -119,11 +120,16 @@ const MOVE_CURSOR: &str = "
       read_seq = GREATEST(excluded.read_seq, chat_cursors.read_seq)
     RETURNING delivered_seq, read_seq";
 
-/// Raises the user's receipt to a device's cursors; a row comes back only when it moved.
+/// Raises the user's receipt to a device's cursors; a row comes back only when it moved, saying
+/// whether the user has answered there (else the receipt is not shared).
 const MOVE_RECEIPT: &str = "
     UPDATE chat_members SET delivered_seq = GREATEST($3, delivered_seq), read_seq = GREATEST($4, read_seq)
      WHERE conversation_id = $1 AND user_id = $2 AND (delivered_seq < $3 OR read_seq < $4)
-    RETURNING delivered_seq, read_seq";
+    RETURNING delivered_seq, read_seq, answered";
+
+/// The sender has answered in the conversation (written once, on their first message).
+const MARK_ANSWERED: &str =
+    "UPDATE chat_members SET answered = TRUE WHERE conversation_id = $1 AND user_id = $2 AND NOT answered";
 
 const MESSAGES_AFTER: &str = "
     SELECT conversation_id, seq, sender_user, sender_device, client_id, body, created_at FROM chat_messages
@@ -159,14 +165,89 @@ const RECEIPTS: &str = "
     SELECT o.conversation_id, o.user_id, o.delivered_seq, o.read_seq
       FROM chat_memberships m
       JOIN chat_members o ON o.conversation_id = m.conversation_id
-     WHERE m.user_id = $1 AND o.user_id <> $1 AND o.delivered_seq > 0";
+     WHERE m.user_id = $1 AND o.user_id <> $1 AND o.delivered_seq > 0 AND o.answered";
 
-const CONTACTS: &str = "
-    SELECT DISTINCT o.user_id, u.last_seen
-      FROM chat_memberships m
-      JOIN chat_members o ON o.conversation_id = m.conversation_id
-      JOIN chat_users u ON u.user_id = o.user_id
-     WHERE m.user_id = $1 AND o.user_id <> $1";
+/// Whoever `$1` has exchanged messages with both ways in a direct conversation.
+macro_rules! answered_both_ways {
+    () => {
+        "SELECT o.user_id FROM chat_memberships m
+           JOIN chat_conversations c ON c.conversation_id = m.conversation_id AND c.kind = 'direct'
+           JOIN chat_members me ON me.conversation_id = m.conversation_id AND me.user_id = $1 AND me.answered
+           JOIN chat_members o ON o.conversation_id = m.conversation_id AND o.user_id <> $1 AND o.answered
+          WHERE m.user_id = $1"
+    };
+}
+
+const AUDIENCE: &str =
+    concat!("SELECT contact_id AS user_id FROM chat_contacts WHERE user_id = $1 UNION ", answered_both_ways!());
+
+const WATCHED: &str = concat!(
+    "SELECT u.user_id, CASE WHEN u.share_last_seen THEN u.last_seen ELSE 0 END AS last_seen FROM chat_users u
+      WHERE u.user_id IN (SELECT user_id FROM chat_contacts WHERE contact_id = $1 UNION ",
+    answered_both_ways!(),
+    ")"
+);
+
+const CONTACT_LIST: &str =
+    "SELECT contact_id, created_at FROM chat_contacts WHERE user_id = $1 ORDER BY created_at, contact_id";
+
+/// Which of the named users exist.
+const EXISTING_USERS: &str = "SELECT user_id FROM chat_users WHERE user_id = ANY($1)";
+
+const CLEAR_CONTACTS: &str = "DELETE FROM chat_contacts WHERE user_id = $1";
+
+const INSERT_CONTACTS: &str = "
+    INSERT INTO chat_contacts (user_id, contact_id, created_at) SELECT $1, c, $3 FROM UNNEST($2::TEXT[]) AS c
+    ON CONFLICT (user_id, contact_id) DO NOTHING";
+
+const COUNT_CONTACTS: &str = "SELECT COUNT(*) FROM chat_contacts WHERE user_id = $1";
+
+const DELETE_CONTACT: &str = "DELETE FROM chat_contacts WHERE user_id = $1 AND contact_id = $2";
+
+const PRIVACY: &str = "SELECT share_last_seen FROM chat_users WHERE user_id = $1";
+
+const SET_PRIVACY: &str = "UPDATE chat_users SET share_last_seen = $2 WHERE user_id = $1";
+
+const INSERT_LINK_REQUEST: &str = "
+    INSERT INTO chat_link_requests (request_id, user_id, requested_by, name, status, expires_at)
+    VALUES ($1, $2, $3, $4, 'pending', $5)";
+
+/// Answers a pending, unexpired request from another device than the one that asked.
+const ANSWER_LINK: &str = "
+    UPDATE chat_link_requests SET status = $4
+     WHERE request_id = $1 AND user_id = $2 AND requested_by <> $3 AND status = 'pending'
+       AND expires_at > $5
+    RETURNING name, requested_by";
+
+const LINK_ASKER: &str = "
+    SELECT requested_by FROM chat_link_requests
+     WHERE request_id = $1 AND user_id = $2 AND status = 'pending' AND expires_at > $3";
+
+const SET_LINK_DEVICE: &str = "UPDATE chat_link_requests SET device_id = $2 WHERE request_id = $1";
+
+/// Hands an approved request's device over, once.
+const COLLECT_LINK: &str = "
+    UPDATE chat_link_requests SET status = 'collected'
+     WHERE request_id = $1 AND user_id = $2 AND requested_by = $3 AND status = 'approved'
+       AND device_id IS NOT NULL
+    RETURNING device_id";
+
+const LINK_STATUS: &str = "
+    SELECT status, expires_at FROM chat_link_requests
+     WHERE request_id = $1 AND user_id = $2 AND requested_by = $3";
+
+const SWEEP_LINKS: &str = "DELETE FROM chat_link_requests WHERE expires_at < $1";
+
+/// GCRA: moves the bucket's full-again time on by one interval, unless that passes the burst.
+const TAKE_TOKEN: &str = "
+    INSERT INTO chat_rate_limits (bucket, key, tat) VALUES ($1, $2, $3 + $4)
+    ON CONFLICT (bucket, key) DO UPDATE SET tat = GREATEST(chat_rate_limits.tat, $3) + $4
+     WHERE GREATEST(chat_rate_limits.tat, $3) + $4 - $3 <= $5
+    RETURNING tat";
+
+const TOKEN_TAT: &str = "SELECT tat FROM chat_rate_limits WHERE bucket = $1 AND key = $2";
+
+const SWEEP_LIMITS: &str = "DELETE FROM chat_rate_limits WHERE tat < $1";
 
 const SET_LAST_SEEN: &str = "UPDATE chat_users SET last_seen = $2 WHERE user_id = $1";
 
@@ -510,8 +591,148 @@ impl Postgres {
         Ok(sqlx::query_as(RECEIPTS).bind(user).fetch_all(&self.db).await?)
     }
 
-    pub(super) async fn contacts(&self, user: &UserId) -> Result<Vec<Contact>, StoreError> {
-        Ok(sqlx::query_as(CONTACTS).bind(user).fetch_all(&self.db).await?)
+    pub(super) async fn audience(&self, user: &UserId) -> Result<Vec<UserId>, StoreError> {
+        Ok(sqlx::query_scalar(AUDIENCE).bind(user).fetch_all(&self.db).await?)
+    }
+
+    pub(super) async fn watched(&self, user: &UserId) -> Result<Vec<Contact>, StoreError> {
+        Ok(sqlx::query_as(WATCHED).bind(user).fetch_all(&self.db).await?)
+    }
+
+    pub(super) async fn contact_list(&self, user: &UserId) -> Result<Vec<ContactEntry>, StoreError> {
+        Ok(sqlx::query_as(CONTACT_LIST).bind(user).fetch_all(&self.db).await?)
+    }
+
+    pub(super) async fn add_contacts(
+        &self,
+        user: &UserId,
+        contacts: &[UserId],
+        replace: bool,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let ids: Vec<&str> = contacts.iter().map(UserId::as_str).collect();
+        let mut tx = self.db.begin().await?;
+        let existing: Vec<UserId> = sqlx::query_scalar(EXISTING_USERS).bind(&ids).fetch_all(&mut *tx).await?;
+        let unknown: Vec<UserId> = contacts.iter().filter(|c| !existing.contains(c)).cloned().collect();
+        if !unknown.is_empty() {
+            return Err(StoreError::UnknownUsers(unknown));
+        }
+        sqlx::query(ENSURE_USER).bind(user).bind(now).execute(&mut *tx).await?;
+        // Two replacements at once take turns.
+        sqlx::query(LOCK_USER).bind(user).execute(&mut *tx).await?;
+        if replace {
+            sqlx::query(CLEAR_CONTACTS).bind(user).execute(&mut *tx).await?;
+        }
+        sqlx::query(INSERT_CONTACTS).bind(user).bind(&ids).bind(now).execute(&mut *tx).await?;
+        let count: i64 = sqlx::query_scalar(COUNT_CONTACTS).bind(user).fetch_one(&mut *tx).await?;
+        if count > MAX_CONTACTS as i64 {
+            return Err(StoreError::Invalid(format!("a user keeps at most {MAX_CONTACTS} contacts")));
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub(super) async fn remove_contact(&self, user: &UserId, contact: &UserId) -> Result<bool, StoreError> {
+        Ok(sqlx::query(DELETE_CONTACT).bind(user).bind(contact).execute(&self.db).await?.rows_affected() > 0)
+    }
+
+    pub(super) async fn privacy(&self, user: &UserId) -> Result<Privacy, StoreError> {
+        let share: Option<bool> = sqlx::query_scalar(PRIVACY).bind(user).fetch_optional(&self.db).await?;
+        Ok(share.map(|share_last_seen| Privacy { share_last_seen }).unwrap_or_default())
+    }
+
+    pub(super) async fn set_privacy(&self, user: &UserId, privacy: Privacy, now: i64) -> Result<(), StoreError> {
+        let mut tx = self.db.begin().await?;
+        sqlx::query(ENSURE_USER).bind(user).bind(now).execute(&mut *tx).await?;
+        sqlx::query(SET_PRIVACY).bind(user).bind(privacy.share_last_seen).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub(super) async fn create_link_request(&self, request: &NewLinkRequest<'_>) -> Result<(), StoreError> {
+        sqlx::query(INSERT_LINK_REQUEST)
+            .bind(request.id)
+            .bind(request.user)
+            .bind(request.requested_by)
+            .bind(request.name)
+            .bind(request.expires_at_ms)
+            .execute(&self.db)
+            .await?;
+        Ok(())
+    }
+
+    pub(super) async fn answer_link_request(
+        &self,
+        request_id: &str,
+        user: &UserId,
+        approver: &DeviceId,
+        status: &'static str,
+        now: i64,
+    ) -> Result<LinkAnswer, StoreError> {
+        let answered: Option<(String, DeviceId)> = sqlx::query_as(ANSWER_LINK)
+            .bind(request_id)
+            .bind(user)
+            .bind(approver)
+            .bind(status)
+            .bind(now)
+            .fetch_optional(&self.db)
+            .await?;
+        if let Some((name, requested_by)) = answered {
+            return Ok(LinkAnswer::Answered { name, requested_by });
+        }
+        let asker: Option<DeviceId> =
+            sqlx::query_scalar(LINK_ASKER).bind(request_id).bind(user).bind(now).fetch_optional(&self.db).await?;
+        Ok(if asker.as_ref() == Some(approver) { LinkAnswer::OwnRequest } else { LinkAnswer::Unknown })
+    }
+
+    pub(super) async fn set_link_device(&self, request_id: &str, device: &DeviceId) -> Result<(), StoreError> {
+        sqlx::query(SET_LINK_DEVICE).bind(request_id).bind(device).execute(&self.db).await?;
+        Ok(())
+    }
+
+    pub(super) async fn collect_link(
+        &self,
+        request_id: &str,
+        user: &UserId,
+        requested_by: &DeviceId,
+        now: i64,
+    ) -> Result<LinkState, StoreError> {
+        let device: Option<DeviceId> = sqlx::query_scalar(COLLECT_LINK)
+            .bind(request_id)
+            .bind(user)
+            .bind(requested_by)
+            .fetch_optional(&self.db)
+            .await?;
+        if let Some(device) = device {
+            return Ok(LinkState::Linked(device));
+        }
+        let status: Option<(String, i64)> =
+            sqlx::query_as(LINK_STATUS).bind(request_id).bind(user).bind(requested_by).fetch_optional(&self.db).await?;
+        Ok(link_state(status, now))
+    }
+
+    pub(super) async fn sweep_link_requests(&self, before: i64) -> Result<u64, StoreError> {
+        Ok(sqlx::query(SWEEP_LINKS).bind(before).execute(&self.db).await?.rows_affected())
+    }
+
+    pub(super) async fn take_token(&self, limit: &Bucket<'_>) -> Result<Option<i64>, StoreError> {
+        let taken: Option<i64> = sqlx::query_scalar(TAKE_TOKEN)
+            .bind(limit.bucket)
+            .bind(limit.key)
+            .bind(limit.now_ms)
+            .bind(limit.every_ms)
+            .bind(limit.burst * limit.every_ms)
+            .fetch_optional(&self.db)
+            .await?;
+        if taken.is_some() {
+            return Ok(None);
+        }
+        let tat: i64 = sqlx::query_scalar(TOKEN_TAT).bind(limit.bucket).bind(limit.key).fetch_one(&self.db).await?;
+        Ok(Some(limit.wait_ms(tat)))
+    }
+
+    pub(super) async fn sweep_limits(&self, now: i64) -> Result<u64, StoreError> {
+        Ok(sqlx::query(SWEEP_LIMITS).bind(now).execute(&self.db).await?.rows_affected())
     }
 
     pub(super) async fn set_last_seen(&self, user: &UserId, at_ms: i64) -> Result<(), StoreError> {
@@ -788,6 +1009,7 @@ async fn append(
             .map(Appended::Duplicate)
             .ok_or_else(|| StoreError::Corrupt("a conflicting message vanished".into()));
     }
+    sqlx::query(MARK_ANSWERED).bind(conversation).bind(sender).execute(&mut **tx).await?;
     Ok(Appended::New(Message {
         conversation: *conversation,
         seq,
@@ -818,12 +1040,13 @@ async fn move_cursor(
         .await?;
     let Some(device) = moved else { return Err(StoreError::NotMember) };
     // The user's receipt is the furthest any of their devices got; each column only grows.
-    let receipt: Option<Cursor> = sqlx::query_as(MOVE_RECEIPT)
+    let receipt: Option<(i64, i64, bool)> = sqlx::query_as(MOVE_RECEIPT)
         .bind(conversation)
         .bind(user)
         .bind(device.delivered)
         .bind(device.read)
         .fetch_optional(&mut **tx)
         .await?;
+    let receipt = receipt.and_then(|(delivered, read, answered)| answered.then_some(Cursor { delivered, read }));
     Ok(Acked { device, receipt })
 }

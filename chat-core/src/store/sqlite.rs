@@ -21,9 +21,10 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use types::{ConversationId, DeviceId, UserId};
 
 use super::{
-    Acked, Appended, Contact, Conversation, ConversationKind, ConversationSummary, Cursor, DeviceInfo, Linked,
-    MAX_DEVICES, MAX_GROUP_MEMBERS, Message, NewRefresh, PendingCode, PendingPush, Receipt, Role, Rotation, Spend,
-    StoreError, SyncState, Write, Written, check_message, newcomers, pair_key,
+    Acked, Appended, Bucket, Contact, ContactEntry, Conversation, ConversationKind, ConversationSummary, Cursor,
+    DeviceInfo, LinkAnswer, LinkState, Linked, MAX_CONTACTS, MAX_DEVICES, MAX_GROUP_MEMBERS, Message, NewLinkRequest,
+    NewRefresh, PendingCode, PendingPush, Privacy, Receipt, Role, Rotation, Spend, StoreError, SyncState, Write,
+    Written, check_message, link_state, newcomers, pair_key,
 };
 
 /// Users come into being the first time they are named.
@@ -126,11 +127,16 @@ const MOVE_CURSOR: &str = "
       read_seq = MAX(excluded.read_seq, chat_cursors.read_seq)
     RETURNING delivered_seq, read_seq";
 
-/// Raises the user's receipt to a device's cursors; a row comes back only when it moved.
+/// Raises the user's receipt to a device's cursors; a row comes back only when it moved, saying
+/// whether the user has answered there (else the receipt is not shared).
 const MOVE_RECEIPT: &str = "
     UPDATE chat_members SET delivered_seq = MAX(?3, delivered_seq), read_seq = MAX(?4, read_seq)
      WHERE conversation_id = ?1 AND user_id = ?2 AND (delivered_seq < ?3 OR read_seq < ?4)
-    RETURNING delivered_seq, read_seq";
+    RETURNING delivered_seq, read_seq, answered";
+
+/// The sender has answered in the conversation (written once, on their first message).
+const MARK_ANSWERED: &str =
+    "UPDATE chat_members SET answered = TRUE WHERE conversation_id = ?1 AND user_id = ?2 AND NOT answered";
 
 const MESSAGES_AFTER: &str = "
     SELECT conversation_id, seq, sender_user, sender_device, client_id, body, created_at FROM chat_messages
@@ -166,14 +172,88 @@ const RECEIPTS: &str = "
     SELECT o.conversation_id, o.user_id, o.delivered_seq, o.read_seq
       FROM chat_memberships m
       JOIN chat_members o ON o.conversation_id = m.conversation_id
-     WHERE m.user_id = ?1 AND o.user_id <> ?1 AND o.delivered_seq > 0";
+     WHERE m.user_id = ?1 AND o.user_id <> ?1 AND o.delivered_seq > 0 AND o.answered";
 
-const CONTACTS: &str = "
-    SELECT DISTINCT o.user_id, u.last_seen
-      FROM chat_memberships m
-      JOIN chat_members o ON o.conversation_id = m.conversation_id
-      JOIN chat_users u ON u.user_id = o.user_id
-     WHERE m.user_id = ?1 AND o.user_id <> ?1";
+/// Whoever `?1` has exchanged messages with both ways in a direct conversation.
+macro_rules! answered_both_ways {
+    () => {
+        "SELECT o.user_id FROM chat_memberships m
+           JOIN chat_conversations c ON c.conversation_id = m.conversation_id AND c.kind = 'direct'
+           JOIN chat_members me ON me.conversation_id = m.conversation_id AND me.user_id = ?1 AND me.answered
+           JOIN chat_members o ON o.conversation_id = m.conversation_id AND o.user_id <> ?1 AND o.answered
+          WHERE m.user_id = ?1"
+    };
+}
+
+const AUDIENCE: &str =
+    concat!("SELECT contact_id AS user_id FROM chat_contacts WHERE user_id = ?1 UNION ", answered_both_ways!());
+
+const WATCHED: &str = concat!(
+    "SELECT u.user_id, CASE WHEN u.share_last_seen THEN u.last_seen ELSE 0 END AS last_seen FROM chat_users u
+      WHERE u.user_id IN (SELECT user_id FROM chat_contacts WHERE contact_id = ?1 UNION ",
+    answered_both_ways!(),
+    ")"
+);
+
+const CONTACT_LIST: &str =
+    "SELECT contact_id, created_at FROM chat_contacts WHERE user_id = ?1 ORDER BY created_at, contact_id";
+
+const USER_EXISTS: &str = "SELECT EXISTS (SELECT 1 FROM chat_users WHERE user_id = ?1)";
+
+const CLEAR_CONTACTS: &str = "DELETE FROM chat_contacts WHERE user_id = ?1";
+
+const INSERT_CONTACT: &str = "
+    INSERT INTO chat_contacts (user_id, contact_id, created_at) VALUES (?1, ?2, ?3)
+    ON CONFLICT (user_id, contact_id) DO NOTHING";
+
+const COUNT_CONTACTS: &str = "SELECT COUNT(*) FROM chat_contacts WHERE user_id = ?1";
+
+const DELETE_CONTACT: &str = "DELETE FROM chat_contacts WHERE user_id = ?1 AND contact_id = ?2";
+
+const PRIVACY: &str = "SELECT share_last_seen FROM chat_users WHERE user_id = ?1";
+
+const SET_PRIVACY: &str = "UPDATE chat_users SET share_last_seen = ?2 WHERE user_id = ?1";
+
+const INSERT_LINK_REQUEST: &str = "
+    INSERT INTO chat_link_requests (request_id, user_id, requested_by, name, status, expires_at)
+    VALUES (?1, ?2, ?3, ?4, 'pending', ?5)";
+
+/// Answers a pending, unexpired request from another device than the one that asked.
+const ANSWER_LINK: &str = "
+    UPDATE chat_link_requests SET status = ?4
+     WHERE request_id = ?1 AND user_id = ?2 AND requested_by <> ?3 AND status = 'pending'
+       AND expires_at > ?5
+    RETURNING name, requested_by";
+
+const LINK_ASKER: &str = "
+    SELECT requested_by FROM chat_link_requests
+     WHERE request_id = ?1 AND user_id = ?2 AND status = 'pending' AND expires_at > ?3";
+
+const SET_LINK_DEVICE: &str = "UPDATE chat_link_requests SET device_id = ?2 WHERE request_id = ?1";
+
+/// Hands an approved request's device over, once.
+const COLLECT_LINK: &str = "
+    UPDATE chat_link_requests SET status = 'collected'
+     WHERE request_id = ?1 AND user_id = ?2 AND requested_by = ?3 AND status = 'approved'
+       AND device_id IS NOT NULL
+    RETURNING device_id";
+
+const LINK_STATUS: &str = "
+    SELECT status, expires_at FROM chat_link_requests
+     WHERE request_id = ?1 AND user_id = ?2 AND requested_by = ?3";
+
+const SWEEP_LINKS: &str = "DELETE FROM chat_link_requests WHERE expires_at < ?1";
+
+/// GCRA: moves the bucket's full-again time on by one interval, unless that passes the burst.
+const TAKE_TOKEN: &str = "
+    INSERT INTO chat_rate_limits (bucket, key, tat) VALUES (?1, ?2, ?3 + ?4)
+    ON CONFLICT (bucket, key) DO UPDATE SET tat = MAX(tat, ?3) + ?4
+     WHERE MAX(tat, ?3) + ?4 - ?3 <= ?5
+    RETURNING tat";
+
+const TOKEN_TAT: &str = "SELECT tat FROM chat_rate_limits WHERE bucket = ?1 AND key = ?2";
+
+const SWEEP_LIMITS: &str = "DELETE FROM chat_rate_limits WHERE tat < ?1";
 
 const SET_LAST_SEEN: &str = "UPDATE chat_users SET last_seen = ?2 WHERE user_id = ?1";
 
@@ -679,16 +759,196 @@ impl Sqlite {
         .await
     }
 
-    pub(super) async fn contacts(&self, user: &UserId) -> Result<Vec<Contact>, StoreError> {
+    pub(super) async fn audience(&self, user: &UserId) -> Result<Vec<UserId>, StoreError> {
         let user = user.clone();
         self.read(move |conn| {
-            let mut statement = conn.prepare_cached(CONTACTS)?;
+            let mut statement = conn.prepare_cached(AUDIENCE)?;
+            let rows = statement.query_map(params![user], |r| r.get(0))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    pub(super) async fn watched(&self, user: &UserId) -> Result<Vec<Contact>, StoreError> {
+        let user = user.clone();
+        self.read(move |conn| {
+            let mut statement = conn.prepare_cached(WATCHED)?;
             let rows = statement.query_map(params![user], |r| {
                 Ok(Contact { user: r.get("user_id")?, last_seen: r.get("last_seen")? })
             })?;
             Ok(rows.collect::<Result<_, _>>()?)
         })
         .await
+    }
+
+    pub(super) async fn contact_list(&self, user: &UserId) -> Result<Vec<ContactEntry>, StoreError> {
+        let user = user.clone();
+        self.read(move |conn| {
+            let mut statement = conn.prepare_cached(CONTACT_LIST)?;
+            let rows = statement.query_map(params![user], |r| {
+                Ok(ContactEntry { user: r.get("contact_id")?, created_at: r.get("created_at")? })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    pub(super) async fn add_contacts(
+        &self,
+        user: &UserId,
+        contacts: &[UserId],
+        replace: bool,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let (user, contacts) = (user.clone(), contacts.to_vec());
+        self.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let mut unknown = Vec::new();
+            for contact in &contacts {
+                if !tx.prepare_cached(USER_EXISTS)?.query_row(params![contact], |r| r.get::<_, bool>(0))? {
+                    unknown.push(contact.clone());
+                }
+            }
+            if !unknown.is_empty() {
+                return Err(StoreError::UnknownUsers(unknown));
+            }
+            tx.prepare_cached(ENSURE_USER)?.execute(params![user, now])?;
+            if replace {
+                tx.prepare_cached(CLEAR_CONTACTS)?.execute(params![user])?;
+            }
+            for contact in &contacts {
+                tx.prepare_cached(INSERT_CONTACT)?.execute(params![user, contact, now])?;
+            }
+            let count: i64 = tx.prepare_cached(COUNT_CONTACTS)?.query_row(params![user], |r| r.get(0))?;
+            if count > MAX_CONTACTS as i64 {
+                return Err(StoreError::Invalid(format!("a user keeps at most {MAX_CONTACTS} contacts")));
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub(super) async fn remove_contact(&self, user: &UserId, contact: &UserId) -> Result<bool, StoreError> {
+        let (user, contact) = (user.clone(), contact.clone());
+        self.write(move |conn| Ok(conn.prepare_cached(DELETE_CONTACT)?.execute(params![user, contact])? > 0)).await
+    }
+
+    pub(super) async fn privacy(&self, user: &UserId) -> Result<Privacy, StoreError> {
+        let user = user.clone();
+        self.read(move |conn| {
+            let share: Option<bool> =
+                conn.prepare_cached(PRIVACY)?.query_row(params![user], |r| r.get(0)).optional()?;
+            Ok(share.map(|share_last_seen| Privacy { share_last_seen }).unwrap_or_default())
+        })
+        .await
+    }
+
+    pub(super) async fn set_privacy(&self, user: &UserId, privacy: Privacy, now: i64) -> Result<(), StoreError> {
+        let user = user.clone();
+        self.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.prepare_cached(ENSURE_USER)?.execute(params![user, now])?;
+            tx.prepare_cached(SET_PRIVACY)?.execute(params![user, privacy.share_last_seen])?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub(super) async fn create_link_request(&self, request: &NewLinkRequest<'_>) -> Result<(), StoreError> {
+        let (id, user, asker, name) =
+            (request.id.to_owned(), request.user.clone(), *request.requested_by, request.name.to_owned());
+        let expires_at = request.expires_at_ms;
+        self.write(move |conn| {
+            conn.prepare_cached(INSERT_LINK_REQUEST)?.execute(params![id, user, asker, name, expires_at])?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub(super) async fn answer_link_request(
+        &self,
+        request_id: &str,
+        user: &UserId,
+        approver: &DeviceId,
+        status: &'static str,
+        now: i64,
+    ) -> Result<LinkAnswer, StoreError> {
+        let (id, user, approver) = (request_id.to_owned(), user.clone(), *approver);
+        self.write(move |conn| {
+            let answered = conn
+                .prepare_cached(ANSWER_LINK)?
+                .query_row(params![id, user, approver, status, now], |r| {
+                    Ok(LinkAnswer::Answered { name: r.get(0)?, requested_by: r.get(1)? })
+                })
+                .optional()?;
+            if let Some(answered) = answered {
+                return Ok(answered);
+            }
+            let asker: Option<DeviceId> =
+                conn.prepare_cached(LINK_ASKER)?.query_row(params![id, user, now], |r| r.get(0)).optional()?;
+            Ok(if asker == Some(approver) { LinkAnswer::OwnRequest } else { LinkAnswer::Unknown })
+        })
+        .await
+    }
+
+    pub(super) async fn set_link_device(&self, request_id: &str, device: &DeviceId) -> Result<(), StoreError> {
+        let (id, device) = (request_id.to_owned(), *device);
+        self.write(move |conn| {
+            conn.prepare_cached(SET_LINK_DEVICE)?.execute(params![id, device])?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub(super) async fn collect_link(
+        &self,
+        request_id: &str,
+        user: &UserId,
+        requested_by: &DeviceId,
+        now: i64,
+    ) -> Result<LinkState, StoreError> {
+        let (id, user, asker) = (request_id.to_owned(), user.clone(), *requested_by);
+        self.write(move |conn| {
+            let device: Option<DeviceId> =
+                conn.prepare_cached(COLLECT_LINK)?.query_row(params![id, user, asker], |r| r.get(0)).optional()?;
+            if let Some(device) = device {
+                return Ok(LinkState::Linked(device));
+            }
+            let status: Option<(String, i64)> = conn
+                .prepare_cached(LINK_STATUS)?
+                .query_row(params![id, user, asker], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            Ok(link_state(status, now))
+        })
+        .await
+    }
+
+    pub(super) async fn sweep_link_requests(&self, before: i64) -> Result<u64, StoreError> {
+        self.write(move |conn| Ok(conn.prepare_cached(SWEEP_LINKS)?.execute(params![before])? as u64)).await
+    }
+
+    pub(super) async fn take_token(&self, limit: &Bucket<'_>) -> Result<Option<i64>, StoreError> {
+        let (bucket, key) = (limit.bucket.to_owned(), limit.key.to_owned());
+        let (every, burst, now) = (limit.every_ms, limit.burst, limit.now_ms);
+        let tat = self
+            .write(move |conn| {
+                let taken: Option<i64> = conn
+                    .prepare_cached(TAKE_TOKEN)?
+                    .query_row(params![bucket, key, now, every, burst * every], |r| r.get(0))
+                    .optional()?;
+                if taken.is_some() {
+                    return Ok(None);
+                }
+                Ok(Some(conn.prepare_cached(TOKEN_TAT)?.query_row(params![bucket, key], |r| r.get::<_, i64>(0))?))
+            })
+            .await?;
+        Ok(tat.map(|tat| limit.wait_ms(tat)))
+    }
+
+    pub(super) async fn sweep_limits(&self, now: i64) -> Result<u64, StoreError> {
+        self.write(move |conn| Ok(conn.prepare_cached(SWEEP_LIMITS)?.execute(params![now])? as u64)).await
     }
 
     pub(super) async fn set_last_seen(&self, user: &UserId, at_ms: i64) -> Result<(), StoreError> {
@@ -1102,6 +1362,7 @@ fn append(
             .map(Appended::Duplicate)
             .ok_or_else(|| StoreError::Corrupt("a conflicting message vanished".into()));
     }
+    tx.prepare_cached(MARK_ANSWERED)?.execute(params![conversation, sender])?;
     Ok(Appended::New(Message {
         conversation: *conversation,
         seq,
@@ -1130,7 +1391,9 @@ fn move_cursor(
     // The user's receipt is the furthest any of their devices got; each column only grows.
     let receipt = tx
         .prepare_cached(MOVE_RECEIPT)?
-        .query_row(params![conversation, user, device.delivered, device.read], cursor)
+        .query_row(params![conversation, user, device.delivered, device.read], |r| {
+            Ok((cursor(r)?, r.get::<_, bool>("answered")?))
+        })
         .optional()?;
-    Ok(Acked { device, receipt })
+    Ok(Acked { device, receipt: receipt.and_then(|(receipt, answered)| answered.then_some(receipt)) })
 }

@@ -7,7 +7,7 @@ use client::{Api, Event, Live, LiveOptions};
 use serde_json::{Value, json};
 
 use crate::harness::{DataDir, Server};
-use crate::live::{DEV, sign_in};
+use crate::live::{DEV, next, sign_in};
 
 async fn post(server: &Server, path: &str, body: Value) -> (u16, Value) {
     let response = server.http.post(server.url(path)).json(&body).send().await.unwrap();
@@ -54,7 +54,7 @@ async fn sign_in_needs_the_right_code_in_time_and_few_guesses() {
         post(&server, "/v1/auth/verify", json!({"phone": phone, "code": code, "device_name": "x"})).await;
     assert_eq!((status, body["error"]["code"].as_str()), (422, Some("too_many_attempts")));
 
-    // Codes per phone are rate-limited: three at once (two went above), then one every two minutes.
+    // Codes per phone are rate-limited: three at once (two went above), then one an hour.
     let (status, _) = post(&server, "/v1/auth/code", json!({"phone": phone})).await;
     assert_eq!(status, 202);
     let (status, body) = post(&server, "/v1/auth/code", json!({"phone": phone})).await;
@@ -365,4 +365,138 @@ async fn rate_limits_count_the_client_a_trusted_proxy_names_and_an_ipv6_64_as_on
         assert_eq!(code_as(&direct, &format!("198.51.100.{}", i + 1), next()).await, 202);
     }
     assert_eq!(code_as(&direct, "198.51.100.99", next()).await, 429);
+}
+
+/// A verify attempt for `phone` with `code`; the status, error code and `Retry-After`.
+async fn guess(server: &Server, phone: &str, code: &str) -> (u16, Option<String>, Option<u64>) {
+    let body = json!({"phone": phone, "code": code, "device_name": "x"});
+    let response = server.http.post(server.url("/v1/auth/verify")).json(&body).send().await.unwrap();
+    let status = response.status().as_u16();
+    let retry = response.headers().get("retry-after").and_then(|v| v.to_str().ok()?.parse().ok());
+    let body: Value = response.json().await.unwrap();
+    (status, body["error"]["code"].as_str().map(str::to_owned), retry)
+}
+
+#[tokio::test]
+async fn a_new_code_does_not_reset_the_guesses_against_a_phone() {
+    let data = DataDir::new();
+    let server = Server::start(&data, &[DEV]);
+    let phone = "+4915100000961";
+    // Two codes, five wrong guesses at each: ten guesses, the most a phone takes at once.
+    for _ in 0..2 {
+        let (status, body) = post(&server, "/v1/auth/code", json!({"phone": phone})).await;
+        assert_eq!(status, 202, "{body}");
+        let code = body["dev_code"].as_str().unwrap();
+        let wrong = if code == "000000" { "000001" } else { "000000" };
+        for _ in 0..5 {
+            assert_eq!(guess(&server, phone, wrong).await.0, 422);
+        }
+    }
+    // The third code is sent, but even the right guess at it waits: about an hour, as the
+    // Retry-After says.
+    let (status, body) = post(&server, "/v1/auth/code", json!({"phone": phone})).await;
+    assert_eq!(status, 202, "{body}");
+    let (status, code, retry) = guess(&server, phone, body["dev_code"].as_str().unwrap()).await;
+    assert_eq!((status, code.as_deref()), (429, Some("rate_limited")));
+    assert!(retry.is_some_and(|s| (3000..=3600).contains(&s)), "Retry-After {retry:?}");
+    // A fourth code in a row is not sent either.
+    let (status, body) = post(&server, "/v1/auth/code", json!({"phone": phone})).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (429, Some("rate_limited")));
+    // Another phone is untouched.
+    let (status, _) = post(&server, "/v1/auth/code", json!({"phone": "+4915100000962"})).await;
+    assert_eq!(status, 202);
+}
+
+#[tokio::test]
+async fn sms_to_one_country_are_capped_per_hour() {
+    let data = DataDir::new();
+    let server = Server::start(
+        &data,
+        &[DEV, ("COURIER_AUTH__SMS_PER_COUNTRY_PER_HOUR", "3"), ("COURIER_AUTH__SMS_COUNTRY_LIMITS__44", "0")],
+    );
+    for n in 1..=3 {
+        let (status, body) = post(&server, "/v1/auth/code", json!({"phone": format!("+4915100009{n:02}")})).await;
+        assert_eq!(status, 202, "{body}");
+    }
+    // A pumping run through one country's numbers stops at its cap...
+    let (status, body) = post(&server, "/v1/auth/code", json!({"phone": "+4915100009099"})).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (429, Some("rate_limited")), "{body}");
+    // ...while another country's users sign in as usual, and one the operator closed gets none.
+    let (status, _) = post(&server, "/v1/auth/code", json!({"phone": "+33612345678"})).await;
+    assert_eq!(status, 202);
+    let (status, body) = post(&server, "/v1/auth/code", json!({"phone": "+447700900123"})).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (403, Some("country_unavailable")), "{body}");
+}
+
+#[tokio::test]
+async fn another_device_approves_a_link_and_the_asking_device_cannot() {
+    let data = DataDir::new();
+    let server = Server::start(&data, &[DEV]);
+    let phone_number = "+4915100000971";
+    let (phone, _) = sign_in(&server, phone_number, "phone").await;
+    let (laptop, laptop_session) = sign_in(&server, phone_number, "laptop").await;
+    let mut phone_live = Live::connect(&phone, LiveOptions::default()).await.unwrap();
+    let mut laptop_live = Live::connect(&laptop, LiveOptions::default()).await.unwrap();
+
+    // The laptop (or whoever holds its token) asks for a tablet; it cannot approve that itself.
+    let request = laptop.request_link("tablet").await.unwrap();
+    assert!(laptop.link_status(&request).await.unwrap().is_none(), "pending");
+    laptop_live.answer_link(&request, true).await.unwrap();
+    let refused = next(&mut laptop_live, |e| match e {
+        Event::Error { code, .. } => Some(code),
+        _ => None,
+    })
+    .await;
+    assert_eq!(refused, "own_link_request");
+
+    // The phone is asked, and approves: every device hears of the new one, and the laptop collects
+    // its token, once.
+    let (asked, name, by) = next(&mut phone_live, |e| match e {
+        Event::LinkRequest { request, name, requested_by } => Some((request, name, requested_by)),
+        _ => None,
+    })
+    .await;
+    assert_eq!(
+        (asked.as_str(), name.as_str(), by.as_str()),
+        (request.as_str(), "tablet", laptop_session.device_id.as_str())
+    );
+    phone_live.answer_link(&request, true).await.unwrap();
+    let linked = next(&mut laptop_live, |e| match e {
+        Event::DeviceLinked { device_id, name, .. } if name == "tablet" => Some(device_id),
+        _ => None,
+    })
+    .await;
+    let tablet = laptop.link_status(&request).await.unwrap().expect("approved");
+    assert_eq!(
+        (tablet.device_id.as_str(), tablet.user_id.as_str()),
+        (linked.as_str(), laptop_session.user_id.as_str())
+    );
+    Api::new(&server.base).with_token(&tablet.access_token).conversations().await.unwrap();
+    assert_eq!(laptop.link_status(&request).await.unwrap_err().code(), Some("not_found"), "handed over once");
+    assert_eq!(phone.devices().await.unwrap().len(), 3);
+
+    // A denied request stays denied, and cannot be answered again.
+    let watch = laptop.request_link("watch").await.unwrap();
+    phone_live.answer_link(&watch, false).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let denied = loop {
+        match laptop.link_status(&watch).await {
+            Ok(None) if std::time::Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(20)).await,
+            other => break other.unwrap_err(),
+        }
+    };
+    assert_eq!(denied.code(), Some("link_denied"));
+    phone_live.answer_link(&watch, true).await.unwrap();
+    let late = next(&mut phone_live, |e| match e {
+        Event::Error { code, .. } => Some(code),
+        _ => None,
+    })
+    .await;
+    assert_eq!(late, "not_found");
+    assert_eq!(phone.devices().await.unwrap().len(), 3, "the watch was never linked");
+    // Prompts are rate-limited per account like links: a third request is let through, a fourth not.
+    laptop.request_link("car").await.unwrap();
+    assert_eq!(laptop.request_link("fridge").await.unwrap_err().code(), Some("rate_limited"));
+    phone_live.close().await;
+    laptop_live.close().await;
 }

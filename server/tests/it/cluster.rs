@@ -183,6 +183,22 @@ async fn api_nodes_and_a_worker_share_the_queue_the_blobs_and_the_keys() {
     drop((node_a, node_b));
 }
 
+/// Rate limits live in the shared database: codes asked of two nodes count against one bucket.
+#[tokio::test]
+async fn rate_limits_are_shared_by_the_nodes() {
+    let Some(shared) = Shared::new("it_cluster_limits", &[DEV]).await else { return };
+    let (data_a, data_b) = (DataDir::new(), DataDir::new());
+    let (node_a, node_b) = (shared.api_node(&data_a), shared.api_node(&data_b));
+    let code = |node: &Server| {
+        let request = node.http.post(node.url("/v1/auth/code")).json(&json!({"phone": "+4915100007001"}));
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    // Three codes a phone at once, wherever asked.
+    assert_eq!([code(&node_a).await, code(&node_b).await, code(&node_a).await], [202; 3]);
+    assert_eq!(code(&node_b).await, 429, "node B counted the codes node A sent");
+    drop((node_a, node_b));
+}
+
 /// kill -9 of a worker mid-video: no node frees its lease, and once the lease runs out another
 /// worker claims the job and finishes it.
 #[tokio::test]

@@ -28,7 +28,7 @@ async fn live(api: &Api) -> Live {
 }
 
 /// The next event that `pick` accepts, skipping the others; fails after [`WAIT`].
-async fn next<T>(live: &mut Live, mut pick: impl FnMut(Event) -> Option<T>) -> T {
+pub(crate) async fn next<T>(live: &mut Live, mut pick: impl FnMut(Event) -> Option<T>) -> T {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let event = tokio::time::timeout_at(deadline, live.next_event())
@@ -93,21 +93,16 @@ async fn two_users_three_devices_live_replay_retry_and_receipts() {
     assert_eq!(second.seq, 2);
     assert_eq!(next_message(&mut bob_live).await.seq, 2, "the retry was not delivered twice");
 
-    // Receipts: bob's phone acked (the SDK acks), then reads; alice hears both.
-    next(&mut alice_live, |e| {
-        matches!(e, Event::Receipt { ref status, seq: 2, .. } if status == "delivered").then_some(())
-    })
-    .await;
-    bob_live.read(&chat, 2).await.unwrap();
-    next(&mut alice_live, |e| matches!(e, Event::Receipt { ref status, seq: 2, .. } if status == "read").then_some(()))
-        .await;
-
     // Bob answers from his phone: alice gets it, his laptop (offline) gets it on connect, his
-    // phone never gets its own message back.
+    // phone never gets its own message back; alice's phone acks it (the SDK acks) and bob hears so.
     let reply = bob_live.send(&chat, json!({"text": "hello alice"})).await.unwrap();
     assert_eq!(reply.seq, 3);
     assert_eq!(text(&next_message(&mut alice_live).await), "hello alice");
     next(&mut bob_live, |e| matches!(e, Event::Receipt { seq: 3, .. }).then_some(())).await;
+    // Now that he has answered, his receipts are shared too (before, this was a message request).
+    bob_live.read(&chat, 2).await.unwrap();
+    next(&mut alice_live, |e| matches!(e, Event::Receipt { ref status, seq: 2, .. } if status == "read").then_some(()))
+        .await;
 
     let mut laptop_live = live(&bob_laptop).await;
     let replayed = drain_messages(&mut laptop_live, Duration::from_millis(700)).await;
@@ -211,34 +206,113 @@ async fn non_members_get_not_found_and_nothing_else() {
     assert!(heard.is_err(), "a non-member's typing reached a member");
 }
 
+/// The events `live` gets before the message `marker`, which was sent after whatever the test
+/// wants to see withheld: anything forwarded before it has arrived by then.
+async fn events_before(live: &mut Live, marker: &str) -> Vec<Event> {
+    let mut seen = Vec::new();
+    loop {
+        let event = tokio::time::timeout(WAIT, live.next_event()).await.expect("no marker in time").expect("stopped");
+        match event {
+            Event::Message(m) if text(&m) == marker => return seen,
+            other => seen.push(other),
+        }
+    }
+}
+
+fn about_user(events: &[Event], who: &str) -> Vec<String> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Presence { user, .. } | Event::Typing { user, .. } | Event::Receipt { user, .. } if user == who => {
+                Some(format!("{e:?}"))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
 #[tokio::test]
-async fn typing_and_presence_reach_contacts() {
+async fn presence_typing_and_receipts_reach_only_answered_chats_and_contacts() {
     let data = DataDir::new();
     let server = Server::start(&data, &[DEV]);
     let (alice, alice_session) = sign_in(&server, "+4915100000301", "phone").await;
-    let (bob, bob_session) = sign_in(&server, "+4915100000302", "phone").await;
-    let chat = alice.direct(&bob_session.user_id).await.unwrap().id;
+    let (stranger, stranger_session) = sign_in(&server, "+4915100000302", "phone").await;
+    let (carol, carol_session) = sign_in(&server, "+4915100000303", "phone").await;
+    let alice_id = alice_session.user_id.as_str();
+    // Markers go through a group the three share: talking there is not answering the direct chat.
+    let marks = alice.group("marks", &[&stranger_session.user_id, &carol_session.user_id]).await.unwrap().id;
+
+    // A stranger who knows alice's number opens a chat and writes; alice connects, reads, types.
+    let chat = stranger.direct(alice_id).await.unwrap().id;
+    let mut stranger_live = live(&stranger).await;
+    stranger_live.send(&chat, json!({"text": "hi, remember me?"})).await.unwrap();
     let mut alice_live = live(&alice).await;
-    let mut bob_live = live(&bob).await;
-    next(&mut alice_live, |e| match e {
-        Event::Presence { user, online: true, .. } if user == bob_session.user_id => Some(()),
-        _ => None,
-    })
-    .await;
+    let request = next_message(&mut alice_live).await;
+    alice_live.read(&chat, request.seq).await.unwrap();
     alice_live.typing(&chat).await.unwrap();
-    let typing = next(&mut bob_live, |e| match e {
-        Event::Typing { conversation, user } => Some((conversation, user)),
-        _ => None,
+    alice_live.send(&marks, json!({"text": "mark 1"})).await.unwrap();
+    let withheld = about_user(&events_before(&mut stranger_live, "mark 1").await, alice_id);
+    assert!(withheld.is_empty(), "a message request told the stranger: {withheld:?}");
+
+    // Once alice answers, they have talked both ways: receipts, typing and presence flow.
+    alice_live.send(&chat, json!({"text": "who is this?"})).await.unwrap();
+    assert_eq!(text(&next_message(&mut stranger_live).await), "who is this?");
+    let again = stranger_live.send(&chat, json!({"text": "your old classmate"})).await.unwrap();
+    next(&mut stranger_live, |e| {
+        matches!(e, Event::Receipt { ref user, seq, .. } if user == alice_id && seq == again.seq).then_some(())
     })
     .await;
-    assert_eq!(typing, (chat.clone(), alice_session.user_id.clone()));
-    bob_live.close().await;
-    let last_seen = next(&mut alice_live, |e| match e {
-        Event::Presence { user, online: false, last_seen } if user == bob_session.user_id => Some(last_seen),
+    // (Typing is forwarded at most once per 2 s per conversation: the withheld one counted.)
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    alice_live.typing(&chat).await.unwrap();
+    next(&mut stranger_live, |e| matches!(e, Event::Typing { ref user, .. } if user == alice_id).then_some(())).await;
+    alice_live.close().await;
+    let last_seen = next(&mut stranger_live, |e| match e {
+        Event::Presence { user, online: false, last_seen } if user == alice_id => Some(last_seen),
         _ => None,
     })
     .await;
     assert!(last_seen > 0);
+
+    // Alice keeps her last-seen time to herself from now on.
+    alice.share_last_seen(false).await.unwrap();
+    let alice_live = live(&alice).await;
+    next(&mut stranger_live, |e| {
+        matches!(e, Event::Presence { ref user, online: true, .. } if user == alice_id).then_some(())
+    })
+    .await;
+    alice_live.close().await;
+    let hidden = next(&mut stranger_live, |e| match e {
+        Event::Presence { user, online: false, last_seen } if user == alice_id => Some(last_seen),
+        _ => None,
+    })
+    .await;
+    assert_eq!(hidden, 0);
+
+    // Carol shares only the group with alice: she sees nothing of her, until alice adds her as a
+    // contact.
+    let mut carol_live = live(&carol).await;
+    stranger_live.send(&marks, json!({"text": "mark 2"})).await.unwrap();
+    let withheld = about_user(&events_before(&mut carol_live, "mark 2").await, alice_id);
+    assert!(withheld.is_empty(), "a group member saw alice's presence: {withheld:?}");
+    carol_live.close().await;
+    alice.add_contact(&carol_session.user_id).await.unwrap();
+    assert_eq!(alice.contacts().await.unwrap(), vec![carol_session.user_id.clone()]);
+    let mut carol_live = live(&carol).await;
+    next(&mut carol_live, |e| {
+        matches!(e, Event::Presence { ref user, online: false, last_seen: 0 } if user == alice_id).then_some(())
+    })
+    .await;
+    carol_live.close().await;
+
+    // The contact list is the user's own, and names only users that exist.
+    let err = alice.set_contacts(&[&carol_session.user_id, "unobody"]).await.unwrap_err();
+    assert_eq!((err.code(), matches!(err, client::Error::Api { status: 404, .. })), (Some("unknown_user"), true));
+    assert_eq!(alice.contacts().await.unwrap().len(), 1, "a refused list changes nothing");
+    alice.remove_contact(&carol_session.user_id).await.unwrap();
+    assert_eq!(alice.remove_contact(&carol_session.user_id).await.unwrap_err().code(), Some("not_found"));
+    assert!(carol.contacts().await.unwrap().is_empty());
+    stranger_live.close().await;
 }
 
 #[tokio::test]
@@ -561,11 +635,11 @@ async fn two_nodes_fan_out_through_nats() {
     let sent = alice_live.send(&chat, json!({"text": "across nodes"})).await.unwrap();
     let got = next_message(&mut bob_live).await;
     assert_eq!((got.seq, text(&got)), (sent.seq, "across nodes"));
-    // Bob's ack on node B becomes a receipt for alice on node A.
-    next(&mut alice_live, |e| matches!(e, Event::Receipt { seq: 1, .. }).then_some(())).await;
     let reply = bob_live.send(&chat, json!({"text": "and back"})).await.unwrap();
     assert_eq!(reply.seq, 2);
     assert_eq!(text(&next_message(&mut alice_live).await), "and back");
+    // Alice's ack on node A becomes a receipt for bob on node B.
+    next(&mut bob_live, |e| matches!(e, Event::Receipt { seq: 2, .. }).then_some(())).await;
 
     // Logging bob's device out through node A closes its connection on node B at once.
     bob_on_a.unlink_device(&bob_session.device_id).await.unwrap();
