@@ -22,10 +22,15 @@ CREATE INDEX chat_contacts_by_contact ON chat_contacts (contact_id);
 -- Whether a member has ever sent a message in the conversation. A conversation a member has never
 -- answered is a message request: their receipts are not shared there, and a direct conversation
 -- counts towards trust (presence, typing) only once both have answered.
+-- Existing members count as having answered where they wrote a message still kept, and in every
+-- conversation retention has purged from (what they wrote there may be gone): an upgrade must not
+-- turn long-standing chats into message requests.
 ALTER TABLE chat_members ADD COLUMN answered BOOLEAN NOT NULL DEFAULT FALSE;
 UPDATE chat_members SET answered = TRUE
  WHERE EXISTS (SELECT 1 FROM chat_messages m
-                WHERE m.conversation_id = chat_members.conversation_id AND m.sender_user = chat_members.user_id);
+                WHERE m.conversation_id = chat_members.conversation_id AND m.sender_user = chat_members.user_id)
+    OR EXISTS (SELECT 1 FROM chat_conversations c
+                WHERE c.conversation_id = chat_members.conversation_id AND c.purged_upto > 0);
 
 -- Whether the user's last-seen time is shown to anyone.
 ALTER TABLE chat_users ADD COLUMN share_last_seen BOOLEAN NOT NULL DEFAULT TRUE;

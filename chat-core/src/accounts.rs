@@ -4,7 +4,8 @@
 //! Codes and refresh tokens are stored as BLAKE3 hashes only. A refresh token is spent by use and
 //! replaced; presenting a spent one again means it was copied, so the device is logged out (its
 //! tokens and cursors go, its connections close). A signed-in device links another only with a
-//! fresh SMS code; past the device limit the least recently seen device is replaced. Rate limits
+//! fresh SMS code (here) or another device's approval (`Chat::request_link`); past the device
+//! limit the least recently seen device is replaced. Rate limits
 //! are shared by all nodes (see [`crate::limits`]).
 
 use std::net::{IpAddr, SocketAddr};
@@ -22,7 +23,7 @@ use types::{Claims, DeviceId, UserId};
 
 use crate::chat::{Chat, now_ms};
 use crate::error::{ApiError, json_body};
-use crate::limits;
+use crate::limits::{self, Country};
 use crate::store::{CodeCheck, Rotation, Spend};
 
 /// How long a verification code is good for.
@@ -39,13 +40,18 @@ fn check_phone(phone: &str) -> Result<&str, ApiError> {
     if ok { Ok(phone) } else { Err(ApiError::Invalid("phone is an E.164 number such as +4915112345678".into())) }
 }
 
-/// The country calling code of an E.164 number (49 for +49…), from libphonenumber's metadata: the
-/// key of the per-country SMS cap. Parsed off the async runtime (the metadata loads on first use).
-async fn calling_code(phone: &str) -> Result<u16, ApiError> {
+/// The country of an E.164 number, from libphonenumber's metadata: the key of the per-country SMS
+/// cap. Parsed off the async runtime (the metadata loads on first use).
+async fn country(phone: &str) -> Result<Country, ApiError> {
     let owned = phone.to_owned();
-    let parsed = tokio::task::spawn_blocking(move || phonenumber::parse(None, &owned).map(|n| n.code().value()))
-        .await
-        .map_err(|e| ApiError::Invalid(format!("could not read the phone number: {e}")))?;
+    let parsed = tokio::task::spawn_blocking(move || {
+        phonenumber::parse(None, &owned).map(|n| Country {
+            calling_code: n.code().value(),
+            region: n.country().id().map(|id| id.as_ref().to_owned()),
+        })
+    })
+    .await
+    .map_err(|e| ApiError::Invalid(format!("could not read the phone number: {e}")))?;
     parsed.map_err(|_| ApiError::Invalid(format!("{phone} has no country calling code")))
 }
 
@@ -99,11 +105,19 @@ pub(crate) async fn request_code(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let CodeRequest { phone } = json_body(body)?;
     let phone = check_phone(&phone)?;
-    chat.limit(limits::CODES_PER_CLIENT, &client(addr).to_string()).await?;
-    let country = calling_code(phone).await?;
-    chat.limit(limits::CODES_PER_PHONE, phone).await?;
-    let per_country = limits::sms_per_country(&chat.auth, country).ok_or(ApiError::CountryUnavailable(country))?;
-    chat.limit(per_country, &country.to_string()).await?;
+    let client = client(addr);
+    chat.shed(client)?;
+    chat.limit(limits::CODES_PER_CLIENT, &client.to_string()).await?;
+    let country = country(phone).await?;
+    let per_country =
+        limits::sms_per_country(&chat.auth, &country).ok_or_else(|| ApiError::CountryUnavailable(country.key()))?;
+    // The country first: a pumping run that empties it must not spend real users' per-phone codes
+    // on requests it refuses.
+    chat.limit(per_country, &country.key()).await?;
+    if let Err(e) = chat.limit(limits::CODES_PER_PHONE, phone).await {
+        chat.give_back(per_country, &country.key()).await;
+        return Err(e);
+    }
     let code = new_code();
     let now = now_ms();
     chat.store.put_code(phone, &hash(&[phone, &code]), now + CODE_TTL_MS, now).await?;
@@ -157,13 +171,11 @@ pub(crate) async fn verify(
     if name.is_empty() || name.len() > MAX_DEVICE_NAME {
         return Err(ApiError::Invalid(format!("device_name is 1 to {MAX_DEVICE_NAME} bytes")));
     }
-    chat.limit(limits::VERIFY_PER_CLIENT, &client(addr).to_string()).await?;
-    chat.limit(limits::GUESSES_PER_PHONE, phone).await?;
+    let client = client(addr);
+    chat.shed(client)?;
+    chat.limit(limits::VERIFY_PER_CLIENT, &client.to_string()).await?;
     let now = now_ms();
-    match chat.store.check_code(phone, &hash(&[phone, code.trim()]), now).await? {
-        CodeCheck::Valid => {}
-        other => return Err(ApiError::Code(other)),
-    }
+    guess(&chat, phone, code.trim(), now).await?;
     let user = chat.store.user_for_phone(phone, now).await?;
     let linked = chat.store.add_device(&user, name).await?;
     chat.linked(&user, linked, name).await;
@@ -201,7 +213,8 @@ pub(crate) async fn refresh(
     body: Result<Json<Refresh>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Refresh { refresh_token } = json_body(body)?;
-    chat.limit(limits::VERIFY_PER_CLIENT, &client(addr).to_string()).await?;
+    chat.shed(client(addr))?;
+    chat.limit(limits::REFRESH_PER_CLIENT, &client(addr).to_string()).await?;
     let now = now_ms();
     let next = new_refresh_token();
     let (old_hash, new_hash, client) = (hash(&[&refresh_token]), hash(&[&next]), client(addr).to_string());
@@ -243,9 +256,21 @@ pub(crate) async fn check_link_code(chat: &Chat, user: &UserId, code: Option<&st
         )
     })?;
     chat.limit(limits::LINKS_PER_USER, user.as_str()).await?;
-    chat.limit(limits::GUESSES_PER_PHONE, &phone).await?;
-    match chat.store.check_code(&phone, &hash(&[&phone, code.trim()]), now_ms()).await? {
+    guess(chat, &phone, code.trim(), now_ms()).await
+}
+
+/// One guess at `phone`'s pending code, within the phone's wrong guesses (counted across codes:
+/// a new code does not reset them). Only a wrong guess at a pending code counts.
+async fn guess(chat: &Chat, phone: &str, code: &str, now: i64) -> Result<(), ApiError> {
+    chat.peek_limit(limits::GUESSES_PER_PHONE, phone).await?;
+    match chat.store.check_code(phone, &hash(&[phone, code]), now).await? {
         CodeCheck::Valid => Ok(()),
+        CodeCheck::Wrong => {
+            // Spent after the fact: a burst of guesses at once may pass the bucket by the few in
+            // flight, no more (each client is limited too).
+            let _ = chat.limit(limits::GUESSES_PER_PHONE, phone).await;
+            Err(ApiError::Code(CodeCheck::Wrong))
+        }
         other => Err(ApiError::Code(other)),
     }
 }

@@ -50,6 +50,35 @@ pub struct Chat {
     pub(crate) bus: Option<Arc<Bus>>,
     /// Orders the directory updates of one user on this node (striped by user).
     presence_locks: Vec<tokio::sync::Mutex<()>>,
+    /// Per node, in memory: floods from one client shed before they cost a database write (see
+    /// [`crate::limits`]).
+    pub(crate) shed: governor::DefaultKeyedRateLimiter<std::net::IpAddr>,
+    /// Deliveries failed on purpose so far (`chat.test_fail_deliveries`).
+    failed_deliveries: std::sync::atomic::AtomicU32,
+    /// Wake-ups lost on purpose so far (`chat.test_lose_wakeups`).
+    lost_wakeups: std::sync::atomic::AtomicU32,
+}
+
+/// When a delivery that failed after its message was stored is tried again (after each wait in
+/// turn, about two minutes in all).
+const DELIVERY_RETRIES: [Duration; 6] = [
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+    Duration::from_secs(5),
+    Duration::from_secs(10),
+    Duration::from_secs(30),
+    Duration::from_secs(60),
+];
+
+/// Unauthenticated requests one client may make of one node before they are shed without asking
+/// the database: 300 at once, then 50 a second (several times what the shared limits let through).
+const SHED_QUOTA: governor::Quota = governor::Quota::per_second(nonzero(50)).allow_burst(nonzero(300));
+
+const fn nonzero(n: u32) -> std::num::NonZeroU32 {
+    match std::num::NonZeroU32::new(n) {
+        Some(n) => n,
+        None => panic!("zero"),
+    }
 }
 
 /// How long a link request waits for another device's answer.
@@ -172,6 +201,9 @@ impl Chat {
             members,
             devices,
             push_wake: Notify::new(),
+            shed: governor::RateLimiter::keyed(SHED_QUOTA),
+            failed_deliveries: std::sync::atomic::AtomicU32::new(0),
+            lost_wakeups: std::sync::atomic::AtomicU32::new(0),
             presence_locks: (0..PRESENCE_LOCKS).map(|_| tokio::sync::Mutex::new(())).collect(),
         })
     }
@@ -240,7 +272,11 @@ impl Chat {
         let id = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(id);
         let expires_at = now_ms() + LINK_REQUEST_TTL_SECS as i64 * 1000;
         self.store.create_link_request(&id, user, &asker, name, expires_at).await?;
-        let frame = ServerFrame::LinkRequest { request: &id, name, requested_by: asker }.encode();
+        // The asking device's own name, as the user linked it: `name` is the asker's word.
+        let devices = self.store.devices(user).await?;
+        let asker_name = devices.iter().find(|d| d.id == asker).map(|d| d.name.as_str()).unwrap_or_default();
+        let frame = ServerFrame::LinkRequest { request: &id, name, requested_by: asker, requested_by_name: asker_name }
+            .encode();
         self.fan_out(std::slice::from_ref(user), Event::Frame(frame)).await;
         Ok(id)
     }
@@ -255,10 +291,8 @@ impl Chat {
         approve: bool,
     ) -> Result<(), ApiError> {
         match self.store.answer_link_request(request, user, &approver, approve, now_ms()).await? {
-            LinkAnswer::Answered { name, requested_by } => {
-                if approve {
-                    let linked = self.store.add_device(user, &name).await?;
-                    self.store.set_link_device(request, &linked.device).await?;
+            LinkAnswer::Answered { name, requested_by, linked } => {
+                if let Some(linked) = linked {
                     tracing::info!(%user, %approver, %requested_by, device = %linked.device, "a device link was approved");
                     self.linked(user, linked, &name).await;
                 }
@@ -358,9 +392,12 @@ impl Chat {
     }
 
     /// Sends a message: checks the body and media, appends (idempotent on `client_id`), shares
-    /// media with the members, wakes their connected devices and queues pushes for the rest.
+    /// media with the members, wakes their connected devices and queues pushes for the rest. Once
+    /// the append has committed the answer is the message, whatever fails after: a failed share,
+    /// fan-out or push is retried in the background (an `internal` error would make the app send
+    /// again what is stored already).
     pub(crate) async fn send(
-        &self,
+        self: &Arc<Self>,
         user: &UserId,
         device: DeviceId,
         conversation: &ConversationId,
@@ -384,21 +421,59 @@ impl Chat {
         let Written::Appended(appended) = self.write(write).await? else {
             return Err(StoreError::Corrupt("the writer answered an append with something else".into()).into());
         };
-        let members = self.members(conversation).await?;
+        if let Err(e) = self.deliver(&appended, media).await {
+            let (conversation, seq) = (*conversation, appended.message().seq);
+            tracing::warn!(error = ?e, %conversation, seq, "delivering a stored message failed; retrying in the background");
+            let (chat, stored) = (self.clone(), appended.clone());
+            tokio::spawn(async move {
+                for delay in DELIVERY_RETRIES {
+                    tokio::time::sleep(delay).await;
+                    match chat.deliver(&stored, media).await {
+                        Ok(()) => {
+                            return tracing::info!(%conversation, seq, "a stored message was delivered on a retry");
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = ?e, %conversation, seq, "delivering a stored message failed again")
+                        }
+                    }
+                }
+                tracing::error!(%conversation, seq, "gave up delivering a stored message; its members get it on their next replay");
+            });
+        }
+        Ok(appended)
+    }
+
+    /// What follows a committed append: shares its media with the members, wakes their connected
+    /// devices and queues pushes for the rest. Each step may run again (on a retried send, or
+    /// here on a retry): a share or wake-up twice is harmless.
+    async fn deliver(&self, appended: &Appended, media: Option<MediaId>) -> Result<(), ApiError> {
+        let message = appended.message();
+        if self.config.test_fail_deliveries > 0 {
+            let failed = self.failed_deliveries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if failed < self.config.test_fail_deliveries {
+                return Err(ApiError::Media("chat.test_fail_deliveries: this delivery fails on purpose".into()));
+            }
+        }
+        let members = self.members(&message.conversation).await?;
         if let Some(media) = media {
             // Also on a retried send: a share lost to a crash after the append is made good.
             self.media.share(media, &members).await.map_err(ApiError::Media)?;
         }
         // A retry wakes the members' devices again: harmless (each connection drops a seq it has
         // passed), and it makes good a wake-up lost to a crash between the commit and the fan-out.
-        let message = appended.message();
-        let event =
-            Event::Message { conversation: *conversation, seq: message.seq, device, frame: message_frame(message) };
-        let elsewhere = self.fan_out(&members, event).await;
-        if let Appended::New(message) = &appended {
-            self.queue_pushes(&members, elsewhere, user, conversation, message.seq).await;
+        let event = Event::Message {
+            conversation: message.conversation,
+            seq: message.seq,
+            device: message.device,
+            frame: message_frame(message),
+        };
+        let lose = self.config.test_lose_wakeups > 0
+            && self.lost_wakeups.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < self.config.test_lose_wakeups;
+        let elsewhere = if lose { Some(HashSet::new()) } else { self.fan_out(&members, event).await };
+        if let Appended::New(message) = appended {
+            self.queue_pushes(&members, elsewhere, &message.sender, &message.conversation, message.seq).await;
         }
-        Ok(appended)
+        Ok(())
     }
 
     /// Members with no device connected to any node get a push (when a notifier is configured).

@@ -29,6 +29,16 @@ pub struct ChatConfig {
     /// Envelopes to other nodes this node drops on purpose, to test that the cluster repairs the
     /// loss. Testing only. Default 0.
     pub test_drop_envelopes: u32,
+    /// Deliveries (media share, fan-out, push) after a committed send that this node fails on
+    /// purpose, to test that a stored message is answered as sent and delivered by a retry.
+    /// Testing only. Default 0.
+    pub test_fail_deliveries: u32,
+    /// Wake-ups of stored messages this node loses on purpose (as a crash between commit and
+    /// fan-out would), to test that connections find the gap on their own. Testing only. Default 0.
+    pub test_lose_wakeups: u32,
+    /// Seconds between a connection's checks of its conversations for messages it was never woken
+    /// for (a lost wake-up); the first comes at a random point of the first interval. Default 30.
+    pub gap_check_secs: u64,
 }
 
 impl Default for ChatConfig {
@@ -45,6 +55,9 @@ impl Default for ChatConfig {
             bus_creds_file: None,
             bus_subject: "courier.chat.fanout".into(),
             test_drop_envelopes: 0,
+            test_fail_deliveries: 0,
+            test_lose_wakeups: 0,
+            gap_check_secs: 30,
         }
     }
 }

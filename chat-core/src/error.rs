@@ -25,7 +25,7 @@ pub(crate) enum ApiError {
     /// Another of the user's devices denied the link.
     LinkDenied,
     /// The operator sends no codes to this country calling code.
-    CountryUnavailable(u16),
+    CountryUnavailable(String),
     Code(CodeCheck),
     BadRefreshToken,
     NotFound(&'static str),
@@ -52,6 +52,11 @@ impl ApiError {
             ApiError::Store(e @ StoreError::TooManyMembers) => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "too_many_members", e.to_string())
             }
+            ApiError::Store(e @ StoreError::ClientIdReused) => (
+                StatusCode::CONFLICT,
+                "client_id_reused",
+                format!("{e}: a retry sends the same body, a new message a new client_id"),
+            ),
             ApiError::Store(StoreError::UnknownUsers(users)) => {
                 let users: Vec<&str> = users.iter().map(UserId::as_str).collect();
                 (StatusCode::NOT_FOUND, "unknown_user", format!("no such users: {}", users.join(", ")))
@@ -89,7 +94,7 @@ impl ApiError {
             ApiError::CountryUnavailable(code) => (
                 StatusCode::FORBIDDEN,
                 "country_unavailable",
-                format!("this server sends no verification codes to numbers starting +{code}"),
+                format!("this server sends no verification codes to this country ({code})"),
             ),
             ApiError::Code(check) => {
                 let (code, message) = match check {

@@ -54,6 +54,7 @@ pub(crate) enum ServerFrame<'a> {
         request: &'a str,
         name: &'a str,
         requested_by: types::DeviceId,
+        requested_by_name: &'a str,
     },
     /// The device's cursor fell behind retention: messages before `oldest_seq` are gone.
     Expired {

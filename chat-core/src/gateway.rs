@@ -8,7 +8,7 @@
 //! nor a duplicate, and a lost or doubled wake-up changes nothing. Acks move the device's cursor,
 //! never past `sent`, so a reconnect resumes exactly where the device stopped confirming.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -38,6 +38,8 @@ pub const CLOSE_IDLE: u16 = 4000;
 pub const CLOSE_REPLACED: u16 = 4009;
 /// Bad frames tolerated per heartbeat interval before the connection is closed as abusive.
 const MAX_STRIKES: u32 = 50;
+/// How long a connection keeps its user's audience (for typing) before reading it again.
+const AUDIENCE_TTL: Duration = Duration::from_secs(10);
 /// One typing frame per conversation per this long is forwarded; the rest are dropped.
 const TYPING_INTERVAL: Duration = Duration::from_secs(2);
 /// Catch-up passes after the first, when live events overflowed while replaying.
@@ -100,6 +102,12 @@ pub(crate) async fn upgrade(
         .on_upgrade(move |socket| run(chat, socket, user, device))
 }
 
+fn random_u16() -> u16 {
+    let mut bytes = [0u8; 2];
+    getrandom::fill(&mut bytes).expect("the OS random source works");
+    u16::from_le_bytes(bytes)
+}
+
 /// Why a connection ends; the socket is gone or closed either way.
 struct Stop;
 
@@ -137,6 +145,8 @@ struct Connection {
     /// Per conversation, the highest seq passed to the device (or its own, confirmed by `sent`).
     sent: HashMap<ConversationId, i64>,
     typing: HashMap<ConversationId, Instant>,
+    /// The user's audience as last read, for typing.
+    audience: Option<(Instant, Arc<HashSet<UserId>>)>,
     strikes: u32,
     lagged: Arc<Lagged>,
     /// While replaying, an overflowing queue is caught up by another pass instead of a disconnect.
@@ -170,6 +180,7 @@ async fn run(chat: Arc<Chat>, socket: WebSocket, user: UserId, device: DeviceId)
         sink,
         sent: HashMap::new(),
         typing: HashMap::new(),
+        audience: None,
         strikes: 0,
         lagged: registration.lagged.clone(),
         replaying: true,
@@ -361,6 +372,12 @@ impl Connection {
         let heartbeat = Duration::from_secs(self.chat.config.heartbeat_secs.max(1));
         let idle = Duration::from_secs(self.chat.config.idle_timeout_secs.max(1));
         let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+        // Finds what a lost wake-up left out (a crash between commit and fan-out, a dropped bus
+        // envelope): connections spread their checks over the interval.
+        let every = Duration::from_secs(self.chat.config.gap_check_secs.max(1));
+        let first = every.mul_f64(0.5 + f64::from(random_u16()) / f64::from(u16::MAX));
+        let mut gap_check = tokio::time::interval_at(tokio::time::Instant::now() + first, every);
+        gap_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_heard = Instant::now();
         loop {
             tokio::select! {
@@ -391,6 +408,7 @@ impl Connection {
                     }
                     self.on_event(&event).await?;
                 }
+                _ = gap_check.tick() => self.catch_up().await?,
                 _ = ping.tick() => {
                     if last_heard.elapsed() > idle {
                         return Err(self.close(CLOSE_IDLE, "idle").await);
@@ -469,6 +487,8 @@ impl Connection {
         };
         match self.chat.send(&self.user, self.device, &conversation, client_id, body).await {
             Ok(appended) => {
+                // A message may have made a direct conversation two-way: read the audience afresh.
+                self.audience = None;
                 let m = appended.message();
                 let frame = ServerFrame::Sent { client_id, conversation, seq: m.seq, ts: m.created_at };
                 if let Appended::Duplicate(_) = appended {
@@ -502,6 +522,19 @@ impl Connection {
         }
     }
 
+    /// The user's audience, read at most every [`AUDIENCE_TTL`] for typing.
+    async fn audience(&mut self) -> Result<Arc<HashSet<UserId>>, Stop> {
+        if let Some((at, audience)) = &self.audience
+            && at.elapsed() < AUDIENCE_TTL
+        {
+            return Ok(audience.clone());
+        }
+        let audience: Arc<HashSet<UserId>> =
+            Arc::new(self.chat.store.audience(&self.user).await.map_err(|e| self.fail(e))?.into_iter().collect());
+        self.audience = Some((Instant::now(), audience.clone()));
+        Ok(audience)
+    }
+
     async fn on_typing(&mut self, conversation: &str) -> Result<(), Stop> {
         let Ok(conversation) = conversation.parse::<ConversationId>() else {
             return self.error("not_found", "no such conversation", None).await;
@@ -522,9 +555,9 @@ impl Connection {
         }
         self.typing.insert(conversation, now);
         // Only to the members in the typist's audience: not to a stranger's message request.
-        let audience = self.chat.store.audience(&self.user).await.map_err(|e| self.fail(e))?;
+        let audience = self.audience().await?;
         let others: Vec<UserId> =
-            members.iter().filter(|u| **u != self.user && audience.contains(u)).cloned().collect();
+            members.iter().filter(|u| **u != self.user && audience.contains(*u)).cloned().collect();
         if others.is_empty() {
             return Ok(());
         }

@@ -6,6 +6,7 @@
 //! Knowing a phone number, and opening a direct conversation with it, earns a stranger nothing
 //! until the owner answers; receipts are not shared in a conversation the reader never answered.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
@@ -18,6 +19,9 @@ use types::{Claims, UserId};
 
 use crate::chat::Chat;
 use crate::error::{ApiError, json_body};
+use crate::frames::ServerFrame;
+use crate::hub::Event;
+use crate::limits;
 use crate::store::{MAX_CONTACTS, Privacy};
 
 fn user_id(id: &str) -> Result<UserId, ApiError> {
@@ -53,7 +57,10 @@ pub(crate) async fn replace(
         return Err(ApiError::Invalid(format!("a user keeps at most {MAX_CONTACTS} contacts")));
     }
     let users = users.iter().map(|u| user_id(u)).collect::<Result<Vec<_>, _>>()?;
+    chat.limit(limits::CONTACT_CHANGES_PER_USER, claims.sub.as_str()).await?;
+    let before = chat.store.audience(&claims.sub).await?;
     chat.store.add_contacts(&claims.sub, &users, true).await?;
+    chat.hide_from_dropped(&claims.sub, before).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -67,22 +74,39 @@ pub(crate) async fn add(
     if contact == claims.sub {
         return Err(ApiError::Invalid("a user is not their own contact".into()));
     }
+    chat.limit(limits::CONTACT_CHANGES_PER_USER, claims.sub.as_str()).await?;
     chat.store.add_contacts(&claims.sub, &[contact], false).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 /// `DELETE /v1/contacts/{user}`: takes a contact off the list; they see the caller's presence no
-/// more (unless the two have exchanged messages both ways).
+/// more (unless the two have exchanged messages both ways), and are told the caller is offline.
 pub(crate) async fn remove(
     State(chat): State<Arc<Chat>>,
     Extension(claims): Extension<Claims>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let contact = user_id(&id)?;
+    chat.limit(limits::CONTACT_CHANGES_PER_USER, claims.sub.as_str()).await?;
     if chat.store.remove_contact(&claims.sub, &contact).await? {
+        chat.hide_from_dropped(&claims.sub, vec![contact]).await?;
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::NotFound("contact"))
+    }
+}
+
+impl Chat {
+    /// Tells those of `dropped` who are no longer in `user`'s audience that `user` is offline (an
+    /// "online" they saw last would otherwise stay on their screen).
+    async fn hide_from_dropped(&self, user: &UserId, dropped: Vec<UserId>) -> Result<(), ApiError> {
+        let audience: HashSet<UserId> = self.store.audience(user).await?.into_iter().collect();
+        let gone: Vec<UserId> = dropped.into_iter().filter(|u| !audience.contains(u)).collect();
+        if !gone.is_empty() {
+            let frame = ServerFrame::Presence { user, online: false, last_seen: 0 }.encode();
+            self.fan_out(&gone, Event::Frame(frame)).await;
+        }
+        Ok(())
     }
 }
 

@@ -72,8 +72,10 @@ conformance!(
     fanout_follows_membership,
     presence_goes_to_contacts_and_to_answered_direct_chats,
     rate_limits_let_a_burst_through_then_one_per_interval,
+    a_link_request_is_answered_once_by_another_device_and_collected_once,
     the_push_outbox_keeps_one_pending_push_per_conversation,
     retention_purges_old_messages_and_says_how_far,
+    retention_cuts_a_prefix_of_the_log_in_slices,
     phone_codes_expire_and_lock,
     a_reused_refresh_token_logs_the_device_out,
     a_refresh_retried_within_the_grace_is_taken_again,
@@ -217,26 +219,31 @@ async fn a_retried_client_id_is_stored_once(store: Store) {
     let Appended::New(first) = first else { panic!("the first send was not new") };
     assert_eq!(first.seq, 1);
 
-    // The same client_id again, even with another body, concurrently: the first result, never a copy.
+    // The same client_id and body again, concurrently: the first result, never a copy.
     let retries = (0..8).map(|_| {
         let (store, alice, id) = (store.clone(), alice.clone(), chat.id);
-        tokio::spawn(
-            async move { store.append(&id, &alice, &phone, "c-1", "{\"text\":\"changed\"}", 20).await.unwrap() },
-        )
+        tokio::spawn(async move { store.append(&id, &alice, &phone, "c-1", "{\"text\":\"one\"}", 20).await.unwrap() })
     });
     for retry in join_all(retries).await {
         assert_eq!(retry.unwrap(), Appended::Duplicate(first.clone()));
     }
-    // Another sender may use the same client_id: it is the sender's own key.
+    // The same key with another body is not a retry: refused, nothing stored.
+    let reused = store.append(&chat.id, &alice, &phone, "c-1", "{\"text\":\"changed\"}", 20).await;
+    assert!(matches!(reused, Err(StoreError::ClientIdReused)), "{reused:?}");
+    // Another device of the same user, or another sender, may use the same client_id: it is the
+    // sending device's own key.
+    let laptop = store.add_device(&alice, "laptop").await.unwrap().device;
+    let from_laptop = store.append(&chat.id, &alice, &laptop, "c-1", "{\"text\":\"laptop\"}", 25).await.unwrap();
+    assert!(matches!(from_laptop, Appended::New(ref m) if m.seq == 2), "{from_laptop:?}");
     let bobs = store.add_device(&bob, "phone").await.unwrap().device;
     let other = store.append(&chat.id, &bob, &bobs, "c-1", "{\"text\":\"bob\"}", 30).await.unwrap();
-    assert_eq!(other.message().seq, 2, "a duplicate used up a seq");
-    assert_eq!(store.messages_after(&chat.id, &bob, 0, 100).await.unwrap().len(), 2);
+    assert_eq!(other.message().seq, 3, "a duplicate or a refusal used up a seq");
+    assert_eq!(store.messages_after(&chat.id, &bob, 0, 100).await.unwrap().len(), 3);
 
     assert!(matches!(store.append(&chat.id, &alice, &phone, "", "{}", 1).await, Err(StoreError::Invalid(_))));
     let huge = format!("{{\"text\":\"{}\"}}", "x".repeat(chat_core::MAX_BODY_BYTES));
     assert!(matches!(store.append(&chat.id, &alice, &phone, "big", &huge, 1).await, Err(StoreError::Invalid(_))));
-    assert_eq!(store.messages_after(&chat.id, &bob, 0, 100).await.unwrap().len(), 2);
+    assert_eq!(store.messages_after(&chat.id, &bob, 0, 100).await.unwrap().len(), 3);
 }
 
 async fn history_pages_in_seq_order(store: Store) {
@@ -446,6 +453,53 @@ async fn presence_goes_to_contacts_and_to_answered_direct_chats(store: Store) {
     assert_eq!(store.audience(&alice).await.unwrap(), vec![bob.clone()]);
 }
 
+async fn a_link_request_is_answered_once_by_another_device_and_collected_once(store: Store) {
+    use chat_core::{LinkAnswer, LinkState};
+    let alice = user("alice");
+    let asker = store.add_device(&alice, "laptop").await.unwrap().device;
+    let phone = store.add_device(&alice, "phone").await.unwrap().device;
+    store.create_link_request("r1", &alice, &asker, "tablet", 1_000).await.unwrap();
+    assert_eq!(store.collect_link("r1", &alice, &asker, 10).await.unwrap(), LinkState::Pending);
+    // The asking device cannot approve itself; another user's device finds nothing.
+    assert_eq!(store.answer_link_request("r1", &alice, &asker, true, 10).await.unwrap(), LinkAnswer::OwnRequest);
+    let mallory = user("mallory");
+    let theirs = store.add_device(&mallory, "x").await.unwrap().device;
+    assert_eq!(store.answer_link_request("r1", &mallory, &theirs, true, 10).await.unwrap(), LinkAnswer::Unknown);
+    // Two approvals at once: one links a device, the other finds nothing pending.
+    let answers = join_all((0..4).map(|_| store.answer_link_request("r1", &alice, &phone, true, 10))).await;
+    let linked: Vec<_> = answers
+        .iter()
+        .filter_map(|a| match a.as_ref().unwrap() {
+            LinkAnswer::Answered { name, requested_by, linked: Some(linked) } => {
+                assert_eq!((name.as_str(), requested_by), ("tablet", &asker));
+                Some(linked.device)
+            }
+            LinkAnswer::Unknown => None,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(linked.len(), 1, "{answers:?}");
+    assert_eq!(store.devices(&alice).await.unwrap().len(), 3);
+    // Collected once, by the device that asked.
+    assert_eq!(store.collect_link("r1", &alice, &phone, 20).await.unwrap(), LinkState::Unknown);
+    assert_eq!(store.collect_link("r1", &alice, &asker, 20).await.unwrap(), LinkState::Linked(linked[0]));
+    assert_eq!(store.collect_link("r1", &alice, &asker, 20).await.unwrap(), LinkState::Unknown);
+
+    // Denied, and expired.
+    store.create_link_request("r2", &alice, &asker, "watch", 1_000).await.unwrap();
+    let denied = store.answer_link_request("r2", &alice, &phone, false, 10).await.unwrap();
+    assert!(matches!(denied, LinkAnswer::Answered { linked: None, .. }), "{denied:?}");
+    assert_eq!(store.collect_link("r2", &alice, &asker, 20).await.unwrap(), LinkState::Denied);
+    store.create_link_request("r3", &alice, &asker, "car", 1_000).await.unwrap();
+    assert_eq!(store.answer_link_request("r3", &alice, &phone, true, 1_000).await.unwrap(), LinkAnswer::Unknown);
+    assert_eq!(store.collect_link("r3", &alice, &asker, 1_000).await.unwrap(), LinkState::Unknown);
+    assert_eq!(store.sweep_link_requests(2_000).await.unwrap(), 2, "r2 and r3 expired; r1 has longer to be collected");
+    // The asking device going takes its requests with it.
+    store.create_link_request("r4", &alice, &asker, "fridge", 5_000).await.unwrap();
+    assert!(store.remove_device(&alice, &asker).await.unwrap());
+    assert_eq!(store.answer_link_request("r4", &alice, &phone, true, 10).await.unwrap(), LinkAnswer::Unknown);
+}
+
 async fn rate_limits_let_a_burst_through_then_one_per_interval(store: Store) {
     let take = |key: &'static str, now: i64| {
         let store = store.clone();
@@ -514,6 +568,40 @@ async fn retention_purges_old_messages_and_says_how_far(store: Store) {
     assert_eq!(store.purge_before(1_000).await.unwrap(), 0);
     let next = store.append(&chat.id, &alice, &device, "c6", "{}", 8_000).await.unwrap();
     assert_eq!(next.message().seq, 6, "seqs go on after a purge");
+}
+
+async fn retention_cuts_a_prefix_of_the_log_in_slices(store: Store) {
+    let (alice, bob) = (user("alice"), user("bob"));
+    let chat = store.direct(&alice, &bob).await.unwrap();
+    let device = store.add_device(&alice, "a").await.unwrap().device;
+    // Seq 2's clock ran behind seq 1's (times are taken before the write queue): a purge at 150
+    // takes both, never seq 2 alone.
+    store.append(&chat.id, &alice, &device, "c1", "{}", 160).await.unwrap();
+    store.append(&chat.id, &alice, &device, "c2", "{}", 140).await.unwrap();
+    store.append(&chat.id, &alice, &device, "c3", "{}", 5_000).await.unwrap();
+    assert_eq!(store.purge_before(150).await.unwrap(), 2);
+    let kept: Vec<i64> = store.messages_after(&chat.id, &bob, 0, 10).await.unwrap().iter().map(|m| m.seq).collect();
+    assert_eq!(kept, vec![3]);
+    assert_eq!(store.sync_one(&alice, &device, &chat.id).await.unwrap().purged_upto, 2);
+
+    // More than a slice of old messages go in several short transactions, all of them.
+    let many = chat_core::PURGE_SLICE * 2 + 17;
+    let batch: Vec<Write> = (0..many)
+        .map(|n| Write::Append {
+            conversation: chat.id,
+            sender: alice.clone(),
+            device,
+            client_id: format!("old-{n}"),
+            body: "{}".into(),
+            now_ms: 6_000,
+        })
+        .collect();
+    assert!(store.write_batch(batch).await.iter().all(Result::is_ok));
+    store.append(&chat.id, &alice, &device, "new", "{}", 9_000).await.unwrap();
+    assert_eq!(store.purge_before(8_000).await.unwrap(), many as u64 + 1);
+    let kept = store.messages_after(&chat.id, &bob, 0, 10).await.unwrap();
+    assert_eq!(kept.iter().map(|m| m.client_id.as_str()).collect::<Vec<_>>(), vec!["new"]);
+    assert_eq!(store.sync_one(&alice, &device, &chat.id).await.unwrap().purged_upto, kept[0].seq - 1);
 }
 
 async fn phone_codes_expire_and_lock(store: Store) {

@@ -92,13 +92,15 @@ pub enum Event {
         name: String,
         replaced: Option<String>,
     },
-    /// Device `requested_by` of this account asks to link another named `name`. The app asks its
-    /// user and answers with `Live::answer_link`; a request the user did not make means someone
-    /// else holds that device's token (deny it, and unlink that device).
+    /// Device `requested_by` (named `requested_by_name` when it was linked) of this account asks
+    /// to link another it calls `name`. The app asks its user and answers with
+    /// `Live::answer_link`; a request the user did not make means someone else holds that device's
+    /// token (deny it, and unlink that device).
     LinkRequest {
         request: String,
         name: String,
         requested_by: String,
+        requested_by_name: String,
     },
     /// The connection is up (again); replay follows.
     Connected,
@@ -155,6 +157,7 @@ enum ServerFrame {
         request: String,
         name: String,
         requested_by: String,
+        requested_by_name: String,
     },
 }
 
@@ -451,8 +454,8 @@ impl Worker {
             ServerFrame::DeviceLinked { device_id, name, replaced } => {
                 Event::DeviceLinked { device_id, name, replaced }
             }
-            ServerFrame::LinkRequest { request, name, requested_by } => {
-                Event::LinkRequest { request, name, requested_by }
+            ServerFrame::LinkRequest { request, name, requested_by, requested_by_name } => {
+                Event::LinkRequest { request, name, requested_by, requested_by_name }
             }
             ServerFrame::Expired { conversation, oldest_seq } => {
                 let cursor = self.cursors.entry(conversation.clone()).or_insert(0);

@@ -25,6 +25,10 @@ pub const MAX_DEVICES: i64 = 16;
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 /// Longest `client_id`.
 pub const MAX_CLIENT_ID_LEN: usize = 128;
+/// Most messages one retention transaction deletes.
+pub const PURGE_SLICE: i64 = 500;
+/// Conversations one retention round looks at.
+const PURGE_CONVERSATIONS: i64 = 256;
 /// Most messages one history read returns.
 pub const MAX_PAGE: i64 = 500;
 /// Most bytes of bodies one history read returns (it always returns at least one message): 500
@@ -290,6 +294,9 @@ pub enum StoreError {
     TooManyMembers,
     #[error("{0}")]
     Invalid(String),
+    /// The sending device used this `client_id` before for another message.
+    #[error("this client_id was used for another message")]
+    ClientIdReused,
     /// Users named in a request who do not exist.
     #[error("no such users: {0:?}")]
     UnknownUsers(Vec<UserId>),
@@ -388,7 +395,8 @@ impl Store {
     }
 
     /// Appends a message with the conversation's next seq, or returns the one already stored under
-    /// the sender's `client_id`.
+    /// the sending device's `client_id` (the same key with another body is
+    /// [`StoreError::ClientIdReused`]).
     pub async fn append(
         &self,
         conversation: &ConversationId,
@@ -594,7 +602,8 @@ impl Store {
     }
 
     /// Whose presence `user` sees: everyone whose [`Store::audience`] holds `user`, with their
-    /// last-seen time where they share it.
+    /// last-seen time where they share it (at most 5,000: anyone may add anyone as a contact, and
+    /// a connect must not fan out without bound).
     pub async fn watched(&self, user: &UserId) -> Result<Vec<Contact>, StoreError> {
         each!(self, s => s.watched(user).await)
     }
@@ -662,6 +671,7 @@ impl Store {
 
     /// Approves or denies a pending, unexpired link request of `user` from `approver`, which must be
     /// another device than the one that asked. Once only: a second answer finds nothing pending.
+    /// An approval links the device in the same transaction, for the asking device to collect.
     pub async fn answer_link_request(
         &self,
         request_id: &str,
@@ -672,11 +682,6 @@ impl Store {
     ) -> Result<LinkAnswer, StoreError> {
         let status = if approve { "approved" } else { "denied" };
         each!(self, s => s.answer_link_request(request_id, user, approver, status, now_ms).await)
-    }
-
-    /// Records the device an approved request linked, for the asking device to collect.
-    pub async fn set_link_device(&self, request_id: &str, device: &DeviceId) -> Result<(), StoreError> {
-        each!(self, s => s.set_link_device(request_id, device).await)
     }
 
     /// Where `requested_by`'s request stands; an approved one is handed over once (`Linked`), and
@@ -694,6 +699,28 @@ impl Store {
     /// Deletes link requests that expired before `before_ms`.
     pub async fn sweep_link_requests(&self, before_ms: i64) -> Result<u64, StoreError> {
         each!(self, s => s.sweep_link_requests(before_ms).await)
+    }
+
+    /// Whether [`Store::take_token`] would let a request through now, taking nothing: `None` if
+    /// so, else how many ms until it would.
+    pub async fn peek_token(
+        &self,
+        bucket: &str,
+        key: &str,
+        every_ms: i64,
+        burst: i64,
+        now_ms: i64,
+    ) -> Result<Option<i64>, StoreError> {
+        let limit = Bucket { bucket, key, every_ms: every_ms.max(1), burst: burst.max(1), now_ms };
+        let tat = each!(self, s => s.token_tat(bucket, key).await)?;
+        Ok(tat
+            .filter(|tat| (*tat).max(now_ms) + limit.every_ms - now_ms > limit.burst * limit.every_ms)
+            .map(|tat| limit.wait_ms(tat)))
+    }
+
+    /// Returns one token to a bucket: the request it let through did not go ahead after all.
+    pub async fn give_back(&self, bucket: &str, key: &str, every_ms: i64) -> Result<(), StoreError> {
+        each!(self, s => s.give_back(bucket, key, every_ms.max(1)).await)
     }
 
     /// Forgets rate-limit buckets that are full again by `now_ms`; returns how many went.
@@ -733,9 +760,27 @@ impl Store {
         each!(self, s => s.push_failed(push, retry_at_ms).await)
     }
 
-    /// Deletes messages created before `before_ms`; returns how many went.
+    /// Deletes, in each conversation, the messages up to the newest one created before
+    /// `before_ms` (a prefix of the log: one whose clock ran behind its seq goes with the rest), and
+    /// records how far (`purged_upto`). Runs in slices of at most [`PURGE_SLICE`] messages, each its
+    /// own short transaction, so sends are never held up behind a large purge. Returns how many
+    /// went.
     pub async fn purge_before(&self, before_ms: i64) -> Result<u64, StoreError> {
-        each!(self, s => s.purge_before(before_ms).await)
+        let mut purged = 0;
+        loop {
+            let horizons = each!(self, s => s.retention_horizons(before_ms, PURGE_CONVERSATIONS).await)?;
+            if horizons.is_empty() {
+                return Ok(purged);
+            }
+            for (conversation, start, horizon) in horizons {
+                let mut after = start;
+                while after < horizon {
+                    let upto = horizon.min(after + PURGE_SLICE);
+                    purged += each!(self, s => s.purge_range(&conversation, after, upto).await)?;
+                    after = upto;
+                }
+            }
+        }
     }
 
     /// Stores the pending code of `phone`, replacing any earlier one (and its attempt count).
@@ -872,8 +917,9 @@ pub(crate) struct NewLinkRequest<'a> {
 /// What answering a link request did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LinkAnswer {
-    /// It was pending, and is answered now: the name the asking device gave, and that device.
-    Answered { name: String, requested_by: DeviceId },
+    /// It was pending, and is answered now: the name the asking device gave, that device, and
+    /// (approved) the device linked.
+    Answered { name: String, requested_by: DeviceId, linked: Option<Linked> },
     /// The approver is the device that asked: a token alone cannot approve its own link.
     OwnRequest,
     /// No such pending request of this user (unknown, expired, or answered already).
@@ -960,6 +1006,16 @@ fn newcomers(users: &[UserId], present: &[UserId]) -> Vec<(UserId, Role)> {
         }
     }
     new
+}
+
+/// What a send whose `client_id` the device used before gets: the first message if this is a
+/// retry of it (the same body), else [`StoreError::ClientIdReused`].
+fn retried(first: Option<Message>, body: &str) -> Result<Appended, StoreError> {
+    match first {
+        Some(first) if first.body == body => Ok(Appended::Duplicate(first)),
+        Some(_) => Err(StoreError::ClientIdReused),
+        None => Err(StoreError::Corrupt("a conflicting message vanished".into())),
+    }
 }
 
 pub(crate) fn check_message(client_id: &str, body: &str) -> Result<(), StoreError> {

@@ -12,7 +12,7 @@ use super::{
     Acked, Appended, Bucket, Contact, ContactEntry, Conversation, ConversationKind, ConversationSummary, Cursor,
     DeviceInfo, LinkAnswer, LinkState, Linked, MAX_CONTACTS, MAX_DEVICES, MAX_GROUP_MEMBERS, Message, NewLinkRequest,
     NewRefresh, PendingCode, PendingPush, Privacy, Receipt, Role, Rotation, Spend, StoreError, SyncState, Write,
-    Written, check_message, link_state, newcomers, pair_key,
+    Written, check_message, link_state, newcomers, pair_key, retried,
 };
 
 /// Users come into being the first time they are named.
@@ -94,11 +94,11 @@ const TAKE_SEQ: &str = "
        AND EXISTS (SELECT 1 FROM chat_members WHERE conversation_id = $1 AND user_id = $2)
     RETURNING last_seq";
 
-/// Inserts the message, or nothing when the sender already sent this client id.
+/// Inserts the message, or nothing when the sending device already sent this client id.
 const INSERT_MESSAGE: &str = "
     INSERT INTO chat_messages (conversation_id, seq, sender_user, sender_device, client_id, body, created_at)
     VALUES ($1, $2, $3, $4, $5, $6, $7)
-    ON CONFLICT (conversation_id, sender_user, client_id) DO NOTHING";
+    ON CONFLICT (conversation_id, sender_device, client_id) DO NOTHING";
 
 /// Gives a retry's seq back (the transaction holds the row, so it is still the last one).
 const GIVE_SEQ_BACK: &str = "UPDATE chat_conversations SET last_seq = last_seq - 1 WHERE conversation_id = $1";
@@ -106,7 +106,7 @@ const GIVE_SEQ_BACK: &str = "UPDATE chat_conversations SET last_seq = last_seq -
 /// The first copy of a retried message.
 const BY_CLIENT_ID: &str = "
     SELECT conversation_id, seq, sender_user, sender_device, client_id, body, created_at FROM chat_messages
-     WHERE conversation_id = $1 AND sender_user = $2 AND client_id = $3";
+     WHERE conversation_id = $1 AND sender_device = $2 AND client_id = $3";
 
 /// Moves a device's cursors, clamped to the log's end; only a member gets a row.
 const MOVE_CURSOR: &str = "
@@ -142,6 +142,9 @@ const DELETE_DEVICE: &str = "DELETE FROM chat_devices WHERE user_id = $1 AND dev
 const DELETE_DEVICE_CURSORS: &str = "DELETE FROM chat_cursors WHERE user_id = $1 AND device_id = $2";
 
 const DELETE_DEVICE_TOKENS: &str = "DELETE FROM chat_refresh_tokens WHERE user_id = $1 AND device_id = $2";
+
+/// A device that goes takes its link requests with it: nobody can approve them any more.
+const DELETE_DEVICE_LINKS: &str = "DELETE FROM chat_link_requests WHERE user_id = $1 AND requested_by = $2";
 
 /// Where a device stands in each of a user's conversations.
 const SYNC_STATE: &str = "
@@ -185,7 +188,7 @@ const WATCHED: &str = concat!(
     "SELECT u.user_id, CASE WHEN u.share_last_seen THEN u.last_seen ELSE 0 END AS last_seen FROM chat_users u
       WHERE u.user_id IN (SELECT user_id FROM chat_contacts WHERE contact_id = $1 UNION ",
     answered_both_ways!(),
-    ")"
+    ") LIMIT 5000"
 );
 
 const CONTACT_LIST: &str =
@@ -223,13 +226,15 @@ const LINK_ASKER: &str = "
     SELECT requested_by FROM chat_link_requests
      WHERE request_id = $1 AND user_id = $2 AND status = 'pending' AND expires_at > $3";
 
-const SET_LINK_DEVICE: &str = "UPDATE chat_link_requests SET device_id = $2 WHERE request_id = $1";
+/// (The asking device has the request's lifetime again to collect an approval.)
+const SET_LINK_DEVICE: &str =
+    "UPDATE chat_link_requests SET device_id = $2, expires_at = expires_at + 300000 WHERE request_id = $1";
 
 /// Hands an approved request's device over, once.
 const COLLECT_LINK: &str = "
     UPDATE chat_link_requests SET status = 'collected'
      WHERE request_id = $1 AND user_id = $2 AND requested_by = $3 AND status = 'approved'
-       AND device_id IS NOT NULL
+       AND device_id IS NOT NULL AND expires_at > $4
     RETURNING device_id";
 
 const LINK_STATUS: &str = "
@@ -246,6 +251,9 @@ const TAKE_TOKEN: &str = "
     RETURNING tat";
 
 const TOKEN_TAT: &str = "SELECT tat FROM chat_rate_limits WHERE bucket = $1 AND key = $2";
+
+/// Returns a token taken from a bucket (the request it let through did not go ahead).
+const GIVE_BACK: &str = "UPDATE chat_rate_limits SET tat = tat - $3 WHERE bucket = $1 AND key = $2";
 
 const SWEEP_LIMITS: &str = "DELETE FROM chat_rate_limits WHERE tat < $1";
 
@@ -269,13 +277,19 @@ const RETRY_PUSH: &str = "
      WHERE user_id = $1 AND conversation_id = $2";
 
 /// Marks how far each conversation with old messages is purged (deleted next, same transaction).
-const MARK_PURGED: &str = "
-    UPDATE chat_conversations SET purged_upto = (
-           SELECT MAX(m.seq) FROM chat_messages m
-            WHERE m.conversation_id = chat_conversations.conversation_id AND m.created_at < $1)
-     WHERE conversation_id IN (SELECT conversation_id FROM chat_messages WHERE created_at < $1)";
+/// Per conversation with messages older than the cutoff: where its purge starts and the horizon it
+/// purges to (the newest old message's seq: retention cuts a prefix of the log, never around a
+/// message whose clock ran behind its seq).
+const RETENTION_HORIZONS: &str = "
+    SELECT m.conversation_id, LEAST(MIN(m.seq) - 1, c.purged_upto), MAX(m.seq)
+      FROM chat_messages m JOIN chat_conversations c ON c.conversation_id = m.conversation_id
+     WHERE m.created_at < $1 GROUP BY m.conversation_id, c.purged_upto LIMIT $2";
 
-const PURGE: &str = "DELETE FROM chat_messages WHERE created_at < $1";
+/// One slice of a conversation's purge.
+const PURGE_RANGE: &str = "DELETE FROM chat_messages WHERE conversation_id = $1 AND seq > $2 AND seq <= $3";
+
+const MARK_PURGED: &str =
+    "UPDATE chat_conversations SET purged_upto = GREATEST(purged_upto, $2) WHERE conversation_id = $1";
 
 const PUT_CODE: &str = "
     INSERT INTO chat_phone_codes (phone, code_hash, expires_at, attempts, created_at) VALUES ($1, $2, $3, 0, $4)
@@ -406,22 +420,9 @@ impl Postgres {
 
     pub(super) async fn add_device(&self, user: &UserId, name: &str, now: i64) -> Result<Linked, StoreError> {
         let mut tx = self.db.begin().await?;
-        sqlx::query(ENSURE_USER).bind(user).bind(now).execute(&mut *tx).await?;
-        // Two sign-ins at once count the devices one after the other.
-        sqlx::query(LOCK_USER).bind(user).execute(&mut *tx).await?;
-        let linked: i64 = sqlx::query_scalar(COUNT_DEVICES).bind(user).fetch_one(&mut *tx).await?;
-        let mut replaced = None;
-        if linked >= MAX_DEVICES {
-            let oldest: DeviceId = sqlx::query_scalar(LEAST_RECENT_DEVICE).bind(user).fetch_one(&mut *tx).await?;
-            sqlx::query(DELETE_DEVICE).bind(user).bind(oldest).execute(&mut *tx).await?;
-            sqlx::query(DELETE_DEVICE_CURSORS).bind(user).bind(oldest).execute(&mut *tx).await?;
-            sqlx::query(DELETE_DEVICE_TOKENS).bind(user).bind(oldest).execute(&mut *tx).await?;
-            replaced = Some(oldest);
-        }
-        let device = DeviceId::new();
-        sqlx::query(INSERT_DEVICE).bind(user).bind(device).bind(name).bind(now).execute(&mut *tx).await?;
+        let linked = link_device(&mut tx, user, name, now).await?;
         tx.commit().await?;
-        Ok(Linked { device, replaced })
+        Ok(linked)
     }
 
     pub(super) async fn devices(&self, user: &UserId) -> Result<Vec<DeviceInfo>, StoreError> {
@@ -563,11 +564,9 @@ impl Postgres {
 
     pub(super) async fn remove_device(&self, user: &UserId, device: &DeviceId) -> Result<bool, StoreError> {
         let mut tx = self.db.begin().await?;
-        let removed = sqlx::query(DELETE_DEVICE).bind(user).bind(device).execute(&mut *tx).await?.rows_affected();
-        sqlx::query(DELETE_DEVICE_CURSORS).bind(user).bind(device).execute(&mut *tx).await?;
-        sqlx::query(DELETE_DEVICE_TOKENS).bind(user).bind(device).execute(&mut *tx).await?;
+        let removed = unlink_device(&mut tx, user, device).await?;
         tx.commit().await?;
-        Ok(removed > 0)
+        Ok(removed)
     }
 
     pub(super) async fn sync_state(&self, user: &UserId, device: &DeviceId) -> Result<Vec<SyncState>, StoreError> {
@@ -612,8 +611,9 @@ impl Postgres {
     ) -> Result<(), StoreError> {
         let ids: Vec<&str> = contacts.iter().map(UserId::as_str).collect();
         let mut tx = self.db.begin().await?;
-        let existing: Vec<UserId> = sqlx::query_scalar(EXISTING_USERS).bind(&ids).fetch_all(&mut *tx).await?;
-        let unknown: Vec<UserId> = contacts.iter().filter(|c| !existing.contains(c)).cloned().collect();
+        let existing: std::collections::HashSet<UserId> =
+            sqlx::query_scalar(EXISTING_USERS).bind(&ids).fetch_all(&mut *tx).await?.into_iter().collect();
+        let unknown: Vec<UserId> = contacts.iter().filter(|c| !existing.contains(*c)).cloned().collect();
         if !unknown.is_empty() {
             return Err(StoreError::UnknownUsers(unknown));
         }
@@ -669,25 +669,28 @@ impl Postgres {
         status: &'static str,
         now: i64,
     ) -> Result<LinkAnswer, StoreError> {
+        let mut tx = self.db.begin().await?;
         let answered: Option<(String, DeviceId)> = sqlx::query_as(ANSWER_LINK)
             .bind(request_id)
             .bind(user)
             .bind(approver)
             .bind(status)
             .bind(now)
-            .fetch_optional(&self.db)
+            .fetch_optional(&mut *tx)
             .await?;
-        if let Some((name, requested_by)) = answered {
-            return Ok(LinkAnswer::Answered { name, requested_by });
+        let Some((name, requested_by)) = answered else {
+            let asker: Option<DeviceId> =
+                sqlx::query_scalar(LINK_ASKER).bind(request_id).bind(user).bind(now).fetch_optional(&mut *tx).await?;
+            return Ok(if asker.as_ref() == Some(approver) { LinkAnswer::OwnRequest } else { LinkAnswer::Unknown });
+        };
+        let mut linked = None;
+        if status == "approved" {
+            let device = link_device(&mut tx, user, &name, now).await?;
+            sqlx::query(SET_LINK_DEVICE).bind(request_id).bind(device.device).execute(&mut *tx).await?;
+            linked = Some(device);
         }
-        let asker: Option<DeviceId> =
-            sqlx::query_scalar(LINK_ASKER).bind(request_id).bind(user).bind(now).fetch_optional(&self.db).await?;
-        Ok(if asker.as_ref() == Some(approver) { LinkAnswer::OwnRequest } else { LinkAnswer::Unknown })
-    }
-
-    pub(super) async fn set_link_device(&self, request_id: &str, device: &DeviceId) -> Result<(), StoreError> {
-        sqlx::query(SET_LINK_DEVICE).bind(request_id).bind(device).execute(&self.db).await?;
-        Ok(())
+        tx.commit().await?;
+        Ok(LinkAnswer::Answered { name, requested_by, linked })
     }
 
     pub(super) async fn collect_link(
@@ -701,6 +704,7 @@ impl Postgres {
             .bind(request_id)
             .bind(user)
             .bind(requested_by)
+            .bind(now)
             .fetch_optional(&self.db)
             .await?;
         if let Some(device) = device {
@@ -727,8 +731,19 @@ impl Postgres {
         if taken.is_some() {
             return Ok(None);
         }
-        let tat: i64 = sqlx::query_scalar(TOKEN_TAT).bind(limit.bucket).bind(limit.key).fetch_one(&self.db).await?;
-        Ok(Some(limit.wait_ms(tat)))
+        let tat: Option<i64> =
+            sqlx::query_scalar(TOKEN_TAT).bind(limit.bucket).bind(limit.key).fetch_optional(&self.db).await?;
+        // Swept in between: as if full, one interval from now.
+        Ok(Some(limit.wait_ms(tat.unwrap_or(limit.now_ms + limit.burst * limit.every_ms))))
+    }
+
+    pub(super) async fn token_tat(&self, bucket: &str, key: &str) -> Result<Option<i64>, StoreError> {
+        Ok(sqlx::query_scalar(TOKEN_TAT).bind(bucket).bind(key).fetch_optional(&self.db).await?)
+    }
+
+    pub(super) async fn give_back(&self, bucket: &str, key: &str, every: i64) -> Result<(), StoreError> {
+        sqlx::query(GIVE_BACK).bind(bucket).bind(key).bind(every).execute(&self.db).await?;
+        Ok(())
     }
 
     pub(super) async fn sweep_limits(&self, now: i64) -> Result<u64, StoreError> {
@@ -789,10 +804,24 @@ impl Postgres {
         Ok(())
     }
 
-    pub(super) async fn purge_before(&self, before_ms: i64) -> Result<u64, StoreError> {
+    pub(super) async fn retention_horizons(
+        &self,
+        before_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<(ConversationId, i64, i64)>, StoreError> {
+        Ok(sqlx::query_as(RETENTION_HORIZONS).bind(before_ms).bind(limit).fetch_all(&self.db).await?)
+    }
+
+    pub(super) async fn purge_range(
+        &self,
+        conversation: &ConversationId,
+        after: i64,
+        upto: i64,
+    ) -> Result<u64, StoreError> {
         let mut tx = self.db.begin().await?;
-        sqlx::query(MARK_PURGED).bind(before_ms).execute(&mut *tx).await?;
-        let purged = sqlx::query(PURGE).bind(before_ms).execute(&mut *tx).await?.rows_affected();
+        sqlx::query(MARK_PURGED).bind(conversation).bind(upto).execute(&mut *tx).await?;
+        let purged =
+            sqlx::query(PURGE_RANGE).bind(conversation).bind(after).bind(upto).execute(&mut *tx).await?.rows_affected();
         tx.commit().await?;
         Ok(purged)
     }
@@ -917,6 +946,33 @@ impl Postgres {
     }
 }
 
+/// Links a new device of `user` inside `tx` (creating the user on first sight); past
+/// [`MAX_DEVICES`] the least recently seen one is unlinked. Two links at once count the devices one
+/// after the other (the user's row is locked).
+async fn link_device(tx: &mut Transaction<'_, Pg>, user: &UserId, name: &str, now: i64) -> Result<Linked, StoreError> {
+    sqlx::query(ENSURE_USER).bind(user).bind(now).execute(&mut **tx).await?;
+    sqlx::query(LOCK_USER).bind(user).execute(&mut **tx).await?;
+    let linked: i64 = sqlx::query_scalar(COUNT_DEVICES).bind(user).fetch_one(&mut **tx).await?;
+    let mut replaced = None;
+    if linked >= MAX_DEVICES {
+        let oldest: DeviceId = sqlx::query_scalar(LEAST_RECENT_DEVICE).bind(user).fetch_one(&mut **tx).await?;
+        unlink_device(tx, user, &oldest).await?;
+        replaced = Some(oldest);
+    }
+    let device = DeviceId::new();
+    sqlx::query(INSERT_DEVICE).bind(user).bind(device).bind(name).bind(now).execute(&mut **tx).await?;
+    Ok(Linked { device, replaced })
+}
+
+/// Unlinks a device inside `tx`: its cursors, refresh tokens and link requests go with it.
+async fn unlink_device(tx: &mut Transaction<'_, Pg>, user: &UserId, device: &DeviceId) -> Result<bool, StoreError> {
+    let removed = sqlx::query(DELETE_DEVICE).bind(user).bind(device).execute(&mut **tx).await?.rows_affected();
+    sqlx::query(DELETE_DEVICE_CURSORS).bind(user).bind(device).execute(&mut **tx).await?;
+    sqlx::query(DELETE_DEVICE_TOKENS).bind(user).bind(device).execute(&mut **tx).await?;
+    sqlx::query(DELETE_DEVICE_LINKS).bind(user).bind(device).execute(&mut **tx).await?;
+    Ok(removed > 0)
+}
+
 async fn insert_refresh(conn: &mut PgConnection, token: &NewRefresh<'_>) -> Result<(), StoreError> {
     sqlx::query(INSERT_REFRESH)
         .bind(token.hash)
@@ -1001,13 +1057,11 @@ async fn append(
         sqlx::query(GIVE_SEQ_BACK).bind(conversation).execute(&mut **tx).await?;
         let first: Option<Message> = sqlx::query_as(BY_CLIENT_ID)
             .bind(conversation)
-            .bind(sender)
+            .bind(device)
             .bind(client_id)
             .fetch_optional(&mut **tx)
             .await?;
-        return first
-            .map(Appended::Duplicate)
-            .ok_or_else(|| StoreError::Corrupt("a conflicting message vanished".into()));
+        return retried(first, body);
     }
     sqlx::query(MARK_ANSWERED).bind(conversation).bind(sender).execute(&mut **tx).await?;
     Ok(Appended::New(Message {

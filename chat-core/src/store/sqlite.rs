@@ -24,7 +24,7 @@ use super::{
     Acked, Appended, Bucket, Contact, ContactEntry, Conversation, ConversationKind, ConversationSummary, Cursor,
     DeviceInfo, LinkAnswer, LinkState, Linked, MAX_CONTACTS, MAX_DEVICES, MAX_GROUP_MEMBERS, Message, NewLinkRequest,
     NewRefresh, PendingCode, PendingPush, Privacy, Receipt, Role, Rotation, Spend, StoreError, SyncState, Write,
-    Written, check_message, link_state, newcomers, pair_key,
+    Written, check_message, link_state, newcomers, pair_key, retried,
 };
 
 /// Users come into being the first time they are named.
@@ -101,11 +101,11 @@ const TAKE_SEQ: &str = "
        AND EXISTS (SELECT 1 FROM chat_members WHERE conversation_id = ?1 AND user_id = ?2)
     RETURNING last_seq";
 
-/// Inserts the message, or nothing when the sender already sent this client id.
+/// Inserts the message, or nothing when the sending device already sent this client id.
 const INSERT_MESSAGE: &str = "
     INSERT INTO chat_messages (conversation_id, seq, sender_user, sender_device, client_id, body, created_at)
     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-    ON CONFLICT (conversation_id, sender_user, client_id) DO NOTHING";
+    ON CONFLICT (conversation_id, sender_device, client_id) DO NOTHING";
 
 /// Gives a retry's seq back (the transaction holds the write lock, so it is still the last one).
 const GIVE_SEQ_BACK: &str = "UPDATE chat_conversations SET last_seq = last_seq - 1 WHERE conversation_id = ?1";
@@ -113,7 +113,7 @@ const GIVE_SEQ_BACK: &str = "UPDATE chat_conversations SET last_seq = last_seq -
 /// The first copy of a retried message.
 const BY_CLIENT_ID: &str = "
     SELECT conversation_id, seq, sender_user, sender_device, client_id, body, created_at FROM chat_messages
-     WHERE conversation_id = ?1 AND sender_user = ?2 AND client_id = ?3";
+     WHERE conversation_id = ?1 AND sender_device = ?2 AND client_id = ?3";
 
 /// Moves a device's cursors, clamped to the log's end; only a member gets a row.
 const MOVE_CURSOR: &str = "
@@ -149,6 +149,9 @@ const DELETE_DEVICE: &str = "DELETE FROM chat_devices WHERE user_id = ?1 AND dev
 const DELETE_DEVICE_CURSORS: &str = "DELETE FROM chat_cursors WHERE user_id = ?1 AND device_id = ?2";
 
 const DELETE_DEVICE_TOKENS: &str = "DELETE FROM chat_refresh_tokens WHERE user_id = ?1 AND device_id = ?2";
+
+/// A device that goes takes its link requests with it: nobody can approve them any more.
+const DELETE_DEVICE_LINKS: &str = "DELETE FROM chat_link_requests WHERE user_id = ?1 AND requested_by = ?2";
 
 /// Where a device stands in each of a user's conversations.
 const SYNC_STATE: &str = "
@@ -192,7 +195,7 @@ const WATCHED: &str = concat!(
     "SELECT u.user_id, CASE WHEN u.share_last_seen THEN u.last_seen ELSE 0 END AS last_seen FROM chat_users u
       WHERE u.user_id IN (SELECT user_id FROM chat_contacts WHERE contact_id = ?1 UNION ",
     answered_both_ways!(),
-    ")"
+    ") LIMIT 5000"
 );
 
 const CONTACT_LIST: &str =
@@ -229,13 +232,15 @@ const LINK_ASKER: &str = "
     SELECT requested_by FROM chat_link_requests
      WHERE request_id = ?1 AND user_id = ?2 AND status = 'pending' AND expires_at > ?3";
 
-const SET_LINK_DEVICE: &str = "UPDATE chat_link_requests SET device_id = ?2 WHERE request_id = ?1";
+/// (The asking device has the request's lifetime again to collect an approval.)
+const SET_LINK_DEVICE: &str =
+    "UPDATE chat_link_requests SET device_id = ?2, expires_at = expires_at + 300000 WHERE request_id = ?1";
 
 /// Hands an approved request's device over, once.
 const COLLECT_LINK: &str = "
     UPDATE chat_link_requests SET status = 'collected'
      WHERE request_id = ?1 AND user_id = ?2 AND requested_by = ?3 AND status = 'approved'
-       AND device_id IS NOT NULL
+       AND device_id IS NOT NULL AND expires_at > ?4
     RETURNING device_id";
 
 const LINK_STATUS: &str = "
@@ -252,6 +257,9 @@ const TAKE_TOKEN: &str = "
     RETURNING tat";
 
 const TOKEN_TAT: &str = "SELECT tat FROM chat_rate_limits WHERE bucket = ?1 AND key = ?2";
+
+/// Returns a token taken from a bucket (the request it let through did not go ahead).
+const GIVE_BACK: &str = "UPDATE chat_rate_limits SET tat = tat - ?3 WHERE bucket = ?1 AND key = ?2";
 
 const SWEEP_LIMITS: &str = "DELETE FROM chat_rate_limits WHERE tat < ?1";
 
@@ -275,13 +283,18 @@ const RETRY_PUSH: &str = "
      WHERE user_id = ?1 AND conversation_id = ?2";
 
 /// Marks how far each conversation with old messages is purged (deleted next, same transaction).
-const MARK_PURGED: &str = "
-    UPDATE chat_conversations SET purged_upto = (
-           SELECT MAX(m.seq) FROM chat_messages m
-            WHERE m.conversation_id = chat_conversations.conversation_id AND m.created_at < ?1)
-     WHERE conversation_id IN (SELECT conversation_id FROM chat_messages WHERE created_at < ?1)";
+/// Per conversation with messages older than the cutoff: where its purge starts and the horizon it
+/// purges to (the newest old message's seq: retention cuts a prefix of the log, never around a
+/// message whose clock ran behind its seq).
+const RETENTION_HORIZONS: &str = "
+    SELECT m.conversation_id, MIN(MIN(m.seq) - 1, c.purged_upto), MAX(m.seq)
+      FROM chat_messages m JOIN chat_conversations c ON c.conversation_id = m.conversation_id
+     WHERE m.created_at < ?1 GROUP BY m.conversation_id, c.purged_upto LIMIT ?2";
 
-const PURGE: &str = "DELETE FROM chat_messages WHERE created_at < ?1";
+/// One slice of a conversation's purge.
+const PURGE_RANGE: &str = "DELETE FROM chat_messages WHERE conversation_id = ?1 AND seq > ?2 AND seq <= ?3";
+
+const MARK_PURGED: &str = "UPDATE chat_conversations SET purged_upto = MAX(purged_upto, ?2) WHERE conversation_id = ?1";
 
 const PUT_CODE: &str = "
     INSERT INTO chat_phone_codes (phone, code_hash, expires_at, attempts, created_at) VALUES (?1, ?2, ?3, 0, ?4)
@@ -505,21 +518,9 @@ impl Sqlite {
         let (user, name) = (user.clone(), name.to_owned());
         self.write(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            tx.prepare_cached(ENSURE_USER)?.execute(params![user, now])?;
-            let linked: i64 = tx.prepare_cached(COUNT_DEVICES)?.query_row(params![user], |r| r.get(0))?;
-            let mut replaced = None;
-            if linked >= MAX_DEVICES {
-                let oldest: DeviceId =
-                    tx.prepare_cached(LEAST_RECENT_DEVICE)?.query_row(params![user], |r| r.get(0))?;
-                tx.prepare_cached(DELETE_DEVICE)?.execute(params![user, oldest])?;
-                tx.prepare_cached(DELETE_DEVICE_CURSORS)?.execute(params![user, oldest])?;
-                tx.prepare_cached(DELETE_DEVICE_TOKENS)?.execute(params![user, oldest])?;
-                replaced = Some(oldest);
-            }
-            let device = DeviceId::new();
-            tx.prepare_cached(INSERT_DEVICE)?.execute(params![user, device, name, now])?;
+            let linked = link_device(&tx, &user, &name, now)?;
             tx.commit()?;
-            Ok(Linked { device, replaced })
+            Ok(linked)
         })
         .await
     }
@@ -710,11 +711,9 @@ impl Sqlite {
         let (user, device) = (user.clone(), *device);
         self.write(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let removed = tx.prepare_cached(DELETE_DEVICE)?.execute(params![user, device])?;
-            tx.prepare_cached(DELETE_DEVICE_CURSORS)?.execute(params![user, device])?;
-            tx.prepare_cached(DELETE_DEVICE_TOKENS)?.execute(params![user, device])?;
+            let removed = unlink_device(&tx, &user, &device)?;
             tx.commit()?;
-            Ok(removed > 0)
+            Ok(removed)
         })
         .await
     }
@@ -877,27 +876,24 @@ impl Sqlite {
     ) -> Result<LinkAnswer, StoreError> {
         let (id, user, approver) = (request_id.to_owned(), user.clone(), *approver);
         self.write(move |conn| {
-            let answered = conn
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let answered: Option<(String, DeviceId)> = tx
                 .prepare_cached(ANSWER_LINK)?
-                .query_row(params![id, user, approver, status, now], |r| {
-                    Ok(LinkAnswer::Answered { name: r.get(0)?, requested_by: r.get(1)? })
-                })
+                .query_row(params![id, user, approver, status, now], |r| Ok((r.get(0)?, r.get(1)?)))
                 .optional()?;
-            if let Some(answered) = answered {
-                return Ok(answered);
+            let Some((name, requested_by)) = answered else {
+                let asker: Option<DeviceId> =
+                    tx.prepare_cached(LINK_ASKER)?.query_row(params![id, user, now], |r| r.get(0)).optional()?;
+                return Ok(if asker == Some(approver) { LinkAnswer::OwnRequest } else { LinkAnswer::Unknown });
+            };
+            let mut linked = None;
+            if status == "approved" {
+                let device = link_device(&tx, &user, &name, now)?;
+                tx.prepare_cached(SET_LINK_DEVICE)?.execute(params![id, device.device])?;
+                linked = Some(device);
             }
-            let asker: Option<DeviceId> =
-                conn.prepare_cached(LINK_ASKER)?.query_row(params![id, user, now], |r| r.get(0)).optional()?;
-            Ok(if asker == Some(approver) { LinkAnswer::OwnRequest } else { LinkAnswer::Unknown })
-        })
-        .await
-    }
-
-    pub(super) async fn set_link_device(&self, request_id: &str, device: &DeviceId) -> Result<(), StoreError> {
-        let (id, device) = (request_id.to_owned(), *device);
-        self.write(move |conn| {
-            conn.prepare_cached(SET_LINK_DEVICE)?.execute(params![id, device])?;
-            Ok(())
+            tx.commit()?;
+            Ok(LinkAnswer::Answered { name, requested_by, linked })
         })
         .await
     }
@@ -912,7 +908,7 @@ impl Sqlite {
         let (id, user, asker) = (request_id.to_owned(), user.clone(), *requested_by);
         self.write(move |conn| {
             let device: Option<DeviceId> =
-                conn.prepare_cached(COLLECT_LINK)?.query_row(params![id, user, asker], |r| r.get(0)).optional()?;
+                conn.prepare_cached(COLLECT_LINK)?.query_row(params![id, user, asker, now], |r| r.get(0)).optional()?;
             if let Some(device) = device {
                 return Ok(LinkState::Linked(device));
             }
@@ -941,10 +937,30 @@ impl Sqlite {
                 if taken.is_some() {
                     return Ok(None);
                 }
-                Ok(Some(conn.prepare_cached(TOKEN_TAT)?.query_row(params![bucket, key], |r| r.get::<_, i64>(0))?))
+                // Swept in between: as if full, one interval from now.
+                let tat: Option<i64> =
+                    conn.prepare_cached(TOKEN_TAT)?.query_row(params![bucket, key], |r| r.get(0)).optional()?;
+                Ok(Some(tat.unwrap_or(now + burst * every)))
             })
             .await?;
         Ok(tat.map(|tat| limit.wait_ms(tat)))
+    }
+
+    pub(super) async fn token_tat(&self, bucket: &str, key: &str) -> Result<Option<i64>, StoreError> {
+        let (bucket, key) = (bucket.to_owned(), key.to_owned());
+        self.read(move |conn| {
+            Ok(conn.prepare_cached(TOKEN_TAT)?.query_row(params![bucket, key], |r| r.get(0)).optional()?)
+        })
+        .await
+    }
+
+    pub(super) async fn give_back(&self, bucket: &str, key: &str, every: i64) -> Result<(), StoreError> {
+        let (bucket, key) = (bucket.to_owned(), key.to_owned());
+        self.write(move |conn| {
+            conn.prepare_cached(GIVE_BACK)?.execute(params![bucket, key, every])?;
+            Ok(())
+        })
+        .await
     }
 
     pub(super) async fn sweep_limits(&self, now: i64) -> Result<u64, StoreError> {
@@ -1018,11 +1034,30 @@ impl Sqlite {
         .await
     }
 
-    pub(super) async fn purge_before(&self, before_ms: i64) -> Result<u64, StoreError> {
+    pub(super) async fn retention_horizons(
+        &self,
+        before_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<(ConversationId, i64, i64)>, StoreError> {
+        self.read(move |conn| {
+            let mut statement = conn.prepare_cached(RETENTION_HORIZONS)?;
+            let rows = statement.query_map(params![before_ms, limit], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    pub(super) async fn purge_range(
+        &self,
+        conversation: &ConversationId,
+        after: i64,
+        upto: i64,
+    ) -> Result<u64, StoreError> {
+        let conversation = *conversation;
         self.write(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            tx.prepare_cached(MARK_PURGED)?.execute(params![before_ms])?;
-            let purged = tx.prepare_cached(PURGE)?.execute(params![before_ms])?;
+            tx.prepare_cached(MARK_PURGED)?.execute(params![conversation, upto])?;
+            let purged = tx.prepare_cached(PURGE_RANGE)?.execute(params![conversation, after, upto])?;
             tx.commit()?;
             Ok(purged as u64)
         })
@@ -1315,6 +1350,31 @@ fn member_ids(conn: &Connection, conversation: &ConversationId) -> Result<Vec<Us
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
+/// Links a new device of `user` inside `tx` (creating the user on first sight); past
+/// [`MAX_DEVICES`] the least recently seen one is unlinked.
+fn link_device(tx: &Transaction<'_>, user: &UserId, name: &str, now: i64) -> Result<Linked, StoreError> {
+    tx.prepare_cached(ENSURE_USER)?.execute(params![user, now])?;
+    let linked: i64 = tx.prepare_cached(COUNT_DEVICES)?.query_row(params![user], |r| r.get(0))?;
+    let mut replaced = None;
+    if linked >= MAX_DEVICES {
+        let oldest: DeviceId = tx.prepare_cached(LEAST_RECENT_DEVICE)?.query_row(params![user], |r| r.get(0))?;
+        unlink_device(tx, user, &oldest)?;
+        replaced = Some(oldest);
+    }
+    let device = DeviceId::new();
+    tx.prepare_cached(INSERT_DEVICE)?.execute(params![user, device, name, now])?;
+    Ok(Linked { device, replaced })
+}
+
+/// Unlinks a device inside `tx`: its cursors, refresh tokens and link requests go with it.
+fn unlink_device(tx: &Transaction<'_>, user: &UserId, device: &DeviceId) -> Result<bool, StoreError> {
+    let removed = tx.prepare_cached(DELETE_DEVICE)?.execute(params![user, device])?;
+    tx.prepare_cached(DELETE_DEVICE_CURSORS)?.execute(params![user, device])?;
+    tx.prepare_cached(DELETE_DEVICE_TOKENS)?.execute(params![user, device])?;
+    tx.prepare_cached(DELETE_DEVICE_LINKS)?.execute(params![user, device])?;
+    Ok(removed > 0)
+}
+
 /// Adds members (creating users on first sight); ignores users already in.
 fn insert_members(
     tx: &Transaction<'_>,
@@ -1357,10 +1417,8 @@ fn append(
     if inserted == 0 {
         tx.prepare_cached(GIVE_SEQ_BACK)?.execute(params![conversation])?;
         let first =
-            tx.prepare_cached(BY_CLIENT_ID)?.query_row(params![conversation, sender, client_id], message).optional()?;
-        return first
-            .map(Appended::Duplicate)
-            .ok_or_else(|| StoreError::Corrupt("a conflicting message vanished".into()));
+            tx.prepare_cached(BY_CLIENT_ID)?.query_row(params![conversation, device, client_id], message).optional()?;
+        return retried(first, body);
     }
     tx.prepare_cached(MARK_ANSWERED)?.execute(params![conversation, sender])?;
     Ok(Appended::New(Message {

@@ -428,6 +428,15 @@ async fn sms_to_one_country_are_capped_per_hour() {
     assert_eq!((status, body["error"]["code"].as_str()), (403, Some("country_unavailable")), "{body}");
 }
 
+/// The code of the next `error` frame.
+async fn next_error(live: &mut Live) -> String {
+    next(live, |e| match e {
+        Event::Error { code, .. } => Some(code),
+        _ => None,
+    })
+    .await
+}
+
 #[tokio::test]
 async fn another_device_approves_a_link_and_the_asking_device_cannot() {
     let data = DataDir::new();
@@ -442,23 +451,21 @@ async fn another_device_approves_a_link_and_the_asking_device_cannot() {
     let request = laptop.request_link("tablet").await.unwrap();
     assert!(laptop.link_status(&request).await.unwrap().is_none(), "pending");
     laptop_live.answer_link(&request, true).await.unwrap();
-    let refused = next(&mut laptop_live, |e| match e {
-        Event::Error { code, .. } => Some(code),
-        _ => None,
-    })
-    .await;
+    let refused = next_error(&mut laptop_live).await;
     assert_eq!(refused, "own_link_request");
 
     // The phone is asked, and approves: every device hears of the new one, and the laptop collects
     // its token, once.
-    let (asked, name, by) = next(&mut phone_live, |e| match e {
-        Event::LinkRequest { request, name, requested_by } => Some((request, name, requested_by)),
+    let (asked, name, by, by_name) = next(&mut phone_live, |e| match e {
+        Event::LinkRequest { request, name, requested_by, requested_by_name } => {
+            Some((request, name, requested_by, requested_by_name))
+        }
         _ => None,
     })
     .await;
     assert_eq!(
-        (asked.as_str(), name.as_str(), by.as_str()),
-        (request.as_str(), "tablet", laptop_session.device_id.as_str())
+        (asked.as_str(), name.as_str(), by.as_str(), by_name.as_str()),
+        (request.as_str(), "tablet", laptop_session.device_id.as_str(), "laptop")
     );
     phone_live.answer_link(&request, true).await.unwrap();
     let linked = next(&mut laptop_live, |e| match e {
@@ -487,16 +494,18 @@ async fn another_device_approves_a_link_and_the_asking_device_cannot() {
     };
     assert_eq!(denied.code(), Some("link_denied"));
     phone_live.answer_link(&watch, true).await.unwrap();
-    let late = next(&mut phone_live, |e| match e {
-        Event::Error { code, .. } => Some(code),
-        _ => None,
-    })
-    .await;
+    let late = next_error(&mut phone_live).await;
     assert_eq!(late, "not_found");
     assert_eq!(phone.devices().await.unwrap().len(), 3, "the watch was never linked");
     // Prompts are rate-limited per account like links: a third request is let through, a fourth not.
-    laptop.request_link("car").await.unwrap();
+    let car = laptop.request_link("car").await.unwrap();
     assert_eq!(laptop.request_link("fridge").await.unwrap_err().code(), Some("rate_limited"));
+    // Unlinking the asking device (the owner's answer to a prompt they did not make) takes its
+    // pending requests with it: nobody can approve them any more.
+    phone.unlink_device(&laptop_session.device_id).await.unwrap();
+    phone_live.answer_link(&car, true).await.unwrap();
+    let gone = next_error(&mut phone_live).await;
+    assert_eq!(gone, "not_found");
     phone_live.close().await;
-    laptop_live.close().await;
+    drop(laptop_live);
 }

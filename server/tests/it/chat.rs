@@ -55,23 +55,33 @@ async fn two_users_talk_and_a_retry_is_stored_once() {
     let (status, retried) = post(&server, &alice, &messages, hello).await;
     assert_eq!(status, 200);
     assert_eq!(retried["seq"], 1);
+    // The same client_id with another body is a bug in the app, not a retry: 409, nothing stored.
+    let (status, reused) =
+        post(&server, &alice, &messages, json!({"client_id": "c-1", "body": {"text": "something else"}})).await;
+    assert_eq!((status, reused["error"]["code"].as_str()), (409, Some("client_id_reused")), "{reused}");
+    // A client_id is the sending device's: alice's second device and bob may use "c-1" too.
+    let alice_laptop = device_token(&server, "alice").await;
+    let (status, laptop) =
+        post(&server, &alice_laptop, &messages, json!({"client_id": "c-1", "body": {"text": "from my laptop"}})).await;
+    assert_eq!((status, laptop["seq"].as_i64()), (201, Some(2)), "{laptop}");
     let (status, second) =
         post(&server, &bob, &messages, json!({"client_id": "c-1", "body": {"ciphertext": "AAECAw=="}})).await;
-    assert_eq!((status, second["seq"].as_i64()), (201, Some(2)));
+    assert_eq!((status, second["seq"].as_i64()), (201, Some(3)));
 
     let (status, history) = get(&server, &bob, &format!("{messages}?after=0")).await;
     assert_eq!(status, 200);
     let list = history["messages"].as_array().unwrap();
-    assert_eq!(list.len(), 2);
+    assert_eq!(list.len(), 3);
     assert_eq!(list[0]["sender"], "alice");
     assert_eq!(list[0]["body"]["text"], "hello bob");
-    assert_eq!(list[1]["body"]["ciphertext"], "AAECAw==");
-    let (_, page) = get(&server, &bob, &format!("{messages}?after=1&limit=10")).await;
+    assert_eq!(list[1]["body"]["text"], "from my laptop");
+    assert_eq!(list[2]["body"]["ciphertext"], "AAECAw==");
+    let (_, page) = get(&server, &bob, &format!("{messages}?after=2&limit=10")).await;
     assert_eq!(page["messages"].as_array().unwrap().len(), 1);
 
     let (_, listed) = get(&server, &bob, "/v1/conversations").await;
-    assert_eq!(listed["conversations"][0]["unread"], 1, "{listed}");
-    assert_eq!(listed["conversations"][0]["last_seq"], 2);
+    assert_eq!(listed["conversations"][0]["unread"], 2, "{listed}");
+    assert_eq!(listed["conversations"][0]["last_seq"], 3);
 
     // Eve is no member: she learns nothing, not even that the conversation exists.
     for (status, body) in [
@@ -190,4 +200,29 @@ async fn a_media_message_shares_the_media_with_the_members() {
         post(&server, &bob, &messages, json!({"client_id": "b2", "body": {"media": media_id.clone()}})).await;
     assert_eq!(status, 201);
     assert_eq!(server.media(&eve, &media_id).await.status(), 404);
+}
+
+#[tokio::test]
+async fn a_stored_message_is_answered_as_sent_when_its_delivery_fails() {
+    let data = DataDir::new();
+    // The first delivery after a commit fails (as a media share would with the database away).
+    let server = Server::start(&data, &[("COURIER_CHAT__TEST_FAIL_DELIVERIES", "1")]);
+    let (alice, bob) = (device_token(&server, "alice").await, device_token(&server, "bob").await);
+    let photo = server.upload_ready(&alice, "image/jpeg", fixture("rocket.jpg")).await;
+    let media_id = photo["id"].as_str().unwrap().to_owned();
+    let (_, chat) = post(&server, &alice, "/v1/conversations", json!({"type": "direct", "members": ["bob"]})).await;
+    let messages = format!("/v1/conversations/{}/messages", chat["id"].as_str().unwrap());
+
+    // The message is stored: the answer says so (an error would make the app send it again)...
+    let send = json!({"client_id": "a1", "body": {"media": media_id.clone()}});
+    let (status, sent) = post(&server, &alice, &messages, send.clone()).await;
+    assert_eq!((status, sent["seq"].as_i64()), (201, Some(1)), "{sent}");
+    // ...and the share is made good in the background: bob can read the photo soon after.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while server.media(&bob, &media_id).await.status() != 200 {
+        assert!(std::time::Instant::now() < deadline, "the media was never shared with bob");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let (_, history) = get(&server, &bob, &format!("{messages}?after=0")).await;
+    assert_eq!(history["messages"].as_array().unwrap().len(), 1, "stored once");
 }

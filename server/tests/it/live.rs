@@ -700,3 +700,20 @@ async fn a_history_page_stops_at_a_byte_budget() {
     }
     assert_eq!(seen, (1..=40).collect::<Vec<i64>>());
 }
+
+#[tokio::test]
+async fn a_lost_wake_up_is_found_by_the_connection_itself() {
+    let data = DataDir::new();
+    // The first message's wake-up is lost, as a crash between its commit and the fan-out would.
+    let lose = [DEV, ("COURIER_CHAT__TEST_LOSE_WAKEUPS", "1"), ("COURIER_CHAT__GAP_CHECK_SECS", "1")];
+    let server = Server::start(&data, &lose);
+    let (alice, _) = sign_in(&server, "+4915100000701", "phone").await;
+    let (bob, bob_session) = sign_in(&server, "+4915100000702", "phone").await;
+    let chat = alice.direct(&bob_session.user_id).await.unwrap().id;
+    let mut bob_live = live(&bob).await;
+    let sent = alice.send(&chat, "c-1", json!({"text": "nobody woke you"})).await.unwrap();
+    // Nobody writes again and bob stays connected: his connection's own check finds the message.
+    let got = next_message(&mut bob_live).await;
+    assert_eq!((got.seq, text(&got)), (sent.seq, "nobody woke you"));
+    bob_live.close().await;
+}
