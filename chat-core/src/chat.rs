@@ -43,6 +43,9 @@ pub struct Chat {
     pub(crate) config: ChatConfig,
     pub(crate) auth: AuthConfig,
     members: moka::sync::Cache<ConversationId, Arc<[UserId]>>,
+    /// Bumped by every membership change this node hears of: a list read before one is not cached
+    /// after it (it could put a removed member back for the cache's lifetime).
+    members_epoch: Arc<std::sync::atomic::AtomicU64>,
     devices: moka::sync::Cache<(UserId, DeviceId), ()>,
     pub(crate) push_wake: Notify,
     /// One queue per writer; a conversation always goes to the same one, so its writes keep their order.
@@ -171,10 +174,12 @@ impl Chat {
             .collect();
         let hub = Arc::new(Hub::new(config.outbound_queue, config.max_sockets_per_device));
         let members = moka::sync::Cache::builder().max_capacity(100_000).time_to_live(MEMBERS_CACHE_TTL).build();
+        let members_epoch = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let devices = moka::sync::Cache::builder().max_capacity(1_000_000).time_to_live(DEVICE_CACHE_TTL).build();
         let bus = bus.map(Arc::new);
         if let Some(bus) = &bus {
-            let (local, members, devices) = (hub.clone(), members.clone(), devices.clone());
+            let (local, members, devices, epoch) =
+                (hub.clone(), members.clone(), devices.clone(), members_epoch.clone());
             let here = hub.clone();
             tokio::spawn(bus.clone().listen(
                 move |user| here.online(user),
@@ -184,7 +189,10 @@ impl Chat {
                         devices.invalidate(&(user.clone(), device));
                         local.log_out(&user, device);
                     }
-                    Inbound::ForgetMembers(conversation) => members.invalidate(&conversation),
+                    Inbound::ForgetMembers(conversation) => {
+                        epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        members.invalidate(&conversation);
+                    }
                     Inbound::Resync => local.resync_all(),
                 },
             ));
@@ -199,6 +207,7 @@ impl Chat {
             config,
             auth,
             members,
+            members_epoch,
             devices,
             push_wake: Notify::new(),
             shed: governor::RateLimiter::keyed(SHED_QUOTA),
@@ -303,17 +312,22 @@ impl Chat {
         }
     }
 
-    /// The members of a conversation, for fan-out.
+    /// The members of a conversation, for typing and receipts (messages go to the members read in
+    /// their append's own transaction).
     pub(crate) async fn members(&self, conversation: &ConversationId) -> Result<Arc<[UserId]>, StoreError> {
         if let Some(members) = self.members.get(conversation) {
             return Ok(members);
         }
+        let epoch = self.members_epoch.load(std::sync::atomic::Ordering::SeqCst);
         let members: Arc<[UserId]> = self.store.member_ids(conversation).await?.into();
-        self.members.insert(*conversation, members.clone());
+        if self.members_epoch.load(std::sync::atomic::Ordering::SeqCst) == epoch {
+            self.members.insert(*conversation, members.clone());
+        }
         Ok(members)
     }
 
     pub(crate) async fn forget_members(&self, conversation: &ConversationId) {
+        self.members_epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.members.invalidate(conversation);
         if let Some(bus) = &self.bus {
             bus.publish_members(*conversation).await;
@@ -418,17 +432,17 @@ impl Chat {
             body: body.to_string(),
             now_ms: now_ms(),
         };
-        let Written::Appended(appended) = self.write(write).await? else {
+        let Written::Appended(appended, members) = self.write(write).await? else {
             return Err(StoreError::Corrupt("the writer answered an append with something else".into()).into());
         };
-        if let Err(e) = self.deliver(&appended, media).await {
+        if let Err(e) = self.deliver(&appended, &members, media).await {
             let (conversation, seq) = (*conversation, appended.message().seq);
             tracing::warn!(error = ?e, %conversation, seq, "delivering a stored message failed; retrying in the background");
             let (chat, stored) = (self.clone(), appended.clone());
             tokio::spawn(async move {
                 for delay in DELIVERY_RETRIES {
                     tokio::time::sleep(delay).await;
-                    match chat.deliver(&stored, media).await {
+                    match chat.deliver(&stored, &members, media).await {
                         Ok(()) => {
                             return tracing::info!(%conversation, seq, "a stored message was delivered on a retry");
                         }
@@ -446,7 +460,7 @@ impl Chat {
     /// What follows a committed append: shares its media with the members, wakes their connected
     /// devices and queues pushes for the rest. Each step may run again (on a retried send, or
     /// here on a retry): a share or wake-up twice is harmless.
-    async fn deliver(&self, appended: &Appended, media: Option<MediaId>) -> Result<(), ApiError> {
+    async fn deliver(&self, appended: &Appended, members: &[UserId], media: Option<MediaId>) -> Result<(), ApiError> {
         let message = appended.message();
         if self.config.test_fail_deliveries > 0 {
             let failed = self.failed_deliveries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -454,10 +468,9 @@ impl Chat {
                 return Err(ApiError::Media("chat.test_fail_deliveries: this delivery fails on purpose".into()));
             }
         }
-        let members = self.members(&message.conversation).await?;
         if let Some(media) = media {
             // Also on a retried send: a share lost to a crash after the append is made good.
-            self.media.share(media, &members).await.map_err(ApiError::Media)?;
+            self.media.share(media, members).await.map_err(ApiError::Media)?;
         }
         // A retry wakes the members' devices again: harmless (each connection drops a seq it has
         // passed), and it makes good a wake-up lost to a crash between the commit and the fan-out.
@@ -469,9 +482,9 @@ impl Chat {
         };
         let lose = self.config.test_lose_wakeups > 0
             && self.lost_wakeups.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < self.config.test_lose_wakeups;
-        let elsewhere = if lose { Some(HashSet::new()) } else { self.fan_out(&members, event).await };
+        let elsewhere = if lose { Some(HashSet::new()) } else { self.fan_out(members, event).await };
         if let Appended::New(message) = appended {
-            self.queue_pushes(&members, elsewhere, &message.sender, &message.conversation, message.seq).await;
+            self.queue_pushes(members, elsewhere, &message.sender, &message.conversation, message.seq).await;
         }
         Ok(())
     }

@@ -40,8 +40,8 @@ pub use hub::Hub;
 pub use store::{
     Acked, Appended, CodeCheck, Contact, ContactEntry, Conversation, ConversationKind, ConversationSummary, Cursor,
     DeviceInfo, LinkAnswer, LinkState, Linked, MAX_BODY_BYTES, MAX_CLIENT_ID_LEN, MAX_CODE_ATTEMPTS, MAX_CONTACTS,
-    MAX_DEVICES, MAX_GROUP_MEMBERS, MAX_PAGE, MAX_PAGE_BYTES, Message, PURGE_SLICE, PendingPush, Privacy, Receipt,
-    Role, Rotation, Spend, Store, StoreError, SyncState, Write, Written,
+    MAX_DEVICES, MAX_GROUP_MEMBERS, MAX_PAGE, MAX_PAGE_BYTES, Members, Message, PURGE_SLICE, PendingPush, Privacy,
+    Receipt, Role, Rotation, Spend, Store, StoreError, SyncState, Write, Written,
 };
 
 impl Chat {

@@ -70,6 +70,7 @@ conformance!(
     devices_per_user_are_bounded,
     removing_a_device_takes_its_cursors_and_tokens,
     fanout_follows_membership,
+    a_member_reads_from_when_they_joined,
     presence_goes_to_contacts_and_to_answered_direct_chats,
     rate_limits_let_a_burst_through_then_one_per_interval,
     a_link_request_is_answered_once_by_another_device_and_collected_once,
@@ -388,6 +389,51 @@ async fn removing_a_device_takes_its_cursors_and_tokens(store: Store) {
     assert!(!store.remove_device(&bob, &phone).await.unwrap(), "gone already");
     assert_eq!(store.rotate_refresh(&spend("h1", "h2", i64::MAX, 2)).await.unwrap(), Rotation::Invalid);
     assert_eq!(store.sync_one(&bob, &phone, &chat.id).await.unwrap().delivered, 0, "its cursor went with it");
+}
+
+async fn a_member_reads_from_when_they_joined(store: Store) {
+    let (alice, bob, carol) = (user("alice"), user("bob"), user("carol"));
+    let group = store.create_group(&alice, "g", std::slice::from_ref(&bob)).await.unwrap();
+    let device = store.add_device(&alice, "a").await.unwrap().device;
+    let carols = store.add_device(&carol, "c").await.unwrap().device;
+    store.append(&group.id, &alice, &device, "c1", "{}", 1).await.unwrap();
+    store.add_members(&group.id, &alice, std::slice::from_ref(&carol)).await.unwrap();
+    assert!(store.messages_after(&group.id, &carol, 0, 10).await.unwrap().is_empty());
+    assert_eq!(store.sync_one(&carol, &carols, &group.id).await.unwrap().delivered, 1, "replay starts after joining");
+    let listed = store.conversations(&carol, &carols).await.unwrap();
+    assert_eq!(listed[0].unread, 0);
+    // The append answers with the members at its seq: carol now, not after she is removed.
+    let written = store
+        .write_batch(vec![Write::Append {
+            conversation: group.id,
+            sender: alice.clone(),
+            device,
+            client_id: "c2".into(),
+            body: "{}".into(),
+            now_ms: 2,
+        }])
+        .await;
+    let Ok(Written::Appended(_, members)) = &written[0] else { panic!("{written:?}") };
+    assert_eq!(sorted(members.to_vec()), vec![alice.clone(), bob.clone(), carol.clone()]);
+    store.remove_member(&group.id, &alice, &carol).await.unwrap();
+    let written = store
+        .write_batch(vec![Write::Append {
+            conversation: group.id,
+            sender: alice.clone(),
+            device,
+            client_id: "c3".into(),
+            body: "{}".into(),
+            now_ms: 3,
+        }])
+        .await;
+    let Ok(Written::Appended(_, members)) = &written[0] else { panic!("{written:?}") };
+    assert!(!members.contains(&carol));
+    // Back again, she reads from her return only.
+    store.add_members(&group.id, &alice, std::slice::from_ref(&carol)).await.unwrap();
+    store.append(&group.id, &alice, &device, "c4", "{}", 4).await.unwrap();
+    let seqs: Vec<i64> = store.messages_after(&group.id, &carol, 0, 10).await.unwrap().iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, vec![4]);
+    assert_eq!(store.messages_after(&group.id, &bob, 0, 10).await.unwrap().len(), 4);
 }
 
 async fn fanout_follows_membership(store: Store) {
@@ -734,13 +780,13 @@ async fn batch_contract(store: Store) {
     let results = store.write_batch(batch.to_vec()).await;
     assert_eq!(results.len(), 8);
     let seq = |r: &Result<Written, StoreError>| match r {
-        Ok(Written::Appended(a)) => Some(a.message().seq),
+        Ok(Written::Appended(a, _)) => Some(a.message().seq),
         _ => None,
     };
-    assert!(matches!(results[0], Ok(Written::Appended(Appended::New(_)))));
+    assert!(matches!(results[0], Ok(Written::Appended(Appended::New(_), _))));
     assert_eq!(seq(&results[0]), Some(2));
     assert!(matches!(results[1], Err(StoreError::NotMember)));
-    assert!(matches!(results[2], Ok(Written::Appended(Appended::Duplicate(_)))), "{:?}", results[2]);
+    assert!(matches!(results[2], Ok(Written::Appended(Appended::Duplicate(_), _))), "{:?}", results[2]);
     assert_eq!(seq(&results[2]), Some(2));
     match &results[3] {
         Ok(Written::Acked(acked)) => {
@@ -788,7 +834,7 @@ async fn crossed_batches_do_not_deadlock(store: Store) {
             for round in 0..rounds {
                 let batch = [append(first, format!("{first}-{round}")), append(second, format!("{second}-{round}-b"))];
                 for result in store.write_batch(batch.to_vec()).await {
-                    assert!(matches!(result, Ok(Written::Appended(Appended::New(_)))), "{result:?}");
+                    assert!(matches!(result, Ok(Written::Appended(Appended::New(_), _))), "{result:?}");
                 }
             }
         })

@@ -173,10 +173,13 @@ impl Write {
     }
 }
 
-/// What a [`Write`] did.
+/// Who a conversation's members were when a message was appended.
+pub type Members = std::sync::Arc<[UserId]>;
+
+/// What a [`Write`] did: an append with the members at its seq (whom it goes to), or an ack.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Written {
-    Appended(Appended),
+    Appended(Appended, Members),
     Acked(Acked),
 }
 
@@ -415,7 +418,7 @@ impl Store {
             now_ms,
         };
         match self.write_one(write).await? {
-            Written::Appended(appended) => Ok(appended),
+            Written::Appended(appended, _) => Ok(appended),
             Written::Acked(_) => Err(StoreError::Corrupt("an append was answered as an ack".into())),
         }
     }
@@ -455,7 +458,7 @@ impl Store {
         let write = Write::Ack { user: user.clone(), device: *device, conversation: *conversation, seq, read };
         match self.write_one(write).await? {
             Written::Acked(acked) => Ok(acked),
-            Written::Appended(_) => Err(StoreError::Corrupt("an ack was answered as an append".into())),
+            Written::Appended(..) => Err(StoreError::Corrupt("an ack was answered as an append".into())),
         }
     }
 

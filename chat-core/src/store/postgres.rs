@@ -10,9 +10,9 @@ use types::{ConversationId, DeviceId, UserId};
 
 use super::{
     Acked, Appended, Bucket, Contact, ContactEntry, Conversation, ConversationKind, ConversationSummary, Cursor,
-    DeviceInfo, LinkAnswer, LinkState, Linked, MAX_CONTACTS, MAX_DEVICES, MAX_GROUP_MEMBERS, Message, NewLinkRequest,
-    NewRefresh, PendingCode, PendingPush, Privacy, Receipt, Role, Rotation, Spend, StoreError, SyncState, Write,
-    Written, check_message, link_state, newcomers, pair_key, retried,
+    DeviceInfo, LinkAnswer, LinkState, Linked, MAX_CONTACTS, MAX_DEVICES, MAX_GROUP_MEMBERS, Members, Message,
+    NewLinkRequest, NewRefresh, PendingCode, PendingPush, Privacy, Receipt, Role, Rotation, Spend, StoreError,
+    SyncState, Write, Written, check_message, link_state, newcomers, pair_key, retried,
 };
 
 /// Users come into being the first time they are named.
@@ -53,13 +53,19 @@ const CONVERSATION: &str =
 const INSERT_CONVERSATION: &str = "
     INSERT INTO chat_conversations (conversation_id, kind, name, last_seq, created_at) VALUES ($1, $2, $3, 0, $4)";
 
+/// A member joins after the conversation's last message: history starts after it.
 const INSERT_MEMBER: &str = "
-    INSERT INTO chat_members (conversation_id, user_id, role, joined_at) VALUES ($1, $2, $3, $4)
+    INSERT INTO chat_members (conversation_id, user_id, role, joined_at, joined_seq)
+    SELECT $1, $2, $3, $4, last_seq FROM chat_conversations WHERE conversation_id = $1
     ON CONFLICT (conversation_id, user_id) DO NOTHING";
 
 const INSERT_MEMBERSHIP: &str = "
-    INSERT INTO chat_memberships (user_id, conversation_id) VALUES ($1, $2)
+    INSERT INTO chat_memberships (user_id, conversation_id, joined_seq)
+    SELECT $1, $2, last_seq FROM chat_conversations WHERE conversation_id = $2
     ON CONFLICT (user_id, conversation_id) DO NOTHING";
+
+/// Where a member's history starts.
+const JOINED_SEQ: &str = "SELECT joined_seq FROM chat_members WHERE conversation_id = $1 AND user_id = $2";
 
 /// Locks the conversation's row for the rest of the transaction; no row, no conversation.
 const LOCK_CONVERSATION: &str =
@@ -79,7 +85,7 @@ const CONVERSATIONS: &str = "
     SELECT c.conversation_id, c.kind, c.name, c.last_seq,
            (SELECT COUNT(*) FROM chat_messages msg
              WHERE msg.conversation_id = c.conversation_id AND msg.sender_user <> $1
-               AND msg.seq > COALESCE(cu.read_seq, 0)) AS unread
+               AND msg.seq > GREATEST(COALESCE(cu.read_seq, 0), m.joined_seq)) AS unread
       FROM chat_memberships m
       JOIN chat_conversations c ON c.conversation_id = m.conversation_id
       LEFT JOIN chat_cursors cu
@@ -148,7 +154,7 @@ const DELETE_DEVICE_LINKS: &str = "DELETE FROM chat_link_requests WHERE user_id 
 
 /// Where a device stands in each of a user's conversations.
 const SYNC_STATE: &str = "
-    SELECT c.conversation_id, c.last_seq, c.purged_upto, COALESCE(cu.delivered_seq, 0) AS delivered
+    SELECT c.conversation_id, c.last_seq, c.purged_upto, GREATEST(COALESCE(cu.delivered_seq, 0), m.joined_seq) AS delivered
       FROM chat_memberships m
       JOIN chat_conversations c ON c.conversation_id = m.conversation_id
       LEFT JOIN chat_cursors cu
@@ -157,7 +163,7 @@ const SYNC_STATE: &str = "
 
 /// The same, in one conversation.
 const SYNC_ONE: &str = "
-    SELECT c.conversation_id, c.last_seq, c.purged_upto, COALESCE(cu.delivered_seq, 0) AS delivered
+    SELECT c.conversation_id, c.last_seq, c.purged_upto, GREATEST(COALESCE(cu.delivered_seq, 0), m.joined_seq) AS delivered
       FROM chat_memberships m
       JOIN chat_conversations c ON c.conversation_id = m.conversation_id
       LEFT JOIN chat_cursors cu
@@ -396,10 +402,27 @@ impl Postgres {
         let mut order: Vec<usize> = (0..batch.len()).collect();
         order.sort_by_key(|&i| batch[i].conversation());
         let mut results: Vec<Option<Result<Written, StoreError>>> = batch.iter().map(|_| None).collect();
+        let mut members: std::collections::HashMap<ConversationId, Members> = std::collections::HashMap::new();
         for i in order {
             let result = match &batch[i] {
                 Write::Append { conversation, sender, device, client_id, body, now_ms } => {
-                    append(&mut tx, conversation, sender, device, client_id, body, *now_ms).await.map(Written::Appended)
+                    match append(&mut tx, conversation, sender, device, client_id, body, *now_ms).await {
+                        // The members it goes to, read under the conversation's lock that took its
+                        // seq (no membership change can come between them).
+                        Ok(appended) => match members.get(conversation) {
+                            Some(to) => Ok(Written::Appended(appended, to.clone())),
+                            None => {
+                                let to: Members = sqlx::query_scalar::<_, UserId>(MEMBER_IDS)
+                                    .bind(conversation)
+                                    .fetch_all(&mut *tx)
+                                    .await?
+                                    .into();
+                                members.insert(*conversation, to.clone());
+                                Ok(Written::Appended(appended, to))
+                            }
+                        },
+                        Err(e) => Err(e),
+                    }
                 }
                 Write::Ack { user, device, conversation, seq, read } => {
                     move_cursor(&mut tx, user, device, conversation, *seq, *read).await.map(Written::Acked)
@@ -554,7 +577,9 @@ impl Postgres {
         limit: i64,
     ) -> Result<Vec<Message>, StoreError> {
         let mut conn = self.db.acquire().await?;
-        role(&mut conn, conversation, user).await?.ok_or(StoreError::NotMember)?;
+        let joined: Option<i64> =
+            sqlx::query_scalar(JOINED_SEQ).bind(conversation).bind(user).fetch_optional(&mut *conn).await?;
+        let after = after.max(joined.ok_or(StoreError::NotMember)?);
         Ok(sqlx::query_as(MESSAGES_AFTER).bind(conversation).bind(after).bind(limit).fetch_all(&mut *conn).await?)
     }
 

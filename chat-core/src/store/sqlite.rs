@@ -8,6 +8,7 @@
 //! message survives a power cut, not only a crash. The schema is applied by the same sqlx
 //! migrations PostgreSQL runs, so a data dir keeps one migration history.
 
+use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -22,9 +23,9 @@ use types::{ConversationId, DeviceId, UserId};
 
 use super::{
     Acked, Appended, Bucket, Contact, ContactEntry, Conversation, ConversationKind, ConversationSummary, Cursor,
-    DeviceInfo, LinkAnswer, LinkState, Linked, MAX_CONTACTS, MAX_DEVICES, MAX_GROUP_MEMBERS, Message, NewLinkRequest,
-    NewRefresh, PendingCode, PendingPush, Privacy, Receipt, Role, Rotation, Spend, StoreError, SyncState, Write,
-    Written, check_message, link_state, newcomers, pair_key, retried,
+    DeviceInfo, LinkAnswer, LinkState, Linked, MAX_CONTACTS, MAX_DEVICES, MAX_GROUP_MEMBERS, Members, Message,
+    NewLinkRequest, NewRefresh, PendingCode, PendingPush, Privacy, Receipt, Role, Rotation, Spend, StoreError,
+    SyncState, Write, Written, check_message, link_state, newcomers, pair_key, retried,
 };
 
 /// Users come into being the first time they are named.
@@ -62,13 +63,19 @@ const CONVERSATION: &str =
 const INSERT_CONVERSATION: &str = "
     INSERT INTO chat_conversations (conversation_id, kind, name, last_seq, created_at) VALUES (?1, ?2, ?3, 0, ?4)";
 
+/// A member joins after the conversation's last message: history starts after it.
 const INSERT_MEMBER: &str = "
-    INSERT INTO chat_members (conversation_id, user_id, role, joined_at) VALUES (?1, ?2, ?3, ?4)
+    INSERT INTO chat_members (conversation_id, user_id, role, joined_at, joined_seq)
+    SELECT ?1, ?2, ?3, ?4, last_seq FROM chat_conversations WHERE conversation_id = ?1
     ON CONFLICT (conversation_id, user_id) DO NOTHING";
 
 const INSERT_MEMBERSHIP: &str = "
-    INSERT INTO chat_memberships (user_id, conversation_id) VALUES (?1, ?2)
+    INSERT INTO chat_memberships (user_id, conversation_id, joined_seq)
+    SELECT ?1, ?2, last_seq FROM chat_conversations WHERE conversation_id = ?2
     ON CONFLICT (user_id, conversation_id) DO NOTHING";
+
+/// Where a member's history starts.
+const JOINED_SEQ: &str = "SELECT joined_seq FROM chat_members WHERE conversation_id = ?1 AND user_id = ?2";
 
 const KIND: &str = "SELECT kind FROM chat_conversations WHERE conversation_id = ?1";
 
@@ -86,7 +93,7 @@ const CONVERSATIONS: &str = "
     SELECT c.conversation_id, c.kind, c.name, c.last_seq,
            (SELECT COUNT(*) FROM chat_messages msg
              WHERE msg.conversation_id = c.conversation_id AND msg.sender_user <> ?1
-               AND msg.seq > COALESCE(cu.read_seq, 0)) AS unread
+               AND msg.seq > MAX(COALESCE(cu.read_seq, 0), m.joined_seq)) AS unread
       FROM chat_memberships m
       JOIN chat_conversations c ON c.conversation_id = m.conversation_id
       LEFT JOIN chat_cursors cu
@@ -155,7 +162,7 @@ const DELETE_DEVICE_LINKS: &str = "DELETE FROM chat_link_requests WHERE user_id 
 
 /// Where a device stands in each of a user's conversations.
 const SYNC_STATE: &str = "
-    SELECT c.conversation_id, c.last_seq, c.purged_upto, COALESCE(cu.delivered_seq, 0) AS delivered
+    SELECT c.conversation_id, c.last_seq, c.purged_upto, MAX(COALESCE(cu.delivered_seq, 0), m.joined_seq) AS delivered
       FROM chat_memberships m
       JOIN chat_conversations c ON c.conversation_id = m.conversation_id
       LEFT JOIN chat_cursors cu
@@ -164,7 +171,7 @@ const SYNC_STATE: &str = "
 
 /// The same, in one conversation.
 const SYNC_ONE: &str = "
-    SELECT c.conversation_id, c.last_seq, c.purged_upto, COALESCE(cu.delivered_seq, 0) AS delivered
+    SELECT c.conversation_id, c.last_seq, c.purged_upto, MAX(COALESCE(cu.delivered_seq, 0), m.joined_seq) AS delivered
       FROM chat_memberships m
       JOIN chat_conversations c ON c.conversation_id = m.conversation_id
       LEFT JOIN chat_cursors cu
@@ -493,10 +500,23 @@ impl Sqlite {
             // One writer: no other transaction can hold a conversation, so the batch runs in order.
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let mut results = Vec::with_capacity(batch.len());
+            // The members each appended message goes to, read inside the transaction that took its
+            // seq (no membership change can come between them).
+            let mut members: HashMap<ConversationId, Members> = HashMap::new();
             for write in &batch {
                 let result = match write {
                     Write::Append { conversation, sender, device, client_id, body, now_ms } => {
-                        append(&tx, conversation, sender, device, client_id, body, *now_ms).map(Written::Appended)
+                        append(&tx, conversation, sender, device, client_id, body, *now_ms).and_then(|appended| {
+                            let to = match members.get(conversation) {
+                                Some(to) => to.clone(),
+                                None => {
+                                    let to: Members = member_ids(&tx, conversation)?.into();
+                                    members.insert(*conversation, to.clone());
+                                    to
+                                }
+                            };
+                            Ok(Written::Appended(appended, to))
+                        })
                     }
                     Write::Ack { user, device, conversation, seq, read } => {
                         move_cursor(&tx, user, device, conversation, *seq, *read).map(Written::Acked)
@@ -693,9 +713,11 @@ impl Sqlite {
     ) -> Result<Vec<Message>, StoreError> {
         let (conversation, user) = (*conversation, user.clone());
         self.read(move |conn| {
-            role(conn, &conversation, &user)?.ok_or(StoreError::NotMember)?;
+            let joined: Option<i64> =
+                conn.prepare_cached(JOINED_SEQ)?.query_row(params![conversation, user], |r| r.get(0)).optional()?;
+            let joined = joined.ok_or(StoreError::NotMember)?;
             let mut statement = conn.prepare_cached(MESSAGES_AFTER)?;
-            let rows = statement.query_map(params![conversation, after, limit], message)?;
+            let rows = statement.query_map(params![conversation, after.max(joined), limit], message)?;
             Ok(rows.collect::<Result<_, _>>()?)
         })
         .await

@@ -226,3 +226,43 @@ async fn a_stored_message_is_answered_as_sent_when_its_delivery_fails() {
     let (_, history) = get(&server, &bob, &format!("{messages}?after=0")).await;
     assert_eq!(history["messages"].as_array().unwrap().len(), 1, "stored once");
 }
+
+/// The texts of `token`'s history of `messages` (a conversation's messages path), or the status.
+async fn texts(server: &Server, token: &str, messages: &str) -> Result<Vec<String>, u16> {
+    let (status, page) = get(server, token, &format!("{messages}?after=0")).await;
+    if status != 200 {
+        return Err(status);
+    }
+    Ok(page["messages"].as_array().unwrap().iter().map(|m| m["body"]["text"].as_str().unwrap().to_owned()).collect())
+}
+
+#[tokio::test]
+async fn a_member_reads_from_when_they_joined_and_nothing_while_out() {
+    let data = DataDir::new();
+    let server = Server::start(&data, &[]);
+    let (alice, carol) = (device_token(&server, "alice").await, device_token(&server, "carol").await);
+    let (_, group) =
+        post(&server, &alice, "/v1/conversations", json!({"type": "group", "name": "g", "members": ["bob"]})).await;
+    let id = group["id"].as_str().unwrap();
+    let (messages, members) = (format!("/v1/conversations/{id}/messages"), format!("/v1/conversations/{id}/members"));
+    let say = |text: &str, n: usize| json!({"client_id": format!("a{n}"), "body": {"text": text}});
+    post(&server, &alice, &messages, say("before carol", 1)).await;
+
+    // Added today, carol reads nothing from before, and nothing counts as unread.
+    assert_eq!(post(&server, &alice, &members, json!({"members": ["carol"]})).await.0, 204);
+    assert_eq!(texts(&server, &carol, &messages).await, Ok(vec![]));
+    let (_, listed) = get(&server, &carol, "/v1/conversations").await;
+    assert_eq!(listed["conversations"][0]["unread"], 0, "{listed}");
+    post(&server, &alice, &messages, say("welcome carol", 2)).await;
+    assert_eq!(texts(&server, &carol, &messages).await, Ok(vec!["welcome carol".to_owned()]));
+
+    // Removed, she reads nothing; added again, nothing said while she was out.
+    let remove = server.http.delete(server.url(&format!("{members}/carol"))).bearer_auth(&alice).send().await.unwrap();
+    assert_eq!(remove.status(), 204);
+    post(&server, &alice, &messages, say("carol is gone", 3)).await;
+    assert_eq!(texts(&server, &carol, &messages).await, Err(404));
+    assert_eq!(post(&server, &alice, &members, json!({"members": ["carol"]})).await.0, 204);
+    post(&server, &alice, &messages, say("carol is back", 4)).await;
+    assert_eq!(texts(&server, &carol, &messages).await, Ok(vec!["carol is back".to_owned()]));
+    assert_eq!(texts(&server, &alice, &messages).await.unwrap().len(), 4, "the others read it all");
+}
