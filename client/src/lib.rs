@@ -42,7 +42,7 @@ impl Error {
 }
 
 /// Tokens for one device, from sign-in or a refresh.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct Session {
     pub user_id: String,
     pub device_id: String,

@@ -1,5 +1,6 @@
-//! The live connection: one task owns the WebSocket, reconnects it, resends unconfirmed sends and
-//! filters replayed messages through per-conversation cursors.
+//! The live connection: one task owns the WebSocket, reconnects it (refreshing an expired token),
+//! resends unconfirmed sends in their order and filters replayed messages through per-conversation
+//! cursors. The application acks what it has kept ([`Live::ack`]); the SDK never acks on its own.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -26,11 +27,21 @@ pub struct LiveOptions {
     pub send_timeout: Duration,
     /// Longest wait between reconnect attempts.
     pub max_backoff: Duration,
-    /// How often received messages are acknowledged (acks are batched per conversation).
+    /// How often the application's acks ([`Live::ack`]) go out (batched per conversation).
     pub ack_every: Duration,
     /// Per conversation, the highest seq the application already has (from an earlier run);
-    /// anything at or below it is not delivered again.
+    /// anything at or below it is not delivered again, and a message past the one after it has
+    /// the messages between filled in from history first.
     pub cursors: HashMap<String, i64>,
+    /// Nothing heard from the server for this long (it pings every 25 s; this SDK pings too)
+    /// means the connection is dead: it is dropped and made again.
+    pub read_timeout: Duration,
+    /// How often this SDK pings the server.
+    pub ping_every: Duration,
+    /// A refresh token: when the access token expires, the SDK refreshes it and reconnects
+    /// (and says so with [`Event::Refreshed`], whose session the app keeps). Without one, an
+    /// expired token ends the connection.
+    pub refresh_token: Option<String>,
 }
 
 impl Default for LiveOptions {
@@ -41,6 +52,9 @@ impl Default for LiveOptions {
             max_backoff: Duration::from_secs(5),
             ack_every: Duration::from_millis(50),
             cursors: HashMap::new(),
+            read_timeout: Duration::from_secs(60),
+            ping_every: Duration::from_secs(20),
+            refresh_token: None,
         }
     }
 }
@@ -102,6 +116,9 @@ pub enum Event {
         requested_by: String,
         requested_by_name: String,
     },
+    /// The access token expired and the SDK refreshed it: keep this session (its refresh token
+    /// replaces the one before, which is spent).
+    Refreshed(crate::Session),
     /// The connection is up (again); replay follows.
     Connected,
     /// The connection dropped; the SDK reconnects unless the server refused the device, or closed
@@ -163,14 +180,20 @@ enum ServerFrame {
 
 enum Command {
     Send { conversation: String, client_id: String, body: Value, reply: oneshot::Sender<Result<Sent, Error>> },
+    Ack { conversation: String, seq: i64 },
     Frame(Value),
     Close,
 }
 
 struct Pending {
+    client_id: String,
     frame: String,
     reply: oneshot::Sender<Result<Sent, Error>>,
 }
+
+/// The largest frame the server takes (`chat_core::MAX_CLIENT_FRAME`): a send over it is refused
+/// here, as the server would close the connection on it (1009) every time it was resent.
+const MAX_FRAME: usize = 64 * 1024 + 4096;
 
 /// A live connection to `/v1/ws` that stays up.
 #[derive(Debug)]
@@ -219,8 +242,9 @@ impl Live {
             options,
             events: event_tx,
             cursors,
-            pending: HashMap::new(),
+            pending: Vec::new(),
             unacked: HashMap::new(),
+            own: HashMap::new(),
         };
         let task = tokio::spawn(worker.run(socket, command_rx));
         Ok(Live { commands, events, task, send_timeout })
@@ -242,6 +266,14 @@ impl Live {
             Ok(Err(_)) => Err(Error::Closed),
             Err(_) => Err(Error::Timeout),
         }
+    }
+
+    /// Acknowledges that the application has everything up to `seq` in a conversation (stored
+    /// it, shown it): the server will not replay it to this device again. The SDK never acks on
+    /// its own, so a crash with events not yet handled costs a replay, never a message.
+    pub async fn ack(&self, conversation: &str, seq: i64) -> Result<(), Error> {
+        let command = Command::Ack { conversation: conversation.to_owned(), seq };
+        self.commands.send(command).await.map_err(|_| Error::Closed)
     }
 
     /// Marks a conversation read up to `seq`.
@@ -282,10 +314,12 @@ struct Worker {
     events: mpsc::Sender<Event>,
     /// Per conversation, the highest seq handed to the application.
     cursors: HashMap<String, i64>,
-    /// Sends not yet confirmed, by client id, resent after every reconnect.
-    pending: HashMap<String, Pending>,
+    /// Sends not yet confirmed, in the order they were made, resent so after every reconnect.
+    pending: Vec<Pending>,
     /// Acks not yet sent, per conversation.
     unacked: HashMap<String, i64>,
+    /// Per conversation, seqs of this device's own messages past the cursor.
+    own: HashMap<String, std::collections::BTreeSet<i64>>,
 }
 
 /// Why one connection ended.
@@ -310,7 +344,7 @@ impl Worker {
                     if replaced {
                         // A newer connection of this device took over: reconnecting would take it
                         // back, and the two would take turns for ever.
-                        for (_, p) in self.pending.drain() {
+                        for p in self.pending.drain(..) {
                             let _ = p.reply.send(Err(Error::Closed));
                         }
                         return;
@@ -325,9 +359,12 @@ impl Worker {
                         backoff = Duration::from_millis(100);
                         break socket;
                     }
+                    Err(Error::Api { status: 401, code, .. }) if code == "token_expired" && self.refresh().await => {
+                        backoff = Duration::from_millis(100);
+                    }
                     Err(Error::Api { status: 401 | 403, code, message }) => {
                         // The device was logged out or its token is no good: reconnecting cannot help.
-                        for (_, p) in self.pending.drain() {
+                        for p in self.pending.drain(..) {
                             let _ = p.reply.send(Err(Error::Api {
                                 status: 401,
                                 code: code.clone(),
@@ -349,13 +386,33 @@ impl Worker {
         }
     }
 
+    /// Spends the refresh token for a fresh pair; true when the connection can be made again.
+    async fn refresh(&mut self) -> bool {
+        let Some(token) = self.options.refresh_token.clone() else { return false };
+        match self.api.refresh(&token).await {
+            Ok(session) => {
+                self.api = self.api.with_token(&session.access_token);
+                self.options.refresh_token = session.refresh_token.clone();
+                let _ = self.events.send(Event::Refreshed(session)).await;
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "refreshing the access token failed");
+                false
+            }
+        }
+    }
+
     async fn serve(&mut self, socket: &mut Socket, commands: &mut mpsc::Receiver<Command>) -> Ended {
-        for pending in self.pending.values() {
+        // In the order they were made: a conversation's messages keep their order across drops.
+        for pending in &self.pending {
             if socket.send(WsMessage::text(pending.frame.clone())).await.is_err() {
                 return Ended::Dropped { code: None, reason: "write failed".into() };
             }
         }
         let mut acks = tokio::time::interval(self.options.ack_every);
+        let mut ping = tokio::time::interval(self.options.ping_every.max(Duration::from_millis(10)));
+        let mut last_heard = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 command = commands.recv() => match command {
@@ -372,11 +429,21 @@ impl Worker {
                     }
                     Some(Command::Send { conversation, client_id, body, reply }) => {
                         let frame = json!({"type": "send", "client_id": client_id, "conversation": conversation, "body": body}).to_string();
+                        if frame.len() > MAX_FRAME {
+                            let message = format!("a send frame holds at most {MAX_FRAME} bytes");
+                            let _ = reply.send(Err(Error::Api { status: 413, code: "invalid_request".into(), message }));
+                            continue;
+                        }
                         let write = socket.send(WsMessage::text(frame.clone())).await;
-                        self.pending.insert(client_id, Pending { frame, reply });
+                        self.pending.retain(|p| p.client_id != client_id);
+                        self.pending.push(Pending { client_id, frame, reply });
                         if write.is_err() {
                             return Ended::Dropped { code: None, reason: "write failed".into() };
                         }
+                    }
+                    Some(Command::Ack { conversation, seq }) => {
+                        let acked = self.unacked.entry(conversation).or_insert(0);
+                        *acked = (*acked).max(seq);
                     }
                     Some(Command::Frame(frame)) => {
                         if socket.send(WsMessage::text(frame.to_string())).await.is_err() {
@@ -384,7 +451,11 @@ impl Worker {
                         }
                     }
                 },
-                frame = socket.next() => match frame {
+                frame = tokio::time::timeout_at(last_heard + self.options.read_timeout, socket.next()) => match frame {
+                    Err(_) => return Ended::Dropped { code: None, reason: "nothing heard from the server".into() },
+                    Ok(frame) => {
+                    last_heard = tokio::time::Instant::now();
+                    match frame {
                     Some(Ok(WsMessage::Text(text))) => self.on_frame(text.as_str()).await,
                     Some(Ok(WsMessage::Close(close))) => {
                         let (code, reason) = match close {
@@ -396,7 +467,14 @@ impl Worker {
                     Some(Ok(_)) => {}
                     Some(Err(e)) => return Ended::Dropped { code: None, reason: e.to_string() },
                     None => return Ended::Dropped { code: None, reason: "connection closed".into() },
+                    }
+                    }
                 },
+                _ = ping.tick() => {
+                    if socket.send(WsMessage::Ping(Default::default())).await.is_err() {
+                        return Ended::Dropped { code: None, reason: "write failed".into() };
+                    }
+                }
                 _ = acks.tick() => {
                     if !self.flush_acks(socket).await {
                         return Ended::Dropped { code: None, reason: "write failed".into() };
@@ -423,24 +501,35 @@ impl Worker {
         };
         let event = match frame {
             ServerFrame::Message(m) => {
-                let cursor = self.cursors.entry(m.conversation.clone()).or_insert(0);
-                if m.seq <= *cursor {
+                self.absorb_own(&m.conversation);
+                let cursor = self.cursors.get(&m.conversation).copied();
+                if cursor.is_some_and(|cursor| m.seq <= cursor) {
                     // Replayed after a reconnect: the application has it already.
-                    self.unacked.insert(m.conversation.clone(), *cursor);
                     return;
                 }
-                *cursor = m.seq;
-                self.unacked.insert(m.conversation.clone(), m.seq);
+                if let Some(cursor) = cursor
+                    && m.seq > cursor + 1
+                {
+                    // The application is behind what this device acked (an ack that went out
+                    // before the application kept what it covered): fill the gap from history.
+                    self.fill(&m.conversation, cursor, m.seq).await;
+                }
+                self.cursors.insert(m.conversation.clone(), m.seq);
                 Event::Message(m)
             }
             ServerFrame::Sent { client_id, conversation, seq, ts } => {
-                if let Some(p) = self.pending.remove(&client_id) {
+                // This device's own message holds a seq the server never sends back to it.
+                self.own.entry(conversation.clone()).or_default().insert(seq);
+                self.absorb_own(&conversation);
+                if let Some(p) = self.take_pending(&client_id) {
                     let _ = p.reply.send(Ok(Sent { conversation, client_id, seq, ts }));
                 }
                 return;
             }
             ServerFrame::Error { code, message, client_id } => {
-                if let Some(p) = client_id.and_then(|id| self.pending.remove(&id)) {
+                // A refusal of a send is for good (resending it would be refused again): it
+                // leaves the queue with the error.
+                if let Some(p) = client_id.and_then(|id| self.take_pending(&id)) {
                     let _ = p.reply.send(Err(Error::Api { status: 0, code, message }));
                     return;
                 }
@@ -465,5 +554,57 @@ impl Worker {
         };
         // Waits when the application is behind: the socket is not read meanwhile.
         let _ = self.events.send(event).await;
+    }
+
+    /// Moves a conversation's cursor over this device's own messages right after it, which the
+    /// server does not send back (so they are no gap).
+    fn absorb_own(&mut self, conversation: &str) {
+        let Some(own) = self.own.get_mut(conversation) else { return };
+        if let Some(cursor) = self.cursors.get_mut(conversation) {
+            while own.remove(&(*cursor + 1)) {
+                *cursor += 1;
+            }
+            own.retain(|seq| *seq > *cursor);
+        }
+        // A device that only sends into a conversation never gets a message there to move its
+        // cursor: keep the newest seqs only.
+        while own.len() > 4096 {
+            own.pop_first();
+        }
+        if own.is_empty() {
+            self.own.remove(conversation);
+        }
+    }
+
+    fn take_pending(&mut self, client_id: &str) -> Option<Pending> {
+        let at = self.pending.iter().position(|p| p.client_id == client_id)?;
+        Some(self.pending.remove(at))
+    }
+
+    /// Hands the application the messages of `conversation` after `cursor` and before `seq`, read
+    /// from history (what retention took is said with `Expired`).
+    async fn fill(&mut self, conversation: &str, mut cursor: i64, seq: i64) {
+        while cursor + 1 < seq {
+            let page = match self.api.history(conversation, cursor, (seq - cursor - 1).min(500)).await {
+                Ok(page) => page,
+                Err(e) => return tracing::warn!(error = %e, conversation, "could not fill a gap from history"),
+            };
+            let Some(last) = page.last().map(|m| m.seq) else { return };
+            if page[0].seq > cursor + 1 {
+                let expired = Event::Expired { conversation: conversation.to_owned(), oldest_seq: page[0].seq };
+                let _ = self.events.send(expired).await;
+            }
+            for m in page.into_iter().filter(|m| m.seq < seq) {
+                self.cursors.insert(conversation.to_owned(), m.seq);
+                let own = self.own.get_mut(conversation).is_some_and(|own| own.remove(&m.seq));
+                if !own {
+                    let _ = self.events.send(Event::Message(m)).await;
+                }
+            }
+            if last <= cursor {
+                return;
+            }
+            cursor = last;
+        }
     }
 }

@@ -362,7 +362,10 @@ async fn next_message(live: &mut Live, wait: Duration) -> Option<client::Message
     tokio::time::timeout(wait, async {
         loop {
             match live.next_event().await.expect("the connection stopped") {
-                Event::Message(m) => return m,
+                Event::Message(m) => {
+                    live.ack(&m.conversation, m.seq).await.unwrap();
+                    return m;
+                }
                 _ => continue,
             }
         }

@@ -41,19 +41,23 @@ pub(crate) async fn next<T>(live: &mut Live, mut pick: impl FnMut(Event) -> Opti
     }
 }
 
+/// The next message, acked as an application acks what it has kept.
 async fn next_message(live: &mut Live) -> Message {
-    next(live, |e| match e {
+    let m = next(live, |e| match e {
         Event::Message(m) => Some(m),
         _ => None,
     })
-    .await
+    .await;
+    live.ack(&m.conversation, m.seq).await.unwrap();
+    m
 }
 
-/// Messages that arrive within `quiet` of each other, until none does.
+/// Messages that arrive within `quiet` of each other, until none does; each acked.
 async fn drain_messages(live: &mut Live, quiet: Duration) -> Vec<Message> {
     let mut got = Vec::new();
     while let Ok(Some(event)) = tokio::time::timeout(quiet, live.next_event()).await {
         if let Event::Message(m) = event {
+            live.ack(&m.conversation, m.seq).await.unwrap();
             got.push(m);
         }
     }
@@ -258,6 +262,7 @@ async fn presence_typing_and_receipts_reach_only_answered_chats_and_contacts() {
     alice_live.send(&chat, json!({"text": "who is this?"})).await.unwrap();
     assert_eq!(text(&next_message(&mut stranger_live).await), "who is this?");
     let again = stranger_live.send(&chat, json!({"text": "your old classmate"})).await.unwrap();
+    assert_eq!(next_message(&mut alice_live).await.seq, again.seq);
     next(&mut stranger_live, |e| {
         matches!(e, Event::Receipt { ref user, seq, .. } if user == alice_id && seq == again.seq).then_some(())
     })
@@ -370,7 +375,10 @@ async fn a_slow_consumer_is_disconnected_and_catches_up_by_replay() {
     let mut disconnects = Vec::new();
     while seqs.last() != Some(&N) {
         match tokio::time::timeout(WAIT, bob_live.next_event()).await.expect("bob stalled").unwrap() {
-            Event::Message(m) => seqs.push(m.seq),
+            Event::Message(m) => {
+                bob_live.ack(&m.conversation, m.seq).await.unwrap();
+                seqs.push(m.seq);
+            }
             Event::Disconnected { code, .. } => disconnects.push(code),
             _ => {}
         }
@@ -716,4 +724,82 @@ async fn a_lost_wake_up_is_found_by_the_connection_itself() {
     let got = next_message(&mut bob_live).await;
     assert_eq!((got.seq, text(&got)), (sent.seq, "nobody woke you"));
     bob_live.close().await;
+}
+
+#[tokio::test]
+async fn the_sdk_acks_only_what_the_app_acked_and_fills_a_gap_from_history() {
+    let data = DataDir::new();
+    let server = Server::start(&data, &[DEV]);
+    let (alice, _) = sign_in(&server, "+4915100000711", "phone").await;
+    let (bob, bob_session) = sign_in(&server, "+4915100000712", "phone").await;
+    let chat = alice.direct(&bob_session.user_id).await.unwrap().id;
+    for n in 1..=3 {
+        alice.send(&chat, &format!("c{n}"), json!({"text": format!("m{n}")})).await.unwrap();
+    }
+    // Bob's app gets all three but keeps (and acks) only the first before it crashes.
+    let mut bob_live = live(&bob).await;
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(
+            next(&mut bob_live, |e| match e {
+                Event::Message(m) => Some(m.seq),
+                _ => None,
+            })
+            .await,
+        );
+    }
+    assert_eq!(got, [1, 2, 3]);
+    bob_live.ack(&chat, 1).await.unwrap();
+    bob_live.close().await;
+    // On restart the two it never acked come again: nothing was lost with the crash.
+    let mut bob_live = live(&bob).await;
+    let replayed: Vec<i64> =
+        drain_messages(&mut bob_live, Duration::from_millis(700)).await.iter().map(|m| m.seq).collect();
+    assert_eq!(replayed, [2, 3]);
+    bob_live.close().await;
+
+    // An app whose store is behind what the device acked (it kept seq 1 only, acked up to 3):
+    // the next live message reveals the gap, and the SDK fills it from history, in order.
+    let options = LiveOptions { cursors: [(chat.clone(), 1)].into_iter().collect(), ..LiveOptions::default() };
+    let mut bob_live = Live::connect(&bob, options).await.unwrap();
+    alice.send(&chat, "c4", json!({"text": "m4"})).await.unwrap();
+    let filled: Vec<i64> =
+        drain_messages(&mut bob_live, Duration::from_millis(700)).await.iter().map(|m| m.seq).collect();
+    assert_eq!(filled, [2, 3, 4]);
+    bob_live.close().await;
+}
+
+#[tokio::test]
+async fn the_sdk_refreshes_an_expired_token_and_refuses_an_oversized_send_for_good() {
+    let data = DataDir::new();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let short = [DEV, ("COURIER_AUTH__ACCESS_TOKEN_SECS", "5")];
+    let server = Server::start_on(&data, &listen, &short);
+    let (alice, alice_session) = sign_in(&server, "+4915100000721", "phone").await;
+    let (_, bob_session) = sign_in(&server, "+4915100000722", "phone").await;
+    let chat = alice.direct(&bob_session.user_id).await.unwrap().id;
+    let options = LiveOptions { refresh_token: alice_session.refresh_token.clone(), ..LiveOptions::default() };
+    let mut alice_live = Live::connect(&alice, options).await.unwrap();
+
+    // Too big for the server's frame limit: refused at once, never queued to loop on reconnects.
+    let huge = "x".repeat(70 * 1024);
+    let err = alice_live.send(&chat, json!({ "text": huge })).await.unwrap_err();
+    assert_eq!(err.code(), Some("invalid_request"));
+
+    // The access token runs out while connected; the server restarts, and the SDK, refused with
+    // `token_expired`, refreshes it, hands the app the new session, and goes on.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    server.kill();
+    let server = Server::start_on(&data, &listen, &short);
+    let refreshed = next(&mut alice_live, |e| match e {
+        Event::Refreshed(session) => Some(session),
+        _ => None,
+    })
+    .await;
+    assert_eq!(refreshed.device_id, alice_session.device_id);
+    assert_ne!(refreshed.refresh_token, alice_session.refresh_token, "the refresh token rotated");
+    let sent = alice_live.send(&chat, json!({"text": "still here"})).await.unwrap();
+    assert_eq!(sent.seq, 1, "the oversized send never reached the server");
+    alice_live.close().await;
+    drop(server);
 }
