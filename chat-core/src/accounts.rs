@@ -296,6 +296,36 @@ pub(crate) async fn lookup(
     }
 }
 
+/// Most numbers one discovery takes.
+const MAX_DISCOVER: usize = 1000;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Discover {
+    phones: Vec<String>,
+}
+
+/// `POST /v1/contacts/discover {"phones": [...]}`: which of up to 1,000 numbers (an address book)
+/// have users, rate-limited per account per day. Numbers, not hashes: a hash of a phone number hides
+/// nothing (the numbering plan is small enough to hash whole).
+pub(crate) async fn discover(
+    State(chat): State<Arc<Chat>>,
+    Extension(claims): Extension<Claims>,
+    body: Result<Json<Discover>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Discover { phones } = json_body(body)?;
+    if phones.is_empty() || phones.len() > MAX_DISCOVER {
+        return Err(ApiError::Invalid(format!("phones holds 1 to {MAX_DISCOVER} numbers")));
+    }
+    for phone in &phones {
+        check_phone(phone)?;
+    }
+    chat.limit(limits::DISCOVERIES_PER_USER, claims.sub.as_str()).await?;
+    let found = chat.store.lookup_phones(&phones).await?;
+    let users: Vec<Value> = found.iter().map(|(phone, user)| json!({ "phone": phone, "user_id": user })).collect();
+    Ok(Json(json!({ "users": users })))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

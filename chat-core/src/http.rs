@@ -40,6 +40,7 @@ pub(crate) fn routes(chat: Arc<Chat>) -> Router {
         .route("/v1/devices/requests/{id}", get(link_status))
         .route("/v1/users/lookup", get(crate::accounts::lookup))
         .route("/v1/contacts", get(privacy::list).put(privacy::replace))
+        .route("/v1/contacts/discover", post(crate::accounts::discover))
         .route("/v1/contacts/{user}", put(privacy::add).delete(privacy::remove))
         .route("/v1/privacy", get(privacy::get_privacy).put(privacy::put_privacy))
         .with_state(chat)

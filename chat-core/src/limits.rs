@@ -43,6 +43,10 @@ pub(crate) const CONTACT_CHANGES_PER_USER: Limit =
     Limit { bucket: "contacts/user", every: Duration::from_secs(60), burst: 20 };
 /// Contact discovery: a burst for a fresh address book, then one a second.
 pub(crate) const LOOKUPS_PER_USER: Limit = Limit { bucket: "lookups/user", every: Duration::from_secs(1), burst: 100 };
+/// Batched contact discovery: ten batches of up to 1,000 numbers, then one every 2.4 hours (about
+/// 10,000 numbers a day at most): enough for an address book, too few to walk a numbering plan.
+pub(crate) const DISCOVERIES_PER_USER: Limit =
+    Limit { bucket: "discover/user", every: Duration::from_secs(8640), burst: 10 };
 /// Device links from a signed-in device, each spending a guess at the account's code: three, then
 /// one every ten minutes.
 pub(crate) const LINKS_PER_USER: Limit = Limit { bucket: "links/user", every: Duration::from_secs(600), burst: 3 };

@@ -73,6 +73,7 @@ conformance!(
     a_member_reads_from_when_they_joined,
     presence_goes_to_contacts_and_to_answered_direct_chats,
     rate_limits_let_a_burst_through_then_one_per_interval,
+    phones_are_discovered_in_one_call,
     a_link_request_is_answered_once_by_another_device_and_collected_once,
     the_push_outbox_keeps_one_pending_push_per_conversation,
     retention_purges_old_messages_and_says_how_far,
@@ -544,6 +545,16 @@ async fn a_link_request_is_answered_once_by_another_device_and_collected_once(st
     store.create_link_request("r4", &alice, &asker, "fridge", 5_000).await.unwrap();
     assert!(store.remove_device(&alice, &asker).await.unwrap());
     assert_eq!(store.answer_link_request("r4", &alice, &phone, true, 10).await.unwrap(), LinkAnswer::Unknown);
+}
+
+async fn phones_are_discovered_in_one_call(store: Store) {
+    let a = store.user_for_phone("+4915100000001", 1).await.unwrap();
+    let b = store.user_for_phone("+4915100000002", 1).await.unwrap();
+    let phones: Vec<String> = ["+4915100000002", "+4915100000009", "+4915100000001"].map(String::from).to_vec();
+    let mut found = store.lookup_phones(&phones).await.unwrap();
+    found.sort();
+    assert_eq!(found, vec![("+4915100000001".to_owned(), a), ("+4915100000002".to_owned(), b)]);
+    assert!(store.lookup_phones(&[]).await.unwrap().is_empty());
 }
 
 async fn rate_limits_let_a_burst_through_then_one_per_interval(store: Store) {

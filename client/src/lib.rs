@@ -251,6 +251,17 @@ impl Api {
         self.call::<Value>(self.http.put(self.url("/v1/privacy")).json(&body)).await.map(drop)
     }
 
+    /// Which of `phones` (up to 1,000: an address book) have users, as (phone, user id).
+    pub async fn discover(&self, phones: &[&str]) -> Result<Vec<(String, String)>, Error> {
+        let answer: Value =
+            self.call(self.http.post(self.url("/v1/contacts/discover")).json(&json!({"phones": phones}))).await?;
+        let users = answer["users"].as_array().map(Vec::as_slice).unwrap_or_default();
+        Ok(users
+            .iter()
+            .filter_map(|u| Some((u["phone"].as_str()?.to_owned(), u["user_id"].as_str()?.to_owned())))
+            .collect())
+    }
+
     /// The one direct conversation with `other`.
     pub async fn direct(&self, other: &str) -> Result<ConversationInfo, Error> {
         let body = json!({"type": "direct", "members": [other]});

@@ -827,6 +827,14 @@ impl Store {
         each!(self, s => s.user_for_phone(phone, &fresh, now_ms).await)
     }
 
+    /// The users of those of `phones` that have one (contact discovery), as (phone, user).
+    pub async fn lookup_phones(&self, phones: &[String]) -> Result<Vec<(String, UserId)>, StoreError> {
+        if phones.is_empty() {
+            return Ok(Vec::new());
+        }
+        each!(self, s => s.lookup_phones(phones).await)
+    }
+
     /// The user of a phone number, if it has one.
     pub async fn lookup_phone(&self, phone: &str) -> Result<Option<UserId>, StoreError> {
         each!(self, s => s.lookup_phone(phone).await)

@@ -312,6 +312,8 @@ const CLAIM_PHONE: &str =
 
 const PHONE_USER: &str = "SELECT user_id FROM chat_phones WHERE phone = $1";
 
+const PHONES_USERS: &str = "SELECT phone, user_id FROM chat_phones WHERE phone = ANY($1)";
+
 const INSERT_REFRESH: &str = "
     INSERT INTO chat_refresh_tokens (token_hash, user_id, device_id, expires_at, spent_at, created_at)
     VALUES ($1, $2, $3, $4, NULL, $5)";
@@ -877,6 +879,10 @@ impl Postgres {
         sqlx::query(ENSURE_USER).bind(&user).bind(now_ms).execute(&mut *tx).await?;
         tx.commit().await?;
         Ok(user)
+    }
+
+    pub(super) async fn lookup_phones(&self, phones: &[String]) -> Result<Vec<(String, UserId)>, StoreError> {
+        Ok(sqlx::query_as(PHONES_USERS).bind(phones).fetch_all(&self.db).await?)
     }
 
     pub(super) async fn lookup_phone(&self, phone: &str) -> Result<Option<UserId>, StoreError> {

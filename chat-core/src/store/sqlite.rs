@@ -1133,6 +1133,21 @@ impl Sqlite {
         .await
     }
 
+    pub(super) async fn lookup_phones(&self, phones: &[String]) -> Result<Vec<(String, UserId)>, StoreError> {
+        let phones = phones.to_vec();
+        self.read(move |conn| {
+            let mut statement = conn.prepare_cached(PHONE_USER)?;
+            let mut found = Vec::new();
+            for phone in phones {
+                if let Some(user) = statement.query_row(params![phone], |r| r.get(0)).optional()? {
+                    found.push((phone, user));
+                }
+            }
+            Ok(found)
+        })
+        .await
+    }
+
     pub(super) async fn lookup_phone(&self, phone: &str) -> Result<Option<UserId>, StoreError> {
         let phone = phone.to_owned();
         self.read(move |conn| {

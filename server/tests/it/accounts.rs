@@ -509,3 +509,25 @@ async fn another_device_approves_a_link_and_the_asking_device_cannot() {
     phone_live.close().await;
     drop(laptop_live);
 }
+
+#[tokio::test]
+async fn an_address_book_is_discovered_in_one_call_within_a_daily_budget() {
+    let data = DataDir::new();
+    let server = Server::start(&data, &[DEV]);
+    let (alice, _) = sign_in(&server, "+4915100000981", "phone").await;
+    let (_, bob) = sign_in(&server, "+4915100000982", "phone").await;
+    let book = ["+4915100000982", "+4915100000983", "+4915100000981"];
+    let mut found = alice.discover(&book).await.unwrap();
+    found.sort();
+    assert_eq!(found.len(), 2, "{found:?}");
+    assert_eq!(found[1], ("+4915100000982".to_owned(), bob.user_id.clone()));
+    let too_many: Vec<String> = (0..1001).map(|n| format!("+49151{n:08}")).collect();
+    let too_many: Vec<&str> = too_many.iter().map(String::as_str).collect();
+    assert_eq!(alice.discover(&too_many).await.unwrap_err().code(), Some("invalid_request"));
+    assert_eq!(alice.discover(&["0151 123"]).await.unwrap_err().code(), Some("invalid_request"));
+    // Ten address books a day at once (one went above), then one every 2.4 hours.
+    for _ in 0..9 {
+        alice.discover(&book).await.unwrap();
+    }
+    assert_eq!(alice.discover(&book).await.unwrap_err().code(), Some("rate_limited"));
+}
