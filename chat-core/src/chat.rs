@@ -534,11 +534,18 @@ impl Chat {
             return Err(StoreError::Corrupt("the writer answered an ack with something else".into()));
         };
         if let Some(receipt) = acked.receipt {
-            let members = self.members(conversation).await?;
-            let others: Vec<UserId> = members.iter().filter(|u| *u != user).cloned().collect();
-            let (status, seq) = if read { ("read", receipt.read) } else { ("delivered", receipt.delivered) };
-            let frame = ServerFrame::Receipt { conversation: *conversation, user, status, seq }.encode();
-            self.fan_out(&others, Event::Frame(frame)).await;
+            // Only the senders of the messages the receipt moved over hear of it: in a group, one
+            // message costs its sender a receipt per reader, not every member one.
+            let (status, before, seq) = if read {
+                ("read", acked.before.read, receipt.read)
+            } else {
+                ("delivered", acked.before.delivered, receipt.delivered)
+            };
+            let senders = self.store.senders_between(conversation, before, seq, user).await?;
+            if !senders.is_empty() {
+                let frame = ServerFrame::Receipt { conversation: *conversation, user, status, seq }.encode();
+                self.fan_out(&senders, Event::Frame(frame)).await;
+            }
         }
         Ok(acked)
     }

@@ -193,11 +193,13 @@ pub struct Cursor {
 }
 
 /// What an ack or read did: the device's cursor, and the user's receipt (the highest seq any of
-/// their devices reached) when it moved, which the other members are told about.
+/// their devices reached) when it moved, which the senders of the messages it passed are told
+/// about, with where it stood `before`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Acked {
     pub device: Cursor,
     pub receipt: Option<Cursor>,
+    pub before: Cursor,
 }
 
 /// Where a device stands in one of its conversations, for replay on connect.
@@ -585,6 +587,21 @@ impl Store {
         conversation: &ConversationId,
     ) -> Result<SyncState, StoreError> {
         each!(self, s => s.sync_one(user, device, conversation).await)?.ok_or(StoreError::NotMember)
+    }
+
+    /// Who sent the messages of a conversation after `after` up to `upto`, but `except`: whom a
+    /// receipt that moved over them concerns.
+    pub async fn senders_between(
+        &self,
+        conversation: &ConversationId,
+        after: i64,
+        upto: i64,
+        except: &UserId,
+    ) -> Result<Vec<UserId>, StoreError> {
+        if upto <= after {
+            return Ok(Vec::new());
+        }
+        each!(self, s => s.senders_between(conversation, after, upto, except).await)
     }
 
     /// Who is in a conversation, for fan-out inside chat-core (no membership check: callers have

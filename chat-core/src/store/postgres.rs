@@ -133,6 +133,14 @@ const MOVE_RECEIPT: &str = "
      WHERE conversation_id = $1 AND user_id = $2 AND (delivered_seq < $3 OR read_seq < $4)
     RETURNING delivered_seq, read_seq, answered";
 
+/// The user's receipt before an ack moves it.
+const RECEIPT: &str = "SELECT delivered_seq, read_seq FROM chat_members WHERE conversation_id = $1 AND user_id = $2";
+
+/// Whom a receipt over a range of messages concerns.
+const SENDERS_BETWEEN: &str = "
+    SELECT DISTINCT sender_user FROM chat_messages
+     WHERE conversation_id = $1 AND seq > $2 AND seq <= $3 AND sender_user <> $4";
+
 /// The sender has answered in the conversation (written once, on their first message).
 const MARK_ANSWERED: &str =
     "UPDATE chat_members SET answered = TRUE WHERE conversation_id = $1 AND user_id = $2 AND NOT answered";
@@ -607,6 +615,22 @@ impl Postgres {
         conversation: &ConversationId,
     ) -> Result<Option<SyncState>, StoreError> {
         Ok(sqlx::query_as(SYNC_ONE).bind(user).bind(device).bind(conversation).fetch_optional(&self.db).await?)
+    }
+
+    pub(super) async fn senders_between(
+        &self,
+        conversation: &ConversationId,
+        after: i64,
+        upto: i64,
+        except: &UserId,
+    ) -> Result<Vec<UserId>, StoreError> {
+        Ok(sqlx::query_scalar(SENDERS_BETWEEN)
+            .bind(conversation)
+            .bind(after)
+            .bind(upto)
+            .bind(except)
+            .fetch_all(&self.db)
+            .await?)
     }
 
     pub(super) async fn member_ids(&self, conversation: &ConversationId) -> Result<Vec<UserId>, StoreError> {
@@ -1124,6 +1148,9 @@ async fn move_cursor(
         .fetch_optional(&mut **tx)
         .await?;
     let Some(device) = moved else { return Err(StoreError::NotMember) };
+    let before: Option<Cursor> =
+        sqlx::query_as(RECEIPT).bind(conversation).bind(user).fetch_optional(&mut **tx).await?;
+    let before = before.unwrap_or_default();
     // The user's receipt is the furthest any of their devices got; each column only grows.
     let receipt: Option<(i64, i64, bool)> = sqlx::query_as(MOVE_RECEIPT)
         .bind(conversation)
@@ -1133,5 +1160,5 @@ async fn move_cursor(
         .fetch_optional(&mut **tx)
         .await?;
     let receipt = receipt.and_then(|(delivered, read, answered)| answered.then_some(Cursor { delivered, read }));
-    Ok(Acked { device, receipt })
+    Ok(Acked { device, receipt, before })
 }

@@ -141,6 +141,14 @@ const MOVE_RECEIPT: &str = "
      WHERE conversation_id = ?1 AND user_id = ?2 AND (delivered_seq < ?3 OR read_seq < ?4)
     RETURNING delivered_seq, read_seq, answered";
 
+/// The user's receipt before an ack moves it.
+const RECEIPT: &str = "SELECT delivered_seq, read_seq FROM chat_members WHERE conversation_id = ?1 AND user_id = ?2";
+
+/// Whom a receipt over a range of messages concerns.
+const SENDERS_BETWEEN: &str = "
+    SELECT DISTINCT sender_user FROM chat_messages
+     WHERE conversation_id = ?1 AND seq > ?2 AND seq <= ?3 AND sender_user <> ?4";
+
 /// The sender has answered in the conversation (written once, on their first message).
 const MARK_ANSWERED: &str =
     "UPDATE chat_members SET answered = TRUE WHERE conversation_id = ?1 AND user_id = ?2 AND NOT answered";
@@ -759,6 +767,22 @@ impl Sqlite {
         let (user, device, conversation) = (user.clone(), *device, *conversation);
         self.read(move |conn| {
             Ok(conn.prepare_cached(SYNC_ONE)?.query_row(params![user, device, conversation], sync_state).optional()?)
+        })
+        .await
+    }
+
+    pub(super) async fn senders_between(
+        &self,
+        conversation: &ConversationId,
+        after: i64,
+        upto: i64,
+        except: &UserId,
+    ) -> Result<Vec<UserId>, StoreError> {
+        let (conversation, except) = (*conversation, except.clone());
+        self.read(move |conn| {
+            let mut statement = conn.prepare_cached(SENDERS_BETWEEN)?;
+            let rows = statement.query_map(params![conversation, after, upto, except], |r| r.get(0))?;
+            Ok(rows.collect::<Result<_, _>>()?)
         })
         .await
     }
@@ -1483,6 +1507,8 @@ fn move_cursor(
         .query_row(params![user, device, conversation, seq, if read { seq } else { 0 }], cursor)
         .optional()?;
     let Some(device) = moved else { return Err(StoreError::NotMember) };
+    let before =
+        tx.prepare_cached(RECEIPT)?.query_row(params![conversation, user], cursor).optional()?.unwrap_or_default();
     // The user's receipt is the furthest any of their devices got; each column only grows.
     let receipt = tx
         .prepare_cached(MOVE_RECEIPT)?
@@ -1490,5 +1516,5 @@ fn move_cursor(
             Ok((cursor(r)?, r.get::<_, bool>("answered")?))
         })
         .optional()?;
-    Ok(Acked { device, receipt: receipt.and_then(|(receipt, answered)| answered.then_some(receipt)) })
+    Ok(Acked { device, receipt: receipt.and_then(|(receipt, answered)| answered.then_some(receipt)), before })
 }

@@ -803,3 +803,46 @@ async fn the_sdk_refreshes_an_expired_token_and_refuses_an_oversized_send_for_go
     alice_live.close().await;
     drop(server);
 }
+
+/// The seq of the next message, not acked.
+async fn message_seq(live: &mut Live) -> i64 {
+    next(live, |e| match e {
+        Event::Message(m) => Some(m.seq),
+        _ => None,
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_receipt_goes_only_to_the_senders_of_the_messages_it_covers() {
+    let data = DataDir::new();
+    let server = Server::start(&data, &[DEV]);
+    let (alice, _) = sign_in(&server, "+4915100000731", "phone").await;
+    let (bob, bob_session) = sign_in(&server, "+4915100000732", "phone").await;
+    let (carol, carol_session) = sign_in(&server, "+4915100000733", "phone").await;
+    let group = alice.group("g", &[&bob_session.user_id, &carol_session.user_id]).await.unwrap().id;
+    let (mut alice_live, mut bob_live, mut carol_live) = (live(&alice).await, live(&bob).await, live(&carol).await);
+    let bob_id = bob_session.user_id.as_str();
+    let receipt_of = |e: Event| match e {
+        Event::Receipt { user, seq, .. } if user == bob_id => Some(seq),
+        _ => None,
+    };
+    bob_live.send(&group, json!({"text": "bob here"})).await.unwrap();
+    let from_carol = carol_live.send(&group, json!({"text": "carol here"})).await.unwrap();
+    assert_eq!(message_seq(&mut bob_live).await, from_carol.seq);
+    // Bob's ack over carol's message is carol's to hear.
+    bob_live.ack(&group, from_carol.seq).await.unwrap();
+    assert_eq!(next(&mut carol_live, receipt_of).await, from_carol.seq);
+
+    // Over alice's message, it is alice's alone.
+    let from_alice = alice_live.send(&group, json!({"text": "question"})).await.unwrap();
+    assert_eq!(message_seq(&mut bob_live).await, from_alice.seq);
+    bob_live.ack(&group, from_alice.seq).await.unwrap();
+    assert_eq!(next(&mut alice_live, receipt_of).await, from_alice.seq);
+    alice_live.send(&group, json!({"text": "marker"})).await.unwrap();
+    let heard: Vec<i64> = events_before(&mut carol_live, "marker").await.into_iter().filter_map(receipt_of).collect();
+    assert!(!heard.contains(&from_alice.seq), "carol heard bob's receipt of alice's message: {heard:?}");
+    for live in [alice_live, bob_live, carol_live] {
+        live.close().await;
+    }
+}
