@@ -114,8 +114,22 @@ pub(crate) async fn request_code(
     // The country first: a pumping run that empties it must not spend real users' per-phone codes
     // on requests it refuses.
     chat.limit(per_country, &country.key()).await?;
+    let per_code = limits::sms_per_calling_code(&chat.auth, &country);
+    if let Some((limit, code)) = &per_code {
+        if chat.auth.sms_country_limits.get(code) == Some(&0) {
+            chat.give_back(per_country, &country.key()).await;
+            return Err(ApiError::CountryUnavailable(code.clone()));
+        }
+        if let Err(e) = chat.limit(*limit, code).await {
+            chat.give_back(per_country, &country.key()).await;
+            return Err(e);
+        }
+    }
     if let Err(e) = chat.limit(limits::CODES_PER_PHONE, phone).await {
         chat.give_back(per_country, &country.key()).await;
+        if let Some((limit, code)) = &per_code {
+            chat.give_back(*limit, code).await;
+        }
         return Err(e);
     }
     let code = new_code();

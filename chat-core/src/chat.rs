@@ -62,16 +62,27 @@ pub struct Chat {
     lost_wakeups: std::sync::atomic::AtomicU32,
 }
 
-/// When a delivery that failed after its message was stored is tried again (after each wait in
-/// turn, about two minutes in all).
-const DELIVERY_RETRIES: [Duration; 6] = [
+/// When the parts of a delivery that failed after its message was stored (a media share, queueing
+/// its pushes) are tried again: after each wait in turn, about 40 minutes in all.
+const DELIVERY_RETRIES: [Duration; 9] = [
     Duration::from_secs(1),
     Duration::from_secs(2),
     Duration::from_secs(5),
     Duration::from_secs(10),
     Duration::from_secs(30),
     Duration::from_secs(60),
+    Duration::from_secs(300),
+    Duration::from_secs(600),
+    Duration::from_secs(1200),
 ];
+
+/// What is left of a delivery: each part is done once.
+#[derive(Debug, Clone, Copy)]
+struct Todo {
+    share: bool,
+    wake: bool,
+    push: bool,
+}
 
 /// Unauthenticated requests one client may make of one node before they are shed without asking
 /// the database: 300 at once, then 50 a second (several times what the shared limits let through).
@@ -407,9 +418,9 @@ impl Chat {
 
     /// Sends a message: checks the body and media, appends (idempotent on `client_id`), shares
     /// media with the members, wakes their connected devices and queues pushes for the rest. Once
-    /// the append has committed the answer is the message, whatever fails after: a failed share,
-    /// fan-out or push is retried in the background (an `internal` error would make the app send
-    /// again what is stored already).
+    /// the append has committed the answer is the message, whatever fails after: a failed share or
+    /// push queue is retried in the background for about 40 minutes (an `internal` error would
+    /// make the app send again what is stored already); the wake-up goes out either way.
     pub(crate) async fn send(
         self: &Arc<Self>,
         user: &UserId,
@@ -435,14 +446,16 @@ impl Chat {
         let Written::Appended(appended, members) = self.write(write).await? else {
             return Err(StoreError::Corrupt("the writer answered an append with something else".into()).into());
         };
-        if let Err(e) = self.deliver(&appended, &members, media).await {
+        let mut todo = Todo { share: true, wake: true, push: true };
+        if let Err(e) = self.deliver(&appended, &members, media, &mut todo).await {
             let (conversation, seq) = (*conversation, appended.message().seq);
             tracing::warn!(error = ?e, %conversation, seq, "delivering a stored message failed; retrying in the background");
             let (chat, stored) = (self.clone(), appended.clone());
             tokio::spawn(async move {
+                let mut todo = todo;
                 for delay in DELIVERY_RETRIES {
                     tokio::time::sleep(delay).await;
-                    match chat.deliver(&stored, &members, media).await {
+                    match chat.deliver(&stored, &members, media, &mut todo).await {
                         Ok(()) => {
                             return tracing::info!(%conversation, seq, "a stored message was delivered on a retry");
                         }
@@ -451,7 +464,7 @@ impl Chat {
                         }
                     }
                 }
-                tracing::error!(%conversation, seq, "gave up delivering a stored message; its members get it on their next replay");
+                tracing::error!(%conversation, seq, ?todo, "gave up delivering a stored message's media share or pushes");
             });
         }
         Ok(appended)
@@ -460,33 +473,54 @@ impl Chat {
     /// What follows a committed append: shares its media with the members, wakes their connected
     /// devices and queues pushes for the rest. Each step may run again (on a retried send, or
     /// here on a retry): a share or wake-up twice is harmless.
-    async fn deliver(&self, appended: &Appended, members: &[UserId], media: Option<MediaId>) -> Result<(), ApiError> {
+    async fn deliver(
+        &self,
+        appended: &Appended,
+        members: &[UserId],
+        media: Option<MediaId>,
+        todo: &mut Todo,
+    ) -> Result<(), ApiError> {
         let message = appended.message();
-        if self.config.test_fail_deliveries > 0 {
-            let failed = self.failed_deliveries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            if failed < self.config.test_fail_deliveries {
-                return Err(ApiError::Media("chat.test_fail_deliveries: this delivery fails on purpose".into()));
+        let mut failed = None;
+        if todo.share
+            && let Some(media) = media
+        {
+            // Also on a retried send: a share lost to a crash after the append is made good.
+            let on_purpose = self.config.test_fail_deliveries > 0
+                && self.failed_deliveries.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                    < self.config.test_fail_deliveries;
+            let shared = if on_purpose {
+                Err("chat.test_fail_deliveries: this share fails on purpose".to_owned())
+            } else {
+                self.media.share(media, members).await
+            };
+            match shared {
+                Ok(()) => todo.share = false,
+                Err(e) => failed = Some(ApiError::Media(e)),
             }
         }
-        if let Some(media) = media {
-            // Also on a retried send: a share lost to a crash after the append is made good.
-            self.media.share(media, members).await.map_err(ApiError::Media)?;
+        let mut elsewhere = None;
+        if todo.wake {
+            // A retried send wakes the members' devices again: harmless (each connection drops a
+            // seq it has passed), and it makes good a wake-up lost to a crash after the commit.
+            let event = Event::Message {
+                conversation: message.conversation,
+                seq: message.seq,
+                device: message.device,
+                frame: message_frame(message),
+            };
+            let lose = self.config.test_lose_wakeups > 0
+                && self.lost_wakeups.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < self.config.test_lose_wakeups;
+            elsewhere = if lose { Some(HashSet::new()) } else { self.fan_out(members, event).await };
+            todo.wake = false;
         }
-        // A retry wakes the members' devices again: harmless (each connection drops a seq it has
-        // passed), and it makes good a wake-up lost to a crash between the commit and the fan-out.
-        let event = Event::Message {
-            conversation: message.conversation,
-            seq: message.seq,
-            device: message.device,
-            frame: message_frame(message),
-        };
-        let lose = self.config.test_lose_wakeups > 0
-            && self.lost_wakeups.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < self.config.test_lose_wakeups;
-        let elsewhere = if lose { Some(HashSet::new()) } else { self.fan_out(members, event).await };
-        if let Appended::New(message) = appended {
-            self.queue_pushes(members, elsewhere, &message.sender, &message.conversation, message.seq).await;
+        if todo.push {
+            if let Appended::New(message) = appended {
+                self.queue_pushes(members, elsewhere, &message.sender, &message.conversation, message.seq).await?;
+            }
+            todo.push = false;
         }
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 
     /// Members with no device connected to any node get a push (when a notifier is configured).
@@ -498,9 +532,9 @@ impl Chat {
         sender: &UserId,
         conversation: &ConversationId,
         seq: i64,
-    ) {
+    ) -> Result<(), StoreError> {
         if self.config.push_webhook_url.is_none() {
-            return;
+            return Ok(());
         }
         let elsewhere = elsewhere.unwrap_or_default();
         let offline: Vec<UserId> = members
@@ -509,14 +543,11 @@ impl Chat {
             .cloned()
             .collect();
         if offline.is_empty() {
-            return;
+            return Ok(());
         }
-        // The message is stored already; a push that fails to queue is logged, not turned into a
-        // failed send the client would retry.
-        match self.store.queue_pushes(&offline, conversation, seq, sender, now_ms()).await {
-            Ok(()) => self.push_wake.notify_one(),
-            Err(e) => tracing::error!(error = %e, %conversation, seq, "could not queue push notifications"),
-        }
+        self.store.queue_pushes(&offline, conversation, seq, sender, now_ms()).await?;
+        self.push_wake.notify_one();
+        Ok(())
     }
 
     /// Moves a device's delivered (or read) cursor and tells the other members when the user's

@@ -37,7 +37,8 @@ pub struct ChatConfig {
     /// fan-out would), to test that connections find the gap on their own. Testing only. Default 0.
     pub test_lose_wakeups: u32,
     /// Seconds between a connection's checks of its conversations for messages it was never woken
-    /// for (a lost wake-up); the first comes at a random point of the first interval. Default 30.
+    /// for (a lost wake-up); the first comes at a random point of the first interval. Each check
+    /// is one read of the user's conversations. Default 60.
     pub gap_check_secs: u64,
 }
 
@@ -57,7 +58,7 @@ impl Default for ChatConfig {
             test_drop_envelopes: 0,
             test_fail_deliveries: 0,
             test_lose_wakeups: 0,
-            gap_check_secs: 30,
+            gap_check_secs: 60,
         }
     }
 }

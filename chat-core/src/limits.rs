@@ -83,6 +83,17 @@ pub(crate) fn sms_per_country(auth: &AuthConfig, country: &Country) -> Option<Li
     })
 }
 
+/// The hourly cap on SMS to a whole calling code, when the operator set one for it and the number's
+/// region has a bucket of its own: one cap for "+1" holds across every NANP region.
+pub(crate) fn sms_per_calling_code(auth: &AuthConfig, country: &Country) -> Option<(Limit, String)> {
+    country.region.as_ref()?;
+    let code = country.calling_code.to_string();
+    let per_hour = *auth.sms_country_limits.get(&code)?;
+    let limit =
+        Limit { bucket: "sms/code", every: Duration::from_secs(3600) / per_hour.max(1), burst: per_hour.max(1) };
+    Some((limit, code))
+}
+
 impl Chat {
     /// Takes one request of `key` from `limit`'s bucket, or refuses with 429 and when to retry.
     pub(crate) async fn limit(&self, limit: Limit, key: &str) -> Result<(), ApiError> {

@@ -29,8 +29,8 @@ impl Chat {
     pub async fn run_background(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let push = tokio::spawn(self.clone().push_loop(stop.clone()));
         let beat = tokio::spawn(self.clone().beat_loop(stop.clone()));
-        // The first purge runs before the server listens (see `purge_old`); then every hour.
-        let mut retention = tokio::time::interval_at(tokio::time::Instant::now() + RETENTION_EVERY, RETENTION_EVERY);
+        // Retention runs at start, beside the traffic (a backlog takes a while), then every hour.
+        let mut retention = tokio::time::interval(RETENTION_EVERY);
         loop {
             tokio::select! {
                 _ = retention.tick() => {

@@ -631,12 +631,14 @@ async fn retention_cuts_a_prefix_of_the_log_in_slices(store: Store) {
     let (alice, bob) = (user("alice"), user("bob"));
     let chat = store.direct(&alice, &bob).await.unwrap();
     let device = store.add_device(&alice, "a").await.unwrap().device;
-    // Seq 2's clock ran behind seq 1's (times are taken before the write queue): a purge at 150
-    // takes both, never seq 2 alone.
+    // Seq 2's clock ran behind seq 1's (times are taken before the write queue, and nodes' clocks
+    // differ): it takes seq 1's time, so times never go backwards and a purge cuts a prefix.
     store.append(&chat.id, &alice, &device, "c1", "{}", 160).await.unwrap();
-    store.append(&chat.id, &alice, &device, "c2", "{}", 140).await.unwrap();
+    let behind = store.append(&chat.id, &alice, &device, "c2", "{}", 140).await.unwrap();
+    assert_eq!(behind.message().created_at, 160);
     store.append(&chat.id, &alice, &device, "c3", "{}", 5_000).await.unwrap();
-    assert_eq!(store.purge_before(150).await.unwrap(), 2);
+    assert_eq!(store.purge_before(150).await.unwrap(), 0, "seq 2 is not older than seq 1");
+    assert_eq!(store.purge_before(170).await.unwrap(), 2);
     let kept: Vec<i64> = store.messages_after(&chat.id, &bob, 0, 10).await.unwrap().iter().map(|m| m.seq).collect();
     assert_eq!(kept, vec![3]);
     assert_eq!(store.sync_one(&alice, &device, &chat.id).await.unwrap().purged_upto, 2);

@@ -237,6 +237,7 @@ impl Live {
         let (event_tx, events) = mpsc::channel(options.event_buffer.max(1));
         let send_timeout = options.send_timeout;
         let cursors = options.cursors.clone();
+        let options_cursors = options.cursors.clone();
         let worker = Worker {
             api: api.clone(),
             options,
@@ -244,6 +245,7 @@ impl Live {
             cursors,
             pending: Vec::new(),
             unacked: HashMap::new(),
+            acked: options_cursors,
             own: HashMap::new(),
         };
         let task = tokio::spawn(worker.run(socket, command_rx));
@@ -318,8 +320,25 @@ struct Worker {
     pending: Vec<Pending>,
     /// Acks not yet sent, per conversation.
     unacked: HashMap<String, i64>,
+    /// Per conversation, the highest seq the application acked (its start cursors count).
+    acked: HashMap<String, i64>,
     /// Per conversation, seqs of this device's own messages past the cursor.
     own: HashMap<String, std::collections::BTreeSet<i64>>,
+}
+
+/// What refreshing the access token came to.
+enum Refresh {
+    Done,
+    /// Not now (the network, the server): try again.
+    Later,
+    /// No refresh token, or the server refused it: the session is over.
+    Refused,
+}
+
+/// Why a gap could not be filled.
+enum Unfilled {
+    /// Not now: drop the connection, whose replay brings the message (and the gap) again.
+    Later,
 }
 
 /// Why one connection ended.
@@ -351,7 +370,7 @@ impl Worker {
                     }
                 }
             }
-            self.unacked.clear();
+            // Acks not flushed before the drop go out on the next connection.
             socket = loop {
                 tokio::time::sleep(backoff).await;
                 match open(&self.api).await {
@@ -359,8 +378,23 @@ impl Worker {
                         backoff = Duration::from_millis(100);
                         break socket;
                     }
-                    Err(Error::Api { status: 401, code, .. }) if code == "token_expired" && self.refresh().await => {
-                        backoff = Duration::from_millis(100);
+                    Err(Error::Api { status: 401, code, message }) if code == "token_expired" => {
+                        match self.refresh().await {
+                            Refresh::Done => backoff = Duration::from_millis(100),
+                            Refresh::Later => backoff = (backoff * 2).min(self.options.max_backoff),
+                            Refresh::Refused => {
+                                for p in self.pending.drain(..) {
+                                    let error =
+                                        Error::Api { status: 401, code: code.clone(), message: message.clone() };
+                                    let _ = p.reply.send(Err(error));
+                                }
+                                let _ = self
+                                    .events
+                                    .send(Event::Disconnected { code: None, reason: format!("{code}: {message}") })
+                                    .await;
+                                return;
+                            }
+                        }
                     }
                     Err(Error::Api { status: 401 | 403, code, message }) => {
                         // The device was logged out or its token is no good: reconnecting cannot help.
@@ -386,19 +420,23 @@ impl Worker {
         }
     }
 
-    /// Spends the refresh token for a fresh pair; true when the connection can be made again.
-    async fn refresh(&mut self) -> bool {
-        let Some(token) = self.options.refresh_token.clone() else { return false };
+    /// Spends the refresh token for a fresh pair.
+    async fn refresh(&mut self) -> Refresh {
+        let Some(token) = self.options.refresh_token.clone() else { return Refresh::Refused };
         match self.api.refresh(&token).await {
             Ok(session) => {
                 self.api = self.api.with_token(&session.access_token);
                 self.options.refresh_token = session.refresh_token.clone();
                 let _ = self.events.send(Event::Refreshed(session)).await;
-                true
+                Refresh::Done
+            }
+            Err(e @ Error::Api { status: 400..=499, .. }) if !matches!(e, Error::Api { status: 429, .. }) => {
+                tracing::warn!(error = %e, "the refresh token was refused");
+                Refresh::Refused
             }
             Err(e) => {
-                tracing::warn!(error = %e, "refreshing the access token failed");
-                false
+                tracing::warn!(error = %e, "refreshing the access token failed; trying again");
+                Refresh::Later
             }
         }
     }
@@ -442,8 +480,10 @@ impl Worker {
                         }
                     }
                     Some(Command::Ack { conversation, seq }) => {
-                        let acked = self.unacked.entry(conversation).or_insert(0);
+                        let acked = self.acked.entry(conversation.clone()).or_insert(0);
                         *acked = (*acked).max(seq);
+                        let unacked = self.unacked.entry(conversation).or_insert(0);
+                        *unacked = (*unacked).max(seq);
                     }
                     Some(Command::Frame(frame)) => {
                         if socket.send(WsMessage::text(frame.to_string())).await.is_err() {
@@ -456,7 +496,11 @@ impl Worker {
                     Ok(frame) => {
                     last_heard = tokio::time::Instant::now();
                     match frame {
-                    Some(Ok(WsMessage::Text(text))) => self.on_frame(text.as_str()).await,
+                    Some(Ok(WsMessage::Text(text))) => {
+                        if !self.on_frame(text.as_str()).await {
+                            return Ended::Dropped { code: None, reason: "a gap could not be filled yet".into() };
+                        }
+                    }
                     Some(Ok(WsMessage::Close(close))) => {
                         let (code, reason) = match close {
                             Some(c) => (Some(u16::from(c.code)), c.reason.to_string()),
@@ -494,25 +538,39 @@ impl Worker {
         true
     }
 
-    async fn on_frame(&mut self, text: &str) {
+    /// Handles one frame; false when the connection must be made again (a gap that could not be
+    /// filled now).
+    async fn on_frame(&mut self, text: &str) -> bool {
         let frame = match serde_json::from_str::<ServerFrame>(text) {
             Ok(frame) => frame,
-            Err(e) => return tracing::warn!(error = %e, "an unknown frame from the server"),
+            Err(e) => {
+                tracing::warn!(error = %e, "an unknown frame from the server");
+                return true;
+            }
         };
         let event = match frame {
             ServerFrame::Message(m) => {
                 self.absorb_own(&m.conversation);
                 let cursor = self.cursors.get(&m.conversation).copied();
                 if cursor.is_some_and(|cursor| m.seq <= cursor) {
-                    // Replayed after a reconnect: the application has it already.
-                    return;
+                    // Replayed after a reconnect: the application has it already. If it acked it,
+                    // say so again (an ack lost with the last connection would replay it forever).
+                    if let Some(&acked) = self.acked.get(&m.conversation)
+                        && m.seq <= acked
+                    {
+                        let unacked = self.unacked.entry(m.conversation.clone()).or_insert(0);
+                        *unacked = (*unacked).max(acked);
+                    }
+                    return true;
                 }
                 if let Some(cursor) = cursor
                     && m.seq > cursor + 1
                 {
                     // The application is behind what this device acked (an ack that went out
                     // before the application kept what it covered): fill the gap from history.
-                    self.fill(&m.conversation, cursor, m.seq).await;
+                    if let Err(Unfilled::Later) = self.fill(&m.conversation, cursor, m.seq).await {
+                        return false;
+                    }
                 }
                 self.cursors.insert(m.conversation.clone(), m.seq);
                 Event::Message(m)
@@ -524,14 +582,14 @@ impl Worker {
                 if let Some(p) = self.take_pending(&client_id) {
                     let _ = p.reply.send(Ok(Sent { conversation, client_id, seq, ts }));
                 }
-                return;
+                return true;
             }
             ServerFrame::Error { code, message, client_id } => {
                 // A refusal of a send is for good (resending it would be refused again): it
                 // leaves the queue with the error.
                 if let Some(p) = client_id.and_then(|id| self.take_pending(&id)) {
                     let _ = p.reply.send(Err(Error::Api { status: 0, code, message }));
-                    return;
+                    return true;
                 }
                 Event::Error { code, message }
             }
@@ -554,6 +612,7 @@ impl Worker {
         };
         // Waits when the application is behind: the socket is not read meanwhile.
         let _ = self.events.send(event).await;
+        true
     }
 
     /// Moves a conversation's cursor over this device's own messages right after it, which the
@@ -582,29 +641,46 @@ impl Worker {
     }
 
     /// Hands the application the messages of `conversation` after `cursor` and before `seq`, read
-    /// from history (what retention took is said with `Expired`).
-    async fn fill(&mut self, conversation: &str, mut cursor: i64, seq: i64) {
+    /// from history (what is gone, retention's or from before the user joined, is said with
+    /// `Expired`). This device's own messages count as had.
+    async fn fill(&mut self, conversation: &str, mut cursor: i64, seq: i64) -> Result<(), Unfilled> {
+        let mut refreshed = false;
         while cursor + 1 < seq {
             let page = match self.api.history(conversation, cursor, (seq - cursor - 1).min(500)).await {
                 Ok(page) => page,
-                Err(e) => return tracing::warn!(error = %e, conversation, "could not fill a gap from history"),
+                // Not a member any more: there is nothing to fill.
+                Err(Error::Api { status: 404, .. }) => return Ok(()),
+                Err(Error::Api { status: 401, code, .. }) if code == "token_expired" && !refreshed => {
+                    refreshed = true;
+                    match self.refresh().await {
+                        Refresh::Done => continue,
+                        Refresh::Later | Refresh::Refused => return Err(Unfilled::Later),
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, conversation, "could not fill a gap from history; reconnecting");
+                    return Err(Unfilled::Later);
+                }
             };
-            let Some(last) = page.last().map(|m| m.seq) else { return };
-            if page[0].seq > cursor + 1 {
-                let expired = Event::Expired { conversation: conversation.to_owned(), oldest_seq: page[0].seq };
+            let first = page.first().map_or(seq, |m| m.seq);
+            if first > cursor + 1 {
+                let expired = Event::Expired { conversation: conversation.to_owned(), oldest_seq: first };
                 let _ = self.events.send(expired).await;
             }
+            let Some(last) = page.last().map(|m| m.seq) else { return Ok(()) };
             for m in page.into_iter().filter(|m| m.seq < seq) {
                 self.cursors.insert(conversation.to_owned(), m.seq);
-                let own = self.own.get_mut(conversation).is_some_and(|own| own.remove(&m.seq));
+                let own = self.own.get_mut(conversation).is_some_and(|own| own.remove(&m.seq))
+                    || self.pending.iter().any(|p| p.client_id == m.client_id);
                 if !own {
                     let _ = self.events.send(Event::Message(m)).await;
                 }
             }
             if last <= cursor {
-                return;
+                return Ok(());
             }
             cursor = last;
         }
+        Ok(())
     }
 }

@@ -229,8 +229,6 @@ impl ChatParts {
         bus: Option<chat_core::Bus>,
     ) -> Self {
         let chat = chat_core::Chat::new(store, media, keys.clone(), config.chat.clone(), config.auth.clone(), bus);
-        // Retention runs once before the server listens, then hourly.
-        chat.purge_old().await;
         if let Err(e) = chat.join_cluster().await {
             tracing::warn!(error = %e, "could not join the cluster's directory; retrying with the next beat");
         }

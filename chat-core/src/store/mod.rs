@@ -781,17 +781,18 @@ impl Store {
     }
 
     /// Deletes, in each conversation, the messages up to the newest one created before
-    /// `before_ms` (a prefix of the log: one whose clock ran behind its seq goes with the rest), and
+    /// `before_ms` (a prefix of the log, as a conversation's times never go backwards), and
     /// records how far (`purged_upto`). Runs in slices of at most [`PURGE_SLICE`] messages, each its
     /// own short transaction, so sends are never held up behind a large purge. Returns how many
     /// went.
     pub async fn purge_before(&self, before_ms: i64) -> Result<u64, StoreError> {
         let mut purged = 0;
+        // Conversations in id order, each round going on from the last: a backlog is read once.
+        let mut after = String::new();
         loop {
-            let horizons = each!(self, s => s.retention_horizons(before_ms, PURGE_CONVERSATIONS).await)?;
-            if horizons.is_empty() {
-                return Ok(purged);
-            }
+            let horizons = each!(self, s => s.retention_horizons(before_ms, after.clone(), PURGE_CONVERSATIONS).await)?;
+            let Some((last, _, _)) = horizons.last() else { return Ok(purged) };
+            after = last.to_string();
             for (conversation, start, horizon) in horizons {
                 let mut after = start;
                 while after < horizon {

@@ -25,8 +25,9 @@ const LOCK_USER: &str = "SELECT 1 FROM chat_users WHERE user_id = $1 FOR UPDATE"
 const COUNT_DEVICES: &str = "SELECT COUNT(*) FROM chat_devices WHERE user_id = $1";
 
 /// The device to replace when a user links one past the limit: the least recently seen.
+/// (Never `$2`: the device whose link request is being approved.)
 const LEAST_RECENT_DEVICE: &str = "
-    SELECT device_id FROM chat_devices WHERE user_id = $1
+    SELECT device_id FROM chat_devices WHERE user_id = $1 AND device_id <> $2
      ORDER BY COALESCE(last_seen, created_at), created_at, device_id LIMIT 1";
 
 const DEVICES: &str =
@@ -93,12 +94,13 @@ const CONVERSATIONS: &str = "
      WHERE m.user_id = $1
      ORDER BY c.last_seq DESC, c.conversation_id";
 
-/// Takes the conversation's next seq; only a member gets one (no row otherwise).
+/// Takes the conversation's next seq (only a member gets one: no row otherwise) and its time: the node's clock, or the conversation's last time if that is later (times never
+/// go backwards in seq order).
 const TAKE_SEQ: &str = "
-    UPDATE chat_conversations SET last_seq = last_seq + 1
+    UPDATE chat_conversations SET last_seq = last_seq + 1, last_at = GREATEST(last_at, $3)
      WHERE conversation_id = $1
        AND EXISTS (SELECT 1 FROM chat_members WHERE conversation_id = $1 AND user_id = $2)
-    RETURNING last_seq";
+    RETURNING last_seq, last_at";
 
 /// Inserts the message, or nothing when the sending device already sent this client id.
 const INSERT_MESSAGE: &str = "
@@ -291,13 +293,14 @@ const RETRY_PUSH: &str = "
      WHERE user_id = $1 AND conversation_id = $2";
 
 /// Marks how far each conversation with old messages is purged (deleted next, same transaction).
-/// Per conversation with messages older than the cutoff: where its purge starts and the horizon it
-/// purges to (the newest old message's seq: retention cuts a prefix of the log, never around a
-/// message whose clock ran behind its seq).
+/// Per conversation with messages older than the cutoff, in id order from where the last round
+/// stopped: where its purge starts and the horizon it purges to (the newest old message's seq;
+/// times never go backwards in seq order, so that is a prefix of the log).
 const RETENTION_HORIZONS: &str = "
     SELECT m.conversation_id, LEAST(MIN(m.seq) - 1, c.purged_upto), MAX(m.seq)
       FROM chat_messages m JOIN chat_conversations c ON c.conversation_id = m.conversation_id
-     WHERE m.created_at < $1 GROUP BY m.conversation_id, c.purged_upto LIMIT $2";
+     WHERE m.created_at < $1 AND m.conversation_id > $3
+     GROUP BY m.conversation_id, c.purged_upto ORDER BY m.conversation_id LIMIT $2";
 
 /// One slice of a conversation's purge.
 const PURGE_RANGE: &str = "DELETE FROM chat_messages WHERE conversation_id = $1 AND seq > $2 AND seq <= $3";
@@ -410,7 +413,9 @@ impl Postgres {
         // Conversations are locked in ascending id order (stable within one), so two writers'
         // batches [X, Y] and [Y, X] cannot deadlock; results go back in the batch's order.
         let mut order: Vec<usize> = (0..batch.len()).collect();
-        order.sort_by_key(|&i| batch[i].conversation());
+        // Within a conversation appends go first: an ack locks a member row that a first message
+        // marks as answered after taking the conversation's, so the other order could deadlock.
+        order.sort_by_key(|&i| (batch[i].conversation(), matches!(batch[i], Write::Ack { .. })));
         let mut results: Vec<Option<Result<Written, StoreError>>> = batch.iter().map(|_| None).collect();
         let mut members: std::collections::HashMap<ConversationId, Members> = std::collections::HashMap::new();
         for i in order {
@@ -453,7 +458,7 @@ impl Postgres {
 
     pub(super) async fn add_device(&self, user: &UserId, name: &str, now: i64) -> Result<Linked, StoreError> {
         let mut tx = self.db.begin().await?;
-        let linked = link_device(&mut tx, user, name, now).await?;
+        let linked = link_device(&mut tx, user, name, None, now).await?;
         tx.commit().await?;
         Ok(linked)
     }
@@ -736,7 +741,7 @@ impl Postgres {
         };
         let mut linked = None;
         if status == "approved" {
-            let device = link_device(&mut tx, user, &name, now).await?;
+            let device = link_device(&mut tx, user, &name, Some(&requested_by), now).await?;
             sqlx::query(SET_LINK_DEVICE).bind(request_id).bind(device.device).execute(&mut *tx).await?;
             linked = Some(device);
         }
@@ -858,9 +863,10 @@ impl Postgres {
     pub(super) async fn retention_horizons(
         &self,
         before_ms: i64,
+        after: String,
         limit: i64,
     ) -> Result<Vec<(ConversationId, i64, i64)>, StoreError> {
-        Ok(sqlx::query_as(RETENTION_HORIZONS).bind(before_ms).bind(limit).fetch_all(&self.db).await?)
+        Ok(sqlx::query_as(RETENTION_HORIZONS).bind(before_ms).bind(limit).bind(after).fetch_all(&self.db).await?)
     }
 
     pub(super) async fn purge_range(
@@ -1004,13 +1010,21 @@ impl Postgres {
 /// Links a new device of `user` inside `tx` (creating the user on first sight); past
 /// [`MAX_DEVICES`] the least recently seen one is unlinked. Two links at once count the devices one
 /// after the other (the user's row is locked).
-async fn link_device(tx: &mut Transaction<'_, Pg>, user: &UserId, name: &str, now: i64) -> Result<Linked, StoreError> {
+async fn link_device(
+    tx: &mut Transaction<'_, Pg>,
+    user: &UserId,
+    name: &str,
+    keep: Option<&DeviceId>,
+    now: i64,
+) -> Result<Linked, StoreError> {
     sqlx::query(ENSURE_USER).bind(user).bind(now).execute(&mut **tx).await?;
     sqlx::query(LOCK_USER).bind(user).execute(&mut **tx).await?;
     let linked: i64 = sqlx::query_scalar(COUNT_DEVICES).bind(user).fetch_one(&mut **tx).await?;
     let mut replaced = None;
     if linked >= MAX_DEVICES {
-        let oldest: DeviceId = sqlx::query_scalar(LEAST_RECENT_DEVICE).bind(user).fetch_one(&mut **tx).await?;
+        let keep = keep.map(DeviceId::to_string).unwrap_or_default();
+        let oldest: DeviceId =
+            sqlx::query_scalar(LEAST_RECENT_DEVICE).bind(user).bind(keep).fetch_one(&mut **tx).await?;
         unlink_device(tx, user, &oldest).await?;
         replaced = Some(oldest);
     }
@@ -1094,9 +1108,9 @@ async fn append(
 ) -> Result<Appended, StoreError> {
     check_message(client_id, body)?;
     // Taking the next seq locks the conversation row, and only a member takes one.
-    let seq: Option<i64> =
-        sqlx::query_scalar(TAKE_SEQ).bind(conversation).bind(sender).fetch_optional(&mut **tx).await?;
-    let Some(seq) = seq else { return Err(StoreError::NotMember) };
+    let taken: Option<(i64, i64)> =
+        sqlx::query_as(TAKE_SEQ).bind(conversation).bind(sender).bind(now_ms).fetch_optional(&mut **tx).await?;
+    let Some((seq, now_ms)) = taken else { return Err(StoreError::NotMember) };
     let inserted = sqlx::query(INSERT_MESSAGE)
         .bind(conversation)
         .bind(seq)

@@ -35,8 +35,9 @@ const ENSURE_USER: &str =
 const COUNT_DEVICES: &str = "SELECT COUNT(*) FROM chat_devices WHERE user_id = ?1";
 
 /// The device to replace when a user links one past the limit: the least recently seen.
+/// (Never `?2`: the device whose link request is being approved.)
 const LEAST_RECENT_DEVICE: &str = "
-    SELECT device_id FROM chat_devices WHERE user_id = ?1
+    SELECT device_id FROM chat_devices WHERE user_id = ?1 AND device_id <> ?2
      ORDER BY COALESCE(last_seen, created_at), created_at, device_id LIMIT 1";
 
 const DEVICES: &str =
@@ -101,12 +102,13 @@ const CONVERSATIONS: &str = "
      WHERE m.user_id = ?1
      ORDER BY c.last_seq DESC, c.conversation_id";
 
-/// Takes the conversation's next seq; only a member gets one (no row otherwise).
+/// Takes the conversation's next seq (only a member gets one: no row otherwise) and its time: the node's clock, or the conversation's last time if that is later (times never
+/// go backwards in seq order).
 const TAKE_SEQ: &str = "
-    UPDATE chat_conversations SET last_seq = last_seq + 1
+    UPDATE chat_conversations SET last_seq = last_seq + 1, last_at = MAX(last_at, ?3)
      WHERE conversation_id = ?1
        AND EXISTS (SELECT 1 FROM chat_members WHERE conversation_id = ?1 AND user_id = ?2)
-    RETURNING last_seq";
+    RETURNING last_seq, last_at";
 
 /// Inserts the message, or nothing when the sending device already sent this client id.
 const INSERT_MESSAGE: &str = "
@@ -298,13 +300,14 @@ const RETRY_PUSH: &str = "
      WHERE user_id = ?1 AND conversation_id = ?2";
 
 /// Marks how far each conversation with old messages is purged (deleted next, same transaction).
-/// Per conversation with messages older than the cutoff: where its purge starts and the horizon it
-/// purges to (the newest old message's seq: retention cuts a prefix of the log, never around a
-/// message whose clock ran behind its seq).
+/// Per conversation with messages older than the cutoff, in id order from where the last round
+/// stopped: where its purge starts and the horizon it purges to (the newest old message's seq;
+/// times never go backwards in seq order, so that is a prefix of the log).
 const RETENTION_HORIZONS: &str = "
     SELECT m.conversation_id, MIN(MIN(m.seq) - 1, c.purged_upto), MAX(m.seq)
       FROM chat_messages m JOIN chat_conversations c ON c.conversation_id = m.conversation_id
-     WHERE m.created_at < ?1 GROUP BY m.conversation_id, c.purged_upto LIMIT ?2";
+     WHERE m.created_at < ?1 AND m.conversation_id > ?3
+     GROUP BY m.conversation_id, c.purged_upto ORDER BY m.conversation_id LIMIT ?2";
 
 /// One slice of a conversation's purge.
 const PURGE_RANGE: &str = "DELETE FROM chat_messages WHERE conversation_id = ?1 AND seq > ?2 AND seq <= ?3";
@@ -546,7 +549,7 @@ impl Sqlite {
         let (user, name) = (user.clone(), name.to_owned());
         self.write(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let linked = link_device(&tx, &user, &name, now)?;
+            let linked = link_device(&tx, &user, &name, None, now)?;
             tx.commit()?;
             Ok(linked)
         })
@@ -934,7 +937,7 @@ impl Sqlite {
             };
             let mut linked = None;
             if status == "approved" {
-                let device = link_device(&tx, &user, &name, now)?;
+                let device = link_device(&tx, &user, &name, Some(&requested_by), now)?;
                 tx.prepare_cached(SET_LINK_DEVICE)?.execute(params![id, device.device])?;
                 linked = Some(device);
             }
@@ -1083,11 +1086,13 @@ impl Sqlite {
     pub(super) async fn retention_horizons(
         &self,
         before_ms: i64,
+        after: String,
         limit: i64,
     ) -> Result<Vec<(ConversationId, i64, i64)>, StoreError> {
         self.read(move |conn| {
             let mut statement = conn.prepare_cached(RETENTION_HORIZONS)?;
-            let rows = statement.query_map(params![before_ms, limit], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            let rows =
+                statement.query_map(params![before_ms, limit, after], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
             Ok(rows.collect::<Result<_, _>>()?)
         })
         .await
@@ -1413,12 +1418,19 @@ fn member_ids(conn: &Connection, conversation: &ConversationId) -> Result<Vec<Us
 
 /// Links a new device of `user` inside `tx` (creating the user on first sight); past
 /// [`MAX_DEVICES`] the least recently seen one is unlinked.
-fn link_device(tx: &Transaction<'_>, user: &UserId, name: &str, now: i64) -> Result<Linked, StoreError> {
+fn link_device(
+    tx: &Transaction<'_>,
+    user: &UserId,
+    name: &str,
+    keep: Option<&DeviceId>,
+    now: i64,
+) -> Result<Linked, StoreError> {
     tx.prepare_cached(ENSURE_USER)?.execute(params![user, now])?;
     let linked: i64 = tx.prepare_cached(COUNT_DEVICES)?.query_row(params![user], |r| r.get(0))?;
     let mut replaced = None;
     if linked >= MAX_DEVICES {
-        let oldest: DeviceId = tx.prepare_cached(LEAST_RECENT_DEVICE)?.query_row(params![user], |r| r.get(0))?;
+        let keep = keep.map(DeviceId::to_string).unwrap_or_default();
+        let oldest: DeviceId = tx.prepare_cached(LEAST_RECENT_DEVICE)?.query_row(params![user, keep], |r| r.get(0))?;
         unlink_device(tx, user, &oldest)?;
         replaced = Some(oldest);
     }
@@ -1463,9 +1475,11 @@ fn append(
     now_ms: i64,
 ) -> Result<Appended, StoreError> {
     check_message(client_id, body)?;
-    let seq: Option<i64> =
-        tx.prepare_cached(TAKE_SEQ)?.query_row(params![conversation, sender], |r| r.get(0)).optional()?;
-    let Some(seq) = seq else { return Err(StoreError::NotMember) };
+    let taken: Option<(i64, i64)> = tx
+        .prepare_cached(TAKE_SEQ)?
+        .query_row(params![conversation, sender, now_ms], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let Some((seq, now_ms)) = taken else { return Err(StoreError::NotMember) };
     let inserted = tx.prepare_cached(INSERT_MESSAGE)?.execute(params![
         conversation,
         seq,
