@@ -418,10 +418,18 @@ impl Postgres {
         order.sort_by_key(|&i| (batch[i].conversation(), matches!(batch[i], Write::Ack { .. })));
         let mut results: Vec<Option<Result<Written, StoreError>>> = batch.iter().map(|_| None).collect();
         let mut members: std::collections::HashMap<ConversationId, Members> = std::collections::HashMap::new();
+        let mut answered: std::collections::HashSet<(ConversationId, UserId)> = std::collections::HashSet::new();
         for i in order {
             let result = match &batch[i] {
                 Write::Append { conversation, sender, device, client_id, body, now_ms } => {
-                    match append(&mut tx, conversation, sender, device, client_id, body, *now_ms).await {
+                    let appended = append(&mut tx, conversation, sender, device, client_id, body, *now_ms).await;
+                    // A sender's first message marks them as having answered; once a batch.
+                    if let Ok(Appended::New(_)) = appended
+                        && answered.insert((*conversation, sender.clone()))
+                    {
+                        sqlx::query(MARK_ANSWERED).bind(conversation).bind(sender).execute(&mut *tx).await?;
+                    }
+                    match appended {
                         // The members it goes to, read under the conversation's lock that took its
                         // seq (no membership change can come between them).
                         Ok(appended) => match members.get(conversation) {
@@ -1132,7 +1140,6 @@ async fn append(
             .await?;
         return retried(first, body);
     }
-    sqlx::query(MARK_ANSWERED).bind(conversation).bind(sender).execute(&mut **tx).await?;
     Ok(Appended::New(Message {
         conversation: *conversation,
         seq,

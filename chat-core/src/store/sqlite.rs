@@ -514,10 +514,16 @@ impl Sqlite {
             // The members each appended message goes to, read inside the transaction that took its
             // seq (no membership change can come between them).
             let mut members: HashMap<ConversationId, Members> = HashMap::new();
+            let mut answered: std::collections::HashSet<(ConversationId, UserId)> = std::collections::HashSet::new();
             for write in &batch {
                 let result = match write {
                     Write::Append { conversation, sender, device, client_id, body, now_ms } => {
                         append(&tx, conversation, sender, device, client_id, body, *now_ms).and_then(|appended| {
+                            // A sender's first message marks them as having answered; once a batch.
+                            if matches!(appended, Appended::New(_)) && answered.insert((*conversation, sender.clone()))
+                            {
+                                tx.prepare_cached(MARK_ANSWERED)?.execute(params![conversation, sender])?;
+                            }
                             let to = match members.get(conversation) {
                                 Some(to) => to.clone(),
                                 None => {
@@ -1495,7 +1501,6 @@ fn append(
             tx.prepare_cached(BY_CLIENT_ID)?.query_row(params![conversation, device, client_id], message).optional()?;
         return retried(first, body);
     }
-    tx.prepare_cached(MARK_ANSWERED)?.execute(params![conversation, sender])?;
     Ok(Appended::New(Message {
         conversation: *conversation,
         seq,
