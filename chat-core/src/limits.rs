@@ -22,6 +22,21 @@ pub(crate) struct Limit {
     pub(crate) burst: u32,
 }
 
+impl Limit {
+    /// The interval, in the store's unit (at least 1 ms).
+    fn every_ms(&self) -> i64 {
+        self.every.as_millis().max(1) as i64
+    }
+}
+
+/// Let through (no wait), or 429 with the wait rounded up to whole seconds for `Retry-After`.
+fn refused_for(wait_ms: Option<i64>) -> Result<(), ApiError> {
+    match wait_ms {
+        None => Ok(()),
+        Some(wait_ms) => Err(ApiError::RateLimited { retry_after_secs: (wait_ms as u64).div_ceil(1000).max(1) }),
+    }
+}
+
 /// Codes asked for by one client: 20, then one every 10 s.
 pub(crate) const CODES_PER_CLIENT: Limit = Limit { bucket: "codes/client", every: Duration::from_secs(10), burst: 20 };
 /// Codes sent to one phone: three, then one an hour (27 a day at most).
@@ -97,11 +112,8 @@ pub(crate) fn sms_per_calling_code(auth: &AuthConfig, country: &Country) -> Opti
 impl Chat {
     /// Takes one request of `key` from `limit`'s bucket, or refuses with 429 and when to retry.
     pub(crate) async fn limit(&self, limit: Limit, key: &str) -> Result<(), ApiError> {
-        let every_ms = limit.every.as_millis().max(1) as i64;
-        match self.store.take_token(limit.bucket, key, every_ms, limit.burst.into(), now_ms()).await? {
-            None => Ok(()),
-            Some(wait_ms) => Err(ApiError::RateLimited { retry_after_secs: (wait_ms as u64).div_ceil(1000).max(1) }),
-        }
+        let wait = self.store.take_token(limit.bucket, key, limit.every_ms(), limit.burst.into(), now_ms()).await?;
+        refused_for(wait)
     }
 
     /// Sheds a flood from one client on this node, before it costs a database write.
@@ -111,16 +123,13 @@ impl Chat {
 
     /// Whether `limit` would let a request of `key` through now, taking nothing.
     pub(crate) async fn peek_limit(&self, limit: Limit, key: &str) -> Result<(), ApiError> {
-        let every_ms = limit.every.as_millis().max(1) as i64;
-        match self.store.peek_token(limit.bucket, key, every_ms, limit.burst.into(), now_ms()).await? {
-            None => Ok(()),
-            Some(wait_ms) => Err(ApiError::RateLimited { retry_after_secs: (wait_ms as u64).div_ceil(1000).max(1) }),
-        }
+        let wait = self.store.peek_token(limit.bucket, key, limit.every_ms(), limit.burst.into(), now_ms()).await?;
+        refused_for(wait)
     }
 
     /// Returns the token a request took from `limit` when it did not go ahead after all.
     pub(crate) async fn give_back(&self, limit: Limit, key: &str) {
-        if let Err(e) = self.store.give_back(limit.bucket, key, limit.every.as_millis().max(1) as i64).await {
+        if let Err(e) = self.store.give_back(limit.bucket, key, limit.every_ms()).await {
             tracing::warn!(error = %e, bucket = limit.bucket, "could not give a rate-limit token back");
         }
     }

@@ -733,9 +733,7 @@ impl Store {
     ) -> Result<Option<i64>, StoreError> {
         let limit = Bucket { bucket, key, every_ms: every_ms.max(1), burst: burst.max(1), now_ms };
         let tat = each!(self, s => s.token_tat(bucket, key).await)?;
-        Ok(tat
-            .filter(|tat| (*tat).max(now_ms) + limit.every_ms - now_ms > limit.burst * limit.every_ms)
-            .map(|tat| limit.wait_ms(tat)))
+        Ok(tat.filter(|tat| limit.refuses(*tat)).map(|tat| limit.wait_ms(tat)))
     }
 
     /// Returns one token to a bucket: the request it let through did not go ahead after all.
@@ -989,6 +987,12 @@ pub(crate) struct Bucket<'a> {
 }
 
 impl Bucket<'_> {
+    /// Whether a request now is refused, given the time the bucket is full again (`tat`): the rule
+    /// `TAKE_TOKEN` applies in SQL on both engines.
+    fn refuses(&self, tat: i64) -> bool {
+        tat.max(self.now_ms) + self.every_ms - self.now_ms > self.burst * self.every_ms
+    }
+
     /// How long a refused request waits, from the time the bucket is full again (`tat`).
     fn wait_ms(&self, tat: i64) -> i64 {
         (tat + self.every_ms - self.now_ms - self.burst * self.every_ms).max(1)
