@@ -5,7 +5,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use chat_core::{Store, Write};
+use chat_core::{Effect, Store, Write};
 use criterion::{Criterion, criterion_group, criterion_main};
 use types::{ConversationId, DeviceId, UserId};
 
@@ -51,6 +51,8 @@ fn bench_store(c: &mut Criterion, name: &str, runtime: &tokio::runtime::Runtime,
                 client_id: format!("bench{}", next.fetch_add(1, Ordering::Relaxed)),
                 body: "{\"text\":\"hello there\"}".into(),
                 now_ms: 0,
+                push_delay_ms: None,
+                effect: Effect::Ordinary,
             })
             .collect()
     };

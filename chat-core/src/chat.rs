@@ -15,14 +15,22 @@ use crate::config::{AuthConfig, ChatConfig};
 use crate::error::ApiError;
 use crate::frames::{ServerFrame, message_frame};
 use crate::hub::{Event, Hub};
-use crate::store::{Acked, Appended, LinkAnswer, Linked, Store, StoreError, Write, Written};
+use crate::store::{Acked, Appended, Effect, LinkAnswer, Linked, Store, StoreError, Write, Written};
 
 /// What messaging needs from media storage, which another crate owns: whether a user may send a
-/// media record (they own it, or it was shared with them), and sharing it with a conversation's
-/// members so they may read it and its variants.
+/// media record (they own it, or it was shared with them: forwarding needs no new upload), sharing
+/// it with a conversation's members so they may read it and its variants, and taking back what one
+/// message shared when it is deleted. A message names itself to media storage as
+/// [`media_source`].
 pub trait MediaAccess: Send + Sync {
     fn may_share<'a>(&'a self, media: MediaId, user: &'a UserId) -> BoxFuture<'a, Result<bool, String>>;
-    fn share<'a>(&'a self, media: MediaId, users: &'a [UserId]) -> BoxFuture<'a, Result<(), String>>;
+    fn share<'a>(&'a self, media: MediaId, users: &'a [UserId], source: &'a str) -> BoxFuture<'a, Result<(), String>>;
+    fn unshare<'a>(&'a self, media: MediaId, source: &'a str) -> BoxFuture<'a, Result<(), String>>;
+}
+
+/// How a message names itself as the source of the media grants it gave.
+pub fn media_source(conversation: &ConversationId, seq: i64) -> String {
+    format!("{conversation}/{seq}")
 }
 
 pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
@@ -76,12 +84,21 @@ const DELIVERY_RETRIES: [Duration; 9] = [
     Duration::from_secs(1200),
 ];
 
-/// What is left of a delivery: each part is done once.
+/// What is left of a delivery: each part is done once. (Pushes need nothing after the commit:
+/// their intents are written with the message.)
 #[derive(Debug, Clone, Copy)]
 struct Todo {
     share: bool,
     wake: bool,
-    push: bool,
+    revoke: bool,
+}
+
+/// The media side of a delivery: what the message shares, and what a deletion takes back (the
+/// deleted message's media and seq).
+#[derive(Debug, Clone, Copy)]
+struct Work {
+    media: Option<MediaId>,
+    revoke: Option<(MediaId, i64)>,
 }
 
 /// Unauthenticated requests one client may make of one node before they are shed without asking
@@ -345,14 +362,12 @@ impl Chat {
         }
     }
 
-    /// Hands `event` to the devices of `users` connected here, and through the bus to the other nodes.
-    /// Returns who of `users` is connected to another node (`None`: not known, the directory
-    /// could not be read).
-    pub(crate) async fn fan_out(&self, users: &[UserId], event: Event) -> Option<HashSet<UserId>> {
+    /// Hands `event` to the devices of `users` connected here, and through the bus to the nodes
+    /// the directory says hold the others (to every node when it cannot be read).
+    pub(crate) async fn fan_out(&self, users: &[UserId], event: Event) {
         // This node's connections first: they wait for nothing the bus does.
         let Some(bus) = &self.bus else {
-            self.hub.deliver(users, event);
-            return Some(HashSet::new());
+            return self.hub.deliver(users, event);
         };
         self.hub.deliver(users, event.clone());
         match self.store.nodes_of(users).await {
@@ -363,16 +378,13 @@ impl Chat {
                         by_node.entry(node).or_default().push(user);
                     }
                 }
-                let elsewhere = by_node.values().flatten().cloned().collect();
                 for (node, users) in by_node {
                     bus.send_to(&node, users, &event).await;
                 }
-                Some(elsewhere)
             }
             Err(e) => {
                 tracing::warn!(error = %e, "could not read the directory; sending to every node");
                 bus.send_to_all(users.to_vec(), &event).await;
-                None
             }
         }
     }
@@ -416,11 +428,12 @@ impl Chat {
         &self.presence_locks[std::hash::Hasher::finish(&hasher) as usize % self.presence_locks.len()]
     }
 
-    /// Sends a message: checks the body and media, appends (idempotent on `client_id`), shares
-    /// media with the members, wakes their connected devices and queues pushes for the rest. Once
-    /// the append has committed the answer is the message, whatever fails after: a failed share or
-    /// push queue is retried in the background for about 40 minutes (an `internal` error would
-    /// make the app send again what is stored already); the wake-up goes out either way.
+    /// Sends a message: checks the body and media, appends (idempotent on `client_id`, with a push
+    /// intent when a notifier is configured), shares media with the members and wakes their
+    /// connected devices. Once the append has committed the answer is the message, whatever fails
+    /// after: a failed share is retried in the background for about 40 minutes (an `internal`
+    /// error would make the app send again what is stored already); the wake-up goes out either
+    /// way.
     pub(crate) async fn send(
         self: &Arc<Self>,
         user: &UserId,
@@ -429,12 +442,20 @@ impl Chat {
         client_id: &str,
         body: &Value,
     ) -> Result<Appended, ApiError> {
-        let media = check_body(body)?;
+        let Checked { media, effect } = check_body(body)?;
         if let Some(media) = media
             && !self.media.may_share(media, user).await.map_err(ApiError::Media)?
         {
             return Err(ApiError::UnknownMedia);
         }
+        // What a deletion takes back: the media its message shared (a message's media never
+        // changes, so reading it ahead of the append is safe; the append decides if it may go).
+        let revoke = match effect {
+            Effect::Delete { to } => self.media_of(conversation, user, to).await?.map(|media| (media, to)),
+            _ => None,
+        };
+        // Only a message to read is pushed; a reaction, an edit or a deletion is not.
+        let push = matches!(effect, Effect::Ordinary) && self.config.push_webhook_url.is_some();
         let write = Write::Append {
             conversation: *conversation,
             sender: user.clone(),
@@ -442,12 +463,15 @@ impl Chat {
             client_id: client_id.to_owned(),
             body: body.to_string(),
             now_ms: now_ms(),
+            push_delay_ms: push.then_some(self.config.push_delay_ms as i64),
+            effect,
         };
         let Written::Appended(appended, members) = self.write(write).await? else {
             return Err(StoreError::Corrupt("the writer answered an append with something else".into()).into());
         };
-        let mut todo = Todo { share: true, wake: true, push: true };
-        if let Err(e) = self.deliver(&appended, &members, media, &mut todo).await {
+        let mut todo = Todo { share: true, wake: true, revoke: revoke.is_some() };
+        let work = Work { media, revoke };
+        if let Err(e) = self.deliver(&appended, &members, work, &mut todo).await {
             let (conversation, seq) = (*conversation, appended.message().seq);
             tracing::warn!(error = ?e, %conversation, seq, "delivering a stored message failed; retrying in the background");
             let (chat, stored) = (self.clone(), appended.clone());
@@ -455,7 +479,7 @@ impl Chat {
                 let mut todo = todo;
                 for delay in DELIVERY_RETRIES {
                     tokio::time::sleep(delay).await;
-                    match chat.deliver(&stored, &members, media, &mut todo).await {
+                    match chat.deliver(&stored, &members, work, &mut todo).await {
                         Ok(()) => {
                             return tracing::info!(%conversation, seq, "a stored message was delivered on a retry");
                         }
@@ -464,26 +488,35 @@ impl Chat {
                         }
                     }
                 }
-                tracing::error!(%conversation, seq, ?todo, "gave up delivering a stored message's media share or pushes");
+                tracing::error!(%conversation, seq, ?todo, "gave up delivering a stored message's media share");
             });
         }
         Ok(appended)
     }
 
-    /// What follows a committed append: shares its media with the members, wakes their connected
-    /// devices and queues pushes for the rest. Each step may run again (on a retried send, or
-    /// here on a retry): a share or wake-up twice is harmless.
+    /// What follows a committed append: shares its media with the members and wakes their
+    /// connected devices. Each step may run again (on a retried send, or here on a retry): a share
+    /// or wake-up twice is harmless.
     async fn deliver(
         &self,
         appended: &Appended,
         members: &[UserId],
-        media: Option<MediaId>,
+        work: Work,
         todo: &mut Todo,
     ) -> Result<(), ApiError> {
         let message = appended.message();
         let mut failed = None;
+        if todo.revoke
+            && let Some((media, seq)) = work.revoke
+        {
+            // Also on a retried deletion: a revocation lost to a crash after the append is made good.
+            match self.media.unshare(media, &media_source(&message.conversation, seq)).await {
+                Ok(()) => todo.revoke = false,
+                Err(e) => failed = Some(ApiError::Media(e)),
+            }
+        }
         if todo.share
-            && let Some(media) = media
+            && let Some(media) = work.media
         {
             // Also on a retried send: a share lost to a crash after the append is made good.
             let on_purpose = self.config.test_fail_deliveries > 0
@@ -492,14 +525,13 @@ impl Chat {
             let shared = if on_purpose {
                 Err("chat.test_fail_deliveries: this share fails on purpose".to_owned())
             } else {
-                self.media.share(media, members).await
+                self.media.share(media, members, &media_source(&message.conversation, message.seq)).await
             };
             match shared {
                 Ok(()) => todo.share = false,
                 Err(e) => failed = Some(ApiError::Media(e)),
             }
         }
-        let mut elsewhere = None;
         if todo.wake {
             // A retried send wakes the members' devices again: harmless (each connection drops a
             // seq it has passed), and it makes good a wake-up lost to a crash after the commit.
@@ -511,43 +543,28 @@ impl Chat {
             };
             let lose = self.config.test_lose_wakeups > 0
                 && self.lost_wakeups.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < self.config.test_lose_wakeups;
-            elsewhere = if lose { Some(HashSet::new()) } else { self.fan_out(members, event).await };
-            todo.wake = false;
-        }
-        if todo.push {
-            if let Appended::New(message) = appended {
-                self.queue_pushes(members, elsewhere, &message.sender, &message.conversation, message.seq).await?;
+            if !lose {
+                self.fan_out(members, event).await;
             }
-            todo.push = false;
+            if matches!(appended, Appended::New(_)) && self.config.push_webhook_url.is_some() {
+                self.push_wake.notify_one();
+            }
+            todo.wake = false;
         }
         failed.map_or(Ok(()), Err)
     }
 
-    /// Members with no device connected to any node get a push (when a notifier is configured).
-    /// `elsewhere` is who is connected to other nodes, when known (if not, the push worker checks).
-    async fn queue_pushes(
+    /// The media a message the user can see (at `seq` in `conversation`) carries, if any.
+    async fn media_of(
         &self,
-        members: &[UserId],
-        elsewhere: Option<HashSet<UserId>>,
-        sender: &UserId,
         conversation: &ConversationId,
+        user: &UserId,
         seq: i64,
-    ) -> Result<(), StoreError> {
-        if self.config.push_webhook_url.is_none() {
-            return Ok(());
-        }
-        let elsewhere = elsewhere.unwrap_or_default();
-        let offline: Vec<UserId> = members
-            .iter()
-            .filter(|u| *u != sender && !self.hub.online(u) && !elsewhere.contains(*u))
-            .cloned()
-            .collect();
-        if offline.is_empty() {
-            return Ok(());
-        }
-        self.store.queue_pushes(&offline, conversation, seq, sender, now_ms()).await?;
-        self.push_wake.notify_one();
-        Ok(())
+    ) -> Result<Option<MediaId>, ApiError> {
+        let found = self.store.messages_after(conversation, user, seq - 1, 1).await?;
+        let Some(message) = found.into_iter().next().filter(|m| m.seq == seq) else { return Ok(None) };
+        let body: Value = serde_json::from_str(&message.body).unwrap_or_default();
+        Ok(body.get("media").and_then(Value::as_str).and_then(|m| m.parse().ok()))
     }
 
     /// Moves a device's delivered (or read) cursor and tells the other members when the user's
@@ -572,7 +589,7 @@ impl Chat {
             } else {
                 ("delivered", acked.before.delivered, receipt.delivered)
             };
-            let senders = self.store.senders_between(conversation, before, seq, user).await?;
+            let senders = self.store.senders_between(conversation, before, seq, Some(user)).await?;
             if !senders.is_empty() {
                 let frame = ServerFrame::Receipt { conversation: *conversation, user, status, seq }.encode();
                 self.fan_out(&senders, Event::Frame(frame)).await;
@@ -603,27 +620,49 @@ impl Chat {
     }
 }
 
-/// A message body is an object with exactly one of `text`, `media` (a media id, with an optional
-/// `caption`) or `ciphertext` (base64). Returns the media id of a media message.
-pub(crate) fn check_body(body: &Value) -> Result<Option<MediaId>, ApiError> {
+/// A checked message body: the media it sends, and what it does besides being stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Checked {
+    pub media: Option<MediaId>,
+    pub effect: Effect,
+}
+
+/// Longest reaction, in bytes: one emoji, however many code points it takes.
+const MAX_REACTION_BYTES: usize = 64;
+/// Longest disappearing timer: a year.
+const MAX_TIMER_SECS: i64 = 365 * 86_400;
+
+/// A message body is an object of one kind (see PROTOCOL.md):
+/// - to read: `text`, `media` (a media id, with an optional `caption`) or `ciphertext` (base64),
+///   each with an optional `reply_to` (the seq it quotes);
+/// - `reaction` (an emoji; "" takes it back) with `to`, the seq it reacts to;
+/// - `edit` (the seq of the sender's own text message) with its new `text`;
+/// - `delete` (the seq of the sender's own message, deleted for everyone);
+/// - `disappearing` (the conversation's timer in seconds; 0 turns it off).
+pub(crate) fn check_body(body: &Value) -> Result<Checked, ApiError> {
     let invalid = |m: &str| Err(ApiError::Invalid(m.into()));
     let Some(object) = body.as_object() else { return invalid("body is a JSON object") };
-    let kinds: Vec<&str> = ["text", "media", "ciphertext"].into_iter().filter(|k| object.contains_key(*k)).collect();
-    let (allowed, media): (&[&str], Option<MediaId>) = match kinds.as_slice() {
+    let seq_of = |key: &str| object.get(key).and_then(Value::as_i64).filter(|seq| *seq > 0);
+    let text_of = |key: &str| object.get(key).and_then(Value::as_str).filter(|t| !t.is_empty());
+    let ordinary = |media| Checked { media, effect: Effect::Ordinary };
+    let kinds: Vec<&str> = ["text", "media", "ciphertext", "reaction", "edit", "delete", "disappearing"]
+        .into_iter()
+        .filter(|k| object.contains_key(*k))
+        .collect();
+    let (allowed, checked): (&[&str], Checked) = match kinds.as_slice() {
         ["text"] => {
-            if object["text"].as_str().is_none_or(|t| t.is_empty()) {
+            if text_of("text").is_none() {
                 return invalid("text is a non-empty string");
             }
-            (&["text"], None)
+            (&["text", "reply_to"], ordinary(None))
         }
         ["ciphertext"] => {
-            let decodes = object["ciphertext"]
-                .as_str()
-                .is_some_and(|c| !c.is_empty() && base64::engine::general_purpose::STANDARD.decode(c).is_ok());
+            let decodes =
+                text_of("ciphertext").is_some_and(|c| base64::engine::general_purpose::STANDARD.decode(c).is_ok());
             if !decodes {
                 return invalid("ciphertext is non-empty standard base64");
             }
-            (&["ciphertext"], None)
+            (&["ciphertext", "reply_to"], ordinary(None))
         }
         ["media"] => {
             let Some(id) = object["media"].as_str().and_then(|m| m.parse::<MediaId>().ok()) else {
@@ -632,12 +671,43 @@ pub(crate) fn check_body(body: &Value) -> Result<Option<MediaId>, ApiError> {
             if object.get("caption").is_some_and(|c| !c.is_string()) {
                 return invalid("caption is a string");
             }
-            (&["media", "caption"], Some(id))
+            (&["media", "caption", "reply_to"], ordinary(Some(id)))
         }
-        _ => return invalid("body has exactly one of text, media or ciphertext"),
+        ["reaction"] => {
+            let Some(reaction) = object["reaction"].as_str() else { return invalid("reaction is a string") };
+            if reaction.len() > MAX_REACTION_BYTES || reaction.chars().any(char::is_control) {
+                return invalid("reaction is one emoji (at most 64 bytes), or \"\" to take it back");
+            }
+            let Some(to) = seq_of("to") else { return invalid("to is the seq of the message reacted to") };
+            (&["reaction", "to"], Checked { media: None, effect: Effect::React { to } })
+        }
+        ["text", "edit"] => {
+            let (Some(to), Some(text)) = (seq_of("edit"), text_of("text")) else {
+                return invalid("edit is the seq of your text message, and text its new non-empty text");
+            };
+            (&["edit", "text"], Checked { media: None, effect: Effect::Edit { to, text: text.to_owned() } })
+        }
+        ["delete"] => {
+            let Some(to) = seq_of("delete") else { return invalid("delete is the seq of your message") };
+            (&["delete"], Checked { media: None, effect: Effect::Delete { to } })
+        }
+        ["disappearing"] => {
+            let Some(secs) = object["disappearing"].as_i64().filter(|s| (0..=MAX_TIMER_SECS).contains(s)) else {
+                return invalid("disappearing is the timer in seconds, 0 (off) to 31536000 (a year)");
+            };
+            (&["disappearing"], Checked { media: None, effect: Effect::Timer { secs } })
+        }
+        _ => {
+            return invalid(
+                "body has exactly one of text, media, ciphertext, reaction, edit (with text), delete or disappearing",
+            );
+        }
     };
+    if object.contains_key("reply_to") && seq_of("reply_to").is_none() {
+        return invalid("reply_to is the seq of the message replied to");
+    }
     if let Some(extra) = object.keys().find(|k| !allowed.contains(&k.as_str())) {
         return Err(ApiError::Invalid(format!("unknown body field {extra:?}")));
     }
-    Ok(media)
+    Ok(checked)
 }

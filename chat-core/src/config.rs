@@ -9,6 +9,9 @@ pub struct ChatConfig {
     pub retention_days: u32,
     /// Where offline-push notifications are POSTed (JSON, no message text). Unset: no push.
     pub push_webhook_url: Option<String>,
+    /// Milliseconds a recipient device has to ack a message before it is pushed: a device that
+    /// acks in time (the app got it live) is not. Default 5000.
+    pub push_delay_ms: u64,
     /// Seconds between the server's WebSocket pings. Default 25.
     pub heartbeat_secs: u64,
     /// Seconds without any frame from the client (pongs count) before it is disconnected. Default 75.
@@ -29,7 +32,7 @@ pub struct ChatConfig {
     /// Envelopes to other nodes this node drops on purpose, to test that the cluster repairs the
     /// loss. Testing only. Default 0.
     pub test_drop_envelopes: u32,
-    /// Deliveries (media share, fan-out, push) after a committed send that this node fails on
+    /// Media shares after a committed send that this node fails on
     /// purpose, to test that a stored message is answered as sent and delivered by a retry.
     /// Testing only. Default 0.
     pub test_fail_deliveries: u32,
@@ -47,6 +50,7 @@ impl Default for ChatConfig {
         Self {
             retention_days: 30,
             push_webhook_url: None,
+            push_delay_ms: 5_000,
             heartbeat_secs: 25,
             idle_timeout_secs: 75,
             send_timeout_secs: 10,

@@ -57,6 +57,12 @@ impl ApiError {
                 "client_id_reused",
                 format!("{e}: a retry sends the same body, a new message a new client_id"),
             ),
+            ApiError::Store(e @ StoreError::UnknownMessage) => {
+                (StatusCode::NOT_FOUND, "unknown_message", e.to_string())
+            }
+            ApiError::Store(e @ StoreError::NotSender) => (StatusCode::FORBIDDEN, "not_sender", e.to_string()),
+            ApiError::Store(e @ StoreError::TooLate) => (StatusCode::CONFLICT, "too_late", e.to_string()),
+            ApiError::Store(e @ StoreError::NotEditable) => (StatusCode::CONFLICT, "not_editable", e.to_string()),
             ApiError::Store(StoreError::UnknownUsers(users)) => {
                 let users: Vec<&str> = users.iter().map(UserId::as_str).collect();
                 (StatusCode::NOT_FOUND, "unknown_user", format!("no such users: {}", users.join(", ")))

@@ -23,6 +23,9 @@ pub(crate) enum ServerFrame<'a> {
         sender: &'a UserId,
         client_id: &'a str,
         body: &'a RawValue,
+        /// When the conversation's disappearing timer deletes it: the client deletes its copy then.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        expires_at: Option<i64>,
     },
     Receipt {
         conversation: ConversationId,
@@ -88,6 +91,7 @@ pub(crate) fn message_frame(m: &Message) -> Utf8Bytes {
         sender: &m.sender,
         client_id: &m.client_id,
         body,
+        expires_at: m.expires_at,
     }
     .encode()
 }

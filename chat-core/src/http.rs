@@ -251,6 +251,8 @@ struct MessageView {
     sender: UserId,
     client_id: String,
     body: Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_at: Option<i64>,
 }
 
 impl MessageView {
@@ -263,6 +265,7 @@ impl MessageView {
             client_id: m.client_id.clone(),
             // Bodies were checked as JSON on the way in.
             body: serde_json::from_str(&m.body).unwrap_or(Value::Null),
+            expires_at: m.expires_at,
         }
     }
 }

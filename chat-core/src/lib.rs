@@ -33,15 +33,16 @@ use axum::Router;
 use axum::routing::{get, post};
 
 pub use bus::Bus;
-pub use chat::{BoxFuture, Chat, DeviceCheck, MediaAccess};
+pub use chat::{BoxFuture, Chat, DeviceCheck, MediaAccess, media_source};
 pub use config::{AuthConfig, ChatConfig};
 pub use gateway::{CLOSE_IDLE, CLOSE_LOGGED_OUT, CLOSE_REPLACED, CLOSE_TOO_SLOW, MAX_CLIENT_FRAME};
 pub use hub::Hub;
 pub use store::{
     Acked, Appended, CodeCheck, Contact, ContactEntry, Conversation, ConversationKind, ConversationSummary, Cursor,
-    DeviceInfo, LinkAnswer, LinkState, Linked, MAX_BODY_BYTES, MAX_CLIENT_ID_LEN, MAX_CODE_ATTEMPTS, MAX_CONTACTS,
-    MAX_DEVICES, MAX_GROUP_MEMBERS, MAX_PAGE, MAX_PAGE_BYTES, Members, Message, PURGE_SLICE, PendingPush, Privacy,
-    Receipt, Role, Rotation, Spend, Store, StoreError, SyncState, Write, Written,
+    DELETE_WINDOW_MS, DELETED_BODY, DeviceInfo, EDIT_WINDOW_MS, EXPIRED_BODY, Effect, LinkAnswer, LinkState, Linked,
+    MAX_BODY_BYTES, MAX_CLIENT_ID_LEN, MAX_CODE_ATTEMPTS, MAX_CONTACTS, MAX_DEVICES, MAX_GROUP_MEMBERS, MAX_PAGE,
+    MAX_PAGE_BYTES, Members, Message, PURGE_SLICE, Privacy, PushIntent, PushTarget, Receipt, Role, Rotation, Spend,
+    Store, StoreError, SyncState, Write, Written,
 };
 
 impl Chat {

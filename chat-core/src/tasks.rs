@@ -1,5 +1,7 @@
-//! chat-core's background work: the push outbox, retention, and tidying the rate limiters.
+//! chat-core's background work: pushes, retention, the cluster's heartbeat, and tidying the rate
+//! limiters.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -7,12 +9,24 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use crate::chat::{Chat, now_ms};
-use crate::store::PendingPush;
+use crate::store::PushIntent;
+use types::ConversationId;
 
-/// Tries per notification before it is dropped.
+/// Tries per push before it is dropped.
 const PUSH_ATTEMPTS: i64 = 10;
-/// Pushes taken from the outbox per round.
+/// Push intents claimed per round.
 const PUSH_BATCH: i64 = 100;
+/// How long a claim on push intents holds: a node that dies mid-push leaves them to another
+/// after this long.
+const PUSH_LEASE_MS: i64 = 60_000;
+/// The longest the push worker sleeps: intents other nodes wrote wake nobody here.
+const PUSH_IDLE_MS: i64 = 5_000;
+/// Recipient devices named in one webhook call.
+const PUSH_TARGETS_PER_CALL: usize = 500;
+/// How often messages whose disappearing timer ran out are deleted.
+const DISAPPEAR_EVERY: Duration = Duration::from_secs(5);
+/// Messages deleted per round of that sweep.
+const DISAPPEAR_BATCH: i64 = 500;
 /// How often retention runs.
 const RETENTION_EVERY: Duration = Duration::from_secs(3600);
 /// How often a node of a cluster beats, on the bus and in the directory.
@@ -29,6 +43,7 @@ impl Chat {
     pub async fn run_background(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let push = tokio::spawn(self.clone().push_loop(stop.clone()));
         let beat = tokio::spawn(self.clone().beat_loop(stop.clone()));
+        let disappear = tokio::spawn(self.clone().disappear_loop(stop.clone()));
         // Retention runs at start, beside the traffic (a backlog takes a while), then every hour.
         let mut retention = tokio::time::interval(RETENTION_EVERY);
         loop {
@@ -42,6 +57,7 @@ impl Chat {
             }
         }
         push.abort();
+        disappear.abort();
         // Leaves the directory before the process goes, so no node sends here meanwhile.
         let _ = beat.await;
     }
@@ -105,6 +121,52 @@ impl Chat {
         self.hub.resync_all();
     }
 
+    /// Every [`DISAPPEAR_EVERY`], deletes the messages whose conversation's timer ran out: each
+    /// keeps a tombstone (the log stays gapless; clients delete their copies at `expires_at`), and
+    /// the media it shared is taken back first, so a crash in between only repeats the sweep. Any
+    /// node may run it at once with another: both steps are idempotent.
+    async fn disappear_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(DISAPPEAR_EVERY);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stopped(&mut stop) => return,
+            }
+            loop {
+                match self.disappear_due().await {
+                    Ok(n) if n == DISAPPEAR_BATCH as usize => continue,
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::error!(error = %e, "deleting disappearing messages failed");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// One round of [`Chat::disappear_loop`]; returns how many messages it deleted.
+    async fn disappear_due(&self) -> Result<usize, crate::StoreError> {
+        let due = self.store.due_expiries(now_ms(), DISAPPEAR_BATCH).await?;
+        let mut expired = Vec::with_capacity(due.len());
+        for (conversation, seq, body) in &due {
+            let media = serde_json::from_str::<serde_json::Value>(body)
+                .ok()
+                .and_then(|b| b.get("media").and_then(|m| m.as_str()).and_then(|m| m.parse::<types::MediaId>().ok()));
+            if let Some(media) = media {
+                let source = crate::chat::media_source(conversation, *seq);
+                if let Err(e) = self.media.unshare(media, &source).await {
+                    // Left for the next round, with its grants.
+                    tracing::warn!(error = %e, %conversation, seq, "could not take back a disappearing message's media");
+                    continue;
+                }
+            }
+            expired.push((*conversation, *seq));
+        }
+        self.store.expire(&expired).await?;
+        Ok(expired.len())
+    }
+
     /// Deletes messages past `chat.retention_days`.
     pub async fn purge_old(&self) {
         let days = self.config.retention_days;
@@ -119,6 +181,8 @@ impl Chat {
         }
     }
 
+    /// Pushes messages that recipient devices have not acked by their intent's due time. Every
+    /// node runs this; claims keep two from pushing one message.
     async fn push_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let Some(url) = self.config.push_webhook_url.clone() else { return };
         let client = match reqwest::Client::builder().timeout(Duration::from_secs(10)).build() {
@@ -126,66 +190,93 @@ impl Chat {
             Err(e) => return tracing::error!(error = %e, "could not build the push webhook client"),
         };
         loop {
-            let due = match self.store.due_pushes(now_ms(), PUSH_BATCH).await {
-                Ok(due) => due,
+            let claimed = match self.store.claim_pushes(now_ms(), PUSH_LEASE_MS, PUSH_BATCH).await {
+                Ok(claimed) => claimed,
                 Err(e) => {
-                    tracing::error!(error = %e, "could not read the push outbox");
+                    tracing::error!(error = %e, "could not claim due pushes");
                     Vec::new()
                 }
             };
-            let busy = due.len() as i64 == PUSH_BATCH;
-            for push in due {
-                self.deliver_push(&client, &url, &push).await;
+            let busy = claimed.len() as i64 == PUSH_BATCH;
+            // One push per conversation a round: its newest message stands for the others.
+            let mut by_conversation: HashMap<ConversationId, Vec<PushIntent>> = HashMap::new();
+            for intent in claimed {
+                by_conversation.entry(intent.conversation).or_default().push(intent);
+            }
+            for intents in by_conversation.into_values() {
+                self.push(&client, &url, intents).await;
             }
             if busy {
                 continue;
             }
+            let wait_ms = match self.store.next_push_due().await {
+                Ok(Some(due)) => (due - now_ms()).clamp(10, PUSH_IDLE_MS),
+                Ok(None) => PUSH_IDLE_MS,
+                Err(e) => {
+                    tracing::error!(error = %e, "could not read when the next push is due");
+                    PUSH_IDLE_MS
+                }
+            };
             tokio::select! {
                 _ = self.push_wake.notified() => {}
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = tokio::time::sleep(Duration::from_millis(wait_ms as u64)) => {}
                 _ = stopped(&mut stop) => return,
             }
         }
     }
 
-    async fn deliver_push(&self, client: &reqwest::Client, url: &str, push: &PendingPush) {
-        if !self.online(std::slice::from_ref(&push.user)).await.is_empty() {
-            // Connected again: the message reaches them live or by replay.
-            return self.log_push(self.store.push_done(push).await);
-        }
-        let body = json!({
-            "user": push.user,
-            "conversation": push.conversation,
-            "seq": push.seq,
-            "sender": push.sender,
-        });
-        let ok = match client.post(url).json(&body).send().await {
-            Ok(r) if r.status().is_success() => true,
-            Ok(r) => {
-                tracing::warn!(status = %r.status(), user = %push.user, "push webhook refused a notification");
-                false
+    /// Pushes the devices that have not acked the newest of `intents` (one conversation's), then
+    /// drops the intents, or has them tried again later if the notifier failed.
+    async fn push(&self, client: &reqwest::Client, url: &str, intents: Vec<PushIntent>) {
+        let Some(newest) = intents.iter().max_by_key(|i| i.seq) else { return };
+        let attempts = intents.iter().map(|i| i.attempts).max().unwrap_or(1);
+        let delivered = match self.store.push_targets(newest).await {
+            Ok(targets) => {
+                let mut delivered = true;
+                for chunk in targets.chunks(PUSH_TARGETS_PER_CALL) {
+                    let recipients: Vec<_> =
+                        chunk.iter().map(|t| json!({"user": t.user, "device": t.device})).collect();
+                    let body = json!({
+                        "conversation": newest.conversation,
+                        "seq": newest.seq,
+                        "sender": newest.sender,
+                        "recipients": recipients,
+                    });
+                    delivered = match client.post(url).json(&body).send().await {
+                        Ok(r) if r.status().is_success() => true,
+                        Ok(r) => {
+                            tracing::warn!(status = %r.status(), conversation = %newest.conversation, "the push webhook refused a push");
+                            false
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "the push webhook is unreachable");
+                            false
+                        }
+                    };
+                    if !delivered {
+                        break;
+                    }
+                }
+                delivered
             }
             Err(e) => {
-                tracing::warn!(error = %e, "push webhook unreachable");
+                tracing::warn!(error = %e, "could not read whom to push");
                 false
             }
         };
-        let result = if ok {
-            self.store.push_done(push).await
-        } else if push.attempts + 1 >= PUSH_ATTEMPTS {
-            tracing::error!(user = %push.user, conversation = %push.conversation, "dropping a push after {PUSH_ATTEMPTS} tries");
-            self.store.push_failed(push, None).await
+        let result = if delivered {
+            self.store.pushes_done(&intents).await
+        } else if attempts >= PUSH_ATTEMPTS {
+            tracing::error!(conversation = %newest.conversation, seq = newest.seq, "dropping a push after {PUSH_ATTEMPTS} tries");
+            self.store.pushes_done(&intents).await
         } else {
             // 2 s, 4 s, 8 s … capped at an hour.
-            let delay_ms = (2_000i64 << push.attempts.min(11)).min(3_600_000);
-            self.store.push_failed(push, Some(now_ms() + delay_ms)).await
+            let delay_ms = (1_000i64 << attempts.min(12)).min(3_600_000);
+            self.store.retry_pushes(&intents, now_ms() + delay_ms).await
         };
-        self.log_push(result);
-    }
-
-    fn log_push(&self, result: Result<(), crate::StoreError>) {
         if let Err(e) = result {
-            tracing::error!(error = %e, "could not update the push outbox");
+            // The claim's lease runs out and the intents are tried again.
+            tracing::error!(error = %e, "could not record a push's outcome");
         }
     }
 }

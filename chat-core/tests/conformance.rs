@@ -3,8 +3,8 @@
 //! unreachable server fails the PostgreSQL tests; without it they are skipped with a note.
 
 use chat_core::{
-    Appended, CodeCheck, ConversationKind, Cursor, MAX_CODE_ATTEMPTS, MAX_GROUP_MEMBERS, Role, Rotation, Spend, Store,
-    StoreError, SyncState, Write, Written,
+    Appended, CodeCheck, ConversationKind, Cursor, DELETE_WINDOW_MS, DELETED_BODY, EDIT_WINDOW_MS, EXPIRED_BODY,
+    Effect, MAX_CODE_ATTEMPTS, MAX_GROUP_MEMBERS, Role, Rotation, Spend, Store, StoreError, SyncState, Write, Written,
 };
 use futures_util::future::join_all;
 use types::{ConversationId, DeviceId, UserId};
@@ -75,7 +75,8 @@ conformance!(
     rate_limits_let_a_burst_through_then_one_per_interval,
     phones_are_discovered_in_one_call,
     a_link_request_is_answered_once_by_another_device_and_collected_once,
-    the_push_outbox_keeps_one_pending_push_per_conversation,
+    push_intents_go_with_messages_to_the_devices_that_did_not_ack,
+    reactions_edits_deletions_and_timers_are_checked_where_they_are_stored,
     retention_purges_old_messages_and_says_how_far,
     retention_cuts_a_prefix_of_the_log_in_slices,
     phone_codes_expire_and_lock,
@@ -412,6 +413,8 @@ async fn a_member_reads_from_when_they_joined(store: Store) {
             client_id: "c2".into(),
             body: "{}".into(),
             now_ms: 2,
+            push_delay_ms: None,
+            effect: Effect::Ordinary,
         }])
         .await;
     let Ok(Written::Appended(_, members)) = &written[0] else { panic!("{written:?}") };
@@ -425,6 +428,8 @@ async fn a_member_reads_from_when_they_joined(store: Store) {
             client_id: "c3".into(),
             body: "{}".into(),
             now_ms: 3,
+            push_delay_ms: None,
+            effect: Effect::Ordinary,
         }])
         .await;
     let Ok(Written::Appended(_, members)) = &written[0] else { panic!("{written:?}") };
@@ -448,9 +453,9 @@ async fn fanout_follows_membership(store: Store) {
     assert!(matches!(store.sync_one(&carol, &types::DeviceId::new(), &group.id).await, Err(StoreError::NotMember)));
 }
 
-fn sorted(mut users: Vec<UserId>) -> Vec<UserId> {
-    users.sort();
-    users
+fn sorted<T: Ord>(mut items: Vec<T>) -> Vec<T> {
+    items.sort();
+    items
 }
 
 async fn presence_goes_to_contacts_and_to_answered_direct_chats(store: Store) {
@@ -579,32 +584,148 @@ async fn rate_limits_let_a_burst_through_then_one_per_interval(store: Store) {
     assert!(take("a", 12_500).await.is_none());
 }
 
-async fn the_push_outbox_keeps_one_pending_push_per_conversation(store: Store) {
+async fn push_intents_go_with_messages_to_the_devices_that_did_not_ack(store: Store) {
+    let (alice, bob, carol, dave) = (user("alice"), user("bob"), user("carol"), user("dave"));
+    let alices = store.add_device(&alice, "a").await.unwrap().device;
+    let bob1 = store.add_device(&bob, "b1").await.unwrap().device;
+    let bob2 = store.add_device(&bob, "b2").await.unwrap().device;
+    let carols = store.add_device(&carol, "c").await.unwrap().device;
+    let group = store.create_group(&alice, "g", &[bob.clone(), carol.clone()]).await.unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let append = |client_id: &str, at: i64, push_delay_ms: Option<i64>| Write::Append {
+        conversation: group.id,
+        sender: alice.clone(),
+        device: alices,
+        client_id: client_id.into(),
+        body: "{}".into(),
+        now_ms: at,
+        push_delay_ms,
+        effect: Effect::Ordinary,
+    };
+    // Without a notifier no intent is written.
+    store.write_batch(vec![append("c0", now, None)]).await;
+    assert!(store.claim_pushes(now + 10_000, 60_000, 10).await.unwrap().is_empty());
+    let written = store.write_batch(vec![append("c1", now, Some(5_000)), append("c2", now + 1, Some(5_000))]).await;
+    assert!(written.iter().all(Result::is_ok), "{written:?}");
+    // A retried send writes no second intent.
+    let retried = store.write_batch(vec![append("c1", now + 2, Some(5_000))]).await;
+    assert!(matches!(&retried[0], Ok(Written::Appended(Appended::Duplicate(_), _))), "{retried:?}");
+    assert_eq!(store.next_push_due().await.unwrap(), Some(now + 5_000));
+    assert!(store.claim_pushes(now + 4_999, 60_000, 10).await.unwrap().is_empty(), "nothing is due before the delay");
+    // Dave joins after the messages, with a device linked after them: neither is pushed.
+    store.add_members(&group.id, &alice, std::slice::from_ref(&dave)).await.unwrap();
+    store.add_device(&dave, "d").await.unwrap();
+    // Bob's first device acks within the delay; Carol's acks the older message only.
+    store.ack(&bob, &bob1, &group.id, 3).await.unwrap();
+    store.ack(&carol, &carols, &group.id, 2).await.unwrap();
+
+    let claimed = store.claim_pushes(now + 5_001, 60_000, 10).await.unwrap();
+    assert_eq!(sorted(claimed.iter().map(|i| i.seq).collect()), vec![2, 3]);
+    assert!(claimed.iter().all(|i| i.attempts == 1 && i.sender == alice && i.conversation == group.id));
+    assert!(store.claim_pushes(now + 5_001, 60_000, 10).await.unwrap().is_empty(), "a claim holds them");
+    let newest = claimed.iter().find(|i| i.seq == 3).unwrap();
+    let targets: Vec<(UserId, DeviceId)> =
+        store.push_targets(newest).await.unwrap().into_iter().map(|t| (t.user, t.device)).collect();
+    assert_eq!(sorted(targets), sorted(vec![(bob.clone(), bob2), (carol.clone(), carols)]));
+
+    // A failed push is due again at its retry, not before.
+    store.retry_pushes(&claimed, now + 20_000).await.unwrap();
+    assert!(store.claim_pushes(now + 19_999, 60_000, 10).await.unwrap().is_empty());
+    let again = store.claim_pushes(now + 20_000, 60_000, 10).await.unwrap();
+    assert!(again.len() == 2 && again.iter().all(|i| i.attempts == 2), "{again:?}");
+    // A claim whose node died falls due again when its lease runs out.
+    let after_lease = store.claim_pushes(now + 80_000, 60_000, 10).await.unwrap();
+    assert!(after_lease.len() == 2 && after_lease.iter().all(|i| i.attempts == 3), "{after_lease:?}");
+    store.pushes_done(&after_lease).await.unwrap();
+    assert_eq!(store.next_push_due().await.unwrap(), None);
+
+    // Concurrent claims (several nodes) never take one intent twice.
+    let sends: Vec<Write> = (0..40).map(|n| append(&format!("m{n}"), now, Some(0))).collect();
+    store.write_batch(sends).await;
+    let claims = join_all((0..4).map(|_| store.claim_pushes(now + 1_000, 60_000, 15))).await;
+    let mut seqs: Vec<i64> = claims.into_iter().flat_map(|c| c.unwrap()).map(|i| i.seq).collect();
+    seqs.extend(store.claim_pushes(now + 1_000, 60_000, 100).await.unwrap().iter().map(|i| i.seq));
+    assert_eq!(sorted(seqs), (4..44).collect::<Vec<i64>>(), "every intent claimed exactly once");
+}
+
+async fn reactions_edits_deletions_and_timers_are_checked_where_they_are_stored(store: Store) {
     let (alice, bob, carol) = (user("alice"), user("bob"), user("carol"));
-    let conversation = ConversationId::new();
-    store.queue_pushes(&[bob.clone(), carol.clone()], &conversation, 1, &alice, 100).await.unwrap();
-    store.queue_pushes(std::slice::from_ref(&bob), &conversation, 2, &alice, 101).await.unwrap();
-    let due = store.due_pushes(100, 10).await.unwrap();
-    assert_eq!(due.len(), 2, "one per user and conversation: {due:?}");
-    let bobs = due.iter().find(|p| p.user == bob).unwrap().clone();
-    assert_eq!(bobs.seq, 2, "the newest message wins");
-    assert!(store.due_pushes(99, 10).await.unwrap().is_empty(), "nothing is due before it was queued");
+    let alices = store.add_device(&alice, "a").await.unwrap().device;
+    let bobs = store.add_device(&bob, "b").await.unwrap().device;
+    let carols = store.add_device(&carol, "c").await.unwrap().device;
+    let group = store.create_group(&alice, "g", std::slice::from_ref(&bob)).await.unwrap();
+    let send = |sender: &UserId, device: DeviceId, client_id: &str, body: &str, now_ms: i64, effect: Effect| {
+        let write = Write::Append {
+            conversation: group.id,
+            sender: sender.clone(),
+            device,
+            client_id: client_id.into(),
+            body: body.into(),
+            now_ms,
+            push_delay_ms: None,
+            effect,
+        };
+        let store = store.clone();
+        async move {
+            match store.write_batch(vec![write]).await.pop().unwrap() {
+                Ok(Written::Appended(appended, _)) => Ok(appended.message().clone()),
+                Ok(other) => panic!("{other:?}"),
+                Err(e) => Err(e),
+            }
+        }
+    };
+    let body_at = |seq: i64| {
+        let store = store.clone();
+        let (group, bob) = (group.id, bob.clone());
+        async move { store.messages_after(&group, &bob, seq - 1, 1).await.unwrap().remove(0).body }
+    };
+    let t = 1_000_000;
+    assert_eq!(send(&alice, alices, "a1", r#"{"text":"hi"}"#, t, Effect::Ordinary).await.unwrap().seq, 1);
+    let edit = |text: &str| Effect::Edit { to: 1, text: text.into() };
+    assert!(matches!(send(&bob, bobs, "b1", "{}", t + 1, edit("x")).await, Err(StoreError::NotSender)));
+    assert_eq!(send(&alice, alices, "a2", "{}", t + 2, edit("hello")).await.unwrap().seq, 2, "refusals take no seq");
+    let edited: serde_json::Value = serde_json::from_str(&body_at(1).await).unwrap();
+    assert_eq!(edited, serde_json::json!({"text": "hello", "edited_at": t + 2}));
+    let late = t + EDIT_WINDOW_MS + 1;
+    assert!(matches!(send(&alice, alices, "a3", "{}", late, edit("again")).await, Err(StoreError::TooLate)));
+    assert!(
+        matches!(send(&alice, alices, "a4", "{}", late, Effect::React { to: 2 }).await, Err(StoreError::NotEditable)),
+        "an edit is not a message to react to"
+    );
+    assert_eq!(send(&bob, bobs, "b2", "{}", late, Effect::React { to: 1 }).await.unwrap().seq, 3);
+    // Carol, added now, cannot act on what was said before she joined.
+    store.add_members(&group.id, &alice, std::slice::from_ref(&carol)).await.unwrap();
+    assert!(matches!(
+        send(&carol, carols, "c1", "{}", late, Effect::React { to: 1 }).await,
+        Err(StoreError::UnknownMessage)
+    ));
+    assert!(matches!(
+        send(&alice, alices, "a5", "{}", late, Effect::Delete { to: 9 }).await,
+        Err(StoreError::UnknownMessage)
+    ));
+    assert!(matches!(send(&bob, bobs, "b3", "{}", late, Effect::Delete { to: 1 }).await, Err(StoreError::NotSender)));
+    assert_eq!(send(&alice, alices, "a6", "{}", late, Effect::Delete { to: 1 }).await.unwrap().seq, 4);
+    assert_eq!(body_at(1).await, DELETED_BODY);
+    let too_old = late + DELETE_WINDOW_MS + 1;
+    assert_eq!(send(&bob, bobs, "b4", r#"{"text":"x"}"#, late, Effect::Ordinary).await.unwrap().seq, 5);
+    assert!(matches!(send(&bob, bobs, "b5", "{}", too_old, Effect::Delete { to: 5 }).await, Err(StoreError::TooLate)));
 
-    store.push_failed(&bobs, Some(500)).await.unwrap();
-    let due = store.due_pushes(200, 10).await.unwrap();
-    assert!(due.iter().all(|p| p.user != bob), "a failed push waits for its retry");
-    let retry = store.due_pushes(500, 10).await.unwrap().into_iter().find(|p| p.user == bob).unwrap();
-    assert_eq!(retry.attempts, 1);
-
-    // A newer message arrives while the older push is out: finishing the older keeps the newer.
-    store.queue_pushes(std::slice::from_ref(&bob), &conversation, 3, &alice, 600).await.unwrap();
-    store.push_done(&retry).await.unwrap();
-    let left = store.due_pushes(1_000, 10).await.unwrap();
-    assert_eq!(left.iter().find(|p| p.user == bob).map(|p| p.seq), Some(3));
-    for push in left {
-        store.push_done(&push).await.unwrap();
-    }
-    assert!(store.due_pushes(i64::MAX, 10).await.unwrap().is_empty());
+    // The timer: admins only in a group; messages to read sent under it carry when they go.
+    let timer = Effect::Timer { secs: 60 };
+    assert!(matches!(send(&bob, bobs, "b6", "{}", too_old, timer.clone()).await, Err(StoreError::NotAdmin)));
+    assert_eq!(send(&alice, alices, "a7", "{}", too_old, timer).await.unwrap().expires_at, None);
+    let fading = send(&bob, bobs, "b7", r#"{"text":"fading"}"#, too_old, Effect::Ordinary).await.unwrap();
+    assert_eq!((fading.seq, fading.expires_at), (7, Some(too_old + 60_000)));
+    let reaction = send(&alice, alices, "a8", "{}", too_old, Effect::React { to: 7 }).await.unwrap();
+    assert_eq!(reaction.expires_at, None, "a reaction goes with its message");
+    assert!(store.due_expiries(too_old + 59_999, 10).await.unwrap().is_empty());
+    let due = store.due_expiries(too_old + 60_000, 10).await.unwrap();
+    assert_eq!(due, vec![(group.id, 7, r#"{"text":"fading"}"#.to_owned())]);
+    store.expire(&[(group.id, 7)]).await.unwrap();
+    assert_eq!(body_at(7).await, EXPIRED_BODY);
+    assert!(store.due_expiries(i64::MAX, 10).await.unwrap().is_empty());
+    let seqs: Vec<i64> = store.messages_after(&group.id, &alice, 0, 20).await.unwrap().iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, (1..=8).collect::<Vec<_>>(), "the log stays gapless");
 }
 
 async fn retention_purges_old_messages_and_says_how_far(store: Store) {
@@ -653,6 +774,8 @@ async fn retention_cuts_a_prefix_of_the_log_in_slices(store: Store) {
             client_id: format!("old-{n}"),
             body: "{}".into(),
             now_ms: 6_000,
+            push_delay_ms: None,
+            effect: Effect::Ordinary,
         })
         .collect();
     assert!(store.write_batch(batch).await.iter().all(Result::is_ok));
@@ -779,6 +902,8 @@ async fn batch_contract(store: Store) {
         client_id: client_id.into(),
         body: format!("{{\"text\":\"{client_id}\"}}"),
         now_ms: 1,
+        push_delay_ms: None,
+        effect: Effect::Ordinary,
     };
     let batch = [
         append(&alice, "one"),
@@ -839,6 +964,8 @@ async fn crossed_batches_do_not_deadlock(store: Store) {
         client_id,
         body: "{\"text\":\"crossed\"}".into(),
         now_ms: 1,
+        push_delay_ms: None,
+        effect: Effect::Ordinary,
     };
     let rounds = 40;
     let writers = [(x, y), (y, x)].map(|(first, second)| {

@@ -86,7 +86,27 @@ pub struct Message {
     pub ts: i64,
     pub sender: String,
     pub client_id: String,
+    /// Its kind is in the body (see PROTOCOL.md): text, media or ciphertext to read, a reaction,
+    /// an edit, a deletion, a timer; a deleted or disappeared message's is a tombstone.
     pub body: Value,
+    /// When the conversation's disappearing timer deletes it (Unix ms): delete the local copy then.
+    #[serde(default)]
+    pub expires_at: Option<i64>,
+}
+
+/// Who of a conversation's other members has got and read a message (members who joined after it
+/// are not counted).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct MessageReceipts {
+    pub seq: i64,
+    /// Read it.
+    pub read: Vec<String>,
+    /// Got it on a device but have not read it.
+    pub delivered: Vec<String>,
+    /// Neither, yet.
+    pub pending: Vec<String>,
+    /// Members who never wrote in the conversation share no receipts: how many of them there are.
+    pub withheld: usize,
 }
 
 /// The HTTP API, as one caller.
@@ -303,6 +323,12 @@ impl Api {
         let url = self.url(&format!("/v1/conversations/{conversation}/messages"));
         let page: Page = self.call(self.http.get(url).query(&[("after", after), ("limit", limit)])).await?;
         Ok(page.messages)
+    }
+
+    /// Who has got and read one of the caller's own messages (see [`MessageReceipts`]).
+    pub async fn receipts(&self, conversation: &str, seq: i64) -> Result<MessageReceipts, Error> {
+        let url = self.url(&format!("/v1/conversations/{conversation}/messages/{seq}/receipts"));
+        self.call(self.http.get(url)).await
     }
 
     /// The gateway's URL for this server.

@@ -79,6 +79,14 @@ pub enum Event {
         status: String,
         seq: i64,
     },
+    /// In a large group (over 32 members), receipts come aggregated: every other member has
+    /// reached `status` ("delivered" or "read") up to `seq`. Per-member detail:
+    /// [`crate::Api::receipts`].
+    GroupReceipt {
+        conversation: String,
+        status: String,
+        seq: i64,
+    },
     Typing {
         conversation: String,
         user: String,
@@ -142,6 +150,12 @@ enum ServerFrame {
     Receipt {
         conversation: String,
         user: String,
+        status: String,
+        seq: i64,
+    },
+    #[serde(rename = "group_receipt")]
+    GroupReceipt {
+        conversation: String,
         status: String,
         seq: i64,
     },
@@ -595,6 +609,9 @@ impl Worker {
             }
             ServerFrame::Receipt { conversation, user, status, seq } => {
                 Event::Receipt { conversation, user, status, seq }
+            }
+            ServerFrame::GroupReceipt { conversation, status, seq } => {
+                Event::GroupReceipt { conversation, status, seq }
             }
             ServerFrame::Typing { conversation, user } => Event::Typing { conversation, user },
             ServerFrame::Presence { user, online, last_seen } => Event::Presence { user, online, last_seen },

@@ -215,9 +215,17 @@ async fn records_are_read_by_their_owner_and_those_shared_with(t: Tables) {
     assert_eq!(row.job.status, MediaStatus::Processing);
     assert!(t.records.may_read(id, &alice()).await.unwrap());
     assert!(!t.records.may_read(id, &bob).await.unwrap());
-    t.records.grant(id, &[bob.clone(), carol.clone()]).await.unwrap();
-    t.records.grant(id, std::slice::from_ref(&bob)).await.unwrap();
+    t.records.grant(id, &[bob.clone(), carol.clone()], "c1/1").await.unwrap();
+    t.records.grant(id, std::slice::from_ref(&bob), "c1/1").await.unwrap();
+    t.records.grant(id, std::slice::from_ref(&bob), "c2/7").await.unwrap();
     assert!(t.records.may_read(id, &bob).await.unwrap() && t.records.may_read(id, &carol).await.unwrap());
+    // Taking back one message's grants leaves what another message granted.
+    assert_eq!(t.records.revoke(id, "c1/1").await.unwrap(), 2);
+    assert!(t.records.may_read(id, &bob).await.unwrap(), "bob still has it through c2/7");
+    assert!(!t.records.may_read(id, &carol).await.unwrap());
+    assert_eq!(t.records.revoke(id, "c2/7").await.unwrap(), 1);
+    assert!(!t.records.may_read(id, &bob).await.unwrap());
+    assert!(t.records.may_read(id, &alice()).await.unwrap(), "the owner keeps it");
     assert!(!t.records.may_read(MediaId::new(), &alice()).await.unwrap());
     assert!(t.records.media(MediaId::new()).await.unwrap().is_none());
 }
@@ -244,7 +252,7 @@ async fn deleting_keeps_what_other_uploads_still_need(t: Tables) {
     let job = t.queue.claim(Lane::Quick).await.unwrap().unwrap();
     assert_eq!(job.blob, other);
     assert!(t.queue.complete(&job, &result_naming(&[shared])).await.unwrap());
-    t.records.grant(alices, std::slice::from_ref(&bob)).await.unwrap();
+    t.records.grant(alices, std::slice::from_ref(&bob), "c1/1").await.unwrap();
 
     assert!(matches!(t.records.delete(alices, &bob).await.unwrap(), Deleted::NotFound), "only the owner deletes");
     assert!(matches!(t.records.delete(alices, &alice()).await.unwrap(), Deleted::Kept));

@@ -133,9 +133,17 @@ impl Ingest {
         Ok(self.records.may_read(id, user).await?)
     }
 
-    /// Lets `users` (a conversation's members) read media `id` and its variants.
-    pub async fn share(&self, id: MediaId, users: &[UserId]) -> Result<(), IngestError> {
-        Ok(self.records.grant(id, users).await?)
+    /// Lets `users` (a conversation's members) read media `id` and its variants, on behalf of
+    /// `source` (the message that shared it, as its sender names it).
+    pub async fn share(&self, id: MediaId, users: &[UserId], source: &str) -> Result<(), IngestError> {
+        Ok(self.records.grant(id, users, source).await?)
+    }
+
+    /// Takes back what `source` shared of media `id` (its message was deleted); what other
+    /// messages shared stays.
+    pub async fn unshare(&self, id: MediaId, source: &str) -> Result<(), IngestError> {
+        self.records.revoke(id, source).await?;
+        Ok(())
     }
 
     /// The `/v1/media` routes.

@@ -40,9 +40,15 @@ impl MediaRecords {
         self.store.may_read(id, user).await
     }
 
-    /// Lets `users` read media `id` (idempotent).
-    pub(crate) async fn grant(&self, id: MediaId, users: &[UserId]) -> Result<(), sqlx::Error> {
-        self.store.grant(id, users, self.clock.now_ms()).await
+    /// Lets `users` read media `id` on behalf of `source` (what shared it; idempotent).
+    pub(crate) async fn grant(&self, id: MediaId, users: &[UserId], source: &str) -> Result<(), sqlx::Error> {
+        self.store.grant(id, users, source, self.clock.now_ms()).await
+    }
+
+    /// Takes back what `source` granted of media `id`; grants from other sources stay. Returns how
+    /// many went.
+    pub(crate) async fn revoke(&self, id: MediaId, source: &str) -> Result<u64, sqlx::Error> {
+        self.store.revoke(id, source).await
     }
 
     pub(crate) async fn media(&self, id: MediaId) -> Result<Option<MediaRow>, sqlx::Error> {

@@ -259,7 +259,12 @@ impl chat_core::MediaAccess for SharedMedia {
         &'a self,
         media: types::MediaId,
         users: &'a [types::UserId],
+        source: &'a str,
     ) -> chat_core::BoxFuture<'a, Result<(), String>> {
-        Box::pin(async move { self.0.share(media, users).await.map_err(|e| e.to_string()) })
+        Box::pin(async move { self.0.share(media, users, source).await.map_err(|e| e.to_string()) })
+    }
+
+    fn unshare<'a>(&'a self, media: types::MediaId, source: &'a str) -> chat_core::BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move { self.0.unshare(media, source).await.map_err(|e| e.to_string()) })
     }
 }

@@ -14,6 +14,11 @@
 //! over N child processes of this tool (each process may hold only so many sockets), which set up
 //! and connect their share, start sending together, and report back; latencies are merged. With
 //! `--server-pid` for each server, the report gives the servers' memory per connection.
+//!
+//! With `--reconnect`, a device whose connection the server closes (4008 when it falls too far
+//! behind, or any other close) connects again at once, replays from its acked cursor, skips what it
+//! already had and sends again what was not confirmed (same client ids): the exactly-once check
+//! then holds past saturation too, and the report counts the reconnects.
 
 #![allow(clippy::print_stdout, reason = "the report is this tool's output")]
 
@@ -66,6 +71,10 @@ struct Args {
     /// Generator processes to split the work over (with --server).
     #[arg(long, default_value_t = 1)]
     processes: usize,
+    /// Reconnect (and replay, and resend what was not confirmed) when the server closes a
+    /// connection, instead of counting its messages lost.
+    #[arg(long)]
+    reconnect: bool,
     /// Which share a child process runs (set by the parent).
     #[arg(long, hide = true)]
     slice: Option<usize>,
@@ -202,6 +211,7 @@ struct Tally {
     out_of_order: AtomicU64,
     errors: AtomicU64,
     last_delivery_us: AtomicU64,
+    reconnects: AtomicU64,
 }
 
 /// What one generator process saw.
@@ -214,6 +224,8 @@ struct Outcome {
     confirmed: u64,
     out_of_order: u64,
     errors: u64,
+    #[serde(default)]
+    reconnects: u64,
     first_send_us: u64,
     last_delivery_us: u64,
     /// Send → receipt, microseconds, one per delivered message.
@@ -266,10 +278,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let url = format!("{}/v1/ws?token={token}", ws_bases[i % ws_bases.len()]);
             let (tally, latencies) = (tally.clone(), latencies.clone());
             let conversation = conversations[i / 2].clone();
+            let reconnect = args.reconnect;
             async move {
                 let (socket, _) = tokio_tungstenite::connect_async(&url).await?;
                 let (tx, rx) = mpsc::channel(1024);
-                tokio::spawn(connection(socket, rx, conversation, tally, latencies));
+                let device = Device { url, conversation, reconnect, tally, latencies };
+                tokio::spawn(device.run(socket, rx));
                 anyhow::Ok(tx)
             }
         })
@@ -326,6 +340,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         confirmed: tally.confirmed.load(Ordering::Relaxed),
         out_of_order: tally.out_of_order.load(Ordering::Relaxed),
         errors: tally.errors.load(Ordering::Relaxed),
+        reconnects: tally.reconnects.load(Ordering::Relaxed),
         first_send_us,
         last_delivery_us: tally.last_delivery_us.load(Ordering::Relaxed),
         latencies_us: std::mem::take(&mut *latencies.lock().await),
@@ -354,6 +369,7 @@ async fn parent(args: Args) -> anyhow::Result<()> {
             .args(["--connections", &args.connections.to_string(), "--messages", &args.messages.to_string()])
             .args(["--rate", &args.rate.to_string(), "--body-bytes", &args.body_bytes.to_string()])
             .args(["--processes", &args.processes.to_string(), "--slice", &slice.to_string()])
+            .args(args.reconnect.then_some("--reconnect"))
             .arg("--data-dir")
             .arg(data_dir)
             .arg("--report")
@@ -398,6 +414,7 @@ async fn parent(args: Args) -> anyhow::Result<()> {
         total.confirmed += part.confirmed;
         total.out_of_order += part.out_of_order;
         total.errors += part.errors;
+        total.reconnects += part.reconnects;
         total.first_send_us = total.first_send_us.min(part.first_send_us);
         total.last_delivery_us = total.last_delivery_us.max(part.last_delivery_us);
         total.latencies_us.extend(part.latencies_us);
@@ -435,6 +452,7 @@ fn report(outcome: &Outcome, rate: f64, memory: Option<(u64, u64, u64)>) -> anyh
     }
     println!("out of order/dup:   {}", outcome.out_of_order);
     println!("error frames:       {}", outcome.errors);
+    println!("reconnects:         {}", outcome.reconnects);
     if outcome.delivered != outcome.messages || outcome.out_of_order != 0 || outcome.errors != 0 {
         bail!("delivery was not exactly once and in order");
     }
@@ -443,70 +461,143 @@ fn report(outcome: &Outcome, rate: f64, memory: Option<(u64, u64, u64)>) -> anyh
 
 type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-/// One device: writes what it is given, checks what it receives, and acks 100 ms after the first
-/// unacknowledged message (an idle connection costs the generator no timer wake-ups).
-async fn connection(
-    socket: Socket,
-    mut outgoing: mpsc::Receiver<String>,
+/// One simulated device.
+struct Device {
+    url: String,
     conversation: String,
+    /// Connect again when the server closes the connection (see `--reconnect`).
+    reconnect: bool,
     tally: Arc<Tally>,
     latencies: Arc<Mutex<Vec<u64>>>,
-) {
-    let (mut sink, mut stream) = socket.split();
-    let mut last_seq = 0i64;
-    let mut acked = 0i64;
-    let mut ack_at: Option<tokio::time::Instant> = None;
-    let mut local = Vec::new();
-    loop {
-        tokio::select! {
-            frame = outgoing.recv() => {
-                let Some(frame) = frame else { break };
-                if sink.send(WsMessage::text(frame)).await.is_err() {
-                    break;
-                }
+}
+
+/// What a device has seen, kept across its connections.
+#[derive(Default)]
+struct Seen {
+    /// The highest seq delivered to the "application", in order.
+    last_seq: i64,
+    acked: i64,
+    /// Sends not yet confirmed by `sent`, by client id, in the order they were made.
+    pending: std::collections::BTreeMap<u64, String>,
+    /// Latencies not yet handed over.
+    local: Vec<u64>,
+}
+
+impl Device {
+    /// Runs connections until the generator is done (or, without `--reconnect`, until the first
+    /// one ends).
+    async fn run(self, socket: Socket, mut outgoing: mpsc::Receiver<String>) {
+        let mut seen = Seen::default();
+        let mut socket = Some(socket);
+        loop {
+            let Some(current) = socket.take() else { break };
+            let finished = self.connection(current, &mut outgoing, &mut seen).await;
+            if finished || !self.reconnect {
+                break;
             }
-            incoming = stream.next() => {
-                let Some(Ok(WsMessage::Text(text))) = incoming else {
-                    if matches!(incoming, Some(Ok(_))) { continue }
-                    break;
-                };
-                let Ok(frame) = serde_json::from_str::<Value>(text.as_str()) else { continue };
-                match frame["type"].as_str() {
-                    Some("message") => {
-                        let now = now_micros();
-                        let seq = frame["seq"].as_i64().unwrap_or(0);
-                        if frame["conversation"] != conversation.as_str() || seq != last_seq + 1 {
-                            tally.out_of_order.fetch_add(1, Ordering::Relaxed);
-                        }
-                        last_seq = last_seq.max(seq);
-                        let sent_at = frame["body"]["text"].as_str().and_then(|t| t.split(' ').next()).and_then(|t| t.parse::<u64>().ok()).unwrap_or(now);
-                        local.push(now.saturating_sub(sent_at).max(1));
-                        tally.delivered.fetch_add(1, Ordering::Relaxed);
-                        tally.last_delivery_us.fetch_max(now, Ordering::Relaxed);
-                        ack_at.get_or_insert_with(|| tokio::time::Instant::now() + Duration::from_millis(100));
-                    }
-                    Some("sent") => {
-                        tally.confirmed.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Some("error") => {
-                        tally.errors.fetch_add(1, Ordering::Relaxed);
-                    }
-                    _ => {}
-                }
-            }
-            _ = tokio::time::sleep_until(ack_at.unwrap_or_else(tokio::time::Instant::now)), if ack_at.is_some() => {
-                ack_at = None;
-                if !local.is_empty() {
-                    latencies.lock().await.append(&mut local);
-                }
-                if last_seq > acked {
-                    let frame = json!({"type": "ack", "conversation": conversation, "seq": last_seq}).to_string();
-                    if sink.send(WsMessage::text(frame)).await.is_err() {
+            // Closed by the server: connect again (the replay brings back what was not acked).
+            loop {
+                match tokio_tungstenite::connect_async(&self.url).await {
+                    Ok((next, _)) => {
+                        self.tally.reconnects.fetch_add(1, Ordering::Relaxed);
+                        socket = Some(next);
                         break;
                     }
-                    acked = last_seq;
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        }
+        if !seen.local.is_empty() {
+            self.latencies.lock().await.append(&mut seen.local);
+        }
+    }
+
+    /// One connection: sends again what is pending, writes what it is given, checks what it
+    /// receives, and acks 100 ms after the first unacknowledged message (an idle connection costs
+    /// the generator no timer wake-ups). Returns whether the generator is done with this device
+    /// (`false`: the connection ended first).
+    async fn connection(&self, socket: Socket, outgoing: &mut mpsc::Receiver<String>, seen: &mut Seen) -> bool {
+        let (mut sink, mut stream) = socket.split();
+        for frame in seen.pending.values() {
+            if sink.send(WsMessage::text(frame.clone())).await.is_err() {
+                return false;
+            }
+        }
+        let mut ack_at: Option<tokio::time::Instant> = None;
+        loop {
+            tokio::select! {
+                frame = outgoing.recv() => {
+                    let Some(frame) = frame else { return true };
+                    if self.reconnect {
+                        seen.pending.insert(client_number(&frame), frame.clone());
+                    }
+                    if sink.send(WsMessage::text(frame)).await.is_err() {
+                        return false;
+                    }
+                }
+                incoming = stream.next() => {
+                    let Some(Ok(WsMessage::Text(text))) = incoming else {
+                        if matches!(incoming, Some(Ok(_))) { continue }
+                        return false;
+                    };
+                    let Ok(frame) = serde_json::from_str::<Value>(text.as_str()) else { continue };
+                    match frame["type"].as_str() {
+                        Some("message") => {
+                            let now = now_micros();
+                            let seq = frame["seq"].as_i64().unwrap_or(0);
+                            if self.reconnect && frame["conversation"] == self.conversation.as_str() && seq <= seen.last_seq {
+                                // Replayed after a reconnect: had already, not acked yet.
+                                continue;
+                            }
+                            if frame["conversation"] != self.conversation.as_str() || seq != seen.last_seq + 1 {
+                                self.tally.out_of_order.fetch_add(1, Ordering::Relaxed);
+                            }
+                            seen.last_seq = seen.last_seq.max(seq);
+                            let sent_at = frame["body"]["text"].as_str().and_then(|t| t.split(' ').next()).and_then(|t| t.parse::<u64>().ok()).unwrap_or(now);
+                            seen.local.push(now.saturating_sub(sent_at).max(1));
+                            self.tally.delivered.fetch_add(1, Ordering::Relaxed);
+                            self.tally.last_delivery_us.fetch_max(now, Ordering::Relaxed);
+                            ack_at.get_or_insert_with(|| tokio::time::Instant::now() + Duration::from_millis(100));
+                        }
+                        Some("sent") => {
+                            // A send made again after a reconnect may be confirmed twice.
+                            let first = frame["client_id"].as_str().is_none_or(|c| {
+                                !self.reconnect || seen.pending.remove(&number_of(c)).is_some()
+                            });
+                            if first {
+                                self.tally.confirmed.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        Some("error") => {
+                            self.tally.errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                        _ => {}
+                    }
+                }
+                _ = tokio::time::sleep_until(ack_at.unwrap_or_else(tokio::time::Instant::now)), if ack_at.is_some() => {
+                    ack_at = None;
+                    if !seen.local.is_empty() {
+                        self.latencies.lock().await.append(&mut seen.local);
+                    }
+                    if seen.last_seq > seen.acked {
+                        let frame = json!({"type": "ack", "conversation": self.conversation, "seq": seen.last_seq}).to_string();
+                        if sink.send(WsMessage::text(frame)).await.is_err() {
+                            return false;
+                        }
+                        seen.acked = seen.last_seq;
+                    }
                 }
             }
         }
     }
+}
+
+/// The number in a send frame's client id (`m{k}`), which orders a device's sends.
+fn client_number(frame: &str) -> u64 {
+    let value: Value = serde_json::from_str(frame).unwrap_or_default();
+    value["client_id"].as_str().map_or(0, number_of)
+}
+
+fn number_of(client_id: &str) -> u64 {
+    client_id.strip_prefix('m').and_then(|k| k.parse().ok()).unwrap_or(0)
 }

@@ -122,10 +122,12 @@ pub struct Message {
     #[sqlx(rename = "sender_device")]
     pub device: DeviceId,
     pub client_id: String,
-    /// Opaque JSON, as sent.
+    /// Opaque JSON, as sent (an edit rewrites it, a deletion or its timer leaves a tombstone).
     pub body: String,
     /// Unix milliseconds, server-assigned.
     pub created_at: i64,
+    /// When the conversation's disappearing timer deletes it (Unix ms), if it had one when sent.
+    pub expires_at: Option<i64>,
 }
 
 /// What an append did. A retried send is not an error: it gets the first result back.
@@ -154,6 +156,11 @@ pub enum Write {
         client_id: String,
         body: String,
         now_ms: i64,
+        /// How long after the message's time its push falls due (a push intent is written with
+        /// it), or `None` when no push notifier is configured.
+        push_delay_ms: Option<i64>,
+        /// What the message does besides being stored.
+        effect: Effect,
     },
     Ack {
         user: UserId,
@@ -169,6 +176,118 @@ impl Write {
     pub fn conversation(&self) -> ConversationId {
         match self {
             Write::Append { conversation, .. } | Write::Ack { conversation, .. } => *conversation,
+        }
+    }
+}
+
+/// What a message does besides being stored, checked and done in its append's own transaction
+/// (so two of them on one message cannot cross).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Effect {
+    /// A message to read (text, media, ciphertext): it disappears on the conversation's timer.
+    #[default]
+    Ordinary,
+    /// A reaction to the message at `to`, which must be one to read.
+    React { to: i64 },
+    /// The sender's own text message at `to`, within [`EDIT_WINDOW_MS`], now says `text`.
+    Edit { to: i64, text: String },
+    /// The sender's own message at `to`, within [`DELETE_WINDOW_MS`], is deleted for everyone.
+    Delete { to: i64 },
+    /// The conversation's disappearing timer is set (0: off). In a group, admins only.
+    Timer { secs: i64 },
+}
+
+/// How long after sending a message its sender may edit it: 15 minutes.
+pub const EDIT_WINDOW_MS: i64 = 15 * 60 * 1000;
+/// How long after sending a message its sender may delete it for everyone: 48 hours.
+pub const DELETE_WINDOW_MS: i64 = 48 * 3600 * 1000;
+/// The body a message deleted for everyone keeps.
+pub const DELETED_BODY: &str = r#"{"deleted":true}"#;
+/// The body a message its conversation's timer deleted keeps.
+pub const EXPIRED_BODY: &str = r#"{"expired":true}"#;
+
+/// An append's fields, as the engines take them.
+#[derive(Clone, Copy)]
+pub(crate) struct NewMessage<'a> {
+    pub conversation: &'a ConversationId,
+    pub sender: &'a UserId,
+    pub device: &'a DeviceId,
+    pub client_id: &'a str,
+    pub body: &'a str,
+    pub now_ms: i64,
+    pub effect: &'a Effect,
+}
+
+/// When a message sent at `now_ms` disappears, given its conversation's timer: only messages to
+/// read do (a reaction or an edit goes with its message).
+pub(crate) fn expires_at(effect: &Effect, now_ms: i64, disappear_secs: i64) -> Option<i64> {
+    (matches!(effect, Effect::Ordinary) && disappear_secs > 0).then(|| now_ms.saturating_add(disappear_secs * 1000))
+}
+
+/// Whether a member (`found`: the conversation's kind and their role, if they are one) may set
+/// its disappearing timer: anyone in a direct chat, admins in a group.
+pub(crate) fn may_set_timer(found: Option<(ConversationKind, Role)>) -> Result<(), StoreError> {
+    match found {
+        None => Err(StoreError::NotMember),
+        Some((ConversationKind::Group, role)) if role != Role::Admin => Err(StoreError::NotAdmin),
+        Some(_) => Ok(()),
+    }
+}
+
+/// The earlier message an [`Effect`] names, as stored.
+pub(crate) struct Target {
+    pub sender: UserId,
+    pub body: String,
+    pub created_at: i64,
+}
+
+/// Whether a stored body is a message to read (not a reaction, an edit, a deletion, a timer or a
+/// tombstone).
+fn readable(body: &serde_json::Map<String, serde_json::Value>) -> bool {
+    ["text", "media", "ciphertext"].iter().any(|k| body.contains_key(*k))
+        && !["edit", "reaction", "deleted", "expired"].iter().any(|k| body.contains_key(*k))
+}
+
+/// Checks `effect`, by `actor` at `now`, against its target (`None`: no such message the actor can
+/// see). Returns the target's new body when it changes.
+pub(crate) fn effect_on(
+    effect: &Effect,
+    actor: &UserId,
+    target: Option<Target>,
+    now: i64,
+) -> Result<Option<String>, StoreError> {
+    let Some(target) = target else { return Err(StoreError::UnknownMessage) };
+    let Ok(serde_json::Value::Object(mut body)) = serde_json::from_str(&target.body) else {
+        return Err(StoreError::Corrupt("a stored body is not a JSON object".into()));
+    };
+    if !readable(&body) {
+        return Err(StoreError::NotEditable);
+    }
+    match effect {
+        Effect::Ordinary | Effect::Timer { .. } => Ok(None),
+        Effect::React { .. } => Ok(None),
+        Effect::Edit { text, .. } => {
+            if &target.sender != actor {
+                return Err(StoreError::NotSender);
+            }
+            if !body.contains_key("text") {
+                return Err(StoreError::NotEditable);
+            }
+            if now - target.created_at > EDIT_WINDOW_MS {
+                return Err(StoreError::TooLate);
+            }
+            body.insert("text".into(), text.clone().into());
+            body.insert("edited_at".into(), now.into());
+            Ok(Some(serde_json::Value::Object(body).to_string()))
+        }
+        Effect::Delete { .. } => {
+            if &target.sender != actor {
+                return Err(StoreError::NotSender);
+            }
+            if now - target.created_at > DELETE_WINDOW_MS {
+                return Err(StoreError::TooLate);
+            }
+            Ok(Some(DELETED_BODY.to_owned()))
         }
     }
 }
@@ -225,6 +344,20 @@ pub struct Receipt {
     pub cursor: Cursor,
 }
 
+/// A member's receipt in a conversation, with where they joined and whether they have written
+/// there (a member who has not shares no receipts of their own).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct MemberReceipt {
+    #[sqlx(rename = "user_id")]
+    pub user: UserId,
+    #[sqlx(rename = "delivered_seq")]
+    pub delivered: i64,
+    #[sqlx(rename = "read_seq")]
+    pub read: i64,
+    pub joined_seq: i64,
+    pub answered: bool,
+}
+
 /// Someone whose presence the asking user may see (see [`Store::watched`]).
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct Contact {
@@ -275,17 +408,27 @@ pub struct Linked {
     pub replaced: Option<DeviceId>,
 }
 
-/// A notification waiting in the push outbox: `user` has unseen messages in `conversation` up to `seq`.
+/// A message whose push fell due, claimed by this node (see [`Store::claim_pushes`]).
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
-pub struct PendingPush {
-    #[sqlx(rename = "user_id")]
-    pub user: UserId,
+pub struct PushIntent {
     #[sqlx(rename = "conversation_id")]
     pub conversation: ConversationId,
     pub seq: i64,
     #[sqlx(rename = "sender_user")]
     pub sender: UserId,
+    /// When the message was appended (Unix ms): devices linked later are not pushed for it.
+    pub created_at: i64,
+    /// Claims so far, this one included.
     pub attempts: i64,
+}
+
+/// A device to push: it has not acked a message it should have by now.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct PushTarget {
+    #[sqlx(rename = "user_id")]
+    pub user: UserId,
+    #[sqlx(rename = "device_id")]
+    pub device: DeviceId,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -302,6 +445,19 @@ pub enum StoreError {
     /// The sending device used this `client_id` before for another message.
     #[error("this client_id was used for another message")]
     ClientIdReused,
+    /// A reaction, edit or deletion names a message the sender cannot see (none, purged, or from
+    /// before they joined).
+    #[error("no such message")]
+    UnknownMessage,
+    /// Only a message's sender may edit it or delete it for everyone.
+    #[error("only its sender may edit or delete a message")]
+    NotSender,
+    /// The message is too old to be edited or deleted for everyone.
+    #[error("the time to edit or delete this message has passed")]
+    TooLate,
+    /// The message cannot take that: a reaction, an edit, a tombstone, or (for an edit) not text.
+    #[error("that message cannot be reacted to, edited or deleted")]
+    NotEditable,
     /// Users named in a request who do not exist.
     #[error("no such users: {0:?}")]
     UnknownUsers(Vec<UserId>),
@@ -418,6 +574,8 @@ impl Store {
             client_id: client_id.to_owned(),
             body: body.to_owned(),
             now_ms,
+            push_delay_ms: None,
+            effect: Effect::Ordinary,
         };
         match self.write_one(write).await? {
             Written::Appended(appended, _) => Ok(appended),
@@ -596,12 +754,18 @@ impl Store {
         conversation: &ConversationId,
         after: i64,
         upto: i64,
-        except: &UserId,
+        except: Option<&UserId>,
     ) -> Result<Vec<UserId>, StoreError> {
         if upto <= after {
             return Ok(Vec::new());
         }
         each!(self, s => s.senders_between(conversation, after, upto, except).await)
+    }
+
+    /// Every member's receipt, where they joined and whether they have written there (no
+    /// membership check: callers have made theirs).
+    pub async fn member_receipts(&self, conversation: &ConversationId) -> Result<Vec<MemberReceipt>, StoreError> {
+        each!(self, s => s.member_receipts(conversation).await)
     }
 
     /// Who is in a conversation, for fan-out inside chat-core (no membership check: callers have
@@ -751,31 +915,50 @@ impl Store {
         each!(self, s => s.set_last_seen(user, at_ms).await)
     }
 
-    /// Queues (or refreshes) a push for each of `users`: they have a message at `seq`.
-    pub async fn queue_pushes(
+    /// Claims up to `limit` push intents due at `now_ms`, oldest due first, for `lease_ms`: no
+    /// other node claims them meanwhile (PostgreSQL skips rows another claim holds; SQLite has one
+    /// writer), and if this node dies they fall due again when the lease runs out.
+    pub async fn claim_pushes(&self, now_ms: i64, lease_ms: i64, limit: i64) -> Result<Vec<PushIntent>, StoreError> {
+        each!(self, s => s.claim_pushes(now_ms, now_ms + lease_ms, limit).await)
+    }
+
+    /// The devices a push for `intent` goes to: every linked device of a member other than the
+    /// sender that has not acked its message (a device that acked within the delay was cancelled
+    /// by that ack), counting only members who were in the conversation at its seq and devices
+    /// linked before it was sent.
+    pub async fn push_targets(&self, intent: &PushIntent) -> Result<Vec<PushTarget>, StoreError> {
+        each!(self, s => s.push_targets(intent).await)
+    }
+
+    /// These pushes went out (or were given up on): their intents go.
+    pub async fn pushes_done(&self, intents: &[PushIntent]) -> Result<(), StoreError> {
+        each!(self, s => s.pushes_done(intents).await)
+    }
+
+    /// These pushes failed: they fall due again at `retry_at_ms`.
+    pub async fn retry_pushes(&self, intents: &[PushIntent], retry_at_ms: i64) -> Result<(), StoreError> {
+        each!(self, s => s.retry_pushes(intents, retry_at_ms).await)
+    }
+
+    /// When the next push intent falls due (or its claim's lease runs out), if there is one.
+    pub async fn next_push_due(&self) -> Result<Option<i64>, StoreError> {
+        each!(self, s => s.next_push_due().await)
+    }
+
+    /// Up to `limit` messages whose disappearing timer ran out by `now_ms`, oldest first: their
+    /// conversation, seq and body (whose media grants the caller takes back before
+    /// [`Store::expire`]).
+    pub async fn due_expiries(
         &self,
-        users: &[UserId],
-        conversation: &ConversationId,
-        seq: i64,
-        sender: &UserId,
         now_ms: i64,
-    ) -> Result<(), StoreError> {
-        each!(self, s => s.queue_pushes(users, conversation, seq, sender, now_ms).await)
+        limit: i64,
+    ) -> Result<Vec<(ConversationId, i64, String)>, StoreError> {
+        each!(self, s => s.due_expiries(now_ms, limit).await)
     }
 
-    /// Up to `limit` pushes due at `now_ms`, oldest due first.
-    pub async fn due_pushes(&self, now_ms: i64, limit: i64) -> Result<Vec<PendingPush>, StoreError> {
-        each!(self, s => s.due_pushes(now_ms, limit).await)
-    }
-
-    /// A push went out: drops it unless a newer message replaced it meanwhile.
-    pub async fn push_done(&self, push: &PendingPush) -> Result<(), StoreError> {
-        each!(self, s => s.push_done(push).await)
-    }
-
-    /// A push failed: tries again at `retry_at_ms`, or drops it when `retry_at_ms` is `None`.
-    pub async fn push_failed(&self, push: &PendingPush, retry_at_ms: Option<i64>) -> Result<(), StoreError> {
-        each!(self, s => s.push_failed(push, retry_at_ms).await)
+    /// Leaves a tombstone in place of each of these messages (not of one deleted meanwhile).
+    pub async fn expire(&self, messages: &[(ConversationId, i64)]) -> Result<(), StoreError> {
+        each!(self, s => s.expire(messages).await)
     }
 
     /// Deletes, in each conversation, the messages up to the newest one created before
@@ -1044,8 +1227,12 @@ fn newcomers(users: &[UserId], present: &[UserId]) -> Vec<(UserId, Role)> {
 /// What a send whose `client_id` the device used before gets: the first message if this is a
 /// retry of it (the same body), else [`StoreError::ClientIdReused`].
 fn retried(first: Option<Message>, body: &str) -> Result<Appended, StoreError> {
+    // A message edited or deleted since no longer reads as sent; a retry of it is still the same.
+    let changed = |first: &Message| {
+        first.body == DELETED_BODY || first.body == EXPIRED_BODY || first.body.contains("\"edited_at\"")
+    };
     match first {
-        Some(first) if first.body == body => Ok(Appended::Duplicate(first)),
+        Some(first) if first.body == body || changed(&first) => Ok(Appended::Duplicate(first)),
         Some(_) => Err(StoreError::ClientIdReused),
         None => Err(StoreError::Corrupt("a conflicting message vanished".into())),
     }

@@ -10,9 +10,10 @@ use types::{ConversationId, DeviceId, UserId};
 
 use super::{
     Acked, Appended, Bucket, Contact, ContactEntry, Conversation, ConversationKind, ConversationSummary, Cursor,
-    DeviceInfo, LinkAnswer, LinkState, Linked, MAX_CONTACTS, MAX_DEVICES, MAX_GROUP_MEMBERS, Members, Message,
-    NewLinkRequest, NewRefresh, PendingCode, PendingPush, Privacy, Receipt, Role, Rotation, Spend, StoreError,
-    SyncState, Write, Written, check_message, link_state, newcomers, pair_key, retried,
+    DeviceInfo, EXPIRED_BODY, Effect, LinkAnswer, LinkState, Linked, MAX_CONTACTS, MAX_DEVICES, MAX_GROUP_MEMBERS,
+    MemberReceipt, Members, Message, NewLinkRequest, NewMessage, NewRefresh, PendingCode, Privacy, PushIntent,
+    PushTarget, Receipt, Role, Rotation, Spend, StoreError, SyncState, Target, Write, Written, check_message,
+    effect_on, expires_at, link_state, may_set_timer, newcomers, pair_key, retried,
 };
 
 /// Users come into being the first time they are named.
@@ -100,20 +101,51 @@ const TAKE_SEQ: &str = "
     UPDATE chat_conversations SET last_seq = last_seq + 1, last_at = GREATEST(last_at, $3)
      WHERE conversation_id = $1
        AND EXISTS (SELECT 1 FROM chat_members WHERE conversation_id = $1 AND user_id = $2)
-    RETURNING last_seq, last_at";
+    RETURNING last_seq, last_at, disappear_secs";
 
 /// Inserts the message, or nothing when the sending device already sent this client id.
 const INSERT_MESSAGE: &str = "
-    INSERT INTO chat_messages (conversation_id, seq, sender_user, sender_device, client_id, body, created_at)
-    VALUES ($1, $2, $3, $4, $5, $6, $7)
+    INSERT INTO chat_messages (conversation_id, seq, sender_user, sender_device, client_id, body, created_at, expires_at)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
     ON CONFLICT (conversation_id, sender_device, client_id) DO NOTHING";
+
+/// Takes back a message whose effect was refused (the seq goes back with [`GIVE_SEQ_BACK`]).
+const DELETE_MESSAGE: &str = "DELETE FROM chat_messages WHERE conversation_id = $1 AND seq = $2";
+
+/// The message an effect names, if the actor can see it (it is from after they joined).
+const TARGET: &str = "
+    SELECT sender_user, body, created_at FROM chat_messages
+     WHERE conversation_id = $1 AND seq = $2
+       AND seq > (SELECT joined_seq FROM chat_members WHERE conversation_id = $1 AND user_id = $3)";
+
+const EDIT_BODY: &str = "UPDATE chat_messages SET body = $3 WHERE conversation_id = $1 AND seq = $2";
+
+/// A tombstone in place of a message: it no longer disappears (there is nothing left).
+const TOMBSTONE: &str = "UPDATE chat_messages SET body = $3, expires_at = NULL WHERE conversation_id = $1 AND seq = $2";
+
+/// The conversation's kind and the actor's role in it.
+const KIND_AND_ROLE: &str = "
+    SELECT c.kind, m.role FROM chat_conversations c
+      JOIN chat_members m ON m.conversation_id = c.conversation_id AND m.user_id = $2
+     WHERE c.conversation_id = $1";
+
+const SET_TIMER: &str = "UPDATE chat_conversations SET disappear_secs = $2 WHERE conversation_id = $1";
+
+/// Messages whose timer ran out, oldest first.
+const DUE_EXPIRIES: &str = "
+    SELECT conversation_id, seq, body FROM chat_messages WHERE expires_at <= $1 ORDER BY expires_at LIMIT $2";
+
+/// A message whose timer ran out keeps a tombstone (unless it was deleted meanwhile).
+const EXPIRE: &str = "
+    UPDATE chat_messages SET body = $3, expires_at = NULL
+     WHERE conversation_id = $1 AND seq = $2 AND expires_at IS NOT NULL";
 
 /// Gives a retry's seq back (the transaction holds the row, so it is still the last one).
 const GIVE_SEQ_BACK: &str = "UPDATE chat_conversations SET last_seq = last_seq - 1 WHERE conversation_id = $1";
 
 /// The first copy of a retried message.
 const BY_CLIENT_ID: &str = "
-    SELECT conversation_id, seq, sender_user, sender_device, client_id, body, created_at FROM chat_messages
+    SELECT conversation_id, seq, sender_user, sender_device, client_id, body, created_at, expires_at FROM chat_messages
      WHERE conversation_id = $1 AND sender_device = $2 AND client_id = $3";
 
 /// Moves a device's cursors, clamped to the log's end; only a member gets a row.
@@ -139,16 +171,20 @@ const MOVE_RECEIPT: &str = "
 const RECEIPT: &str = "SELECT delivered_seq, read_seq FROM chat_members WHERE conversation_id = $1 AND user_id = $2";
 
 /// Whom a receipt over a range of messages concerns.
+/// Every member's receipt and where they joined, for aggregated receipts.
+const MEMBER_RECEIPTS: &str =
+    "SELECT user_id, delivered_seq, read_seq, joined_seq, answered FROM chat_members WHERE conversation_id = $1";
+
 const SENDERS_BETWEEN: &str = "
     SELECT DISTINCT sender_user FROM chat_messages
-     WHERE conversation_id = $1 AND seq > $2 AND seq <= $3 AND sender_user <> $4";
+     WHERE conversation_id = $1 AND seq > $2 AND seq <= $3 AND sender_user <> COALESCE($4, '')";
 
 /// The sender has answered in the conversation (written once, on their first message).
 const MARK_ANSWERED: &str =
     "UPDATE chat_members SET answered = TRUE WHERE conversation_id = $1 AND user_id = $2 AND NOT answered";
 
 const MESSAGES_AFTER: &str = "
-    SELECT conversation_id, seq, sender_user, sender_device, client_id, body, created_at FROM chat_messages
+    SELECT conversation_id, seq, sender_user, sender_device, client_id, body, created_at, expires_at FROM chat_messages
      WHERE conversation_id = $1 AND seq > $2 ORDER BY seq LIMIT $3";
 
 const DEVICE_EXISTS: &str = "SELECT EXISTS (SELECT 1 FROM chat_devices WHERE user_id = $1 AND device_id = $2)";
@@ -275,22 +311,35 @@ const SWEEP_LIMITS: &str = "DELETE FROM chat_rate_limits WHERE tat < $1";
 
 const SET_LAST_SEEN: &str = "UPDATE chat_users SET last_seen = $2 WHERE user_id = $1";
 
-/// One pending push per user and conversation; the newest seq wins.
-const QUEUE_PUSH: &str = "
-    INSERT INTO chat_push_outbox (user_id, conversation_id, seq, sender_user, attempts, next_attempt_at, created_at)
-    VALUES ($1, $2, $3, $4, 0, $5, $5)
-    ON CONFLICT (user_id, conversation_id) DO UPDATE SET
-      seq = GREATEST(excluded.seq, chat_push_outbox.seq), sender_user = excluded.sender_user";
+/// A message's push intent, written with it.
+const INSERT_PUSH_INTENT: &str = "
+    INSERT INTO chat_push_intents (conversation_id, seq, sender_user, created_at, due_at) VALUES ($1, $2, $3, $4, $5)";
 
-const DUE_PUSHES: &str = "
-    SELECT user_id, conversation_id, seq, sender_user, attempts FROM chat_push_outbox
-     WHERE next_attempt_at <= $1 ORDER BY next_attempt_at LIMIT $2";
+/// Claims due intents for a lease; rows another node's claim holds are skipped, not waited for.
+const CLAIM_PUSHES: &str = "
+    UPDATE chat_push_intents SET due_at = $2, attempts = attempts + 1
+     WHERE (conversation_id, seq) IN
+           (SELECT conversation_id, seq FROM chat_push_intents WHERE due_at <= $1 ORDER BY due_at LIMIT $3
+               FOR UPDATE SKIP LOCKED)
+    RETURNING conversation_id, seq, sender_user, created_at, attempts";
 
-const DELETE_PUSH: &str = "DELETE FROM chat_push_outbox WHERE user_id = $1 AND conversation_id = $2 AND seq = $3";
+/// The devices of the members at the message's seq, but the sender's, that have not acked it and
+/// were linked by the time it was sent.
+const PUSH_TARGETS: &str = "
+    SELECT d.user_id, d.device_id
+      FROM chat_members m
+      JOIN chat_devices d ON d.user_id = m.user_id
+      LEFT JOIN chat_cursors cu
+        ON cu.user_id = d.user_id AND cu.device_id = d.device_id AND cu.conversation_id = m.conversation_id
+     WHERE m.conversation_id = $1 AND m.user_id <> $2 AND m.joined_seq < $3 AND d.created_at <= $4
+       AND COALESCE(cu.delivered_seq, 0) < $3
+     ORDER BY d.user_id, d.device_id";
 
-const RETRY_PUSH: &str = "
-    UPDATE chat_push_outbox SET attempts = attempts + 1, next_attempt_at = $3
-     WHERE user_id = $1 AND conversation_id = $2";
+const DELETE_PUSH_INTENT: &str = "DELETE FROM chat_push_intents WHERE conversation_id = $1 AND seq = $2";
+
+const RETRY_PUSH_INTENT: &str = "UPDATE chat_push_intents SET due_at = $3 WHERE conversation_id = $1 AND seq = $2";
+
+const NEXT_PUSH_DUE: &str = "SELECT MIN(due_at) FROM chat_push_intents";
 
 /// Marks how far each conversation with old messages is purged (deleted next, same transaction).
 /// Per conversation with messages older than the cutoff, in id order from where the last round
@@ -421,8 +470,19 @@ impl Postgres {
         let mut answered: std::collections::HashSet<(ConversationId, UserId)> = std::collections::HashSet::new();
         for i in order {
             let result = match &batch[i] {
-                Write::Append { conversation, sender, device, client_id, body, now_ms } => {
-                    let appended = append(&mut tx, conversation, sender, device, client_id, body, *now_ms).await;
+                Write::Append { conversation, sender, device, client_id, body, now_ms, push_delay_ms, effect } => {
+                    let new = NewMessage { conversation, sender, device, client_id, body, now_ms: *now_ms, effect };
+                    let appended = append(&mut tx, &new).await;
+                    if let (Ok(Appended::New(message)), Some(delay)) = (&appended, push_delay_ms) {
+                        sqlx::query(INSERT_PUSH_INTENT)
+                            .bind(conversation)
+                            .bind(message.seq)
+                            .bind(sender)
+                            .bind(message.created_at)
+                            .bind(message.created_at.saturating_add(*delay))
+                            .execute(&mut *tx)
+                            .await?;
+                    }
                     // A sender's first message marks them as having answered; once a batch.
                     if let Ok(Appended::New(_)) = appended
                         && answered.insert((*conversation, sender.clone()))
@@ -635,7 +695,7 @@ impl Postgres {
         conversation: &ConversationId,
         after: i64,
         upto: i64,
-        except: &UserId,
+        except: Option<&UserId>,
     ) -> Result<Vec<UserId>, StoreError> {
         Ok(sqlx::query_scalar(SENDERS_BETWEEN)
             .bind(conversation)
@@ -644,6 +704,13 @@ impl Postgres {
             .bind(except)
             .fetch_all(&self.db)
             .await?)
+    }
+
+    pub(super) async fn member_receipts(
+        &self,
+        conversation: &ConversationId,
+    ) -> Result<Vec<MemberReceipt>, StoreError> {
+        Ok(sqlx::query_as(MEMBER_RECEIPTS).bind(conversation).fetch_all(&self.db).await?)
     }
 
     pub(super) async fn member_ids(&self, conversation: &ConversationId) -> Result<Vec<UserId>, StoreError> {
@@ -819,22 +886,41 @@ impl Postgres {
         Ok(())
     }
 
-    pub(super) async fn queue_pushes(
+    pub(super) async fn claim_pushes(
         &self,
-        users: &[UserId],
-        conversation: &ConversationId,
-        seq: i64,
-        sender: &UserId,
         now_ms: i64,
-    ) -> Result<(), StoreError> {
+        until_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<PushIntent>, StoreError> {
+        Ok(sqlx::query_as(CLAIM_PUSHES).bind(now_ms).bind(until_ms).bind(limit).fetch_all(&self.db).await?)
+    }
+
+    pub(super) async fn push_targets(&self, intent: &PushIntent) -> Result<Vec<PushTarget>, StoreError> {
+        Ok(sqlx::query_as(PUSH_TARGETS)
+            .bind(intent.conversation)
+            .bind(&intent.sender)
+            .bind(intent.seq)
+            .bind(intent.created_at)
+            .fetch_all(&self.db)
+            .await?)
+    }
+
+    pub(super) async fn pushes_done(&self, intents: &[PushIntent]) -> Result<(), StoreError> {
         let mut tx = self.db.begin().await?;
-        for user in users {
-            sqlx::query(QUEUE_PUSH)
-                .bind(user)
-                .bind(conversation)
-                .bind(seq)
-                .bind(sender)
-                .bind(now_ms)
+        for intent in intents {
+            sqlx::query(DELETE_PUSH_INTENT).bind(intent.conversation).bind(intent.seq).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub(super) async fn retry_pushes(&self, intents: &[PushIntent], retry_at_ms: i64) -> Result<(), StoreError> {
+        let mut tx = self.db.begin().await?;
+        for intent in intents {
+            sqlx::query(RETRY_PUSH_INTENT)
+                .bind(intent.conversation)
+                .bind(intent.seq)
+                .bind(retry_at_ms)
                 .execute(&mut *tx)
                 .await?;
         }
@@ -842,29 +928,24 @@ impl Postgres {
         Ok(())
     }
 
-    pub(super) async fn due_pushes(&self, now_ms: i64, limit: i64) -> Result<Vec<PendingPush>, StoreError> {
-        Ok(sqlx::query_as(DUE_PUSHES).bind(now_ms).bind(limit).fetch_all(&self.db).await?)
+    pub(super) async fn next_push_due(&self) -> Result<Option<i64>, StoreError> {
+        Ok(sqlx::query_scalar(NEXT_PUSH_DUE).fetch_one(&self.db).await?)
     }
 
-    pub(super) async fn push_done(&self, push: &PendingPush) -> Result<(), StoreError> {
-        sqlx::query(DELETE_PUSH).bind(&push.user).bind(push.conversation).bind(push.seq).execute(&self.db).await?;
-        Ok(())
+    pub(super) async fn due_expiries(
+        &self,
+        now_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<(ConversationId, i64, String)>, StoreError> {
+        Ok(sqlx::query_as(DUE_EXPIRIES).bind(now_ms).bind(limit).fetch_all(&self.db).await?)
     }
 
-    pub(super) async fn push_failed(&self, push: &PendingPush, retry_at_ms: Option<i64>) -> Result<(), StoreError> {
-        match retry_at_ms {
-            Some(at) => {
-                sqlx::query(RETRY_PUSH).bind(&push.user).bind(push.conversation).bind(at).execute(&self.db).await?
-            }
-            None => {
-                sqlx::query(DELETE_PUSH)
-                    .bind(&push.user)
-                    .bind(push.conversation)
-                    .bind(push.seq)
-                    .execute(&self.db)
-                    .await?
-            }
-        };
+    pub(super) async fn expire(&self, messages: &[(ConversationId, i64)]) -> Result<(), StoreError> {
+        let mut tx = self.db.begin().await?;
+        for (conversation, seq) in messages {
+            sqlx::query(EXPIRE).bind(conversation).bind(seq).bind(EXPIRED_BODY).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 
@@ -1105,20 +1186,14 @@ async fn insert_members(
 
 /// Appends inside `tx`. A refusal (not a member, a bad message) writes nothing, and a duplicate
 /// gives its seq back, so a batch goes on after either without a savepoint.
-async fn append(
-    tx: &mut Transaction<'_, Pg>,
-    conversation: &ConversationId,
-    sender: &UserId,
-    device: &DeviceId,
-    client_id: &str,
-    body: &str,
-    now_ms: i64,
-) -> Result<Appended, StoreError> {
+async fn append(tx: &mut Transaction<'_, Pg>, write: &NewMessage<'_>) -> Result<Appended, StoreError> {
+    let NewMessage { conversation, sender, device, client_id, body, now_ms, effect } = *write;
     check_message(client_id, body)?;
     // Taking the next seq locks the conversation row, and only a member takes one.
-    let taken: Option<(i64, i64)> =
+    let taken: Option<(i64, i64, i64)> =
         sqlx::query_as(TAKE_SEQ).bind(conversation).bind(sender).bind(now_ms).fetch_optional(&mut **tx).await?;
-    let Some((seq, now_ms)) = taken else { return Err(StoreError::NotMember) };
+    let Some((seq, now_ms, disappear_secs)) = taken else { return Err(StoreError::NotMember) };
+    let expires_at = expires_at(effect, now_ms, disappear_secs);
     let inserted = sqlx::query(INSERT_MESSAGE)
         .bind(conversation)
         .bind(seq)
@@ -1127,6 +1202,7 @@ async fn append(
         .bind(client_id)
         .bind(body)
         .bind(now_ms)
+        .bind(expires_at)
         .execute(&mut **tx)
         .await?
         .rows_affected();
@@ -1140,6 +1216,14 @@ async fn append(
             .await?;
         return retried(first, body);
     }
+    if let Err(e) = apply_effect(tx, conversation, sender, seq, now_ms, effect).await {
+        // Refused: the message goes, and its seq with it (the transaction still holds the row).
+        if !matches!(e, StoreError::Database(_) | StoreError::Corrupt(_)) {
+            sqlx::query(DELETE_MESSAGE).bind(conversation).bind(seq).execute(&mut **tx).await?;
+            sqlx::query(GIVE_SEQ_BACK).bind(conversation).execute(&mut **tx).await?;
+        }
+        return Err(e);
+    }
     Ok(Appended::New(Message {
         conversation: *conversation,
         seq,
@@ -1148,7 +1232,55 @@ async fn append(
         client_id: client_id.to_owned(),
         body: body.to_owned(),
         created_at: now_ms,
+        expires_at,
     }))
+}
+
+/// Does what the message at `seq` does besides being stored (see [`Effect`]).
+async fn apply_effect(
+    tx: &mut Transaction<'_, Pg>,
+    conversation: &ConversationId,
+    actor: &UserId,
+    seq: i64,
+    now_ms: i64,
+    effect: &Effect,
+) -> Result<(), StoreError> {
+    match effect {
+        Effect::Ordinary => Ok(()),
+        Effect::Timer { secs } => {
+            let found: Option<(String, String)> =
+                sqlx::query_as(KIND_AND_ROLE).bind(conversation).bind(actor).fetch_optional(&mut **tx).await?;
+            let found = match found {
+                Some((kind, role)) => {
+                    let kind = ConversationKind::parse(&kind)
+                        .ok_or_else(|| StoreError::Corrupt(format!("conversation kind {kind:?}")))?;
+                    Some((kind, Role::try_from(role).map_err(StoreError::Corrupt)?))
+                }
+                None => None,
+            };
+            may_set_timer(found)?;
+            sqlx::query(SET_TIMER).bind(conversation).bind(secs).execute(&mut **tx).await?;
+            Ok(())
+        }
+        Effect::React { to } | Effect::Edit { to, .. } | Effect::Delete { to } => {
+            let target = if *to < seq {
+                sqlx::query_as::<_, (UserId, String, i64)>(TARGET)
+                    .bind(conversation)
+                    .bind(to)
+                    .bind(actor)
+                    .fetch_optional(&mut **tx)
+                    .await?
+                    .map(|(sender, body, created_at)| Target { sender, body, created_at })
+            } else {
+                None
+            };
+            let statement = if matches!(effect, Effect::Delete { .. }) { TOMBSTONE } else { EDIT_BODY };
+            if let Some(body) = effect_on(effect, actor, target, now_ms)? {
+                sqlx::query(statement).bind(conversation).bind(to).bind(body).execute(&mut **tx).await?;
+            }
+            Ok(())
+        }
+    }
 }
 
 /// Moves a device's cursor and the user's receipt inside `tx`; a non-member writes nothing.

@@ -23,9 +23,10 @@ use types::{ConversationId, DeviceId, UserId};
 
 use super::{
     Acked, Appended, Bucket, Contact, ContactEntry, Conversation, ConversationKind, ConversationSummary, Cursor,
-    DeviceInfo, LinkAnswer, LinkState, Linked, MAX_CONTACTS, MAX_DEVICES, MAX_GROUP_MEMBERS, Members, Message,
-    NewLinkRequest, NewRefresh, PendingCode, PendingPush, Privacy, Receipt, Role, Rotation, Spend, StoreError,
-    SyncState, Write, Written, check_message, link_state, newcomers, pair_key, retried,
+    DeviceInfo, EXPIRED_BODY, Effect, LinkAnswer, LinkState, Linked, MAX_CONTACTS, MAX_DEVICES, MAX_GROUP_MEMBERS,
+    MemberReceipt, Members, Message, NewLinkRequest, NewMessage, NewRefresh, PendingCode, Privacy, PushIntent,
+    PushTarget, Receipt, Role, Rotation, Spend, StoreError, SyncState, Target, Write, Written, check_message,
+    effect_on, expires_at, link_state, may_set_timer, newcomers, pair_key, retried,
 };
 
 /// Users come into being the first time they are named.
@@ -108,20 +109,51 @@ const TAKE_SEQ: &str = "
     UPDATE chat_conversations SET last_seq = last_seq + 1, last_at = MAX(last_at, ?3)
      WHERE conversation_id = ?1
        AND EXISTS (SELECT 1 FROM chat_members WHERE conversation_id = ?1 AND user_id = ?2)
-    RETURNING last_seq, last_at";
+    RETURNING last_seq, last_at, disappear_secs";
 
 /// Inserts the message, or nothing when the sending device already sent this client id.
 const INSERT_MESSAGE: &str = "
-    INSERT INTO chat_messages (conversation_id, seq, sender_user, sender_device, client_id, body, created_at)
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+    INSERT INTO chat_messages (conversation_id, seq, sender_user, sender_device, client_id, body, created_at, expires_at)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
     ON CONFLICT (conversation_id, sender_device, client_id) DO NOTHING";
+
+/// Takes back a message whose effect was refused (the seq goes back with [`GIVE_SEQ_BACK`]).
+const DELETE_MESSAGE: &str = "DELETE FROM chat_messages WHERE conversation_id = ?1 AND seq = ?2";
+
+/// The message an effect names, if the actor can see it (it is from after they joined).
+const TARGET: &str = "
+    SELECT sender_user, body, created_at FROM chat_messages
+     WHERE conversation_id = ?1 AND seq = ?2
+       AND seq > (SELECT joined_seq FROM chat_members WHERE conversation_id = ?1 AND user_id = ?3)";
+
+const EDIT_BODY: &str = "UPDATE chat_messages SET body = ?3 WHERE conversation_id = ?1 AND seq = ?2";
+
+/// A tombstone in place of a message: it no longer disappears (there is nothing left).
+const TOMBSTONE: &str = "UPDATE chat_messages SET body = ?3, expires_at = NULL WHERE conversation_id = ?1 AND seq = ?2";
+
+/// The conversation's kind and the actor's role in it.
+const KIND_AND_ROLE: &str = "
+    SELECT c.kind, m.role FROM chat_conversations c
+      JOIN chat_members m ON m.conversation_id = c.conversation_id AND m.user_id = ?2
+     WHERE c.conversation_id = ?1";
+
+const SET_TIMER: &str = "UPDATE chat_conversations SET disappear_secs = ?2 WHERE conversation_id = ?1";
+
+/// Messages whose timer ran out, oldest first.
+const DUE_EXPIRIES: &str = "
+    SELECT conversation_id, seq, body FROM chat_messages WHERE expires_at <= ?1 ORDER BY expires_at LIMIT ?2";
+
+/// A message whose timer ran out keeps a tombstone (unless it was deleted meanwhile).
+const EXPIRE: &str = "
+    UPDATE chat_messages SET body = ?3, expires_at = NULL
+     WHERE conversation_id = ?1 AND seq = ?2 AND expires_at IS NOT NULL";
 
 /// Gives a retry's seq back (the transaction holds the write lock, so it is still the last one).
 const GIVE_SEQ_BACK: &str = "UPDATE chat_conversations SET last_seq = last_seq - 1 WHERE conversation_id = ?1";
 
 /// The first copy of a retried message.
 const BY_CLIENT_ID: &str = "
-    SELECT conversation_id, seq, sender_user, sender_device, client_id, body, created_at FROM chat_messages
+    SELECT conversation_id, seq, sender_user, sender_device, client_id, body, created_at, expires_at FROM chat_messages
      WHERE conversation_id = ?1 AND sender_device = ?2 AND client_id = ?3";
 
 /// Moves a device's cursors, clamped to the log's end; only a member gets a row.
@@ -149,14 +181,18 @@ const RECEIPT: &str = "SELECT delivered_seq, read_seq FROM chat_members WHERE co
 /// Whom a receipt over a range of messages concerns.
 const SENDERS_BETWEEN: &str = "
     SELECT DISTINCT sender_user FROM chat_messages
-     WHERE conversation_id = ?1 AND seq > ?2 AND seq <= ?3 AND sender_user <> ?4";
+     WHERE conversation_id = ?1 AND seq > ?2 AND seq <= ?3 AND sender_user <> COALESCE(?4, '')";
+
+/// Every member's receipt and where they joined, for aggregated receipts.
+const MEMBER_RECEIPTS: &str =
+    "SELECT user_id, delivered_seq, read_seq, joined_seq, answered FROM chat_members WHERE conversation_id = ?1";
 
 /// The sender has answered in the conversation (written once, on their first message).
 const MARK_ANSWERED: &str =
     "UPDATE chat_members SET answered = TRUE WHERE conversation_id = ?1 AND user_id = ?2 AND NOT answered";
 
 const MESSAGES_AFTER: &str = "
-    SELECT conversation_id, seq, sender_user, sender_device, client_id, body, created_at FROM chat_messages
+    SELECT conversation_id, seq, sender_user, sender_device, client_id, body, created_at, expires_at FROM chat_messages
      WHERE conversation_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3";
 
 const DEVICE_EXISTS: &str = "SELECT EXISTS (SELECT 1 FROM chat_devices WHERE user_id = ?1 AND device_id = ?2)";
@@ -282,22 +318,34 @@ const SWEEP_LIMITS: &str = "DELETE FROM chat_rate_limits WHERE tat < ?1";
 
 const SET_LAST_SEEN: &str = "UPDATE chat_users SET last_seen = ?2 WHERE user_id = ?1";
 
-/// One pending push per user and conversation; the newest seq wins.
-const QUEUE_PUSH: &str = "
-    INSERT INTO chat_push_outbox (user_id, conversation_id, seq, sender_user, attempts, next_attempt_at, created_at)
-    VALUES (?1, ?2, ?3, ?4, 0, ?5, ?5)
-    ON CONFLICT (user_id, conversation_id) DO UPDATE SET
-      seq = MAX(excluded.seq, chat_push_outbox.seq), sender_user = excluded.sender_user";
+/// A message's push intent, written with it.
+const INSERT_PUSH_INTENT: &str = "
+    INSERT INTO chat_push_intents (conversation_id, seq, sender_user, created_at, due_at) VALUES (?1, ?2, ?3, ?4, ?5)";
 
-const DUE_PUSHES: &str = "
-    SELECT user_id, conversation_id, seq, sender_user, attempts FROM chat_push_outbox
-     WHERE next_attempt_at <= ?1 ORDER BY next_attempt_at LIMIT ?2";
+/// Claims due intents for a lease (the single writer: no two claims run at once).
+const CLAIM_PUSHES: &str = "
+    UPDATE chat_push_intents SET due_at = ?2, attempts = attempts + 1
+     WHERE (conversation_id, seq) IN
+           (SELECT conversation_id, seq FROM chat_push_intents WHERE due_at <= ?1 ORDER BY due_at LIMIT ?3)
+    RETURNING conversation_id, seq, sender_user, created_at, attempts";
 
-const DELETE_PUSH: &str = "DELETE FROM chat_push_outbox WHERE user_id = ?1 AND conversation_id = ?2 AND seq = ?3";
+/// The devices of the members at the message's seq, but the sender's, that have not acked it and
+/// were linked by the time it was sent.
+const PUSH_TARGETS: &str = "
+    SELECT d.user_id, d.device_id
+      FROM chat_members m
+      JOIN chat_devices d ON d.user_id = m.user_id
+      LEFT JOIN chat_cursors cu
+        ON cu.user_id = d.user_id AND cu.device_id = d.device_id AND cu.conversation_id = m.conversation_id
+     WHERE m.conversation_id = ?1 AND m.user_id <> ?2 AND m.joined_seq < ?3 AND d.created_at <= ?4
+       AND COALESCE(cu.delivered_seq, 0) < ?3
+     ORDER BY d.user_id, d.device_id";
 
-const RETRY_PUSH: &str = "
-    UPDATE chat_push_outbox SET attempts = attempts + 1, next_attempt_at = ?3
-     WHERE user_id = ?1 AND conversation_id = ?2";
+const DELETE_PUSH_INTENT: &str = "DELETE FROM chat_push_intents WHERE conversation_id = ?1 AND seq = ?2";
+
+const RETRY_PUSH_INTENT: &str = "UPDATE chat_push_intents SET due_at = ?3 WHERE conversation_id = ?1 AND seq = ?2";
+
+const NEXT_PUSH_DUE: &str = "SELECT MIN(due_at) FROM chat_push_intents";
 
 /// Marks how far each conversation with old messages is purged (deleted next, same transaction).
 /// Per conversation with messages older than the cutoff, in id order from where the last round
@@ -517,8 +565,19 @@ impl Sqlite {
             let mut answered: std::collections::HashSet<(ConversationId, UserId)> = std::collections::HashSet::new();
             for write in &batch {
                 let result = match write {
-                    Write::Append { conversation, sender, device, client_id, body, now_ms } => {
-                        append(&tx, conversation, sender, device, client_id, body, *now_ms).and_then(|appended| {
+                    Write::Append { conversation, sender, device, client_id, body, now_ms, push_delay_ms, effect } => {
+                        let new = NewMessage { conversation, sender, device, client_id, body, now_ms: *now_ms, effect };
+                        append(&tx, &new).and_then(|appended| {
+                            if let (Appended::New(message), Some(delay)) = (&appended, push_delay_ms) {
+                                let due = message.created_at.saturating_add(*delay);
+                                tx.prepare_cached(INSERT_PUSH_INTENT)?.execute(params![
+                                    conversation,
+                                    message.seq,
+                                    sender,
+                                    message.created_at,
+                                    due
+                                ])?;
+                            }
                             // A sender's first message marks them as having answered; once a batch.
                             if matches!(appended, Appended::New(_)) && answered.insert((*conversation, sender.clone()))
                             {
@@ -785,12 +844,33 @@ impl Sqlite {
         conversation: &ConversationId,
         after: i64,
         upto: i64,
-        except: &UserId,
+        except: Option<&UserId>,
     ) -> Result<Vec<UserId>, StoreError> {
-        let (conversation, except) = (*conversation, except.clone());
+        let (conversation, except) = (*conversation, except.cloned());
         self.read(move |conn| {
             let mut statement = conn.prepare_cached(SENDERS_BETWEEN)?;
             let rows = statement.query_map(params![conversation, after, upto, except], |r| r.get(0))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    pub(super) async fn member_receipts(
+        &self,
+        conversation: &ConversationId,
+    ) -> Result<Vec<MemberReceipt>, StoreError> {
+        let conversation = *conversation;
+        self.read(move |conn| {
+            let mut statement = conn.prepare_cached(MEMBER_RECEIPTS)?;
+            let rows = statement.query_map(params![conversation], |r| {
+                Ok(MemberReceipt {
+                    user: r.get(0)?,
+                    delivered: r.get(1)?,
+                    read: r.get(2)?,
+                    joined_seq: r.get(3)?,
+                    answered: r.get(4)?,
+                })
+            })?;
             Ok(rows.collect::<Result<_, _>>()?)
         })
         .await
@@ -1031,35 +1111,20 @@ impl Sqlite {
         .await
     }
 
-    pub(super) async fn queue_pushes(
+    pub(super) async fn claim_pushes(
         &self,
-        users: &[UserId],
-        conversation: &ConversationId,
-        seq: i64,
-        sender: &UserId,
         now_ms: i64,
-    ) -> Result<(), StoreError> {
-        let (users, conversation, sender) = (users.to_vec(), *conversation, sender.clone());
+        until_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<PushIntent>, StoreError> {
         self.write(move |conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            for user in &users {
-                tx.prepare_cached(QUEUE_PUSH)?.execute(params![user, conversation, seq, sender, now_ms])?;
-            }
-            tx.commit()?;
-            Ok(())
-        })
-        .await
-    }
-
-    pub(super) async fn due_pushes(&self, now_ms: i64, limit: i64) -> Result<Vec<PendingPush>, StoreError> {
-        self.read(move |conn| {
-            let mut statement = conn.prepare_cached(DUE_PUSHES)?;
-            let rows = statement.query_map(params![now_ms, limit], |r| {
-                Ok(PendingPush {
-                    user: r.get("user_id")?,
+            let mut statement = conn.prepare_cached(CLAIM_PUSHES)?;
+            let rows = statement.query_map(params![now_ms, until_ms, limit], |r| {
+                Ok(PushIntent {
                     conversation: r.get("conversation_id")?,
                     seq: r.get("seq")?,
                     sender: r.get("sender_user")?,
+                    created_at: r.get("created_at")?,
                     attempts: r.get("attempts")?,
                 })
             })?;
@@ -1068,22 +1133,70 @@ impl Sqlite {
         .await
     }
 
-    pub(super) async fn push_done(&self, push: &PendingPush) -> Result<(), StoreError> {
-        let push = push.clone();
+    pub(super) async fn push_targets(&self, intent: &PushIntent) -> Result<Vec<PushTarget>, StoreError> {
+        let intent = intent.clone();
+        self.read(move |conn| {
+            let mut statement = conn.prepare_cached(PUSH_TARGETS)?;
+            let rows = statement
+                .query_map(params![intent.conversation, intent.sender, intent.seq, intent.created_at], |r| {
+                    Ok(PushTarget { user: r.get("user_id")?, device: r.get("device_id")? })
+                })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    pub(super) async fn pushes_done(&self, intents: &[PushIntent]) -> Result<(), StoreError> {
+        let keys: Vec<(ConversationId, i64)> = intents.iter().map(|i| (i.conversation, i.seq)).collect();
         self.write(move |conn| {
-            conn.prepare_cached(DELETE_PUSH)?.execute(params![push.user, push.conversation, push.seq])?;
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            for (conversation, seq) in &keys {
+                tx.prepare_cached(DELETE_PUSH_INTENT)?.execute(params![conversation, seq])?;
+            }
+            tx.commit()?;
             Ok(())
         })
         .await
     }
 
-    pub(super) async fn push_failed(&self, push: &PendingPush, retry_at_ms: Option<i64>) -> Result<(), StoreError> {
-        let push = push.clone();
+    pub(super) async fn retry_pushes(&self, intents: &[PushIntent], retry_at_ms: i64) -> Result<(), StoreError> {
+        let keys: Vec<(ConversationId, i64)> = intents.iter().map(|i| (i.conversation, i.seq)).collect();
         self.write(move |conn| {
-            match retry_at_ms {
-                Some(at) => conn.prepare_cached(RETRY_PUSH)?.execute(params![push.user, push.conversation, at])?,
-                None => conn.prepare_cached(DELETE_PUSH)?.execute(params![push.user, push.conversation, push.seq])?,
-            };
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            for (conversation, seq) in &keys {
+                tx.prepare_cached(RETRY_PUSH_INTENT)?.execute(params![conversation, seq, retry_at_ms])?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub(super) async fn next_push_due(&self) -> Result<Option<i64>, StoreError> {
+        self.read(move |conn| Ok(conn.prepare_cached(NEXT_PUSH_DUE)?.query_row([], |r| r.get(0))?)).await
+    }
+
+    pub(super) async fn due_expiries(
+        &self,
+        now_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<(ConversationId, i64, String)>, StoreError> {
+        self.read(move |conn| {
+            let mut statement = conn.prepare_cached(DUE_EXPIRIES)?;
+            let rows = statement.query_map(params![now_ms, limit], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    pub(super) async fn expire(&self, messages: &[(ConversationId, i64)]) -> Result<(), StoreError> {
+        let messages = messages.to_vec();
+        self.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            for (conversation, seq) in &messages {
+                tx.prepare_cached(EXPIRE)?.execute(params![conversation, seq, EXPIRED_BODY])?;
+            }
+            tx.commit()?;
             Ok(())
         })
         .await
@@ -1391,6 +1504,7 @@ fn message(r: &Row<'_>) -> rusqlite::Result<Message> {
         client_id: r.get("client_id")?,
         body: r.get("body")?,
         created_at: r.get("created_at")?,
+        expires_at: r.get("expires_at")?,
     })
 }
 
@@ -1471,21 +1585,15 @@ fn insert_members(
 
 /// Appends inside `tx`. A refusal (not a member, a bad message) writes nothing, and a duplicate
 /// gives its seq back, so a batch goes on after either without a savepoint.
-fn append(
-    tx: &Transaction<'_>,
-    conversation: &ConversationId,
-    sender: &UserId,
-    device: &DeviceId,
-    client_id: &str,
-    body: &str,
-    now_ms: i64,
-) -> Result<Appended, StoreError> {
+fn append(tx: &Transaction<'_>, write: &NewMessage<'_>) -> Result<Appended, StoreError> {
+    let NewMessage { conversation, sender, device, client_id, body, now_ms, effect } = *write;
     check_message(client_id, body)?;
-    let taken: Option<(i64, i64)> = tx
+    let taken: Option<(i64, i64, i64)> = tx
         .prepare_cached(TAKE_SEQ)?
-        .query_row(params![conversation, sender, now_ms], |r| Ok((r.get(0)?, r.get(1)?)))
+        .query_row(params![conversation, sender, now_ms], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .optional()?;
-    let Some((seq, now_ms)) = taken else { return Err(StoreError::NotMember) };
+    let Some((seq, now_ms, disappear_secs)) = taken else { return Err(StoreError::NotMember) };
+    let expires_at = expires_at(effect, now_ms, disappear_secs);
     let inserted = tx.prepare_cached(INSERT_MESSAGE)?.execute(params![
         conversation,
         seq,
@@ -1493,13 +1601,22 @@ fn append(
         device,
         client_id,
         body,
-        now_ms
+        now_ms,
+        expires_at
     ])?;
     if inserted == 0 {
         tx.prepare_cached(GIVE_SEQ_BACK)?.execute(params![conversation])?;
         let first =
             tx.prepare_cached(BY_CLIENT_ID)?.query_row(params![conversation, device, client_id], message).optional()?;
         return retried(first, body);
+    }
+    if let Err(e) = apply_effect(tx, conversation, sender, seq, now_ms, effect) {
+        // Refused: the message goes, and its seq with it (the writer still holds the lock).
+        if !matches!(e, StoreError::Database(_) | StoreError::Corrupt(_)) {
+            tx.prepare_cached(DELETE_MESSAGE)?.execute(params![conversation, seq])?;
+            tx.prepare_cached(GIVE_SEQ_BACK)?.execute(params![conversation])?;
+        }
+        return Err(e);
     }
     Ok(Appended::New(Message {
         conversation: *conversation,
@@ -1509,7 +1626,50 @@ fn append(
         client_id: client_id.to_owned(),
         body: body.to_owned(),
         created_at: now_ms,
+        expires_at,
     }))
+}
+
+/// Does what the message at `seq` does besides being stored (see [`Effect`]).
+fn apply_effect(
+    tx: &Transaction<'_>,
+    conversation: &ConversationId,
+    actor: &UserId,
+    seq: i64,
+    now_ms: i64,
+    effect: &Effect,
+) -> Result<(), StoreError> {
+    match effect {
+        Effect::Ordinary => Ok(()),
+        Effect::Timer { secs } => {
+            let found: Option<(ConversationKind, Role)> = tx
+                .prepare_cached(KIND_AND_ROLE)?
+                .query_row(params![conversation, actor], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            may_set_timer(found)?;
+            tx.prepare_cached(SET_TIMER)?.execute(params![conversation, secs])?;
+            Ok(())
+        }
+        Effect::React { to } | Effect::Edit { to, .. } | Effect::Delete { to } => {
+            let target = if *to < seq {
+                tx.prepare_cached(TARGET)?
+                    .query_row(params![conversation, to, actor], |r| {
+                        Ok(Target { sender: r.get(0)?, body: r.get(1)?, created_at: r.get(2)? })
+                    })
+                    .optional()?
+            } else {
+                None
+            };
+            match effect_on(effect, actor, target, now_ms)? {
+                Some(body) if matches!(effect, Effect::Delete { .. }) => {
+                    tx.prepare_cached(TOMBSTONE)?.execute(params![conversation, to, body])?
+                }
+                Some(body) => tx.prepare_cached(EDIT_BODY)?.execute(params![conversation, to, body])?,
+                None => 0,
+            };
+            Ok(())
+        }
+    }
 }
 
 /// Moves a device's cursor and the user's receipt inside `tx`; a non-member writes nothing.

@@ -249,8 +249,12 @@ impl Store {
         each!(self, db => db.may_read(id, user).await)
     }
 
-    pub(crate) async fn grant(&self, id: MediaId, users: &[UserId], now: i64) -> Result<(), sqlx::Error> {
-        each!(self, db => db.grant(id, users, now).await)
+    pub(crate) async fn grant(&self, id: MediaId, users: &[UserId], source: &str, now: i64) -> Result<(), sqlx::Error> {
+        each!(self, db => db.grant(id, users, source, now).await)
+    }
+
+    pub(crate) async fn revoke(&self, id: MediaId, source: &str) -> Result<u64, sqlx::Error> {
+        each!(self, db => db.revoke(id, source).await)
     }
 
     pub(crate) async fn media(&self, id: MediaId) -> Result<Option<MediaRow>, sqlx::Error> {

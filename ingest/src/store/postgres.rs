@@ -67,8 +67,11 @@ const MAY_READ: &str = "
     LIMIT 1";
 
 const GRANT: &str = "
-    INSERT INTO media_grants (media_id, user_id, granted_at) VALUES ($1, $2, $3)
-    ON CONFLICT (media_id, user_id) DO NOTHING";
+    INSERT INTO media_grants (media_id, user_id, source, granted_at) VALUES ($1, $2, $3, $4)
+    ON CONFLICT (media_id, user_id, source) DO NOTHING";
+
+/// Takes back what one source granted.
+const REVOKE: &str = "DELETE FROM media_grants WHERE source = $1 AND media_id = $2";
 
 const MEDIA: &str = "
     SELECT m.owner, m.kind, m.source_blob, j.status, j.permanent, j.error_code, j.error_message, j.result,
@@ -191,12 +194,22 @@ impl Postgres {
         Ok(found.is_some())
     }
 
-    pub(super) async fn grant(&self, id: MediaId, users: &[UserId], now: i64) -> Result<(), sqlx::Error> {
+    pub(super) async fn grant(&self, id: MediaId, users: &[UserId], source: &str, now: i64) -> Result<(), sqlx::Error> {
         let mut tx = self.db.begin().await?;
         for user in users {
-            sqlx::query(GRANT).bind(id.to_string()).bind(user.as_str()).bind(now).execute(&mut *tx).await?;
+            sqlx::query(GRANT)
+                .bind(id.to_string())
+                .bind(user.as_str())
+                .bind(source)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await
+    }
+
+    pub(super) async fn revoke(&self, id: MediaId, source: &str) -> Result<u64, sqlx::Error> {
+        Ok(sqlx::query(REVOKE).bind(source).bind(id.to_string()).execute(&self.db).await?.rows_affected())
     }
 
     pub(super) async fn media(&self, id: MediaId) -> Result<Option<MediaRow>, sqlx::Error> {

@@ -266,3 +266,116 @@ async fn a_member_reads_from_when_they_joined_and_nothing_while_out() {
     assert_eq!(texts(&server, &carol, &messages).await, Ok(vec!["carol is back".to_owned()]));
     assert_eq!(texts(&server, &alice, &messages).await.unwrap().len(), 4, "the others read it all");
 }
+
+/// Sends `body` as `token` with a fresh client id; the status and answer.
+async fn say(server: &Server, token: &str, messages: &str, client_id: &str, body: Value) -> (u16, Value) {
+    post(server, token, messages, json!({"client_id": client_id, "body": body})).await
+}
+
+/// The bodies of `token`'s history of `messages`, by seq.
+async fn bodies(server: &Server, token: &str, messages: &str) -> Vec<(i64, Value)> {
+    let (status, page) = get(server, token, &format!("{messages}?after=0")).await;
+    assert_eq!(status, 200, "{page}");
+    page["messages"].as_array().unwrap().iter().map(|m| (m["seq"].as_i64().unwrap(), m["body"].clone())).collect()
+}
+
+#[tokio::test]
+async fn replies_reactions_edits_and_deletions_are_messages_of_the_log() {
+    let data = DataDir::new();
+    let server = Server::start(&data, &[]);
+    let (alice, bob) = (device_token(&server, "alice").await, device_token(&server, "bob").await);
+    let (_, group) =
+        post(&server, &alice, "/v1/conversations", json!({"type": "group", "name": "g", "members": ["bob"]})).await;
+    let messages = format!("/v1/conversations/{}/messages", group["id"].as_str().unwrap());
+    let refused = |(status, answer): (u16, Value)| (status, answer["error"]["code"].as_str().unwrap_or("").to_owned());
+
+    assert_eq!(say(&server, &alice, &messages, "a1", json!({"text": "helo"})).await.0, 201);
+    assert_eq!(say(&server, &bob, &messages, "b1", json!({"text": "hi", "reply_to": 1})).await.0, 201);
+    assert_eq!(refused(say(&server, &bob, &messages, "b2", json!({"text": "x", "reply_to": 0})).await).0, 422);
+    assert_eq!(say(&server, &bob, &messages, "b3", json!({"reaction": "👍", "to": 1})).await.0, 201);
+    assert_eq!(
+        refused(say(&server, &bob, &messages, "b4", json!({"reaction": "👍", "to": 99})).await),
+        (404, "unknown_message".into())
+    );
+    assert_eq!(
+        refused(say(&server, &bob, &messages, "b5", json!({"edit": 1, "text": "hijacked"})).await),
+        (403, "not_sender".into()),
+        "only the sender edits"
+    );
+    assert_eq!(
+        refused(say(&server, &bob, &messages, "b6", json!({"edit": 3, "text": "👎"})).await),
+        (409, "not_editable".into()),
+        "a reaction is replaced by another, not edited"
+    );
+    let (status, edit) = say(&server, &alice, &messages, "a2", json!({"edit": 1, "text": "hello"})).await;
+    assert_eq!((status, edit["seq"].as_i64()), (201, Some(4)), "refusals took no seq: {edit}");
+
+    // The edited message keeps its seq and says when it was edited; everything else is as sent.
+    let history = bodies(&server, &bob, &messages).await;
+    assert_eq!(history.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+    assert_eq!(history[0].1["text"], "hello");
+    assert!(history[0].1["edited_at"].as_i64().is_some(), "{:?}", history[0]);
+    assert_eq!(history[1].1, json!({"text": "hi", "reply_to": 1}));
+    assert_eq!(history[2].1, json!({"reaction": "👍", "to": 1}));
+
+    // Deleting a media message for everyone takes the media back from the members.
+    let photo = server.upload_ready(&alice, "image/jpeg", fixture("rocket.jpg")).await;
+    let media_id = photo["id"].as_str().unwrap().to_owned();
+    assert_eq!(say(&server, &alice, &messages, "a3", json!({"media": media_id.clone()})).await.0, 201);
+    assert_eq!(server.media(&bob, &media_id).await.status(), 200);
+    assert_eq!(refused(say(&server, &bob, &messages, "b7", json!({"delete": 5})).await), (403, "not_sender".into()));
+    let (status, deletion) = say(&server, &alice, &messages, "a4", json!({"delete": 5})).await;
+    assert_eq!((status, deletion["seq"].as_i64()), (201, Some(6)), "{deletion}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while server.media(&bob, &media_id).await.status() != 404 {
+        assert!(std::time::Instant::now() < deadline, "bob can still read the deleted message's media");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(server.media(&alice, &media_id).await.status(), 200, "the owner keeps the upload");
+    let history = bodies(&server, &bob, &messages).await;
+    assert_eq!(history[4], (5, json!({"deleted": true})), "the body is gone from the store");
+    assert_eq!(history[5], (6, json!({"delete": 5})), "devices learn of it as a message");
+    assert_eq!(refused(say(&server, &alice, &messages, "a5", json!({"delete": 5})).await).0, 409, "deleted once");
+    // A retried deletion is the same message, not an error.
+    assert_eq!(say(&server, &alice, &messages, "a4", json!({"delete": 5})).await.1["seq"], 6);
+}
+
+#[tokio::test]
+async fn a_disappearing_timer_deletes_messages_on_the_server() {
+    let data = DataDir::new();
+    let server = Server::start(&data, &[]);
+    let (alice, bob) = (device_token(&server, "alice").await, device_token(&server, "bob").await);
+    let (_, chat) = post(&server, &alice, "/v1/conversations", json!({"type": "direct", "members": ["bob"]})).await;
+    let messages = format!("/v1/conversations/{}/messages", chat["id"].as_str().unwrap());
+    assert_eq!(say(&server, &alice, &messages, "a1", json!({"text": "kept"})).await.0, 201);
+    // Either member of a direct chat sets the timer; it is a message of the log too.
+    let (status, timer) = say(&server, &bob, &messages, "b1", json!({"disappearing": 2})).await;
+    assert_eq!(status, 201, "{timer}");
+    assert!(timer.get("expires_at").is_none(), "the timer message itself stays");
+    let (_, sent) = say(&server, &alice, &messages, "a2", json!({"text": "gone soon"})).await;
+    let expires_at = sent["expires_at"].as_i64().expect("a message under a timer says when it goes");
+    assert!((1_900..=2_500).contains(&(expires_at - sent["ts"].as_i64().unwrap())), "{sent}");
+    assert_eq!(say(&server, &bob, &messages, "b2", json!({"disappearing": 0})).await.0, 201);
+    assert_eq!(say(&server, &alice, &messages, "a3", json!({"text": "kept too"})).await.1.get("expires_at"), None);
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let history = bodies(&server, &bob, &messages).await;
+        if history[2].1 == json!({"expired": true}) {
+            assert_eq!(history.len(), 5, "the log keeps its seqs");
+            assert_eq!(history[0].1["text"], "kept");
+            assert_eq!(history[4].1["text"], "kept too");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the message never disappeared: {history:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+
+    // In a group only admins set it.
+    let (_, group) =
+        post(&server, &alice, "/v1/conversations", json!({"type": "group", "name": "g", "members": ["bob"]})).await;
+    let group_messages = format!("/v1/conversations/{}/messages", group["id"].as_str().unwrap());
+    let (status, answer) = say(&server, &bob, &group_messages, "b1", json!({"disappearing": 60})).await;
+    assert_eq!((status, answer["error"]["code"].as_str()), (403, Some("not_admin")));
+    assert_eq!(say(&server, &alice, &group_messages, "a1", json!({"disappearing": 60})).await.0, 201);
+}
