@@ -64,6 +64,12 @@ pub struct Chat {
     /// Per node, in memory: floods from one client shed before they cost a database write (see
     /// [`crate::limits`]).
     pub(crate) shed: governor::DefaultKeyedRateLimiter<std::net::IpAddr>,
+    /// Large groups whose receipts moved since the last round of aggregation.
+    pub(crate) receipts_moved: std::sync::Mutex<HashSet<ConversationId>>,
+    /// Per large group and sender: how far "delivered to all" and "read by all" were announced.
+    announced: moka::sync::Cache<(ConversationId, UserId), (i64, i64)>,
+    /// Per large group: the lowest read receipt at the last round (senders before it were told).
+    aggregated_from: moka::sync::Cache<ConversationId, i64>,
     /// Deliveries failed on purpose so far (`chat.test_fail_deliveries`).
     failed_deliveries: std::sync::atomic::AtomicU32,
     /// Wake-ups lost on purpose so far (`chat.test_lose_wakeups`).
@@ -84,21 +90,12 @@ const DELIVERY_RETRIES: [Duration; 9] = [
     Duration::from_secs(1200),
 ];
 
-/// What is left of a delivery: each part is done once. (Pushes need nothing after the commit:
-/// their intents are written with the message.)
+/// What is left of a delivery: each part is done once. (Pushes and the revocations of deleted
+/// messages need nothing after the commit: they are written with the message.)
 #[derive(Debug, Clone, Copy)]
 struct Todo {
     share: bool,
     wake: bool,
-    revoke: bool,
-}
-
-/// The media side of a delivery: what the message shares, and what a deletion takes back (the
-/// deleted message's media and seq).
-#[derive(Debug, Clone, Copy)]
-struct Work {
-    media: Option<MediaId>,
-    revoke: Option<(MediaId, i64)>,
 }
 
 /// Unauthenticated requests one client may make of one node before they are shed without asking
@@ -111,6 +108,13 @@ const fn nonzero(n: u32) -> std::num::NonZeroU32 {
         None => panic!("zero"),
     }
 }
+
+/// Groups of more than this many members get their receipts aggregated: a sender hears "delivered
+/// to all" and "read by all" ([`Chat::aggregate_receipts`]) instead of one receipt per reader, and
+/// asks for the detail (`GET …/messages/{seq}/receipts`).
+pub(crate) const AGGREGATE_ABOVE: usize = 32;
+/// How far back (in seqs) one round of aggregation looks for senders to tell.
+const AGGREGATE_SPAN: i64 = 2_000;
 
 /// How long a link request waits for another device's answer.
 pub(crate) const LINK_REQUEST_TTL_SECS: u64 = 300;
@@ -239,6 +243,15 @@ impl Chat {
             devices,
             push_wake: Notify::new(),
             shed: governor::RateLimiter::keyed(SHED_QUOTA),
+            receipts_moved: std::sync::Mutex::new(HashSet::new()),
+            announced: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_idle(Duration::from_secs(3600))
+                .build(),
+            aggregated_from: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_idle(Duration::from_secs(3600))
+                .build(),
             failed_deliveries: std::sync::atomic::AtomicU32::new(0),
             lost_wakeups: std::sync::atomic::AtomicU32::new(0),
             presence_locks: (0..PRESENCE_LOCKS).map(|_| tokio::sync::Mutex::new(())).collect(),
@@ -448,12 +461,6 @@ impl Chat {
         {
             return Err(ApiError::UnknownMedia);
         }
-        // What a deletion takes back: the media its message shared (a message's media never
-        // changes, so reading it ahead of the append is safe; the append decides if it may go).
-        let revoke = match effect {
-            Effect::Delete { to } => self.media_of(conversation, user, to).await?.map(|media| (media, to)),
-            _ => None,
-        };
         // Only a message to read is pushed; a reaction, an edit or a deletion is not.
         let push = matches!(effect, Effect::Ordinary) && self.config.push_webhook_url.is_some();
         let write = Write::Append {
@@ -469,9 +476,8 @@ impl Chat {
         let Written::Appended(appended, members) = self.write(write).await? else {
             return Err(StoreError::Corrupt("the writer answered an append with something else".into()).into());
         };
-        let mut todo = Todo { share: true, wake: true, revoke: revoke.is_some() };
-        let work = Work { media, revoke };
-        if let Err(e) = self.deliver(&appended, &members, work, &mut todo).await {
+        let mut todo = Todo { share: true, wake: true };
+        if let Err(e) = self.deliver(&appended, &members, media, &mut todo).await {
             let (conversation, seq) = (*conversation, appended.message().seq);
             tracing::warn!(error = ?e, %conversation, seq, "delivering a stored message failed; retrying in the background");
             let (chat, stored) = (self.clone(), appended.clone());
@@ -479,7 +485,7 @@ impl Chat {
                 let mut todo = todo;
                 for delay in DELIVERY_RETRIES {
                     tokio::time::sleep(delay).await;
-                    match chat.deliver(&stored, &members, work, &mut todo).await {
+                    match chat.deliver(&stored, &members, media, &mut todo).await {
                         Ok(()) => {
                             return tracing::info!(%conversation, seq, "a stored message was delivered on a retry");
                         }
@@ -501,22 +507,13 @@ impl Chat {
         &self,
         appended: &Appended,
         members: &[UserId],
-        work: Work,
+        media: Option<MediaId>,
         todo: &mut Todo,
     ) -> Result<(), ApiError> {
         let message = appended.message();
         let mut failed = None;
-        if todo.revoke
-            && let Some((media, seq)) = work.revoke
-        {
-            // Also on a retried deletion: a revocation lost to a crash after the append is made good.
-            match self.media.unshare(media, &media_source(&message.conversation, seq)).await {
-                Ok(()) => todo.revoke = false,
-                Err(e) => failed = Some(ApiError::Media(e)),
-            }
-        }
         if todo.share
-            && let Some(media) = work.media
+            && let Some(media) = media
         {
             // Also on a retried send: a share lost to a crash after the append is made good.
             let on_purpose = self.config.test_fail_deliveries > 0
@@ -528,7 +525,15 @@ impl Chat {
                 self.media.share(media, members, &media_source(&message.conversation, message.seq)).await
             };
             match shared {
-                Ok(()) => todo.share = false,
+                Ok(()) => {
+                    todo.share = false;
+                    // A deletion (or the timer) may have come first and taken its grants back
+                    // already: a share that lands after it is taken back here.
+                    let source = media_source(&message.conversation, message.seq);
+                    if self.store.is_gone(&message.conversation, message.seq).await? {
+                        self.media.unshare(media, &source).await.map_err(ApiError::Media)?;
+                    }
+                }
                 Err(e) => failed = Some(ApiError::Media(e)),
             }
         }
@@ -554,19 +559,6 @@ impl Chat {
         failed.map_or(Ok(()), Err)
     }
 
-    /// The media a message the user can see (at `seq` in `conversation`) carries, if any.
-    async fn media_of(
-        &self,
-        conversation: &ConversationId,
-        user: &UserId,
-        seq: i64,
-    ) -> Result<Option<MediaId>, ApiError> {
-        let found = self.store.messages_after(conversation, user, seq - 1, 1).await?;
-        let Some(message) = found.into_iter().next().filter(|m| m.seq == seq) else { return Ok(None) };
-        let body: Value = serde_json::from_str(&message.body).unwrap_or_default();
-        Ok(body.get("media").and_then(Value::as_str).and_then(|m| m.parse().ok()))
-    }
-
     /// Moves a device's delivered (or read) cursor and tells the other members when the user's
     /// receipt moved.
     pub(crate) async fn ack(
@@ -582,6 +574,11 @@ impl Chat {
             return Err(StoreError::Corrupt("the writer answered an ack with something else".into()));
         };
         if let Some(receipt) = acked.receipt {
+            if self.members(conversation).await?.len() > AGGREGATE_ABOVE {
+                // A large group: the next round of aggregation tells the senders.
+                self.receipts_moved.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(*conversation);
+                return Ok(acked);
+            }
             // Only the senders of the messages the receipt moved over hear of it: in a group, one
             // message costs its sender a receipt per reader, not every member one.
             let (status, before, seq) = if read {
@@ -596,6 +593,46 @@ impl Chat {
             }
         }
         Ok(acked)
+    }
+
+    /// Tells the senders of a large group how far every other member has got and read: one
+    /// read of the members, one of who sent what since the last round, and at most two frames per
+    /// sender, whatever the group's size. Members count from where they joined.
+    pub(crate) async fn aggregate_receipts(&self, conversation: &ConversationId) -> Result<(), StoreError> {
+        let members = self.store.member_receipts(conversation).await?;
+        let floors = Floors::of(&members);
+        let Some(highest) = floors.delivered.highest() else { return Ok(()) };
+        let from = self.aggregated_from.get(conversation).unwrap_or(0).max(highest - AGGREGATE_SPAN);
+        for sender in self.store.senders_between(conversation, from, highest, None).await? {
+            let key = (*conversation, sender.clone());
+            let (told_delivered, told_read) = self.announced.get(&key).unwrap_or((0, 0));
+            let (delivered, read) = floors.without(&sender);
+            if delivered <= told_delivered && read <= told_read {
+                continue;
+            }
+            for (status, seq, told) in [("delivered", delivered, told_delivered), ("read", read, told_read)] {
+                if seq > told {
+                    let frame = ServerFrame::GroupReceipt { conversation: *conversation, status, seq }.encode();
+                    self.fan_out(std::slice::from_ref(&sender), Event::Frame(frame)).await;
+                }
+            }
+            self.announced.insert(key, (delivered.max(told_delivered), read.max(told_read)));
+        }
+        if let Some(lowest) = floors.read.lowest() {
+            self.aggregated_from.insert(*conversation, lowest);
+        }
+        Ok(())
+    }
+
+    /// How far every member of a large group but `user` has got and read: what a connecting
+    /// device of `user` is told in place of one receipt per member.
+    pub(crate) async fn group_receipt(
+        &self,
+        conversation: &ConversationId,
+        user: &UserId,
+    ) -> Result<(i64, i64), StoreError> {
+        let members = self.store.member_receipts(conversation).await?;
+        Ok(Floors::of(&members).without(user))
     }
 
     /// Tells the user's audience (their contacts, and whoever they have exchanged messages with
@@ -617,6 +654,71 @@ impl Chat {
     pub(crate) fn access_token(&self, user: &UserId, device: DeviceId) -> String {
         let now = (now_ms() / 1000) as u64;
         self.keys.mint_for_device(user, device, now, self.auth.access_token_secs)
+    }
+}
+
+/// The lowest and second lowest of one receipt column over a group's members, so the lowest over
+/// every member but one is known for each.
+#[derive(Debug, Clone, Copy)]
+struct Lowest<'a> {
+    first: i64,
+    /// Who alone holds `first` (`None` when several do).
+    holder: Option<&'a UserId>,
+    second: i64,
+}
+
+impl<'a> Lowest<'a> {
+    fn of(values: impl Iterator<Item = (&'a UserId, i64)>) -> Self {
+        let mut lowest = Lowest { first: i64::MAX, holder: None, second: i64::MAX };
+        for (user, value) in values {
+            if value < lowest.first {
+                lowest = Lowest { first: value, holder: Some(user), second: lowest.first };
+            } else if value == lowest.first {
+                lowest.holder = None;
+                lowest.second = value;
+            } else if value < lowest.second {
+                lowest.second = value;
+            }
+        }
+        lowest
+    }
+
+    /// The lowest over everyone but `user` (0 when there is nobody else).
+    fn without(&self, user: &UserId) -> i64 {
+        let value = if self.holder == Some(user) { self.second } else { self.first };
+        if value == i64::MAX { 0 } else { value }
+    }
+
+    /// The lowest over all.
+    fn lowest(&self) -> Option<i64> {
+        (self.first != i64::MAX).then_some(self.first)
+    }
+
+    /// The highest that the lowest over everyone but one member can be.
+    fn highest(&self) -> Option<i64> {
+        let value = if self.holder.is_some() { self.second } else { self.first };
+        (value != i64::MAX && value > 0).then_some(value)
+    }
+}
+
+/// Where a group's members stand, counted from where each joined (a member does not hold back
+/// what was said before they came).
+struct Floors<'a> {
+    delivered: Lowest<'a>,
+    read: Lowest<'a>,
+}
+
+impl<'a> Floors<'a> {
+    fn of(members: &'a [crate::store::MemberReceipt]) -> Self {
+        Floors {
+            delivered: Lowest::of(members.iter().map(|m| (&m.user, m.delivered.max(m.joined_seq)))),
+            read: Lowest::of(members.iter().map(|m| (&m.user, m.read.max(m.joined_seq)))),
+        }
+    }
+
+    /// How far every member but `user` has got and read.
+    fn without(&self, user: &UserId) -> (i64, i64) {
+        (self.delivered.without(user), self.read.without(user))
     }
 }
 

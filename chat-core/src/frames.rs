@@ -33,6 +33,14 @@ pub(crate) enum ServerFrame<'a> {
         status: &'static str,
         seq: i64,
     },
+    /// In a group of more than [`crate::chat::AGGREGATE_ABOVE`] members, to a sender: every other
+    /// member has reached `status` up to `seq`.
+    #[serde(rename = "group_receipt")]
+    GroupReceipt {
+        conversation: ConversationId,
+        status: &'static str,
+        seq: i64,
+    },
     Typing {
         conversation: ConversationId,
         user: &'a UserId,

@@ -27,7 +27,7 @@ use crate::chat::{Chat, now_ms};
 use crate::error::ApiError;
 use crate::frames::{ServerFrame, message_frame};
 use crate::hub::{Event, Lagged};
-use crate::store::{Appended, MAX_BODY_BYTES, MAX_PAGE, StoreError};
+use crate::store::{Appended, MAX_BODY_BYTES, MAX_PAGE, Receipt, StoreError};
 
 /// Largest frame a client may send: a full body plus its envelope.
 pub const MAX_CLIENT_FRAME: usize = MAX_BODY_BYTES + 4096;
@@ -273,11 +273,28 @@ impl Connection {
         }
         self.replaying = false;
         let receipts = self.chat.store.receipts(&self.user).await.map_err(|e| self.fail(e))?;
+        let mut by_conversation: std::collections::BTreeMap<ConversationId, Vec<Receipt>> = Default::default();
         for r in receipts {
-            for (status, seq) in [("delivered", r.cursor.delivered), ("read", r.cursor.read)] {
-                if seq > 0 {
-                    let frame = ServerFrame::Receipt { conversation: r.conversation, user: &r.user, status, seq };
-                    self.send_frame(frame.encode()).await?;
+            by_conversation.entry(r.conversation).or_default().push(r);
+        }
+        for (conversation, receipts) in by_conversation {
+            // A large group's receipts come aggregated: two frames, not two per member.
+            let members = self.chat.members(&conversation).await.map_err(|e| self.fail(e))?;
+            if members.len() > crate::chat::AGGREGATE_ABOVE {
+                let floors = self.chat.group_receipt(&conversation, &self.user).await.map_err(|e| self.fail(e))?;
+                for (status, seq) in [("delivered", floors.0), ("read", floors.1)] {
+                    if seq > 0 {
+                        self.send_frame(ServerFrame::GroupReceipt { conversation, status, seq }.encode()).await?;
+                    }
+                }
+                continue;
+            }
+            for r in receipts {
+                for (status, seq) in [("delivered", r.cursor.delivered), ("read", r.cursor.read)] {
+                    if seq > 0 {
+                        let frame = ServerFrame::Receipt { conversation, user: &r.user, status, seq };
+                        self.send_frame(frame.encode()).await?;
+                    }
                 }
             }
         }

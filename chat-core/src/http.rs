@@ -35,6 +35,7 @@ pub(crate) fn routes(chat: Arc<Chat>) -> Router {
         .route("/v1/conversations/{id}/members", post(add_members))
         .route("/v1/conversations/{id}/members/{user}", delete(remove_member))
         .route("/v1/conversations/{id}/messages", post(send).get(history))
+        .route("/v1/conversations/{id}/messages/{seq}/receipts", get(message_receipts))
         .route("/v1/devices/{id}", delete(unlink_device))
         .route("/v1/devices/requests", post(request_link))
         .route("/v1/devices/requests/{id}", get(link_status))
@@ -310,6 +311,43 @@ async fn history(
     let messages = chat.store.messages_after(&id, &claims.sub, page.after.max(0), page.limit).await?;
     let views: Vec<MessageView> = messages.iter().map(MessageView::of).collect();
     Ok(Json(json!({ "messages": views })))
+}
+
+/// `GET /v1/conversations/{id}/messages/{seq}/receipts`: for the sender of a message, who of the
+/// other members (those in the conversation when it was sent) has read it, got it, or neither.
+/// Members who never wrote in the conversation share no receipts and are only counted.
+async fn message_receipts(
+    State(chat): State<Arc<Chat>>,
+    Extension(claims): Extension<Claims>,
+    Path((id, seq)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let id = conversation_id(&id)?;
+    let Some(seq) = seq.parse::<i64>().ok().filter(|s| *s > 0) else {
+        return Err(ApiError::Invalid("seq is a positive integer".into()));
+    };
+    let found = chat.store.messages_after(&id, &claims.sub, seq - 1, 1).await?;
+    let Some(message) = found.into_iter().find(|m| m.seq == seq) else {
+        return Err(StoreError::UnknownMessage.into());
+    };
+    if message.sender != claims.sub {
+        return Err(StoreError::NotSender.into());
+    }
+    let (mut read, mut delivered, mut pending, mut withheld) = (Vec::new(), Vec::new(), Vec::new(), 0);
+    for member in chat.store.member_receipts(&id).await? {
+        if member.user == claims.sub || member.joined_seq >= seq {
+            continue;
+        }
+        if !member.answered {
+            withheld += 1;
+        } else if member.read >= seq {
+            read.push(member.user);
+        } else if member.delivered >= seq {
+            delivered.push(member.user);
+        } else {
+            pending.push(member.user);
+        }
+    }
+    Ok(Json(json!({"seq": seq, "read": read, "delivered": delivered, "pending": pending, "withheld": withheld})))
 }
 
 /// `GET /v1/devices`: the caller's linked devices, so a stolen token's devices can be seen and

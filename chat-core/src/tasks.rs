@@ -10,7 +10,7 @@ use tokio::sync::watch;
 
 use crate::chat::{Chat, now_ms};
 use crate::store::PushIntent;
-use types::ConversationId;
+use types::{ConversationId, UserId};
 
 /// Tries per push before it is dropped.
 const PUSH_ATTEMPTS: i64 = 10;
@@ -23,6 +23,8 @@ const PUSH_LEASE_MS: i64 = 60_000;
 const PUSH_IDLE_MS: i64 = 5_000;
 /// Recipient devices named in one webhook call.
 const PUSH_TARGETS_PER_CALL: usize = 500;
+/// How often large groups' receipts are aggregated.
+const AGGREGATE_EVERY: Duration = Duration::from_secs(2);
 /// How often messages whose disappearing timer ran out are deleted.
 const DISAPPEAR_EVERY: Duration = Duration::from_secs(5);
 /// Messages deleted per round of that sweep.
@@ -44,6 +46,7 @@ impl Chat {
         let push = tokio::spawn(self.clone().push_loop(stop.clone()));
         let beat = tokio::spawn(self.clone().beat_loop(stop.clone()));
         let disappear = tokio::spawn(self.clone().disappear_loop(stop.clone()));
+        let receipts = tokio::spawn(self.clone().receipts_loop(stop.clone()));
         // Retention runs at start, beside the traffic (a backlog takes a while), then every hour.
         let mut retention = tokio::time::interval(RETENTION_EVERY);
         loop {
@@ -58,6 +61,7 @@ impl Chat {
         }
         push.abort();
         disappear.abort();
+        receipts.abort();
         // Leaves the directory before the process goes, so no node sends here meanwhile.
         let _ = beat.await;
     }
@@ -121,16 +125,48 @@ impl Chat {
         self.hub.resync_all();
     }
 
-    /// Every [`DISAPPEAR_EVERY`], deletes the messages whose conversation's timer ran out: each
-    /// keeps a tombstone (the log stays gapless; clients delete their copies at `expires_at`), and
-    /// the media it shared is taken back first, so a crash in between only repeats the sweep. Any
-    /// node may run it at once with another: both steps are idempotent.
+    /// Every [`AGGREGATE_EVERY`], tells the senders of the large groups whose receipts moved how
+    /// far every other member has got (see [`Chat::aggregate_receipts`]).
+    async fn receipts_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(AGGREGATE_EVERY);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stopped(&mut stop) => return,
+            }
+            let moved: Vec<ConversationId> =
+                std::mem::take(&mut *self.receipts_moved.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+                    .into_iter()
+                    .collect();
+            for conversation in moved {
+                if let Err(e) = self.aggregate_receipts(&conversation).await {
+                    tracing::warn!(error = %e, %conversation, "could not aggregate a group's receipts");
+                }
+            }
+        }
+    }
+
+    /// Every [`DISAPPEAR_EVERY`], takes back the media grants of messages deleted for everyone
+    /// (queued by the deletion's own transaction), and deletes the messages whose conversation's
+    /// timer ran out: each keeps a tombstone (the log stays gapless; clients delete their copies
+    /// at `expires_at`), and the media it shared is taken back first, so a crash in between only
+    /// repeats the sweep. Any node may run it at once with another: every step is idempotent.
     async fn disappear_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(DISAPPEAR_EVERY);
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = stopped(&mut stop) => return,
+            }
+            loop {
+                match self.revoke_due().await {
+                    Ok(n) if n == DISAPPEAR_BATCH as usize => continue,
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::error!(error = %e, "taking back deleted messages' media failed");
+                        break;
+                    }
+                }
             }
             loop {
                 match self.disappear_due().await {
@@ -143,6 +179,27 @@ impl Chat {
                 }
             }
         }
+    }
+
+    /// Takes back the media grants of up to [`DISAPPEAR_BATCH`] deleted messages; returns how many.
+    async fn revoke_due(&self) -> Result<usize, crate::StoreError> {
+        let due = self.store.due_revocations(DISAPPEAR_BATCH).await?;
+        let mut done = Vec::with_capacity(due.len());
+        for (conversation, seq, media) in due {
+            let source = crate::chat::media_source(&conversation, seq);
+            match media.parse::<types::MediaId>() {
+                Ok(id) => {
+                    if let Err(e) = self.media.unshare(id, &source).await {
+                        tracing::warn!(error = %e, %conversation, seq, "could not take back a deleted message's media");
+                        continue;
+                    }
+                }
+                Err(_) => tracing::error!(%conversation, seq, "a deleted message named no valid media id"),
+            }
+            done.push((conversation, seq));
+        }
+        self.store.revoked(&done).await?;
+        Ok(done.len())
     }
 
     /// One round of [`Chat::disappear_loop`]; returns how many messages it deleted.
@@ -198,12 +255,19 @@ impl Chat {
                 }
             };
             let busy = claimed.len() as i64 == PUSH_BATCH;
-            // One push per conversation a round: its newest message stands for the others.
-            let mut by_conversation: HashMap<ConversationId, Vec<PushIntent>> = HashMap::new();
+            // One push per conversation and sender a round: the sender's newest message stands for
+            // their others (whom to push depends on who sent it: never the sender).
+            let mut by_sender: HashMap<(ConversationId, UserId), Vec<PushIntent>> = HashMap::new();
             for intent in claimed {
-                by_conversation.entry(intent.conversation).or_default().push(intent);
+                by_sender.entry((intent.conversation, intent.sender.clone())).or_default().push(intent);
             }
-            for intents in by_conversation.into_values() {
+            let round = std::time::Instant::now();
+            for intents in by_sender.into_values() {
+                // Claims run out: what is left is claimed again (here or elsewhere) once they do,
+                // never pushed by two nodes at once.
+                if round.elapsed() > Duration::from_millis(PUSH_LEASE_MS as u64 / 2) {
+                    break;
+                }
                 self.push(&client, &url, intents).await;
             }
             if busy {
@@ -225,8 +289,9 @@ impl Chat {
         }
     }
 
-    /// Pushes the devices that have not acked the newest of `intents` (one conversation's), then
-    /// drops the intents, or has them tried again later if the notifier failed.
+    /// Pushes the devices that have not acked the newest of `intents` (one sender's in one
+    /// conversation), then drops the intents, or has them tried again later if the notifier failed
+    /// (a call that failed after others went through makes those again: pushes are at least once).
     async fn push(&self, client: &reqwest::Client, url: &str, intents: Vec<PushIntent>) {
         let Some(newest) = intents.iter().max_by_key(|i| i.seq) else { return };
         let attempts = intents.iter().map(|i| i.attempts).max().unwrap_or(1);

@@ -636,7 +636,41 @@ async fn push_intents_go_with_messages_to_the_devices_that_did_not_ack(store: St
     // A claim whose node died falls due again when its lease runs out.
     let after_lease = store.claim_pushes(now + 80_000, 60_000, 10).await.unwrap();
     assert!(after_lease.len() == 2 && after_lease.iter().all(|i| i.attempts == 3), "{after_lease:?}");
+    // Finishing a claim that lapsed (another node holds the intents now) changes nothing.
+    store.pushes_done(&again).await.unwrap();
+    store.retry_pushes(&again, now + 1).await.unwrap();
+    assert_eq!(store.next_push_due().await.unwrap(), Some(after_lease[0].lease));
     store.pushes_done(&after_lease).await.unwrap();
+    assert_eq!(store.next_push_due().await.unwrap(), None);
+    // A message deleted before its push fell due is not pushed.
+    let Write::Append { conversation, sender, device, client_id, now_ms, push_delay_ms, effect, .. } =
+        append("gone", now, Some(5_000))
+    else {
+        unreachable!()
+    };
+    let readable = Write::Append {
+        conversation,
+        sender,
+        device,
+        client_id,
+        body: r#"{"text":"oops"}"#.into(),
+        now_ms,
+        push_delay_ms,
+        effect,
+    };
+    let written = store.write_batch(vec![readable]).await;
+    let Ok(Written::Appended(Appended::New(gone), _)) = &written[0] else { panic!("{written:?}") };
+    let delete = Write::Append {
+        conversation: group.id,
+        sender: alice.clone(),
+        device: alices,
+        client_id: "delete gone".into(),
+        body: "{}".into(),
+        now_ms: now + 1,
+        push_delay_ms: None,
+        effect: Effect::Delete { to: gone.seq },
+    };
+    assert!(store.write_batch(vec![delete]).await[0].is_ok());
     assert_eq!(store.next_push_due().await.unwrap(), None);
 
     // Concurrent claims (several nodes) never take one intent twice.
@@ -645,7 +679,7 @@ async fn push_intents_go_with_messages_to_the_devices_that_did_not_ack(store: St
     let claims = join_all((0..4).map(|_| store.claim_pushes(now + 1_000, 60_000, 15))).await;
     let mut seqs: Vec<i64> = claims.into_iter().flat_map(|c| c.unwrap()).map(|i| i.seq).collect();
     seqs.extend(store.claim_pushes(now + 1_000, 60_000, 100).await.unwrap().iter().map(|i| i.seq));
-    assert_eq!(sorted(seqs), (4..44).collect::<Vec<i64>>(), "every intent claimed exactly once");
+    assert_eq!(sorted(seqs), (6..46).collect::<Vec<i64>>(), "every intent claimed exactly once");
 }
 
 async fn reactions_edits_deletions_and_timers_are_checked_where_they_are_stored(store: Store) {
@@ -724,8 +758,54 @@ async fn reactions_edits_deletions_and_timers_are_checked_where_they_are_stored(
     store.expire(&[(group.id, 7)]).await.unwrap();
     assert_eq!(body_at(7).await, EXPIRED_BODY);
     assert!(store.due_expiries(i64::MAX, 10).await.unwrap().is_empty());
-    let seqs: Vec<i64> = store.messages_after(&group.id, &alice, 0, 20).await.unwrap().iter().map(|m| m.seq).collect();
-    assert_eq!(seqs, (1..=8).collect::<Vec<_>>(), "the log stays gapless");
+
+    // An edit goes when the message it edits does: with its timer, or with its deletion.
+    let t2 = too_old + 100_000;
+    let short = send(&bob, bobs, "b8", r#"{"text":"short"}"#, t2, Effect::Ordinary).await.unwrap();
+    let edit = Effect::Edit { to: short.seq, text: "shorter".into() };
+    let edited = send(&bob, bobs, "b9", r#"{"edit":9,"text":"shorter"}"#, t2 + 1, edit.clone()).await.unwrap();
+    assert_eq!(edited.expires_at, short.expires_at, "an edit disappears with its message");
+    let due: Vec<i64> = store.due_expiries(t2 + 60_000, 10).await.unwrap().iter().map(|d| d.1).collect();
+    assert_eq!(due, vec![short.seq, edited.seq]);
+    assert!(
+        matches!(send(&bob, bobs, "b10", "{}", t2 + 60_000, edit).await, Err(StoreError::NotEditable)),
+        "a message whose time is up is not edited"
+    );
+    store.expire(&[(group.id, short.seq), (group.id, edited.seq)]).await.unwrap();
+    assert_eq!(body_at(edited.seq).await, EXPIRED_BODY, "the edit's text went too");
+
+    store
+        .write_batch(vec![Write::Append {
+            conversation: group.id,
+            sender: alice.clone(),
+            device: alices,
+            client_id: "a9".into(),
+            body: "{}".into(),
+            now_ms: t2 + 60_001,
+            push_delay_ms: None,
+            effect: Effect::Timer { secs: 0 },
+        }])
+        .await;
+    let media = types::MediaId::new().to_string();
+    let photo =
+        send(&bob, bobs, "b11", &format!(r#"{{"media":"{media}"}}"#), t2 + 60_002, Effect::Ordinary).await.unwrap();
+    let text = send(&bob, bobs, "b12", r#"{"text":"typo"}"#, t2 + 60_003, Effect::Ordinary).await.unwrap();
+    let fix = Effect::Edit { to: text.seq, text: "fixed".into() };
+    let fixed = send(&bob, bobs, "b13", r#"{"edit":13,"text":"fixed"}"#, t2 + 60_004, fix).await.unwrap();
+    assert!(store.due_revocations(10).await.unwrap().is_empty());
+    send(&bob, bobs, "b14", "{}", t2 + 60_005, Effect::Delete { to: photo.seq }).await.unwrap();
+    send(&bob, bobs, "b15", "{}", t2 + 60_006, Effect::Delete { to: text.seq }).await.unwrap();
+    assert_eq!(body_at(fixed.seq).await, DELETED_BODY, "a deleted message's edits lose their text");
+    assert_eq!(
+        store.due_revocations(10).await.unwrap(),
+        vec![(group.id, photo.seq, media)],
+        "queued with the deletion"
+    );
+    store.revoked(&[(group.id, photo.seq)]).await.unwrap();
+    assert!(store.due_revocations(10).await.unwrap().is_empty());
+
+    let seqs: Vec<i64> = store.messages_after(&group.id, &alice, 0, 30).await.unwrap().iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, (1..=16).collect::<Vec<_>>(), "the log stays gapless");
 }
 
 async fn retention_purges_old_messages_and_says_how_far(store: Store) {

@@ -239,6 +239,18 @@ pub(crate) struct Target {
     pub sender: UserId,
     pub body: String,
     pub created_at: i64,
+    pub expires_at: Option<i64>,
+}
+
+/// What an accepted [`Effect`] does to its target.
+#[derive(Debug, Default)]
+pub(crate) struct Applied {
+    /// The target's new body, when it changes.
+    pub body: Option<String>,
+    /// The media whose grants the target gave and a deletion takes back.
+    pub revoke: Option<String>,
+    /// When an edit disappears: with the message it edits.
+    pub expires_at: Option<i64>,
 }
 
 /// Whether a stored body is a message to read (not a reaction, an edit, a deletion, a timer or a
@@ -249,23 +261,22 @@ fn readable(body: &serde_json::Map<String, serde_json::Value>) -> bool {
 }
 
 /// Checks `effect`, by `actor` at `now`, against its target (`None`: no such message the actor can
-/// see). Returns the target's new body when it changes.
+/// see), and says what it does to it.
 pub(crate) fn effect_on(
     effect: &Effect,
     actor: &UserId,
     target: Option<Target>,
     now: i64,
-) -> Result<Option<String>, StoreError> {
+) -> Result<Applied, StoreError> {
     let Some(target) = target else { return Err(StoreError::UnknownMessage) };
     let Ok(serde_json::Value::Object(mut body)) = serde_json::from_str(&target.body) else {
         return Err(StoreError::Corrupt("a stored body is not a JSON object".into()));
     };
-    if !readable(&body) {
+    if !readable(&body) || target.expires_at.is_some_and(|at| at <= now) {
         return Err(StoreError::NotEditable);
     }
     match effect {
-        Effect::Ordinary | Effect::Timer { .. } => Ok(None),
-        Effect::React { .. } => Ok(None),
+        Effect::Ordinary | Effect::Timer { .. } | Effect::React { .. } => Ok(Applied::default()),
         Effect::Edit { text, .. } => {
             if &target.sender != actor {
                 return Err(StoreError::NotSender);
@@ -278,7 +289,8 @@ pub(crate) fn effect_on(
             }
             body.insert("text".into(), text.clone().into());
             body.insert("edited_at".into(), now.into());
-            Ok(Some(serde_json::Value::Object(body).to_string()))
+            let body = Some(serde_json::Value::Object(body).to_string());
+            Ok(Applied { body, revoke: None, expires_at: target.expires_at })
         }
         Effect::Delete { .. } => {
             if &target.sender != actor {
@@ -287,7 +299,8 @@ pub(crate) fn effect_on(
             if now - target.created_at > DELETE_WINDOW_MS {
                 return Err(StoreError::TooLate);
             }
-            Ok(Some(DELETED_BODY.to_owned()))
+            let revoke = body.get("media").and_then(|m| m.as_str()).map(str::to_owned);
+            Ok(Applied { body: Some(DELETED_BODY.to_owned()), revoke, expires_at: None })
         }
     }
 }
@@ -420,6 +433,10 @@ pub struct PushIntent {
     pub created_at: i64,
     /// Claims so far, this one included.
     pub attempts: i64,
+    /// Until when this claim holds (Unix ms): finishing it after that changes nothing, as
+    /// another node may hold a newer claim.
+    #[sqlx(rename = "due_at")]
+    pub lease: i64,
 }
 
 /// A device to push: it has not acked a message it should have by now.
@@ -930,12 +947,13 @@ impl Store {
         each!(self, s => s.push_targets(intent).await)
     }
 
-    /// These pushes went out (or were given up on): their intents go.
+    /// These pushes went out (or were given up on): their intents go, unless their claim lapsed
+    /// and another node holds them now.
     pub async fn pushes_done(&self, intents: &[PushIntent]) -> Result<(), StoreError> {
         each!(self, s => s.pushes_done(intents).await)
     }
 
-    /// These pushes failed: they fall due again at `retry_at_ms`.
+    /// These pushes failed: they fall due again at `retry_at_ms` (unless their claim lapsed).
     pub async fn retry_pushes(&self, intents: &[PushIntent], retry_at_ms: i64) -> Result<(), StoreError> {
         each!(self, s => s.retry_pushes(intents, retry_at_ms).await)
     }
@@ -959,6 +977,23 @@ impl Store {
     /// Leaves a tombstone in place of each of these messages (not of one deleted meanwhile).
     pub async fn expire(&self, messages: &[(ConversationId, i64)]) -> Result<(), StoreError> {
         each!(self, s => s.expire(messages).await)
+    }
+
+    /// Whether the message at `seq` was deleted for everyone, disappeared or was purged.
+    pub async fn is_gone(&self, conversation: &ConversationId, seq: i64) -> Result<bool, StoreError> {
+        let body = each!(self, s => s.body_of(conversation, seq).await)?;
+        Ok(body.is_none_or(|b| b == DELETED_BODY || b == EXPIRED_BODY))
+    }
+
+    /// Up to `limit` media grants of deleted messages still to take back: the conversation, the
+    /// message's seq and its media id.
+    pub async fn due_revocations(&self, limit: i64) -> Result<Vec<(ConversationId, i64, String)>, StoreError> {
+        each!(self, s => s.due_revocations(limit).await)
+    }
+
+    /// These grants were taken back.
+    pub async fn revoked(&self, messages: &[(ConversationId, i64)]) -> Result<(), StoreError> {
+        each!(self, s => s.revoked(messages).await)
     }
 
     /// Deletes, in each conversation, the messages up to the newest one created before
@@ -1227,12 +1262,10 @@ fn newcomers(users: &[UserId], present: &[UserId]) -> Vec<(UserId, Role)> {
 /// What a send whose `client_id` the device used before gets: the first message if this is a
 /// retry of it (the same body), else [`StoreError::ClientIdReused`].
 fn retried(first: Option<Message>, body: &str) -> Result<Appended, StoreError> {
-    // A message edited or deleted since no longer reads as sent; a retry of it is still the same.
-    let changed = |first: &Message| {
-        first.body == DELETED_BODY || first.body == EXPIRED_BODY || first.body.contains("\"edited_at\"")
-    };
+    // Compared as stored: a retry of a message edited or deleted since is refused as reused (its
+    // device knew the seq, so it had the answer), never taken for a message it is not.
     match first {
-        Some(first) if first.body == body || changed(&first) => Ok(Appended::Duplicate(first)),
+        Some(first) if first.body == body => Ok(Appended::Duplicate(first)),
         Some(_) => Err(StoreError::ClientIdReused),
         None => Err(StoreError::Corrupt("a conflicting message vanished".into())),
     }

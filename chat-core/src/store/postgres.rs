@@ -114,9 +114,29 @@ const DELETE_MESSAGE: &str = "DELETE FROM chat_messages WHERE conversation_id = 
 
 /// The message an effect names, if the actor can see it (it is from after they joined).
 const TARGET: &str = "
-    SELECT sender_user, body, created_at FROM chat_messages
+    SELECT sender_user, body, created_at, expires_at FROM chat_messages
      WHERE conversation_id = $1 AND seq = $2
        AND seq > (SELECT joined_seq FROM chat_members WHERE conversation_id = $1 AND user_id = $3)";
+
+/// An edit names the message it edits and goes when that one does.
+const MARK_EDIT: &str =
+    "UPDATE chat_messages SET edits_seq = $3, expires_at = $4 WHERE conversation_id = $1 AND seq = $2";
+
+/// A deleted message's edits lose their text too.
+const TOMBSTONE_EDITS: &str =
+    "UPDATE chat_messages SET body = $3, expires_at = NULL WHERE conversation_id = $1 AND edits_seq = $2";
+
+/// A grant a deleted message gave, to take back.
+const INSERT_REVOCATION: &str = "
+    INSERT INTO chat_media_revocations (conversation_id, seq, media_id, created_at) VALUES ($1, $2, $3, $4)
+    ON CONFLICT (conversation_id, seq) DO NOTHING";
+
+const BODY_OF: &str = "SELECT body FROM chat_messages WHERE conversation_id = $1 AND seq = $2";
+
+const DUE_REVOCATIONS: &str =
+    "SELECT conversation_id, seq, media_id FROM chat_media_revocations ORDER BY created_at LIMIT $1";
+
+const DELETE_REVOCATION: &str = "DELETE FROM chat_media_revocations WHERE conversation_id = $1 AND seq = $2";
 
 const EDIT_BODY: &str = "UPDATE chat_messages SET body = $3 WHERE conversation_id = $1 AND seq = $2";
 
@@ -133,7 +153,8 @@ const SET_TIMER: &str = "UPDATE chat_conversations SET disappear_secs = $2 WHERE
 
 /// Messages whose timer ran out, oldest first.
 const DUE_EXPIRIES: &str = "
-    SELECT conversation_id, seq, body FROM chat_messages WHERE expires_at <= $1 ORDER BY expires_at LIMIT $2";
+    SELECT conversation_id, seq, body FROM chat_messages WHERE expires_at <= $1
+     ORDER BY expires_at, conversation_id, seq LIMIT $2";
 
 /// A message whose timer ran out keeps a tombstone (unless it was deleted meanwhile).
 const EXPIRE: &str = "
@@ -317,11 +338,12 @@ const INSERT_PUSH_INTENT: &str = "
 
 /// Claims due intents for a lease; rows another node's claim holds are skipped, not waited for.
 const CLAIM_PUSHES: &str = "
-    UPDATE chat_push_intents SET due_at = $2, attempts = attempts + 1
-     WHERE (conversation_id, seq) IN
-           (SELECT conversation_id, seq FROM chat_push_intents WHERE due_at <= $1 ORDER BY due_at LIMIT $3
-               FOR UPDATE SKIP LOCKED)
-    RETURNING conversation_id, seq, sender_user, created_at, attempts";
+    WITH due AS (
+        SELECT conversation_id, seq FROM chat_push_intents WHERE due_at <= $1 ORDER BY due_at LIMIT $3
+           FOR UPDATE SKIP LOCKED)
+    UPDATE chat_push_intents p SET due_at = $2, attempts = p.attempts + 1
+      FROM due WHERE p.conversation_id = due.conversation_id AND p.seq = due.seq
+    RETURNING p.conversation_id, p.seq, p.sender_user, p.created_at, p.attempts, p.due_at";
 
 /// The devices of the members at the message's seq, but the sender's, that have not acked it and
 /// were linked by the time it was sent.
@@ -335,9 +357,16 @@ const PUSH_TARGETS: &str = "
        AND COALESCE(cu.delivered_seq, 0) < $3
      ORDER BY d.user_id, d.device_id";
 
-const DELETE_PUSH_INTENT: &str = "DELETE FROM chat_push_intents WHERE conversation_id = $1 AND seq = $2";
+/// Drops an intent this claim still holds.
+const DELETE_PUSH_INTENT: &str =
+    "DELETE FROM chat_push_intents WHERE conversation_id = $1 AND seq = $2 AND due_at = $3";
 
-const RETRY_PUSH_INTENT: &str = "UPDATE chat_push_intents SET due_at = $3 WHERE conversation_id = $1 AND seq = $2";
+/// A deleted message is not pushed.
+const CANCEL_PUSH_INTENT: &str = "DELETE FROM chat_push_intents WHERE conversation_id = $1 AND seq = $2";
+
+/// Puts off an intent this claim still holds.
+const RETRY_PUSH_INTENT: &str =
+    "UPDATE chat_push_intents SET due_at = $4 WHERE conversation_id = $1 AND seq = $2 AND due_at = $3";
 
 const NEXT_PUSH_DUE: &str = "SELECT MIN(due_at) FROM chat_push_intents";
 
@@ -908,7 +937,12 @@ impl Postgres {
     pub(super) async fn pushes_done(&self, intents: &[PushIntent]) -> Result<(), StoreError> {
         let mut tx = self.db.begin().await?;
         for intent in intents {
-            sqlx::query(DELETE_PUSH_INTENT).bind(intent.conversation).bind(intent.seq).execute(&mut *tx).await?;
+            sqlx::query(DELETE_PUSH_INTENT)
+                .bind(intent.conversation)
+                .bind(intent.seq)
+                .bind(intent.lease)
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
         Ok(())
@@ -920,6 +954,7 @@ impl Postgres {
             sqlx::query(RETRY_PUSH_INTENT)
                 .bind(intent.conversation)
                 .bind(intent.seq)
+                .bind(intent.lease)
                 .bind(retry_at_ms)
                 .execute(&mut *tx)
                 .await?;
@@ -941,11 +976,26 @@ impl Postgres {
     }
 
     pub(super) async fn expire(&self, messages: &[(ConversationId, i64)]) -> Result<(), StoreError> {
-        let mut tx = self.db.begin().await?;
+        // One row a statement: no transaction holds two message rows, so none waits on a send's
+        // in a cycle.
         for (conversation, seq) in messages {
-            sqlx::query(EXPIRE).bind(conversation).bind(seq).bind(EXPIRED_BODY).execute(&mut *tx).await?;
+            sqlx::query(EXPIRE).bind(conversation).bind(seq).bind(EXPIRED_BODY).execute(&self.db).await?;
         }
-        tx.commit().await?;
+        Ok(())
+    }
+
+    pub(super) async fn body_of(&self, conversation: &ConversationId, seq: i64) -> Result<Option<String>, StoreError> {
+        Ok(sqlx::query_scalar(BODY_OF).bind(conversation).bind(seq).fetch_optional(&self.db).await?)
+    }
+
+    pub(super) async fn due_revocations(&self, limit: i64) -> Result<Vec<(ConversationId, i64, String)>, StoreError> {
+        Ok(sqlx::query_as(DUE_REVOCATIONS).bind(limit).fetch_all(&self.db).await?)
+    }
+
+    pub(super) async fn revoked(&self, messages: &[(ConversationId, i64)]) -> Result<(), StoreError> {
+        for (conversation, seq) in messages {
+            sqlx::query(DELETE_REVOCATION).bind(conversation).bind(seq).execute(&self.db).await?;
+        }
         Ok(())
     }
 
@@ -1216,14 +1266,17 @@ async fn append(tx: &mut Transaction<'_, Pg>, write: &NewMessage<'_>) -> Result<
             .await?;
         return retried(first, body);
     }
-    if let Err(e) = apply_effect(tx, conversation, sender, seq, now_ms, effect).await {
-        // Refused: the message goes, and its seq with it (the transaction still holds the row).
-        if !matches!(e, StoreError::Database(_) | StoreError::Corrupt(_)) {
-            sqlx::query(DELETE_MESSAGE).bind(conversation).bind(seq).execute(&mut **tx).await?;
-            sqlx::query(GIVE_SEQ_BACK).bind(conversation).execute(&mut **tx).await?;
+    let expires_at = match apply_effect(tx, conversation, sender, seq, now_ms, effect).await {
+        Ok(inherited) => inherited.or(expires_at),
+        Err(e) => {
+            // Refused: the message goes, and its seq with it (the transaction still holds the row).
+            if !matches!(e, StoreError::Database(_) | StoreError::Corrupt(_)) {
+                sqlx::query(DELETE_MESSAGE).bind(conversation).bind(seq).execute(&mut **tx).await?;
+                sqlx::query(GIVE_SEQ_BACK).bind(conversation).execute(&mut **tx).await?;
+            }
+            return Err(e);
         }
-        return Err(e);
-    }
+    };
     Ok(Appended::New(Message {
         conversation: *conversation,
         seq,
@@ -1236,7 +1289,8 @@ async fn append(tx: &mut Transaction<'_, Pg>, write: &NewMessage<'_>) -> Result<
     }))
 }
 
-/// Does what the message at `seq` does besides being stored (see [`Effect`]).
+/// Does what the message at `seq` does besides being stored (see [`Effect`]); returns when an edit
+/// disappears (with the message it edits).
 async fn apply_effect(
     tx: &mut Transaction<'_, Pg>,
     conversation: &ConversationId,
@@ -1244,9 +1298,9 @@ async fn apply_effect(
     seq: i64,
     now_ms: i64,
     effect: &Effect,
-) -> Result<(), StoreError> {
+) -> Result<Option<i64>, StoreError> {
     match effect {
-        Effect::Ordinary => Ok(()),
+        Effect::Ordinary => Ok(None),
         Effect::Timer { secs } => {
             let found: Option<(String, String)> =
                 sqlx::query_as(KIND_AND_ROLE).bind(conversation).bind(actor).fetch_optional(&mut **tx).await?;
@@ -1260,25 +1314,49 @@ async fn apply_effect(
             };
             may_set_timer(found)?;
             sqlx::query(SET_TIMER).bind(conversation).bind(secs).execute(&mut **tx).await?;
-            Ok(())
+            Ok(None)
         }
         Effect::React { to } | Effect::Edit { to, .. } | Effect::Delete { to } => {
             let target = if *to < seq {
-                sqlx::query_as::<_, (UserId, String, i64)>(TARGET)
+                sqlx::query_as::<_, (UserId, String, i64, Option<i64>)>(TARGET)
                     .bind(conversation)
                     .bind(to)
                     .bind(actor)
                     .fetch_optional(&mut **tx)
                     .await?
-                    .map(|(sender, body, created_at)| Target { sender, body, created_at })
+                    .map(|(sender, body, created_at, expires_at)| Target { sender, body, created_at, expires_at })
             } else {
                 None
             };
-            let statement = if matches!(effect, Effect::Delete { .. }) { TOMBSTONE } else { EDIT_BODY };
-            if let Some(body) = effect_on(effect, actor, target, now_ms)? {
-                sqlx::query(statement).bind(conversation).bind(to).bind(body).execute(&mut **tx).await?;
+            let applied = effect_on(effect, actor, target, now_ms)?;
+            match (effect, applied.body) {
+                (Effect::Delete { .. }, Some(body)) => {
+                    sqlx::query(TOMBSTONE).bind(conversation).bind(to).bind(&body).execute(&mut **tx).await?;
+                    sqlx::query(TOMBSTONE_EDITS).bind(conversation).bind(to).bind(&body).execute(&mut **tx).await?;
+                    sqlx::query(CANCEL_PUSH_INTENT).bind(conversation).bind(to).execute(&mut **tx).await?;
+                    if let Some(media) = applied.revoke {
+                        sqlx::query(INSERT_REVOCATION)
+                            .bind(conversation)
+                            .bind(to)
+                            .bind(media)
+                            .bind(now_ms)
+                            .execute(&mut **tx)
+                            .await?;
+                    }
+                }
+                (_, Some(body)) => {
+                    sqlx::query(EDIT_BODY).bind(conversation).bind(to).bind(body).execute(&mut **tx).await?;
+                    sqlx::query(MARK_EDIT)
+                        .bind(conversation)
+                        .bind(seq)
+                        .bind(to)
+                        .bind(applied.expires_at)
+                        .execute(&mut **tx)
+                        .await?;
+                }
+                (_, None) => {}
             }
-            Ok(())
+            Ok(applied.expires_at)
         }
     }
 }

@@ -122,9 +122,29 @@ const DELETE_MESSAGE: &str = "DELETE FROM chat_messages WHERE conversation_id = 
 
 /// The message an effect names, if the actor can see it (it is from after they joined).
 const TARGET: &str = "
-    SELECT sender_user, body, created_at FROM chat_messages
+    SELECT sender_user, body, created_at, expires_at FROM chat_messages
      WHERE conversation_id = ?1 AND seq = ?2
        AND seq > (SELECT joined_seq FROM chat_members WHERE conversation_id = ?1 AND user_id = ?3)";
+
+/// An edit names the message it edits and goes when that one does.
+const MARK_EDIT: &str =
+    "UPDATE chat_messages SET edits_seq = ?3, expires_at = ?4 WHERE conversation_id = ?1 AND seq = ?2";
+
+/// A deleted message's edits lose their text too.
+const TOMBSTONE_EDITS: &str =
+    "UPDATE chat_messages SET body = ?3, expires_at = NULL WHERE conversation_id = ?1 AND edits_seq = ?2";
+
+/// A grant a deleted message gave, to take back.
+const INSERT_REVOCATION: &str = "
+    INSERT INTO chat_media_revocations (conversation_id, seq, media_id, created_at) VALUES (?1, ?2, ?3, ?4)
+    ON CONFLICT (conversation_id, seq) DO NOTHING";
+
+const BODY_OF: &str = "SELECT body FROM chat_messages WHERE conversation_id = ?1 AND seq = ?2";
+
+const DUE_REVOCATIONS: &str =
+    "SELECT conversation_id, seq, media_id FROM chat_media_revocations ORDER BY created_at LIMIT ?1";
+
+const DELETE_REVOCATION: &str = "DELETE FROM chat_media_revocations WHERE conversation_id = ?1 AND seq = ?2";
 
 const EDIT_BODY: &str = "UPDATE chat_messages SET body = ?3 WHERE conversation_id = ?1 AND seq = ?2";
 
@@ -141,7 +161,8 @@ const SET_TIMER: &str = "UPDATE chat_conversations SET disappear_secs = ?2 WHERE
 
 /// Messages whose timer ran out, oldest first.
 const DUE_EXPIRIES: &str = "
-    SELECT conversation_id, seq, body FROM chat_messages WHERE expires_at <= ?1 ORDER BY expires_at LIMIT ?2";
+    SELECT conversation_id, seq, body FROM chat_messages WHERE expires_at <= ?1
+     ORDER BY expires_at, conversation_id, seq LIMIT ?2";
 
 /// A message whose timer ran out keeps a tombstone (unless it was deleted meanwhile).
 const EXPIRE: &str = "
@@ -327,7 +348,7 @@ const CLAIM_PUSHES: &str = "
     UPDATE chat_push_intents SET due_at = ?2, attempts = attempts + 1
      WHERE (conversation_id, seq) IN
            (SELECT conversation_id, seq FROM chat_push_intents WHERE due_at <= ?1 ORDER BY due_at LIMIT ?3)
-    RETURNING conversation_id, seq, sender_user, created_at, attempts";
+    RETURNING conversation_id, seq, sender_user, created_at, attempts, due_at";
 
 /// The devices of the members at the message's seq, but the sender's, that have not acked it and
 /// were linked by the time it was sent.
@@ -341,9 +362,16 @@ const PUSH_TARGETS: &str = "
        AND COALESCE(cu.delivered_seq, 0) < ?3
      ORDER BY d.user_id, d.device_id";
 
-const DELETE_PUSH_INTENT: &str = "DELETE FROM chat_push_intents WHERE conversation_id = ?1 AND seq = ?2";
+/// Drops an intent this claim still holds.
+const DELETE_PUSH_INTENT: &str =
+    "DELETE FROM chat_push_intents WHERE conversation_id = ?1 AND seq = ?2 AND due_at = ?3";
 
-const RETRY_PUSH_INTENT: &str = "UPDATE chat_push_intents SET due_at = ?3 WHERE conversation_id = ?1 AND seq = ?2";
+/// A deleted message is not pushed.
+const CANCEL_PUSH_INTENT: &str = "DELETE FROM chat_push_intents WHERE conversation_id = ?1 AND seq = ?2";
+
+/// Puts off an intent this claim still holds.
+const RETRY_PUSH_INTENT: &str =
+    "UPDATE chat_push_intents SET due_at = ?4 WHERE conversation_id = ?1 AND seq = ?2 AND due_at = ?3";
 
 const NEXT_PUSH_DUE: &str = "SELECT MIN(due_at) FROM chat_push_intents";
 
@@ -1126,6 +1154,7 @@ impl Sqlite {
                     sender: r.get("sender_user")?,
                     created_at: r.get("created_at")?,
                     attempts: r.get("attempts")?,
+                    lease: r.get("due_at")?,
                 })
             })?;
             Ok(rows.collect::<Result<_, _>>()?)
@@ -1147,11 +1176,11 @@ impl Sqlite {
     }
 
     pub(super) async fn pushes_done(&self, intents: &[PushIntent]) -> Result<(), StoreError> {
-        let keys: Vec<(ConversationId, i64)> = intents.iter().map(|i| (i.conversation, i.seq)).collect();
+        let keys: Vec<(ConversationId, i64, i64)> = intents.iter().map(|i| (i.conversation, i.seq, i.lease)).collect();
         self.write(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            for (conversation, seq) in &keys {
-                tx.prepare_cached(DELETE_PUSH_INTENT)?.execute(params![conversation, seq])?;
+            for (conversation, seq, lease) in &keys {
+                tx.prepare_cached(DELETE_PUSH_INTENT)?.execute(params![conversation, seq, lease])?;
             }
             tx.commit()?;
             Ok(())
@@ -1160,11 +1189,11 @@ impl Sqlite {
     }
 
     pub(super) async fn retry_pushes(&self, intents: &[PushIntent], retry_at_ms: i64) -> Result<(), StoreError> {
-        let keys: Vec<(ConversationId, i64)> = intents.iter().map(|i| (i.conversation, i.seq)).collect();
+        let keys: Vec<(ConversationId, i64, i64)> = intents.iter().map(|i| (i.conversation, i.seq, i.lease)).collect();
         self.write(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            for (conversation, seq) in &keys {
-                tx.prepare_cached(RETRY_PUSH_INTENT)?.execute(params![conversation, seq, retry_at_ms])?;
+            for (conversation, seq, lease) in &keys {
+                tx.prepare_cached(RETRY_PUSH_INTENT)?.execute(params![conversation, seq, lease, retry_at_ms])?;
             }
             tx.commit()?;
             Ok(())
@@ -1195,6 +1224,36 @@ impl Sqlite {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             for (conversation, seq) in &messages {
                 tx.prepare_cached(EXPIRE)?.execute(params![conversation, seq, EXPIRED_BODY])?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub(super) async fn body_of(&self, conversation: &ConversationId, seq: i64) -> Result<Option<String>, StoreError> {
+        let conversation = *conversation;
+        self.read(move |conn| {
+            Ok(conn.prepare_cached(BODY_OF)?.query_row(params![conversation, seq], |r| r.get(0)).optional()?)
+        })
+        .await
+    }
+
+    pub(super) async fn due_revocations(&self, limit: i64) -> Result<Vec<(ConversationId, i64, String)>, StoreError> {
+        self.read(move |conn| {
+            let mut statement = conn.prepare_cached(DUE_REVOCATIONS)?;
+            let rows = statement.query_map(params![limit], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    pub(super) async fn revoked(&self, messages: &[(ConversationId, i64)]) -> Result<(), StoreError> {
+        let messages = messages.to_vec();
+        self.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            for (conversation, seq) in &messages {
+                tx.prepare_cached(DELETE_REVOCATION)?.execute(params![conversation, seq])?;
             }
             tx.commit()?;
             Ok(())
@@ -1610,14 +1669,17 @@ fn append(tx: &Transaction<'_>, write: &NewMessage<'_>) -> Result<Appended, Stor
             tx.prepare_cached(BY_CLIENT_ID)?.query_row(params![conversation, device, client_id], message).optional()?;
         return retried(first, body);
     }
-    if let Err(e) = apply_effect(tx, conversation, sender, seq, now_ms, effect) {
-        // Refused: the message goes, and its seq with it (the writer still holds the lock).
-        if !matches!(e, StoreError::Database(_) | StoreError::Corrupt(_)) {
-            tx.prepare_cached(DELETE_MESSAGE)?.execute(params![conversation, seq])?;
-            tx.prepare_cached(GIVE_SEQ_BACK)?.execute(params![conversation])?;
+    let expires_at = match apply_effect(tx, conversation, sender, seq, now_ms, effect) {
+        Ok(inherited) => inherited.or(expires_at),
+        Err(e) => {
+            // Refused: the message goes, and its seq with it (the writer still holds the lock).
+            if !matches!(e, StoreError::Database(_) | StoreError::Corrupt(_)) {
+                tx.prepare_cached(DELETE_MESSAGE)?.execute(params![conversation, seq])?;
+                tx.prepare_cached(GIVE_SEQ_BACK)?.execute(params![conversation])?;
+            }
+            return Err(e);
         }
-        return Err(e);
-    }
+    };
     Ok(Appended::New(Message {
         conversation: *conversation,
         seq,
@@ -1630,7 +1692,8 @@ fn append(tx: &Transaction<'_>, write: &NewMessage<'_>) -> Result<Appended, Stor
     }))
 }
 
-/// Does what the message at `seq` does besides being stored (see [`Effect`]).
+/// Does what the message at `seq` does besides being stored (see [`Effect`]); returns when an edit
+/// disappears (with the message it edits).
 fn apply_effect(
     tx: &Transaction<'_>,
     conversation: &ConversationId,
@@ -1638,9 +1701,9 @@ fn apply_effect(
     seq: i64,
     now_ms: i64,
     effect: &Effect,
-) -> Result<(), StoreError> {
+) -> Result<Option<i64>, StoreError> {
     match effect {
-        Effect::Ordinary => Ok(()),
+        Effect::Ordinary => Ok(None),
         Effect::Timer { secs } => {
             let found: Option<(ConversationKind, Role)> = tx
                 .prepare_cached(KIND_AND_ROLE)?
@@ -1648,26 +1711,35 @@ fn apply_effect(
                 .optional()?;
             may_set_timer(found)?;
             tx.prepare_cached(SET_TIMER)?.execute(params![conversation, secs])?;
-            Ok(())
+            Ok(None)
         }
         Effect::React { to } | Effect::Edit { to, .. } | Effect::Delete { to } => {
             let target = if *to < seq {
                 tx.prepare_cached(TARGET)?
                     .query_row(params![conversation, to, actor], |r| {
-                        Ok(Target { sender: r.get(0)?, body: r.get(1)?, created_at: r.get(2)? })
+                        Ok(Target { sender: r.get(0)?, body: r.get(1)?, created_at: r.get(2)?, expires_at: r.get(3)? })
                     })
                     .optional()?
             } else {
                 None
             };
-            match effect_on(effect, actor, target, now_ms)? {
-                Some(body) if matches!(effect, Effect::Delete { .. }) => {
-                    tx.prepare_cached(TOMBSTONE)?.execute(params![conversation, to, body])?
+            let applied = effect_on(effect, actor, target, now_ms)?;
+            match (effect, applied.body) {
+                (Effect::Delete { .. }, Some(body)) => {
+                    tx.prepare_cached(TOMBSTONE)?.execute(params![conversation, to, body])?;
+                    tx.prepare_cached(TOMBSTONE_EDITS)?.execute(params![conversation, to, body])?;
+                    tx.prepare_cached(CANCEL_PUSH_INTENT)?.execute(params![conversation, to])?;
+                    if let Some(media) = applied.revoke {
+                        tx.prepare_cached(INSERT_REVOCATION)?.execute(params![conversation, to, media, now_ms])?;
+                    }
                 }
-                Some(body) => tx.prepare_cached(EDIT_BODY)?.execute(params![conversation, to, body])?,
-                None => 0,
-            };
-            Ok(())
+                (_, Some(body)) => {
+                    tx.prepare_cached(EDIT_BODY)?.execute(params![conversation, to, body])?;
+                    tx.prepare_cached(MARK_EDIT)?.execute(params![conversation, seq, to, applied.expires_at])?;
+                }
+                (_, None) => {}
+            }
+            Ok(applied.expires_at)
         }
     }
 }

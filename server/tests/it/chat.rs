@@ -324,8 +324,15 @@ async fn replies_reactions_edits_and_deletions_are_messages_of_the_log() {
     assert_eq!(say(&server, &alice, &messages, "a3", json!({"media": media_id.clone()})).await.0, 201);
     assert_eq!(server.media(&bob, &media_id).await.status(), 200);
     assert_eq!(refused(say(&server, &bob, &messages, "b7", json!({"delete": 5})).await), (403, "not_sender".into()));
+    // A client id of another message is no way around that.
+    assert_eq!(say(&server, &bob, &messages, "b8", json!({"text": "\"edited_at\""})).await.0, 201);
+    assert_eq!(say(&server, &bob, &messages, "b9", json!({"edit": 6, "text": "x"})).await.0, 201);
+    assert_eq!(
+        refused(say(&server, &bob, &messages, "b8", json!({"delete": 5})).await),
+        (409, "client_id_reused".into())
+    );
     let (status, deletion) = say(&server, &alice, &messages, "a4", json!({"delete": 5})).await;
-    assert_eq!((status, deletion["seq"].as_i64()), (201, Some(6)), "{deletion}");
+    assert_eq!((status, deletion["seq"].as_i64()), (201, Some(8)), "{deletion}");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while server.media(&bob, &media_id).await.status() != 404 {
         assert!(std::time::Instant::now() < deadline, "bob can still read the deleted message's media");
@@ -334,10 +341,10 @@ async fn replies_reactions_edits_and_deletions_are_messages_of_the_log() {
     assert_eq!(server.media(&alice, &media_id).await.status(), 200, "the owner keeps the upload");
     let history = bodies(&server, &bob, &messages).await;
     assert_eq!(history[4], (5, json!({"deleted": true})), "the body is gone from the store");
-    assert_eq!(history[5], (6, json!({"delete": 5})), "devices learn of it as a message");
+    assert_eq!(history[7], (8, json!({"delete": 5})), "devices learn of it as a message");
     assert_eq!(refused(say(&server, &alice, &messages, "a5", json!({"delete": 5})).await).0, 409, "deleted once");
     // A retried deletion is the same message, not an error.
-    assert_eq!(say(&server, &alice, &messages, "a4", json!({"delete": 5})).await.1["seq"], 6);
+    assert_eq!(say(&server, &alice, &messages, "a4", json!({"delete": 5})).await.1["seq"], 8);
 }
 
 #[tokio::test]
@@ -378,4 +385,72 @@ async fn a_disappearing_timer_deletes_messages_on_the_server() {
     let (status, answer) = say(&server, &bob, &group_messages, "b1", json!({"disappearing": 60})).await;
     assert_eq!((status, answer["error"]["code"].as_str()), (403, Some("not_admin")));
     assert_eq!(say(&server, &alice, &group_messages, "a1", json!({"disappearing": 60})).await.0, 201);
+}
+
+#[tokio::test]
+async fn a_large_groups_receipts_come_aggregated_with_the_detail_on_request() {
+    use client::{Api, Event, Live, LiveOptions};
+    let data = DataDir::new();
+    let server = Server::start(&data, &[]);
+    let api = Api::new(&server.base);
+    let alice = api.with_token(&device_token(&server, "alice").await);
+    // 39 others: more than the 32 above which receipts are aggregated.
+    let names: Vec<String> = (0..39).map(|i| format!("member{i}")).collect();
+    let mut others = Vec::new();
+    for name in &names {
+        others.push(api.with_token(&device_token(&server, name).await));
+    }
+    let group = alice.group("big", &names.iter().map(String::as_str).collect::<Vec<_>>()).await.unwrap().id;
+    // Everyone writes once (a member who never wrote shares no receipts of their own).
+    for (i, other) in others.iter().enumerate() {
+        other.send(&group, &format!("hi{i}"), json!({"text": "hi"})).await.unwrap();
+    }
+    let mut alice_live = Live::connect(&alice, LiveOptions::default()).await.unwrap();
+    let seq = alice.send(&group, "a1", json!({"text": "hello all"})).await.unwrap().seq;
+    // All of them get it; all but the last read it.
+    let mut lives = Vec::new();
+    for (i, other) in others.iter().enumerate() {
+        let mut live = Live::connect(other, LiveOptions::default()).await.unwrap();
+        crate::live::next(&mut live, |e| matches!(e, Event::Message(m) if m.seq == seq).then_some(())).await;
+        if i < 38 {
+            live.read(&group, seq).await.unwrap()
+        } else {
+            live.ack(&group, seq).await.unwrap()
+        }
+        lives.push(live);
+    }
+    let mut per_member = 0;
+    let delivered = crate::live::next(&mut alice_live, |e| match e {
+        Event::GroupReceipt { conversation, status, seq } if conversation == group && status == "delivered" => {
+            Some(seq)
+        }
+        Event::Receipt { .. } => {
+            per_member += 1;
+            None
+        }
+        _ => None,
+    })
+    .await;
+    assert_eq!(delivered, seq, "delivered to all");
+    let detail = alice.receipts(&group, seq).await.unwrap();
+    assert_eq!(
+        (detail.read.len(), detail.delivered.clone(), detail.pending.len()),
+        (38, vec!["member38".to_owned()], 0)
+    );
+    // The last one reads it: read by all.
+    lives[38].read(&group, seq).await.unwrap();
+    let read = crate::live::next(&mut alice_live, |e| match e {
+        Event::GroupReceipt { status, seq, .. } if status == "read" => Some(seq),
+        Event::Receipt { .. } => {
+            per_member += 1;
+            None
+        }
+        _ => None,
+    })
+    .await;
+    assert_eq!(read, seq, "read by all");
+    assert_eq!(per_member, 0, "no receipt per member in a large group");
+    // Only the sender sees the detail.
+    let refused = others[0].receipts(&group, seq).await.unwrap_err();
+    assert!(matches!(refused, client::Error::Api { status: 403, .. }), "{refused:?}");
 }
