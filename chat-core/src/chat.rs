@@ -524,17 +524,23 @@ impl Chat {
             } else {
                 self.media.share(media, members, &media_source(&message.conversation, message.seq)).await
             };
-            match shared {
-                Ok(()) => {
-                    todo.share = false;
-                    // A deletion (or the timer) may have come first and taken its grants back
-                    // already: a share that lands after it is taken back here.
-                    let source = media_source(&message.conversation, message.seq);
-                    if self.store.is_gone(&message.conversation, message.seq).await? {
-                        self.media.unshare(media, &source).await.map_err(ApiError::Media)?;
-                    }
-                }
-                Err(e) => failed = Some(ApiError::Media(e)),
+            // A deletion (or the timer) may have come first and taken its grants back already: a
+            // share that lands after its tombstone takes itself back (a share is done only then).
+            let settled = match shared {
+                Ok(()) => match self.store.is_gone(&message.conversation, message.seq).await {
+                    Ok(false) => Ok(()),
+                    Ok(true) => self
+                        .media
+                        .unshare(media, &media_source(&message.conversation, message.seq))
+                        .await
+                        .map_err(ApiError::Media),
+                    Err(e) => Err(e.into()),
+                },
+                Err(e) => Err(ApiError::Media(e)),
+            };
+            match settled {
+                Ok(()) => todo.share = false,
+                Err(e) => failed = Some(e),
             }
         }
         if todo.wake {
@@ -600,6 +606,9 @@ impl Chat {
     /// sender, whatever the group's size. Members count from where they joined.
     pub(crate) async fn aggregate_receipts(&self, conversation: &ConversationId) -> Result<(), StoreError> {
         let members = self.store.member_receipts(conversation).await?;
+        if members.len() <= AGGREGATE_ABOVE {
+            return Ok(());
+        }
         let floors = Floors::of(&members);
         let Some(highest) = floors.delivered.highest() else { return Ok(()) };
         let from = self.aggregated_from.get(conversation).unwrap_or(0).max(highest - AGGREGATE_SPAN);
@@ -709,10 +718,13 @@ struct Floors<'a> {
 }
 
 impl<'a> Floors<'a> {
+    /// Over the members who have written in the conversation: the others share no receipts, not
+    /// even within a total.
     fn of(members: &'a [crate::store::MemberReceipt]) -> Self {
+        let sharing = || members.iter().filter(|m| m.answered);
         Floors {
-            delivered: Lowest::of(members.iter().map(|m| (&m.user, m.delivered.max(m.joined_seq)))),
-            read: Lowest::of(members.iter().map(|m| (&m.user, m.read.max(m.joined_seq)))),
+            delivered: Lowest::of(sharing().map(|m| (&m.user, m.delivered.max(m.joined_seq)))),
+            read: Lowest::of(sharing().map(|m| (&m.user, m.read.max(m.joined_seq)))),
         }
     }
 

@@ -234,6 +234,8 @@ async fn remove_member(
     let user: UserId = user.parse().map_err(|_| ApiError::Store(StoreError::NotMember))?;
     chat.store.remove_member(&id, &claims.sub, &user).await?;
     chat.forget_members(&id).await;
+    // The one who left may have been the last to read: a large group's totals may move.
+    chat.receipts_moved.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(id);
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -140,17 +140,18 @@ impl Chat {
                     .collect();
             for conversation in moved {
                 if let Err(e) = self.aggregate_receipts(&conversation).await {
-                    tracing::warn!(error = %e, %conversation, "could not aggregate a group's receipts");
+                    tracing::warn!(error = %e, %conversation, "could not aggregate a group's receipts; trying again");
+                    self.receipts_moved.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(conversation);
                 }
             }
         }
     }
 
-    /// Every [`DISAPPEAR_EVERY`], takes back the media grants of messages deleted for everyone
-    /// (queued by the deletion's own transaction), and deletes the messages whose conversation's
-    /// timer ran out: each keeps a tombstone (the log stays gapless; clients delete their copies
-    /// at `expires_at`), and the media it shared is taken back first, so a crash in between only
-    /// repeats the sweep. Any node may run it at once with another: every step is idempotent.
+    /// Every [`DISAPPEAR_EVERY`], deletes the messages whose conversation's timer ran out (each
+    /// keeps a tombstone: the log stays gapless; clients delete their copies at `expires_at`), then
+    /// takes back the media grants of deleted and disappeared messages, which their tombstones'
+    /// transactions queued. Any node may run it at once with another: every step is idempotent,
+    /// and a crash between them only leaves the queue for the next round.
     async fn disappear_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(DISAPPEAR_EVERY);
         loop {
@@ -159,21 +160,21 @@ impl Chat {
                 _ = stopped(&mut stop) => return,
             }
             loop {
-                match self.revoke_due().await {
-                    Ok(n) if n == DISAPPEAR_BATCH as usize => continue,
-                    Ok(_) => break,
-                    Err(e) => {
-                        tracing::error!(error = %e, "taking back deleted messages' media failed");
-                        break;
-                    }
-                }
-            }
-            loop {
                 match self.disappear_due().await {
                     Ok(n) if n == DISAPPEAR_BATCH as usize => continue,
                     Ok(_) => break,
                     Err(e) => {
                         tracing::error!(error = %e, "deleting disappearing messages failed");
+                        break;
+                    }
+                }
+            }
+            loop {
+                match self.revoke_due().await {
+                    Ok(n) if n == DISAPPEAR_BATCH as usize => continue,
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::error!(error = %e, "taking back deleted messages' media failed");
                         break;
                     }
                 }
@@ -202,26 +203,13 @@ impl Chat {
         Ok(done.len())
     }
 
-    /// One round of [`Chat::disappear_loop`]; returns how many messages it deleted.
+    /// One round of [`Chat::disappear_loop`]; returns how many messages it deleted. Their media
+    /// grants are queued for [`Chat::revoke_due`] with each tombstone, in one transaction: a share
+    /// that lands later sees the tombstone and takes itself back.
     async fn disappear_due(&self) -> Result<usize, crate::StoreError> {
         let due = self.store.due_expiries(now_ms(), DISAPPEAR_BATCH).await?;
-        let mut expired = Vec::with_capacity(due.len());
-        for (conversation, seq, body) in &due {
-            let media = serde_json::from_str::<serde_json::Value>(body)
-                .ok()
-                .and_then(|b| b.get("media").and_then(|m| m.as_str()).and_then(|m| m.parse::<types::MediaId>().ok()));
-            if let Some(media) = media {
-                let source = crate::chat::media_source(conversation, *seq);
-                if let Err(e) = self.media.unshare(media, &source).await {
-                    // Left for the next round, with its grants.
-                    tracing::warn!(error = %e, %conversation, seq, "could not take back a disappearing message's media");
-                    continue;
-                }
-            }
-            expired.push((*conversation, *seq));
-        }
-        self.store.expire(&expired).await?;
-        Ok(expired.len())
+        self.store.expire(&due).await?;
+        Ok(due.len())
     }
 
     /// Deletes messages past `chat.retention_days`.

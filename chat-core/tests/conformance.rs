@@ -755,7 +755,8 @@ async fn reactions_edits_deletions_and_timers_are_checked_where_they_are_stored(
     assert!(store.due_expiries(too_old + 59_999, 10).await.unwrap().is_empty());
     let due = store.due_expiries(too_old + 60_000, 10).await.unwrap();
     assert_eq!(due, vec![(group.id, 7, r#"{"text":"fading"}"#.to_owned())]);
-    store.expire(&[(group.id, 7)]).await.unwrap();
+    store.expire(&due).await.unwrap();
+    assert!(store.due_revocations(10).await.unwrap().is_empty(), "no media, nothing to take back");
     assert_eq!(body_at(7).await, EXPIRED_BODY);
     assert!(store.due_expiries(i64::MAX, 10).await.unwrap().is_empty());
 
@@ -765,13 +766,13 @@ async fn reactions_edits_deletions_and_timers_are_checked_where_they_are_stored(
     let edit = Effect::Edit { to: short.seq, text: "shorter".into() };
     let edited = send(&bob, bobs, "b9", r#"{"edit":9,"text":"shorter"}"#, t2 + 1, edit.clone()).await.unwrap();
     assert_eq!(edited.expires_at, short.expires_at, "an edit disappears with its message");
-    let due: Vec<i64> = store.due_expiries(t2 + 60_000, 10).await.unwrap().iter().map(|d| d.1).collect();
-    assert_eq!(due, vec![short.seq, edited.seq]);
+    let due = store.due_expiries(t2 + 60_000, 10).await.unwrap();
+    assert_eq!(due.iter().map(|d| d.1).collect::<Vec<_>>(), vec![short.seq, edited.seq]);
     assert!(
         matches!(send(&bob, bobs, "b10", "{}", t2 + 60_000, edit).await, Err(StoreError::NotEditable)),
         "a message whose time is up is not edited"
     );
-    store.expire(&[(group.id, short.seq), (group.id, edited.seq)]).await.unwrap();
+    store.expire(&due).await.unwrap();
     assert_eq!(body_at(edited.seq).await, EXPIRED_BODY, "the edit's text went too");
 
     store
@@ -804,8 +805,18 @@ async fn reactions_edits_deletions_and_timers_are_checked_where_they_are_stored(
     store.revoked(&[(group.id, photo.seq)]).await.unwrap();
     assert!(store.due_revocations(10).await.unwrap().is_empty());
 
+    // A disappearing media message queues its revocation with its tombstone.
+    let t3 = t2 + 70_000;
+    send(&alice, alices, "a10", "{}", t3, Effect::Timer { secs: 1 }).await.unwrap();
+    let fleeting = types::MediaId::new().to_string();
+    let body = format!(r#"{{"media":"{fleeting}"}}"#);
+    let flash = send(&bob, bobs, "b16", &body, t3, Effect::Ordinary).await.unwrap();
+    let due = store.due_expiries(t3 + 1_000, 10).await.unwrap();
+    store.expire(&due).await.unwrap();
+    assert_eq!(store.due_revocations(10).await.unwrap(), vec![(group.id, flash.seq, fleeting)]);
+
     let seqs: Vec<i64> = store.messages_after(&group.id, &alice, 0, 30).await.unwrap().iter().map(|m| m.seq).collect();
-    assert_eq!(seqs, (1..=16).collect::<Vec<_>>(), "the log stays gapless");
+    assert_eq!(seqs, (1..=18).collect::<Vec<_>>(), "the log stays gapless");
 }
 
 async fn retention_purges_old_messages_and_says_how_far(store: Store) {

@@ -1,8 +1,8 @@
 //! `courier-load`: a load generator for the messaging gateway.
 //!
-//! Starts `courier serve` on loopback with a fresh data dir (or uses `--server` with its
-//! `--data-dir`), links one device per simulated user, pairs users in direct conversations, opens
-//! one WebSocket per device, measures the server's memory per idle connection, then sends
+//! Starts `courier serve` on loopback with a fresh data dir and no per-address connection cap (or
+//! uses `--server` with its `--data-dir`), links one device per simulated user, pairs users in
+//! direct conversations, opens one WebSocket per device, measures the server's memory per idle connection, then sends
 //! `--messages` messages from one side of each pair to the other at `--rate` per second. Every
 //! message is checked to arrive exactly once and in seq order; the report gives delivered msgs/s,
 //! latency percentiles (send → receipt, on one clock) and the server's RSS per connection.
@@ -145,6 +145,9 @@ fn start_server(args: &Args) -> anyhow::Result<Server> {
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(temp.path())
         .env("COURIER_LOG", "warn")
+        // Every simulated device connects from 127.0.0.1: the per-address cap (256) is for
+        // strangers, not for this generator. --server-env may set it back.
+        .env("COURIER_HTTP__MAX_CONNECTIONS_PER_ADDRESS", "0")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     for pair in &args.server_env {
@@ -212,6 +215,8 @@ struct Tally {
     errors: AtomicU64,
     last_delivery_us: AtomicU64,
     reconnects: AtomicU64,
+    /// Per conversation, the highest seq its receiver has had (handed over with each ack).
+    last_seqs: std::sync::Mutex<std::collections::HashMap<String, i64>>,
 }
 
 /// What one generator process saw.
@@ -226,6 +231,9 @@ struct Outcome {
     errors: u64,
     #[serde(default)]
     reconnects: u64,
+    /// Conversations whose receiver did not end at the seq of the last message sent there.
+    #[serde(default)]
+    wrong_ends: u64,
     first_send_us: u64,
     last_delivery_us: u64,
     /// Send → receipt, microseconds, one per delivered message.
@@ -332,6 +340,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     // Receivers hand their latencies over every 100 ms.
     tokio::time::sleep(Duration::from_millis(300)).await;
+    // Each conversation's log holds exactly the messages sent there: its receiver ends at that seq
+    // (a message stored twice or lost shows here even when the totals balance).
+    let wrong_ends = {
+        let last_seqs = tally.last_seqs.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        (0..pairs)
+            .filter(|&p| {
+                let sent = messages / pairs as u64 + u64::from((p as u64) < messages % pairs as u64);
+                last_seqs.get(&conversations[p]).copied().unwrap_or(0) != sent as i64
+            })
+            .count() as u64
+    };
     let outcome = Outcome {
         connections: n,
         messages,
@@ -341,6 +360,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         out_of_order: tally.out_of_order.load(Ordering::Relaxed),
         errors: tally.errors.load(Ordering::Relaxed),
         reconnects: tally.reconnects.load(Ordering::Relaxed),
+        wrong_ends,
         first_send_us,
         last_delivery_us: tally.last_delivery_us.load(Ordering::Relaxed),
         latencies_us: std::mem::take(&mut *latencies.lock().await),
@@ -415,6 +435,7 @@ async fn parent(args: Args) -> anyhow::Result<()> {
         total.out_of_order += part.out_of_order;
         total.errors += part.errors;
         total.reconnects += part.reconnects;
+        total.wrong_ends += part.wrong_ends;
         total.first_send_us = total.first_send_us.min(part.first_send_us);
         total.last_delivery_us = total.last_delivery_us.max(part.last_delivery_us);
         total.latencies_us.extend(part.latencies_us);
@@ -453,7 +474,13 @@ fn report(outcome: &Outcome, rate: f64, memory: Option<(u64, u64, u64)>) -> anyh
     println!("out of order/dup:   {}", outcome.out_of_order);
     println!("error frames:       {}", outcome.errors);
     println!("reconnects:         {}", outcome.reconnects);
-    if outcome.delivered != outcome.messages || outcome.out_of_order != 0 || outcome.errors != 0 {
+    println!("wrong log ends:     {}", outcome.wrong_ends);
+    if outcome.delivered != outcome.messages
+        || outcome.confirmed != outcome.messages
+        || outcome.out_of_order != 0
+        || outcome.errors != 0
+        || outcome.wrong_ends != 0
+    {
         bail!("delivery was not exactly once and in order");
     }
     Ok(())
@@ -476,6 +503,9 @@ struct Device {
 struct Seen {
     /// The highest seq delivered to the "application", in order.
     last_seq: i64,
+    /// Where it stood when it last reconnected: the replay brings back what it had but had not
+    /// acked, up to here, and only up to here may a seq come twice.
+    replayed_upto: i64,
     acked: i64,
     /// Sends not yet confirmed by `sent`, by client id, in the order they were made.
     pending: std::collections::BTreeMap<u64, String>,
@@ -495,6 +525,7 @@ impl Device {
             if finished || !self.reconnect {
                 break;
             }
+            seen.replayed_upto = seen.last_seq;
             // Closed by the server: connect again (the replay brings back what was not acked).
             loop {
                 match tokio_tungstenite::connect_async(&self.url).await {
@@ -545,7 +576,7 @@ impl Device {
                         Some("message") => {
                             let now = now_micros();
                             let seq = frame["seq"].as_i64().unwrap_or(0);
-                            if self.reconnect && frame["conversation"] == self.conversation.as_str() && seq <= seen.last_seq {
+                            if frame["conversation"] == self.conversation.as_str() && seq <= seen.replayed_upto {
                                 // Replayed after a reconnect: had already, not acked yet.
                                 continue;
                             }
@@ -579,6 +610,11 @@ impl Device {
                     if !seen.local.is_empty() {
                         self.latencies.lock().await.append(&mut seen.local);
                     }
+                    self.tally
+                        .last_seqs
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .insert(self.conversation.clone(), seen.last_seq);
                     if seen.last_seq > seen.acked {
                         let frame = json!({"type": "ack", "conversation": self.conversation, "seq": seen.last_seq}).to_string();
                         if sink.send(WsMessage::text(frame)).await.is_err() {

@@ -974,9 +974,17 @@ impl Store {
         each!(self, s => s.due_expiries(now_ms, limit).await)
     }
 
-    /// Leaves a tombstone in place of each of these messages (not of one deleted meanwhile).
-    pub async fn expire(&self, messages: &[(ConversationId, i64)]) -> Result<(), StoreError> {
-        each!(self, s => s.expire(messages).await)
+    /// Leaves a tombstone in place of each of these messages (not of one deleted meanwhile), and
+    /// queues the revocation of the media it shared in the same transaction, as a deletion does.
+    pub async fn expire(&self, messages: &[(ConversationId, i64, String)]) -> Result<(), StoreError> {
+        let messages: Vec<(ConversationId, i64, Option<String>)> = messages
+            .iter()
+            .map(|(conversation, seq, body)| {
+                let body: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+                (*conversation, *seq, body.get("media").and_then(|m| m.as_str()).map(str::to_owned))
+            })
+            .collect();
+        each!(self, s => s.expire(&messages, now_ms()).await)
     }
 
     /// Whether the message at `seq` was deleted for everyone, disappeared or was purged.

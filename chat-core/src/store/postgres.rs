@@ -975,11 +975,32 @@ impl Postgres {
         Ok(sqlx::query_as(DUE_EXPIRIES).bind(now_ms).bind(limit).fetch_all(&self.db).await?)
     }
 
-    pub(super) async fn expire(&self, messages: &[(ConversationId, i64)]) -> Result<(), StoreError> {
-        // One row a statement: no transaction holds two message rows, so none waits on a send's
-        // in a cycle.
-        for (conversation, seq) in messages {
-            sqlx::query(EXPIRE).bind(conversation).bind(seq).bind(EXPIRED_BODY).execute(&self.db).await?;
+    pub(super) async fn expire(
+        &self,
+        messages: &[(ConversationId, i64, Option<String>)],
+        now: i64,
+    ) -> Result<(), StoreError> {
+        // One message a transaction: none holds two message rows, so none waits on a send's in a
+        // cycle.
+        for (conversation, seq, media) in messages {
+            let mut tx = self.db.begin().await?;
+            let expired = sqlx::query(EXPIRE)
+                .bind(conversation)
+                .bind(seq)
+                .bind(EXPIRED_BODY)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            if let (1.., Some(media)) = (expired, media) {
+                sqlx::query(INSERT_REVOCATION)
+                    .bind(conversation)
+                    .bind(seq)
+                    .bind(media)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
         }
         Ok(())
     }

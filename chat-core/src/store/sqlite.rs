@@ -1218,12 +1218,19 @@ impl Sqlite {
         .await
     }
 
-    pub(super) async fn expire(&self, messages: &[(ConversationId, i64)]) -> Result<(), StoreError> {
+    pub(super) async fn expire(
+        &self,
+        messages: &[(ConversationId, i64, Option<String>)],
+        now: i64,
+    ) -> Result<(), StoreError> {
         let messages = messages.to_vec();
         self.write(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            for (conversation, seq) in &messages {
-                tx.prepare_cached(EXPIRE)?.execute(params![conversation, seq, EXPIRED_BODY])?;
+            for (conversation, seq, media) in &messages {
+                let expired = tx.prepare_cached(EXPIRE)?.execute(params![conversation, seq, EXPIRED_BODY])?;
+                if let (1.., Some(media)) = (expired, media) {
+                    tx.prepare_cached(INSERT_REVOCATION)?.execute(params![conversation, seq, media, now])?;
+                }
             }
             tx.commit()?;
             Ok(())

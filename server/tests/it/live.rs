@@ -853,3 +853,40 @@ async fn a_receipt_goes_only_to_the_senders_of_the_messages_it_covers() {
         live.close().await;
     }
 }
+
+#[tokio::test]
+async fn a_member_removed_and_added_again_hears_nothing_of_the_time_out() {
+    let data = DataDir::new();
+    let server = Server::start(&data, &[DEV]);
+    let (alice, _) = sign_in(&server, "+4915100000971", "phone").await;
+    let (bob, bob_session) = sign_in(&server, "+4915100000972", "phone").await;
+    let group = alice.group("g", &[bob_session.user_id.as_str()]).await.unwrap().id;
+    // Bob's device on a raw socket: what the server says, not what the SDK makes of it.
+    let url = format!("{}?token={}", bob.ws_url(), bob.token().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    let mut frames_until = async |text: &str| {
+        let mut seen = Vec::new();
+        loop {
+            let WsMessage::Text(t) = tokio::time::timeout(WAIT, ws.next()).await.unwrap().unwrap().unwrap() else {
+                continue;
+            };
+            let frame: Value = serde_json::from_str(t.as_str()).unwrap();
+            if frame["type"] == "message" && frame["body"]["text"] == text {
+                return seen;
+            }
+            seen.push(frame);
+        }
+    };
+    alice.send(&group, "c1", json!({"text": "before"})).await.unwrap();
+    frames_until("before").await;
+    let remove = format!("/v1/conversations/{group}/members/{}", bob_session.user_id);
+    let status = server.http.delete(server.url(&remove)).bearer_auth(alice.token().unwrap()).send().await.unwrap();
+    assert_eq!(status.status(), 204);
+    alice.send(&group, "c2", json!({"text": "while out"})).await.unwrap();
+    alice.add_members(&group, &[bob_session.user_id.as_str()]).await.unwrap();
+    alice.send(&group, "c3", json!({"text": "back"})).await.unwrap();
+    // The same connection all along: nothing was purged, so no `expired`, and nothing from the
+    // time out.
+    let between = frames_until("back").await;
+    assert!(between.iter().all(|f| f["type"] != "expired" && f["type"] != "message"), "{between:?}");
+}
