@@ -606,7 +606,8 @@ impl Chat {
     /// sender, whatever the group's size. Members count from where they joined.
     pub(crate) async fn aggregate_receipts(&self, conversation: &ConversationId) -> Result<(), StoreError> {
         let members = self.store.member_receipts(conversation).await?;
-        if members.len() <= AGGREGATE_ABOVE {
+        // A group that shrank to 32 gets one more round: its senders were told nothing per member.
+        if members.len() <= AGGREGATE_ABOVE && !self.aggregated_from.contains_key(conversation) {
             return Ok(());
         }
         let floors = Floors::of(&members);

@@ -369,19 +369,8 @@ impl Connection {
             };
             let Some(first) = page.first() else { return Ok(()) };
             if first.seq > after + 1 {
-                // Retention got there first, or the user was out of the conversation meanwhile
-                // (removed, then added again): only the first is news to the device.
-                let purged = match self.chat.store.sync_one(&self.user, &self.device, &conversation).await {
-                    Ok(state) => state.purged_upto,
-                    Err(StoreError::NotMember) => {
-                        self.sent.remove(&conversation);
-                        return Ok(());
-                    }
-                    Err(e) => return Err(self.fail(e)),
-                };
-                if purged > after {
-                    self.send_frame(ServerFrame::Expired { conversation, oldest_seq: first.seq }.encode()).await?;
-                }
+                // Retention got there first.
+                self.send_frame(ServerFrame::Expired { conversation, oldest_seq: first.seq }.encode()).await?;
             }
             for m in &page {
                 if m.device != self.device {

@@ -215,7 +215,7 @@ struct Tally {
     errors: AtomicU64,
     last_delivery_us: AtomicU64,
     reconnects: AtomicU64,
-    /// Per conversation, the highest seq its receiver has had (handed over with each ack).
+    /// Per conversation, the highest seq its receiver has had.
     last_seqs: std::sync::Mutex<std::collections::HashMap<String, i64>>,
 }
 
@@ -335,7 +335,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let sent_in = start.elapsed();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while tally.delivered.load(Ordering::Relaxed) < messages && Instant::now() < deadline {
+    // Past saturation a sender may still be reconnecting to have its last sends confirmed.
+    while (tally.delivered.load(Ordering::Relaxed) < messages || tally.confirmed.load(Ordering::Relaxed) < messages)
+        && Instant::now() < deadline
+    {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Receivers hand their latencies over every 100 ms.
@@ -588,6 +591,11 @@ impl Device {
                             seen.local.push(now.saturating_sub(sent_at).max(1));
                             self.tally.delivered.fetch_add(1, Ordering::Relaxed);
                             self.tally.last_delivery_us.fetch_max(now, Ordering::Relaxed);
+                            self.tally
+                                .last_seqs
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                .insert(self.conversation.clone(), seen.last_seq);
                             ack_at.get_or_insert_with(|| tokio::time::Instant::now() + Duration::from_millis(100));
                         }
                         Some("sent") => {
@@ -610,11 +618,6 @@ impl Device {
                     if !seen.local.is_empty() {
                         self.latencies.lock().await.append(&mut seen.local);
                     }
-                    self.tally
-                        .last_seqs
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .insert(self.conversation.clone(), seen.last_seq);
                     if seen.last_seq > seen.acked {
                         let frame = json!({"type": "ack", "conversation": self.conversation, "seq": seen.last_seq}).to_string();
                         if sink.send(WsMessage::text(frame)).await.is_err() {

@@ -112,11 +112,13 @@ const INSERT_MESSAGE: &str = "
 /// Takes back a message whose effect was refused (the seq goes back with [`GIVE_SEQ_BACK`]).
 const DELETE_MESSAGE: &str = "DELETE FROM chat_messages WHERE conversation_id = $1 AND seq = $2";
 
-/// The message an effect names, if the actor can see it (it is from after they joined).
+/// The message an effect names, if the actor can see it (it is from after they joined), locked
+/// so the timer's sweep cannot tombstone it between the check and the change.
 const TARGET: &str = "
     SELECT sender_user, body, created_at, expires_at FROM chat_messages
      WHERE conversation_id = $1 AND seq = $2
-       AND seq > (SELECT joined_seq FROM chat_members WHERE conversation_id = $1 AND user_id = $3)";
+       AND seq > (SELECT joined_seq FROM chat_members WHERE conversation_id = $1 AND user_id = $3)
+       FOR UPDATE";
 
 /// An edit names the message it edits and goes when that one does.
 const MARK_EDIT: &str =

@@ -855,38 +855,31 @@ async fn a_receipt_goes_only_to_the_senders_of_the_messages_it_covers() {
 }
 
 #[tokio::test]
-async fn a_member_removed_and_added_again_hears_nothing_of_the_time_out() {
+async fn a_member_removed_and_added_again_is_told_where_they_resume() {
     let data = DataDir::new();
     let server = Server::start(&data, &[DEV]);
     let (alice, _) = sign_in(&server, "+4915100000971", "phone").await;
     let (bob, bob_session) = sign_in(&server, "+4915100000972", "phone").await;
     let group = alice.group("g", &[bob_session.user_id.as_str()]).await.unwrap().id;
-    // Bob's device on a raw socket: what the server says, not what the SDK makes of it.
-    let url = format!("{}?token={}", bob.ws_url(), bob.token().unwrap());
-    let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
-    let mut frames_until = async |text: &str| {
-        let mut seen = Vec::new();
-        loop {
-            let WsMessage::Text(t) = tokio::time::timeout(WAIT, ws.next()).await.unwrap().unwrap().unwrap() else {
-                continue;
-            };
-            let frame: Value = serde_json::from_str(t.as_str()).unwrap();
-            if frame["type"] == "message" && frame["body"]["text"] == text {
-                return seen;
-            }
-            seen.push(frame);
-        }
-    };
+    let mut bob_live = live(&bob).await;
     alice.send(&group, "c1", json!({"text": "before"})).await.unwrap();
-    frames_until("before").await;
+    assert_eq!(text(&next_message(&mut bob_live).await), "before");
     let remove = format!("/v1/conversations/{group}/members/{}", bob_session.user_id);
     let status = server.http.delete(server.url(&remove)).bearer_auth(alice.token().unwrap()).send().await.unwrap();
     assert_eq!(status.status(), 204);
     alice.send(&group, "c2", json!({"text": "while out"})).await.unwrap();
     alice.add_members(&group, &[bob_session.user_id.as_str()]).await.unwrap();
     alice.send(&group, "c3", json!({"text": "back"})).await.unwrap();
-    // The same connection all along: nothing was purged, so no `expired`, and nothing from the
-    // time out.
-    let between = frames_until("back").await;
-    assert!(between.iter().all(|f| f["type"] != "expired" && f["type"] != "message"), "{between:?}");
+    // The same connection all along: it is told that seq 2 is not for it (never a silent skip),
+    // then gets what came after the return, and nothing said while out.
+    let events = events_before(&mut bob_live, "back").await;
+    let expired: Vec<i64> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Expired { oldest_seq, .. } => Some(*oldest_seq),
+            _ => None,
+        })
+        .collect();
+    assert!(!expired.is_empty() && expired.iter().all(|s| *s == 3), "{events:?}");
+    assert!(!events.iter().any(|e| matches!(e, Event::Message(_))), "{events:?}");
 }
