@@ -302,6 +302,11 @@ pub(crate) async fn lookup(
     query: Result<Query<Lookup>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Query(Lookup { phone }) = query.map_err(|e| ApiError::Invalid(e.body_text()))?;
+    // A `+` left unencoded in a query string reads as a space: `?phone=+49…` means `+49…`.
+    let phone = match phone.strip_prefix(' ') {
+        Some(rest) => format!("+{rest}"),
+        None => phone,
+    };
     let phone = check_phone(&phone)?;
     chat.limit(limits::LOOKUPS_PER_USER, claims.sub.as_str()).await?;
     match chat.store.lookup_phone(phone).await? {

@@ -82,6 +82,10 @@ pub(crate) struct HttpConfig {
     pub(crate) max_concurrent_streams: u32,
     /// Serve `/metrics` on this address only, rather than beside the API. Default: unset.
     pub(crate) metrics_listen: Option<SocketAddr>,
+    /// Web origins whose pages may call the API from a browser (CORS), such as
+    /// `["https://web.example"]`; `["*"]` lets any page (never with credentials: the API takes
+    /// bearer tokens, not cookies). Default: none.
+    pub(crate) allowed_origins: Vec<String>,
 }
 
 impl Default for HttpConfig {
@@ -98,6 +102,7 @@ impl Default for HttpConfig {
             trusted_proxies: Vec::new(),
             max_header_bytes: 64 * 1024,
             max_requests_per_connection: 10_000,
+            allowed_origins: Vec::new(),
             max_concurrent_streams: 256,
             metrics_listen: None,
         }

@@ -170,6 +170,7 @@ pub(crate) async fn run(config: EdgeConfig) -> anyhow::Result<()> {
     let app = Router::new().route("/healthz", get(|| async { "ok\n" })).merge(edge_cache::router(service.clone()));
     let app =
         listener::with_common_layers(listener::with_metrics(app, metrics, config.http.metrics_listen, &options).await?);
+    let app = listener::with_cors(app, &config.http.allowed_origins)?;
     let threads = match config.http_threads {
         0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         n => n,

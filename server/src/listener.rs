@@ -402,6 +402,7 @@ pub(crate) fn with_common_layers(router: Router) -> Router {
         .fallback(|| async {
             (StatusCode::NOT_FOUND, axum::Json(types::ErrorBody::new("not_found", "no such route"))).into_response()
         })
+        .layer(axum::middleware::map_response(json_errors))
         .layer(
             tower::ServiceBuilder::new()
                 .layer(SetRequestIdLayer::x_request_id(SequentialRequestId::default()))
@@ -424,6 +425,91 @@ pub(crate) fn with_common_layers(router: Router) -> Router {
                 )
                 .layer(PropagateRequestIdLayer::x_request_id()),
         )
+}
+
+/// Gives every error response the `{"error":{"code","message"}}` body: the router's own 405 (and
+/// any other answer a layer or extractor made in plain text) keeps its status and headers (such
+/// as `Allow` or `Retry-After`), and its text, if any, becomes the message.
+async fn json_errors(response: axum::response::Response) -> axum::response::Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = match axum::body::to_bytes(body, 4096).await {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).trim().to_owned(),
+        Err(_) => String::new(),
+    };
+    let code = match status.as_u16() {
+        400 => "bad_request",
+        404 => "not_found",
+        405 => "method_not_allowed",
+        408 => "request_timeout",
+        411 => "length_required",
+        413 => "too_large",
+        414 => "uri_too_long",
+        415 => "unsupported_media_type",
+        416 => "range_not_satisfiable",
+        429 => "rate_limited",
+        431 => "headers_too_large",
+        503 => "unavailable",
+        504 => "timeout",
+        500..=599 => "internal",
+        _ => "invalid_request",
+    };
+    let message = if text.is_empty() || status.is_server_error() {
+        status.canonical_reason().unwrap_or("error").to_lowercase()
+    } else {
+        text
+    };
+    let mut answer = (status, axum::Json(types::ErrorBody::new(code, message))).into_response();
+    for (name, value) in parts.headers.iter() {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            answer.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    answer
+}
+
+/// Lets the pages of `origins` call the API from a browser: preflights are answered with the
+/// methods and headers the API uses, and responses expose the headers an app reads. `"*"` allows
+/// any origin; credentials are never allowed (the API takes bearer tokens, not cookies). No
+/// origins: no CORS headers at all.
+pub(crate) fn with_cors(router: Router, origins: &[String]) -> anyhow::Result<Router> {
+    use axum::http::Method;
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    if origins.is_empty() {
+        return Ok(router);
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        let list = origins
+            .iter()
+            .map(|o| {
+                HeaderValue::from_str(o.trim_end_matches('/')).map_err(|_| anyhow::anyhow!("allowed origin {o:?}"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        AllowOrigin::list(list)
+    };
+    let layer = CorsLayer::new()
+        .allow_origin(allow)
+        .allow_methods([Method::GET, Method::HEAD, Method::POST, Method::PUT, Method::PATCH, Method::DELETE])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, header::RANGE, header::IF_NONE_MATCH])
+        .expose_headers([
+            header::RETRY_AFTER,
+            header::LOCATION,
+            header::ETAG,
+            header::CONTENT_RANGE,
+            header::HeaderName::from_static("x-request-id"),
+        ])
+        .max_age(Duration::from_secs(600));
+    Ok(router.layer(layer))
 }
 
 /// A `/metrics` answer: Prometheus texts joined, each without its own closing `# EOF`.

@@ -112,6 +112,7 @@ pub(crate) async fn serve(config: Config) -> anyhow::Result<()> {
         .merge(user_routes);
     let app =
         listener::with_common_layers(listener::with_metrics(app, metrics, config.http.metrics_listen, &options).await?);
+    let app = listener::with_cors(app, &config.http.allowed_origins)?;
 
     let socket =
         tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;

@@ -452,3 +452,62 @@ async fn a_large_groups_receipts_come_aggregated_with_the_detail_on_request() {
     let refused = others[0].receipts(&group, seq).await.unwrap_err();
     assert!(matches!(refused, client::Error::Api { status: 403, .. }), "{refused:?}");
 }
+
+#[tokio::test]
+async fn every_error_has_the_json_shape_and_browsers_may_call_the_api() {
+    let data = DataDir::new();
+    let server = Server::start(&data, &[("COURIER_HTTP__ALLOWED_ORIGINS", r#"["https://web.example"]"#)]);
+    let alice = device_token(&server, "alice").await;
+    let error_of = |response: reqwest::Response| async move {
+        let status = response.status().as_u16();
+        let allow = response.headers().get("allow").map(|v| v.to_str().unwrap().to_owned());
+        let body: Value = response.json().await.expect("an error body is JSON");
+        (status, body["error"]["code"].as_str().unwrap_or("").to_owned(), body["error"]["message"].is_string(), allow)
+    };
+    // The router's own answers: a method a route does not take, a route that does not exist.
+    let wrong_method = server.http.delete(server.url("/v1/conversations")).bearer_auth(&alice).send().await.unwrap();
+    let (status, code, has_message, allow) = error_of(wrong_method).await;
+    assert_eq!((status, code.as_str(), has_message), (405, "method_not_allowed", true));
+    assert!(allow.is_some_and(|a| a.contains("GET") && a.contains("POST")), "405 keeps its Allow header");
+    let nowhere = server.http.get(server.url("/v1/nowhere")).bearer_auth(&alice).send().await.unwrap();
+    assert_eq!(error_of(nowhere).await.0, 404);
+
+    // A browser page of an allowed origin may call the API; another origin's may not.
+    let preflight = |origin: &str| {
+        server
+            .http
+            .request(reqwest::Method::OPTIONS, server.url("/v1/conversations"))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "authorization,content-type")
+            .send()
+    };
+    let allowed = preflight("https://web.example").await.unwrap();
+    assert!(allowed.status().is_success(), "{}", allowed.status());
+    let header = |r: &reqwest::Response, name: &str| r.headers().get(name).map(|v| v.to_str().unwrap().to_lowercase());
+    assert_eq!(header(&allowed, "access-control-allow-origin").as_deref(), Some("https://web.example"));
+    assert!(header(&allowed, "access-control-allow-methods").is_some_and(|m| m.contains("post")));
+    assert!(header(&allowed, "access-control-allow-headers").is_some_and(|h| h.contains("authorization")));
+    assert_eq!(header(&allowed, "access-control-allow-credentials"), None, "never credentials");
+    let other = preflight("https://evil.example").await.unwrap();
+    assert_eq!(header(&other, "access-control-allow-origin"), None);
+    let call = server
+        .http
+        .get(server.url("/v1/conversations"))
+        .bearer_auth(&alice)
+        .header("origin", "https://web.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(call.status(), 200);
+    assert_eq!(header(&call, "access-control-allow-origin").as_deref(), Some("https://web.example"));
+
+    // A phone number with its `+` left unencoded in the query is still the number.
+    let lookup =
+        |query: &str| server.http.get(server.url(&format!("/v1/users/lookup?{query}"))).bearer_auth(&alice).send();
+    let raw = error_of(lookup("phone=+4915100000999").await.unwrap()).await;
+    assert_eq!((raw.0, raw.1.as_str()), (404, "not_found"), "not found, not \"not E.164\"");
+    let encoded = error_of(lookup("phone=%2B4915100000999").await.unwrap()).await;
+    assert_eq!(encoded.0, 404);
+    assert_eq!(error_of(lookup("phone=12345").await.unwrap()).await.0, 422);
+}

@@ -673,13 +673,13 @@ async fn a_device_holds_two_sockets_and_a_third_closes_its_oldest() {
     let server = Server::start(&data, &[DEV]);
     let (alice, _) = sign_in(&server, "+4915100000611", "phone").await;
     let url = format!("{}?token={}", alice.ws_url(), alice.token().unwrap());
-    let (mut first, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
-    let (mut second, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
-    let (mut third, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
-    assert_closed(&mut first, Some(4009)).await;
-    // The two newest still answer.
-    for ws in [&mut second, &mut third] {
-        ws.send(WsMessage::Text("not json".into())).await.unwrap();
+    /// Waits for an answer to a bad frame: the connection is registered and serving.
+    async fn answers(
+        ws: &mut (
+                 impl StreamExt<Item = Result<WsMessage, tokio_tungstenite::tungstenite::Error>> + SinkExt<WsMessage> + Unpin
+             ),
+    ) {
+        let _ = ws.send(WsMessage::Text("not json".into())).await;
         loop {
             match tokio::time::timeout(WAIT, ws.next()).await.expect("no answer").unwrap().unwrap() {
                 WsMessage::Text(t) if t.as_str().contains("bad_json") => break,
@@ -688,6 +688,16 @@ async fn a_device_holds_two_sockets_and_a_third_closes_its_oldest() {
             }
         }
     }
+    // Each one serving before the next connects: "oldest" is then the first.
+    let (mut first, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    answers(&mut first).await;
+    let (mut second, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    answers(&mut second).await;
+    let (mut third, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    assert_closed(&mut first, Some(4009)).await;
+    // The two newest still answer.
+    answers(&mut second).await;
+    answers(&mut third).await;
 }
 
 #[tokio::test]
