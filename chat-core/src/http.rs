@@ -59,6 +59,13 @@ fn users(names: &[String]) -> Result<Vec<UserId>, ApiError> {
     names.iter().map(|n| n.parse().map_err(|e| ApiError::Invalid(format!("{n:?}: {e}")))).collect()
 }
 
+/// Conversations are only with users that exist: a typo is 404 `unknown_user` naming it, not a
+/// chat nobody reads.
+async fn known(chat: &Chat, users: &[UserId]) -> Result<(), ApiError> {
+    let unknown = chat.store.unknown_users(users).await?;
+    if unknown.is_empty() { Ok(()) } else { Err(StoreError::UnknownUsers(unknown).into()) }
+}
+
 fn now() -> (u64, i64) {
     let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
     (d.as_secs(), d.as_millis() as i64)
@@ -176,6 +183,7 @@ async fn create_conversation(
 ) -> Result<(StatusCode, Json<ConversationView>), ApiError> {
     let request = json_body(body)?;
     let members = users(&request.members)?;
+    known(&chat, &members).await?;
     let conversation = match request.kind.as_str() {
         "direct" => {
             let [other] = members.as_slice() else {
@@ -220,6 +228,7 @@ async fn add_members(
 ) -> Result<StatusCode, ApiError> {
     let id = conversation_id(&id)?;
     let members = users(&json_body(body)?.members)?;
+    known(&chat, &members).await?;
     chat.store.add_members(&id, &claims.sub, &members).await?;
     chat.forget_members(&id).await;
     Ok(StatusCode::NO_CONTENT)

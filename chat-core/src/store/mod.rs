@@ -779,6 +779,14 @@ impl Store {
         each!(self, s => s.senders_between(conversation, after, upto, except).await)
     }
 
+    /// Which of `users` do not exist (have never linked a device nor been named before).
+    pub async fn unknown_users(&self, users: &[UserId]) -> Result<Vec<UserId>, StoreError> {
+        if users.is_empty() {
+            return Ok(Vec::new());
+        }
+        each!(self, s => s.unknown_users(users).await)
+    }
+
     /// Every member's receipt, where they joined and whether they have written there (no
     /// membership check: callers have made theirs).
     pub async fn member_receipts(&self, conversation: &ConversationId) -> Result<Vec<MemberReceipt>, StoreError> {

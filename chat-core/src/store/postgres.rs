@@ -764,6 +764,13 @@ impl Postgres {
         Ok(sqlx::query_as(CONTACT_LIST).bind(user).fetch_all(&self.db).await?)
     }
 
+    pub(super) async fn unknown_users(&self, users: &[UserId]) -> Result<Vec<UserId>, StoreError> {
+        let ids: Vec<&str> = users.iter().map(UserId::as_str).collect();
+        let existing: std::collections::HashSet<UserId> =
+            sqlx::query_scalar(EXISTING_USERS).bind(&ids).fetch_all(&self.db).await?.into_iter().collect();
+        Ok(users.iter().filter(|u| !existing.contains(*u)).cloned().collect())
+    }
+
     pub(super) async fn add_contacts(
         &self,
         user: &UserId,

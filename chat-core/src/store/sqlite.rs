@@ -955,6 +955,20 @@ impl Sqlite {
         .await
     }
 
+    pub(super) async fn unknown_users(&self, users: &[UserId]) -> Result<Vec<UserId>, StoreError> {
+        let users = users.to_vec();
+        self.read(move |conn| {
+            let mut unknown = Vec::new();
+            for user in users {
+                if !conn.prepare_cached(USER_EXISTS)?.query_row(params![user], |r| r.get::<_, bool>(0))? {
+                    unknown.push(user);
+                }
+            }
+            Ok(unknown)
+        })
+        .await
+    }
+
     pub(super) async fn add_contacts(
         &self,
         user: &UserId,

@@ -99,7 +99,7 @@ async fn two_users_talk_and_a_retry_is_stored_once() {
 async fn bad_messages_get_clear_errors() {
     let data = DataDir::new();
     let server = Server::start(&data, &[]);
-    let alice = device_token(&server, "alice").await;
+    let (alice, _bob) = (device_token(&server, "alice").await, device_token(&server, "bob").await);
     let (_, chat) = post(&server, &alice, "/v1/conversations", json!({"type": "direct", "members": ["bob"]})).await;
     let messages = format!("/v1/conversations/{}/messages", chat["id"].as_str().unwrap());
 
@@ -241,6 +241,7 @@ async fn a_member_reads_from_when_they_joined_and_nothing_while_out() {
     let data = DataDir::new();
     let server = Server::start(&data, &[]);
     let (alice, carol) = (device_token(&server, "alice").await, device_token(&server, "carol").await);
+    device_token(&server, "bob").await;
     let (_, group) =
         post(&server, &alice, "/v1/conversations", json!({"type": "group", "name": "g", "members": ["bob"]})).await;
     let id = group["id"].as_str().unwrap();
@@ -510,4 +511,29 @@ async fn every_error_has_the_json_shape_and_browsers_may_call_the_api() {
     let encoded = error_of(lookup("phone=%2B4915100000999").await.unwrap()).await;
     assert_eq!(encoded.0, 404);
     assert_eq!(error_of(lookup("phone=12345").await.unwrap()).await.0, 422);
+}
+
+#[tokio::test]
+async fn conversations_are_only_with_users_that_exist() {
+    let data = DataDir::new();
+    let server = Server::start(&data, &[]);
+    let (alice, _bob) = (device_token(&server, "alice").await, device_token(&server, "bob").await);
+    let (status, answer) =
+        post(&server, &alice, "/v1/conversations", json!({"type": "direct", "members": ["bbo"]})).await;
+    assert_eq!((status, answer["error"]["code"].as_str()), (404, Some("unknown_user")));
+    assert!(answer["error"]["message"].as_str().unwrap().contains("bbo"), "{answer}");
+    let group = json!({"type": "group", "name": "g", "members": ["bob", "nobody", "ghost"]});
+    let (status, answer) = post(&server, &alice, "/v1/conversations", group).await;
+    assert_eq!((status, answer["error"]["code"].as_str()), (404, Some("unknown_user")));
+    let message = answer["error"]["message"].as_str().unwrap();
+    assert!(message.contains("nobody") && message.contains("ghost") && !message.contains("bob"), "{message}");
+    let (_, chats) = get(&server, &alice, "/v1/conversations").await;
+    assert_eq!(chats["conversations"].as_array().unwrap().len(), 0, "nothing was created");
+
+    let (status, group) =
+        post(&server, &alice, "/v1/conversations", json!({"type": "group", "name": "g", "members": ["bob"]})).await;
+    assert_eq!(status, 201);
+    let members = format!("/v1/conversations/{}/members", group["id"].as_str().unwrap());
+    let (status, answer) = post(&server, &alice, &members, json!({"members": ["nobody"]})).await;
+    assert_eq!((status, answer["error"]["code"].as_str()), (404, Some("unknown_user")));
 }
