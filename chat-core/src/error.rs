@@ -13,6 +13,8 @@ use crate::store::{CodeCheck, StoreError};
 pub(crate) enum ApiError {
     Store(StoreError),
     BadJson(String),
+    /// A query string that does not hold what the route takes.
+    BadQuery(String),
     Invalid(String),
     UnknownMedia,
     DeviceRequired,
@@ -75,6 +77,7 @@ impl ApiError {
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal", "something went wrong on our side; try again".into())
             }
             ApiError::BadJson(m) => (StatusCode::BAD_REQUEST, "bad_json", m),
+            ApiError::BadQuery(m) => (StatusCode::BAD_REQUEST, "invalid_request", m),
             ApiError::UnknownMedia => (
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "unknown_media",

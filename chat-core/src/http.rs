@@ -20,7 +20,7 @@ use crate::chat::{Chat, LINK_REQUEST_TTL_SECS};
 use crate::error::{ApiError, json_body};
 use crate::limits;
 use crate::privacy;
-use crate::store::{Appended, Conversation, ConversationKind, LinkState, Message, StoreError};
+use crate::store::{Appended, Conversation, ConversationKind, LinkState, MAX_PAGE, Message, PageFrom, StoreError};
 
 /// Lifetime of a device-bound access token, in seconds.
 const DEVICE_TOKEN_TTL: u64 = 24 * 3600;
@@ -301,16 +301,17 @@ async fn send(
 
 #[derive(Deserialize)]
 struct Page {
-    #[serde(default)]
-    after: i64,
-    #[serde(default = "default_limit")]
-    limit: i64,
+    after: Option<i64>,
+    before: Option<i64>,
+    limit: Option<i64>,
 }
 
-fn default_limit() -> i64 {
-    100
-}
+/// Messages a history page holds unless asked for another number.
+const DEFAULT_PAGE: i64 = 100;
 
+/// `GET /v1/conversations/{id}/messages?after=SEQ|before=SEQ&limit=N`: a page of history in seq
+/// order, forward from `after` (default 0) or back from `before`; `limit` is 1 to 500 (more is
+/// capped, and the answer says how many it took), `has_more` whether the page stopped short.
 async fn history(
     State(chat): State<Arc<Chat>>,
     Extension(claims): Extension<Claims>,
@@ -318,10 +319,21 @@ async fn history(
     page: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let id = conversation_id(&id)?;
-    let Query(page) = page.map_err(|e| ApiError::Invalid(e.body_text()))?;
-    let messages = chat.store.messages_after(&id, &claims.sub, page.after.max(0), page.limit).await?;
+    let Query(page) = page.map_err(|e| ApiError::BadQuery(e.body_text()))?;
+    let limit = page.limit.unwrap_or(DEFAULT_PAGE);
+    if limit < 1 {
+        return Err(ApiError::BadQuery("limit is at least 1".into()));
+    }
+    let limit = limit.min(MAX_PAGE);
+    let from = match (page.after, page.before) {
+        (Some(_), Some(_)) => return Err(ApiError::BadQuery("give after or before, not both".into())),
+        (_, Some(before)) if before < 1 => return Err(ApiError::BadQuery("before is a seq, at least 1".into())),
+        (_, Some(before)) => PageFrom::Before(before),
+        (after, None) => PageFrom::After(after.unwrap_or(0).max(0)),
+    };
+    let (messages, has_more) = chat.store.history_page(&id, &claims.sub, from, limit).await?;
     let views: Vec<MessageView> = messages.iter().map(MessageView::of).collect();
-    Ok(Json(json!({ "messages": views })))
+    Ok(Json(json!({ "messages": views, "has_more": has_more, "limit": limit })))
 }
 
 /// `GET /v1/conversations/{id}/messages/{seq}/receipts`: for the sender of a message, who of the

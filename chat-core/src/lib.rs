@@ -41,8 +41,8 @@ pub use store::{
     Acked, Appended, CodeCheck, Contact, ContactEntry, Conversation, ConversationKind, ConversationSummary, Cursor,
     DELETE_WINDOW_MS, DELETED_BODY, DeviceInfo, EDIT_WINDOW_MS, EXPIRED_BODY, Effect, LinkAnswer, LinkState, Linked,
     MAX_BODY_BYTES, MAX_CLIENT_ID_LEN, MAX_CODE_ATTEMPTS, MAX_CONTACTS, MAX_DEVICES, MAX_GROUP_MEMBERS, MAX_PAGE,
-    MAX_PAGE_BYTES, Members, Message, PURGE_SLICE, Privacy, PushIntent, PushTarget, Receipt, Role, Rotation, Spend,
-    Store, StoreError, SyncState, Write, Written,
+    MAX_PAGE_BYTES, Members, Message, PURGE_SLICE, PageFrom, Privacy, PushIntent, PushTarget, Receipt, Role, Rotation,
+    Spend, Store, StoreError, SyncState, Write, Written,
 };
 
 impl Chat {

@@ -4,7 +4,8 @@
 
 use chat_core::{
     Appended, CodeCheck, ConversationKind, Cursor, DELETE_WINDOW_MS, DELETED_BODY, EDIT_WINDOW_MS, EXPIRED_BODY,
-    Effect, MAX_CODE_ATTEMPTS, MAX_GROUP_MEMBERS, Role, Rotation, Spend, Store, StoreError, SyncState, Write, Written,
+    Effect, MAX_CODE_ATTEMPTS, MAX_GROUP_MEMBERS, PageFrom, Role, Rotation, Spend, Store, StoreError, SyncState, Write,
+    Written,
 };
 use futures_util::future::join_all;
 use types::{ConversationId, DeviceId, UserId};
@@ -64,6 +65,7 @@ conformance!(
     seqs_are_gapless_under_concurrent_senders,
     a_retried_client_id_is_stored_once,
     history_pages_in_seq_order,
+    history_pages_both_ways_from_where_the_member_joined,
     non_members_see_nothing,
     groups_have_admins_and_a_size_limit,
     cursors_only_move_forward_and_count_unread,
@@ -274,6 +276,38 @@ async fn history_pages_in_seq_order(store: Store) {
         assert_eq!(m.sender, alice);
         assert_eq!(m.device, phone);
     }
+}
+
+async fn history_pages_both_ways_from_where_the_member_joined(store: Store) {
+    let (alice, bob, carol) = (user("alice"), user("bob"), user("carol"));
+    let device = store.add_device(&alice, "a").await.unwrap().device;
+    let group = store.create_group(&alice, "g", std::slice::from_ref(&bob)).await.unwrap();
+    for n in 1..=3 {
+        store.append(&group.id, &alice, &device, &format!("c{n}"), "{}", n).await.unwrap();
+    }
+    store.add_members(&group.id, &alice, std::slice::from_ref(&carol)).await.unwrap();
+    for n in 4..=5 {
+        store.append(&group.id, &alice, &device, &format!("c{n}"), "{}", n).await.unwrap();
+    }
+    let page = |who: &UserId, from: PageFrom, limit: i64| {
+        let (store, who) = (store.clone(), who.clone());
+        async move {
+            let (page, more) = store.history_page(&group.id, &who, from, limit).await.unwrap();
+            (page.iter().map(|m| m.seq).collect::<Vec<_>>(), more)
+        }
+    };
+    assert_eq!(page(&bob, PageFrom::Before(6), 2).await, (vec![4, 5], true));
+    assert_eq!(page(&bob, PageFrom::Before(4), 2).await, (vec![2, 3], true));
+    assert_eq!(page(&bob, PageFrom::Before(2), 2).await, (vec![1], false));
+    assert_eq!(page(&bob, PageFrom::After(3), 10).await, (vec![4, 5], false));
+    assert_eq!(page(&bob, PageFrom::After(0), 3).await, (vec![1, 2, 3], true));
+    // Carol reads back only to where she joined.
+    assert_eq!(page(&carol, PageFrom::Before(6), 10).await, (vec![4, 5], false));
+    assert_eq!(page(&carol, PageFrom::Before(4), 10).await, (vec![], false));
+    assert!(matches!(
+        store.history_page(&group.id, &user("mallory"), PageFrom::Before(6), 10).await,
+        Err(StoreError::NotMember)
+    ));
 }
 
 async fn non_members_see_nothing(store: Store) {

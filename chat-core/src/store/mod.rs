@@ -305,6 +305,13 @@ pub(crate) fn effect_on(
     }
 }
 
+/// Where a page of history starts: after a seq (reading forward) or before one (reading back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageFrom {
+    After(i64),
+    Before(i64),
+}
+
 /// Who a conversation's members were when a message was appended.
 pub type Members = std::sync::Arc<[UserId]>;
 
@@ -737,6 +744,55 @@ impl Store {
             .unwrap_or(page.len());
         page.truncate(fits.max(1));
         Ok(page)
+    }
+
+    /// A page of history for one of its members: up to `limit` (1 to [`MAX_PAGE`]) messages after
+    /// a seq, or the newest ones before a seq, in seq order, stopping before the bodies pass
+    /// [`MAX_PAGE_BYTES`] (always at least one); and whether more lie that way.
+    pub async fn history_page(
+        &self,
+        conversation: &ConversationId,
+        user: &UserId,
+        from: PageFrom,
+        limit: i64,
+    ) -> Result<(Vec<Message>, bool), StoreError> {
+        let limit = limit.clamp(1, MAX_PAGE);
+        let cost = |m: &Message| m.body.len() + m.client_id.len();
+        // One more than asked for says whether there is more.
+        match from {
+            PageFrom::After(after) => {
+                let mut page = each!(self, s => s.messages_after(conversation, user, after, limit + 1).await)?;
+                let mut more = page.len() as i64 > limit;
+                page.truncate(limit as usize);
+                let mut bytes = 0;
+                if let Some(over) = page.iter().position(|m| {
+                    bytes += cost(m);
+                    bytes > MAX_PAGE_BYTES
+                }) {
+                    page.truncate(over.max(1));
+                    more = true;
+                }
+                Ok((page, more))
+            }
+            PageFrom::Before(before) => {
+                let mut page = each!(self, s => s.messages_before(conversation, user, before, limit + 1).await)?;
+                let mut more = page.len() as i64 > limit;
+                if more {
+                    page.remove(0);
+                }
+                // The newest that fit the budget stay; what does not is "more", further back.
+                let mut bytes = 0;
+                if let Some(over) = page.iter().rev().position(|m| {
+                    bytes += cost(m);
+                    bytes > MAX_PAGE_BYTES
+                }) {
+                    let keep = over.max(1);
+                    page.drain(..page.len() - keep);
+                    more = true;
+                }
+                Ok((page, more))
+            }
+        }
     }
 
     /// Whether `device` is one of `user`'s linked devices.

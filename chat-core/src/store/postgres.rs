@@ -210,6 +210,11 @@ const MESSAGES_AFTER: &str = "
     SELECT conversation_id, seq, sender_user, sender_device, client_id, body, created_at, expires_at FROM chat_messages
      WHERE conversation_id = $1 AND seq > $2 ORDER BY seq LIMIT $3";
 
+/// The newest messages before a seq (and after where the member joined), newest first.
+const MESSAGES_BEFORE: &str = "
+    SELECT conversation_id, seq, sender_user, sender_device, client_id, body, created_at, expires_at FROM chat_messages
+     WHERE conversation_id = $1 AND seq < $2 AND seq > $3 ORDER BY seq DESC LIMIT $4";
+
 const DEVICE_EXISTS: &str = "SELECT EXISTS (SELECT 1 FROM chat_devices WHERE user_id = $1 AND device_id = $2)";
 
 const DELETE_DEVICE: &str = "DELETE FROM chat_devices WHERE user_id = $1 AND device_id = $2";
@@ -695,6 +700,28 @@ impl Postgres {
             sqlx::query_scalar(JOINED_SEQ).bind(conversation).bind(user).fetch_optional(&mut *conn).await?;
         let after = after.max(joined.ok_or(StoreError::NotMember)?);
         Ok(sqlx::query_as(MESSAGES_AFTER).bind(conversation).bind(after).bind(limit).fetch_all(&mut *conn).await?)
+    }
+
+    pub(super) async fn messages_before(
+        &self,
+        conversation: &ConversationId,
+        user: &UserId,
+        before: i64,
+        limit: i64,
+    ) -> Result<Vec<Message>, StoreError> {
+        let mut conn = self.db.acquire().await?;
+        let joined: Option<i64> =
+            sqlx::query_scalar(JOINED_SEQ).bind(conversation).bind(user).fetch_optional(&mut *conn).await?;
+        let joined = joined.ok_or(StoreError::NotMember)?;
+        let mut page: Vec<Message> = sqlx::query_as(MESSAGES_BEFORE)
+            .bind(conversation)
+            .bind(before)
+            .bind(joined)
+            .bind(limit)
+            .fetch_all(&mut *conn)
+            .await?;
+        page.reverse();
+        Ok(page)
     }
 
     pub(super) async fn device_exists(&self, user: &UserId, device: &DeviceId) -> Result<bool, StoreError> {

@@ -216,6 +216,11 @@ const MESSAGES_AFTER: &str = "
     SELECT conversation_id, seq, sender_user, sender_device, client_id, body, created_at, expires_at FROM chat_messages
      WHERE conversation_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3";
 
+/// The newest messages before a seq (and after where the member joined), newest first.
+const MESSAGES_BEFORE: &str = "
+    SELECT conversation_id, seq, sender_user, sender_device, client_id, body, created_at, expires_at FROM chat_messages
+     WHERE conversation_id = ?1 AND seq < ?2 AND seq > ?3 ORDER BY seq DESC LIMIT ?4";
+
 const DEVICE_EXISTS: &str = "SELECT EXISTS (SELECT 1 FROM chat_devices WHERE user_id = ?1 AND device_id = ?2)";
 
 const DELETE_DEVICE: &str = "DELETE FROM chat_devices WHERE user_id = ?1 AND device_id = ?2";
@@ -823,6 +828,27 @@ impl Sqlite {
             let mut statement = conn.prepare_cached(MESSAGES_AFTER)?;
             let rows = statement.query_map(params![conversation, after.max(joined), limit], message)?;
             Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    pub(super) async fn messages_before(
+        &self,
+        conversation: &ConversationId,
+        user: &UserId,
+        before: i64,
+        limit: i64,
+    ) -> Result<Vec<Message>, StoreError> {
+        let (conversation, user) = (*conversation, user.clone());
+        self.read(move |conn| {
+            let joined: Option<i64> =
+                conn.prepare_cached(JOINED_SEQ)?.query_row(params![conversation, user], |r| r.get(0)).optional()?;
+            let joined = joined.ok_or(StoreError::NotMember)?;
+            let mut statement = conn.prepare_cached(MESSAGES_BEFORE)?;
+            let rows = statement.query_map(params![conversation, before, joined, limit], message)?;
+            let mut page: Vec<Message> = rows.collect::<Result<_, _>>()?;
+            page.reverse();
+            Ok(page)
         })
         .await
     }

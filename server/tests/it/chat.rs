@@ -537,3 +537,45 @@ async fn conversations_are_only_with_users_that_exist() {
     let (status, answer) = post(&server, &alice, &members, json!({"members": ["nobody"]})).await;
     assert_eq!((status, answer["error"]["code"].as_str()), (404, Some("unknown_user")));
 }
+
+#[tokio::test]
+async fn history_pages_both_ways_and_says_when_there_is_more() {
+    let data = DataDir::new();
+    let server = Server::start(&data, &[]);
+    let (alice, _bob) = (device_token(&server, "alice").await, device_token(&server, "bob").await);
+    let (_, chat) = post(&server, &alice, "/v1/conversations", json!({"type": "direct", "members": ["bob"]})).await;
+    let messages = format!("/v1/conversations/{}/messages", chat["id"].as_str().unwrap());
+    for n in 1..=5 {
+        say(&server, &alice, &messages, &format!("m{n}"), json!({"text": format!("{n}")})).await;
+    }
+    let page = |query: &str| {
+        let url = format!("{messages}?{query}");
+        let (server, alice) = (&server, &alice);
+        async move {
+            let (status, page) = get(server, alice, &url).await;
+            let seqs: Vec<i64> = page["messages"]
+                .as_array()
+                .map(|m| m.iter().map(|m| m["seq"].as_i64().unwrap()).collect())
+                .unwrap_or_default();
+            (status, seqs, page["has_more"].as_bool(), page)
+        }
+    };
+    // Back from the end, as a chat screen scrolls up.
+    assert_eq!(page("before=6&limit=2").await.1, vec![4, 5]);
+    assert_eq!(page("before=6&limit=2").await.2, Some(true));
+    assert_eq!(page("before=4&limit=2").await.1, vec![2, 3]);
+    let (_, seqs, more, _) = page("before=2&limit=2").await;
+    assert_eq!((seqs, more), (vec![1], Some(false)));
+    // Forward, as a device catches up.
+    let (_, seqs, more, _) = page("after=3").await;
+    assert_eq!((seqs, more), (vec![4, 5], Some(false)));
+    let (_, seqs, more, _) = page("after=0&limit=3").await;
+    assert_eq!((seqs, more), (vec![1, 2, 3], Some(true)));
+    // Limits are checked, and a cap is said.
+    let (status, _, _, body) = page("limit=0").await;
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("invalid_request")));
+    let (status, seqs, _, body) = page("limit=100000").await;
+    assert_eq!((status, seqs.len(), body["limit"].as_i64()), (200, 5, Some(500)));
+    assert_eq!(page("after=1&before=3").await.0, 400);
+    assert_eq!(page("after=x").await.0, 400);
+}
