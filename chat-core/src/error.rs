@@ -51,6 +51,9 @@ impl ApiError {
             ApiError::Store(StoreError::NotAdmin) => {
                 (StatusCode::FORBIDDEN, "not_admin", "only admins may do that".into())
             }
+            ApiError::Store(e @ StoreError::DirectConversation) => {
+                (StatusCode::CONFLICT, "direct_conversation", e.to_string())
+            }
             ApiError::Store(e @ StoreError::TooManyMembers) => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "too_many_members", e.to_string())
             }

@@ -357,9 +357,16 @@ async fn groups_have_admins_and_a_size_limit(store: Store) {
 
     let direct = store.direct(&alice, &bob).await.unwrap();
     assert!(matches!(
-        store.add_members(&direct.id, &alice, &[carol]).await,
-        Err(StoreError::NotAdmin | StoreError::Invalid(_))
+        store.add_members(&direct.id, &alice, std::slice::from_ref(&carol)).await,
+        Err(StoreError::DirectConversation)
     ));
+    for (actor, user) in [(&alice, &bob), (&alice, &alice)] {
+        assert!(
+            matches!(store.remove_member(&direct.id, actor, user).await, Err(StoreError::DirectConversation)),
+            "nobody is removed from a direct conversation, nor leaves it"
+        );
+    }
+    assert!(matches!(store.add_members(&direct.id, &carol, &[]).await, Err(StoreError::NotMember)));
 }
 
 async fn cursors_only_move_forward_and_count_unread(store: Store) {

@@ -462,6 +462,9 @@ pub enum StoreError {
     NotMember,
     #[error("only admins may do that")]
     NotAdmin,
+    /// A direct conversation has its two members for good: none is added, none leaves.
+    #[error("a direct conversation's members do not change")]
+    DirectConversation,
     #[error("a group holds at most {MAX_GROUP_MEMBERS} members")]
     TooManyMembers,
     #[error("{0}")]

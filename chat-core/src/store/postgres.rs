@@ -629,13 +629,11 @@ impl Postgres {
     ) -> Result<(), StoreError> {
         let mut tx = self.db.begin().await?;
         let kind = lock_conversation(&mut tx, conversation).await?;
-        match role(&mut tx, conversation, actor).await? {
-            None => return Err(StoreError::NotMember),
-            Some(Role::Member) => return Err(StoreError::NotAdmin),
-            Some(Role::Admin) => {}
-        }
-        if kind != ConversationKind::Group {
-            return Err(StoreError::Invalid("members can only be added to groups".into()));
+        match (role(&mut tx, conversation, actor).await?, kind) {
+            (None, _) => return Err(StoreError::NotMember),
+            (Some(_), ConversationKind::Direct) => return Err(StoreError::DirectConversation),
+            (Some(Role::Member), _) => return Err(StoreError::NotAdmin),
+            (Some(Role::Admin), ConversationKind::Group) => {}
         }
         let present: Vec<UserId> = sqlx::query_scalar(MEMBER_IDS).bind(conversation).fetch_all(&mut *tx).await?;
         let new = newcomers(users, &present);
@@ -655,13 +653,11 @@ impl Postgres {
     ) -> Result<(), StoreError> {
         let mut tx = self.db.begin().await?;
         let kind = lock_conversation(&mut tx, conversation).await?;
-        match role(&mut tx, conversation, actor).await? {
-            None => return Err(StoreError::NotMember),
-            Some(Role::Member) if actor != user => return Err(StoreError::NotAdmin),
+        match (role(&mut tx, conversation, actor).await?, kind) {
+            (None, _) => return Err(StoreError::NotMember),
+            (Some(_), ConversationKind::Direct) => return Err(StoreError::DirectConversation),
+            (Some(Role::Member), _) if actor != user => return Err(StoreError::NotAdmin),
             _ => {}
-        }
-        if kind != ConversationKind::Group {
-            return Err(StoreError::Invalid("nobody leaves a direct conversation".into()));
         }
         sqlx::query(DELETE_MEMBER).bind(conversation).bind(user).execute(&mut *tx).await?;
         sqlx::query(DELETE_MEMBERSHIP).bind(conversation).bind(user).execute(&mut *tx).await?;

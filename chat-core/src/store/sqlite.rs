@@ -739,11 +739,11 @@ impl Sqlite {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             match role(&tx, &conversation, &actor)? {
                 None => return Err(StoreError::NotMember),
+                Some(_) if kind(&tx, &conversation)? == ConversationKind::Direct => {
+                    return Err(StoreError::DirectConversation);
+                }
                 Some(Role::Member) => return Err(StoreError::NotAdmin),
                 Some(Role::Admin) => {}
-            }
-            if kind(&tx, &conversation)? != ConversationKind::Group {
-                return Err(StoreError::Invalid("members can only be added to groups".into()));
             }
             let present = member_ids(&tx, &conversation)?;
             let new = newcomers(&users, &present);
@@ -768,11 +768,11 @@ impl Sqlite {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             match role(&tx, &conversation, &actor)? {
                 None => return Err(StoreError::NotMember),
+                Some(_) if kind(&tx, &conversation)? == ConversationKind::Direct => {
+                    return Err(StoreError::DirectConversation);
+                }
                 Some(Role::Member) if actor != user => return Err(StoreError::NotAdmin),
                 _ => {}
-            }
-            if kind(&tx, &conversation)? != ConversationKind::Group {
-                return Err(StoreError::Invalid("nobody leaves a direct conversation".into()));
             }
             tx.prepare_cached(DELETE_MEMBER)?.execute(params![conversation, user])?;
             tx.prepare_cached(DELETE_MEMBERSHIP)?.execute(params![conversation, user])?;

@@ -536,6 +536,15 @@ async fn conversations_are_only_with_users_that_exist() {
     let members = format!("/v1/conversations/{}/members", group["id"].as_str().unwrap());
     let (status, answer) = post(&server, &alice, &members, json!({"members": ["nobody"]})).await;
     assert_eq!((status, answer["error"]["code"].as_str()), (404, Some("unknown_user")));
+
+    // A direct conversation's members do not change, with a code of its own (not `not_admin`).
+    device_token(&server, "carol").await;
+    let (_, direct) = post(&server, &alice, "/v1/conversations", json!({"type": "direct", "members": ["bob"]})).await;
+    let members = format!("/v1/conversations/{}/members", direct["id"].as_str().unwrap());
+    let (status, answer) = post(&server, &alice, &members, json!({"members": ["carol"]})).await;
+    assert_eq!((status, answer["error"]["code"].as_str()), (409, Some("direct_conversation")));
+    let leave = server.http.delete(server.url(&format!("{members}/alice"))).bearer_auth(&alice).send().await.unwrap();
+    assert_eq!(leave.status(), 409);
 }
 
 #[tokio::test]
