@@ -159,26 +159,8 @@ impl Chat {
                 _ = tick.tick() => {}
                 _ = stopped(&mut stop) => return,
             }
-            loop {
-                match self.disappear_due().await {
-                    Ok(n) if n == DISAPPEAR_BATCH as usize => continue,
-                    Ok(_) => break,
-                    Err(e) => {
-                        tracing::error!(error = %e, "deleting disappearing messages failed");
-                        break;
-                    }
-                }
-            }
-            loop {
-                match self.revoke_due().await {
-                    Ok(n) if n == DISAPPEAR_BATCH as usize => continue,
-                    Ok(_) => break,
-                    Err(e) => {
-                        tracing::error!(error = %e, "taking back deleted messages' media failed");
-                        break;
-                    }
-                }
-            }
+            drain("deleting disappearing messages", || self.disappear_due()).await;
+            drain("taking back deleted messages' media", || self.revoke_due()).await;
         }
     }
 
@@ -330,6 +312,22 @@ impl Chat {
         if let Err(e) = result {
             // The claim's lease runs out and the intents are tried again.
             tracing::error!(error = %e, "could not record a push's outcome");
+        }
+    }
+}
+
+/// Runs `round` while it finds a full batch ([`DISAPPEAR_BATCH`]) to do; an error ends it until
+/// the next tick.
+async fn drain<F, R>(what: &str, mut round: F)
+where
+    F: FnMut() -> R,
+    R: std::future::Future<Output = Result<usize, crate::StoreError>>,
+{
+    loop {
+        match round().await {
+            Ok(n) if n == DISAPPEAR_BATCH as usize => continue,
+            Ok(_) => return,
+            Err(e) => return tracing::error!(error = %e, "{what} failed"),
         }
     }
 }

@@ -281,7 +281,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let latencies = Arc::new(Mutex::new(Vec::<u64>::new()));
     let ws_bases: Vec<String> = server.bases.iter().map(|b| b.replacen("http://", "ws://", 1)).collect();
     let connect = Instant::now();
-    let senders: Vec<mpsc::Sender<String>> = stream::iter(tokens.into_iter().enumerate())
+    let senders: Vec<mpsc::Sender<(u64, String)>> = stream::iter(tokens.into_iter().enumerate())
         .map(|(i, token)| {
             let url = format!("{}/v1/ws?token={token}", ws_bases[i % ws_bases.len()]);
             let (tally, latencies) = (tally.clone(), latencies.clone());
@@ -331,7 +331,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "conversation": conversations[p],
             "body": {"text": format!("{} {filler}", now_micros())},
         });
-        senders[2 * p].send(frame.to_string()).await.context("a connection task died")?;
+        senders[2 * p].send((k, frame.to_string())).await.context("a connection task died")?;
     }
     let sent_in = start.elapsed();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -519,7 +519,7 @@ struct Seen {
 impl Device {
     /// Runs connections until the generator is done (or, without `--reconnect`, until the first
     /// one ends).
-    async fn run(self, socket: Socket, mut outgoing: mpsc::Receiver<String>) {
+    async fn run(self, socket: Socket, mut outgoing: mpsc::Receiver<(u64, String)>) {
         let mut seen = Seen::default();
         let mut socket = Some(socket);
         loop {
@@ -550,7 +550,7 @@ impl Device {
     /// receives, and acks 100 ms after the first unacknowledged message (an idle connection costs
     /// the generator no timer wake-ups). Returns whether the generator is done with this device
     /// (`false`: the connection ended first).
-    async fn connection(&self, socket: Socket, outgoing: &mut mpsc::Receiver<String>, seen: &mut Seen) -> bool {
+    async fn connection(&self, socket: Socket, outgoing: &mut mpsc::Receiver<(u64, String)>, seen: &mut Seen) -> bool {
         let (mut sink, mut stream) = socket.split();
         for frame in seen.pending.values() {
             if sink.send(WsMessage::text(frame.clone())).await.is_err() {
@@ -561,9 +561,9 @@ impl Device {
         loop {
             tokio::select! {
                 frame = outgoing.recv() => {
-                    let Some(frame) = frame else { return true };
+                    let Some((k, frame)) = frame else { return true };
                     if self.reconnect {
-                        seen.pending.insert(client_number(&frame), frame.clone());
+                        seen.pending.insert(k, frame.clone());
                     }
                     if sink.send(WsMessage::text(frame)).await.is_err() {
                         return false;
@@ -631,12 +631,7 @@ impl Device {
     }
 }
 
-/// The number in a send frame's client id (`m{k}`), which orders a device's sends.
-fn client_number(frame: &str) -> u64 {
-    let value: Value = serde_json::from_str(frame).unwrap_or_default();
-    value["client_id"].as_str().map_or(0, number_of)
-}
-
+/// The number in a client id (`m{k}`), which orders a device's sends.
 fn number_of(client_id: &str) -> u64 {
     client_id.strip_prefix('m').and_then(|k| k.parse().ok()).unwrap_or(0)
 }

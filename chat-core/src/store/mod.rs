@@ -305,6 +305,17 @@ pub(crate) fn effect_on(
     }
 }
 
+/// How many of `messages`, in the order given, fit a page's [`MAX_PAGE_BYTES`] (always at least
+/// one); `None` when all of them do.
+fn within_budget<'a>(messages: impl Iterator<Item = &'a Message>) -> Option<usize> {
+    let mut bytes = 0;
+    let over = messages.into_iter().position(|m| {
+        bytes += m.body.len() + m.client_id.len();
+        bytes > MAX_PAGE_BYTES
+    })?;
+    Some(over.max(1))
+}
+
 /// Where a page of history starts: after a seq (reading forward) or before one (reading back).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PageFrom {
@@ -737,15 +748,9 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<Message>, StoreError> {
         let mut page = each!(self, s => s.messages_after(conversation, user, after, limit.clamp(1, MAX_PAGE)).await)?;
-        let mut bytes = 0;
-        let fits = page
-            .iter()
-            .position(|m| {
-                bytes += m.body.len() + m.client_id.len();
-                bytes > MAX_PAGE_BYTES
-            })
-            .unwrap_or(page.len());
-        page.truncate(fits.max(1));
+        if let Some(fits) = within_budget(page.iter()) {
+            page.truncate(fits);
+        }
         Ok(page)
     }
 
@@ -760,19 +765,14 @@ impl Store {
         limit: i64,
     ) -> Result<(Vec<Message>, bool), StoreError> {
         let limit = limit.clamp(1, MAX_PAGE);
-        let cost = |m: &Message| m.body.len() + m.client_id.len();
         // One more than asked for says whether there is more.
         match from {
             PageFrom::After(after) => {
                 let mut page = each!(self, s => s.messages_after(conversation, user, after, limit + 1).await)?;
                 let mut more = page.len() as i64 > limit;
                 page.truncate(limit as usize);
-                let mut bytes = 0;
-                if let Some(over) = page.iter().position(|m| {
-                    bytes += cost(m);
-                    bytes > MAX_PAGE_BYTES
-                }) {
-                    page.truncate(over.max(1));
+                if let Some(fits) = within_budget(page.iter()) {
+                    page.truncate(fits);
                     more = true;
                 }
                 Ok((page, more))
@@ -784,13 +784,8 @@ impl Store {
                     page.remove(0);
                 }
                 // The newest that fit the budget stay; what does not is "more", further back.
-                let mut bytes = 0;
-                if let Some(over) = page.iter().rev().position(|m| {
-                    bytes += cost(m);
-                    bytes > MAX_PAGE_BYTES
-                }) {
-                    let keep = over.max(1);
-                    page.drain(..page.len() - keep);
+                if let Some(fits) = within_budget(page.iter().rev()) {
+                    page.drain(..page.len() - fits);
                     more = true;
                 }
                 Ok((page, more))
@@ -920,7 +915,7 @@ impl Store {
         burst: i64,
         now_ms: i64,
     ) -> Result<Option<i64>, StoreError> {
-        let limit = Bucket { bucket, key, every_ms: every_ms.max(1), burst: burst.max(1), now_ms };
+        let limit = Bucket::new(bucket, key, every_ms, burst, now_ms);
         each!(self, s => s.take_token(&limit).await)
     }
 
@@ -979,7 +974,7 @@ impl Store {
         burst: i64,
         now_ms: i64,
     ) -> Result<Option<i64>, StoreError> {
-        let limit = Bucket { bucket, key, every_ms: every_ms.max(1), burst: burst.max(1), now_ms };
+        let limit = Bucket::new(bucket, key, every_ms, burst, now_ms);
         let tat = each!(self, s => s.token_tat(bucket, key).await)?;
         Ok(tat.filter(|tat| limit.refuses(*tat)).map(|tat| limit.wait_ms(tat)))
     }
@@ -1279,7 +1274,12 @@ pub(crate) struct Bucket<'a> {
     now_ms: i64,
 }
 
-impl Bucket<'_> {
+impl<'a> Bucket<'a> {
+    /// A bucket of at least one token, refilled at least every millisecond.
+    fn new(bucket: &'a str, key: &'a str, every_ms: i64, burst: i64, now_ms: i64) -> Self {
+        Bucket { bucket, key, every_ms: every_ms.max(1), burst: burst.max(1), now_ms }
+    }
+
     /// Whether a request now is refused, given the time the bucket is full again (`tat`): the rule
     /// `TAKE_TOKEN` applies in SQL on both engines.
     fn refuses(&self, tat: i64) -> bool {

@@ -692,9 +692,7 @@ impl Postgres {
         limit: i64,
     ) -> Result<Vec<Message>, StoreError> {
         let mut conn = self.db.acquire().await?;
-        let joined: Option<i64> =
-            sqlx::query_scalar(JOINED_SEQ).bind(conversation).bind(user).fetch_optional(&mut *conn).await?;
-        let after = after.max(joined.ok_or(StoreError::NotMember)?);
+        let after = after.max(joined_seq(&mut conn, conversation, user).await?);
         Ok(sqlx::query_as(MESSAGES_AFTER).bind(conversation).bind(after).bind(limit).fetch_all(&mut *conn).await?)
     }
 
@@ -706,9 +704,7 @@ impl Postgres {
         limit: i64,
     ) -> Result<Vec<Message>, StoreError> {
         let mut conn = self.db.acquire().await?;
-        let joined: Option<i64> =
-            sqlx::query_scalar(JOINED_SEQ).bind(conversation).bind(user).fetch_optional(&mut *conn).await?;
-        let joined = joined.ok_or(StoreError::NotMember)?;
+        let joined = joined_seq(&mut conn, conversation, user).await?;
         let mut page: Vec<Message> = sqlx::query_as(MESSAGES_BEFORE)
             .bind(conversation)
             .bind(before)
@@ -1255,6 +1251,12 @@ async fn lock_conversation(
         sqlx::query_scalar(LOCK_CONVERSATION).bind(conversation).fetch_optional(&mut **tx).await?;
     let kind = kind.ok_or(StoreError::NotMember)?;
     ConversationKind::try_from(kind).map_err(StoreError::Corrupt)
+}
+
+/// Where `user`'s membership of `conversation` starts; [`StoreError::NotMember`] if they have none.
+async fn joined_seq(conn: &mut PgConnection, conversation: &ConversationId, user: &UserId) -> Result<i64, StoreError> {
+    let joined: Option<i64> = sqlx::query_scalar(JOINED_SEQ).bind(conversation).bind(user).fetch_optional(conn).await?;
+    joined.ok_or(StoreError::NotMember)
 }
 
 async fn role(

@@ -822,9 +822,7 @@ impl Sqlite {
     ) -> Result<Vec<Message>, StoreError> {
         let (conversation, user) = (*conversation, user.clone());
         self.read(move |conn| {
-            let joined: Option<i64> =
-                conn.prepare_cached(JOINED_SEQ)?.query_row(params![conversation, user], |r| r.get(0)).optional()?;
-            let joined = joined.ok_or(StoreError::NotMember)?;
+            let joined = joined_seq(conn, &conversation, &user)?;
             let mut statement = conn.prepare_cached(MESSAGES_AFTER)?;
             let rows = statement.query_map(params![conversation, after.max(joined), limit], message)?;
             Ok(rows.collect::<Result<_, _>>()?)
@@ -841,9 +839,7 @@ impl Sqlite {
     ) -> Result<Vec<Message>, StoreError> {
         let (conversation, user) = (*conversation, user.clone());
         self.read(move |conn| {
-            let joined: Option<i64> =
-                conn.prepare_cached(JOINED_SEQ)?.query_row(params![conversation, user], |r| r.get(0)).optional()?;
-            let joined = joined.ok_or(StoreError::NotMember)?;
+            let joined = joined_seq(conn, &conversation, &user)?;
             let mut statement = conn.prepare_cached(MESSAGES_BEFORE)?;
             let rows = statement.query_map(params![conversation, before, joined, limit], message)?;
             let mut page: Vec<Message> = rows.collect::<Result<_, _>>()?;
@@ -1625,6 +1621,12 @@ fn sync_state(r: &Row<'_>) -> rusqlite::Result<SyncState> {
         delivered: r.get("delivered")?,
         purged_upto: r.get("purged_upto")?,
     })
+}
+
+/// Where `user`'s membership of `conversation` starts; [`StoreError::NotMember`] if they have none.
+fn joined_seq(conn: &Connection, conversation: &ConversationId, user: &UserId) -> Result<i64, StoreError> {
+    let joined = conn.prepare_cached(JOINED_SEQ)?.query_row(params![conversation, user], |r| r.get(0)).optional()?;
+    joined.ok_or(StoreError::NotMember)
 }
 
 fn kind(conn: &Connection, conversation: &ConversationId) -> Result<ConversationKind, StoreError> {
