@@ -15,7 +15,7 @@ use crate::config::{AuthConfig, ChatConfig};
 use crate::error::ApiError;
 use crate::frames::{ServerFrame, message_frame};
 use crate::hub::{Event, Hub};
-use crate::store::{Acked, Appended, Effect, LinkAnswer, Linked, Store, StoreError, Write, Written};
+use crate::store::{Acked, Appended, Change, Effect, LinkAnswer, Linked, Message, Store, StoreError, Write, Written};
 
 /// What messaging needs from media storage, which another crate owns: whether a user may send a
 /// media record (they own it, or it was shared with them: forwarding needs no new upload), sharing
@@ -26,6 +26,11 @@ pub trait MediaAccess: Send + Sync {
     fn may_share<'a>(&'a self, media: MediaId, user: &'a UserId) -> BoxFuture<'a, Result<bool, String>>;
     fn share<'a>(&'a self, media: MediaId, users: &'a [UserId], source: &'a str) -> BoxFuture<'a, Result<(), String>>;
     fn unshare<'a>(&'a self, media: MediaId, source: &'a str) -> BoxFuture<'a, Result<(), String>>;
+    /// The media as a client draws it (ingest's media JSON: kind, size, preview, variants with
+    /// signed URLs), for a caller that has made its own check of who may see it; `None` if gone.
+    fn describe<'a>(&'a self, media: MediaId) -> BoxFuture<'a, Result<Option<Value>, String>>;
+    /// Waits (at most `timeout`) for the media's processing to end, then describes it.
+    fn settled<'a>(&'a self, media: MediaId, timeout: Duration) -> BoxFuture<'a, Result<Option<Value>, String>>;
 }
 
 /// How a message names itself as the source of the media grants it gave.
@@ -74,6 +79,8 @@ pub struct Chat {
     failed_deliveries: std::sync::atomic::AtomicU32,
     /// Wake-ups lost on purpose so far (`chat.test_lose_wakeups`).
     lost_wakeups: std::sync::atomic::AtomicU32,
+    /// Media messages sent while processing that this node watches (see [`Chat::watch_media`]).
+    media_watchers: Arc<tokio::sync::Semaphore>,
 }
 
 /// When the parts of a delivery that failed after its message was stored (a media share, queueing
@@ -254,6 +261,7 @@ impl Chat {
                 .build(),
             failed_deliveries: std::sync::atomic::AtomicU32::new(0),
             lost_wakeups: std::sync::atomic::AtomicU32::new(0),
+            media_watchers: Arc::new(tokio::sync::Semaphore::new(MEDIA_WATCHERS)),
             presence_locks: (0..PRESENCE_LOCKS).map(|_| tokio::sync::Mutex::new(())).collect(),
         })
     }
@@ -456,10 +464,23 @@ impl Chat {
         body: &Value,
     ) -> Result<Appended, ApiError> {
         let Checked { media, effect } = check_body(body)?;
-        if let Some(media) = media
-            && !self.media.may_share(media, user).await.map_err(ApiError::Media)?
-        {
-            return Err(ApiError::UnknownMedia);
+        let mut stored = body.to_string();
+        if stored.len() > crate::store::MAX_BODY_BYTES {
+            let max = crate::store::MAX_BODY_BYTES;
+            return Err(ApiError::Invalid(format!("a message body holds at most {max} bytes")));
+        }
+        let mut processing = false;
+        if let Some(media) = media {
+            if !self.media.may_share(media, user).await.map_err(ApiError::Media)? {
+                return Err(ApiError::UnknownMedia);
+            }
+            // What a receiver needs to draw it, so it needs no request of its own.
+            if let Some(view) = self.media.describe(media).await.map_err(ApiError::Media)? {
+                processing = view["status"] == "processing";
+                let mut with_info = body.clone();
+                with_info["media_info"] = media_info(&view);
+                stored = with_info.to_string();
+            }
         }
         // Only a message to read is pushed; a reaction, an edit or a deletion is not.
         let push = matches!(effect, Effect::Ordinary) && self.config.push_webhook_url.is_some();
@@ -468,7 +489,7 @@ impl Chat {
             sender: user.clone(),
             device,
             client_id: client_id.to_owned(),
-            body: body.to_string(),
+            body: stored,
             now_ms: now_ms(),
             push_delay_ms: push.then_some(self.config.push_delay_ms as i64),
             effect,
@@ -497,7 +518,97 @@ impl Chat {
                 tracing::error!(%conversation, seq, ?todo, "gave up delivering a stored message's media share");
             });
         }
+        if let (Some(media), true, Appended::New(message)) = (media, processing, &appended) {
+            self.watch_media(media, message.conversation, message.seq);
+        }
         Ok(appended)
+    }
+
+    /// Sent while still processing, media `media` (of the message at `seq`) is watched until it is
+    /// ready (or failed): then the message's `media_info` is brought up to date and the members
+    /// get a `media_ready` frame, so no client polls. At most [`MEDIA_WATCHERS`] at once per node;
+    /// past that (or if the node goes down meanwhile) clients ask `GET /v1/media/{id}`.
+    fn watch_media(self: &Arc<Self>, media: MediaId, conversation: ConversationId, seq: i64) {
+        let Ok(permit) = self.media_watchers.clone().try_acquire_owned() else {
+            return tracing::warn!(%media, "too many media watched at once; members will ask for it themselves");
+        };
+        let chat = self.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let view = match chat.media.settled(media, MEDIA_READY_WAIT).await {
+                Ok(Some(view)) if view["status"] != "processing" => view,
+                Ok(_) => return,
+                Err(e) => return tracing::warn!(error = %e, %media, "could not watch a media being processed"),
+            };
+            let info = media_info(&view);
+            match chat.store.set_media_info(&conversation, seq, &info).await {
+                Ok(Some(_)) => {}
+                // Deleted meanwhile, or expired: nothing to announce.
+                Ok(None) => return,
+                Err(e) => tracing::warn!(error = %e, %conversation, seq, "could not record that a media is ready"),
+            }
+            let members = match chat.members(&conversation).await {
+                Ok(members) => members,
+                Err(e) => return tracing::warn!(error = %e, %conversation, "could not read the members"),
+            };
+            let frame = ServerFrame::MediaReady { conversation, seq, media, media_info: &info }.encode();
+            chat.fan_out(&members, Event::Frame(frame)).await;
+        });
+    }
+
+    /// Whether `user` may make media `id` an avatar: an image they own or were shared.
+    pub(crate) async fn check_avatar(&self, user: &UserId, media: MediaId) -> Result<(), ApiError> {
+        if !self.media.may_share(media, user).await.map_err(ApiError::Media)? {
+            return Err(ApiError::UnknownMedia);
+        }
+        let described = self.media.describe(media).await.map_err(ApiError::Media)?;
+        if described.as_ref().and_then(|m| m["kind"].as_str()) != Some("image") {
+            return Err(ApiError::Invalid("an avatar is an image".into()));
+        }
+        Ok(())
+    }
+
+    /// An avatar as a client draws it: its media id, the signed URLs of its full-size and thumbnail
+    /// variants (absent while it is still being processed) and its inline preview; `None` when the
+    /// media is gone.
+    pub(crate) async fn avatar(&self, media: &str) -> Result<Option<Value>, ApiError> {
+        let Ok(id) = media.parse::<MediaId>() else { return Ok(None) };
+        let Some(view) = self.media.describe(id).await.map_err(ApiError::Media)? else { return Ok(None) };
+        let url = |variant: &str| view["variants"][variant]["url"].clone();
+        Ok(Some(serde_json::json!({
+            "media": media,
+            "url": url("standard"),
+            "thumb": url("thumb"),
+            "preview": view["preview"],
+        })))
+    }
+
+    /// Makes a change to a group with its system message, which every member gets like any
+    /// message (one it removes included: the last they get); `None` when it changed nothing.
+    pub(crate) async fn change(
+        &self,
+        actor: &UserId,
+        conversation: &ConversationId,
+        change: Change,
+    ) -> Result<Option<Message>, ApiError> {
+        let removal = matches!(change, Change::Remove(_));
+        let (appended, members) = match self.write(Write::change(conversation, actor, change, now_ms())).await {
+            Ok(Written::Appended(appended, members)) => (appended, members),
+            Ok(Written::Acked(_)) => {
+                return Err(StoreError::Corrupt("the writer answered a change with an ack".into()).into());
+            }
+            Err(StoreError::Unchanged) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        self.forget_members(conversation).await;
+        if removal {
+            // The one who left may have been the last to read: a large group's totals may move.
+            self.receipts_moved.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(*conversation);
+        }
+        // Shares nothing, so only the wake-up is left, which cannot fail.
+        let mut todo = Todo { share: false, wake: true };
+        self.deliver(&appended, &members, None, &mut todo).await?;
+        Ok(Some(appended.message().clone()))
     }
 
     /// What follows a committed append: shares its media with the members and wakes their
@@ -579,6 +690,11 @@ impl Chat {
         let Written::Acked(acked) = self.write(write).await? else {
             return Err(StoreError::Corrupt("the writer answered an ack with something else".into()));
         };
+        if read {
+            // The user's other devices clear what this one read.
+            let frame = ServerFrame::Read { conversation: *conversation, seq: acked.device.read }.encode();
+            self.fan_out(std::slice::from_ref(user), Event::Frame(frame)).await;
+        }
         if let Some(receipt) = acked.receipt {
             if self.members(conversation).await?.len() > AGGREGATE_ABOVE {
                 // A large group: the next round of aggregation tells the senders.
@@ -733,6 +849,39 @@ impl<'a> Floors<'a> {
     fn without(&self, user: &UserId) -> (i64, i64) {
         (self.delivered.without(user), self.read.without(user))
     }
+}
+
+/// Media messages sent while processing that one node watches at once.
+const MEDIA_WATCHERS: usize = 1024;
+/// How long a media sent while processing is watched (a long video's transcode included).
+const MEDIA_READY_WAIT: Duration = Duration::from_secs(30 * 60);
+
+/// What a media message carries for its receivers to draw it at once (a media record's JSON, as
+/// ingest describes it): kind and status, dimensions, duration, waveform, sound, the inline
+/// preview, and each variant's signed URL, type, size and bytes.
+pub(crate) fn media_info(view: &Value) -> Value {
+    let mut info = serde_json::Map::new();
+    for key in ["kind", "status", "error", "width", "height", "duration_ms", "waveform", "has_audio", "preview"] {
+        if let Some(value) = view.get(key).filter(|v| !v.is_null()) {
+            info.insert(key.into(), value.clone());
+        }
+    }
+    if let Some(variants) = view.get("variants").and_then(Value::as_object) {
+        let variants: serde_json::Map<String, Value> = variants
+            .iter()
+            .map(|(name, v)| {
+                let mut variant = serde_json::Map::new();
+                for key in ["url", "mime", "width", "height", "bytes"] {
+                    if let Some(value) = v.get(key).filter(|v| !v.is_null()) {
+                        variant.insert(key.into(), value.clone());
+                    }
+                }
+                (name.clone(), Value::Object(variant))
+            })
+            .collect();
+        info.insert("variants".into(), Value::Object(variants));
+    }
+    Value::Object(info)
 }
 
 /// A checked message body: the media it sends, and what it does besides being stored.

@@ -68,6 +68,9 @@ impl ApiError {
             ApiError::Store(e @ StoreError::NotSender) => (StatusCode::FORBIDDEN, "not_sender", e.to_string()),
             ApiError::Store(e @ StoreError::TooLate) => (StatusCode::CONFLICT, "too_late", e.to_string()),
             ApiError::Store(e @ StoreError::NotEditable) => (StatusCode::CONFLICT, "not_editable", e.to_string()),
+            ApiError::Store(e @ StoreError::LastAdmin) => (StatusCode::CONFLICT, "last_admin", e.to_string()),
+            // Callers answer a change that changed nothing as made; this is for one that does not.
+            ApiError::Store(e @ StoreError::Unchanged) => (StatusCode::CONFLICT, "unchanged", e.to_string()),
             ApiError::Store(StoreError::UnknownUsers(users)) => {
                 let users: Vec<&str> = users.iter().map(UserId::as_str).collect();
                 (StatusCode::NOT_FOUND, "unknown_user", format!("no such users: {}", users.join(", ")))

@@ -67,6 +67,27 @@ pub(crate) enum ServerFrame<'a> {
         requested_by: types::DeviceId,
         requested_by_name: &'a str,
     },
+    /// A media message sent while its media was still being processed: the media is ready (or
+    /// failed) now, and this is what to draw it with (the message's `media_info` in history says
+    /// the same from now on).
+    #[serde(rename = "media_ready")]
+    MediaReady {
+        conversation: ConversationId,
+        seq: i64,
+        media: types::MediaId,
+        media_info: &'a serde_json::Value,
+    },
+    /// One of the user's devices read a conversation up to `seq`: the others clear its unread.
+    Read {
+        conversation: ConversationId,
+        seq: i64,
+    },
+    /// A user in one of this user's conversations (or this user) changed their profile: ask for
+    /// it again (`GET /v1/users/{id}`) to get what you may see of it.
+    Profile {
+        user: &'a UserId,
+        updated_at: i64,
+    },
     /// The device's cursor fell behind retention: messages before `oldest_seq` are gone.
     Expired {
         conversation: ConversationId,

@@ -137,6 +137,27 @@ enum ClientFrame {
     },
 }
 
+/// Most own sends a connection remembers answering (see `Connection::answered`).
+const MAX_ANSWERED: usize = 1024;
+
+/// The `sent` frame of one of the device's own messages, from its `message` frame (which the
+/// server wrote: it always reads back).
+fn sent_of(frame: &Utf8Bytes) -> Option<Utf8Bytes> {
+    #[derive(serde::Deserialize)]
+    struct Own<'a> {
+        conversation: ConversationId,
+        seq: i64,
+        ts: i64,
+        #[serde(borrow)]
+        client_id: std::borrow::Cow<'a, str>,
+    }
+    let own = serde_json::from_str::<Own<'_>>(frame.as_str()).ok()?;
+    Some(
+        ServerFrame::Sent { client_id: &own.client_id, conversation: own.conversation, seq: own.seq, ts: own.ts }
+            .encode(),
+    )
+}
+
 struct Connection {
     chat: Arc<Chat>,
     user: UserId,
@@ -144,6 +165,10 @@ struct Connection {
     sink: SplitSink<WebSocket, WsMessage>,
     /// Per conversation, the highest seq passed to the device (or its own, confirmed by `sent`).
     sent: HashMap<ConversationId, i64>,
+    /// This device's own messages it was answered `sent` for over this socket; any other of its
+    /// own (sent over HTTP, or before a reconnect) gets a `sent` frame when it passes, so the
+    /// device sees every seq.
+    answered: HashSet<(ConversationId, i64)>,
     typing: HashMap<ConversationId, Instant>,
     /// The user's audience as last read, for typing.
     audience: Option<(Instant, Arc<HashSet<UserId>>)>,
@@ -179,6 +204,7 @@ async fn run(chat: Arc<Chat>, socket: WebSocket, user: UserId, device: DeviceId)
         device,
         sink,
         sent: HashMap::new(),
+        answered: HashSet::new(),
         typing: HashMap::new(),
         audience: None,
         strikes: 0,
@@ -375,6 +401,10 @@ impl Connection {
             for m in &page {
                 if m.device != self.device {
                     self.send_frame(message_frame(m)).await?;
+                } else if !self.answered.remove(&(conversation, m.seq)) {
+                    let sent =
+                        ServerFrame::Sent { client_id: &m.client_id, conversation, seq: m.seq, ts: m.created_at };
+                    self.send_frame(sent.encode()).await?;
                 }
                 self.sent.insert(conversation, m.seq);
             }
@@ -451,6 +481,10 @@ impl Connection {
                 } else if *seq == base + 1 {
                     if *device != self.device {
                         self.send_frame(frame.clone()).await?;
+                    } else if !self.answered.remove(&(*conversation, *seq))
+                        && let Some(sent) = sent_of(frame)
+                    {
+                        self.send_frame(sent).await?;
                     }
                     self.sent.insert(*conversation, *seq);
                     Ok(())
@@ -508,6 +542,12 @@ impl Connection {
                 self.audience = None;
                 let m = appended.message();
                 let frame = ServerFrame::Sent { client_id, conversation, seq: m.seq, ts: m.created_at };
+                // Its wake-up is coming: it needs no second `sent`. (Bounded: a wake-up lost on
+                // the way leaves its entry behind.)
+                if self.answered.len() >= MAX_ANSWERED {
+                    self.answered.clear();
+                }
+                self.answered.insert((conversation, m.seq));
                 if let Appended::Duplicate(_) = appended {
                     tracing::debug!(%conversation, seq = m.seq, "a retried send was answered with the first result");
                 }

@@ -18,28 +18,40 @@ use types::{Claims, ConversationId, DeviceId, UserId};
 
 use crate::chat::{Chat, LINK_REQUEST_TTL_SECS};
 use crate::error::{ApiError, json_body};
+use crate::hub::Event;
 use crate::limits;
 use crate::privacy;
-use crate::store::{Appended, Conversation, ConversationKind, LinkState, MAX_PAGE, Message, PageFrom, StoreError};
+use crate::store::{
+    Appended, Change, Conversation, ConversationDetails, ConversationKind, ConversationSummary, FlagsEdit, InfoChange,
+    LinkState, ListFrom, MAX_LIST_PAGE, MAX_PAGE, Message, PageFrom, StoreError,
+};
 
 /// Lifetime of a device-bound access token, in seconds.
 const DEVICE_TOKEN_TTL: u64 = 24 * 3600;
 /// Longest group or device name.
 const MAX_NAME: usize = 128;
+/// Longest group description, in bytes.
+const MAX_DESCRIPTION: usize = 512;
 
 /// The routes that need an authenticated caller ([`Claims`] in the extensions).
 pub(crate) fn routes(chat: Arc<Chat>) -> Router {
     Router::new()
         .route("/v1/devices", post(link_device).get(list_devices))
         .route("/v1/conversations", post(create_conversation).get(list_conversations))
+        .route("/v1/conversations/{id}", get(conversation_details).patch(update_group))
+        .route("/v1/conversations/{id}/flags", put(set_flags))
         .route("/v1/conversations/{id}/members", post(add_members))
         .route("/v1/conversations/{id}/members/{user}", delete(remove_member))
+        .route("/v1/conversations/{id}/admins/{user}", put(promote).delete(demote))
         .route("/v1/conversations/{id}/messages", post(send).get(history))
         .route("/v1/conversations/{id}/messages/{seq}/receipts", get(message_receipts))
         .route("/v1/devices/{id}", delete(unlink_device))
         .route("/v1/devices/requests", post(request_link))
         .route("/v1/devices/requests/{id}", get(link_status))
         .route("/v1/users/lookup", get(crate::accounts::lookup))
+        .route("/v1/users/lookup-ids", post(crate::profiles::lookup_ids))
+        .route("/v1/users/{id}", get(crate::profiles::show))
+        .route("/v1/profile", get(crate::profiles::own).put(crate::profiles::update))
         .route("/v1/contacts", get(privacy::list).put(privacy::replace))
         .route("/v1/contacts/discover", post(crate::accounts::discover))
         .route("/v1/contacts/{user}", put(privacy::add).delete(privacy::remove))
@@ -204,15 +216,195 @@ async fn create_conversation(
     Ok((status, Json(ConversationView::of(conversation, None))))
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    after: Option<String>,
+    limit: Option<i64>,
+}
+
+/// Conversations a chat-list page holds unless asked for another number.
+const DEFAULT_LIST_PAGE: i64 = 50;
+/// Member ids a chat-list entry names (`member_count` says how many there are).
+const LISTED_MEMBERS: usize = 32;
+/// Characters of text a last-message preview keeps.
+const PREVIEW_CHARS: usize = 100;
+
+/// `GET /v1/conversations?after=CURSOR&limit=N`: what a chat list shows, pinned first, then by
+/// last activity, newest first; `next` is the cursor of the page after this one (null at the end).
 async fn list_conversations(
     State(chat): State<Arc<Chat>>,
     Extension(claims): Extension<Claims>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let device = device(&claims)?;
-    let list = chat.store.conversations(&claims.sub, &device).await?;
-    let views: Vec<ConversationView> =
-        list.into_iter().map(|s| ConversationView::of(s.conversation, Some(s.unread))).collect();
-    Ok(Json(json!({ "conversations": views })))
+    let Query(query) = query.map_err(|e| ApiError::BadQuery(e.body_text()))?;
+    let limit = query.limit.unwrap_or(DEFAULT_LIST_PAGE);
+    if limit < 1 {
+        return Err(ApiError::BadQuery("limit is at least 1".into()));
+    }
+    let limit = limit.min(MAX_LIST_PAGE);
+    let from = match &query.after {
+        Some(cursor) => Some(
+            cursor
+                .parse::<ListFrom>()
+                .map_err(|()| ApiError::BadQuery("after is the next cursor of an earlier page".into()))?,
+        ),
+        None => None,
+    };
+    let page = chat.store.conversation_page(&claims.sub, from.as_ref(), limit).await?;
+    let next =
+        (page.len() as i64 == limit).then(|| page.last().map(|last| ListFrom::after(last).to_string())).flatten();
+    let mut views = Vec::with_capacity(page.len());
+    for summary in page {
+        views.push(list_entry(&chat, &claims.sub, summary).await?);
+    }
+    Ok(Json(json!({ "conversations": views, "next": next, "limit": limit })))
+}
+
+/// One entry of a chat list: for a direct conversation the other member's profile (as the caller
+/// may see it), for a group its avatar; the newest message previewed.
+async fn list_entry(chat: &Chat, user: &UserId, summary: ConversationSummary) -> Result<Value, ApiError> {
+    let ConversationSummary { conversation, unread, avatar, activity, member_count, flags, last } = summary;
+    let mut members = chat.store.member_ids(&conversation.id).await?;
+    members.sort();
+    let peer = match conversation.kind {
+        ConversationKind::Direct => match members.iter().find(|m| *m != user) {
+            Some(other) => {
+                let seen = chat.store.profiles_for(user, std::slice::from_ref(other)).await?;
+                match seen.first() {
+                    Some(profile) => Some(crate::profiles::view(chat, profile, false).await?),
+                    None => Some(json!({ "id": other })),
+                }
+            }
+            None => None,
+        },
+        ConversationKind::Group => None,
+    };
+    let avatar = match &avatar {
+        Some(media) => chat.avatar(media).await?,
+        None => None,
+    };
+    let last_message = match (last.sender, last.body, last.created_at) {
+        (Some(sender), Some(body), Some(ts)) => {
+            let mut preview = preview(&body);
+            preview["seq"] = conversation.last_seq.into();
+            preview["sender"] = sender.as_str().into();
+            preview["ts"] = ts.into();
+            Some(preview)
+        }
+        _ => None,
+    };
+    members.truncate(LISTED_MEMBERS);
+    Ok(json!({
+        "id": conversation.id.to_string(),
+        "type": conversation.kind.as_str(),
+        "name": conversation.name,
+        "avatar": avatar,
+        "peer": peer,
+        "members": members,
+        "member_count": member_count,
+        "last_seq": conversation.last_seq,
+        "last_message": last_message,
+        "last_activity": activity,
+        "unread": unread,
+        "muted_until": muted_view(flags.muted_until),
+        "archived": flags.archived,
+        "pinned": flags.pinned,
+    }))
+}
+
+/// What a chat list shows of a message: its kind and, for text, its first 100 characters.
+fn preview(body: &str) -> Value {
+    let Ok(Value::Object(body)) = serde_json::from_str::<Value>(body) else { return json!({ "kind": "unknown" }) };
+    let cut = |text: &str| -> String {
+        match text.char_indices().nth(PREVIEW_CHARS) {
+            Some((end, _)) => format!("{}…", &text[..end]),
+            None => text.to_owned(),
+        }
+    };
+    let text = body.get("text").and_then(Value::as_str);
+    if let Some(system) = body.get("system") {
+        let mut preview = Value::Object(body.clone());
+        preview["kind"] = "system".into();
+        preview["system"] = system.clone();
+        return preview;
+    }
+    if let Some(kind) = ["deleted", "expired"].into_iter().find(|k| body.contains_key(*k)) {
+        return json!({ "kind": kind });
+    }
+    if body.contains_key("edit") {
+        return json!({ "kind": "edit", "text": text.map(cut) });
+    }
+    if let Some(reaction) = body.get("reaction") {
+        return json!({ "kind": "reaction", "reaction": reaction, "to": body.get("to") });
+    }
+    if let Some(secs) = body.get("disappearing") {
+        return json!({ "kind": "disappearing", "disappearing": secs });
+    }
+    if let Some(text) = text {
+        return json!({ "kind": "text", "text": cut(text) });
+    }
+    if body.contains_key("media") {
+        let caption = body.get("caption").and_then(Value::as_str).map(cut);
+        return json!({ "kind": "media", "media_kind": body.get("kind"), "caption": caption });
+    }
+    if body.contains_key("ciphertext") {
+        return json!({ "kind": "ciphertext" });
+    }
+    json!({ "kind": "unknown" })
+}
+
+/// Muted until when, as JSON: a time (Unix ms), "always", or null.
+fn muted_view(until: Option<i64>) -> Value {
+    match until {
+        Some(i64::MAX) => "always".into(),
+        Some(at) => at.into(),
+        None => Value::Null,
+    }
+}
+
+/// `PUT /v1/conversations/{id}/flags` with any of `muted_until` (Unix ms, "always", or null to
+/// unmute), `archived` and `pinned`: the caller's flags on a conversation, for all their devices,
+/// which hear of it in a `flags` frame. Answers with the flags as they are now.
+async fn set_flags(
+    State(chat): State<Arc<Chat>>,
+    Extension(claims): Extension<Claims>,
+    Path(id): Path<String>,
+    body: Result<Json<serde_json::Map<String, Value>>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let id = conversation_id(&id)?;
+    let fields = json_body(body)?;
+    if fields.is_empty() {
+        return Err(ApiError::Invalid("give muted_until, archived or pinned".into()));
+    }
+    let mut edit = FlagsEdit::default();
+    for (key, value) in &fields {
+        match (key.as_str(), value) {
+            ("muted_until", Value::Null) => edit.muted_until = Some(None),
+            ("muted_until", Value::String(always)) if always == "always" => edit.muted_until = Some(Some(i64::MAX)),
+            ("muted_until", Value::Number(at)) if at.as_i64().is_some_and(|at| at > 0) => {
+                edit.muted_until = Some(at.as_i64());
+            }
+            ("muted_until", _) => {
+                return Err(ApiError::Invalid("muted_until is a time in Unix ms, \"always\", or null".into()));
+            }
+            ("archived", Value::Bool(archived)) => edit.archived = Some(*archived),
+            ("pinned", Value::Bool(pinned)) => edit.pinned = Some(*pinned),
+            ("archived" | "pinned", _) => return Err(ApiError::Invalid(format!("{key} is true or false"))),
+            (other, _) => return Err(ApiError::Invalid(format!("unknown field {other:?}"))),
+        }
+    }
+    let flags = chat.store.set_flags(&claims.sub, &id, edit).await?;
+    let view = json!({
+        "conversation": id.to_string(),
+        "muted_until": muted_view(flags.muted_until),
+        "archived": flags.archived,
+        "pinned": flags.pinned,
+    });
+    let mut frame = view.clone();
+    frame["type"] = "flags".into();
+    chat.fan_out(std::slice::from_ref(&claims.sub), Event::Frame(frame.to_string().into())).await;
+    Ok(Json(view))
 }
 
 #[derive(Deserialize)]
@@ -229,8 +421,7 @@ async fn add_members(
     let id = conversation_id(&id)?;
     let members = users(&json_body(body)?.members)?;
     known(&chat, &members).await?;
-    chat.store.add_members(&id, &claims.sub, &members).await?;
-    chat.forget_members(&id).await;
+    chat.change(&claims.sub, &id, Change::Add(members)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -241,11 +432,116 @@ async fn remove_member(
 ) -> Result<StatusCode, ApiError> {
     let id = conversation_id(&id)?;
     let user: UserId = user.parse().map_err(|_| ApiError::Store(StoreError::NotMember))?;
-    chat.store.remove_member(&id, &claims.sub, &user).await?;
-    chat.forget_members(&id).await;
-    // The one who left may have been the last to read: a large group's totals may move.
-    chat.receipts_moved.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(id);
+    chat.change(&claims.sub, &id, Change::Remove(user)).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// `PUT /v1/conversations/{id}/admins/{user}`: an admin makes a member an admin.
+async fn promote(
+    State(chat): State<Arc<Chat>>,
+    Extension(claims): Extension<Claims>,
+    Path((id, user)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    set_role(&chat, &claims, &id, &user, true).await
+}
+
+/// `DELETE /v1/conversations/{id}/admins/{user}`: an admin makes an admin (themselves included) a
+/// member again; the last admin cannot (409 `last_admin`).
+async fn demote(
+    State(chat): State<Arc<Chat>>,
+    Extension(claims): Extension<Claims>,
+    Path((id, user)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    set_role(&chat, &claims, &id, &user, false).await
+}
+
+async fn set_role(chat: &Chat, claims: &Claims, id: &str, user: &str, admin: bool) -> Result<StatusCode, ApiError> {
+    let id = conversation_id(id)?;
+    let user: UserId = user.parse().map_err(|e| ApiError::Invalid(format!("{user:?}: {e}")))?;
+    chat.change(&claims.sub, &id, Change::Role { user, admin }).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /v1/conversations/{id}`: what the conversation is, its settings and its members with their
+/// roles, for one of its members.
+async fn conversation_details(
+    State(chat): State<Arc<Chat>>,
+    Extension(claims): Extension<Claims>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = conversation_id(&id)?;
+    let details = chat.store.details(&id, &claims.sub).await?;
+    Ok(Json(details_view(&chat, details).await?))
+}
+
+/// A conversation's details as JSON, with its avatar as a client draws it.
+async fn details_view(chat: &Chat, details: ConversationDetails) -> Result<Value, ApiError> {
+    let ConversationDetails { conversation, info, disappear_secs, created_at, members } = details;
+    let avatar = match &info.avatar {
+        Some(media) => chat.avatar(media).await?,
+        None => None,
+    };
+    let members: Vec<Value> =
+        members.iter().map(|m| json!({"user": m.user, "role": m.role.as_str(), "joined_at": m.joined_at})).collect();
+    Ok(json!({
+        "id": conversation.id.to_string(),
+        "type": conversation.kind.as_str(),
+        "name": info.name,
+        "description": info.description,
+        "avatar": avatar,
+        "info_by_all": info.info_by_all,
+        "disappear_secs": disappear_secs,
+        "created_at": created_at,
+        "last_seq": conversation.last_seq,
+        "members": members,
+    }))
+}
+
+/// `PATCH /v1/conversations/{id}` with any of `name`, `description` (a string, or null to clear),
+/// `avatar` (the media id of an image the caller may share, or null) and `info_by_all` (whether
+/// every member may change those three; admins only): a group's settings, each change a system
+/// message. Answers with the details as they are now.
+async fn update_group(
+    State(chat): State<Arc<Chat>>,
+    Extension(claims): Extension<Claims>,
+    Path(id): Path<String>,
+    body: Result<Json<serde_json::Map<String, Value>>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let id = conversation_id(&id)?;
+    let fields = json_body(body)?;
+    let mut set = InfoChange::default();
+    for (key, value) in &fields {
+        match (key.as_str(), value) {
+            ("name", Value::String(name)) if !name.trim().is_empty() && name.len() <= MAX_NAME => {
+                set.name = Some(name.trim().to_owned());
+            }
+            ("name", _) => return Err(ApiError::Invalid(format!("a group name is 1 to {MAX_NAME} bytes"))),
+            ("description", Value::Null) => set.description = Some(None),
+            ("description", Value::String(text)) if text.len() <= MAX_DESCRIPTION => {
+                set.description = Some(Some(text.clone()).filter(|t| !t.is_empty()));
+            }
+            ("description", _) => {
+                return Err(ApiError::Invalid(format!("description is a string of at most {MAX_DESCRIPTION} bytes")));
+            }
+            ("avatar", Value::Null) => set.avatar = Some(None),
+            ("avatar", Value::String(media)) => {
+                let media: types::MediaId =
+                    media.parse().map_err(|_| ApiError::Invalid("avatar is a media id, or null".into()))?;
+                chat.check_avatar(&claims.sub, media).await?;
+                set.avatar = Some(Some(media.to_string()));
+            }
+            ("avatar", _) => return Err(ApiError::Invalid("avatar is a media id, or null".into())),
+            ("info_by_all", Value::Bool(all)) => set.info_by_all = Some(*all),
+            ("info_by_all", _) => return Err(ApiError::Invalid("info_by_all is true or false".into())),
+            (other, _) => return Err(ApiError::Invalid(format!("unknown field {other:?}"))),
+        }
+    }
+    if fields.is_empty() {
+        return Err(ApiError::Invalid("give name, description, avatar or info_by_all".into()));
+    }
+    chat.change(&claims.sub, &id, Change::Info(set)).await?;
+    let details = chat.store.details(&id, &claims.sub).await?;
+    Ok(Json(details_view(&chat, details).await?))
 }
 
 #[derive(Deserialize)]

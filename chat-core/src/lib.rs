@@ -24,6 +24,7 @@ mod http;
 mod hub;
 mod limits;
 mod privacy;
+mod profiles;
 mod store;
 mod tasks;
 
@@ -38,11 +39,13 @@ pub use config::{AuthConfig, ChatConfig};
 pub use gateway::{CLOSE_IDLE, CLOSE_LOGGED_OUT, CLOSE_REPLACED, CLOSE_TOO_SLOW, MAX_CLIENT_FRAME};
 pub use hub::Hub;
 pub use store::{
-    Acked, Appended, CodeCheck, Contact, ContactEntry, Conversation, ConversationKind, ConversationSummary, Cursor,
-    DELETE_WINDOW_MS, DELETED_BODY, DeviceInfo, EDIT_WINDOW_MS, EXPIRED_BODY, Effect, LinkAnswer, LinkState, Linked,
-    MAX_BODY_BYTES, MAX_CLIENT_ID_LEN, MAX_CODE_ATTEMPTS, MAX_CONTACTS, MAX_DEVICES, MAX_GROUP_MEMBERS, MAX_PAGE,
-    MAX_PAGE_BYTES, Members, Message, PURGE_SLICE, PageFrom, Privacy, PushIntent, PushTarget, Receipt, Role, Rotation,
-    Spend, Store, StoreError, SyncState, Write, Written,
+    Acked, Appended, Change, CodeCheck, Contact, ContactEntry, Conversation, ConversationDetails, ConversationKind,
+    ConversationSummary, Cursor, DELETE_WINDOW_MS, DELETED_BODY, DeviceInfo, EDIT_WINDOW_MS, EXPIRED_BODY, Effect,
+    Flags, FlagsEdit, GroupInfo, InfoChange, LastMessage, LinkAnswer, LinkState, Linked, ListFrom, MAX_BODY_BYTES,
+    MAX_CLIENT_ID_LEN, MAX_CODE_ATTEMPTS, MAX_CONTACTS, MAX_DEVICES, MAX_GROUP_MEMBERS, MAX_LIST_PAGE, MAX_PAGE,
+    MAX_PAGE_BYTES, MAX_STORED_BODY_BYTES, Member, Members, Message, PURGE_SLICE, PageFrom, Privacy, Profile,
+    ProfileEdit, PushIntent, PushTarget, Receipt, Role, Rotation, Spend, Store, StoreError, SyncState, Visibility,
+    Write, Written,
 };
 
 impl Chat {

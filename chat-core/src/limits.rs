@@ -62,6 +62,13 @@ pub(crate) const LOOKUPS_PER_USER: Limit = Limit { bucket: "lookups/user", every
 /// 10,000 numbers a day at most): enough for an address book, too few to walk a numbering plan.
 pub(crate) const DISCOVERIES_PER_USER: Limit =
     Limit { bucket: "discover/user", every: Duration::from_secs(8640), burst: 10 };
+/// Profile changes by one user: 20, then one a minute (each is announced to up to 5,000 users).
+pub(crate) const PROFILE_CHANGES_PER_USER: Limit =
+    Limit { bucket: "profile/user", every: Duration::from_secs(60), burst: 20 };
+/// Profile reads by one user (`GET /v1/users/{id}`, and batches of up to 256): 100, then one a
+/// second.
+pub(crate) const PROFILE_READS_PER_USER: Limit =
+    Limit { bucket: "profiles/user", every: Duration::from_secs(1), burst: 100 };
 /// Device links from a signed-in device, each spending a guess at the account's code: three, then
 /// one every ten minutes.
 pub(crate) const LINKS_PER_USER: Limit = Limit { bucket: "links/user", every: Duration::from_secs(600), burst: 3 };

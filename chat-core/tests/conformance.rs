@@ -3,9 +3,9 @@
 //! unreachable server fails the PostgreSQL tests; without it they are skipped with a note.
 
 use chat_core::{
-    Appended, CodeCheck, ConversationKind, Cursor, DELETE_WINDOW_MS, DELETED_BODY, EDIT_WINDOW_MS, EXPIRED_BODY,
-    Effect, MAX_CODE_ATTEMPTS, MAX_GROUP_MEMBERS, PageFrom, Role, Rotation, Spend, Store, StoreError, SyncState, Write,
-    Written,
+    Appended, Change, CodeCheck, ConversationKind, Cursor, DELETE_WINDOW_MS, DELETED_BODY, EDIT_WINDOW_MS,
+    EXPIRED_BODY, Effect, Flags, FlagsEdit, InfoChange, ListFrom, MAX_CODE_ATTEMPTS, MAX_GROUP_MEMBERS, Message,
+    PageFrom, ProfileEdit, Role, Rotation, Spend, Store, StoreError, SyncState, Visibility, Write, Written,
 };
 use futures_util::future::join_all;
 use types::{ConversationId, DeviceId, UserId};
@@ -73,6 +73,9 @@ conformance!(
     removing_a_device_takes_its_cursors_and_tokens,
     fanout_follows_membership,
     a_member_reads_from_when_they_joined,
+    group_changes_are_system_messages_in_the_log,
+    profiles_are_seen_as_their_owners_allow,
+    the_chat_list_pages_pinned_then_by_activity_with_flags_per_user,
     presence_goes_to_contacts_and_to_answered_direct_chats,
     rate_limits_let_a_burst_through_then_one_per_interval,
     phones_are_discovered_in_one_call,
@@ -246,7 +249,7 @@ async fn a_retried_client_id_is_stored_once(store: Store) {
     assert_eq!(store.messages_after(&chat.id, &bob, 0, 100).await.unwrap().len(), 3);
 
     assert!(matches!(store.append(&chat.id, &alice, &phone, "", "{}", 1).await, Err(StoreError::Invalid(_))));
-    let huge = format!("{{\"text\":\"{}\"}}", "x".repeat(chat_core::MAX_BODY_BYTES));
+    let huge = format!("{{\"text\":\"{}\"}}", "x".repeat(chat_core::MAX_STORED_BODY_BYTES));
     assert!(matches!(store.append(&chat.id, &alice, &phone, "big", &huge, 1).await, Err(StoreError::Invalid(_))));
     assert_eq!(store.messages_after(&chat.id, &bob, 0, 100).await.unwrap().len(), 3);
 }
@@ -296,13 +299,14 @@ async fn history_pages_both_ways_from_where_the_member_joined(store: Store) {
             (page.iter().map(|m| m.seq).collect::<Vec<_>>(), more)
         }
     };
-    assert_eq!(page(&bob, PageFrom::Before(6), 2).await, (vec![4, 5], true));
-    assert_eq!(page(&bob, PageFrom::Before(4), 2).await, (vec![2, 3], true));
-    assert_eq!(page(&bob, PageFrom::Before(2), 2).await, (vec![1], false));
-    assert_eq!(page(&bob, PageFrom::After(3), 10).await, (vec![4, 5], false));
+    // Seq 4 is the system message that added carol.
+    assert_eq!(page(&bob, PageFrom::Before(7), 2).await, (vec![5, 6], true));
+    assert_eq!(page(&bob, PageFrom::Before(5), 2).await, (vec![3, 4], true));
+    assert_eq!(page(&bob, PageFrom::Before(3), 2).await, (vec![1, 2], false));
+    assert_eq!(page(&bob, PageFrom::After(4), 10).await, (vec![5, 6], false));
     assert_eq!(page(&bob, PageFrom::After(0), 3).await, (vec![1, 2, 3], true));
-    // Carol reads back only to where she joined.
-    assert_eq!(page(&carol, PageFrom::Before(6), 10).await, (vec![4, 5], false));
+    // Carol reads back only to where she joined: the message that added her.
+    assert_eq!(page(&carol, PageFrom::Before(7), 10).await, (vec![4, 5, 6], false));
     assert_eq!(page(&carol, PageFrom::Before(4), 10).await, (vec![], false));
     assert!(matches!(
         store.history_page(&group.id, &user("mallory"), PageFrom::Before(6), 10).await,
@@ -322,7 +326,7 @@ async fn non_members_see_nothing(store: Store) {
     assert!(matches!(store.ack(&eve, &evil, &chat.id, 1).await, Err(StoreError::NotMember)));
     let nowhere = ConversationId::new();
     assert!(matches!(store.append(&nowhere, &alice, &phone, "x", "{}", 1).await, Err(StoreError::NotMember)));
-    assert!(store.conversations(&eve, &evil).await.unwrap().is_empty());
+    assert!(store.conversations(&eve).await.unwrap().is_empty());
     // Eve's failed send took no seq.
     assert_eq!(store.append(&chat.id, &alice, &phone, "d", "{}", 2).await.unwrap().message().seq, 2);
 }
@@ -380,8 +384,8 @@ async fn cursors_only_move_forward_and_count_unread(store: Store) {
     }
     let unread =
         |s: &Vec<chat_core::ConversationSummary>| s.iter().find(|c| c.conversation.id == chat.id).unwrap().unread;
-    assert_eq!(unread(&store.conversations(&bob, &bobs_phone).await.unwrap()), 5);
-    assert_eq!(unread(&store.conversations(&alice, &alices).await.unwrap()), 0, "own messages are not unread");
+    assert_eq!(unread(&store.conversations(&bob).await.unwrap()), 5);
+    assert_eq!(unread(&store.conversations(&alice).await.unwrap()), 0, "own messages are not unread");
 
     // Until bob answers, the conversation is a message request: his receipt moves but is not shared.
     let unanswered = store.ack(&bob, &bobs_phone, &chat.id, 1).await.unwrap();
@@ -409,13 +413,13 @@ async fn cursors_only_move_forward_and_count_unread(store: Store) {
     assert_eq!(receipts.len(), 1);
     assert_eq!((receipts[0].user.clone(), receipts[0].cursor), (bob.clone(), Cursor { delivered: 6, read: 4 }));
     assert!(store.receipts(&bob).await.unwrap().is_empty(), "alice has acked nothing");
-    assert_eq!(unread(&store.conversations(&bob, &bobs_phone).await.unwrap()), 1);
-    // Cursors are per device: the laptop has read nothing.
-    assert_eq!(unread(&store.conversations(&bob, &bobs_laptop).await.unwrap()), 5);
+    // Unread follows the user: what the phone read is read on the laptop too (whose cursor, for
+    // replay, stays its own).
+    assert_eq!(unread(&store.conversations(&bob).await.unwrap()), 1);
     let sync = store.sync_state(&bob, &bobs_laptop).await.unwrap();
     assert_eq!(sync, vec![SyncState { conversation: chat.id, last_seq: 6, delivered: 2, purged_upto: 0 }]);
     assert_eq!(store.sync_one(&bob, &bobs_phone, &chat.id).await.unwrap().delivered, 6);
-    let listed = store.conversations(&bob, &bobs_phone).await.unwrap();
+    let listed = store.conversations(&bob).await.unwrap();
     assert_eq!(listed[0].conversation.last_seq, 6);
 }
 
@@ -441,10 +445,11 @@ async fn a_member_reads_from_when_they_joined(store: Store) {
     let carols = store.add_device(&carol, "c").await.unwrap().device;
     store.append(&group.id, &alice, &device, "c1", "{}", 1).await.unwrap();
     store.add_members(&group.id, &alice, std::slice::from_ref(&carol)).await.unwrap();
-    assert!(store.messages_after(&group.id, &carol, 0, 10).await.unwrap().is_empty());
+    let seen: Vec<i64> = store.messages_after(&group.id, &carol, 0, 10).await.unwrap().iter().map(|m| m.seq).collect();
+    assert_eq!(seen, vec![2], "she reads from the message that added her");
     assert_eq!(store.sync_one(&carol, &carols, &group.id).await.unwrap().delivered, 1, "replay starts after joining");
-    let listed = store.conversations(&carol, &carols).await.unwrap();
-    assert_eq!(listed[0].unread, 0);
+    let listed = store.conversations(&carol).await.unwrap();
+    assert_eq!(listed[0].unread, 0, "a system message is not unread");
     // The append answers with the members at its seq: carol now, not after she is removed.
     let written = store
         .write_batch(vec![Write::Append {
@@ -475,12 +480,15 @@ async fn a_member_reads_from_when_they_joined(store: Store) {
         .await;
     let Ok(Written::Appended(_, members)) = &written[0] else { panic!("{written:?}") };
     assert!(!members.contains(&carol));
-    // Back again, she reads from her return only.
+    // Out, she reads up to her removal (seq 4) and nothing after it.
+    let seqs: Vec<i64> = store.messages_after(&group.id, &carol, 0, 10).await.unwrap().iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, vec![2, 3, 4]);
+    // Back again, she reads from her return only (seq 6, the message that added her).
     store.add_members(&group.id, &alice, std::slice::from_ref(&carol)).await.unwrap();
     store.append(&group.id, &alice, &device, "c4", "{}", 4).await.unwrap();
     let seqs: Vec<i64> = store.messages_after(&group.id, &carol, 0, 10).await.unwrap().iter().map(|m| m.seq).collect();
-    assert_eq!(seqs, vec![4]);
-    assert_eq!(store.messages_after(&group.id, &bob, 0, 10).await.unwrap().len(), 4);
+    assert_eq!(seqs, vec![6, 7]);
+    assert_eq!(store.messages_after(&group.id, &bob, 0, 10).await.unwrap().len(), 7);
 }
 
 async fn fanout_follows_membership(store: Store) {
@@ -489,9 +497,195 @@ async fn fanout_follows_membership(store: Store) {
     let mut members = store.member_ids(&group.id).await.unwrap();
     members.sort();
     assert_eq!(members, vec![alice.clone(), bob.clone(), carol.clone()]);
-    store.remove_member(&group.id, &alice, &carol).await.unwrap();
+    // The message of her removal goes to her as well, and is the last her devices replay.
+    let written = store.write_batch(vec![Write::change(&group.id, &alice, Change::Remove(carol.clone()), 1)]).await;
+    let Ok(Written::Appended(removal, to)) = &written[0] else { panic!("{written:?}") };
+    assert!(to.contains(&carol), "{to:?}");
     assert!(!store.member_ids(&group.id).await.unwrap().contains(&carol));
-    assert!(matches!(store.sync_one(&carol, &types::DeviceId::new(), &group.id).await, Err(StoreError::NotMember)));
+    let seq = removal.message().seq;
+    let carols = types::DeviceId::new();
+    assert_eq!(store.sync_one(&carol, &carols, &group.id).await.unwrap().last_seq, seq);
+    assert_eq!(store.sync_state(&carol, &carols).await.unwrap().len(), 1, "her removal is still to replay");
+    // Her ack of it is taken, up to it and no further; then there is nothing left to replay.
+    assert_eq!(store.ack(&carol, &carols, &group.id, seq + 5).await.unwrap().device.delivered, seq);
+    assert!(store.sync_state(&carol, &carols).await.unwrap().is_empty());
+    assert!(matches!(store.members(&group.id, &carol).await, Err(StoreError::NotMember)));
+    let mallory = user("mallory");
+    assert!(matches!(store.sync_one(&mallory, &carols, &group.id).await, Err(StoreError::NotMember)));
+    assert!(matches!(store.ack(&mallory, &carols, &group.id, 1).await, Err(StoreError::NotMember)));
+}
+
+async fn group_changes_are_system_messages_in_the_log(store: Store) {
+    let (alice, bob, carol) = (user("alice"), user("bob"), user("carol"));
+    let group = store.create_group(&alice, "g", std::slice::from_ref(&bob)).await.unwrap();
+    let body = |m: &Message| serde_json::from_str::<serde_json::Value>(&m.body).unwrap();
+    let change = |actor: &UserId, change: Change| {
+        let (store, actor) = (store.clone(), actor.clone());
+        async move { store.change(&group.id, &actor, change, 1).await }
+    };
+
+    let added = store.add_members(&group.id, &alice, &[carol.clone(), bob.clone()]).await.unwrap().unwrap();
+    assert_eq!((added.seq, added.device, &added.sender), (1, DeviceId::SYSTEM, &alice));
+    assert_eq!(body(&added), serde_json::json!({"system": "members_added", "by": "alice", "users": ["carol"]}));
+    assert!(store.add_members(&group.id, &alice, std::slice::from_ref(&bob)).await.unwrap().is_none(), "no change");
+    let history = store.messages_after(&group.id, &alice, 0, 10).await.unwrap();
+    assert_eq!(history.len(), 1, "a change that changed nothing wrote nothing");
+
+    // Settings: admins only, until the group lets every member; who may is the admins' to say.
+    let rename = |name: &str| Change::Info(InfoChange { name: Some(name.into()), ..InfoChange::default() });
+    assert!(matches!(change(&carol, rename("c")).await, Err(StoreError::NotAdmin)));
+    let open = Change::Info(InfoChange { info_by_all: Some(true), ..InfoChange::default() });
+    assert!(matches!(change(&carol, open.clone()).await, Err(StoreError::NotAdmin)));
+    assert_eq!(change(&alice, open).await.unwrap().unwrap().seq, 2);
+    let renamed = change(&carol, rename("trip")).await.unwrap().unwrap();
+    assert_eq!(body(&renamed), serde_json::json!({"system": "group_updated", "by": "carol", "name": "trip"}));
+    assert!(change(&carol, rename("trip")).await.unwrap().is_none());
+    let described = Change::Info(InfoChange {
+        description: Some(Some("june".into())),
+        avatar: Some(Some("a-media".into())),
+        ..InfoChange::default()
+    });
+    change(&bob, described).await.unwrap().unwrap();
+    let details = store.details(&group.id, &bob).await.unwrap();
+    assert_eq!(details.conversation.name.as_deref(), Some("trip"));
+    assert_eq!(details.info.description.as_deref(), Some("june"));
+    assert_eq!(details.info.avatar.as_deref(), Some("a-media"));
+    assert!(details.info.info_by_all);
+
+    // Admins: promoted and demoted by admins; the last one cannot step down, but may leave.
+    let role = |user: &UserId, admin: bool| Change::Role { user: user.clone(), admin };
+    assert!(matches!(change(&bob, role(&bob, true)).await, Err(StoreError::NotAdmin)));
+    assert!(matches!(change(&alice, role(&alice, false)).await, Err(StoreError::LastAdmin)));
+    let promoted = change(&alice, role(&bob, true)).await.unwrap().unwrap();
+    assert_eq!(body(&promoted), serde_json::json!({"system": "admin_added", "by": "alice", "user": "bob"}));
+    assert!(change(&alice, role(&bob, true)).await.unwrap().is_none());
+    change(&bob, role(&alice, false)).await.unwrap().unwrap();
+    assert!(matches!(change(&bob, role(&user("mallory"), true)).await, Err(StoreError::Invalid(_))));
+    // Bob, the one admin, leaves: the longest-standing member left (alice, a founder) takes over.
+    let left = store.remove_member(&group.id, &bob, &bob).await.unwrap().unwrap();
+    assert_eq!(
+        body(&left),
+        serde_json::json!({"system": "member_left", "by": "bob", "user": "bob", "admins": ["alice"]})
+    );
+    let roles: Vec<(UserId, Role)> =
+        store.details(&group.id, &carol).await.unwrap().members.into_iter().map(|m| (m.user, m.role)).collect();
+    assert_eq!(roles, vec![(alice.clone(), Role::Admin), (carol.clone(), Role::Member)]);
+    assert!(store.remove_member(&group.id, &alice, &bob).await.unwrap().is_none(), "not in: nothing to do");
+    // Bob reads up to his leaving, and nothing said after it.
+    store.append(&group.id, &alice, &DeviceId::new(), "after", "{}", 2).await.unwrap();
+    let his = store.messages_after(&group.id, &bob, 0, 100).await.unwrap();
+    assert_eq!(his.last().map(|m| m.seq), Some(left.seq));
+    assert!(matches!(store.details(&group.id, &bob).await, Err(StoreError::NotMember)));
+    assert!(matches!(change(&bob, rename("x")).await, Err(StoreError::NotMember)));
+
+    let direct = store.direct(&alice, &carol).await.unwrap();
+    assert!(matches!(store.change(&direct.id, &alice, rename("x"), 1).await, Err(StoreError::DirectConversation)));
+    assert_eq!(store.details(&direct.id, &carol).await.unwrap().members.len(), 2);
+}
+
+async fn profiles_are_seen_as_their_owners_allow(store: Store) {
+    let (alice, bob, carol, eve) = (user("alice"), user("bob"), user("carol"), user("eve"));
+    for u in [&alice, &bob, &carol, &eve] {
+        store.add_device(u, "d").await.unwrap();
+    }
+    let fresh = store.profile(&alice).await.unwrap();
+    assert_eq!((fresh.name, fresh.visibility, fresh.updated_at), (None, Visibility::Contacts, 0));
+    let edit = ProfileEdit {
+        name: Some(Some("Alice".into())),
+        about: Some(Some("climbing".into())),
+        avatar: Some(Some("a-media".into())),
+        visibility: None,
+    };
+    let own = store.set_profile(&alice, &edit).await.unwrap();
+    assert_eq!((own.name.as_deref(), own.about.as_deref()), (Some("Alice"), Some("climbing")));
+    assert!(own.updated_at > 0);
+    // Fields left out stay as they were.
+    let own = store.set_profile(&alice, &ProfileEdit { about: Some(None), ..ProfileEdit::default() }).await.unwrap();
+    assert_eq!((own.name.as_deref(), own.about), (Some("Alice"), None));
+    store
+        .set_profile(&alice, &ProfileEdit { about: Some(Some("climbing".into())), ..ProfileEdit::default() })
+        .await
+        .unwrap();
+
+    let seen = |viewer: &UserId| {
+        let (store, viewer, alice) = (store.clone(), viewer.clone(), alice.clone());
+        async move { store.profiles_for(&viewer, &[alice]).await.unwrap().pop() }
+    };
+    assert!(seen(&eve).await.is_none(), "a stranger sees nothing");
+    // A direct chat earns nothing until alice writes in it.
+    let chat = store.direct(&alice, &bob).await.unwrap();
+    let bobs = store.add_device(&bob, "b").await.unwrap().device;
+    store.append(&chat.id, &bob, &bobs, "b1", "{}", 1).await.unwrap();
+    assert!(seen(&bob).await.is_none());
+    let alices = store.add_device(&alice, "a2").await.unwrap().device;
+    store.append(&chat.id, &alice, &alices, "a1", "{}", 2).await.unwrap();
+    let by_bob = seen(&bob).await.unwrap();
+    assert_eq!((by_bob.name.as_deref(), by_bob.about, by_bob.avatar), (Some("Alice"), None, None));
+    // Contacts see the details; "everyone" shows them to all who see the name; "nobody" to none.
+    store.add_contacts(&alice, std::slice::from_ref(&bob), false).await.unwrap();
+    assert_eq!(seen(&bob).await.unwrap().about.as_deref(), Some("climbing"));
+    store.create_group(&carol, "g", std::slice::from_ref(&alice)).await.unwrap();
+    assert_eq!(seen(&carol).await.unwrap().about, None, "carol is not her contact");
+    store
+        .set_profile(&alice, &ProfileEdit { visibility: Some(Visibility::Everyone), ..ProfileEdit::default() })
+        .await
+        .unwrap();
+    assert_eq!(seen(&carol).await.unwrap().avatar.as_deref(), Some("a-media"));
+    store
+        .set_profile(&alice, &ProfileEdit { visibility: Some(Visibility::Nobody), ..ProfileEdit::default() })
+        .await
+        .unwrap();
+    assert_eq!(seen(&bob).await.unwrap().about, None);
+    assert_eq!(seen(&alice).await.unwrap().about.as_deref(), Some("climbing"), "the owner sees it all");
+    assert!(store.profiles_for(&carol, &[user("nobody")]).await.unwrap().is_empty());
+    let mut watchers = store.profile_watchers(&alice).await.unwrap();
+    watchers.sort();
+    assert_eq!(watchers, vec![alice.clone(), bob.clone(), carol.clone()]);
+}
+
+async fn the_chat_list_pages_pinned_then_by_activity_with_flags_per_user(store: Store) {
+    let (alice, bob, carol) = (user("alice"), user("bob"), user("carol"));
+    let bobs = store.add_device(&bob, "b").await.unwrap().device;
+    let older = store.direct(&alice, &bob).await.unwrap();
+    store.append(&older.id, &bob, &bobs, "b1", r#"{"text":"hi"}"#, 1_000).await.unwrap();
+    let group = store.create_group(&alice, "g", &[bob.clone(), carol.clone()]).await.unwrap();
+    store.append(&group.id, &bob, &bobs, "b2", r#"{"text":"newer"}"#, i64::MAX / 2).await.unwrap();
+    let quiet = store.direct(&alice, &carol).await.unwrap();
+
+    let ids = |page: &[chat_core::ConversationSummary]| page.iter().map(|c| c.conversation.id).collect::<Vec<_>>();
+    let all = store.conversations(&alice).await.unwrap();
+    assert_eq!(ids(&all), vec![group.id, quiet.id, older.id], "by last activity, newest first");
+    let newest = &all[0];
+    assert_eq!((newest.member_count, newest.unread), (3, 1));
+    assert_eq!(
+        (newest.last.sender.as_ref(), newest.last.body.as_deref(), newest.last.created_at),
+        (Some(&bob), Some(r#"{"text":"newer"}"#), Some(i64::MAX / 2))
+    );
+    assert_eq!(all[1].last, chat_core::LastMessage::default(), "nothing said yet");
+    // Pages go on from a cursor, with nothing twice and nothing left out.
+    let first = store.conversation_page(&alice, None, 2).await.unwrap();
+    let from = ListFrom::after(first.last().unwrap());
+    let rest = store.conversation_page(&alice, Some(&from), 2).await.unwrap();
+    assert_eq!([ids(&first), ids(&rest)].concat(), ids(&all));
+
+    // Flags are the user's own; pinned come first.
+    let set = FlagsEdit { pinned: Some(true), muted_until: Some(Some(i64::MAX)), archived: None };
+    let flags = store.set_flags(&alice, &older.id, set).await.unwrap();
+    assert_eq!(flags, Flags { muted_until: Some(i64::MAX), archived: false, pinned: true });
+    let flags = store
+        .set_flags(&alice, &older.id, FlagsEdit { muted_until: Some(None), ..FlagsEdit::default() })
+        .await
+        .unwrap();
+    assert_eq!(flags, Flags { muted_until: None, archived: false, pinned: true });
+    assert_eq!(ids(&store.conversations(&alice).await.unwrap()), vec![older.id, group.id, quiet.id]);
+    let first = store.conversation_page(&alice, None, 1).await.unwrap();
+    let rest = store.conversation_page(&alice, Some(&ListFrom::after(&first[0])), 5).await.unwrap();
+    assert_eq!(ids(&rest), vec![group.id, quiet.id]);
+    assert!(store.conversations(&bob).await.unwrap().iter().all(|c| !c.flags.pinned));
+    assert!(matches!(store.set_flags(&carol, &older.id, FlagsEdit::default()).await, Err(StoreError::NotMember)));
+    // A cursor survives its text form.
+    assert_eq!(from.to_string().parse::<ListFrom>(), Ok(from.clone()));
+    assert!("1.x.y".parse::<ListFrom>().is_err());
 }
 
 fn sorted<T: Ord>(mut items: Vec<T>) -> Vec<T> {
@@ -720,7 +914,9 @@ async fn push_intents_go_with_messages_to_the_devices_that_did_not_ack(store: St
     let claims = join_all((0..4).map(|_| store.claim_pushes(now + 1_000, 60_000, 15))).await;
     let mut seqs: Vec<i64> = claims.into_iter().flat_map(|c| c.unwrap()).map(|i| i.seq).collect();
     seqs.extend(store.claim_pushes(now + 1_000, 60_000, 100).await.unwrap().iter().map(|i| i.seq));
-    assert_eq!(sorted(seqs), (6..46).collect::<Vec<i64>>(), "every intent claimed exactly once");
+    // Seqs 1-3 are messages, 4 the system message that added dave, 5 and 6 the deleted one and
+    // its deletion.
+    assert_eq!(sorted(seqs), (7..47).collect::<Vec<i64>>(), "every intent claimed exactly once");
 }
 
 async fn reactions_edits_deletions_and_timers_are_checked_where_they_are_stored(store: Store) {
@@ -768,8 +964,8 @@ async fn reactions_edits_deletions_and_timers_are_checked_where_they_are_stored(
         "an edit is not a message to react to"
     );
     assert_eq!(send(&bob, bobs, "b2", "{}", late, Effect::React { to: 1 }).await.unwrap().seq, 3);
-    // Carol, added now, cannot act on what was said before she joined.
-    store.add_members(&group.id, &alice, std::slice::from_ref(&carol)).await.unwrap();
+    // Carol, added now (seq 4), cannot act on what was said before she joined.
+    store.change(&group.id, &alice, Change::Add(vec![carol.clone()]), late).await.unwrap();
     assert!(matches!(
         send(&carol, carols, "c1", "{}", late, Effect::React { to: 1 }).await,
         Err(StoreError::UnknownMessage)
@@ -779,26 +975,26 @@ async fn reactions_edits_deletions_and_timers_are_checked_where_they_are_stored(
         Err(StoreError::UnknownMessage)
     ));
     assert!(matches!(send(&bob, bobs, "b3", "{}", late, Effect::Delete { to: 1 }).await, Err(StoreError::NotSender)));
-    assert_eq!(send(&alice, alices, "a6", "{}", late, Effect::Delete { to: 1 }).await.unwrap().seq, 4);
+    assert_eq!(send(&alice, alices, "a6", "{}", late, Effect::Delete { to: 1 }).await.unwrap().seq, 5);
     assert_eq!(body_at(1).await, DELETED_BODY);
     let too_old = late + DELETE_WINDOW_MS + 1;
-    assert_eq!(send(&bob, bobs, "b4", r#"{"text":"x"}"#, late, Effect::Ordinary).await.unwrap().seq, 5);
-    assert!(matches!(send(&bob, bobs, "b5", "{}", too_old, Effect::Delete { to: 5 }).await, Err(StoreError::TooLate)));
+    assert_eq!(send(&bob, bobs, "b4", r#"{"text":"x"}"#, late, Effect::Ordinary).await.unwrap().seq, 6);
+    assert!(matches!(send(&bob, bobs, "b5", "{}", too_old, Effect::Delete { to: 6 }).await, Err(StoreError::TooLate)));
 
     // The timer: admins only in a group; messages to read sent under it carry when they go.
     let timer = Effect::Timer { secs: 60 };
     assert!(matches!(send(&bob, bobs, "b6", "{}", too_old, timer.clone()).await, Err(StoreError::NotAdmin)));
     assert_eq!(send(&alice, alices, "a7", "{}", too_old, timer).await.unwrap().expires_at, None);
     let fading = send(&bob, bobs, "b7", r#"{"text":"fading"}"#, too_old, Effect::Ordinary).await.unwrap();
-    assert_eq!((fading.seq, fading.expires_at), (7, Some(too_old + 60_000)));
-    let reaction = send(&alice, alices, "a8", "{}", too_old, Effect::React { to: 7 }).await.unwrap();
+    assert_eq!((fading.seq, fading.expires_at), (8, Some(too_old + 60_000)));
+    let reaction = send(&alice, alices, "a8", "{}", too_old, Effect::React { to: 8 }).await.unwrap();
     assert_eq!(reaction.expires_at, None, "a reaction goes with its message");
     assert!(store.due_expiries(too_old + 59_999, 10).await.unwrap().is_empty());
     let due = store.due_expiries(too_old + 60_000, 10).await.unwrap();
-    assert_eq!(due, vec![(group.id, 7, r#"{"text":"fading"}"#.to_owned())]);
+    assert_eq!(due, vec![(group.id, 8, r#"{"text":"fading"}"#.to_owned())]);
     store.expire(&due).await.unwrap();
     assert!(store.due_revocations(10).await.unwrap().is_empty(), "no media, nothing to take back");
-    assert_eq!(body_at(7).await, EXPIRED_BODY);
+    assert_eq!(body_at(8).await, EXPIRED_BODY);
     assert!(store.due_expiries(i64::MAX, 10).await.unwrap().is_empty());
 
     // An edit goes when the message it edits does: with its timer, or with its deletion.
@@ -857,7 +1053,7 @@ async fn reactions_edits_deletions_and_timers_are_checked_where_they_are_stored(
     assert_eq!(store.due_revocations(10).await.unwrap(), vec![(group.id, flash.seq, fleeting)]);
 
     let seqs: Vec<i64> = store.messages_after(&group.id, &alice, 0, 30).await.unwrap().iter().map(|m| m.seq).collect();
-    assert_eq!(seqs, (1..=18).collect::<Vec<_>>(), "the log stays gapless");
+    assert_eq!(seqs, (1..=19).collect::<Vec<_>>(), "the log stays gapless");
 }
 
 async fn retention_purges_old_messages_and_says_how_far(store: Store) {

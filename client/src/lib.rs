@@ -299,6 +299,46 @@ impl Api {
         self.call::<Value>(self.http.post(url).json(&json!({"members": members}))).await.map(drop)
     }
 
+    /// One page of the chat list as the server sends it (`{"conversations":[…],"next":…}`; see
+    /// PROTOCOL.md): pinned first, then by last activity; `after` is the `next` of the page before.
+    pub async fn chat_list(&self, after: Option<&str>, limit: i64) -> Result<Value, Error> {
+        let mut request = self.http.get(self.url("/v1/conversations")).query(&[("limit", limit)]);
+        if let Some(after) = after {
+            request = request.query(&[("after", after)]);
+        }
+        self.call(request).await
+    }
+
+    /// A conversation's details: settings, and members with their roles.
+    pub async fn conversation(&self, conversation: &str) -> Result<Value, Error> {
+        self.call(self.http.get(self.url(&format!("/v1/conversations/{conversation}")))).await
+    }
+
+    /// Changes a group's `name`, `description`, `avatar` or `info_by_all` (the fields given).
+    pub async fn update_group(&self, conversation: &str, fields: Value) -> Result<Value, Error> {
+        self.call(self.http.patch(self.url(&format!("/v1/conversations/{conversation}"))).json(&fields)).await
+    }
+
+    /// Sets this user's `muted_until`, `archived` or `pinned` on a conversation (the fields given).
+    pub async fn set_flags(&self, conversation: &str, fields: Value) -> Result<Value, Error> {
+        self.call(self.http.put(self.url(&format!("/v1/conversations/{conversation}/flags"))).json(&fields)).await
+    }
+
+    /// This user's own profile.
+    pub async fn profile(&self) -> Result<Value, Error> {
+        self.call(self.http.get(self.url("/v1/profile"))).await
+    }
+
+    /// Changes this user's `name`, `about`, `avatar` or `visibility` (the fields given).
+    pub async fn set_profile(&self, fields: Value) -> Result<Value, Error> {
+        self.call(self.http.put(self.url("/v1/profile")).json(&fields)).await
+    }
+
+    /// Another user's profile, as far as this user may see it.
+    pub async fn user(&self, user: &str) -> Result<Value, Error> {
+        self.call(self.http.get(self.url(&format!("/v1/users/{user}")))).await
+    }
+
     pub async fn conversations(&self) -> Result<Vec<ConversationInfo>, Error> {
         #[derive(Deserialize)]
         struct List {

@@ -124,6 +124,33 @@ pub enum Event {
         requested_by: String,
         requested_by_name: String,
     },
+    /// The media of message `seq`, sent while it was still being processed, is ready (or failed):
+    /// `media_info` is what to draw it with (kind, size, preview, variants' signed URLs).
+    MediaReady {
+        conversation: String,
+        seq: i64,
+        media: String,
+        media_info: Value,
+    },
+    /// Another of this user's devices read `conversation` up to `seq`: clear its unread here too.
+    Read {
+        conversation: String,
+        seq: i64,
+    },
+    /// `user` (in one of this user's conversations, or this user) changed their profile: ask for
+    /// it again with `Api::user`.
+    Profile {
+        user: String,
+        updated_at: i64,
+    },
+    /// This user's flags on `conversation` changed (on any of their devices): muted until when
+    /// (Unix ms, "always", or null), archived, pinned.
+    Flags {
+        conversation: String,
+        muted_until: Value,
+        archived: bool,
+        pinned: bool,
+    },
     /// The access token expired and the SDK refreshed it: keep this session (its refresh token
     /// replaces the one before, which is spent).
     Refreshed(crate::Session),
@@ -189,6 +216,27 @@ enum ServerFrame {
         name: String,
         requested_by: String,
         requested_by_name: String,
+    },
+    Read {
+        conversation: String,
+        seq: i64,
+    },
+    #[serde(rename = "media_ready")]
+    MediaReady {
+        conversation: String,
+        seq: i64,
+        media: String,
+        media_info: Value,
+    },
+    Profile {
+        user: String,
+        updated_at: i64,
+    },
+    Flags {
+        conversation: String,
+        muted_until: Value,
+        archived: bool,
+        pinned: bool,
     },
 }
 
@@ -620,6 +668,14 @@ impl Worker {
             }
             ServerFrame::LinkRequest { request, name, requested_by, requested_by_name } => {
                 Event::LinkRequest { request, name, requested_by, requested_by_name }
+            }
+            ServerFrame::Read { conversation, seq } => Event::Read { conversation, seq },
+            ServerFrame::MediaReady { conversation, seq, media, media_info } => {
+                Event::MediaReady { conversation, seq, media, media_info }
+            }
+            ServerFrame::Profile { user, updated_at } => Event::Profile { user, updated_at },
+            ServerFrame::Flags { conversation, muted_until, archived, pinned } => {
+                Event::Flags { conversation, muted_until, archived, pinned }
             }
             ServerFrame::Expired { conversation, oldest_seq } => {
                 let cursor = self.cursors.entry(conversation.clone()).or_insert(0);

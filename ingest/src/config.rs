@@ -20,6 +20,9 @@ pub struct IngestConfig {
     pub wait_for_ready_ms: u64,
     /// How long a signed variant URL stays valid, in seconds.
     pub url_ttl_secs: u64,
+    /// Where clients fetch variants from (an edge's or a CDN's origin, `https://media.example.com`):
+    /// variant URLs in JSON are absolute under it. Unset, they are relative to this server.
+    pub public_base_url: Option<String>,
     pub job: JobConfig,
     pub audio: AudioConfig,
     pub video: VideoConfig,
@@ -36,6 +39,7 @@ impl Default for IngestConfig {
             max_queued_jobs: 1000,
             wait_for_ready_ms: 5000,
             url_ttl_secs: 7 * 24 * 3600,
+            public_base_url: None,
             job: JobConfig::default(),
             audio: AudioConfig::default(),
             video: VideoConfig::default(),

@@ -128,6 +128,33 @@ impl Ingest {
         }
     }
 
+    /// Waits, at most `timeout`, for the job of media `id` to finish (on any node: on a shared
+    /// database its row is read every second), then describes the media as [`Ingest::describe`]
+    /// does; `None` when the media is gone.
+    pub async fn settled(&self, id: MediaId, timeout: std::time::Duration) -> Result<Option<MediaView>, IngestError> {
+        let Some(row) = self.records.media(id).await? else { return Ok(None) };
+        let mut done = self.job_done.subscribe();
+        let deadline = tokio::time::sleep(timeout);
+        tokio::pin!(deadline);
+        let every = std::time::Duration::from_secs(1);
+        let mut poll = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let shared = self.queue.shared();
+        let mut job = self.queue.job(&row.blob).await?;
+        while job.as_ref().is_some_and(|j| j.status == types::MediaStatus::Processing) {
+            tokio::select! {
+                event = done.recv() => match event {
+                    Ok(finished) if finished != row.blob => continue,
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => job = self.queue.job(&row.blob).await?,
+                    Err(broadcast::error::RecvError::Closed) => break,
+                },
+                _ = poll.tick(), if shared => job = self.queue.job(&row.blob).await?,
+                _ = &mut deadline => break,
+            }
+        }
+        self.describe(id).await
+    }
+
     /// Whether `user` may pass media `id` on: they own it or it was shared with them.
     pub async fn may_share(&self, id: MediaId, user: &UserId) -> Result<bool, IngestError> {
         Ok(self.records.may_read(id, user).await?)

@@ -216,8 +216,19 @@ impl Ingest {
         if row.owner != user.as_str() && !self.records.may_read(id, user).await? {
             return Err(IngestError::NotFound);
         }
+        Ok(self.view_of(id, row))
+    }
+
+    /// Media `id` as a client draws it (kind, size, preview, variants with signed URLs), for a
+    /// caller that has made its own check of who may see it (a profile's or a group's avatar);
+    /// `None` when it is gone.
+    pub async fn describe(&self, id: MediaId) -> Result<Option<MediaView>, IngestError> {
+        Ok(self.records.media(id).await?.map(|row| self.view_of(id, row)))
+    }
+
+    fn view_of(&self, id: MediaId, row: crate::store::MediaRow) -> MediaView {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
-        Ok(MediaParts {
+        MediaParts {
             id,
             kind: row.kind,
             blob: row.blob,
@@ -227,7 +238,8 @@ impl Ingest {
             progress: row.job.progress,
             signer: &self.signer,
             url_exp: url_expiry(now, self.config.url_ttl_secs),
+            base: self.config.public_base_url.as_deref().unwrap_or_default().trim_end_matches('/'),
         }
-        .view())
+        .view()
     }
 }

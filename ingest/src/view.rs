@@ -134,7 +134,8 @@ pub struct VariantView {
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub height: Option<u32>,
     pub bytes: u64,
-    /// Signed path and query, relative to the server: `/b/{blob}?exp=…&sig=…`.
+    /// Signed path and query, `/b/{blob}?exp=…&sig=…`: relative to the server, or absolute under
+    /// `public_base_url` when one is configured.
     pub url: String,
 }
 
@@ -154,6 +155,9 @@ pub(crate) struct MediaParts<'a> {
     pub(crate) progress: Option<f32>,
     pub(crate) signer: &'a UrlSigner,
     pub(crate) url_exp: u64,
+    /// Prefixed to each variant's signed path (`public_base_url`: an edge's or a CDN's origin);
+    /// empty, the URLs are relative to the server.
+    pub(crate) base: &'a str,
 }
 
 impl MediaParts<'_> {
@@ -187,7 +191,7 @@ impl MediaParts<'_> {
                 .variants
                 .into_iter()
                 .map(|(name, v)| {
-                    let url = self.signer.path(&v.blob, self.url_exp);
+                    let url = format!("{}{}", self.base, self.signer.path(&v.blob, self.url_exp));
                     (
                         name,
                         VariantView {

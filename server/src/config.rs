@@ -339,7 +339,15 @@ pub(crate) fn layered<T: Serialize + serde::de::DeserializeOwned>(
 impl Config {
     pub(crate) fn load(file: Option<&Path>, flags: FlagOverrides) -> anyhow::Result<Self> {
         // COURIER_EDGE_* configure `courier edge`, and COURIER_TEST_* belong to the test suites.
-        layered(Config::default(), file, "COURIER_", &["edge_", "test_"], flags)
+        let config: Config = layered(Config::default(), file, "COURIER_", &["edge_", "test_"], flags)?;
+        if let Some(base) = &config.ingest.public_base_url
+            && !(base.starts_with("https://") || base.starts_with("http://"))
+        {
+            anyhow::bail!(
+                "ingest.public_base_url is an http(s) origin such as https://media.example.com, not {base:?}"
+            );
+        }
+        Ok(config)
     }
 
     /// Ingest's database: `database_url` (SQLite or PostgreSQL), else `{data_dir}/courier.db`.

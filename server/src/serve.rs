@@ -268,4 +268,25 @@ impl chat_core::MediaAccess for SharedMedia {
     fn unshare<'a>(&'a self, media: types::MediaId, source: &'a str) -> chat_core::BoxFuture<'a, Result<(), String>> {
         Box::pin(async move { self.0.unshare(media, source).await.map_err(|e| e.to_string()) })
     }
+
+    fn settled<'a>(
+        &'a self,
+        media: types::MediaId,
+        timeout: std::time::Duration,
+    ) -> chat_core::BoxFuture<'a, Result<Option<serde_json::Value>, String>> {
+        Box::pin(async move {
+            let view = self.0.settled(media, timeout).await.map_err(|e| e.to_string())?;
+            view.map(|v| serde_json::to_value(v).map_err(|e| e.to_string())).transpose()
+        })
+    }
+
+    fn describe<'a>(
+        &'a self,
+        media: types::MediaId,
+    ) -> chat_core::BoxFuture<'a, Result<Option<serde_json::Value>, String>> {
+        Box::pin(async move {
+            let view = self.0.describe(media).await.map_err(|e| e.to_string())?;
+            view.map(|v| serde_json::to_value(v).map_err(|e| e.to_string())).transpose()
+        })
+    }
 }

@@ -124,6 +124,12 @@ uuid_id!(
     "device"
 );
 
+impl DeviceId {
+    /// The sender device of system messages (a group's membership or settings changed): no
+    /// user's device, so every device of the user who made the change gets the message too.
+    pub const SYSTEM: DeviceId = DeviceId(uuid::Uuid::nil());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,8 +21,11 @@ use types::{ConversationId, DeviceId, UserId};
 pub const MAX_GROUP_MEMBERS: usize = 1024;
 /// Most devices one user may link.
 pub const MAX_DEVICES: i64 = 16;
-/// Largest message body (opaque JSON), in bytes.
+/// Largest message body (opaque JSON) a client sends, in bytes.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// Largest body the store keeps: a client's, with what the server adds to a media message
+/// (`media_info`: sizes, waveform, preview, signed URLs) on top.
+pub const MAX_STORED_BODY_BYTES: usize = MAX_BODY_BYTES + 16 * 1024;
 /// Longest `client_id`.
 pub const MAX_CLIENT_ID_LEN: usize = 128;
 /// Most messages one retention transaction deletes.
@@ -104,13 +107,119 @@ pub struct Conversation {
     pub last_seq: i64,
 }
 
+/// A conversation with everything a member sees about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConversationDetails {
+    pub conversation: Conversation,
+    pub info: GroupInfo,
+    /// The disappearing timer, in seconds (0: off).
+    pub disappear_secs: i64,
+    /// Unix ms.
+    pub created_at: i64,
+    /// Longest-standing first.
+    pub members: Vec<Member>,
+}
+
+/// A conversation as a user's chat list shows it.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct ConversationSummary {
     #[sqlx(flatten)]
     pub conversation: Conversation,
-    /// Messages from others after this device's read cursor.
+    /// Messages from others (not system messages) after this device's read cursor.
     pub unread: i64,
+    /// A group's avatar (a media id).
+    pub avatar: Option<String>,
+    /// When something last happened: the newest message's time, or the conversation's creation.
+    pub activity: i64,
+    pub member_count: i64,
+    #[sqlx(flatten)]
+    pub flags: Flags,
+    /// The newest message, if this user may see it (it is from after they joined).
+    #[sqlx(flatten)]
+    pub last: LastMessage,
 }
+
+/// The newest message of a conversation, as a chat list previews it (all `None` when there is
+/// none the user may see).
+#[derive(Debug, Clone, PartialEq, Eq, Default, sqlx::FromRow)]
+pub struct LastMessage {
+    #[sqlx(rename = "last_sender")]
+    pub sender: Option<UserId>,
+    #[sqlx(rename = "last_body")]
+    pub body: Option<String>,
+    #[sqlx(rename = "last_created_at")]
+    pub created_at: Option<i64>,
+}
+
+/// What one user set on one conversation, shared by all their devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, sqlx::FromRow)]
+pub struct Flags {
+    /// Muted until then (Unix ms; [`i64::MAX`]: until unmuted).
+    pub muted_until: Option<i64>,
+    pub archived: bool,
+    pub pinned: bool,
+}
+
+impl Flags {
+    /// These flags with `edit` made to them.
+    pub(crate) fn edited(mut self, edit: FlagsEdit) -> Flags {
+        if let Some(muted_until) = edit.muted_until {
+            self.muted_until = muted_until;
+        }
+        self.archived = edit.archived.unwrap_or(self.archived);
+        self.pinned = edit.pinned.unwrap_or(self.pinned);
+        self
+    }
+}
+
+/// What a change of flags sets; `None` leaves a flag as it is (`muted_until: Some(None)` unmutes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FlagsEdit {
+    pub muted_until: Option<Option<i64>>,
+    pub archived: Option<bool>,
+    pub pinned: Option<bool>,
+}
+
+/// Where a page of a chat list goes on from: after this conversation, in the list's order
+/// (pinned first, then by last activity, newest first).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListFrom {
+    pub pinned: bool,
+    pub activity: i64,
+    pub conversation: ConversationId,
+}
+
+impl ListFrom {
+    /// Where the page after `last` starts.
+    pub fn after(last: &ConversationSummary) -> Self {
+        ListFrom { pinned: last.flags.pinned, activity: last.activity, conversation: last.conversation.id }
+    }
+}
+
+impl std::fmt::Display for ListFrom {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}.{}", u8::from(self.pinned), self.activity, self.conversation)
+    }
+}
+
+impl std::str::FromStr for ListFrom {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Self, ()> {
+        let mut parts = s.splitn(3, '.');
+        let pinned = match parts.next() {
+            Some("1") => true,
+            Some("0") => false,
+            _ => return Err(()),
+        };
+        let activity = parts.next().and_then(|a| a.parse().ok()).ok_or(())?;
+        let conversation = parts.next().and_then(|c| c.parse().ok()).ok_or(())?;
+        Ok(ListFrom { pinned, activity, conversation })
+    }
+}
+
+/// Most conversations one page of a chat list holds.
+pub const MAX_LIST_PAGE: i64 = 200;
 
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct Message {
@@ -172,6 +281,29 @@ pub enum Write {
 }
 
 impl Write {
+    /// The system message of a change to a group, by `actor` (its body is written by the change).
+    pub fn change(conversation: &ConversationId, actor: &UserId, change: Change, now_ms: i64) -> Write {
+        Write::Append {
+            conversation: *conversation,
+            sender: actor.clone(),
+            device: DeviceId::SYSTEM,
+            client_id: format!("system-{}", DeviceId::new()),
+            body: "{}".into(),
+            now_ms,
+            push_delay_ms: None,
+            effect: Effect::Change(change),
+        }
+    }
+
+    /// Whom an appended message goes to besides the members after it: a member it removes gets
+    /// the message of their own removal.
+    pub(crate) fn departing(&self) -> Option<&UserId> {
+        match self {
+            Write::Append { effect: Effect::Change(Change::Remove(user)), .. } => Some(user),
+            _ => None,
+        }
+    }
+
     /// The conversation whose rows the write locks.
     pub fn conversation(&self) -> ConversationId {
         match self {
@@ -195,6 +327,179 @@ pub enum Effect {
     Delete { to: i64 },
     /// The conversation's disappearing timer is set (0: off). In a group, admins only.
     Timer { secs: i64 },
+    /// A group's members or settings change: the message is the system message that says so
+    /// (its body is written by the change, see [`plan_change`]).
+    Change(Change),
+}
+
+/// A change to a group, made by a system message of its own in the group's log (so every device
+/// learns of it in order, and replays it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// Admins add members; they read from this message on.
+    Add(Vec<UserId>),
+    /// An admin removes a member, or a member leaves (the actor is `user`). The member gets this
+    /// message and nothing after it. When the last admin goes, the longest-standing member left
+    /// becomes admin.
+    Remove(UserId),
+    /// An admin makes a member an admin (`admin`), or an admin a member again.
+    Role { user: UserId, admin: bool },
+    /// The group's name, description or avatar (admins, or every member when `info_by_all`), or
+    /// who may change them (admins).
+    Info(InfoChange),
+}
+
+/// What a [`Change::Info`] sets; `None` leaves a field as it is, `Some(None)` clears it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct InfoChange {
+    pub name: Option<String>,
+    pub description: Option<Option<String>>,
+    pub avatar: Option<Option<String>>,
+    pub info_by_all: Option<bool>,
+}
+
+/// What a group says about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct GroupInfo {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    /// A media id (an image).
+    pub avatar: Option<String>,
+    /// Whether every member, not only admins, may change the name, description and avatar.
+    pub info_by_all: bool,
+}
+
+/// A member of a conversation, as its details show them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub user: UserId,
+    pub role: Role,
+    /// Unix ms.
+    pub joined_at: i64,
+    /// They read from after this seq.
+    pub joined_seq: i64,
+}
+
+/// What a [`Change`] does, decided from the group as it stands.
+#[derive(Debug, Default)]
+pub(crate) struct Plan {
+    pub add: Vec<UserId>,
+    pub remove: Option<UserId>,
+    pub roles: Vec<(UserId, Role)>,
+    pub info: Option<GroupInfo>,
+    /// The system message's body.
+    pub body: String,
+}
+
+/// Decides what `change` by `actor` does to a conversation of `kind` whose members are `members`
+/// (longest-standing first) and whose settings are `info`, and writes its system message.
+pub(crate) fn plan_change(
+    change: &Change,
+    actor: &UserId,
+    kind: ConversationKind,
+    members: &[Member],
+    info: &GroupInfo,
+) -> Result<Plan, StoreError> {
+    let role_of = |user: &UserId| members.iter().find(|m| &m.user == user).map(|m| m.role);
+    let Some(actor_role) = role_of(actor) else { return Err(StoreError::NotMember) };
+    if kind == ConversationKind::Direct {
+        return Err(StoreError::DirectConversation);
+    }
+    let admin = actor_role == Role::Admin;
+    let system = |event: &str, mut fields: serde_json::Map<String, serde_json::Value>| {
+        fields.insert("system".into(), event.into());
+        fields.insert("by".into(), actor.as_str().into());
+        serde_json::Value::Object(fields).to_string()
+    };
+    let mut fields = serde_json::Map::new();
+    match change {
+        Change::Add(users) => {
+            if !admin {
+                return Err(StoreError::NotAdmin);
+            }
+            let present: Vec<UserId> = members.iter().map(|m| m.user.clone()).collect();
+            let add: Vec<UserId> = newcomers(users, &present).into_iter().map(|(u, _)| u).collect();
+            if add.is_empty() {
+                return Err(StoreError::Unchanged);
+            }
+            if present.len() + add.len() > MAX_GROUP_MEMBERS {
+                return Err(StoreError::TooManyMembers);
+            }
+            fields.insert("users".into(), add.iter().map(|u| u.as_str()).collect::<Vec<_>>().into());
+            Ok(Plan { body: system("members_added", fields), add, ..Plan::default() })
+        }
+        Change::Remove(user) => {
+            if user != actor && !admin {
+                return Err(StoreError::NotAdmin);
+            }
+            let Some(role) = role_of(user) else { return Err(StoreError::Unchanged) };
+            fields.insert("user".into(), user.as_str().into());
+            // A group is never left without an admin while it has members.
+            let mut roles = Vec::new();
+            let others = || members.iter().filter(|m| &m.user != user);
+            if role == Role::Admin
+                && !others().any(|m| m.role == Role::Admin)
+                && let Some(heir) = others().next()
+            {
+                roles.push((heir.user.clone(), Role::Admin));
+                fields.insert("admins".into(), vec![heir.user.as_str()].into());
+            }
+            let event = if user == actor { "member_left" } else { "member_removed" };
+            Ok(Plan { body: system(event, fields), remove: Some(user.clone()), roles, ..Plan::default() })
+        }
+        Change::Role { user, admin: promote } => {
+            if !admin {
+                return Err(StoreError::NotAdmin);
+            }
+            let Some(role) = role_of(user) else {
+                return Err(StoreError::Invalid(format!("{user} is not a member of this group")));
+            };
+            let wanted = if *promote { Role::Admin } else { Role::Member };
+            if role == wanted {
+                return Err(StoreError::Unchanged);
+            }
+            if !promote && !members.iter().any(|m| &m.user != user && m.role == Role::Admin) {
+                return Err(StoreError::LastAdmin);
+            }
+            fields.insert("user".into(), user.as_str().into());
+            let event = if *promote { "admin_added" } else { "admin_removed" };
+            Ok(Plan { body: system(event, fields), roles: vec![(user.clone(), wanted)], ..Plan::default() })
+        }
+        Change::Info(set) => {
+            if !admin && (set.info_by_all.is_some() || !info.info_by_all) {
+                return Err(StoreError::NotAdmin);
+            }
+            let mut next = info.clone();
+            if let Some(name) = &set.name
+                && next.name.as_ref() != Some(name)
+            {
+                next.name = Some(name.clone());
+                fields.insert("name".into(), name.as_str().into());
+            }
+            if let Some(description) = &set.description
+                && &next.description != description
+            {
+                next.description = description.clone();
+                fields.insert("description".into(), description.clone().into());
+            }
+            if let Some(avatar) = &set.avatar
+                && &next.avatar != avatar
+            {
+                next.avatar = avatar.clone();
+                fields.insert("avatar".into(), avatar.clone().into());
+            }
+            if let Some(by_all) = set.info_by_all
+                && next.info_by_all != by_all
+            {
+                next.info_by_all = by_all;
+                fields.insert("info_by_all".into(), by_all.into());
+            }
+            if fields.is_empty() {
+                return Err(StoreError::Unchanged);
+            }
+            Ok(Plan { body: system("group_updated", fields), info: Some(next), ..Plan::default() })
+        }
+    }
 }
 
 /// How long after sending a message its sender may edit it: 15 minutes.
@@ -253,6 +558,14 @@ pub(crate) struct Applied {
     pub expires_at: Option<i64>,
 }
 
+/// What an engine's effect did to its own message: when it disappears (an edit, with the message
+/// it edits), and its body when the effect wrote it (a system message).
+#[derive(Debug, Default)]
+pub(crate) struct Outcome {
+    pub expires_at: Option<i64>,
+    pub body: Option<String>,
+}
+
 /// Whether a stored body is a message to read (not a reaction, an edit, a deletion, a timer or a
 /// tombstone).
 fn readable(body: &serde_json::Map<String, serde_json::Value>) -> bool {
@@ -276,7 +589,7 @@ pub(crate) fn effect_on(
         return Err(StoreError::NotEditable);
     }
     match effect {
-        Effect::Ordinary | Effect::Timer { .. } | Effect::React { .. } => Ok(Applied::default()),
+        Effect::Ordinary | Effect::Timer { .. } | Effect::React { .. } | Effect::Change(_) => Ok(Applied::default()),
         Effect::Edit { text, .. } => {
             if &target.sender != actor {
                 return Err(StoreError::NotSender);
@@ -420,6 +733,126 @@ impl Default for Privacy {
     }
 }
 
+/// Who sees a user's about line and avatar (their name goes to whoever shares a conversation
+/// with them: see [`Store::profiles_for`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Visibility {
+    /// Everyone who sees the name.
+    Everyone,
+    /// The user's own contacts.
+    #[default]
+    Contacts,
+    Nobody,
+}
+
+impl Visibility {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Visibility::Everyone => "everyone",
+            Visibility::Contacts => "contacts",
+            Visibility::Nobody => "nobody",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "everyone" => Some(Visibility::Everyone),
+            "contacts" => Some(Visibility::Contacts),
+            "nobody" => Some(Visibility::Nobody),
+            _ => None,
+        }
+    }
+}
+
+impl TryFrom<String> for Visibility {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        Self::parse(&s).ok_or_else(|| format!("bad profile visibility {s:?}"))
+    }
+}
+
+/// What a user shows of themselves; as another user sees it, what they may not see is `None`.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Profile {
+    #[sqlx(rename = "user_id")]
+    pub user: UserId,
+    #[sqlx(rename = "profile_name")]
+    pub name: Option<String>,
+    pub about: Option<String>,
+    /// A media id (an image).
+    pub avatar: Option<String>,
+    #[sqlx(rename = "profile_visibility", try_from = "String")]
+    pub visibility: Visibility,
+    /// When it last changed (Unix ms; 0: never set).
+    #[sqlx(rename = "profile_at")]
+    pub updated_at: i64,
+}
+
+impl Profile {
+    /// This profile with `edit` made to it.
+    pub(crate) fn edited(mut self, edit: &ProfileEdit) -> Profile {
+        if let Some(name) = &edit.name {
+            self.name = name.clone();
+        }
+        if let Some(about) = &edit.about {
+            self.about = about.clone();
+        }
+        if let Some(avatar) = &edit.avatar {
+            self.avatar = avatar.clone();
+        }
+        if let Some(visibility) = edit.visibility {
+            self.visibility = visibility;
+        }
+        self
+    }
+}
+
+/// A profile with how its owner stands to the one asking: whether the owner has them as a contact,
+/// and whether they share a group, or a direct conversation in which the owner has written.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub(crate) struct ProfileSeen {
+    #[sqlx(flatten)]
+    pub profile: Profile,
+    pub contact: bool,
+    pub shared: bool,
+}
+
+impl ProfileSeen {
+    /// The profile as `viewer` may see it: `None` when they may not see even the name.
+    fn for_viewer(self, viewer: &UserId) -> Option<Profile> {
+        let ProfileSeen { mut profile, contact, shared } = self;
+        if &profile.user == viewer {
+            return Some(profile);
+        }
+        if !contact && !shared {
+            return None;
+        }
+        let details = match profile.visibility {
+            Visibility::Everyone => true,
+            Visibility::Contacts => contact,
+            Visibility::Nobody => false,
+        };
+        if !details {
+            profile.about = None;
+            profile.avatar = None;
+        }
+        Some(profile)
+    }
+}
+
+/// What `PUT /v1/profile` changes; `None` leaves a field as it is, `Some(None)` clears it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ProfileEdit {
+    pub name: Option<Option<String>>,
+    pub about: Option<Option<String>>,
+    pub avatar: Option<Option<String>>,
+    pub visibility: Option<Visibility>,
+}
+
+/// Most users one profile change is announced to.
+pub(crate) const MAX_PROFILE_WATCHERS: i64 = 5000;
+
 /// A device linked to a user.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct DeviceInfo {
@@ -496,6 +929,14 @@ pub enum StoreError {
     /// The message cannot take that: a reaction, an edit, a tombstone, or (for an edit) not text.
     #[error("that message cannot be reacted to, edited or deleted")]
     NotEditable,
+    /// A change that would change nothing (adding members who are in, promoting an admin): it
+    /// writes no system message, and callers answer as if it had been made.
+    #[error("nothing to change")]
+    Unchanged,
+    /// The last admin of a group cannot step down while it has other members: they promote one
+    /// first (leaving hands the role on by itself).
+    #[error("a group keeps at least one admin: make another member admin first")]
+    LastAdmin,
     /// Users named in a request who do not exist.
     #[error("no such users: {0:?}")]
     UnknownUsers(Vec<UserId>),
@@ -700,24 +1141,52 @@ impl Store {
         each!(self, s => s.create_group(name, &roster, now_ms()).await)
     }
 
-    /// Admins add members to a group.
+    /// Admins add members to a group, with the system message that says so (`None`: all were in).
     pub async fn add_members(
         &self,
         conversation: &ConversationId,
         actor: &UserId,
         users: &[UserId],
-    ) -> Result<(), StoreError> {
-        each!(self, s => s.add_members(conversation, actor, users, now_ms()).await)
+    ) -> Result<Option<Message>, StoreError> {
+        self.change(conversation, actor, Change::Add(users.to_vec()), now_ms()).await
     }
 
-    /// Admins remove members from a group; anyone may remove themselves (leave).
+    /// Admins remove members from a group; anyone may remove themselves (leave). With the system
+    /// message that says so (`None`: they were not in).
     pub async fn remove_member(
         &self,
         conversation: &ConversationId,
         actor: &UserId,
         user: &UserId,
-    ) -> Result<(), StoreError> {
-        each!(self, s => s.remove_member(conversation, actor, user).await)
+    ) -> Result<Option<Message>, StoreError> {
+        self.change(conversation, actor, Change::Remove(user.clone()), now_ms()).await
+    }
+
+    /// Makes `change` to a group with its system message, as a batch of one; `None` when it
+    /// changed nothing (and wrote no message).
+    pub async fn change(
+        &self,
+        conversation: &ConversationId,
+        actor: &UserId,
+        change: Change,
+        now_ms: i64,
+    ) -> Result<Option<Message>, StoreError> {
+        match self.write_one(Write::change(conversation, actor, change, now_ms)).await {
+            Ok(Written::Appended(appended, _)) => Ok(Some(appended.message().clone())),
+            Ok(Written::Acked(_)) => Err(StoreError::Corrupt("a change was answered as an ack".into())),
+            Err(StoreError::Unchanged) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A conversation as one of its members sees it: what it is, its settings and timer, and its
+    /// members (longest-standing first).
+    pub async fn details(
+        &self,
+        conversation: &ConversationId,
+        user: &UserId,
+    ) -> Result<ConversationDetails, StoreError> {
+        each!(self, s => s.details(conversation, user).await)?.ok_or(StoreError::NotMember)
     }
 
     /// The members of a conversation, for one of its members.
@@ -729,13 +1198,32 @@ impl Store {
         each!(self, s => s.members(conversation, user).await)
     }
 
-    /// The conversations of `user`, with unread counts for `device`, newest activity first.
-    pub async fn conversations(
+    /// The first [`MAX_LIST_PAGE`] conversations of `user` (see [`Store::conversation_page`]).
+    pub async fn conversations(&self, user: &UserId) -> Result<Vec<ConversationSummary>, StoreError> {
+        self.conversation_page(user, None, MAX_LIST_PAGE).await
+    }
+
+    /// A page of `user`'s chat list: pinned first, then by last activity, newest first; up to
+    /// `limit` (1 to [`MAX_LIST_PAGE`]) after `from`. Unread counts follow the user's read
+    /// receipt, so reading on one device reads on all.
+    pub async fn conversation_page(
         &self,
         user: &UserId,
-        device: &DeviceId,
+        from: Option<&ListFrom>,
+        limit: i64,
     ) -> Result<Vec<ConversationSummary>, StoreError> {
-        each!(self, s => s.conversations(user, device).await)
+        let limit = limit.clamp(1, MAX_LIST_PAGE);
+        each!(self, s => s.conversations(user, from, limit).await)
+    }
+
+    /// Sets `user`'s flags on one of their conversations; returns them as they are now.
+    pub async fn set_flags(
+        &self,
+        user: &UserId,
+        conversation: &ConversationId,
+        edit: FlagsEdit,
+    ) -> Result<Flags, StoreError> {
+        each!(self, s => s.set_flags(user, conversation, edit).await)?.ok_or(StoreError::NotMember)
     }
 
     /// Up to `limit` (at most [`MAX_PAGE`]) messages with seq greater than `after`, in seq order,
@@ -899,6 +1387,45 @@ impl Store {
         each!(self, s => s.privacy(user).await)
     }
 
+    /// `user`'s own profile (an empty one for a user never seen).
+    pub async fn profile(&self, user: &UserId) -> Result<Profile, StoreError> {
+        let found = each!(self, s => s.profile_seen(user, user).await)?;
+        Ok(found.map(|seen| seen.profile).unwrap_or_else(|| Profile {
+            user: user.clone(),
+            name: None,
+            about: None,
+            avatar: None,
+            visibility: Visibility::default(),
+            updated_at: 0,
+        }))
+    }
+
+    /// Changes `user`'s profile; returns it as it is now.
+    pub async fn set_profile(&self, user: &UserId, edit: &ProfileEdit) -> Result<Profile, StoreError> {
+        each!(self, s => s.set_profile(user, edit, now_ms()).await)?;
+        self.profile(user).await
+    }
+
+    /// The profiles of `users` as `viewer` may see them: the name if they share a group, or a
+    /// direct conversation in which its owner has written, or the owner has them as a contact;
+    /// the about line and avatar as the owner's [`Visibility`] says. Users `viewer` may not see
+    /// (or that do not exist) are left out.
+    pub async fn profiles_for(&self, viewer: &UserId, users: &[UserId]) -> Result<Vec<Profile>, StoreError> {
+        let mut seen = Vec::with_capacity(users.len());
+        for user in users {
+            if let Some(profile) = each!(self, s => s.profile_seen(user, viewer).await)? {
+                seen.extend(profile.for_viewer(viewer));
+            }
+        }
+        Ok(seen)
+    }
+
+    /// Who hears that `user`'s profile changed: the members of their conversations (themselves
+    /// included), at most [`MAX_PROFILE_WATCHERS`].
+    pub async fn profile_watchers(&self, user: &UserId) -> Result<Vec<UserId>, StoreError> {
+        each!(self, s => s.profile_watchers(user).await)
+    }
+
     /// Sets what `user` shares.
     pub async fn set_privacy(&self, user: &UserId, privacy: Privacy) -> Result<(), StoreError> {
         each!(self, s => s.set_privacy(user, privacy, now_ms()).await)
@@ -1047,6 +1574,25 @@ impl Store {
             })
             .collect();
         each!(self, s => s.expire(&messages, now_ms()).await)
+    }
+
+    /// Puts `info` in place of the `media_info` of the media message at `seq`, unless its body
+    /// changed meanwhile (a deletion, its timer); returns the body as it is now.
+    pub async fn set_media_info(
+        &self,
+        conversation: &ConversationId,
+        seq: i64,
+        info: &serde_json::Value,
+    ) -> Result<Option<String>, StoreError> {
+        let Some(before) = each!(self, s => s.body_of(conversation, seq).await)? else { return Ok(None) };
+        let Ok(serde_json::Value::Object(mut body)) = serde_json::from_str(&before) else { return Ok(None) };
+        if !body.contains_key("media_info") {
+            return Ok(None);
+        }
+        body.insert("media_info".into(), info.clone());
+        let after = serde_json::Value::Object(body).to_string();
+        let set = each!(self, s => s.replace_body(conversation, seq, &before, &after).await)?;
+        Ok(set.then_some(after))
     }
 
     /// Whether the message at `seq` was deleted for everyone, disappeared or was purged.
@@ -1340,17 +1886,31 @@ fn retried(first: Option<Message>, body: &str) -> Result<Appended, StoreError> {
     // Compared as stored: a retry of a message edited or deleted since is refused as reused (its
     // device knew the seq, so it had the answer), never taken for a message it is not.
     match first {
-        Some(first) if first.body == body => Ok(Appended::Duplicate(first)),
+        Some(first) if same_message(&first.body, body) => Ok(Appended::Duplicate(first)),
         Some(_) => Err(StoreError::ClientIdReused),
         None => Err(StoreError::Corrupt("a conflicting message vanished".into())),
     }
+}
+
+/// Whether a stored body and a sent one are the same message: equal, but for the `media_info` the
+/// server adds to a media message at each send (its signed URLs and status may differ by then).
+fn same_message(stored: &str, sent: &str) -> bool {
+    if stored == sent {
+        return true;
+    }
+    let client_part = |body: &str| {
+        let mut value: serde_json::Value = serde_json::from_str(body).ok()?;
+        value.as_object_mut()?.remove("media_info")?;
+        Some(value)
+    };
+    matches!((client_part(stored), client_part(sent)), (Some(a), Some(b)) if a == b)
 }
 
 pub(crate) fn check_message(client_id: &str, body: &str) -> Result<(), StoreError> {
     if client_id.is_empty() || client_id.len() > MAX_CLIENT_ID_LEN {
         return Err(StoreError::Invalid(format!("client_id must be 1 to {MAX_CLIENT_ID_LEN} bytes")));
     }
-    if body.len() > MAX_BODY_BYTES {
+    if body.len() > MAX_STORED_BODY_BYTES {
         return Err(StoreError::Invalid(format!("a message body holds at most {MAX_BODY_BYTES} bytes")));
     }
     Ok(())

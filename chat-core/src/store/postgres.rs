@@ -9,11 +9,12 @@ use sqlx::{PgConnection, Postgres as Pg, Transaction};
 use types::{ConversationId, DeviceId, UserId};
 
 use super::{
-    Acked, Appended, Bucket, Contact, ContactEntry, Conversation, ConversationKind, ConversationSummary, Cursor,
-    DeviceInfo, EXPIRED_BODY, Effect, LinkAnswer, LinkState, Linked, MAX_CONTACTS, MAX_DEVICES, MAX_GROUP_MEMBERS,
-    MemberReceipt, Members, Message, NewLinkRequest, NewMessage, NewRefresh, PendingCode, Privacy, PushIntent,
+    Acked, Appended, Bucket, Contact, ContactEntry, Conversation, ConversationDetails, ConversationKind,
+    ConversationSummary, Cursor, DeviceInfo, EXPIRED_BODY, Effect, Flags, FlagsEdit, GroupInfo, LinkAnswer, LinkState,
+    Linked, ListFrom, MAX_CONTACTS, MAX_DEVICES, MAX_PROFILE_WATCHERS, Member, MemberReceipt, Members, Message,
+    NewLinkRequest, NewMessage, NewRefresh, Outcome, PendingCode, Privacy, ProfileEdit, ProfileSeen, PushIntent,
     PushTarget, Receipt, Role, Rotation, Spend, StoreError, SyncState, Target, Write, Written, check_message,
-    effect_on, expires_at, link_state, may_set_timer, newcomers, pair_key, retried,
+    effect_on, expires_at, link_state, may_set_timer, pair_key, plan_change, retried,
 };
 
 /// Users come into being the first time they are named.
@@ -55,23 +56,44 @@ const CONVERSATION: &str =
 const INSERT_CONVERSATION: &str = "
     INSERT INTO chat_conversations (conversation_id, kind, name, last_seq, created_at) VALUES ($1, $2, $3, 0, $4)";
 
-/// A member joins after the conversation's last message: history starts after it.
+/// A member's history starts after `joined_seq` (the seq before the message that added them).
 const INSERT_MEMBER: &str = "
-    INSERT INTO chat_members (conversation_id, user_id, role, joined_at, joined_seq)
-    SELECT $1, $2, $3, $4, last_seq FROM chat_conversations WHERE conversation_id = $1
+    INSERT INTO chat_members (conversation_id, user_id, role, joined_at, joined_seq) VALUES ($1, $2, $3, $4, $5)
     ON CONFLICT (conversation_id, user_id) DO NOTHING";
 
 const INSERT_MEMBERSHIP: &str = "
-    INSERT INTO chat_memberships (user_id, conversation_id, joined_seq)
-    SELECT $1, $2, last_seq FROM chat_conversations WHERE conversation_id = $2
+    INSERT INTO chat_memberships (user_id, conversation_id, joined_seq) VALUES ($1, $2, $3)
     ON CONFLICT (user_id, conversation_id) DO NOTHING";
 
-/// Where a member's history starts.
-const JOINED_SEQ: &str = "SELECT joined_seq FROM chat_members WHERE conversation_id = $1 AND user_id = $2";
+/// A member who comes back is no longer one who left.
+const DELETE_DEPARTURE: &str = "DELETE FROM chat_departures WHERE user_id = $1 AND conversation_id = $2";
 
-/// Locks the conversation's row for the rest of the transaction; no row, no conversation.
-const LOCK_CONVERSATION: &str =
-    "UPDATE chat_conversations SET last_seq = last_seq WHERE conversation_id = $1 RETURNING kind";
+/// A member who goes keeps their history up to the message of their going.
+const INSERT_DEPARTURE: &str = "
+    INSERT INTO chat_departures (user_id, conversation_id, joined_seq, left_seq) VALUES ($1, $2, $3, $4)
+    ON CONFLICT (user_id, conversation_id) DO UPDATE SET joined_seq = excluded.joined_seq, left_seq = excluded.left_seq";
+
+/// Which part of the log a user may read: after where they joined, up to where they left (NULL
+/// while they are a member).
+const SPAN: &str = "
+    SELECT joined_seq, NULL::BIGINT FROM chat_members WHERE conversation_id = $1 AND user_id = $2
+    UNION ALL
+    SELECT joined_seq, left_seq FROM chat_departures WHERE user_id = $2 AND conversation_id = $1
+    LIMIT 1";
+
+/// The members as a change sees them, longest-standing first.
+const ROSTER: &str = "
+    SELECT user_id, role, joined_at, joined_seq FROM chat_members WHERE conversation_id = $1
+     ORDER BY joined_seq, joined_at, user_id";
+
+/// A conversation and its settings.
+const DETAILS: &str = "
+    SELECT conversation_id, kind, name, last_seq, description, avatar, info_by_all, disappear_secs, created_at
+      FROM chat_conversations WHERE conversation_id = $1";
+
+const SET_ROLE: &str = "UPDATE chat_members SET role = $3 WHERE conversation_id = $1 AND user_id = $2";
+
+const SET_INFO: &str = "UPDATE chat_conversations SET name = $2, description = $3, avatar = $4, info_by_all = $5 WHERE conversation_id = $1";
 
 const ROLE: &str = "SELECT role FROM chat_members WHERE conversation_id = $1 AND user_id = $2";
 
@@ -83,17 +105,37 @@ const DELETE_MEMBER: &str = "DELETE FROM chat_members WHERE conversation_id = $1
 
 const DELETE_MEMBERSHIP: &str = "DELETE FROM chat_memberships WHERE conversation_id = $1 AND user_id = $2";
 
+/// A page of a user's chat list: pinned first, then by last activity, newest first, after the
+/// cursor ($3, $4, $5) when one is given; with unread counts after the user's read receipt (so
+/// reading on one device reads on all), system messages ($2, their device) left out of them.
 const CONVERSATIONS: &str = "
-    SELECT c.conversation_id, c.kind, c.name, c.last_seq,
+    SELECT c.conversation_id, c.kind, c.name, c.last_seq, c.avatar,
+           CASE WHEN c.last_seq = 0 THEN c.created_at ELSE c.last_at END AS activity,
+           m.muted_until, m.archived, m.pinned,
+           (SELECT COUNT(*) FROM chat_members x WHERE x.conversation_id = c.conversation_id) AS member_count,
            (SELECT COUNT(*) FROM chat_messages msg
-             WHERE msg.conversation_id = c.conversation_id AND msg.sender_user <> $1
-               AND msg.seq > GREATEST(COALESCE(cu.read_seq, 0), m.joined_seq)) AS unread
+             WHERE msg.conversation_id = c.conversation_id AND msg.sender_user <> $1 AND msg.sender_device <> $2
+               AND msg.seq > GREATEST(me.read_seq, m.joined_seq)) AS unread,
+           lm.sender_user AS last_sender, lm.body AS last_body, lm.created_at AS last_created_at
       FROM chat_memberships m
       JOIN chat_conversations c ON c.conversation_id = m.conversation_id
-      LEFT JOIN chat_cursors cu
-        ON cu.user_id = m.user_id AND cu.device_id = $2 AND cu.conversation_id = m.conversation_id
+      JOIN chat_members me ON me.conversation_id = m.conversation_id AND me.user_id = m.user_id
+      LEFT JOIN chat_messages lm
+        ON lm.conversation_id = c.conversation_id AND lm.seq = c.last_seq AND lm.seq > m.joined_seq
      WHERE m.user_id = $1
-     ORDER BY c.last_seq DESC, c.conversation_id";
+       AND ($3::BOOLEAN IS NULL
+            OR (m.pinned, CASE WHEN c.last_seq = 0 THEN c.created_at ELSE c.last_at END, c.conversation_id)
+               < ($3::BOOLEAN, $4::BIGINT, $5::TEXT))
+     ORDER BY m.pinned DESC, activity DESC, c.conversation_id DESC
+     LIMIT $6";
+
+/// A user's flags on a conversation, locked until the change commits.
+const FLAGS: &str =
+    "SELECT muted_until, archived, pinned FROM chat_memberships WHERE user_id = $1 AND conversation_id = $2 FOR UPDATE";
+
+const SET_FLAGS: &str = "
+    UPDATE chat_memberships SET muted_until = $3, archived = $4, pinned = $5
+     WHERE user_id = $1 AND conversation_id = $2";
 
 /// Takes the conversation's next seq (only a member gets one: no row otherwise) and its time: the node's clock, or the conversation's last time if that is later (times never
 /// go backwards in seq order).
@@ -132,6 +174,10 @@ const TOMBSTONE_EDITS: &str =
 const INSERT_REVOCATION: &str = "
     INSERT INTO chat_media_revocations (conversation_id, seq, media_id, created_at) VALUES ($1, $2, $3, $4)
     ON CONFLICT (conversation_id, seq) DO NOTHING";
+
+/// A body rewritten by the server (a media message's `media_info`), only if it is still the one
+/// read before.
+const REPLACE_BODY: &str = "UPDATE chat_messages SET body = $4 WHERE conversation_id = $1 AND seq = $2 AND body = $3";
 
 const BODY_OF: &str = "SELECT body FROM chat_messages WHERE conversation_id = $1 AND seq = $2";
 
@@ -183,6 +229,18 @@ const MOVE_CURSOR: &str = "
       read_seq = GREATEST(excluded.read_seq, chat_cursors.read_seq)
     RETURNING delivered_seq, read_seq";
 
+/// Moves the cursors of a device of a user who left, up to the message of their going (it shares
+/// no receipt: they are not a member).
+const MOVE_DEPARTED_CURSOR: &str = "
+    INSERT INTO chat_cursors (user_id, device_id, conversation_id, delivered_seq, read_seq)
+    SELECT $1, $2, $3, LEAST(GREATEST($4, 0), d.left_seq), LEAST(GREATEST($5, 0), d.left_seq)
+      FROM chat_departures d
+     WHERE d.user_id = $1 AND d.conversation_id = $3
+    ON CONFLICT (user_id, device_id, conversation_id) DO UPDATE SET
+      delivered_seq = GREATEST(excluded.delivered_seq, chat_cursors.delivered_seq),
+      read_seq = GREATEST(excluded.read_seq, chat_cursors.read_seq)
+    RETURNING delivered_seq, read_seq";
+
 /// Raises the user's receipt to a device's cursors; a row comes back only when it moved, saying
 /// whether the user has answered there (else the receipt is not shared).
 const MOVE_RECEIPT: &str = "
@@ -208,7 +266,7 @@ const MARK_ANSWERED: &str =
 
 const MESSAGES_AFTER: &str = "
     SELECT conversation_id, seq, sender_user, sender_device, client_id, body, created_at, expires_at FROM chat_messages
-     WHERE conversation_id = $1 AND seq > $2 ORDER BY seq LIMIT $3";
+     WHERE conversation_id = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $4";
 
 /// The newest messages before a seq (and after where the member joined), newest first.
 const MESSAGES_BEFORE: &str = "
@@ -226,23 +284,38 @@ const DELETE_DEVICE_TOKENS: &str = "DELETE FROM chat_refresh_tokens WHERE user_i
 /// A device that goes takes its link requests with it: nobody can approve them any more.
 const DELETE_DEVICE_LINKS: &str = "DELETE FROM chat_link_requests WHERE user_id = $1 AND requested_by = $2";
 
-/// Where a device stands in each of a user's conversations.
-const SYNC_STATE: &str = "
-    SELECT c.conversation_id, c.last_seq, c.purged_upto, GREATEST(COALESCE(cu.delivered_seq, 0), m.joined_seq) AS delivered
-      FROM chat_memberships m
-      JOIN chat_conversations c ON c.conversation_id = m.conversation_id
-      LEFT JOIN chat_cursors cu
-        ON cu.user_id = m.user_id AND cu.device_id = $2 AND cu.conversation_id = m.conversation_id
-     WHERE m.user_id = $1";
+/// Where a device ($2) of a user ($1) stands in their conversations, and in those they left:
+/// the log ends at their going for them. Each part is narrowed by what follows it.
+macro_rules! sync_rows {
+    ($members:literal, $departed:literal) => {
+        concat!(
+            "SELECT c.conversation_id, c.last_seq, c.purged_upto,
+                    GREATEST(COALESCE(cu.delivered_seq, 0), m.joined_seq) AS delivered
+               FROM chat_memberships m
+               JOIN chat_conversations c ON c.conversation_id = m.conversation_id
+               LEFT JOIN chat_cursors cu
+                 ON cu.user_id = m.user_id AND cu.device_id = $2 AND cu.conversation_id = m.conversation_id
+              WHERE m.user_id = $1",
+            $members,
+            " UNION ALL
+             SELECT c.conversation_id, d.left_seq, c.purged_upto, GREATEST(COALESCE(cu.delivered_seq, 0), d.joined_seq)
+               FROM chat_departures d
+               JOIN chat_conversations c ON c.conversation_id = d.conversation_id
+               LEFT JOIN chat_cursors cu
+                 ON cu.user_id = d.user_id AND cu.device_id = $2 AND cu.conversation_id = d.conversation_id
+              WHERE d.user_id = $1",
+            $departed
+        )
+    };
+}
 
-/// The same, in one conversation.
-const SYNC_ONE: &str = "
-    SELECT c.conversation_id, c.last_seq, c.purged_upto, GREATEST(COALESCE(cu.delivered_seq, 0), m.joined_seq) AS delivered
-      FROM chat_memberships m
-      JOIN chat_conversations c ON c.conversation_id = m.conversation_id
-      LEFT JOIN chat_cursors cu
-        ON cu.user_id = m.user_id AND cu.device_id = $2 AND cu.conversation_id = m.conversation_id
-     WHERE m.user_id = $1 AND m.conversation_id = $3";
+/// Where a device stands in each of a user's conversations, and in those they left whose last
+/// message (their going) it has not got yet (unless retention took it).
+const SYNC_STATE: &str =
+    sync_rows!("", " AND COALESCE(cu.delivered_seq, 0) < d.left_seq AND d.left_seq > c.purged_upto");
+
+/// The same, in one conversation (one left included, whatever the device got).
+const SYNC_ONE: &str = sync_rows!(" AND m.conversation_id = $3", " AND d.conversation_id = $3");
 
 const RECEIPTS: &str = "
     SELECT o.conversation_id, o.user_id, o.delivered_seq, o.read_seq
@@ -286,6 +359,27 @@ const INSERT_CONTACTS: &str = "
 const COUNT_CONTACTS: &str = "SELECT COUNT(*) FROM chat_contacts WHERE user_id = $1";
 
 const DELETE_CONTACT: &str = "DELETE FROM chat_contacts WHERE user_id = $1 AND contact_id = $2";
+
+/// A user's profile, with whether they have the viewer ($2) as a contact and whether the two
+/// share a group, or a direct conversation in which the owner has written.
+const PROFILE_SEEN: &str = "
+    SELECT u.user_id, u.profile_name, u.about, u.avatar, u.profile_visibility, u.profile_at,
+           EXISTS (SELECT 1 FROM chat_contacts k WHERE k.user_id = u.user_id AND k.contact_id = $2) AS contact,
+           EXISTS (SELECT 1 FROM chat_memberships v
+                     JOIN chat_members o ON o.conversation_id = v.conversation_id AND o.user_id = u.user_id
+                     JOIN chat_conversations c ON c.conversation_id = v.conversation_id
+                    WHERE v.user_id = $2 AND (c.kind = 'group' OR o.answered)) AS shared
+      FROM chat_users u WHERE u.user_id = $1";
+
+const SET_PROFILE: &str = "
+    UPDATE chat_users SET profile_name = $2, about = $3, avatar = $4, profile_visibility = $5, profile_at = $6
+     WHERE user_id = $1";
+
+/// Everyone in a user's conversations.
+const PROFILE_WATCHERS: &str = "
+    SELECT DISTINCT o.user_id FROM chat_memberships m
+      JOIN chat_members o ON o.conversation_id = m.conversation_id
+     WHERE m.user_id = $1 LIMIT $2";
 
 const PRIVACY: &str = "SELECT share_last_seen FROM chat_users WHERE user_id = $1";
 
@@ -519,27 +613,39 @@ impl Postgres {
                             .execute(&mut *tx)
                             .await?;
                     }
-                    // A sender's first message marks them as having answered; once a batch.
+                    // A sender's first message marks them as having answered; once a batch. A
+                    // system message is not theirs to answer with.
+                    let change = matches!(effect, Effect::Change(_));
                     if let Ok(Appended::New(_)) = appended
+                        && !change
                         && answered.insert((*conversation, sender.clone()))
                     {
                         sqlx::query(MARK_ANSWERED).bind(conversation).bind(sender).execute(&mut *tx).await?;
                     }
+                    if change {
+                        members.remove(conversation);
+                    }
                     match appended {
                         // The members it goes to, read under the conversation's lock that took its
                         // seq (no membership change can come between them).
-                        Ok(appended) => match members.get(conversation) {
-                            Some(to) => Ok(Written::Appended(appended, to.clone())),
-                            None => {
-                                let to: Members = sqlx::query_scalar::<_, UserId>(MEMBER_IDS)
-                                    .bind(conversation)
-                                    .fetch_all(&mut *tx)
-                                    .await?
-                                    .into();
-                                members.insert(*conversation, to.clone());
-                                Ok(Written::Appended(appended, to))
+                        Ok(appended) => {
+                            let mut to = match members.get(conversation) {
+                                Some(to) => to.clone(),
+                                None => {
+                                    let to: Members = sqlx::query_scalar::<_, UserId>(MEMBER_IDS)
+                                        .bind(conversation)
+                                        .fetch_all(&mut *tx)
+                                        .await?
+                                        .into();
+                                    members.insert(*conversation, to.clone());
+                                    to
+                                }
+                            };
+                            if let (Appended::New(_), Some(departing)) = (&appended, batch[i].departing()) {
+                                to = to.iter().chain(std::iter::once(departing)).cloned().collect();
                             }
-                        },
+                            Ok(Written::Appended(appended, to))
+                        }
                         Err(e) => Err(e),
                     }
                 }
@@ -600,7 +706,7 @@ impl Postgres {
             .bind(now)
             .execute(&mut *tx)
             .await?;
-        insert_members(&mut tx, &id, &[(a.clone(), Role::Member), (b.clone(), Role::Member)], now).await?;
+        insert_members(&mut tx, &id, &[(a.clone(), Role::Member), (b.clone(), Role::Member)], now, 0).await?;
         tx.commit().await?;
         Ok(Conversation { id, kind, name: None, last_seq: 0 })
     }
@@ -615,54 +721,21 @@ impl Postgres {
         let kind = ConversationKind::Group;
         let mut tx = self.db.begin().await?;
         sqlx::query(INSERT_CONVERSATION).bind(id).bind(kind.as_str()).bind(name).bind(now).execute(&mut *tx).await?;
-        insert_members(&mut tx, &id, roster, now).await?;
+        insert_members(&mut tx, &id, roster, now, 0).await?;
         tx.commit().await?;
         Ok(Conversation { id, kind, name: Some(name.to_owned()), last_seq: 0 })
     }
 
-    pub(super) async fn add_members(
+    pub(super) async fn details(
         &self,
         conversation: &ConversationId,
-        actor: &UserId,
-        users: &[UserId],
-        now: i64,
-    ) -> Result<(), StoreError> {
-        let mut tx = self.db.begin().await?;
-        let kind = lock_conversation(&mut tx, conversation).await?;
-        match (role(&mut tx, conversation, actor).await?, kind) {
-            (None, _) => return Err(StoreError::NotMember),
-            (Some(_), ConversationKind::Direct) => return Err(StoreError::DirectConversation),
-            (Some(Role::Member), _) => return Err(StoreError::NotAdmin),
-            (Some(Role::Admin), ConversationKind::Group) => {}
-        }
-        let present: Vec<UserId> = sqlx::query_scalar(MEMBER_IDS).bind(conversation).fetch_all(&mut *tx).await?;
-        let new = newcomers(users, &present);
-        if present.len() + new.len() > MAX_GROUP_MEMBERS {
-            return Err(StoreError::TooManyMembers);
-        }
-        insert_members(&mut tx, conversation, &new, now).await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
-    pub(super) async fn remove_member(
-        &self,
-        conversation: &ConversationId,
-        actor: &UserId,
         user: &UserId,
-    ) -> Result<(), StoreError> {
-        let mut tx = self.db.begin().await?;
-        let kind = lock_conversation(&mut tx, conversation).await?;
-        match (role(&mut tx, conversation, actor).await?, kind) {
-            (None, _) => return Err(StoreError::NotMember),
-            (Some(_), ConversationKind::Direct) => return Err(StoreError::DirectConversation),
-            (Some(Role::Member), _) if actor != user => return Err(StoreError::NotAdmin),
-            _ => {}
+    ) -> Result<Option<ConversationDetails>, StoreError> {
+        let mut conn = self.db.acquire().await?;
+        if role(&mut conn, conversation, user).await?.is_none() {
+            return Ok(None);
         }
-        sqlx::query(DELETE_MEMBER).bind(conversation).bind(user).execute(&mut *tx).await?;
-        sqlx::query(DELETE_MEMBERSHIP).bind(conversation).bind(user).execute(&mut *tx).await?;
-        tx.commit().await?;
-        Ok(())
+        Ok(details(&mut conn, conversation).await?.map(|(details, _)| details))
     }
 
     pub(super) async fn members(
@@ -679,9 +752,41 @@ impl Postgres {
     pub(super) async fn conversations(
         &self,
         user: &UserId,
-        device: &DeviceId,
+        from: Option<&ListFrom>,
+        limit: i64,
     ) -> Result<Vec<ConversationSummary>, StoreError> {
-        Ok(sqlx::query_as(CONVERSATIONS).bind(user).bind(device).fetch_all(&self.db).await?)
+        Ok(sqlx::query_as(CONVERSATIONS)
+            .bind(user)
+            .bind(DeviceId::SYSTEM)
+            .bind(from.map(|f| f.pinned))
+            .bind(from.map(|f| f.activity))
+            .bind(from.map(|f| f.conversation))
+            .bind(limit)
+            .fetch_all(&self.db)
+            .await?)
+    }
+
+    pub(super) async fn set_flags(
+        &self,
+        user: &UserId,
+        conversation: &ConversationId,
+        edit: FlagsEdit,
+    ) -> Result<Option<Flags>, StoreError> {
+        let mut tx = self.db.begin().await?;
+        let current: Option<Flags> =
+            sqlx::query_as(FLAGS).bind(user).bind(conversation).fetch_optional(&mut *tx).await?;
+        let Some(current) = current else { return Ok(None) };
+        let next = current.edited(edit);
+        sqlx::query(SET_FLAGS)
+            .bind(user)
+            .bind(conversation)
+            .bind(next.muted_until)
+            .bind(next.archived)
+            .bind(next.pinned)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Some(next))
     }
 
     pub(super) async fn messages_after(
@@ -692,8 +797,14 @@ impl Postgres {
         limit: i64,
     ) -> Result<Vec<Message>, StoreError> {
         let mut conn = self.db.acquire().await?;
-        let after = after.max(joined_seq(&mut conn, conversation, user).await?);
-        Ok(sqlx::query_as(MESSAGES_AFTER).bind(conversation).bind(after).bind(limit).fetch_all(&mut *conn).await?)
+        let (joined, left) = span(&mut conn, conversation, user).await?;
+        Ok(sqlx::query_as(MESSAGES_AFTER)
+            .bind(conversation)
+            .bind(after.max(joined))
+            .bind(left.unwrap_or(i64::MAX))
+            .bind(limit)
+            .fetch_all(&mut *conn)
+            .await?)
     }
 
     pub(super) async fn messages_before(
@@ -704,7 +815,8 @@ impl Postgres {
         limit: i64,
     ) -> Result<Vec<Message>, StoreError> {
         let mut conn = self.db.acquire().await?;
-        let joined = joined_seq(&mut conn, conversation, user).await?;
+        let (joined, left) = span(&mut conn, conversation, user).await?;
+        let before = left.map_or(before, |left| before.min(left + 1));
         let mut page: Vec<Message> = sqlx::query_as(MESSAGES_BEFORE)
             .bind(conversation)
             .bind(before)
@@ -827,6 +939,35 @@ impl Postgres {
     pub(super) async fn privacy(&self, user: &UserId) -> Result<Privacy, StoreError> {
         let share: Option<bool> = sqlx::query_scalar(PRIVACY).bind(user).fetch_optional(&self.db).await?;
         Ok(share.map(|share_last_seen| Privacy { share_last_seen }).unwrap_or_default())
+    }
+
+    pub(super) async fn profile_seen(&self, user: &UserId, viewer: &UserId) -> Result<Option<ProfileSeen>, StoreError> {
+        Ok(sqlx::query_as(PROFILE_SEEN).bind(user).bind(viewer).fetch_optional(&self.db).await?)
+    }
+
+    pub(super) async fn set_profile(&self, user: &UserId, edit: &ProfileEdit, now: i64) -> Result<(), StoreError> {
+        let mut tx = self.db.begin().await?;
+        sqlx::query(ENSURE_USER).bind(user).bind(now).execute(&mut *tx).await?;
+        sqlx::query(LOCK_USER).bind(user).execute(&mut *tx).await?;
+        let current: Option<ProfileSeen> =
+            sqlx::query_as(PROFILE_SEEN).bind(user).bind(user).fetch_optional(&mut *tx).await?;
+        let current = current.ok_or_else(|| StoreError::Corrupt("a user just ensured is missing".into()))?;
+        let next = current.profile.edited(edit);
+        sqlx::query(SET_PROFILE)
+            .bind(user)
+            .bind(&next.name)
+            .bind(&next.about)
+            .bind(&next.avatar)
+            .bind(next.visibility.as_str())
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub(super) async fn profile_watchers(&self, user: &UserId) -> Result<Vec<UserId>, StoreError> {
+        Ok(sqlx::query_scalar(PROFILE_WATCHERS).bind(user).bind(MAX_PROFILE_WATCHERS).fetch_all(&self.db).await?)
     }
 
     pub(super) async fn set_privacy(&self, user: &UserId, privacy: Privacy, now: i64) -> Result<(), StoreError> {
@@ -1031,6 +1172,18 @@ impl Postgres {
             tx.commit().await?;
         }
         Ok(())
+    }
+
+    pub(super) async fn replace_body(
+        &self,
+        conversation: &ConversationId,
+        seq: i64,
+        before: &str,
+        after: &str,
+    ) -> Result<bool, StoreError> {
+        let replaced =
+            sqlx::query(REPLACE_BODY).bind(conversation).bind(seq).bind(before).bind(after).execute(&self.db).await?;
+        Ok(replaced.rows_affected() > 0)
     }
 
     pub(super) async fn body_of(&self, conversation: &ConversationId, seq: i64) -> Result<Option<String>, StoreError> {
@@ -1242,21 +1395,59 @@ async fn insert_refresh(conn: &mut PgConnection, token: &NewRefresh<'_>) -> Resu
     Ok(())
 }
 
-/// Locks a conversation's row for the transaction and says what kind it is; `NotMember` if none.
-async fn lock_conversation(
-    tx: &mut Transaction<'_, Pg>,
+/// Which part of `conversation` `user` may read: after where they joined, up to where they left
+/// (`None` while a member); [`StoreError::NotMember`] if they were never in it.
+async fn span(
+    conn: &mut PgConnection,
     conversation: &ConversationId,
-) -> Result<ConversationKind, StoreError> {
-    let kind: Option<String> =
-        sqlx::query_scalar(LOCK_CONVERSATION).bind(conversation).fetch_optional(&mut **tx).await?;
-    let kind = kind.ok_or(StoreError::NotMember)?;
-    ConversationKind::try_from(kind).map_err(StoreError::Corrupt)
+    user: &UserId,
+) -> Result<(i64, Option<i64>), StoreError> {
+    let span: Option<(i64, Option<i64>)> =
+        sqlx::query_as(SPAN).bind(conversation).bind(user).fetch_optional(conn).await?;
+    span.ok_or(StoreError::NotMember)
 }
 
-/// Where `user`'s membership of `conversation` starts; [`StoreError::NotMember`] if they have none.
-async fn joined_seq(conn: &mut PgConnection, conversation: &ConversationId, user: &UserId) -> Result<i64, StoreError> {
-    let joined: Option<i64> = sqlx::query_scalar(JOINED_SEQ).bind(conversation).bind(user).fetch_optional(conn).await?;
-    joined.ok_or(StoreError::NotMember)
+/// A conversation row with its settings.
+#[derive(sqlx::FromRow)]
+struct DetailsRow {
+    #[sqlx(flatten)]
+    conversation: Conversation,
+    description: Option<String>,
+    avatar: Option<String>,
+    info_by_all: bool,
+    disappear_secs: i64,
+    created_at: i64,
+}
+
+/// A conversation, its settings and members, with its kind; `None` if there is none.
+async fn details(
+    conn: &mut PgConnection,
+    conversation: &ConversationId,
+) -> Result<Option<(ConversationDetails, ConversationKind)>, StoreError> {
+    let row: Option<DetailsRow> = sqlx::query_as(DETAILS).bind(conversation).fetch_optional(&mut *conn).await?;
+    let Some(row) = row else { return Ok(None) };
+    let rows: Vec<(UserId, String, i64, i64)> = sqlx::query_as(ROSTER).bind(conversation).fetch_all(&mut *conn).await?;
+    let members = rows
+        .into_iter()
+        .map(|(user, role, joined_at, joined_seq)| {
+            Ok(Member { user, role: Role::try_from(role).map_err(StoreError::Corrupt)?, joined_at, joined_seq })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    let kind = row.conversation.kind;
+    let info = GroupInfo {
+        name: row.conversation.name.clone(),
+        description: row.description,
+        avatar: row.avatar,
+        info_by_all: row.info_by_all,
+    };
+    let details = ConversationDetails {
+        conversation: row.conversation,
+        info,
+        disappear_secs: row.disappear_secs,
+        created_at: row.created_at,
+        members,
+    };
+    Ok(Some((details, kind)))
 }
 
 async fn role(
@@ -1268,12 +1459,14 @@ async fn role(
     role.map(|r| Role::try_from(r).map_err(StoreError::Corrupt)).transpose()
 }
 
-/// Adds members (creating users on first sight); ignores users already in.
+/// Adds members who read after `joined_seq` (creating users on first sight); ignores users
+/// already in.
 async fn insert_members(
     tx: &mut Transaction<'_, Pg>,
     conversation: &ConversationId,
     users: &[(UserId, Role)],
     now: i64,
+    joined_seq: i64,
 ) -> Result<(), StoreError> {
     for (user, role) in users {
         sqlx::query(ENSURE_USER).bind(user).bind(now).execute(&mut **tx).await?;
@@ -1282,9 +1475,11 @@ async fn insert_members(
             .bind(user)
             .bind(role.as_str())
             .bind(now)
+            .bind(joined_seq)
             .execute(&mut **tx)
             .await?;
-        sqlx::query(INSERT_MEMBERSHIP).bind(user).bind(conversation).execute(&mut **tx).await?;
+        sqlx::query(INSERT_MEMBERSHIP).bind(user).bind(conversation).bind(joined_seq).execute(&mut **tx).await?;
+        sqlx::query(DELETE_DEPARTURE).bind(user).bind(conversation).execute(&mut **tx).await?;
     }
     Ok(())
 }
@@ -1321,8 +1516,10 @@ async fn append(tx: &mut Transaction<'_, Pg>, write: &NewMessage<'_>) -> Result<
             .await?;
         return retried(first, body);
     }
-    let expires_at = match apply_effect(tx, conversation, sender, seq, now_ms, effect).await {
-        Ok(inherited) => inherited.or(expires_at),
+    let (expires_at, body) = match apply_effect(tx, conversation, sender, seq, now_ms, effect).await {
+        Ok(Outcome { expires_at: inherited, body: written }) => {
+            (inherited.or(expires_at), written.unwrap_or_else(|| body.to_owned()))
+        }
         Err(e) => {
             // Refused: the message goes, and its seq with it (the transaction still holds the row).
             if !matches!(e, StoreError::Database(_) | StoreError::Corrupt(_)) {
@@ -1338,14 +1535,13 @@ async fn append(tx: &mut Transaction<'_, Pg>, write: &NewMessage<'_>) -> Result<
         sender: sender.clone(),
         device: *device,
         client_id: client_id.to_owned(),
-        body: body.to_owned(),
+        body,
         created_at: now_ms,
         expires_at,
     }))
 }
 
-/// Does what the message at `seq` does besides being stored (see [`Effect`]); returns when an edit
-/// disappears (with the message it edits).
+/// Does what the message at `seq` does besides being stored (see [`Effect`]).
 async fn apply_effect(
     tx: &mut Transaction<'_, Pg>,
     conversation: &ConversationId,
@@ -1353,9 +1549,46 @@ async fn apply_effect(
     seq: i64,
     now_ms: i64,
     effect: &Effect,
-) -> Result<Option<i64>, StoreError> {
+) -> Result<Outcome, StoreError> {
     match effect {
-        Effect::Ordinary => Ok(None),
+        Effect::Ordinary => Ok(Outcome::default()),
+        Effect::Change(change) => {
+            // The append that took this seq holds the conversation's row: nothing changes meanwhile.
+            let Some((details, kind)) = details(tx, conversation).await? else {
+                return Err(StoreError::NotMember);
+            };
+            let plan = plan_change(change, actor, kind, &details.members, &details.info)?;
+            let newcomers: Vec<(UserId, Role)> = plan.add.iter().map(|u| (u.clone(), Role::Member)).collect();
+            // They read from this message on.
+            insert_members(tx, conversation, &newcomers, now_ms, seq - 1).await?;
+            if let Some(user) = &plan.remove {
+                let joined = details.members.iter().find(|m| &m.user == user).map_or(0, |m| m.joined_seq);
+                sqlx::query(DELETE_MEMBER).bind(conversation).bind(user).execute(&mut **tx).await?;
+                sqlx::query(DELETE_MEMBERSHIP).bind(conversation).bind(user).execute(&mut **tx).await?;
+                sqlx::query(INSERT_DEPARTURE)
+                    .bind(user)
+                    .bind(conversation)
+                    .bind(joined)
+                    .bind(seq)
+                    .execute(&mut **tx)
+                    .await?;
+            }
+            for (user, role) in &plan.roles {
+                sqlx::query(SET_ROLE).bind(conversation).bind(user).bind(role.as_str()).execute(&mut **tx).await?;
+            }
+            if let Some(info) = &plan.info {
+                sqlx::query(SET_INFO)
+                    .bind(conversation)
+                    .bind(&info.name)
+                    .bind(&info.description)
+                    .bind(&info.avatar)
+                    .bind(info.info_by_all)
+                    .execute(&mut **tx)
+                    .await?;
+            }
+            sqlx::query(EDIT_BODY).bind(conversation).bind(seq).bind(&plan.body).execute(&mut **tx).await?;
+            Ok(Outcome { expires_at: None, body: Some(plan.body) })
+        }
         Effect::Timer { secs } => {
             let found: Option<(String, String)> =
                 sqlx::query_as(KIND_AND_ROLE).bind(conversation).bind(actor).fetch_optional(&mut **tx).await?;
@@ -1369,7 +1602,7 @@ async fn apply_effect(
             };
             may_set_timer(found)?;
             sqlx::query(SET_TIMER).bind(conversation).bind(secs).execute(&mut **tx).await?;
-            Ok(None)
+            Ok(Outcome::default())
         }
         Effect::React { to } | Effect::Edit { to, .. } | Effect::Delete { to } => {
             let target = if *to < seq {
@@ -1411,7 +1644,7 @@ async fn apply_effect(
                 }
                 (_, None) => {}
             }
-            Ok(applied.expires_at)
+            Ok(Outcome { expires_at: applied.expires_at, body: None })
         }
     }
 }
@@ -1433,7 +1666,21 @@ async fn move_cursor(
         .bind(if read { seq } else { 0 })
         .fetch_optional(&mut **tx)
         .await?;
-    let Some(device) = moved else { return Err(StoreError::NotMember) };
+    let Some(device) = moved else {
+        // One who left acks up to the message of their going.
+        let cursor: Option<Cursor> = sqlx::query_as(MOVE_DEPARTED_CURSOR)
+            .bind(user)
+            .bind(device)
+            .bind(conversation)
+            .bind(seq)
+            .bind(if read { seq } else { 0 })
+            .fetch_optional(&mut **tx)
+            .await?;
+        return match cursor {
+            Some(device) => Ok(Acked { device, receipt: None, before: Cursor::default() }),
+            None => Err(StoreError::NotMember),
+        };
+    };
     let before: Option<Cursor> =
         sqlx::query_as(RECEIPT).bind(conversation).bind(user).fetch_optional(&mut **tx).await?;
     let before = before.unwrap_or_default();

@@ -22,11 +22,12 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use types::{ConversationId, DeviceId, UserId};
 
 use super::{
-    Acked, Appended, Bucket, Contact, ContactEntry, Conversation, ConversationKind, ConversationSummary, Cursor,
-    DeviceInfo, EXPIRED_BODY, Effect, LinkAnswer, LinkState, Linked, MAX_CONTACTS, MAX_DEVICES, MAX_GROUP_MEMBERS,
-    MemberReceipt, Members, Message, NewLinkRequest, NewMessage, NewRefresh, PendingCode, Privacy, PushIntent,
-    PushTarget, Receipt, Role, Rotation, Spend, StoreError, SyncState, Target, Write, Written, check_message,
-    effect_on, expires_at, link_state, may_set_timer, newcomers, pair_key, retried,
+    Acked, Appended, Bucket, Contact, ContactEntry, Conversation, ConversationDetails, ConversationKind,
+    ConversationSummary, Cursor, DeviceInfo, EXPIRED_BODY, Effect, Flags, FlagsEdit, GroupInfo, LastMessage,
+    LinkAnswer, LinkState, Linked, ListFrom, MAX_CONTACTS, MAX_DEVICES, MAX_PROFILE_WATCHERS, Member, MemberReceipt,
+    Members, Message, NewLinkRequest, NewMessage, NewRefresh, Outcome, PendingCode, Privacy, Profile, ProfileEdit,
+    ProfileSeen, PushIntent, PushTarget, Receipt, Role, Rotation, Spend, StoreError, SyncState, Target, Visibility,
+    Write, Written, check_message, effect_on, expires_at, link_state, may_set_timer, pair_key, plan_change, retried,
 };
 
 /// Users come into being the first time they are named.
@@ -65,21 +66,44 @@ const CONVERSATION: &str =
 const INSERT_CONVERSATION: &str = "
     INSERT INTO chat_conversations (conversation_id, kind, name, last_seq, created_at) VALUES (?1, ?2, ?3, 0, ?4)";
 
-/// A member joins after the conversation's last message: history starts after it.
+/// A member's history starts after `joined_seq` (the seq before the message that added them).
 const INSERT_MEMBER: &str = "
-    INSERT INTO chat_members (conversation_id, user_id, role, joined_at, joined_seq)
-    SELECT ?1, ?2, ?3, ?4, last_seq FROM chat_conversations WHERE conversation_id = ?1
+    INSERT INTO chat_members (conversation_id, user_id, role, joined_at, joined_seq) VALUES (?1, ?2, ?3, ?4, ?5)
     ON CONFLICT (conversation_id, user_id) DO NOTHING";
 
 const INSERT_MEMBERSHIP: &str = "
-    INSERT INTO chat_memberships (user_id, conversation_id, joined_seq)
-    SELECT ?1, ?2, last_seq FROM chat_conversations WHERE conversation_id = ?2
+    INSERT INTO chat_memberships (user_id, conversation_id, joined_seq) VALUES (?1, ?2, ?3)
     ON CONFLICT (user_id, conversation_id) DO NOTHING";
 
-/// Where a member's history starts.
-const JOINED_SEQ: &str = "SELECT joined_seq FROM chat_members WHERE conversation_id = ?1 AND user_id = ?2";
+/// A member who comes back is no longer one who left.
+const DELETE_DEPARTURE: &str = "DELETE FROM chat_departures WHERE user_id = ?1 AND conversation_id = ?2";
 
-const KIND: &str = "SELECT kind FROM chat_conversations WHERE conversation_id = ?1";
+/// A member who goes keeps their history up to the message of their going.
+const INSERT_DEPARTURE: &str = "
+    INSERT INTO chat_departures (user_id, conversation_id, joined_seq, left_seq) VALUES (?1, ?2, ?3, ?4)
+    ON CONFLICT (user_id, conversation_id) DO UPDATE SET joined_seq = excluded.joined_seq, left_seq = excluded.left_seq";
+
+/// Which part of the log a user may read: after where they joined, up to where they left (NULL
+/// while they are a member).
+const SPAN: &str = "
+    SELECT joined_seq, NULL FROM chat_members WHERE conversation_id = ?1 AND user_id = ?2
+    UNION ALL
+    SELECT joined_seq, left_seq FROM chat_departures WHERE user_id = ?2 AND conversation_id = ?1
+    LIMIT 1";
+
+/// The members as a change sees them, longest-standing first.
+const ROSTER: &str = "
+    SELECT user_id, role, joined_at, joined_seq FROM chat_members WHERE conversation_id = ?1
+     ORDER BY joined_seq, joined_at, user_id";
+
+/// A conversation and its settings.
+const DETAILS: &str = "
+    SELECT conversation_id, kind, name, last_seq, description, avatar, info_by_all, disappear_secs, created_at
+      FROM chat_conversations WHERE conversation_id = ?1";
+
+const SET_ROLE: &str = "UPDATE chat_members SET role = ?3 WHERE conversation_id = ?1 AND user_id = ?2";
+
+const SET_INFO: &str = "UPDATE chat_conversations SET name = ?2, description = ?3, avatar = ?4, info_by_all = ?5 WHERE conversation_id = ?1";
 
 const ROLE: &str = "SELECT role FROM chat_members WHERE conversation_id = ?1 AND user_id = ?2";
 
@@ -91,17 +115,34 @@ const DELETE_MEMBER: &str = "DELETE FROM chat_members WHERE conversation_id = ?1
 
 const DELETE_MEMBERSHIP: &str = "DELETE FROM chat_memberships WHERE conversation_id = ?1 AND user_id = ?2";
 
+/// A page of a user's chat list: pinned first, then by last activity, newest first, after the
+/// cursor (?3, ?4, ?5) when one is given; with unread counts after the user's read receipt (so
+/// reading on one device reads on all), system messages (?2, their device) left out of them.
 const CONVERSATIONS: &str = "
-    SELECT c.conversation_id, c.kind, c.name, c.last_seq,
+    SELECT c.conversation_id, c.kind, c.name, c.last_seq, c.avatar,
+           CASE WHEN c.last_seq = 0 THEN c.created_at ELSE c.last_at END AS activity,
+           m.muted_until, m.archived, m.pinned,
+           (SELECT COUNT(*) FROM chat_members x WHERE x.conversation_id = c.conversation_id) AS member_count,
            (SELECT COUNT(*) FROM chat_messages msg
-             WHERE msg.conversation_id = c.conversation_id AND msg.sender_user <> ?1
-               AND msg.seq > MAX(COALESCE(cu.read_seq, 0), m.joined_seq)) AS unread
+             WHERE msg.conversation_id = c.conversation_id AND msg.sender_user <> ?1 AND msg.sender_device <> ?2
+               AND msg.seq > MAX(me.read_seq, m.joined_seq)) AS unread,
+           lm.sender_user AS last_sender, lm.body AS last_body, lm.created_at AS last_created_at
       FROM chat_memberships m
       JOIN chat_conversations c ON c.conversation_id = m.conversation_id
-      LEFT JOIN chat_cursors cu
-        ON cu.user_id = m.user_id AND cu.device_id = ?2 AND cu.conversation_id = m.conversation_id
+      JOIN chat_members me ON me.conversation_id = m.conversation_id AND me.user_id = m.user_id
+      LEFT JOIN chat_messages lm
+        ON lm.conversation_id = c.conversation_id AND lm.seq = c.last_seq AND lm.seq > m.joined_seq
      WHERE m.user_id = ?1
-     ORDER BY c.last_seq DESC, c.conversation_id";
+       AND (?3 IS NULL OR (m.pinned, CASE WHEN c.last_seq = 0 THEN c.created_at ELSE c.last_at END, c.conversation_id) < (?3, ?4, ?5))
+     ORDER BY m.pinned DESC, activity DESC, c.conversation_id DESC
+     LIMIT ?6";
+
+const FLAGS: &str =
+    "SELECT muted_until, archived, pinned FROM chat_memberships WHERE user_id = ?1 AND conversation_id = ?2";
+
+const SET_FLAGS: &str = "
+    UPDATE chat_memberships SET muted_until = ?3, archived = ?4, pinned = ?5
+     WHERE user_id = ?1 AND conversation_id = ?2";
 
 /// Takes the conversation's next seq (only a member gets one: no row otherwise) and its time: the node's clock, or the conversation's last time if that is later (times never
 /// go backwards in seq order).
@@ -138,6 +179,10 @@ const TOMBSTONE_EDITS: &str =
 const INSERT_REVOCATION: &str = "
     INSERT INTO chat_media_revocations (conversation_id, seq, media_id, created_at) VALUES (?1, ?2, ?3, ?4)
     ON CONFLICT (conversation_id, seq) DO NOTHING";
+
+/// A body rewritten by the server (a media message's `media_info`), only if it is still the one
+/// read before.
+const REPLACE_BODY: &str = "UPDATE chat_messages SET body = ?4 WHERE conversation_id = ?1 AND seq = ?2 AND body = ?3";
 
 const BODY_OF: &str = "SELECT body FROM chat_messages WHERE conversation_id = ?1 AND seq = ?2";
 
@@ -189,6 +234,18 @@ const MOVE_CURSOR: &str = "
       read_seq = MAX(excluded.read_seq, chat_cursors.read_seq)
     RETURNING delivered_seq, read_seq";
 
+/// Moves the cursors of a device of a user who left, up to the message of their going (it shares
+/// no receipt: they are not a member).
+const MOVE_DEPARTED_CURSOR: &str = "
+    INSERT INTO chat_cursors (user_id, device_id, conversation_id, delivered_seq, read_seq)
+    SELECT ?1, ?2, ?3, MIN(MAX(?4, 0), d.left_seq), MIN(MAX(?5, 0), d.left_seq)
+      FROM chat_departures d
+     WHERE d.user_id = ?1 AND d.conversation_id = ?3
+    ON CONFLICT (user_id, device_id, conversation_id) DO UPDATE SET
+      delivered_seq = MAX(excluded.delivered_seq, chat_cursors.delivered_seq),
+      read_seq = MAX(excluded.read_seq, chat_cursors.read_seq)
+    RETURNING delivered_seq, read_seq";
+
 /// Raises the user's receipt to a device's cursors; a row comes back only when it moved, saying
 /// whether the user has answered there (else the receipt is not shared).
 const MOVE_RECEIPT: &str = "
@@ -214,7 +271,7 @@ const MARK_ANSWERED: &str =
 
 const MESSAGES_AFTER: &str = "
     SELECT conversation_id, seq, sender_user, sender_device, client_id, body, created_at, expires_at FROM chat_messages
-     WHERE conversation_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3";
+     WHERE conversation_id = ?1 AND seq > ?2 AND seq <= ?3 ORDER BY seq LIMIT ?4";
 
 /// The newest messages before a seq (and after where the member joined), newest first.
 const MESSAGES_BEFORE: &str = "
@@ -232,23 +289,38 @@ const DELETE_DEVICE_TOKENS: &str = "DELETE FROM chat_refresh_tokens WHERE user_i
 /// A device that goes takes its link requests with it: nobody can approve them any more.
 const DELETE_DEVICE_LINKS: &str = "DELETE FROM chat_link_requests WHERE user_id = ?1 AND requested_by = ?2";
 
-/// Where a device stands in each of a user's conversations.
-const SYNC_STATE: &str = "
-    SELECT c.conversation_id, c.last_seq, c.purged_upto, MAX(COALESCE(cu.delivered_seq, 0), m.joined_seq) AS delivered
-      FROM chat_memberships m
-      JOIN chat_conversations c ON c.conversation_id = m.conversation_id
-      LEFT JOIN chat_cursors cu
-        ON cu.user_id = m.user_id AND cu.device_id = ?2 AND cu.conversation_id = m.conversation_id
-     WHERE m.user_id = ?1";
+/// Where a device (?2) of a user (?1) stands in their conversations, and in those they left:
+/// the log ends at their going for them. Each part is narrowed by what follows it.
+macro_rules! sync_rows {
+    ($members:literal, $departed:literal) => {
+        concat!(
+            "SELECT c.conversation_id, c.last_seq, c.purged_upto,
+                    MAX(COALESCE(cu.delivered_seq, 0), m.joined_seq) AS delivered
+               FROM chat_memberships m
+               JOIN chat_conversations c ON c.conversation_id = m.conversation_id
+               LEFT JOIN chat_cursors cu
+                 ON cu.user_id = m.user_id AND cu.device_id = ?2 AND cu.conversation_id = m.conversation_id
+              WHERE m.user_id = ?1",
+            $members,
+            " UNION ALL
+             SELECT c.conversation_id, d.left_seq, c.purged_upto, MAX(COALESCE(cu.delivered_seq, 0), d.joined_seq)
+               FROM chat_departures d
+               JOIN chat_conversations c ON c.conversation_id = d.conversation_id
+               LEFT JOIN chat_cursors cu
+                 ON cu.user_id = d.user_id AND cu.device_id = ?2 AND cu.conversation_id = d.conversation_id
+              WHERE d.user_id = ?1",
+            $departed
+        )
+    };
+}
 
-/// The same, in one conversation.
-const SYNC_ONE: &str = "
-    SELECT c.conversation_id, c.last_seq, c.purged_upto, MAX(COALESCE(cu.delivered_seq, 0), m.joined_seq) AS delivered
-      FROM chat_memberships m
-      JOIN chat_conversations c ON c.conversation_id = m.conversation_id
-      LEFT JOIN chat_cursors cu
-        ON cu.user_id = m.user_id AND cu.device_id = ?2 AND cu.conversation_id = m.conversation_id
-     WHERE m.user_id = ?1 AND m.conversation_id = ?3";
+/// Where a device stands in each of a user's conversations, and in those they left whose last
+/// message (their going) it has not got yet (unless retention took it).
+const SYNC_STATE: &str =
+    sync_rows!("", " AND COALESCE(cu.delivered_seq, 0) < d.left_seq AND d.left_seq > c.purged_upto");
+
+/// The same, in one conversation (one left included, whatever the device got).
+const SYNC_ONE: &str = sync_rows!(" AND m.conversation_id = ?3", " AND d.conversation_id = ?3");
 
 const RECEIPTS: &str = "
     SELECT o.conversation_id, o.user_id, o.delivered_seq, o.read_seq
@@ -291,6 +363,27 @@ const INSERT_CONTACT: &str = "
 const COUNT_CONTACTS: &str = "SELECT COUNT(*) FROM chat_contacts WHERE user_id = ?1";
 
 const DELETE_CONTACT: &str = "DELETE FROM chat_contacts WHERE user_id = ?1 AND contact_id = ?2";
+
+/// A user's profile, with whether they have the viewer (?2) as a contact and whether the two
+/// share a group, or a direct conversation in which the owner has written.
+const PROFILE_SEEN: &str = "
+    SELECT u.user_id, u.profile_name, u.about, u.avatar, u.profile_visibility, u.profile_at,
+           EXISTS (SELECT 1 FROM chat_contacts k WHERE k.user_id = u.user_id AND k.contact_id = ?2) AS contact,
+           EXISTS (SELECT 1 FROM chat_memberships v
+                     JOIN chat_members o ON o.conversation_id = v.conversation_id AND o.user_id = u.user_id
+                     JOIN chat_conversations c ON c.conversation_id = v.conversation_id
+                    WHERE v.user_id = ?2 AND (c.kind = 'group' OR o.answered)) AS shared
+      FROM chat_users u WHERE u.user_id = ?1";
+
+const SET_PROFILE: &str = "
+    UPDATE chat_users SET profile_name = ?2, about = ?3, avatar = ?4, profile_visibility = ?5, profile_at = ?6
+     WHERE user_id = ?1";
+
+/// Everyone in a user's conversations.
+const PROFILE_WATCHERS: &str = "
+    SELECT DISTINCT o.user_id FROM chat_memberships m
+      JOIN chat_members o ON o.conversation_id = m.conversation_id
+     WHERE m.user_id = ?1 LIMIT ?2";
 
 const PRIVACY: &str = "SELECT share_last_seen FROM chat_users WHERE user_id = ?1";
 
@@ -611,12 +704,19 @@ impl Sqlite {
                                     due
                                 ])?;
                             }
-                            // A sender's first message marks them as having answered; once a batch.
-                            if matches!(appended, Appended::New(_)) && answered.insert((*conversation, sender.clone()))
+                            // A sender's first message marks them as having answered; once a batch. A
+                            // system message is not theirs to answer with.
+                            let change = matches!(effect, Effect::Change(_));
+                            if matches!(appended, Appended::New(_))
+                                && !change
+                                && answered.insert((*conversation, sender.clone()))
                             {
                                 tx.prepare_cached(MARK_ANSWERED)?.execute(params![conversation, sender])?;
                             }
-                            let to = match members.get(conversation) {
+                            if change {
+                                members.remove(conversation);
+                            }
+                            let mut to = match members.get(conversation) {
                                 Some(to) => to.clone(),
                                 None => {
                                     let to: Members = member_ids(&tx, conversation)?.into();
@@ -624,6 +724,9 @@ impl Sqlite {
                                     to
                                 }
                             };
+                            if let (Appended::New(_), Some(departing)) = (&appended, write.departing()) {
+                                to = to.iter().chain(std::iter::once(departing)).cloned().collect();
+                            }
                             Ok(Written::Appended(appended, to))
                         })
                     }
@@ -701,7 +804,7 @@ impl Sqlite {
             let kind = ConversationKind::Direct;
             tx.prepare_cached(CLAIM_PAIR)?.execute(params![key, id])?;
             tx.prepare_cached(INSERT_CONVERSATION)?.execute(params![id, kind.as_str(), None::<&str>, now])?;
-            insert_members(&tx, &id, &[(a, Role::Member), (b, Role::Member)], now)?;
+            insert_members(&tx, &id, &[(a, Role::Member), (b, Role::Member)], now, 0)?;
             tx.commit()?;
             Ok(Conversation { id, kind, name: None, last_seq: 0 })
         })
@@ -720,64 +823,25 @@ impl Sqlite {
             let kind = ConversationKind::Group;
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             tx.prepare_cached(INSERT_CONVERSATION)?.execute(params![id, kind.as_str(), name, now])?;
-            insert_members(&tx, &id, &roster, now)?;
+            insert_members(&tx, &id, &roster, now, 0)?;
             tx.commit()?;
             Ok(Conversation { id, kind, name: Some(name), last_seq: 0 })
         })
         .await
     }
 
-    pub(super) async fn add_members(
+    pub(super) async fn details(
         &self,
         conversation: &ConversationId,
-        actor: &UserId,
-        users: &[UserId],
-        now: i64,
-    ) -> Result<(), StoreError> {
-        let (conversation, actor, users) = (*conversation, actor.clone(), users.to_vec());
-        self.write(move |conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            match role(&tx, &conversation, &actor)? {
-                None => return Err(StoreError::NotMember),
-                Some(_) if kind(&tx, &conversation)? == ConversationKind::Direct => {
-                    return Err(StoreError::DirectConversation);
-                }
-                Some(Role::Member) => return Err(StoreError::NotAdmin),
-                Some(Role::Admin) => {}
-            }
-            let present = member_ids(&tx, &conversation)?;
-            let new = newcomers(&users, &present);
-            if present.len() + new.len() > MAX_GROUP_MEMBERS {
-                return Err(StoreError::TooManyMembers);
-            }
-            insert_members(&tx, &conversation, &new, now)?;
-            tx.commit()?;
-            Ok(())
-        })
-        .await
-    }
-
-    pub(super) async fn remove_member(
-        &self,
-        conversation: &ConversationId,
-        actor: &UserId,
         user: &UserId,
-    ) -> Result<(), StoreError> {
-        let (conversation, actor, user) = (*conversation, actor.clone(), user.clone());
-        self.write(move |conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            match role(&tx, &conversation, &actor)? {
-                None => return Err(StoreError::NotMember),
-                Some(_) if kind(&tx, &conversation)? == ConversationKind::Direct => {
-                    return Err(StoreError::DirectConversation);
-                }
-                Some(Role::Member) if actor != user => return Err(StoreError::NotAdmin),
-                _ => {}
+    ) -> Result<Option<ConversationDetails>, StoreError> {
+        let (conversation, user) = (*conversation, user.clone());
+        self.read(move |conn| {
+            if role(conn, &conversation, &user)?.is_none() {
+                return Ok(None);
             }
-            tx.prepare_cached(DELETE_MEMBER)?.execute(params![conversation, user])?;
-            tx.prepare_cached(DELETE_MEMBERSHIP)?.execute(params![conversation, user])?;
-            tx.commit()?;
-            Ok(())
+            let Some((details, _)) = details(conn, &conversation)? else { return Ok(None) };
+            Ok(Some(details))
         })
         .await
     }
@@ -800,15 +864,72 @@ impl Sqlite {
     pub(super) async fn conversations(
         &self,
         user: &UserId,
-        device: &DeviceId,
+        from: Option<&ListFrom>,
+        limit: i64,
     ) -> Result<Vec<ConversationSummary>, StoreError> {
-        let (user, device) = (user.clone(), *device);
+        let (user, from) = (user.clone(), from.cloned());
         self.read(move |conn| {
             let mut statement = conn.prepare_cached(CONVERSATIONS)?;
-            let rows = statement.query_map(params![user, device], |r| {
-                Ok(ConversationSummary { conversation: conversation(r)?, unread: r.get("unread")? })
-            })?;
+            let rows = statement.query_map(
+                params![
+                    user,
+                    DeviceId::SYSTEM,
+                    from.as_ref().map(|f| f.pinned),
+                    from.as_ref().map(|f| f.activity),
+                    from.as_ref().map(|f| f.conversation),
+                    limit
+                ],
+                |r| {
+                    Ok(ConversationSummary {
+                        conversation: conversation(r)?,
+                        unread: r.get("unread")?,
+                        avatar: r.get("avatar")?,
+                        activity: r.get("activity")?,
+                        member_count: r.get("member_count")?,
+                        flags: Flags {
+                            muted_until: r.get("muted_until")?,
+                            archived: r.get("archived")?,
+                            pinned: r.get("pinned")?,
+                        },
+                        last: LastMessage {
+                            sender: r.get("last_sender")?,
+                            body: r.get("last_body")?,
+                            created_at: r.get("last_created_at")?,
+                        },
+                    })
+                },
+            )?;
             Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    pub(super) async fn set_flags(
+        &self,
+        user: &UserId,
+        conversation: &ConversationId,
+        edit: FlagsEdit,
+    ) -> Result<Option<Flags>, StoreError> {
+        let (user, conversation) = (user.clone(), *conversation);
+        self.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let current = tx
+                .prepare_cached(FLAGS)?
+                .query_row(params![user, conversation], |r| {
+                    Ok(Flags { muted_until: r.get(0)?, archived: r.get(1)?, pinned: r.get(2)? })
+                })
+                .optional()?;
+            let Some(current) = current else { return Ok(None) };
+            let next = current.edited(edit);
+            tx.prepare_cached(SET_FLAGS)?.execute(params![
+                user,
+                conversation,
+                next.muted_until,
+                next.archived,
+                next.pinned
+            ])?;
+            tx.commit()?;
+            Ok(Some(next))
         })
         .await
     }
@@ -822,9 +943,10 @@ impl Sqlite {
     ) -> Result<Vec<Message>, StoreError> {
         let (conversation, user) = (*conversation, user.clone());
         self.read(move |conn| {
-            let joined = joined_seq(conn, &conversation, &user)?;
+            let (joined, left) = span(conn, &conversation, &user)?;
             let mut statement = conn.prepare_cached(MESSAGES_AFTER)?;
-            let rows = statement.query_map(params![conversation, after.max(joined), limit], message)?;
+            let upto = left.unwrap_or(i64::MAX);
+            let rows = statement.query_map(params![conversation, after.max(joined), upto, limit], message)?;
             Ok(rows.collect::<Result<_, _>>()?)
         })
         .await
@@ -839,7 +961,8 @@ impl Sqlite {
     ) -> Result<Vec<Message>, StoreError> {
         let (conversation, user) = (*conversation, user.clone());
         self.read(move |conn| {
-            let joined = joined_seq(conn, &conversation, &user)?;
+            let (joined, left) = span(conn, &conversation, &user)?;
+            let before = left.map_or(before, |left| before.min(left + 1));
             let mut statement = conn.prepare_cached(MESSAGES_BEFORE)?;
             let rows = statement.query_map(params![conversation, before, joined, limit], message)?;
             let mut page: Vec<Message> = rows.collect::<Result<_, _>>()?;
@@ -1038,6 +1161,43 @@ impl Sqlite {
             let share: Option<bool> =
                 conn.prepare_cached(PRIVACY)?.query_row(params![user], |r| r.get(0)).optional()?;
             Ok(share.map(|share_last_seen| Privacy { share_last_seen }).unwrap_or_default())
+        })
+        .await
+    }
+
+    pub(super) async fn profile_seen(&self, user: &UserId, viewer: &UserId) -> Result<Option<ProfileSeen>, StoreError> {
+        let (user, viewer) = (user.clone(), viewer.clone());
+        self.read(move |conn| profile_seen(conn, &user, &viewer)).await
+    }
+
+    pub(super) async fn set_profile(&self, user: &UserId, edit: &ProfileEdit, now: i64) -> Result<(), StoreError> {
+        let (user, edit) = (user.clone(), edit.clone());
+        self.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.prepare_cached(ENSURE_USER)?.execute(params![user, now])?;
+            let current = profile_seen(&tx, &user, &user)?
+                .ok_or_else(|| StoreError::Corrupt("a user just ensured is missing".into()))?;
+            let next = current.profile.edited(&edit);
+            tx.prepare_cached(SET_PROFILE)?.execute(params![
+                user,
+                next.name,
+                next.about,
+                next.avatar,
+                next.visibility.as_str(),
+                now
+            ])?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub(super) async fn profile_watchers(&self, user: &UserId) -> Result<Vec<UserId>, StoreError> {
+        let user = user.clone();
+        self.read(move |conn| {
+            let mut statement = conn.prepare_cached(PROFILE_WATCHERS)?;
+            let rows = statement.query_map(params![user, MAX_PROFILE_WATCHERS], |r| r.get(0))?;
+            Ok(rows.collect::<Result<_, _>>()?)
         })
         .await
     }
@@ -1270,6 +1430,20 @@ impl Sqlite {
             }
             tx.commit()?;
             Ok(())
+        })
+        .await
+    }
+
+    pub(super) async fn replace_body(
+        &self,
+        conversation: &ConversationId,
+        seq: i64,
+        before: &str,
+        after: &str,
+    ) -> Result<bool, StoreError> {
+        let (conversation, before, after) = (*conversation, before.to_owned(), after.to_owned());
+        self.write(move |conn| {
+            Ok(conn.prepare_cached(REPLACE_BODY)?.execute(params![conversation, seq, before, after])? > 0)
         })
         .await
     }
@@ -1623,15 +1797,59 @@ fn sync_state(r: &Row<'_>) -> rusqlite::Result<SyncState> {
     })
 }
 
-/// Where `user`'s membership of `conversation` starts; [`StoreError::NotMember`] if they have none.
-fn joined_seq(conn: &Connection, conversation: &ConversationId, user: &UserId) -> Result<i64, StoreError> {
-    let joined = conn.prepare_cached(JOINED_SEQ)?.query_row(params![conversation, user], |r| r.get(0)).optional()?;
-    joined.ok_or(StoreError::NotMember)
+/// Which part of `conversation` `user` may read: after where they joined, up to where they left
+/// (`None` while a member); [`StoreError::NotMember`] if they were never in it.
+fn span(conn: &Connection, conversation: &ConversationId, user: &UserId) -> Result<(i64, Option<i64>), StoreError> {
+    let span =
+        conn.prepare_cached(SPAN)?.query_row(params![conversation, user], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
+    span.ok_or(StoreError::NotMember)
 }
 
-fn kind(conn: &Connection, conversation: &ConversationId) -> Result<ConversationKind, StoreError> {
-    let kind = conn.prepare_cached(KIND)?.query_row(params![conversation], |r| r.get(0)).optional()?;
-    kind.ok_or(StoreError::NotMember)
+/// A user's profile as [`PROFILE_SEEN`] reads it for `viewer`.
+fn profile_seen(conn: &Connection, user: &UserId, viewer: &UserId) -> Result<Option<ProfileSeen>, StoreError> {
+    let found = conn
+        .prepare_cached(PROFILE_SEEN)?
+        .query_row(params![user, viewer], |r| {
+            let visibility: String = r.get("profile_visibility")?;
+            let profile = Profile {
+                user: r.get("user_id")?,
+                name: r.get("profile_name")?,
+                about: r.get("about")?,
+                avatar: r.get("avatar")?,
+                visibility: Visibility::parse(&visibility).unwrap_or_default(),
+                updated_at: r.get("profile_at")?,
+            };
+            Ok(ProfileSeen { profile, contact: r.get("contact")?, shared: r.get("shared")? })
+        })
+        .optional()?;
+    Ok(found)
+}
+
+/// A conversation, its settings and members, with its kind; `None` if there is none.
+fn details(
+    conn: &Connection,
+    conversation: &ConversationId,
+) -> Result<Option<(ConversationDetails, ConversationKind)>, StoreError> {
+    let found = conn
+        .prepare_cached(DETAILS)?
+        .query_row(params![conversation], |r| {
+            let info = GroupInfo {
+                name: r.get("name")?,
+                description: r.get("description")?,
+                avatar: r.get("avatar")?,
+                info_by_all: r.get("info_by_all")?,
+            };
+            Ok((self::conversation(r)?, info, r.get("disappear_secs")?, r.get("created_at")?))
+        })
+        .optional()?;
+    let Some((conversation, info, disappear_secs, created_at)) = found else { return Ok(None) };
+    let mut statement = conn.prepare_cached(ROSTER)?;
+    let rows = statement.query_map(params![conversation.id], |r| {
+        Ok(Member { user: r.get(0)?, role: r.get(1)?, joined_at: r.get(2)?, joined_seq: r.get(3)? })
+    })?;
+    let members = rows.collect::<Result<_, _>>()?;
+    let kind = conversation.kind;
+    Ok(Some((ConversationDetails { conversation, info, disappear_secs, created_at, members }, kind)))
 }
 
 fn role(conn: &Connection, conversation: &ConversationId, user: &UserId) -> Result<Option<Role>, StoreError> {
@@ -1676,17 +1894,20 @@ fn unlink_device(tx: &Transaction<'_>, user: &UserId, device: &DeviceId) -> Resu
     Ok(removed > 0)
 }
 
-/// Adds members (creating users on first sight); ignores users already in.
+/// Adds members who read after `joined_seq` (creating users on first sight); ignores users
+/// already in.
 fn insert_members(
     tx: &Transaction<'_>,
     conversation: &ConversationId,
     users: &[(UserId, Role)],
     now: i64,
+    joined_seq: i64,
 ) -> Result<(), StoreError> {
     for (user, role) in users {
         tx.prepare_cached(ENSURE_USER)?.execute(params![user, now])?;
-        tx.prepare_cached(INSERT_MEMBER)?.execute(params![conversation, user, role.as_str(), now])?;
-        tx.prepare_cached(INSERT_MEMBERSHIP)?.execute(params![user, conversation])?;
+        tx.prepare_cached(INSERT_MEMBER)?.execute(params![conversation, user, role.as_str(), now, joined_seq])?;
+        tx.prepare_cached(INSERT_MEMBERSHIP)?.execute(params![user, conversation, joined_seq])?;
+        tx.prepare_cached(DELETE_DEPARTURE)?.execute(params![user, conversation])?;
     }
     Ok(())
 }
@@ -1718,8 +1939,10 @@ fn append(tx: &Transaction<'_>, write: &NewMessage<'_>) -> Result<Appended, Stor
             tx.prepare_cached(BY_CLIENT_ID)?.query_row(params![conversation, device, client_id], message).optional()?;
         return retried(first, body);
     }
-    let expires_at = match apply_effect(tx, conversation, sender, seq, now_ms, effect) {
-        Ok(inherited) => inherited.or(expires_at),
+    let (expires_at, body) = match apply_effect(tx, conversation, sender, seq, now_ms, effect) {
+        Ok(Outcome { expires_at: inherited, body: written }) => {
+            (inherited.or(expires_at), written.unwrap_or_else(|| body.to_owned()))
+        }
         Err(e) => {
             // Refused: the message goes, and its seq with it (the writer still holds the lock).
             if !matches!(e, StoreError::Database(_) | StoreError::Corrupt(_)) {
@@ -1735,14 +1958,13 @@ fn append(tx: &Transaction<'_>, write: &NewMessage<'_>) -> Result<Appended, Stor
         sender: sender.clone(),
         device: *device,
         client_id: client_id.to_owned(),
-        body: body.to_owned(),
+        body,
         created_at: now_ms,
         expires_at,
     }))
 }
 
-/// Does what the message at `seq` does besides being stored (see [`Effect`]); returns when an edit
-/// disappears (with the message it edits).
+/// Does what the message at `seq` does besides being stored (see [`Effect`]).
 fn apply_effect(
     tx: &Transaction<'_>,
     conversation: &ConversationId,
@@ -1750,9 +1972,36 @@ fn apply_effect(
     seq: i64,
     now_ms: i64,
     effect: &Effect,
-) -> Result<Option<i64>, StoreError> {
+) -> Result<Outcome, StoreError> {
     match effect {
-        Effect::Ordinary => Ok(None),
+        Effect::Ordinary => Ok(Outcome::default()),
+        Effect::Change(change) => {
+            let Some((details, kind)) = details(tx, conversation)? else { return Err(StoreError::NotMember) };
+            let plan = plan_change(change, actor, kind, &details.members, &details.info)?;
+            let newcomers: Vec<(UserId, Role)> = plan.add.iter().map(|u| (u.clone(), Role::Member)).collect();
+            // They read from this message on.
+            insert_members(tx, conversation, &newcomers, now_ms, seq - 1)?;
+            if let Some(user) = &plan.remove {
+                let joined = details.members.iter().find(|m| &m.user == user).map_or(0, |m| m.joined_seq);
+                tx.prepare_cached(DELETE_MEMBER)?.execute(params![conversation, user])?;
+                tx.prepare_cached(DELETE_MEMBERSHIP)?.execute(params![conversation, user])?;
+                tx.prepare_cached(INSERT_DEPARTURE)?.execute(params![user, conversation, joined, seq])?;
+            }
+            for (user, role) in &plan.roles {
+                tx.prepare_cached(SET_ROLE)?.execute(params![conversation, user, role.as_str()])?;
+            }
+            if let Some(info) = &plan.info {
+                tx.prepare_cached(SET_INFO)?.execute(params![
+                    conversation,
+                    info.name,
+                    info.description,
+                    info.avatar,
+                    info.info_by_all
+                ])?;
+            }
+            tx.prepare_cached(EDIT_BODY)?.execute(params![conversation, seq, plan.body])?;
+            Ok(Outcome { expires_at: None, body: Some(plan.body) })
+        }
         Effect::Timer { secs } => {
             let found: Option<(ConversationKind, Role)> = tx
                 .prepare_cached(KIND_AND_ROLE)?
@@ -1760,7 +2009,7 @@ fn apply_effect(
                 .optional()?;
             may_set_timer(found)?;
             tx.prepare_cached(SET_TIMER)?.execute(params![conversation, secs])?;
-            Ok(None)
+            Ok(Outcome::default())
         }
         Effect::React { to } | Effect::Edit { to, .. } | Effect::Delete { to } => {
             let target = if *to < seq {
@@ -1788,7 +2037,7 @@ fn apply_effect(
                 }
                 (_, None) => {}
             }
-            Ok(applied.expires_at)
+            Ok(Outcome { expires_at: applied.expires_at, body: None })
         }
     }
 }
@@ -1806,7 +2055,17 @@ fn move_cursor(
         .prepare_cached(MOVE_CURSOR)?
         .query_row(params![user, device, conversation, seq, if read { seq } else { 0 }], cursor)
         .optional()?;
-    let Some(device) = moved else { return Err(StoreError::NotMember) };
+    let Some(device) = moved else {
+        // One who left acks up to the message of their going.
+        let cursor = tx
+            .prepare_cached(MOVE_DEPARTED_CURSOR)?
+            .query_row(params![user, device, conversation, seq, if read { seq } else { 0 }], cursor)
+            .optional()?;
+        return match cursor {
+            Some(device) => Ok(Acked { device, receipt: None, before: Cursor::default() }),
+            None => Err(StoreError::NotMember),
+        };
+    };
     let before =
         tx.prepare_cached(RECEIPT)?.query_row(params![conversation, user], cursor).optional()?.unwrap_or_default();
     // The user's receipt is the furthest any of their devices got; each column only grows.

@@ -233,7 +233,13 @@ async fn texts(server: &Server, token: &str, messages: &str) -> Result<Vec<Strin
     if status != 200 {
         return Err(status);
     }
-    Ok(page["messages"].as_array().unwrap().iter().map(|m| m["body"]["text"].as_str().unwrap().to_owned()).collect())
+    // System messages (who joined, who left) have no text.
+    Ok(page["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["body"]["text"].as_str().map(str::to_owned))
+        .collect())
 }
 
 #[tokio::test]
@@ -257,11 +263,16 @@ async fn a_member_reads_from_when_they_joined_and_nothing_while_out() {
     post(&server, &alice, &messages, say("welcome carol", 2)).await;
     assert_eq!(texts(&server, &carol, &messages).await, Ok(vec!["welcome carol".to_owned()]));
 
-    // Removed, she reads nothing; added again, nothing said while she was out.
+    // Removed, she reads up to her removal and nothing after; added again, nothing said while
+    // she was out.
     let remove = server.http.delete(server.url(&format!("{members}/carol"))).bearer_auth(&alice).send().await.unwrap();
     assert_eq!(remove.status(), 204);
     post(&server, &alice, &messages, say("carol is gone", 3)).await;
-    assert_eq!(texts(&server, &carol, &messages).await, Err(404));
+    assert_eq!(texts(&server, &carol, &messages).await, Ok(vec!["welcome carol".to_owned()]));
+    let (_, page) = get(&server, &carol, &format!("{messages}?after=0")).await;
+    let last = page["messages"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["body"], json!({"system": "member_removed", "by": "alice", "user": "carol"}), "{page}");
+    assert_eq!(post(&server, &carol, &messages, say("still here?", 9)).await.0, 404);
     assert_eq!(post(&server, &alice, &members, json!({"members": ["carol"]})).await.0, 204);
     post(&server, &alice, &messages, say("carol is back", 4)).await;
     assert_eq!(texts(&server, &carol, &messages).await, Ok(vec!["carol is back".to_owned()]));
@@ -587,4 +598,295 @@ async fn history_pages_both_ways_and_says_when_there_is_more() {
     assert_eq!((status, seqs.len(), body["limit"].as_i64()), (200, 5, Some(500)));
     assert_eq!(page("after=1&before=3").await.0, 400);
     assert_eq!(page("after=x").await.0, 400);
+}
+
+async fn call(
+    server: &Server,
+    method: reqwest::Method,
+    token: impl Into<String>,
+    path: impl Into<String>,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut request = server.http.request(method, server.url(&path.into())).bearer_auth(token.into());
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn groups_are_administered_and_every_change_is_a_system_message() {
+    use reqwest::Method;
+    let data = DataDir::new();
+    let server = Server::start(&data, &[]);
+    let (alice, bob, carol) = (
+        device_token(&server, "alice").await,
+        device_token(&server, "bob").await,
+        device_token(&server, "carol").await,
+    );
+    let (_, group) =
+        post(&server, &alice, "/v1/conversations", json!({"type": "group", "name": "g", "members": ["bob"]})).await;
+    let id = group["id"].as_str().unwrap();
+    let (path, messages) = (format!("/v1/conversations/{id}"), format!("/v1/conversations/{id}/messages"));
+    let code = |(status, answer): (u16, Value)| (status, answer["error"]["code"].as_str().unwrap_or("").to_owned());
+    assert_eq!(post(&server, &alice, &format!("{path}/members"), json!({"members": ["carol"]})).await.0, 204);
+
+    // The details, for members only.
+    let (status, details) = get(&server, &carol, &path).await;
+    assert_eq!(status, 200, "{details}");
+    assert_eq!((details["type"].as_str(), details["name"].as_str()), (Some("group"), Some("g")));
+    let roles: Vec<(&str, &str)> = details["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["user"].as_str().unwrap(), m["role"].as_str().unwrap()))
+        .collect();
+    assert_eq!(roles, vec![("alice", "admin"), ("bob", "member"), ("carol", "member")]);
+    let eve = device_token(&server, "eve").await;
+    assert_eq!(code(get(&server, &eve, &path).await), (404, "not_found".into()));
+
+    // Settings: admins only until the group lets everyone; bad fields are refused by name.
+    let patch = |token: &str, body: Value| call(&server, Method::PATCH, token.to_owned(), path.clone(), Some(body));
+    assert_eq!(code(patch(&bob, json!({"name": "x"})).await), (403, "not_admin".into()));
+    assert_eq!(code(patch(&alice, json!({"name": ""})).await).0, 422);
+    assert_eq!(code(patch(&alice, json!({"colour": "red"})).await).0, 422);
+    assert_eq!(code(patch(&alice, json!({})).await).0, 422);
+    assert_eq!(code(patch(&alice, json!({"avatar": "not-a-media-id"})).await).0, 422);
+    let (status, updated) = patch(&alice, json!({"info_by_all": true, "description": "june trip"})).await;
+    assert_eq!(
+        (status, updated["description"].as_str(), updated["info_by_all"].as_bool()),
+        (200, Some("june trip"), Some(true))
+    );
+    assert_eq!(patch(&bob, json!({"name": "trip"})).await.0, 200);
+    assert_eq!(code(patch(&bob, json!({"info_by_all": false})).await), (403, "not_admin".into()));
+    // An avatar is an image its setter may share: one of alice's is not bob's to use.
+    let photo = server.upload_ready(&alice, "image/jpeg", fixture("rocket.jpg")).await;
+    let photo_id = photo["id"].as_str().unwrap();
+    assert_eq!(code(patch(&bob, json!({"avatar": photo_id})).await), (422, "unknown_media".into()));
+    let (status, updated) = patch(&alice, json!({"avatar": photo_id})).await;
+    assert_eq!(status, 200, "{updated}");
+    assert_eq!(updated["avatar"]["media"], photo["id"]);
+    assert!(updated["avatar"]["preview"].as_str().unwrap().starts_with("data:image/jpeg;base64,"));
+    // Its thumbnail is fetched by signed URL: any member may, without a grant.
+    let thumb = server.http.get(server.url(updated["avatar"]["thumb"].as_str().unwrap())).send().await.unwrap();
+    assert_eq!(thumb.status(), 200);
+
+    // Admins: promoted and demoted; the last cannot step down, but when the last leaves the
+    // longest-standing member takes over.
+    let admins = |user: &str| format!("{path}/admins/{user}");
+    assert_eq!(code(call(&server, Method::PUT, &carol, &admins("carol"), None).await), (403, "not_admin".into()));
+    assert_eq!(call(&server, Method::PUT, &alice, &admins("bob"), None).await.0, 204);
+    assert_eq!(call(&server, Method::DELETE, &alice, &admins("alice"), None).await.0, 204);
+    assert_eq!(code(call(&server, Method::DELETE, &bob, &admins("bob"), None).await), (409, "last_admin".into()));
+    assert_eq!(call(&server, Method::DELETE, &bob, &format!("{path}/members/bob"), None).await.0, 204);
+    let (_, details) = get(&server, &carol, &path).await;
+    assert_eq!(
+        details["members"][0],
+        json!({"user": "alice", "role": "admin", "joined_at": details["members"][0]["joined_at"]})
+    );
+    assert_eq!(details["name"], "trip");
+
+    // Every change is in the log, in order, for every member to replay.
+    let (_, page) = get(&server, &carol, &format!("{messages}?after=0")).await;
+    let events: Vec<(String, String)> = page["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["body"]["system"].as_str().unwrap().to_owned(), m["sender"].as_str().unwrap().to_owned()))
+        .collect();
+    let expected = [
+        ("members_added", "alice"),
+        ("group_updated", "alice"),
+        ("group_updated", "bob"),
+        ("group_updated", "alice"),
+        ("admin_added", "alice"),
+        ("admin_removed", "alice"),
+        ("member_left", "bob"),
+    ];
+    assert_eq!(events, expected.map(|(e, s)| (e.to_owned(), s.to_owned())).to_vec(), "{page}");
+    let left = page["messages"].as_array().unwrap().last().unwrap();
+    assert_eq!(left["body"]["admins"], json!(["alice"]));
+    // A client cannot write a system message of its own.
+    let forged = json!({"client_id": "f1", "body": {"system": "members_added", "by": "alice", "users": ["eve"]}});
+    assert_eq!(code(post(&server, &carol, &messages, forged).await).0, 422);
+
+    // Bob, gone, reads up to his leaving; a direct chat has no settings to change.
+    let (_, his) = get(&server, &bob, &format!("{messages}?after=0")).await;
+    assert_eq!(his["messages"].as_array().unwrap().last().unwrap()["body"]["system"], "member_left");
+    assert_eq!(code(get(&server, &bob, &path).await).0, 404);
+    let (_, direct) = post(&server, &alice, "/v1/conversations", json!({"type": "direct", "members": ["carol"]})).await;
+    let direct_path = format!("/v1/conversations/{}", direct["id"].as_str().unwrap());
+    assert_eq!(
+        code(call(&server, Method::PATCH, &alice, &direct_path, Some(json!({"name": "x"}))).await),
+        (409, "direct_conversation".into())
+    );
+    let (status, direct_details) = get(&server, &carol, &direct_path).await;
+    assert_eq!((status, direct_details["type"].as_str()), (200, Some("direct")));
+}
+
+#[tokio::test]
+async fn profiles_show_each_viewer_what_their_owner_lets_them_see() {
+    use reqwest::Method;
+    let data = DataDir::new();
+    let server = Server::start(&data, &[]);
+    let (alice, bob, carol, eve) = (
+        device_token(&server, "alice").await,
+        device_token(&server, "bob").await,
+        device_token(&server, "carol").await,
+        device_token(&server, "eve").await,
+    );
+    let put_profile =
+        |token: &str, body: Value| call(&server, Method::PUT, token.to_owned(), "/v1/profile", Some(body));
+    let code = |(status, answer): (u16, Value)| (status, answer["error"]["code"].as_str().unwrap_or("").to_owned());
+    let (status, own) = put_profile(&alice, json!({"name": " Alice ", "about": "climbing"})).await;
+    assert_eq!(status, 200, "{own}");
+    assert_eq!((own["name"].as_str(), own["about"].as_str()), (Some("Alice"), Some("climbing")));
+    assert_eq!(own["visibility"], "contacts", "the default");
+    for bad in
+        [json!({"name": ""}), json!({"visibility": "friends"}), json!({"nick": "x"}), json!({}), json!({"avatar": 7})]
+    {
+        assert_eq!(code(put_profile(&alice, bad.clone()).await).0, 422, "{bad}");
+    }
+    assert_eq!(get(&server, &alice, "/v1/profile").await.1["name"], "Alice");
+
+    // A stranger sees nothing, not even that the user exists; opening a direct chat earns
+    // nothing until alice writes in it.
+    let seen_by = |token: &str| {
+        let token = token.to_owned();
+        let server = &server;
+        async move { get(server, &token, "/v1/users/alice").await }
+    };
+    assert_eq!(code(seen_by(&eve).await), (404, "not_found".into()));
+    let (_, direct) = post(&server, &bob, "/v1/conversations", json!({"type": "direct", "members": ["alice"]})).await;
+    let messages = format!("/v1/conversations/{}/messages", direct["id"].as_str().unwrap());
+    assert_eq!(post(&server, &bob, &messages, json!({"client_id": "b1", "body": {"text": "hi?"}})).await.0, 201);
+    assert_eq!(seen_by(&bob).await.0, 404, "alice has not answered");
+    assert_eq!(post(&server, &alice, &messages, json!({"client_id": "a1", "body": {"text": "hi"}})).await.0, 201);
+    let (status, profile) = seen_by(&bob).await;
+    assert_eq!((status, profile["name"].as_str(), &profile["about"]), (200, Some("Alice"), &Value::Null));
+    assert!(profile.get("visibility").is_none(), "only the owner sees their setting");
+    // Her contacts see the about line; with "nobody", no one does.
+    let add = call(&server, Method::PUT, &alice, "/v1/contacts/bob", None).await;
+    assert_eq!(add.0, 204);
+    assert_eq!(seen_by(&bob).await.1["about"], "climbing");
+    put_profile(&alice, json!({"visibility": "nobody"})).await;
+    assert_eq!(seen_by(&bob).await.1["about"], Value::Null);
+    assert_eq!(seen_by(&bob).await.1["name"], "Alice");
+
+    // A group shares names; the batch answers what the caller may see, each once, in order.
+    post(&server, &alice, "/v1/conversations", json!({"type": "group", "name": "g", "members": ["carol"]})).await;
+    let (status, found) =
+        post(&server, &carol, "/v1/users/lookup-ids", json!({"ids": ["alice", "eve", "nobody", "alice", "carol"]}))
+            .await;
+    assert_eq!(status, 200, "{found}");
+    let ids: Vec<&str> = found["users"].as_array().unwrap().iter().map(|u| u["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, vec!["alice", "carol"]);
+    let many: Vec<String> = (0..257).map(|i| format!("u{i}")).collect();
+    assert_eq!(code(post(&server, &carol, "/v1/users/lookup-ids", json!({"ids": many})).await).0, 422);
+
+    // An avatar is an image of one's own, drawn from signed URLs by whoever may see it.
+    let photo = server.upload_ready(&alice, "image/jpeg", fixture("rocket.jpg")).await;
+    let (status, own) = put_profile(&alice, json!({"avatar": photo["id"].clone(), "visibility": "everyone"})).await;
+    assert_eq!(status, 200, "{own}");
+    let (_, profile) = get(&server, &carol, "/v1/users/alice").await;
+    assert_eq!(profile["avatar"]["media"], photo["id"]);
+    let thumb = server.http.get(server.url(profile["avatar"]["thumb"].as_str().unwrap())).send().await.unwrap();
+    assert_eq!(thumb.status(), 200);
+    assert_eq!(code(put_profile(&bob, json!({"avatar": photo["id"].clone()})).await), (422, "unknown_media".into()));
+}
+
+#[tokio::test]
+async fn the_chat_list_shows_who_what_and_when_pinned_then_newest_first_in_pages() {
+    use reqwest::Method;
+    let data = DataDir::new();
+    let server = Server::start(&data, &[]);
+    let (alice, bob, carol) = (
+        device_token(&server, "alice").await,
+        device_token(&server, "bob").await,
+        device_token(&server, "carol").await,
+    );
+    call(&server, Method::PUT, &bob, "/v1/profile", Some(json!({"name": "Bob"}))).await;
+    let send = |token: &str, conversation: &Value, client_id: &str, text: &str| {
+        let path = format!("/v1/conversations/{}/messages", conversation["id"].as_str().unwrap());
+        let body = json!({"client_id": client_id, "body": {"text": text}});
+        let (server, token) = (&server, token.to_owned());
+        async move { assert_eq!(post(server, &token, &path, body).await.0, 201) }
+    };
+    let (_, with_bob) = post(&server, &alice, "/v1/conversations", json!({"type": "direct", "members": ["bob"]})).await;
+    send(&bob, &with_bob, "b1", "hi alice").await;
+    let (_, group) = post(
+        &server,
+        &alice,
+        "/v1/conversations",
+        json!({"type": "group", "name": "Climbing", "members": ["bob", "carol"]}),
+    )
+    .await;
+    let long = "x".repeat(150);
+    send(&carol, &group, "c1", &long).await;
+    let (_, with_carol) =
+        post(&server, &alice, "/v1/conversations", json!({"type": "direct", "members": ["carol"]})).await;
+
+    let (status, first) = get(&server, &alice, "/v1/conversations?limit=2").await;
+    assert_eq!(status, 200, "{first}");
+    let ids = |page: &Value| -> Vec<Value> {
+        page["conversations"].as_array().unwrap().iter().map(|c| c["id"].clone()).collect()
+    };
+    assert_eq!(ids(&first), vec![with_carol["id"].clone(), group["id"].clone()], "newest activity first");
+    let next = first["next"].as_str().unwrap();
+    let (_, second) = get(&server, &alice, &format!("/v1/conversations?limit=2&after={next}")).await;
+    assert_eq!(ids(&second), vec![with_bob["id"].clone()]);
+    assert_eq!(second["next"], Value::Null);
+
+    let entry = &first["conversations"][1];
+    assert_eq!((entry["type"].as_str(), entry["name"].as_str()), (Some("group"), Some("Climbing")));
+    assert_eq!((entry["member_count"].as_i64(), entry["unread"].as_i64()), (Some(3), Some(1)));
+    assert_eq!(entry["members"], json!(["alice", "bob", "carol"]));
+    let last = &entry["last_message"];
+    assert_eq!(
+        (last["kind"].as_str(), last["sender"].as_str(), last["seq"].as_i64()),
+        (Some("text"), Some("carol"), Some(1))
+    );
+    assert_eq!(last["text"].as_str().unwrap(), format!("{}…", "x".repeat(100)));
+    assert!(last["ts"].as_i64().unwrap() > 0 && entry["last_activity"] == last["ts"]);
+    let entry = &second["conversations"][0];
+    assert_eq!(
+        (entry["peer"]["name"].as_str(), entry["last_message"]["text"].as_str()),
+        (Some("Bob"), Some("hi alice"))
+    );
+    let entry = &first["conversations"][0];
+    assert_eq!((entry["peer"]["id"].as_str(), &entry["peer"]["name"]), (Some("carol"), &Value::Null), "no name set");
+    assert_eq!((entry["last_message"].clone(), entry["unread"].as_i64()), (Value::Null, Some(0)));
+
+    // Pinned first; muting and archiving are the user's own, on every device.
+    let flags = |id: &Value, body: Value| {
+        let path = format!("/v1/conversations/{}/flags", id.as_str().unwrap());
+        call(&server, Method::PUT, alice.clone(), path, Some(body))
+    };
+    let (status, set) = flags(&with_bob["id"], json!({"pinned": true, "muted_until": "always"})).await;
+    assert_eq!((status, set["pinned"].as_bool(), set["muted_until"].as_str()), (200, Some(true), Some("always")));
+    assert_eq!(flags(&group["id"], json!({"archived": true})).await.0, 200);
+    let (_, list) = get(&server, &alice, "/v1/conversations").await;
+    assert_eq!(ids(&list), vec![with_bob["id"].clone(), with_carol["id"].clone(), group["id"].clone()]);
+    assert_eq!(list["conversations"][0]["muted_until"], "always");
+    assert_eq!(list["conversations"][2]["archived"], true);
+    let (_, bobs) = get(&server, &bob, "/v1/conversations").await;
+    assert!(bobs["conversations"].as_array().unwrap().iter().all(|c| c["pinned"] == false), "flags are per user");
+    for bad in [json!({"pinned": "yes"}), json!({"muted_until": -5}), json!({}), json!({"starred": true})] {
+        assert_eq!(flags(&with_bob["id"], bad.clone()).await.0, 422, "{bad}");
+    }
+    let (_, bob_and_carol) =
+        post(&server, &bob, "/v1/conversations", json!({"type": "direct", "members": ["carol"]})).await;
+    assert_eq!(flags(&bob_and_carol["id"], json!({"pinned": true})).await.0, 404);
+    // Someone who never wrote to alice, and shares no group with her, keeps their profile.
+    let dave = device_token(&server, "dave").await;
+    call(&server, Method::PUT, dave, "/v1/profile", Some(json!({"name": "Dave"}))).await;
+    let (_, with_dave) =
+        post(&server, &alice, "/v1/conversations", json!({"type": "direct", "members": ["dave"]})).await;
+    let (_, list) = get(&server, &alice, "/v1/conversations").await;
+    let entry = list["conversations"].as_array().unwrap().iter().find(|c| c["id"] == with_dave["id"]).unwrap();
+    assert_eq!(entry["peer"], json!({"id": "dave"}));
+    assert_eq!(get(&server, &alice, "/v1/conversations?after=garbage").await.0, 400);
+    assert_eq!(get(&server, &alice, "/v1/conversations?limit=0").await.0, 400);
 }

@@ -880,8 +880,9 @@ async fn a_member_removed_and_added_again_is_told_where_they_resume() {
     alice.send(&group, "c2", json!({"text": "while out"})).await.unwrap();
     alice.add_members(&group, &[bob_session.user_id.as_str()]).await.unwrap();
     alice.send(&group, "c3", json!({"text": "back"})).await.unwrap();
-    // The same connection all along: it is told that seq 2 is not for it (never a silent skip),
-    // then gets what came after the return, and nothing said while out.
+    // The same connection all along: it gets the message of its removal (seq 2), is told that
+    // seq 3 is not for it (never a silent skip), then gets what came after the return (the
+    // message that added it back, seq 4), and nothing said while out.
     let events = events_before(&mut bob_live, "back").await;
     let expired: Vec<i64> = events
         .iter()
@@ -890,6 +891,132 @@ async fn a_member_removed_and_added_again_is_told_where_they_resume() {
             _ => None,
         })
         .collect();
-    assert!(!expired.is_empty() && expired.iter().all(|s| *s == 3), "{events:?}");
-    assert!(!events.iter().any(|e| matches!(e, Event::Message(_))), "{events:?}");
+    assert!(!expired.is_empty() && expired.iter().all(|s| *s == 4), "{events:?}");
+    let system: Vec<(i64, &str)> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Message(m) => Some((m.seq, m.body["system"].as_str().unwrap_or("not a system message"))),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(system, vec![(2, "member_removed"), (4, "members_added")], "{events:?}");
+}
+
+#[tokio::test]
+async fn a_users_devices_stay_in_sync_on_reads_sends_and_flags() {
+    let data = DataDir::new();
+    let server = Server::start(&data, &[DEV]);
+    let (phone, _) = sign_in(&server, "+4915100000981", "phone").await;
+    let (laptop, _) = sign_in(&server, "+4915100000981", "laptop").await;
+    let (bob, bob_session) = sign_in(&server, "+4915100000982", "phone").await;
+    let chat = phone.direct(&bob_session.user_id).await.unwrap().id;
+    let (mut phone_live, mut laptop_live) = (live(&phone).await, live(&laptop).await);
+
+    // Read on the phone: the laptop hears it, and its list shows nothing unread.
+    let hi = bob.send(&chat, "b1", json!({"text": "hi"})).await.unwrap();
+    assert_eq!(next_message(&mut phone_live).await.seq, hi.seq);
+    assert_eq!(next_message(&mut laptop_live).await.seq, hi.seq);
+    phone_live.read(&chat, hi.seq).await.unwrap();
+    let read = next(&mut laptop_live, |e| match e {
+        Event::Read { conversation, seq } if conversation == chat => Some(seq),
+        _ => None,
+    })
+    .await;
+    assert_eq!(read, hi.seq);
+    let list = laptop.chat_list(None, 10).await.unwrap();
+    assert_eq!(list["conversations"][0]["unread"], 0, "{list}");
+
+    // Sent over HTTP from the phone: the laptop gets it, and the phone's own socket is told its
+    // seq (a `sent`), so it sees no gap and fetches nothing when bob's next message comes.
+    let over_http = phone.send(&chat, "p1", json!({"text": "over http"})).await.unwrap();
+    let got = next_message(&mut laptop_live).await;
+    assert_eq!((got.seq, text(&got)), (over_http.seq, "over http"));
+    bob.send(&chat, "b2", json!({"text": "after"})).await.unwrap();
+    let before = events_before(&mut phone_live, "after").await;
+    assert!(
+        !before.iter().any(|e| matches!(e, Event::Message(m) if text(m) == "over http")),
+        "the phone was handed its own message back: {before:?}"
+    );
+
+    // Flags set on the laptop reach the phone.
+    laptop.set_flags(&chat, json!({"pinned": true})).await.unwrap();
+    let pinned = next(&mut phone_live, |e| match e {
+        Event::Flags { conversation, pinned, .. } if conversation == chat => Some(pinned),
+        _ => None,
+    })
+    .await;
+    assert!(pinned);
+    // A profile change reaches the user's conversations.
+    phone.set_profile(json!({"name": "Alice"})).await.unwrap();
+    let mut bob_live = live(&bob).await;
+    phone.set_profile(json!({"about": "here"})).await.unwrap();
+    let changed = next(&mut bob_live, |e| match e {
+        Event::Profile { user, .. } => Some(user),
+        _ => None,
+    })
+    .await;
+    assert_eq!(changed, phone.profile().await.unwrap()["id"].as_str().unwrap());
+    for live in [phone_live, laptop_live, bob_live] {
+        live.close().await;
+    }
+}
+
+#[tokio::test]
+async fn a_media_message_carries_what_to_draw_it_with_and_says_when_it_is_ready() {
+    let data = DataDir::new();
+    // Uploads answer at once (still processing), and variant URLs point at a CDN.
+    let server = Server::start(
+        &data,
+        &[
+            DEV,
+            ("COURIER_INGEST__WAIT_FOR_READY_MS", "0"),
+            ("COURIER_INGEST__PUBLIC_BASE_URL", "https://cdn.example.com/"),
+        ],
+    );
+    let (alice, _) = sign_in(&server, "+4915100000991", "phone").await;
+    let (bob, bob_session) = sign_in(&server, "+4915100000992", "phone").await;
+    let chat = alice.direct(&bob_session.user_id).await.unwrap().id;
+    let mut bob_live = live(&bob).await;
+    let token = alice.token().unwrap().to_owned();
+
+    // A photo that is ready: the message alone draws it, URLs absolute under the CDN.
+    let photo = server.upload_ready(&token, "image/jpeg", fixture("rocket.jpg")).await;
+    alice.send(&chat, "p1", json!({"media": photo["id"].clone(), "caption": "launch"})).await.unwrap();
+    let m = next_message(&mut bob_live).await;
+    let info = &m.body["media_info"];
+    assert_eq!((info["kind"].as_str(), info["status"].as_str()), (Some("image"), Some("ready")), "{}", m.body);
+    assert!(info["width"].as_u64().unwrap() > 0 && info["preview"].as_str().unwrap().starts_with("data:image/jpeg"));
+    let thumb = info["variants"]["thumb"]["url"].as_str().unwrap();
+    assert!(thumb.starts_with("https://cdn.example.com/b/"), "{thumb}");
+    // The same signed path is served here, as an edge would fill it from this origin.
+    let path = thumb.trim_start_matches("https://cdn.example.com");
+    assert_eq!(server.http.get(server.url(path)).send().await.unwrap().status(), 200);
+    assert_eq!(m.body["caption"], "launch");
+    // A client cannot bring its own.
+    let forged = json!({"media": photo["id"].clone(), "media_info": {"kind": "image"}});
+    let refused = alice.send(&chat, "p2", forged).await.unwrap_err();
+    assert!(matches!(&refused, client::Error::Api { status: 422, .. }), "{refused:?}");
+    // A retry of the send is answered as the first message, whatever changed in the URLs.
+    let again = alice.send(&chat, "p1", json!({"media": photo["id"].clone(), "caption": "launch"})).await.unwrap();
+    assert_eq!(again.seq, m.seq);
+
+    // A video still being transcoded: the message says so, and a `media_ready` frame follows.
+    let upload = server.upload(&token, "video/mp4", crate::avmedia::busy_video("ready.mp4", 2)).await;
+    assert_eq!(upload.status(), 201);
+    let video: Value = upload.json().await.unwrap();
+    assert_eq!(video["status"], "processing");
+    let sent = alice.send(&chat, "v1", json!({"media": video["id"].clone()})).await.unwrap();
+    let m = next_message(&mut bob_live).await;
+    assert_eq!((m.seq, m.body["media_info"]["status"].as_str()), (sent.seq, Some("processing")));
+    let (seq, info) = next(&mut bob_live, |e| match e {
+        Event::MediaReady { seq, media_info, .. } => Some((seq, media_info)),
+        _ => None,
+    })
+    .await;
+    assert_eq!((seq, info["status"].as_str(), info["kind"].as_str()), (sent.seq, Some("ready"), Some("video")));
+    assert!(info["duration_ms"].as_u64().unwrap() > 1000 && info["variants"]["standard"]["url"].is_string(), "{info}");
+    // History says the same from now on.
+    let history = bob.history(&chat, sent.seq - 1, 1).await.unwrap();
+    assert_eq!(history[0].body["media_info"]["status"], "ready");
+    bob_live.close().await;
 }
