@@ -27,7 +27,8 @@ pub trait MediaAccess: Send + Sync {
     fn share<'a>(&'a self, media: MediaId, users: &'a [UserId], source: &'a str) -> BoxFuture<'a, Result<(), String>>;
     fn unshare<'a>(&'a self, media: MediaId, source: &'a str) -> BoxFuture<'a, Result<(), String>>;
     /// The media as a client draws it (ingest's media JSON: kind, size, preview, variants with
-    /// signed URLs), for a caller that has made its own check of who may see it; `None` if gone.
+    /// signed URLs, and `owner`), for a caller that has made its own check of who may see it;
+    /// `None` if gone.
     fn describe<'a>(&'a self, media: MediaId) -> BoxFuture<'a, Result<Option<Value>, String>>;
     /// Waits (at most `timeout`) for the media's processing to end, then describes it.
     fn settled<'a>(&'a self, media: MediaId, timeout: Duration) -> BoxFuture<'a, Result<Option<Value>, String>>;
@@ -81,6 +82,39 @@ pub struct Chat {
     lost_wakeups: std::sync::atomic::AtomicU32,
     /// Media messages sent while processing that this node watches (see [`Chat::watch_media`]).
     media_watchers: Arc<tokio::sync::Semaphore>,
+    /// How many of them each sender has.
+    watched_by: Arc<std::sync::Mutex<HashMap<UserId, usize>>>,
+}
+
+/// One sender's share of the media watched: at most [`WATCHED_PER_SENDER`] at once, so one
+/// sender cannot take every watcher. Given back when dropped.
+struct Watch {
+    counts: Arc<std::sync::Mutex<HashMap<UserId, usize>>>,
+    sender: UserId,
+}
+
+impl Watch {
+    fn start(counts: &Arc<std::sync::Mutex<HashMap<UserId, usize>>>, sender: &UserId) -> Option<Watch> {
+        let mut held = counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = held.entry(sender.clone()).or_insert(0);
+        if *count >= WATCHED_PER_SENDER {
+            return None;
+        }
+        *count += 1;
+        Some(Watch { counts: counts.clone(), sender: sender.clone() })
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let mut held = self.counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(count) = held.get_mut(&self.sender) {
+            *count -= 1;
+            if *count == 0 {
+                held.remove(&self.sender);
+            }
+        }
+    }
 }
 
 /// When the parts of a delivery that failed after its message was stored (a media share, queueing
@@ -262,6 +296,7 @@ impl Chat {
             failed_deliveries: std::sync::atomic::AtomicU32::new(0),
             lost_wakeups: std::sync::atomic::AtomicU32::new(0),
             media_watchers: Arc::new(tokio::sync::Semaphore::new(MEDIA_WATCHERS)),
+            watched_by: Arc::new(std::sync::Mutex::new(HashMap::new())),
             presence_locks: (0..PRESENCE_LOCKS).map(|_| tokio::sync::Mutex::new(())).collect(),
         })
     }
@@ -519,7 +554,7 @@ impl Chat {
             });
         }
         if let (Some(media), true, Appended::New(message)) = (media, processing, &appended) {
-            self.watch_media(media, message.conversation, message.seq);
+            self.watch_media(user, media, message.conversation, message.seq);
         }
         Ok(appended)
     }
@@ -528,13 +563,16 @@ impl Chat {
     /// ready (or failed): then the message's `media_info` is brought up to date and the members
     /// get a `media_ready` frame, so no client polls. At most [`MEDIA_WATCHERS`] at once per node;
     /// past that (or if the node goes down meanwhile) clients ask `GET /v1/media/{id}`.
-    fn watch_media(self: &Arc<Self>, media: MediaId, conversation: ConversationId, seq: i64) {
+    fn watch_media(self: &Arc<Self>, sender: &UserId, media: MediaId, conversation: ConversationId, seq: i64) {
         let Ok(permit) = self.media_watchers.clone().try_acquire_owned() else {
             return tracing::warn!(%media, "too many media watched at once; members will ask for it themselves");
         };
+        let Some(watch) = Watch::start(&self.watched_by, sender) else {
+            return tracing::debug!(%media, %sender, "this sender's media are watched enough already");
+        };
         let chat = self.clone();
         tokio::spawn(async move {
-            let _permit = permit;
+            let _held = (permit, watch);
             let view = match chat.media.settled(media, MEDIA_READY_WAIT).await {
                 Ok(Some(view)) if view["status"] != "processing" => view,
                 Ok(_) => return,
@@ -545,10 +583,13 @@ impl Chat {
                 Ok(Some(_)) => {}
                 // Deleted meanwhile, or expired: nothing to announce.
                 Ok(None) => return,
-                Err(e) => tracing::warn!(error = %e, %conversation, seq, "could not record that a media is ready"),
+                Err(e) => {
+                    return tracing::warn!(error = %e, %conversation, seq, "could not record that a media is ready");
+                }
             }
-            let members = match chat.members(&conversation).await {
-                Ok(members) => members,
+            // Those who can see the message: members who joined before it.
+            let members: Vec<UserId> = match chat.store.member_receipts(&conversation).await {
+                Ok(members) => members.into_iter().filter(|m| m.joined_seq < seq).map(|m| m.user).collect(),
                 Err(e) => return tracing::warn!(error = %e, %conversation, "could not read the members"),
             };
             let frame = ServerFrame::MediaReady { conversation, seq, media, media_info: &info }.encode();
@@ -556,13 +597,14 @@ impl Chat {
         });
     }
 
-    /// Whether `user` may make media `id` an avatar: an image they own or were shared.
+    /// Whether `user` may make media `id` an avatar: an image they uploaded themselves (one only
+    /// shared with them could be taken back, while an avatar is shown to whoever sees it).
     pub(crate) async fn check_avatar(&self, user: &UserId, media: MediaId) -> Result<(), ApiError> {
-        if !self.media.may_share(media, user).await.map_err(ApiError::Media)? {
-            return Err(ApiError::UnknownMedia);
-        }
         let described = self.media.describe(media).await.map_err(ApiError::Media)?;
-        if described.as_ref().and_then(|m| m["kind"].as_str()) != Some("image") {
+        let Some(described) = described.filter(|m| m["owner"] == user.as_str()) else {
+            return Err(ApiError::UnknownMedia);
+        };
+        if described["kind"] != "image" {
             return Err(ApiError::Invalid("an avatar is an image".into()));
         }
         Ok(())
@@ -691,8 +733,9 @@ impl Chat {
             return Err(StoreError::Corrupt("the writer answered an ack with something else".into()));
         };
         if read {
-            // The user's other devices clear what this one read.
-            let frame = ServerFrame::Read { conversation: *conversation, seq: acked.device.read }.encode();
+            // The user's other devices clear what this one read: as far as any of them read.
+            let seq = acked.device.read.max(acked.before.read);
+            let frame = ServerFrame::Read { conversation: *conversation, seq }.encode();
             self.fan_out(std::slice::from_ref(user), Event::Frame(frame)).await;
         }
         if let Some(receipt) = acked.receipt {
@@ -853,6 +896,8 @@ impl<'a> Floors<'a> {
 
 /// Media messages sent while processing that one node watches at once.
 const MEDIA_WATCHERS: usize = 1024;
+/// Of those, at most this many per sender.
+const WATCHED_PER_SENDER: usize = 16;
 /// How long a media sent while processing is watched (a long video's transcode included).
 const MEDIA_READY_WAIT: Duration = Duration::from_secs(30 * 60);
 

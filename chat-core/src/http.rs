@@ -265,8 +265,7 @@ async fn list_conversations(
 /// may see it), for a group its avatar; the newest message previewed.
 async fn list_entry(chat: &Chat, user: &UserId, summary: ConversationSummary) -> Result<Value, ApiError> {
     let ConversationSummary { conversation, unread, avatar, activity, member_count, flags, last } = summary;
-    let mut members = chat.store.member_ids(&conversation.id).await?;
-    members.sort();
+    let members = chat.store.member_sample(&conversation.id, LISTED_MEMBERS as i64).await?;
     let peer = match conversation.kind {
         ConversationKind::Direct => match members.iter().find(|m| *m != user) {
             Some(other) => {
@@ -294,7 +293,6 @@ async fn list_entry(chat: &Chat, user: &UserId, summary: ConversationSummary) ->
         }
         _ => None,
     };
-    members.truncate(LISTED_MEMBERS);
     Ok(json!({
         "id": conversation.id.to_string(),
         "type": conversation.kind.as_str(),
@@ -346,7 +344,8 @@ fn preview(body: &str) -> Value {
     }
     if body.contains_key("media") {
         let caption = body.get("caption").and_then(Value::as_str).map(cut);
-        return json!({ "kind": "media", "media_kind": body.get("kind"), "caption": caption });
+        let media_kind = body.get("media_info").and_then(|info| info.get("kind"));
+        return json!({ "kind": "media", "media_kind": media_kind, "caption": caption });
     }
     if body.contains_key("ciphertext") {
         return json!({ "kind": "ciphertext" });
@@ -651,8 +650,13 @@ async fn message_receipts(
     if message.sender != claims.sub {
         return Err(StoreError::NotSender.into());
     }
+    let members = chat.store.member_receipts(&id).await?;
+    // One who left reads their old messages, but learns nothing more of who read them.
+    if !members.iter().any(|m| m.user == claims.sub) {
+        return Err(StoreError::NotMember.into());
+    }
     let (mut read, mut delivered, mut pending, mut withheld) = (Vec::new(), Vec::new(), Vec::new(), 0);
-    for member in chat.store.member_receipts(&id).await? {
+    for member in members {
         if member.user == claims.sub || member.joined_seq >= seq {
             continue;
         }

@@ -624,7 +624,10 @@ async fn profiles_are_seen_as_their_owners_allow(store: Store) {
     // Contacts see the details; "everyone" shows them to all who see the name; "nobody" to none.
     store.add_contacts(&alice, std::slice::from_ref(&bob), false).await.unwrap();
     assert_eq!(seen(&bob).await.unwrap().about.as_deref(), Some("climbing"));
-    store.create_group(&carol, "g", std::slice::from_ref(&alice)).await.unwrap();
+    // Being put in a group earns nobody a name; alice's writing there does.
+    let group = store.create_group(&carol, "g", std::slice::from_ref(&alice)).await.unwrap();
+    assert!(seen(&carol).await.is_none());
+    store.append(&group.id, &alice, &alices, "a2", "{}", 3).await.unwrap();
     assert_eq!(seen(&carol).await.unwrap().about, None, "carol is not her contact");
     store
         .set_profile(&alice, &ProfileEdit { visibility: Some(Visibility::Everyone), ..ProfileEdit::default() })

@@ -23,6 +23,11 @@ pub struct IngestConfig {
     /// Where clients fetch variants from (an edge's or a CDN's origin, `https://media.example.com`):
     /// variant URLs in JSON are absolute under it. Unset, they are relative to this server.
     pub public_base_url: Option<String>,
+    /// How long an original is kept after its job has succeeded, in days (0: deleted at the next
+    /// sweep). The variants stay, and the same bytes uploaded again still share them.
+    pub keep_originals_days: u64,
+    /// How often each node sweeps: retires originals and deletes the blobs logged for deletion.
+    pub sweep_interval_ms: u64,
     pub job: JobConfig,
     pub audio: AudioConfig,
     pub video: VideoConfig,
@@ -40,6 +45,8 @@ impl Default for IngestConfig {
             wait_for_ready_ms: 5000,
             url_ttl_secs: 7 * 24 * 3600,
             public_base_url: None,
+            keep_originals_days: 0,
+            sweep_interval_ms: 10_000,
             job: JobConfig::default(),
             audio: AudioConfig::default(),
             video: VideoConfig::default(),

@@ -8,7 +8,7 @@ use types::{BlobId, MediaId, MediaKind, MediaStatus, UserId, VariantName};
 
 use crate::queue::{JobQueue, Lane};
 use crate::records::MediaRecords;
-use crate::store::{Deleted, NewMedia, Store, Usage};
+use crate::store::{Deleted, Namespace, NewMedia, Store, Usage};
 use crate::view::{JobResult, StoredVariant};
 use crate::{Clock, JobConfig};
 
@@ -16,6 +16,7 @@ use crate::{Clock, JobConfig};
 struct Tables {
     queue: JobQueue,
     records: MediaRecords,
+    store: Store,
     clock: Clock,
     _dir: Option<tempfile::TempDir>,
 }
@@ -49,7 +50,8 @@ fn tables(store: Store, config: JobConfig, dir: Option<tempfile::TempDir>) -> Ta
     let clock = Clock::manual(1_800_000_000_000);
     Tables {
         queue: JobQueue::new(store.clone(), config, clock.clone()),
-        records: MediaRecords::new(store, clock.clone()),
+        records: MediaRecords::new(store.clone(), clock.clone()),
+        store,
         clock,
         _dir: dir,
     }
@@ -94,6 +96,7 @@ on_both!(
     concurrent_claims_take_each_job_once,
     an_old_claim_never_speaks_for_a_new_job,
     usage_counts_a_users_bytes_by_day_and_in_all,
+    originals_retire_after_success_and_every_deletion_is_logged,
 );
 
 fn alice() -> UserId {
@@ -260,12 +263,13 @@ async fn deleting_keeps_what_other_uploads_still_need(t: Tables) {
     assert!(!t.records.may_read(alices, &bob).await.unwrap(), "the grants went with it");
     assert_eq!(status(&t, &blob).await.0, MediaStatus::Ready, "bob's upload keeps the job");
     match t.records.delete(bobs, &bob).await.unwrap() {
-        Deleted::Orphaned { source, variants } => {
-            assert_eq!(source, blob);
-            assert_eq!(variants, vec![standard], "the variant another job names is kept");
-        }
+        Deleted::Orphaned { source } => assert_eq!(source, blob),
         other => panic!("expected the job to go, got {other:?}"),
     }
+    // Its blobs are logged for the sweep: the original, and the variant no other job names.
+    let logged: Vec<(Namespace, BlobId)> =
+        t.store.pending_deletions(10).await.unwrap().into_iter().map(|d| (d.namespace, d.blob)).collect();
+    assert_eq!(logged, vec![(Namespace::Originals, blob), (Namespace::Variants, standard)]);
     assert!(t.queue.job(&blob).await.unwrap().is_none());
     assert!(matches!(t.records.delete(bobs, &bob).await.unwrap(), Deleted::NotFound));
 }
@@ -341,4 +345,49 @@ async fn usage_counts_a_users_bytes_by_day_and_in_all(t: Tables) {
     assert_eq!(usage(alice.clone()).await, Usage { stored_bytes: 6, bytes_today: 0, queued_jobs: 0 });
     upload_as(&t, &alice, b"next day", MediaKind::Image).await;
     assert_eq!(usage(alice).await, Usage { stored_bytes: 14, bytes_today: 8, queued_jobs: 1 });
+}
+
+async fn originals_retire_after_success_and_every_deletion_is_logged(t: Tables) {
+    let (id, blob) = upload_as(&t, &alice(), b"a photo", MediaKind::Image).await;
+    let failing = upload(&t, b"bytes that fail").await;
+    let now = t.clock.now_ms();
+    assert_eq!(t.store.retire_originals(now, now, 10).await.unwrap(), 0, "nothing has succeeded yet");
+    let job = t.queue.claim(Lane::Quick).await.unwrap().unwrap();
+    let other = t.queue.claim(Lane::Quick).await.unwrap().unwrap();
+    let (done, failed) = if job.blob == blob { (job, other) } else { (other, job) };
+    assert_eq!(failed.blob, failing);
+    assert!(t.queue.complete(&done, &result_naming(&[BlobId::of(b"its variant")])).await.unwrap());
+    assert!(t.queue.fail(&failed, &TranscodeError::Corrupt("broken".into())).await.unwrap());
+
+    // Kept while younger than the window, retired once past it (a failed job's original never is).
+    let finished = t.clock.now_ms();
+    assert_eq!(t.store.retire_originals(finished - 1, finished, 10).await.unwrap(), 0);
+    t.clock.advance(1_000);
+    assert_eq!(t.store.retire_originals(finished, t.clock.now_ms(), 10).await.unwrap(), 1);
+    assert_eq!(t.store.retire_originals(t.clock.now_ms(), t.clock.now_ms(), 10).await.unwrap(), 0, "once");
+    let pending = t.store.pending_deletions(10).await.unwrap();
+    assert_eq!(pending.iter().map(|d| (d.namespace, d.blob)).collect::<Vec<_>>(), vec![(Namespace::Originals, blob)]);
+    assert!(!t.store.needed_again(&pending[0]).await.unwrap());
+    // The same bytes uploaded again still share the variants: the job stays ready.
+    let (again, _) = upload_as(&t, &alice(), b"a photo", MediaKind::Image).await;
+    assert_eq!(status(&t, &blob).await.0, MediaStatus::Ready);
+    t.store.deletions_done(&[pending[0].seq]).await.unwrap();
+    assert!(t.store.pending_deletions(10).await.unwrap().is_empty());
+
+    // Deleted with its job and uploaded once more, the bytes need their original again.
+    t.records.delete(id, &alice()).await.unwrap();
+    assert!(matches!(t.records.delete(again, &alice()).await.unwrap(), Deleted::Orphaned { .. }));
+    upload(&t, b"a photo").await;
+    let logged = t.store.pending_deletions(10).await.unwrap();
+    let original = logged.iter().find(|d| d.namespace == Namespace::Originals).unwrap();
+    assert!(t.store.needed_again(original).await.unwrap(), "a new job reads it");
+    let variant = logged.iter().find(|d| d.namespace == Namespace::Variants).unwrap();
+    assert!(!t.store.needed_again(variant).await.unwrap());
+
+    // The feed an edge purge follows: every deletion, in order, from a cursor.
+    let all = t.store.deleted_since(0, 100).await.unwrap();
+    assert_eq!(all.len(), 3);
+    assert!(all.windows(2).all(|w| w[0].seq < w[1].seq));
+    let rest = t.store.deleted_since(all[0].seq, 100).await.unwrap();
+    assert_eq!(rest, all[1..].to_vec());
 }

@@ -41,7 +41,18 @@ pub use queue::JobQueue;
 pub use quota::{QuotaConfig, QuotaExceeded};
 pub use runner::Runner;
 pub use spool::discard_body;
-pub use store::{Store, Usage};
+pub use store::{DeletedBlob, Namespace, Store, Usage};
+
+/// Rows one step of a sweep takes at once.
+const SWEEP_BATCH: i64 = 100;
+
+/// What one sweep did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    pub originals_retired: u64,
+    pub originals_deleted: u64,
+    pub variants_deleted: u64,
+}
 pub use view::{MediaView, VariantView};
 
 use edge_cache::BlobStore;
@@ -70,6 +81,8 @@ pub struct Ingest {
     running: runner::Running,
     /// Tells waiting uploads that a job has finished, one way or the other.
     job_done: broadcast::Sender<BlobId>,
+    /// The tables, for the sweep (the queue and the records hold their own handles).
+    store: Store,
 }
 
 impl Ingest {
@@ -93,7 +106,8 @@ impl Ingest {
             uploads: Semaphore::new(config.max_concurrent_uploads),
             user_uploads: quota::UploadsAtOnce::default(),
             queue: JobQueue::new(store.clone(), config.job.clone(), clock.clone()),
-            records: records::MediaRecords::new(store, clock.clone()),
+            records: records::MediaRecords::new(store.clone(), clock.clone()),
+            store,
             clock,
             config,
             originals,
@@ -153,6 +167,77 @@ impl Ingest {
             }
         }
         self.describe(id).await
+    }
+
+    /// One sweep of the blob store: retires the originals of jobs that succeeded longer ago than
+    /// `keep_originals_days` (in batches), then deletes what the log says is to go. Safe on every
+    /// node at once (PostgreSQL claims rows with `SKIP LOCKED`; deleting a blob twice is harmless)
+    /// and after a crash anywhere in it (the log is written in the deciding transaction).
+    pub async fn sweep(&self) -> Result<SweepReport, IngestError> {
+        let now = self.clock.now_ms();
+        let keep_ms = (self.config.keep_originals_days as i64).saturating_mul(store::DAY_MS);
+        let mut report = SweepReport::default();
+        loop {
+            let retired = self.store.retire_originals(now.saturating_sub(keep_ms), now, SWEEP_BATCH).await?;
+            report.originals_retired += retired;
+            if retired < SWEEP_BATCH as u64 {
+                break;
+            }
+        }
+        let purged = self.purge_deleted().await?;
+        report.originals_deleted = purged.0;
+        report.variants_deleted = purged.1;
+        Ok(report)
+    }
+
+    /// Deletes from the blob store what the log says is to go (keeping a blob needed again: the
+    /// same bytes uploaded since), in batches; returns how many originals and variants went.
+    pub(crate) async fn purge_deleted(&self) -> Result<(u64, u64), IngestError> {
+        let (mut originals, mut variants) = (0, 0);
+        loop {
+            let pending = self.store.pending_deletions(SWEEP_BATCH).await?;
+            let mut done = Vec::with_capacity(pending.len());
+            for deleted in &pending {
+                if !self.store.needed_again(deleted).await? {
+                    match deleted.namespace {
+                        store::Namespace::Originals => {
+                            self.originals.delete(&deleted.blob).await?;
+                            originals += 1;
+                        }
+                        store::Namespace::Variants => {
+                            self.variants.delete(&deleted.blob).await?;
+                            variants += 1;
+                        }
+                    }
+                }
+                done.push(deleted.seq);
+            }
+            self.store.deletions_done(&done).await?;
+            if pending.len() < SWEEP_BATCH as usize {
+                return Ok((originals, variants));
+            }
+        }
+    }
+
+    /// Sweeps every `sweep_interval_ms` until `shutdown` turns true.
+    pub async fn sweeper(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let every = std::time::Duration::from_millis(self.config.sweep_interval_ms.max(10));
+        loop {
+            match self.sweep().await {
+                Ok(report) if report != SweepReport::default() => tracing::info!(?report, "swept the blob store"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "sweeping the blob store failed; trying again later"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    /// Up to `limit` blobs deleted after `after` (a `seq` of an earlier answer), oldest first.
+    pub async fn deleted_blobs(&self, after: i64, limit: i64) -> Result<Vec<store::DeletedBlob>, IngestError> {
+        Ok(self.store.deleted_since(after, limit).await?)
     }
 
     /// Whether `user` may pass media `id` on: they own it or it was shared with them.

@@ -56,8 +56,8 @@ impl MediaRecords {
     }
 
     /// Deletes `owner`'s media `id` and who it was shared with. When no other media refers to its
-    /// bytes, the job goes too, and the blobs nothing refers to any more are named.
+    /// bytes, the job goes too, and the blobs nothing refers to any more are logged for deletion.
     pub(crate) async fn delete(&self, id: MediaId, owner: &UserId) -> Result<Deleted, sqlx::Error> {
-        self.store.delete(id, owner).await
+        self.store.delete(id, owner, self.clock.now_ms()).await
     }
 }

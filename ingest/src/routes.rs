@@ -92,16 +92,18 @@ async fn accept(
     }
 
     // Bytes already known to be unusable are refused without storing anything.
-    if let Some(job) = ingest.queue.job(&spooled.blob).await?
-        && job.status == MediaStatus::Failed
-        && job.permanent
-    {
-        return Err(rejected(job));
+    let known = ingest.queue.job(&spooled.blob).await?;
+    if let Some(job) = known.as_ref().filter(|job| job.status == MediaStatus::Failed && job.permanent) {
+        return Err(rejected(job.clone()));
     }
-
-    let stored = ingest.originals.put_file(&spooled.blob, spooled.file.path()).await?;
+    // Bytes whose job has succeeded need no original: the upload shares the variants (and the
+    // original may be gone for good, see `ingest.keep_originals_days`).
+    let done_before = known.is_some_and(|job| job.status == MediaStatus::Ready);
+    let mut stored = Stored::Existing;
+    if !done_before {
+        stored = ingest.originals.put_file(&spooled.blob, spooled.file.path()).await?;
+    }
     let (blob, len) = (spooled.blob, spooled.len);
-    drop(spooled);
 
     let mut done = ingest.job_done.subscribe();
     let id = MediaId::new();
@@ -113,6 +115,12 @@ async fn accept(
         }
         return Err(e.into());
     }
+    // Its job went meanwhile (its last media deleted) and this upload queued a new one, which
+    // needs the original after all.
+    if done_before && ingest.queue.job(&blob).await?.is_some_and(|job| job.status == MediaStatus::Processing) {
+        ingest.originals.put_file(&blob, spooled.file.path()).await?;
+    }
+    drop(spooled);
     ingest.queued(Lane::of(kind)).notify_one();
     // The body is in; waiting for the transcode holds no upload slot.
     drop((slot, user_slot));
@@ -197,12 +205,10 @@ async fn delete(
     match ingest.records.delete(id, &user).await? {
         Deleted::NotFound => return Err(IngestError::NotFound),
         Deleted::Kept => {}
-        Deleted::Orphaned { source, variants } => {
+        Deleted::Orphaned { source } => {
             ingest.running.cancel(&source);
-            ingest.originals.delete(&source).await?;
-            for variant in &variants {
-                ingest.variants.delete(variant).await?;
-            }
+            // The deletion logged its blobs: delete them now (a sweep finishes what this leaves).
+            ingest.purge_deleted().await?;
         }
     }
     Ok(StatusCode::NO_CONTENT)
@@ -224,6 +230,14 @@ impl Ingest {
     /// `None` when it is gone.
     pub async fn describe(&self, id: MediaId) -> Result<Option<MediaView>, IngestError> {
         Ok(self.records.media(id).await?.map(|row| self.view_of(id, row)))
+    }
+
+    /// [`Ingest::describe`], with who uploaded it.
+    pub async fn describe_with_owner(&self, id: MediaId) -> Result<Option<(MediaView, String)>, IngestError> {
+        Ok(self.records.media(id).await?.map(|row| {
+            let owner = row.owner.clone();
+            (self.view_of(id, row), owner)
+        }))
     }
 
     fn view_of(&self, id: MediaId, row: crate::store::MediaRow) -> MediaView {

@@ -31,6 +31,9 @@ pub(crate) struct Config {
     /// The key that signs blob URLs (edges hold a copy). Default `{data_dir}/url-signing.key`,
     /// made on first start. A file named here must exist.
     pub(crate) url_key_file: Option<PathBuf>,
+    /// A bearer token (at least 16 characters) for the operator's routes (`GET
+    /// /admin/deleted-blobs`); unset, they answer 404.
+    pub(crate) admin_token: Option<String>,
     /// Seconds in-flight requests and jobs get to finish after SIGINT/SIGTERM. Default 10.
     pub(crate) shutdown_grace_secs: u64,
     /// Log filter in tracing's syntax. Default "info".
@@ -203,6 +206,7 @@ impl Default for Config {
             blobs: None,
             token_key_file: None,
             url_key_file: None,
+            admin_token: None,
             shutdown_grace_secs: 10,
             log: "info".into(),
             log_format: LogFormat::Text,
@@ -345,6 +349,13 @@ impl Config {
         {
             anyhow::bail!(
                 "ingest.public_base_url is an http(s) origin such as https://media.example.com, not {base:?}"
+            );
+        }
+        if let Some(token) = &config.admin_token {
+            anyhow::ensure!(
+                token.trim().len() >= crate::edge::MIN_ADMIN_TOKEN_CHARS,
+                "admin_token must be at least {} characters (make one with `openssl rand -hex 32`)",
+                crate::edge::MIN_ADMIN_TOKEN_CHARS
             );
         }
         Ok(config)

@@ -109,7 +109,7 @@ impl EdgeConfig {
 }
 
 /// The shortest purge token `courier edge` starts with.
-const MIN_ADMIN_TOKEN_CHARS: usize = 16;
+pub(crate) const MIN_ADMIN_TOKEN_CHARS: usize = 16;
 
 pub(crate) async fn run(config: EdgeConfig) -> anyhow::Result<()> {
     anyhow::ensure!(!config.upstream.is_empty(), "give at least one --upstream");

@@ -3,6 +3,7 @@
 //! Thin glue: configuration, wiring of the domain crates' routers and workers, authentication,
 //! logging and shutdown. Domain logic lives in the crates it names.
 
+mod admin;
 mod auth;
 mod config;
 mod connections;

@@ -96,6 +96,7 @@ pub(crate) async fn serve(config: Config) -> anyhow::Result<()> {
 
     let (stop, stopped) = watch::channel(false);
     let runner = config.transcode.run_jobs.then(|| tokio::spawn(Runner::run(ingest.clone(), stopped.clone())));
+    let sweeper = tokio::spawn(ingest.clone().sweeper(stopped.clone()));
     let chat_tasks = (chat.background)(stopped);
 
     let auth = auth::Auth { keys: token_keys, devices: chat.devices };
@@ -109,6 +110,7 @@ pub(crate) async fn serve(config: Config) -> anyhow::Result<()> {
         .route("/healthz", get(|| async { "ok\n" }))
         .merge(edge_cache::router(blobs))
         .merge(chat.public_routes)
+        .merge(crate::admin::routes(ingest.clone(), config.admin_token.as_deref()))
         .merge(user_routes);
     let app =
         listener::with_common_layers(listener::with_metrics(app, metrics, config.http.metrics_listen, &options).await?);
@@ -127,6 +129,7 @@ pub(crate) async fn serve(config: Config) -> anyhow::Result<()> {
     listener::serve(socket, app, None, options, shutdown).await;
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     let _ = chat_tasks.await;
+    let _ = sweeper.await;
     if let Some(runner) = runner
         && tokio::time::timeout(grace, runner).await.is_err()
     {
@@ -285,8 +288,12 @@ impl chat_core::MediaAccess for SharedMedia {
         media: types::MediaId,
     ) -> chat_core::BoxFuture<'a, Result<Option<serde_json::Value>, String>> {
         Box::pin(async move {
-            let view = self.0.describe(media).await.map_err(|e| e.to_string())?;
-            view.map(|v| serde_json::to_value(v).map_err(|e| e.to_string())).transpose()
+            let Some((view, owner)) = self.0.describe_with_owner(media).await.map_err(|e| e.to_string())? else {
+                return Ok(None);
+            };
+            let mut view = serde_json::to_value(view).map_err(|e| e.to_string())?;
+            view["owner"] = owner.into();
+            Ok(Some(view))
         })
     }
 }

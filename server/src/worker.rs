@@ -58,6 +58,7 @@ pub(crate) async fn run(config: Config, listen: Option<SocketAddr>) -> anyhow::R
     pools.video.warm_up().await.context("starting the video workers")?;
 
     let (stop, stopped) = watch::channel(false);
+    let sweeper = tokio::spawn(ingest.clone().sweeper(stopped.clone()));
     let runner = tokio::spawn(Runner::run(ingest.clone(), stopped));
     tracing::info!(workers = config.workers(), blobs = %config.blobs(), "courier worker running");
     let shutdown = async move {
@@ -81,6 +82,7 @@ pub(crate) async fn run(config: Config, listen: Option<SocketAddr>) -> anyhow::R
         }
     }
     let grace = Duration::from_secs(config.shutdown_grace_secs);
+    let _ = sweeper.await;
     if tokio::time::timeout(grace, runner).await.is_err() {
         tracing::warn!("jobs still running after {grace:?}; their leases expire and another worker takes them");
     }

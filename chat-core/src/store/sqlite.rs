@@ -107,6 +107,9 @@ const SET_INFO: &str = "UPDATE chat_conversations SET name = ?2, description = ?
 
 const ROLE: &str = "SELECT role FROM chat_members WHERE conversation_id = ?1 AND user_id = ?2";
 
+/// Up to so many members, by id: what a chat list names.
+const MEMBER_SAMPLE: &str = "SELECT user_id FROM chat_members WHERE conversation_id = ?1 ORDER BY user_id LIMIT ?2";
+
 const MEMBER_IDS: &str = "SELECT user_id FROM chat_members WHERE conversation_id = ?1";
 
 const MEMBERS: &str = "SELECT user_id, role FROM chat_members WHERE conversation_id = ?1 ORDER BY joined_at, user_id";
@@ -215,7 +218,16 @@ const EXPIRE: &str = "
      WHERE conversation_id = ?1 AND seq = ?2 AND expires_at IS NOT NULL";
 
 /// Gives a retry's seq back (the transaction holds the write lock, so it is still the last one).
-const GIVE_SEQ_BACK: &str = "UPDATE chat_conversations SET last_seq = last_seq - 1 WHERE conversation_id = ?1";
+/// Its time goes back with it (to the message before's), so a refused write does not move the
+/// conversation up a chat list.
+const GIVE_SEQ_BACK: &str = "
+    UPDATE chat_conversations
+       SET last_seq = last_seq - 1,
+           last_at = COALESCE(
+             (SELECT m.created_at FROM chat_messages m
+               WHERE m.conversation_id = ?1 AND m.seq = chat_conversations.last_seq - 1),
+             last_at)
+     WHERE conversation_id = ?1";
 
 /// The first copy of a retried message.
 const BY_CLIENT_ID: &str = "
@@ -290,7 +302,8 @@ const DELETE_DEVICE_TOKENS: &str = "DELETE FROM chat_refresh_tokens WHERE user_i
 const DELETE_DEVICE_LINKS: &str = "DELETE FROM chat_link_requests WHERE user_id = ?1 AND requested_by = ?2";
 
 /// Where a device (?2) of a user (?1) stands in their conversations, and in those they left:
-/// the log ends at their going for them. Each part is narrowed by what follows it.
+/// the log ends at their going for them (a device with no cursor there, linked since, gets only
+/// the message of the going). Each part is narrowed by what follows it.
 macro_rules! sync_rows {
     ($members:literal, $departed:literal) => {
         concat!(
@@ -303,7 +316,8 @@ macro_rules! sync_rows {
               WHERE m.user_id = ?1",
             $members,
             " UNION ALL
-             SELECT c.conversation_id, d.left_seq, c.purged_upto, MAX(COALESCE(cu.delivered_seq, 0), d.joined_seq)
+             SELECT c.conversation_id, d.left_seq, c.purged_upto,
+                    MAX(COALESCE(cu.delivered_seq, d.left_seq - 1), d.joined_seq)
                FROM chat_departures d
                JOIN chat_conversations c ON c.conversation_id = d.conversation_id
                LEFT JOIN chat_cursors cu
@@ -365,25 +379,29 @@ const COUNT_CONTACTS: &str = "SELECT COUNT(*) FROM chat_contacts WHERE user_id =
 const DELETE_CONTACT: &str = "DELETE FROM chat_contacts WHERE user_id = ?1 AND contact_id = ?2";
 
 /// A user's profile, with whether they have the viewer (?2) as a contact and whether the two
-/// share a group, or a direct conversation in which the owner has written.
+/// share a conversation in which the owner has written (being put in a group earns nobody a name).
 const PROFILE_SEEN: &str = "
     SELECT u.user_id, u.profile_name, u.about, u.avatar, u.profile_visibility, u.profile_at,
            EXISTS (SELECT 1 FROM chat_contacts k WHERE k.user_id = u.user_id AND k.contact_id = ?2) AS contact,
            EXISTS (SELECT 1 FROM chat_memberships v
                      JOIN chat_members o ON o.conversation_id = v.conversation_id AND o.user_id = u.user_id
-                     JOIN chat_conversations c ON c.conversation_id = v.conversation_id
-                    WHERE v.user_id = ?2 AND (c.kind = 'group' OR o.answered)) AS shared
+                    WHERE v.user_id = ?2 AND o.answered) AS shared
       FROM chat_users u WHERE u.user_id = ?1";
 
 const SET_PROFILE: &str = "
     UPDATE chat_users SET profile_name = ?2, about = ?3, avatar = ?4, profile_visibility = ?5, profile_at = ?6
      WHERE user_id = ?1";
 
-/// Everyone in a user's conversations.
+/// Who may see a user's name (see [`PROFILE_SEEN`]): the members of the conversations they have
+/// written in, and their contacts.
 const PROFILE_WATCHERS: &str = "
-    SELECT DISTINCT o.user_id FROM chat_memberships m
+    SELECT o.user_id FROM chat_memberships m
+      JOIN chat_members mine ON mine.conversation_id = m.conversation_id AND mine.user_id = m.user_id
       JOIN chat_members o ON o.conversation_id = m.conversation_id
-     WHERE m.user_id = ?1 LIMIT ?2";
+     WHERE m.user_id = ?1 AND mine.answered
+    UNION
+    SELECT contact_id FROM chat_contacts WHERE user_id = ?1
+    LIMIT ?2";
 
 const PRIVACY: &str = "SELECT share_last_seen FROM chat_users WHERE user_id = ?1";
 
@@ -1044,6 +1062,20 @@ impl Sqlite {
                     answered: r.get(4)?,
                 })
             })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    pub(super) async fn member_sample(
+        &self,
+        conversation: &ConversationId,
+        limit: i64,
+    ) -> Result<Vec<UserId>, StoreError> {
+        let conversation = *conversation;
+        self.read(move |conn| {
+            let mut statement = conn.prepare_cached(MEMBER_SAMPLE)?;
+            let rows = statement.query_map(params![conversation, limit], |r| r.get(0))?;
             Ok(rows.collect::<Result<_, _>>()?)
         })
         .await

@@ -65,8 +65,64 @@ pub(crate) enum Deleted {
     NotFound,
     /// Deleted; other uploads of the same bytes keep the job and the blobs.
     Kept,
-    /// Deleted with its job: these blobs are nobody's now.
-    Orphaned { source: BlobId, variants: Vec<BlobId> },
+    /// Deleted with its job: its original and the variants no other job names are logged in
+    /// `deleted_blobs`, for [`Store::pending_deletions`] to delete from the blob store.
+    Orphaned { source: BlobId },
+}
+
+/// Where a blob lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Namespace {
+    Originals,
+    Variants,
+}
+
+impl Namespace {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Namespace::Originals => "originals",
+            Namespace::Variants => "variants",
+        }
+    }
+
+    fn parse(name: &str) -> Result<Self, sqlx::Error> {
+        match name {
+            "originals" => Ok(Namespace::Originals),
+            "variants" => Ok(Namespace::Variants),
+            _ => Err(corrupt_row("blob namespace")),
+        }
+    }
+}
+
+/// A blob deleted (or to be deleted) from the blob store, in the order it was decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeletedBlob {
+    pub seq: i64,
+    pub namespace: Namespace,
+    pub blob: BlobId,
+    /// Unix ms.
+    pub deleted_at: i64,
+}
+
+#[derive(Debug, sqlx::FromRow)]
+struct DeletedRow {
+    seq: i64,
+    namespace: String,
+    blob: String,
+    deleted_at: i64,
+}
+
+impl TryFrom<DeletedRow> for DeletedBlob {
+    type Error = sqlx::Error;
+
+    fn try_from(row: DeletedRow) -> Result<Self, sqlx::Error> {
+        Ok(DeletedBlob {
+            seq: row.seq,
+            namespace: Namespace::parse(&row.namespace)?,
+            blob: blob(&row.blob)?,
+            deleted_at: row.deleted_at,
+        })
+    }
 }
 
 /// How a failed attempt is recorded: the policy is the queue's, the columns are these.
@@ -261,8 +317,38 @@ impl Store {
         each!(self, db => db.media(id).await)
     }
 
-    pub(crate) async fn delete(&self, id: MediaId, owner: &UserId) -> Result<Deleted, sqlx::Error> {
-        each!(self, db => db.delete(id, owner).await)
+    pub(crate) async fn delete(&self, id: MediaId, owner: &UserId, now: i64) -> Result<Deleted, sqlx::Error> {
+        each!(self, db => db.delete(id, owner, now).await)
+    }
+
+    /// Marks up to `limit` originals of jobs that succeeded before `before` as gone and logs them
+    /// for deletion, in one transaction (on PostgreSQL skipping rows another node holds). Returns
+    /// how many.
+    pub(crate) async fn retire_originals(&self, before: i64, now: i64, limit: i64) -> Result<u64, sqlx::Error> {
+        each!(self, db => db.retire_originals(before, now, limit).await)
+    }
+
+    /// Up to `limit` logged deletions whose bytes are still in the blob store, oldest first.
+    pub(crate) async fn pending_deletions(&self, limit: i64) -> Result<Vec<DeletedBlob>, sqlx::Error> {
+        let rows = each!(self, db => db.pending_deletions(limit).await)?;
+        rows.into_iter().map(DeletedBlob::try_from).collect()
+    }
+
+    /// Whether a logged blob is needed again: an original a new job (of the same bytes uploaded
+    /// again) reads, or a variant another job's result names. Such a blob is kept.
+    pub(crate) async fn needed_again(&self, deleted: &DeletedBlob) -> Result<bool, sqlx::Error> {
+        each!(self, db => db.needed_again(deleted.namespace, &deleted.blob).await)
+    }
+
+    /// These logged deletions are done (their bytes are gone, or kept for good reason).
+    pub(crate) async fn deletions_done(&self, seqs: &[i64]) -> Result<(), sqlx::Error> {
+        each!(self, db => db.deletions_done(seqs).await)
+    }
+
+    /// Up to `limit` blobs deleted after `after` (a `seq`), in order: what edges should purge.
+    pub async fn deleted_since(&self, after: i64, limit: i64) -> Result<Vec<DeletedBlob>, sqlx::Error> {
+        let rows = each!(self, db => db.deleted_since(after, limit).await)?;
+        rows.into_iter().map(DeletedBlob::try_from).collect()
     }
 
     pub(crate) async fn claim(

@@ -11,9 +11,31 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use types::{BlobId, MediaId, MediaKind, UserId};
 
 use super::{
-    ClaimRow, Claimed, DAY_MS, Deleted, Failure, JobRow, JobState, MediaJobRow, MediaRow, NewMedia, Usage, blob,
-    variants_of,
+    ClaimRow, Claimed, DAY_MS, Deleted, DeletedRow, Failure, JobRow, JobState, MediaJobRow, MediaRow, Namespace,
+    NewMedia, Usage, blob, variants_of,
 };
+
+/// Originals of jobs that succeeded before ?1, not yet retired: up to ?2.
+const ORIGINALS_TO_RETIRE: &str = "
+    SELECT source_blob FROM jobs
+     WHERE status = 'ready' AND original_gone = 0 AND updated_at <= ?1
+     ORDER BY updated_at LIMIT ?2";
+
+const RETIRE_ORIGINAL: &str = "UPDATE jobs SET original_gone = 1 WHERE source_blob = ?1";
+
+/// A blob to delete, logged in the transaction that decides it.
+const LOG_DELETION: &str = "INSERT INTO deleted_blobs (namespace, blob, deleted_at) VALUES (?1, ?2, ?3)";
+
+const PENDING_DELETIONS: &str =
+    "SELECT seq, namespace, blob, deleted_at FROM deleted_blobs WHERE removed = 0 ORDER BY seq LIMIT ?1";
+
+const DELETION_DONE: &str = "UPDATE deleted_blobs SET removed = 1 WHERE seq = ?1";
+
+const DELETED_SINCE: &str =
+    "SELECT seq, namespace, blob, deleted_at FROM deleted_blobs WHERE seq > ?1 ORDER BY seq LIMIT ?2";
+
+/// An original that a job of the same bytes, uploaded again, still needs.
+const ORIGINAL_NEEDED: &str = "SELECT 1 FROM jobs WHERE source_blob = ?1 AND original_gone = 0";
 
 const QUEUED: &str = "SELECT COUNT(*) FROM jobs WHERE status = 'processing'";
 
@@ -218,7 +240,7 @@ impl Sqlite {
         row.map(MediaRow::try_from).transpose()
     }
 
-    pub(super) async fn delete(&self, id: MediaId, owner: &UserId) -> Result<Deleted, sqlx::Error> {
+    pub(super) async fn delete(&self, id: MediaId, owner: &UserId, now: i64) -> Result<Deleted, sqlx::Error> {
         let mut tx = self.db.begin().await?;
         let source: Option<String> = sqlx::query_scalar(DELETE_OWNED_MEDIA)
             .bind(id.to_string())
@@ -235,16 +257,59 @@ impl Sqlite {
         };
         // Different uploads can come out as the same bytes (variants are named by their hash
         // too): keep what another job's result still names.
-        let mut variants = Vec::new();
+        sqlx::query(LOG_DELETION).bind(Namespace::Originals.as_str()).bind(&source).bind(now).execute(&mut *tx).await?;
         for variant in variants_of(result)? {
             let named: Option<i64> =
                 sqlx::query_scalar(NAMED_BY_A_JOB).bind(variant.to_hex()).fetch_optional(&mut *tx).await?;
             if named.is_none() {
-                variants.push(variant);
+                let variants = Namespace::Variants.as_str();
+                sqlx::query(LOG_DELETION).bind(variants).bind(variant.to_hex()).bind(now).execute(&mut *tx).await?;
             }
         }
         tx.commit().await?;
-        Ok(Deleted::Orphaned { source: blob(&source)?, variants })
+        Ok(Deleted::Orphaned { source: blob(&source)? })
+    }
+
+    pub(super) async fn retire_originals(&self, before: i64, now: i64, limit: i64) -> Result<u64, sqlx::Error> {
+        let mut tx = self.db.begin().await?;
+        let sources: Vec<String> =
+            sqlx::query_scalar(ORIGINALS_TO_RETIRE).bind(before).bind(limit).fetch_all(&mut *tx).await?;
+        for source in &sources {
+            sqlx::query(RETIRE_ORIGINAL).bind(source).execute(&mut *tx).await?;
+            sqlx::query(LOG_DELETION)
+                .bind(Namespace::Originals.as_str())
+                .bind(source)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(sources.len() as u64)
+    }
+
+    pub(super) async fn pending_deletions(&self, limit: i64) -> Result<Vec<DeletedRow>, sqlx::Error> {
+        sqlx::query_as(PENDING_DELETIONS).bind(limit).fetch_all(&self.db).await
+    }
+
+    pub(super) async fn needed_again(&self, namespace: Namespace, blob: &BlobId) -> Result<bool, sqlx::Error> {
+        let query = match namespace {
+            Namespace::Originals => ORIGINAL_NEEDED,
+            Namespace::Variants => NAMED_BY_A_JOB,
+        };
+        let found: Option<i64> = sqlx::query_scalar(query).bind(blob.to_hex()).fetch_optional(&self.db).await?;
+        Ok(found.is_some())
+    }
+
+    pub(super) async fn deletions_done(&self, seqs: &[i64]) -> Result<(), sqlx::Error> {
+        let mut tx = self.db.begin().await?;
+        for seq in seqs {
+            sqlx::query(DELETION_DONE).bind(seq).execute(&mut *tx).await?;
+        }
+        tx.commit().await
+    }
+
+    pub(super) async fn deleted_since(&self, after: i64, limit: i64) -> Result<Vec<DeletedRow>, sqlx::Error> {
+        sqlx::query_as(DELETED_SINCE).bind(after).bind(limit).fetch_all(&self.db).await
     }
 
     pub(super) async fn claim(

@@ -708,9 +708,11 @@ async fn groups_are_administered_and_every_change_is_a_system_message() {
     assert_eq!(events, expected.map(|(e, s)| (e.to_owned(), s.to_owned())).to_vec(), "{page}");
     let left = page["messages"].as_array().unwrap().last().unwrap();
     assert_eq!(left["body"]["admins"], json!(["alice"]));
-    // A client cannot write a system message of its own.
+    // A client cannot write a system message of its own, nor undo one.
     let forged = json!({"client_id": "f1", "body": {"system": "members_added", "by": "alice", "users": ["eve"]}});
     assert_eq!(code(post(&server, &carol, &messages, forged).await).0, 422);
+    let undo = json!({"client_id": "f2", "body": {"delete": 1}});
+    assert_eq!(code(post(&server, &alice, &messages, undo).await), (409, "not_editable".into()));
 
     // Bob, gone, reads up to his leaving; a direct chat has no settings to change.
     let (_, his) = get(&server, &bob, &format!("{messages}?after=0")).await;
@@ -775,8 +777,15 @@ async fn profiles_show_each_viewer_what_their_owner_lets_them_see() {
     assert_eq!(seen_by(&bob).await.1["about"], Value::Null);
     assert_eq!(seen_by(&bob).await.1["name"], "Alice");
 
-    // A group shares names; the batch answers what the caller may see, each once, in order.
-    post(&server, &alice, "/v1/conversations", json!({"type": "group", "name": "g", "members": ["carol"]})).await;
+    // Being put in a group earns nobody a name; alice's writing there does. The batch answers
+    // what the caller may see, each once, in order.
+    post(&server, &eve, "/v1/conversations", json!({"type": "group", "name": "trap", "members": ["alice"]})).await;
+    assert_eq!(code(seen_by(&eve).await), (404, "not_found".into()));
+    let (_, group) =
+        post(&server, &alice, "/v1/conversations", json!({"type": "group", "name": "g", "members": ["carol"]})).await;
+    let group_messages = format!("/v1/conversations/{}/messages", group["id"].as_str().unwrap());
+    assert_eq!(post(&server, &carol, "/v1/users/lookup-ids", json!({"ids": ["alice"]})).await.1["users"], json!([]));
+    post(&server, &alice, &group_messages, json!({"client_id": "g1", "body": {"text": "hello group"}})).await;
     let (status, found) =
         post(&server, &carol, "/v1/users/lookup-ids", json!({"ids": ["alice", "eve", "nobody", "alice", "carol"]}))
             .await;

@@ -260,6 +260,8 @@ pub(crate) fn spawn_courier_via(
         .env("COURIER_EDGE_LOG", "warn")
         // CI sets variables like this one for other suites; courier must not mistake them for settings.
         .env("COURIER_TEST_UNRELATED", "1")
+        // Suites count originals after an upload: keep them (the lifecycle tests set 0 themselves).
+        .env("COURIER_INGEST__KEEP_ORIGINALS_DAYS", "3650")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     for (k, v) in env {

@@ -17,3 +17,4 @@ mod live;
 mod photos;
 mod quotas;
 mod sandbox;
+mod storage;

@@ -1,0 +1,19 @@
+-- Storage that does not grow forever. A job's original is deleted once the job has succeeded
+-- (after `ingest.keep_originals_days`): `original_gone` says so, and the job row keeps the source
+-- hash and result, so the same bytes uploaded again still deduplicate against its variants.
+-- Keyed like `jobs` (by source_blob) in the distribution plan.
+ALTER TABLE jobs ADD COLUMN original_gone BOOLEAN NOT NULL DEFAULT FALSE;
+CREATE INDEX jobs_originals_to_retire ON jobs (status, original_gone, updated_at);
+
+-- Every blob deleted, in order: written in the transaction that decides it (so a crash cannot
+-- leak the bytes: the sweep deletes what is not `removed` yet, on any node, idempotently), and
+-- read by operators' edge purge jobs (`GET /admin/deleted-blobs?after=SEQ`). A reference table
+-- in the distribution plan (small rows, read in seq order).
+CREATE TABLE deleted_blobs (
+    seq        BIGSERIAL PRIMARY KEY,
+    namespace  TEXT NOT NULL,              -- 'originals' | 'variants'
+    blob       TEXT NOT NULL,
+    deleted_at BIGINT NOT NULL,            -- unix ms
+    removed    BOOLEAN NOT NULL DEFAULT FALSE
+);
+CREATE INDEX deleted_blobs_pending ON deleted_blobs (removed, seq);

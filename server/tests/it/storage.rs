@@ -1,0 +1,90 @@
+//! Storage that does not grow forever: originals go once their job has succeeded, deleted blobs
+//! leave the store, and operators can follow what went to purge their edges.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::harness::{DataDir, Server, fixture};
+
+const ADMIN: &str = "an-admin-token-of-32-characters!";
+
+/// Waits until `done` holds, checking every 50 ms for 20 s.
+async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !done() {
+        assert!(Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn feed(server: &Server, token: Option<&str>, after: i64) -> (u16, Value) {
+    let mut request = server.http.get(server.url(&format!("/admin/deleted-blobs?after={after}")));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn an_original_goes_once_its_job_succeeds_and_the_same_bytes_still_deduplicate() {
+    let data = DataDir::new();
+    let server = Server::start(
+        &data,
+        &[
+            ("COURIER_INGEST__KEEP_ORIGINALS_DAYS", "0"),
+            ("COURIER_INGEST__SWEEP_INTERVAL_MS", "100"),
+            ("COURIER_ADMIN_TOKEN", ADMIN),
+        ],
+    );
+    let alice = server.token("alice");
+    let photo = server.upload_ready(&alice, "image/jpeg", fixture("rocket.jpg")).await;
+    assert_eq!(photo["status"], "ready");
+    eventually("the original is deleted", || server.files_under("blobs/originals").is_empty()).await;
+    let variants = server.files_under("blobs/variants").len();
+    assert!(variants >= 2);
+
+    // The same bytes again (by someone else, too): ready at once with the same variants, and no
+    // original is stored for them.
+    let bob = server.token("bob");
+    let again = server.upload_ready(&bob, "image/jpeg", fixture("rocket.jpg")).await;
+    assert_eq!(again["status"], "ready");
+    assert_eq!(again["variants"]["standard"]["blob"], photo["variants"]["standard"]["blob"]);
+    assert!(server.files_under("blobs/originals").is_empty());
+    assert_eq!(server.files_under("blobs/variants").len(), variants);
+    let bytes = crate::harness::variant_bytes(&server, &again, "thumb").await;
+    assert!(!bytes.is_empty());
+
+    // The feed names the original, in order, for the operator only.
+    assert_eq!(feed(&server, None, 0).await.0, 401);
+    assert_eq!(feed(&server, Some("not-the-admin-token-at-all-no"), 0).await.0, 401);
+    let (status, deleted) = feed(&server, Some(ADMIN), 0).await;
+    assert_eq!(status, 200, "{deleted}");
+    let blobs = deleted["blobs"].as_array().unwrap();
+    assert_eq!(blobs.len(), 1, "{deleted}");
+    assert_eq!((blobs[0]["namespace"].as_str(), &blobs[0]["blob"]), (Some("originals"), &photo["blob"]));
+
+    // When the last media of the bytes is deleted, its variants go too, and the feed says so.
+    for (token, media) in [(&alice, &photo), (&bob, &again)] {
+        let id = media["id"].as_str().unwrap();
+        let response =
+            server.http.delete(server.url(&format!("/v1/media/{id}"))).bearer_auth(token).send().await.unwrap();
+        assert_eq!(response.status(), 204);
+    }
+    eventually("the variants are deleted", || server.files_under("blobs/variants").is_empty()).await;
+    let (_, rest) = feed(&server, Some(ADMIN), deleted["next"].as_i64().unwrap()).await;
+    let namespaces: Vec<&str> =
+        rest["blobs"].as_array().unwrap().iter().map(|b| b["namespace"].as_str().unwrap()).collect();
+    assert!(namespaces.contains(&"variants") && namespaces.len() == 1 + variants, "{rest}");
+    assert_eq!(feed(&server, Some(ADMIN), rest["next"].as_i64().unwrap()).await.1["blobs"], serde_json::json!([]));
+}
+
+#[tokio::test]
+async fn without_an_admin_token_the_feed_does_not_exist() {
+    let data = DataDir::new();
+    let server = Server::start(&data, &[]);
+    let (status, body) = feed(&server, Some(ADMIN), 0).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (404, Some("not_found")));
+}
