@@ -538,8 +538,14 @@ async fn update_group(
     if fields.is_empty() {
         return Err(ApiError::Invalid("give name, description, avatar or info_by_all".into()));
     }
+    let source = format!("avatar/group/{id}");
+    let before = chat.store.details(&id, &claims.sub).await?.info.avatar;
+    if let Some(avatar) = &set.avatar {
+        chat.keep_avatar(&claims.sub, &source, avatar.as_deref()).await?;
+    }
     chat.change(&claims.sub, &id, Change::Info(set)).await?;
     let details = chat.store.details(&id, &claims.sub).await?;
+    chat.drop_avatar(&source, before.as_deref(), details.info.avatar.as_deref()).await;
     Ok(Json(details_view(&chat, details).await?))
 }
 

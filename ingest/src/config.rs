@@ -26,8 +26,17 @@ pub struct IngestConfig {
     /// How long an original is kept after its job has succeeded, in days (0: deleted at the next
     /// sweep). The variants stay, and the same bytes uploaded again still share them.
     pub keep_originals_days: u64,
-    /// How often each node sweeps: retires originals and deletes the blobs logged for deletion.
+    /// How long a media record no message (nor avatar) references any more is kept, in days from
+    /// its upload; then it goes with its grants, and its blobs when nothing else names them.
+    pub media_retention_days: u64,
+    /// How long a media record that was never sent is kept, in days from its upload.
+    pub unsent_media_days: u64,
+    /// How often each node sweeps: retires originals, expires media and deletes the blobs logged
+    /// for deletion.
     pub sweep_interval_ms: u64,
+    /// The length of the "day" the three settings above count in, in milliseconds: a test hook
+    /// (tests shorten it to see a month pass); leave it at 86400000.
+    pub test_day_ms: u64,
     pub job: JobConfig,
     pub audio: AudioConfig,
     pub video: VideoConfig,
@@ -46,7 +55,10 @@ impl Default for IngestConfig {
             url_ttl_secs: 7 * 24 * 3600,
             public_base_url: None,
             keep_originals_days: 0,
+            media_retention_days: 30,
+            unsent_media_days: 1,
             sweep_interval_ms: 10_000,
+            test_day_ms: 86_400_000,
             job: JobConfig::default(),
             audio: AudioConfig::default(),
             video: VideoConfig::default(),

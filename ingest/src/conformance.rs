@@ -97,6 +97,7 @@ on_both!(
     an_old_claim_never_speaks_for_a_new_job,
     usage_counts_a_users_bytes_by_day_and_in_all,
     originals_retire_after_success_and_every_deletion_is_logged,
+    media_nothing_references_expire_and_shared_bytes_stay_while_referenced,
 );
 
 fn alice() -> UserId {
@@ -390,4 +391,50 @@ async fn originals_retire_after_success_and_every_deletion_is_logged(t: Tables) 
     assert!(all.windows(2).all(|w| w[0].seq < w[1].seq));
     let rest = t.store.deleted_since(all[0].seq, 100).await.unwrap();
     assert_eq!(rest, all[1..].to_vec());
+}
+
+async fn media_nothing_references_expire_and_shared_bytes_stay_while_referenced(t: Tables) {
+    let (unsent, retention) = (1_000, 5_000);
+    let expire = |t: &Tables| {
+        let (store, now) = (t.store.clone(), t.clock.now_ms());
+        async move { store.expire_media(now, unsent, retention, 100).await.unwrap() }
+    };
+    let (never_sent, never_sent_blob) = upload_as(&t, &alice(), b"never sent", MediaKind::Image).await;
+    let (sent, sent_blob) = upload_as(&t, &alice(), b"sent in a message", MediaKind::Image).await;
+    t.records.grant(sent, &[alice()], "c1/1").await.unwrap();
+    // Two records of the same bytes: one sent, one not.
+    let (kept, twice) = upload_as(&t, &alice(), b"uploaded twice", MediaKind::Image).await;
+    let (dropped, _) = upload_as(&t, &"bob".parse().unwrap(), b"uploaded twice", MediaKind::Image).await;
+    t.records.grant(kept, &[alice()], "c1/2").await.unwrap();
+
+    assert!(expire(&t).await.is_empty(), "nothing is a day old");
+    t.clock.advance(unsent);
+    assert_eq!(expire(&t).await, vec![never_sent_blob], "the never-sent record went, with its job");
+    assert!(t.records.media(never_sent).await.unwrap().is_none());
+    assert!(t.records.media(dropped).await.unwrap().is_none(), "bob's unsent copy went too");
+    assert!(t.queue.job(&twice).await.unwrap().is_some(), "but alice's sent copy keeps the job");
+    let logged: Vec<BlobId> = t.store.pending_deletions(10).await.unwrap().into_iter().map(|d| d.blob).collect();
+    assert_eq!(logged, vec![never_sent_blob]);
+
+    // Referenced, a record stays past any age; its message gone, it goes after the retention.
+    t.clock.advance(retention * 2);
+    assert!(expire(&t).await.is_empty());
+    assert!(t.records.media(sent).await.unwrap().is_some());
+    assert_eq!(t.records.revoke(sent, "c1/1").await.unwrap(), 1);
+    assert_eq!(t.records.revoke(kept, "c1/2").await.unwrap(), 1);
+    let mut gone = expire(&t).await;
+    gone.sort_by_key(|b| b.to_hex());
+    let mut expected = vec![sent_blob, twice];
+    expected.sort_by_key(|b| b.to_hex());
+    assert_eq!(gone, expected, "uploaded long ago and no longer referenced");
+    assert!(t.records.media(kept).await.unwrap().is_none());
+    // A grant that comes before the sweep keeps a record (and a revocation that leaves another
+    // grant does not make it a candidate).
+    let (fresh, _) = upload_as(&t, &alice(), b"fresh", MediaKind::Image).await;
+    t.records.grant(fresh, &[alice()], "c2/1").await.unwrap();
+    t.records.grant(fresh, &[alice()], "c2/2").await.unwrap();
+    t.records.revoke(fresh, "c2/1").await.unwrap();
+    t.clock.advance(retention * 2);
+    assert!(expire(&t).await.is_empty());
+    assert!(t.records.media(fresh).await.unwrap().is_some());
 }

@@ -50,6 +50,9 @@ const SWEEP_BATCH: i64 = 100;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SweepReport {
     pub originals_retired: u64,
+    /// Media records that expired with their jobs (those whose bytes another record still
+    /// refers to are not counted).
+    pub media_expired: u64,
     pub originals_deleted: u64,
     pub variants_deleted: u64,
 }
@@ -170,17 +173,32 @@ impl Ingest {
     }
 
     /// One sweep of the blob store: retires the originals of jobs that succeeded longer ago than
-    /// `keep_originals_days` (in batches), then deletes what the log says is to go. Safe on every
+    /// `keep_originals_days`, expires media records nothing references (`media_retention_days`,
+    /// `unsent_media_days`), in batches, then deletes what the log says is to go. Safe on every
     /// node at once (PostgreSQL claims rows with `SKIP LOCKED`; deleting a blob twice is harmless)
     /// and after a crash anywhere in it (the log is written in the deciding transaction).
     pub async fn sweep(&self) -> Result<SweepReport, IngestError> {
         let now = self.clock.now_ms();
-        let keep_ms = (self.config.keep_originals_days as i64).saturating_mul(store::DAY_MS);
+        let day = self.config.test_day_ms.max(1) as i64;
+        let days = |n: u64| (n as i64).saturating_mul(day);
         let mut report = SweepReport::default();
         loop {
-            let retired = self.store.retire_originals(now.saturating_sub(keep_ms), now, SWEEP_BATCH).await?;
+            let before = now.saturating_sub(days(self.config.keep_originals_days));
+            let retired = self.store.retire_originals(before, now, SWEEP_BATCH).await?;
             report.originals_retired += retired;
             if retired < SWEEP_BATCH as u64 {
+                break;
+            }
+        }
+        let (unsent, retention) = (days(self.config.unsent_media_days), days(self.config.media_retention_days));
+        loop {
+            let orphaned = self.store.expire_media(now, unsent, retention, SWEEP_BATCH).await?;
+            for source in &orphaned {
+                // A job still running for bytes nobody refers to any more stops.
+                self.running.cancel(source);
+            }
+            report.media_expired += orphaned.len() as u64;
+            if orphaned.is_empty() {
                 break;
             }
         }

@@ -48,7 +48,7 @@ impl MediaRecords {
     /// Takes back what `source` granted of media `id`; grants from other sources stay. Returns how
     /// many went.
     pub(crate) async fn revoke(&self, id: MediaId, source: &str) -> Result<u64, sqlx::Error> {
-        self.store.revoke(id, source).await
+        self.store.revoke(id, source, self.clock.now_ms()).await
     }
 
     pub(crate) async fn media(&self, id: MediaId) -> Result<Option<MediaRow>, sqlx::Error> {

@@ -1620,7 +1620,8 @@ impl Store {
 
     /// Deletes, in each conversation, the messages up to the newest one created before
     /// `before_ms` (a prefix of the log, as a conversation's times never go backwards), and
-    /// records how far (`purged_upto`). Runs in slices of at most [`PURGE_SLICE`] messages, each its
+    /// records how far (`purged_upto`); the media grants the purged messages gave are queued to be
+    /// taken back, as a deletion's are. Runs in slices of at most [`PURGE_SLICE`] messages, each its
     /// own short transaction, so sends are never held up behind a large purge. Returns how many
     /// went.
     pub async fn purge_before(&self, before_ms: i64) -> Result<u64, StoreError> {
@@ -1635,7 +1636,7 @@ impl Store {
                 let mut after = start;
                 while after < horizon {
                     let upto = horizon.min(after + PURGE_SLICE);
-                    purged += each!(self, s => s.purge_range(&conversation, after, upto).await)?;
+                    purged += each!(self, s => s.purge_range(&conversation, after, upto, now_ms()).await)?;
                     after = upto;
                 }
             }

@@ -502,6 +502,14 @@ const RETENTION_HORIZONS: &str = "
 /// One slice of a conversation's purge.
 const PURGE_RANGE: &str = "DELETE FROM chat_messages WHERE conversation_id = $1 AND seq > $2 AND seq <= $3";
 
+/// The media grants of the messages a purge takes, to take back as a deletion's are (the media
+/// then lives on only as long as ingest's retention keeps a media nothing references).
+const REVOKE_PURGED_MEDIA: &str = "
+    INSERT INTO chat_media_revocations (conversation_id, seq, media_id, created_at)
+    SELECT conversation_id, seq, (body::jsonb ->> 'media'), $4 FROM chat_messages
+     WHERE conversation_id = $1 AND seq > $2 AND seq <= $3 AND (body::jsonb ->> 'media') IS NOT NULL
+    ON CONFLICT (conversation_id, seq) DO NOTHING";
+
 const MARK_PURGED: &str =
     "UPDATE chat_conversations SET purged_upto = GREATEST(purged_upto, $2) WHERE conversation_id = $1";
 
@@ -1241,9 +1249,11 @@ impl Postgres {
         conversation: &ConversationId,
         after: i64,
         upto: i64,
+        now: i64,
     ) -> Result<u64, StoreError> {
         let mut tx = self.db.begin().await?;
         sqlx::query(MARK_PURGED).bind(conversation).bind(upto).execute(&mut *tx).await?;
+        sqlx::query(REVOKE_PURGED_MEDIA).bind(conversation).bind(after).bind(upto).bind(now).execute(&mut *tx).await?;
         let purged =
             sqlx::query(PURGE_RANGE).bind(conversation).bind(after).bind(upto).execute(&mut *tx).await?.rows_affected();
         tx.commit().await?;

@@ -504,6 +504,14 @@ const RETENTION_HORIZONS: &str = "
 /// One slice of a conversation's purge.
 const PURGE_RANGE: &str = "DELETE FROM chat_messages WHERE conversation_id = ?1 AND seq > ?2 AND seq <= ?3";
 
+/// The media grants of the messages a purge takes, to take back as a deletion's are (the media
+/// then lives on only as long as ingest's retention keeps a media nothing references).
+const REVOKE_PURGED_MEDIA: &str = "
+    INSERT INTO chat_media_revocations (conversation_id, seq, media_id, created_at)
+    SELECT conversation_id, seq, json_extract(body, '$.media'), ?4 FROM chat_messages
+     WHERE conversation_id = ?1 AND seq > ?2 AND seq <= ?3 AND json_extract(body, '$.media') IS NOT NULL
+    ON CONFLICT (conversation_id, seq) DO NOTHING";
+
 const MARK_PURGED: &str = "UPDATE chat_conversations SET purged_upto = MAX(purged_upto, ?2) WHERE conversation_id = ?1";
 
 const PUT_CODE: &str = "
@@ -1530,11 +1538,13 @@ impl Sqlite {
         conversation: &ConversationId,
         after: i64,
         upto: i64,
+        now: i64,
     ) -> Result<u64, StoreError> {
         let conversation = *conversation;
         self.write(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             tx.prepare_cached(MARK_PURGED)?.execute(params![conversation, upto])?;
+            tx.prepare_cached(REVOKE_PURGED_MEDIA)?.execute(params![conversation, after, upto, now])?;
             let purged = tx.prepare_cached(PURGE_RANGE)?.execute(params![conversation, after, upto])?;
             tx.commit()?;
             Ok(purged as u64)

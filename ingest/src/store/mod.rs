@@ -309,8 +309,22 @@ impl Store {
         each!(self, db => db.grant(id, users, source, now).await)
     }
 
-    pub(crate) async fn revoke(&self, id: MediaId, source: &str) -> Result<u64, sqlx::Error> {
-        each!(self, db => db.revoke(id, source).await)
+    pub(crate) async fn revoke(&self, id: MediaId, source: &str, now: i64) -> Result<u64, sqlx::Error> {
+        each!(self, db => db.revoke(id, source, now).await)
+    }
+
+    /// Deletes up to `limit` media records due to expire at `now` (no grants left, and uploaded
+    /// more than `retention_ms` ago, or `unsent_ms` if never shared) with their jobs when no other
+    /// record refers to the bytes, logging the blobs that go; records not due yet are given their
+    /// time to be looked at again. Returns the sources whose jobs went.
+    pub(crate) async fn expire_media(
+        &self,
+        now: i64,
+        unsent_ms: i64,
+        retention_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<BlobId>, sqlx::Error> {
+        each!(self, db => db.expire_media(now, unsent_ms, retention_ms, limit).await)
     }
 
     pub(crate) async fn media(&self, id: MediaId) -> Result<Option<MediaRow>, sqlx::Error> {

@@ -54,9 +54,29 @@ const UPSERT_JOB: &str = "
            error_code = NULL, error_message = NULL, updated_at = ?4
      WHERE jobs.status = 'failed' AND jobs.permanent = 0";
 
+/// A new record is looked at by the next sweep (which sets when to look again).
 const INSERT_MEDIA: &str = "
-    INSERT INTO media (id, owner, kind, source_blob, source_mime, source_bytes, created_at)
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
+    INSERT INTO media (id, owner, kind, source_blob, source_mime, source_bytes, created_at, expire_check_at)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)";
+
+/// Shared: referenced now, not a candidate to expire until a revocation.
+const MARK_SHARED: &str = "UPDATE media SET last_shared_at = ?2, expire_check_at = NULL WHERE id = ?1";
+
+/// A revocation that left a record with no grants makes it a candidate again.
+const MARK_UNSHARED: &str = "
+    UPDATE media SET expire_check_at = ?2
+     WHERE id = ?1 AND NOT EXISTS (SELECT 1 FROM media_grants g WHERE g.media_id = ?1)";
+
+/// Records the sweep should look at by ?1, oldest first.
+const EXPIRY_CANDIDATES: &str = "
+    SELECT id, created_at, last_shared_at FROM media WHERE expire_check_at <= ?1
+     ORDER BY expire_check_at LIMIT ?2";
+
+const HAS_GRANTS: &str = "SELECT 1 FROM media_grants WHERE media_id = ?1 LIMIT 1";
+
+const SET_EXPIRE_CHECK: &str = "UPDATE media SET expire_check_at = ?2 WHERE id = ?1";
+
+const DELETE_MEDIA_BY_ID: &str = "DELETE FROM media WHERE id = ?1 RETURNING source_blob";
 
 const DELETE_MEDIA: &str = "DELETE FROM media WHERE id = ?1";
 
@@ -228,11 +248,18 @@ impl Sqlite {
                 .execute(&mut *tx)
                 .await?;
         }
+        sqlx::query(MARK_SHARED).bind(id.to_string()).bind(now).execute(&mut *tx).await?;
         tx.commit().await
     }
 
-    pub(super) async fn revoke(&self, id: MediaId, source: &str) -> Result<u64, sqlx::Error> {
-        Ok(sqlx::query(REVOKE).bind(source).bind(id.to_string()).execute(&self.db).await?.rows_affected())
+    pub(super) async fn revoke(&self, id: MediaId, source: &str, now: i64) -> Result<u64, sqlx::Error> {
+        let mut tx = self.db.begin().await?;
+        let revoked = sqlx::query(REVOKE).bind(source).bind(id.to_string()).execute(&mut *tx).await?.rows_affected();
+        if revoked > 0 {
+            sqlx::query(MARK_UNSHARED).bind(id.to_string()).bind(now).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(revoked)
     }
 
     pub(super) async fn media(&self, id: MediaId) -> Result<Option<MediaRow>, sqlx::Error> {
@@ -249,25 +276,41 @@ impl Sqlite {
             .await?;
         let Some(source) = source else { return Ok(Deleted::NotFound) };
         sqlx::query(DELETE_GRANTS).bind(id.to_string()).execute(&mut *tx).await?;
-        let job: Option<Option<String>> =
-            sqlx::query_scalar(DELETE_ORPHANED_JOB).bind(&source).fetch_optional(&mut *tx).await?;
-        let Some(result) = job else {
-            tx.commit().await?;
-            return Ok(Deleted::Kept);
-        };
-        // Different uploads can come out as the same bytes (variants are named by their hash
-        // too): keep what another job's result still names.
-        sqlx::query(LOG_DELETION).bind(Namespace::Originals.as_str()).bind(&source).bind(now).execute(&mut *tx).await?;
-        for variant in variants_of(result)? {
-            let named: Option<i64> =
-                sqlx::query_scalar(NAMED_BY_A_JOB).bind(variant.to_hex()).fetch_optional(&mut *tx).await?;
-            if named.is_none() {
-                let variants = Namespace::Variants.as_str();
-                sqlx::query(LOG_DELETION).bind(variants).bind(variant.to_hex()).bind(now).execute(&mut *tx).await?;
+        let orphaned = orphan(&mut tx, &source, now).await?;
+        tx.commit().await?;
+        Ok(if orphaned { Deleted::Orphaned { source: blob(&source)? } } else { Deleted::Kept })
+    }
+
+    pub(super) async fn expire_media(
+        &self,
+        now: i64,
+        unsent_ms: i64,
+        retention_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<BlobId>, sqlx::Error> {
+        let mut tx = self.db.begin().await?;
+        let candidates: Vec<(String, i64, Option<i64>)> =
+            sqlx::query_as(EXPIRY_CANDIDATES).bind(now).bind(limit).fetch_all(&mut *tx).await?;
+        let mut orphaned = Vec::new();
+        for (id, created_at, last_shared_at) in candidates {
+            let shared: Option<i64> = sqlx::query_scalar(HAS_GRANTS).bind(&id).fetch_optional(&mut *tx).await?;
+            let due = created_at.saturating_add(if last_shared_at.is_some() { retention_ms } else { unsent_ms });
+            if shared.is_some() || due > now {
+                // Referenced (a grant came meanwhile), or not yet old enough: look again then.
+                let next = shared.is_none().then_some(due);
+                sqlx::query(SET_EXPIRE_CHECK).bind(&id).bind(next).execute(&mut *tx).await?;
+                continue;
+            }
+            let source: Option<String> =
+                sqlx::query_scalar(DELETE_MEDIA_BY_ID).bind(&id).fetch_optional(&mut *tx).await?;
+            if let Some(source) = source
+                && orphan(&mut tx, &source, now).await?
+            {
+                orphaned.push(blob(&source)?);
             }
         }
         tx.commit().await?;
-        Ok(Deleted::Orphaned { source: blob(&source)? })
+        Ok(orphaned)
     }
 
     pub(super) async fn retire_originals(&self, before: i64, now: i64, limit: i64) -> Result<u64, sqlx::Error> {
@@ -372,4 +415,25 @@ impl Sqlite {
             .await?;
         Ok(done.rows_affected() == 1)
     }
+}
+
+/// Deletes the job of bytes no media record refers to any more, inside `tx`, and logs its original
+/// and the variants no other job names for deletion. False when the job stays (another record
+/// refers to the bytes).
+async fn orphan(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, source: &str, now: i64) -> Result<bool, sqlx::Error> {
+    let job: Option<Option<String>> =
+        sqlx::query_scalar(DELETE_ORPHANED_JOB).bind(source).fetch_optional(&mut **tx).await?;
+    let Some(result) = job else { return Ok(false) };
+    sqlx::query(LOG_DELETION).bind(Namespace::Originals.as_str()).bind(source).bind(now).execute(&mut **tx).await?;
+    // Different uploads can come out as the same bytes (variants are named by their hash too):
+    // keep what another job's result still names.
+    for variant in variants_of(result)? {
+        let named: Option<i64> =
+            sqlx::query_scalar(NAMED_BY_A_JOB).bind(variant.to_hex()).fetch_optional(&mut **tx).await?;
+        if named.is_none() {
+            let variants = Namespace::Variants.as_str();
+            sqlx::query(LOG_DELETION).bind(variants).bind(variant.to_hex()).bind(now).execute(&mut **tx).await?;
+        }
+    }
+    Ok(true)
 }

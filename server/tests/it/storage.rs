@@ -88,3 +88,80 @@ async fn without_an_admin_token_the_feed_does_not_exist() {
     let (status, body) = feed(&server, Some(ADMIN), 0).await;
     assert_eq!((status, body["error"]["code"].as_str()), (404, Some("not_found")));
 }
+
+#[tokio::test]
+async fn media_live_as_long_as_the_messages_that_carry_them() {
+    let data = DataDir::new();
+    // A "day" of one second: unsent media go after one, unreferenced media two after upload.
+    let server = Server::start(
+        &data,
+        &[
+            ("COURIER_INGEST__TEST_DAY_MS", "1000"),
+            ("COURIER_INGEST__UNSENT_MEDIA_DAYS", "1"),
+            ("COURIER_INGEST__MEDIA_RETENTION_DAYS", "2"),
+            ("COURIER_INGEST__KEEP_ORIGINALS_DAYS", "0"),
+            ("COURIER_INGEST__SWEEP_INTERVAL_MS", "100"),
+        ],
+    );
+    let device = |user: &str| {
+        let (server, user) = (&server, user.to_owned());
+        async move {
+            let response = server
+                .http
+                .post(server.url("/v1/devices"))
+                .bearer_auth(server.token(&user))
+                .json(&serde_json::json!({"name": "phone"}))
+                .send()
+                .await
+                .unwrap();
+            response.json::<Value>().await.unwrap()["access_token"].as_str().unwrap().to_owned()
+        }
+    };
+    let (alice, bob) = (device("alice").await, device("bob").await);
+    let sent = server.upload_ready(&alice, "image/jpeg", fixture("rocket.jpg")).await;
+    let unsent = server.upload_ready(&alice, "image/png", fixture("alpha.png")).await;
+    // Bob uploads the same bytes as alice's sent photo, and never sends them.
+    let copy = server.upload_ready(&bob, "image/jpeg", fixture("rocket.jpg")).await;
+    let chat: Value = server
+        .http
+        .post(server.url("/v1/conversations"))
+        .bearer_auth(&alice)
+        .json(&serde_json::json!({"type": "direct", "members": ["bob"]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let messages = format!("/v1/conversations/{}/messages", chat["id"].as_str().unwrap());
+    let body = serde_json::json!({"client_id": "m1", "body": {"media": sent["id"].clone()}});
+    let response = server.http.post(server.url(&messages)).bearer_auth(&alice).json(&body).send().await.unwrap();
+    assert_eq!(response.status(), 201);
+    let seq = response.json::<Value>().await.unwrap()["seq"].as_i64().unwrap();
+
+    let status = |token: &str, media: &Value| {
+        let (server, token, id) = (&server, token.to_owned(), media["id"].as_str().unwrap().to_owned());
+        async move { server.media(&token, &id).await.status().as_u16() }
+    };
+    // The unsent ones go (bob's copy too); the one in a message stays, with its variants.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while status(&alice, &unsent).await != 404 || status(&bob, &copy).await != 404 {
+        assert!(Instant::now() < deadline, "the unsent media never went");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(status(&bob, &sent).await, 200, "a media in a message outlives the retention");
+    let thumb = crate::harness::variant_bytes(&server, &sent, "thumb").await;
+    assert!(!thumb.is_empty());
+
+    // Deleted for everyone, the message takes its media with it, variants included.
+    let delete = serde_json::json!({"client_id": "m2", "body": {"delete": seq}});
+    let response = server.http.post(server.url(&messages)).bearer_auth(&alice).json(&delete).send().await.unwrap();
+    assert_eq!(response.status(), 201);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status(&alice, &sent).await != 404 {
+        assert!(Instant::now() < deadline, "the media outlived its message");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eventually("every variant is deleted", || server.files_under("blobs/variants").is_empty()).await;
+}
