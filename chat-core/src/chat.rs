@@ -611,8 +611,8 @@ impl Chat {
     }
 
     /// Keeps an avatar's media referenced while it is one (media storage expires what nothing
-    /// references): `new` is shared with `owner` under `source` before the change is stored,
-    /// and what `old` was shared under it is taken back after.
+    /// references): the avatar shown now (`new`) is shared with `owner` under `source` (again:
+    /// sharing is idempotent).
     pub(crate) async fn keep_avatar(&self, owner: &UserId, source: &str, new: Option<&str>) -> Result<(), ApiError> {
         if let Some(media) = new.and_then(|m| m.parse::<MediaId>().ok()) {
             self.media.share(media, std::slice::from_ref(owner), source).await.map_err(ApiError::Media)?;

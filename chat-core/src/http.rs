@@ -540,11 +540,10 @@ async fn update_group(
     }
     let source = format!("avatar/group/{id}");
     let before = chat.store.details(&id, &claims.sub).await?.info.avatar;
-    if let Some(avatar) = &set.avatar {
-        chat.keep_avatar(&claims.sub, &source, avatar.as_deref()).await?;
-    }
     chat.change(&claims.sub, &id, Change::Info(set)).await?;
     let details = chat.store.details(&id, &claims.sub).await?;
+    // The avatar now shown is held (the media stays while it is one); the one before let go.
+    chat.keep_avatar(&claims.sub, &source, details.info.avatar.as_deref()).await?;
     chat.drop_avatar(&source, before.as_deref(), details.info.avatar.as_deref()).await;
     Ok(Json(details_view(&chat, details).await?))
 }

@@ -105,10 +105,9 @@ pub(crate) async fn update(
     chat.limit(limits::PROFILE_CHANGES_PER_USER, claims.sub.as_str()).await?;
     let source = format!("avatar/user/{}", claims.sub);
     let before = chat.store.profile(&claims.sub).await?;
-    if let Some(avatar) = &edit.avatar {
-        chat.keep_avatar(&claims.sub, &source, avatar.as_deref()).await?;
-    }
     let profile = chat.store.set_profile(&claims.sub, &edit).await?;
+    // The avatar now shown is held (the media stays while it is one); the one before let go.
+    chat.keep_avatar(&claims.sub, &source, profile.avatar.as_deref()).await?;
     chat.drop_avatar(&source, before.avatar.as_deref(), profile.avatar.as_deref()).await;
     let mut watchers = chat.store.profile_watchers(&claims.sub).await?;
     if !watchers.contains(&claims.sub) {

@@ -1064,11 +1064,23 @@ async fn retention_purges_old_messages_and_says_how_far(store: Store) {
     let chat = store.direct(&alice, &bob).await.unwrap();
     let other = store.direct(&alice, &user("carol")).await.unwrap();
     let device = store.add_device(&alice, "a").await.unwrap().device;
-    for (n, at) in [(1, 10), (2, 20), (3, 30), (4, 5_000), (5, 6_000)] {
-        store.append(&chat.id, &alice, &device, &format!("c{n}"), "{}", at).await.unwrap();
+    let media = types::MediaId::new().to_string();
+    // Seq 2 shares a media; seq 3 only says the word (a text with "media" in it and a NUL, which
+    // PostgreSQL's jsonb would refuse).
+    let bodies = [
+        "{}".to_owned(),
+        format!(r#"{{"media":"{media}","caption":"x"}}"#),
+        r#"{"text":"\"media\" \u0000"}"#.to_owned(),
+        "{}".to_owned(),
+        "{}".to_owned(),
+    ];
+    for ((n, at), body) in [(1, 10), (2, 20), (3, 30), (4, 5_000), (5, 6_000)].into_iter().zip(&bodies) {
+        store.append(&chat.id, &alice, &device, &format!("c{n}"), body, at).await.unwrap();
     }
     store.append(&other.id, &alice, &device, "x", "{}", 7_000).await.unwrap();
     assert_eq!(store.purge_before(1_000).await.unwrap(), 3);
+    // The purged media message's grants are to be taken back, as a deletion's are.
+    assert_eq!(store.due_revocations(10).await.unwrap(), vec![(chat.id, 2, media)]);
     let kept: Vec<i64> = store.messages_after(&chat.id, &bob, 0, 10).await.unwrap().iter().map(|m| m.seq).collect();
     assert_eq!(kept, vec![4, 5]);
     let bobs = store.add_device(&bob, "b").await.unwrap().device;

@@ -45,6 +45,8 @@ pub use store::{DeletedBlob, Namespace, Store, Usage};
 
 /// Rows one step of a sweep takes at once.
 const SWEEP_BATCH: i64 = 100;
+/// How old a row of the deleted-blobs feed is before it is served.
+pub const FEED_LAG_MS: i64 = 5_000;
 
 /// What one sweep did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -211,26 +213,25 @@ impl Ingest {
     /// Deletes from the blob store what the log says is to go (keeping a blob needed again: the
     /// same bytes uploaded since), in batches; returns how many originals and variants went.
     pub(crate) async fn purge_deleted(&self) -> Result<(u64, u64), IngestError> {
-        let (mut originals, mut variants) = (0, 0);
+        let (mut originals, mut variants, mut after) = (0, 0, 0);
         loop {
-            let pending = self.store.pending_deletions(SWEEP_BATCH).await?;
-            let mut done = Vec::with_capacity(pending.len());
+            let pending = self.store.pending_deletions(SWEEP_BATCH, after).await?;
             for deleted in &pending {
+                after = deleted.seq;
                 if !self.store.needed_again(deleted).await? {
-                    match deleted.namespace {
-                        store::Namespace::Originals => {
-                            self.originals.delete(&deleted.blob).await?;
-                            originals += 1;
-                        }
-                        store::Namespace::Variants => {
-                            self.variants.delete(&deleted.blob).await?;
-                            variants += 1;
-                        }
+                    let (store, count) = match deleted.namespace {
+                        store::Namespace::Originals => (&self.originals, &mut originals),
+                        store::Namespace::Variants => (&self.variants, &mut variants),
+                    };
+                    if let Err(e) = store.delete(&deleted.blob).await {
+                        // Left for the next sweep; the rest of the log goes on.
+                        tracing::warn!(error = %e, blob = %deleted.blob, "deleting a blob failed; trying again later");
+                        continue;
                     }
+                    *count += 1;
                 }
-                done.push(deleted.seq);
+                self.store.deletions_done(&[deleted.seq]).await?;
             }
-            self.store.deletions_done(&done).await?;
             if pending.len() < SWEEP_BATCH as usize {
                 return Ok((originals, variants));
             }
@@ -253,9 +254,11 @@ impl Ingest {
         }
     }
 
-    /// Up to `limit` blobs deleted after `after` (a `seq` of an earlier answer), oldest first.
+    /// Up to `limit` blobs deleted after `after` (a `seq` of an earlier answer), oldest first,
+    /// logged at least [`FEED_LAG_MS`] ago (so no transaction still holds an earlier `seq`).
     pub async fn deleted_blobs(&self, after: i64, limit: i64) -> Result<Vec<store::DeletedBlob>, IngestError> {
-        Ok(self.store.deleted_since(after, limit).await?)
+        let upto = self.clock.now_ms().saturating_sub(FEED_LAG_MS);
+        Ok(self.store.deleted_since(after, limit, upto).await?)
     }
 
     /// Whether `user` may pass media `id` on: they own it or it was shared with them.

@@ -207,8 +207,14 @@ async fn delete(
         Deleted::Kept => {}
         Deleted::Orphaned { source } => {
             ingest.running.cancel(&source);
-            // The deletion logged its blobs: delete them now (a sweep finishes what this leaves).
-            ingest.purge_deleted().await?;
+            // The deletion logged its blobs: delete them now, beside the answer (a sweep finishes
+            // what this leaves).
+            let ingest = ingest.clone();
+            tokio::spawn(async move {
+                if let Err(e) = ingest.purge_deleted().await {
+                    tracing::warn!(error = %e, "deleting a deleted media's blobs failed; the sweep will");
+                }
+            });
         }
     }
     Ok(StatusCode::NO_CONTENT)

@@ -151,14 +151,12 @@ impl Ingest {
     ) -> Result<JobResult, TranscodeError> {
         let mut lease = pool.checkout(budget).await?;
         if !self.originals.download(&job.blob, &lease.input()).await.map_err(storage)? {
-            let missing = "the uploaded bytes are missing from storage";
-            // On a shared database the node that took the upload may not share this node's blob
-            // store (a misconfiguration to retry past, not bytes to refuse for good).
-            return Err(if self.queue.shared() {
-                TranscodeError::Io(missing.into())
-            } else {
-                TranscodeError::Corrupt(missing.into())
-            });
+            // Never the bytes' fault, so never refused for good: on a shared database the node that
+            // took the upload may not share this node's blob store (a misconfiguration), and a
+            // sweep may have deleted the original of a job just before the same bytes were
+            // uploaded again. The retries fail the job for now; the next upload of the bytes
+            // stores the original and queues the job again.
+            return Err(TranscodeError::Io("the uploaded bytes are missing from storage".into()));
         }
         let product = lease.run(task, budget, progress).await?;
         drop(lease);

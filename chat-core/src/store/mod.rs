@@ -1899,6 +1899,14 @@ fn retried(first: Option<Message>, body: &str) -> Result<Appended, StoreError> {
     }
 }
 
+/// The media the messages of `bodies` (seq, body) shared: what their purge takes back.
+pub(crate) fn shared_media(bodies: Vec<(i64, String)>) -> impl Iterator<Item = (i64, String)> {
+    bodies.into_iter().filter_map(|(seq, body)| {
+        let body: serde_json::Value = serde_json::from_str(&body).ok()?;
+        Some((seq, body.get("media")?.as_str()?.to_owned()))
+    })
+}
+
 /// Whether a stored body and a sent one are the same message: equal, but for the `media_info` the
 /// server adds to a media message at each send (its signed URLs and status may differ by then, and
 /// a media deleted meanwhile has none).

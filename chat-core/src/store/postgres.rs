@@ -14,7 +14,7 @@ use super::{
     Linked, ListFrom, MAX_CONTACTS, MAX_DEVICES, MAX_PROFILE_WATCHERS, Member, MemberReceipt, Members, Message,
     NewLinkRequest, NewMessage, NewRefresh, Outcome, PendingCode, Privacy, ProfileEdit, ProfileSeen, PushIntent,
     PushTarget, Receipt, Role, Rotation, Spend, StoreError, SyncState, Target, Write, Written, check_message,
-    effect_on, expires_at, link_state, may_set_timer, pair_key, plan_change, retried,
+    effect_on, expires_at, link_state, may_set_timer, pair_key, plan_change, retried, shared_media,
 };
 
 /// Users come into being the first time they are named.
@@ -502,13 +502,12 @@ const RETENTION_HORIZONS: &str = "
 /// One slice of a conversation's purge.
 const PURGE_RANGE: &str = "DELETE FROM chat_messages WHERE conversation_id = $1 AND seq > $2 AND seq <= $3";
 
-/// The media grants of the messages a purge takes, to take back as a deletion's are (the media
-/// then lives on only as long as ingest's retention keeps a media nothing references).
-const REVOKE_PURGED_MEDIA: &str = "
-    INSERT INTO chat_media_revocations (conversation_id, seq, media_id, created_at)
-    SELECT conversation_id, seq, (body::jsonb ->> 'media'), $4 FROM chat_messages
-     WHERE conversation_id = $1 AND seq > $2 AND seq <= $3 AND (body::jsonb ->> 'media') IS NOT NULL
-    ON CONFLICT (conversation_id, seq) DO NOTHING";
+/// The messages a purge takes that may carry media (their bodies are read to be sure): the grants
+/// they gave are taken back as a deletion's are, and the media then lives on only as long as
+/// ingest's retention keeps a media nothing references.
+const PURGED_MEDIA_BODIES: &str = "
+    SELECT seq, body FROM chat_messages
+     WHERE conversation_id = $1 AND seq > $2 AND seq <= $3 AND body LIKE '%\"media\"%'";
 
 const MARK_PURGED: &str =
     "UPDATE chat_conversations SET purged_upto = GREATEST(purged_upto, $2) WHERE conversation_id = $1";
@@ -1253,7 +1252,11 @@ impl Postgres {
     ) -> Result<u64, StoreError> {
         let mut tx = self.db.begin().await?;
         sqlx::query(MARK_PURGED).bind(conversation).bind(upto).execute(&mut *tx).await?;
-        sqlx::query(REVOKE_PURGED_MEDIA).bind(conversation).bind(after).bind(upto).bind(now).execute(&mut *tx).await?;
+        let bodies: Vec<(i64, String)> =
+            sqlx::query_as(PURGED_MEDIA_BODIES).bind(conversation).bind(after).bind(upto).fetch_all(&mut *tx).await?;
+        for (seq, media) in shared_media(bodies) {
+            sqlx::query(INSERT_REVOCATION).bind(conversation).bind(seq).bind(media).bind(now).execute(&mut *tx).await?;
+        }
         let purged =
             sqlx::query(PURGE_RANGE).bind(conversation).bind(after).bind(upto).execute(&mut *tx).await?.rows_affected();
         tx.commit().await?;

@@ -28,6 +28,7 @@ use super::{
     Members, Message, NewLinkRequest, NewMessage, NewRefresh, Outcome, PendingCode, Privacy, Profile, ProfileEdit,
     ProfileSeen, PushIntent, PushTarget, Receipt, Role, Rotation, Spend, StoreError, SyncState, Target, Visibility,
     Write, Written, check_message, effect_on, expires_at, link_state, may_set_timer, pair_key, plan_change, retried,
+    shared_media,
 };
 
 /// Users come into being the first time they are named.
@@ -504,13 +505,12 @@ const RETENTION_HORIZONS: &str = "
 /// One slice of a conversation's purge.
 const PURGE_RANGE: &str = "DELETE FROM chat_messages WHERE conversation_id = ?1 AND seq > ?2 AND seq <= ?3";
 
-/// The media grants of the messages a purge takes, to take back as a deletion's are (the media
-/// then lives on only as long as ingest's retention keeps a media nothing references).
-const REVOKE_PURGED_MEDIA: &str = "
-    INSERT INTO chat_media_revocations (conversation_id, seq, media_id, created_at)
-    SELECT conversation_id, seq, json_extract(body, '$.media'), ?4 FROM chat_messages
-     WHERE conversation_id = ?1 AND seq > ?2 AND seq <= ?3 AND json_extract(body, '$.media') IS NOT NULL
-    ON CONFLICT (conversation_id, seq) DO NOTHING";
+/// The messages a purge takes that may carry media (their bodies are read to be sure): the grants
+/// they gave are taken back as a deletion's are, and the media then lives on only as long as
+/// ingest's retention keeps a media nothing references.
+const PURGED_MEDIA_BODIES: &str = "
+    SELECT seq, body FROM chat_messages
+     WHERE conversation_id = ?1 AND seq > ?2 AND seq <= ?3 AND body LIKE '%\"media\"%'";
 
 const MARK_PURGED: &str = "UPDATE chat_conversations SET purged_upto = MAX(purged_upto, ?2) WHERE conversation_id = ?1";
 
@@ -1544,7 +1544,13 @@ impl Sqlite {
         self.write(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             tx.prepare_cached(MARK_PURGED)?.execute(params![conversation, upto])?;
-            tx.prepare_cached(REVOKE_PURGED_MEDIA)?.execute(params![conversation, after, upto, now])?;
+            let bodies: Vec<(i64, String)> = tx
+                .prepare_cached(PURGED_MEDIA_BODIES)?
+                .query_map(params![conversation, after, upto], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?;
+            for (seq, media) in shared_media(bodies) {
+                tx.prepare_cached(INSERT_REVOCATION)?.execute(params![conversation, seq, media, now])?;
+            }
             let purged = tx.prepare_cached(PURGE_RANGE)?.execute(params![conversation, after, upto])?;
             tx.commit()?;
             Ok(purged as u64)

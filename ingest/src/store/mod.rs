@@ -342,9 +342,10 @@ impl Store {
         each!(self, db => db.retire_originals(before, now, limit).await)
     }
 
-    /// Up to `limit` logged deletions whose bytes are still in the blob store, oldest first.
-    pub(crate) async fn pending_deletions(&self, limit: i64) -> Result<Vec<DeletedBlob>, sqlx::Error> {
-        let rows = each!(self, db => db.pending_deletions(limit).await)?;
+    /// Up to `limit` logged deletions after `after` (a `seq`) whose bytes are still in the blob
+    /// store, oldest first.
+    pub(crate) async fn pending_deletions(&self, limit: i64, after: i64) -> Result<Vec<DeletedBlob>, sqlx::Error> {
+        let rows = each!(self, db => db.pending_deletions(limit, after).await)?;
         rows.into_iter().map(DeletedBlob::try_from).collect()
     }
 
@@ -359,9 +360,10 @@ impl Store {
         each!(self, db => db.deletions_done(seqs).await)
     }
 
-    /// Up to `limit` blobs deleted after `after` (a `seq`), in order: what edges should purge.
-    pub async fn deleted_since(&self, after: i64, limit: i64) -> Result<Vec<DeletedBlob>, sqlx::Error> {
-        let rows = each!(self, db => db.deleted_since(after, limit).await)?;
+    /// Up to `limit` blobs deleted after `after` (a `seq`), in order, logged by `upto` (unix ms):
+    /// what edges should purge.
+    pub async fn deleted_since(&self, after: i64, limit: i64, upto: i64) -> Result<Vec<DeletedBlob>, sqlx::Error> {
+        let rows = each!(self, db => db.deleted_since(after, limit, upto).await)?;
         rows.into_iter().map(DeletedBlob::try_from).collect()
     }
 

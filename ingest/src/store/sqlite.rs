@@ -23,16 +23,24 @@ const ORIGINALS_TO_RETIRE: &str = "
 
 const RETIRE_ORIGINAL: &str = "UPDATE jobs SET original_gone = 1 WHERE source_blob = ?1";
 
+/// A job queued (again) for bytes whose original was logged for deletion needs it after all.
+const KEEP_ORIGINAL: &str =
+    "UPDATE deleted_blobs SET removed = 1 WHERE namespace = 'originals' AND blob = ?1 AND removed = 0";
+
 /// A blob to delete, logged in the transaction that decides it.
 const LOG_DELETION: &str = "INSERT INTO deleted_blobs (namespace, blob, deleted_at) VALUES (?1, ?2, ?3)";
 
-const PENDING_DELETIONS: &str =
-    "SELECT seq, namespace, blob, deleted_at FROM deleted_blobs WHERE removed = 0 ORDER BY seq LIMIT ?1";
+const PENDING_DELETIONS: &str = "
+    SELECT seq, namespace, blob, deleted_at FROM deleted_blobs WHERE removed = 0 AND seq > ?2
+     ORDER BY seq LIMIT ?1";
 
 const DELETION_DONE: &str = "UPDATE deleted_blobs SET removed = 1 WHERE seq = ?1";
 
-const DELETED_SINCE: &str =
-    "SELECT seq, namespace, blob, deleted_at FROM deleted_blobs WHERE seq > ?1 ORDER BY seq LIMIT ?2";
+/// Rows logged by ?3 only: numbers are taken in insert order but seen in commit order, so the
+/// newest rows wait until every transaction that could hold an earlier number has committed.
+const DELETED_SINCE: &str = "
+    SELECT seq, namespace, blob, deleted_at FROM deleted_blobs WHERE seq > ?1 AND deleted_at <= ?3
+     ORDER BY seq LIMIT ?2";
 
 /// An original that a job of the same bytes, uploaded again, still needs.
 const ORIGINAL_NEEDED: &str = "SELECT 1 FROM jobs WHERE source_blob = ?1 AND original_gone = 0";
@@ -62,10 +70,10 @@ const INSERT_MEDIA: &str = "
 /// Shared: referenced now, not a candidate to expire until a revocation.
 const MARK_SHARED: &str = "UPDATE media SET last_shared_at = ?2, expire_check_at = NULL WHERE id = ?1";
 
-/// A revocation that left a record with no grants makes it a candidate again.
-const MARK_UNSHARED: &str = "
-    UPDATE media SET expire_check_at = ?2
-     WHERE id = ?1 AND NOT EXISTS (SELECT 1 FROM media_grants g WHERE g.media_id = ?1)";
+/// A revocation makes a record a candidate again.
+/// (Whether grants are left the sweep checks: two revocations at once on PostgreSQL would each
+/// see the other's grant.)
+const MARK_UNSHARED: &str = "UPDATE media SET expire_check_at = COALESCE(expire_check_at, ?2) WHERE id = ?1";
 
 /// Records the sweep should look at by ?1, oldest first.
 const EXPIRY_CANDIDATES: &str = "
@@ -188,13 +196,17 @@ impl Sqlite {
 
     pub(super) async fn record_upload(&self, media: &NewMedia<'_>, now: i64) -> Result<(), sqlx::Error> {
         let mut tx = self.db.begin().await?;
-        sqlx::query(UPSERT_JOB)
+        let queued = sqlx::query(UPSERT_JOB)
             .bind(media.blob.to_hex())
             .bind(media.kind.as_str())
             .bind(media.mime)
             .bind(now)
             .execute(&mut *tx)
-            .await?;
+            .await?
+            .rows_affected();
+        if queued > 0 {
+            sqlx::query(KEEP_ORIGINAL).bind(media.blob.to_hex()).execute(&mut *tx).await?;
+        }
         sqlx::query(INSERT_MEDIA)
             .bind(media.id.to_string())
             .bind(media.owner.as_str())
@@ -239,6 +251,12 @@ impl Sqlite {
 
     pub(super) async fn grant(&self, id: MediaId, users: &[UserId], source: &str, now: i64) -> Result<(), sqlx::Error> {
         let mut tx = self.db.begin().await?;
+        // The record first: on PostgreSQL this locks it against the sweep, and a record the sweep
+        // deleted meanwhile is not shared (the caller hears it is gone).
+        let marked = sqlx::query(MARK_SHARED).bind(id.to_string()).bind(now).execute(&mut *tx).await?.rows_affected();
+        if marked == 0 {
+            return Err(sqlx::Error::RowNotFound);
+        }
         for user in users {
             sqlx::query(GRANT)
                 .bind(id.to_string())
@@ -248,7 +266,6 @@ impl Sqlite {
                 .execute(&mut *tx)
                 .await?;
         }
-        sqlx::query(MARK_SHARED).bind(id.to_string()).bind(now).execute(&mut *tx).await?;
         tx.commit().await
     }
 
@@ -330,8 +347,8 @@ impl Sqlite {
         Ok(sources.len() as u64)
     }
 
-    pub(super) async fn pending_deletions(&self, limit: i64) -> Result<Vec<DeletedRow>, sqlx::Error> {
-        sqlx::query_as(PENDING_DELETIONS).bind(limit).fetch_all(&self.db).await
+    pub(super) async fn pending_deletions(&self, limit: i64, after: i64) -> Result<Vec<DeletedRow>, sqlx::Error> {
+        sqlx::query_as(PENDING_DELETIONS).bind(limit).bind(after).fetch_all(&self.db).await
     }
 
     pub(super) async fn needed_again(&self, namespace: Namespace, blob: &BlobId) -> Result<bool, sqlx::Error> {
@@ -351,8 +368,13 @@ impl Sqlite {
         tx.commit().await
     }
 
-    pub(super) async fn deleted_since(&self, after: i64, limit: i64) -> Result<Vec<DeletedRow>, sqlx::Error> {
-        sqlx::query_as(DELETED_SINCE).bind(after).bind(limit).fetch_all(&self.db).await
+    pub(super) async fn deleted_since(
+        &self,
+        after: i64,
+        limit: i64,
+        upto: i64,
+    ) -> Result<Vec<DeletedRow>, sqlx::Error> {
+        sqlx::query_as(DELETED_SINCE).bind(after).bind(limit).bind(upto).fetch_all(&self.db).await
     }
 
     pub(super) async fn claim(
