@@ -386,6 +386,10 @@ async fn originals_retire_after_success_and_every_deletion_is_logged(t: Tables) 
     let logged = t.store.pending_deletions(10, 0).await.unwrap();
     assert_eq!(logged.iter().map(|d| d.namespace).collect::<Vec<_>>(), vec![Namespace::Variants]);
     assert!(!t.store.needed_again(&logged[0]).await.unwrap());
+    // A job that completes naming that variant (its transcode came out the same) keeps it.
+    let job = t.queue.claim(Lane::Quick).await.unwrap().unwrap();
+    assert!(t.queue.complete(&job, &result_naming(&[logged[0].blob])).await.unwrap());
+    assert!(t.store.pending_deletions(10, 0).await.unwrap().is_empty());
 
     // The feed an edge purge follows: every deletion, in order, from a cursor.
     let all = t.store.deleted_since(0, 100, i64::MAX).await.unwrap();

@@ -129,7 +129,9 @@ pub(crate) async fn serve(config: Config) -> anyhow::Result<()> {
     listener::serve(socket, app, None, options, shutdown).await;
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     let _ = chat_tasks.await;
-    let _ = sweeper.await;
+    if tokio::time::timeout(grace, sweeper).await.is_err() {
+        tracing::warn!("a sweep was still running after {grace:?}; the next start goes on from its log");
+    }
     if let Some(runner) = runner
         && tokio::time::timeout(grace, runner).await.is_err()
     {

@@ -82,7 +82,9 @@ pub(crate) async fn run(config: Config, listen: Option<SocketAddr>) -> anyhow::R
         }
     }
     let grace = Duration::from_secs(config.shutdown_grace_secs);
-    let _ = sweeper.await;
+    if tokio::time::timeout(grace, sweeper).await.is_err() {
+        tracing::warn!("a sweep was still running after {grace:?}; the next start goes on from its log");
+    }
     if tokio::time::timeout(grace, runner).await.is_err() {
         tracing::warn!("jobs still running after {grace:?}; their leases expire and another worker takes them");
     }

@@ -391,7 +391,8 @@ impl Store {
     /// Records `job`'s result; false when the job is no longer this claim's.
     pub(crate) async fn complete(&self, job: &Claimed, result: &JobResult, now: i64) -> Result<bool, sqlx::Error> {
         let json = serde_json::to_string(result).expect("job results serialise");
-        each!(self, db => db.complete(job, &json, now).await)
+        let variants: Vec<String> = result.variants.values().map(|v| v.blob.to_hex()).collect();
+        each!(self, db => db.complete(job, &json, &variants, now).await)
     }
 
     /// Records a failed attempt of `job`; false when the job is no longer this claim's.

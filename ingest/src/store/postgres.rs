@@ -29,6 +29,10 @@ const RETIRE_ORIGINAL: &str = "UPDATE jobs SET original_gone = TRUE WHERE source
 const KEEP_ORIGINAL: &str =
     "UPDATE deleted_blobs SET removed = TRUE WHERE namespace = 'originals' AND blob = $1 AND removed = FALSE";
 
+/// A job that completes with a variant logged for deletion needs it after all.
+const KEEP_VARIANT: &str =
+    "UPDATE deleted_blobs SET removed = TRUE WHERE namespace = 'variants' AND blob = $1 AND removed = FALSE";
+
 /// A blob to delete, logged in the transaction that decides it.
 const LOG_DELETION: &str = "INSERT INTO deleted_blobs (namespace, blob, deleted_at) VALUES ($1, $2, $3)";
 
@@ -79,7 +83,7 @@ const MARK_UNSHARED: &str = "UPDATE media SET expire_check_at = COALESCE(expire_
 
 /// Records the sweep should look at by $1, oldest first.
 const EXPIRY_CANDIDATES: &str = "
-    SELECT id, created_at, last_shared_at FROM media WHERE expire_check_at <= $1
+    SELECT id, created_at, last_shared_at, source_blob FROM media WHERE expire_check_at <= $1
      ORDER BY expire_check_at LIMIT $2 FOR UPDATE SKIP LOCKED";
 
 const HAS_GRANTS: &str = "SELECT 1 FROM media_grants WHERE media_id = $1 LIMIT 1";
@@ -306,10 +310,13 @@ impl Postgres {
         limit: i64,
     ) -> Result<Vec<BlobId>, sqlx::Error> {
         let mut tx = self.db.begin().await?;
-        let candidates: Vec<(String, i64, Option<i64>)> =
+        let mut candidates: Vec<(String, i64, Option<i64>, String)> =
             sqlx::query_as(EXPIRY_CANDIDATES).bind(now).bind(limit).fetch_all(&mut *tx).await?;
+        // Jobs are locked in the order of their bytes, as every sweep does: two nodes' sweeps
+        // never wait on each other in a cycle.
+        candidates.sort_by(|a, b| a.3.cmp(&b.3));
         let mut orphaned = Vec::new();
-        for (id, created_at, last_shared_at) in candidates {
+        for (id, created_at, last_shared_at, _) in candidates {
             let shared: Option<i32> = sqlx::query_scalar(HAS_GRANTS).bind(&id).fetch_optional(&mut *tx).await?;
             let due = created_at.saturating_add(if last_shared_at.is_some() { retention_ms } else { unsent_ms });
             if shared.is_some() || due > now {
@@ -412,14 +419,28 @@ impl Postgres {
         Ok(done.rows_affected() == 1)
     }
 
-    pub(super) async fn complete(&self, job: &Claimed, result: &str, now: i64) -> Result<bool, sqlx::Error> {
+    pub(super) async fn complete(
+        &self,
+        job: &Claimed,
+        result: &str,
+        variants: &[String],
+        now: i64,
+    ) -> Result<bool, sqlx::Error> {
+        let mut tx = self.db.begin().await?;
         let done = sqlx::query(COMPLETE)
             .bind(result)
             .bind(now)
             .bind(job.blob.to_hex())
             .bind(&job.claim)
-            .execute(&self.db)
+            .execute(&mut *tx)
             .await?;
+        if done.rows_affected() == 1 {
+            // Variants this job made that a deletion logged meanwhile are needed again.
+            for variant in variants {
+                sqlx::query(KEEP_VARIANT).bind(variant).execute(&mut *tx).await?;
+            }
+        }
+        tx.commit().await?;
         Ok(done.rows_affected() == 1)
     }
 
