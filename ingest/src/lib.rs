@@ -48,7 +48,16 @@ const SWEEP_BATCH: i64 = 100;
 /// How old a row of the deleted-blobs feed is before it is served.
 pub const FEED_LAG_MS: i64 = 5_000;
 
-/// What one sweep did.
+impl SweepReport {
+    fn add(&mut self, other: &SweepReport) {
+        self.originals_retired += other.originals_retired;
+        self.media_expired += other.media_expired;
+        self.originals_deleted += other.originals_deleted;
+        self.variants_deleted += other.variants_deleted;
+    }
+}
+
+/// What one sweep did (or, summed, every sweep of a node).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SweepReport {
     pub originals_retired: u64,
@@ -88,6 +97,8 @@ pub struct Ingest {
     job_done: broadcast::Sender<BlobId>,
     /// The tables, for the sweep (the queue and the records hold their own handles).
     store: Store,
+    /// What this node's sweeps did since it started.
+    swept: std::sync::Mutex<SweepReport>,
 }
 
 impl Ingest {
@@ -113,6 +124,7 @@ impl Ingest {
             queue: JobQueue::new(store.clone(), config.job.clone(), clock.clone()),
             records: records::MediaRecords::new(store.clone(), clock.clone()),
             store,
+            swept: std::sync::Mutex::new(SweepReport::default()),
             clock,
             config,
             originals,
@@ -207,7 +219,13 @@ impl Ingest {
         let purged = self.purge_deleted().await?;
         report.originals_deleted = purged.0;
         report.variants_deleted = purged.1;
+        self.swept.lock().unwrap_or_else(std::sync::PoisonError::into_inner).add(&report);
         Ok(report)
+    }
+
+    /// What this node's sweeps did since it started (for `/metrics`).
+    pub fn swept(&self) -> SweepReport {
+        *self.swept.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Deletes from the blob store what the log says is to go (keeping a blob needed again: the

@@ -166,7 +166,7 @@ pub(crate) async fn run(config: EdgeConfig) -> anyhow::Result<()> {
     ));
 
     let options = config.http.options(tls, config.shutdown_grace_secs, fd_limit);
-    let metrics = listener::metrics_route(service.clone(), options.connections.clone());
+    let metrics = listener::metrics_route(service.clone(), options.connections.clone(), None);
     let app = Router::new().route("/healthz", get(|| async { "ok\n" })).merge(edge_cache::router(service.clone()));
     let app =
         listener::with_common_layers(listener::with_metrics(app, metrics, config.http.metrics_listen, &options).await?);

@@ -523,12 +523,43 @@ pub(crate) fn metrics_response(texts: impl IntoIterator<Item = String>) -> axum:
 }
 
 /// `/metrics` of a node that serves blobs (origin and edge): blob serving and its connections.
-pub(crate) fn metrics_route(blobs: Arc<BlobService>, connections: Arc<Connections>) -> Router {
+pub(crate) fn metrics_route(
+    blobs: Arc<BlobService>,
+    connections: Arc<Connections>,
+    ingest: Option<Arc<ingest::Ingest>>,
+) -> Router {
     let answer = move || {
-        let (blobs, connections) = (blobs.clone(), connections.clone());
-        async move { metrics_response([edge_cache::metrics_text(&blobs).await, connections.render()]) }
+        let (blobs, connections, ingest) = (blobs.clone(), connections.clone(), ingest.clone());
+        async move {
+            let swept = ingest.map(|ingest| sweep_metrics(&ingest)).unwrap_or_default();
+            metrics_response([edge_cache::metrics_text(&blobs).await, connections.render(), swept])
+        }
     };
     Router::new().route("/metrics", axum::routing::get(answer))
+}
+
+/// Prometheus text of what this node's sweeps of the blob store did since it started.
+pub(crate) fn sweep_metrics(ingest: &ingest::Ingest) -> String {
+    use prometheus_client::metrics::counter::Counter;
+    use prometheus_client::metrics::family::Family;
+    let swept = ingest.swept();
+    let mut registry = prometheus_client::registry::Registry::default();
+    let retired = Counter::<u64>::default();
+    retired.inc_by(swept.originals_retired);
+    registry.register("courier_sweep_originals_retired", "Originals retired after their job succeeded", retired);
+    let expired = Counter::<u64>::default();
+    expired.inc_by(swept.media_expired);
+    registry.register("courier_sweep_media_expired", "Media that expired with their jobs", expired);
+    let deleted = Family::<Vec<(String, String)>, Counter<u64>>::default();
+    for (namespace, count) in [("originals", swept.originals_deleted), ("variants", swept.variants_deleted)] {
+        deleted.get_or_create(&vec![("namespace".to_owned(), namespace.to_owned())]).inc_by(count);
+    }
+    registry.register("courier_sweep_blobs_deleted", "Blobs deleted from the blob store, by namespace", deleted);
+    let mut text = String::new();
+    match prometheus_client::encoding::text::encode_registry(&mut text, &registry) {
+        Ok(()) => text,
+        Err(_) => String::new(),
+    }
 }
 
 /// Puts `metrics` (the `/metrics` route) beside `app`, or, with `metrics_listen`, on a listener

@@ -105,7 +105,7 @@ pub(crate) async fn serve(config: Config) -> anyhow::Result<()> {
         .merge(chat.user_routes)
         .route_layer(axum::middleware::from_fn_with_state(auth, auth::require_user));
     let options = config.http.options(None, config.shutdown_grace_secs, fd_limit);
-    let metrics = listener::metrics_route(blobs.clone(), options.connections.clone());
+    let metrics = listener::metrics_route(blobs.clone(), options.connections.clone(), Some(ingest.clone()));
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .merge(edge_cache::router(blobs))

@@ -57,6 +57,12 @@ async fn an_original_goes_once_its_job_succeeds_and_the_same_bytes_still_dedupli
     let photo = server.upload_ready(&alice, "image/jpeg", fixture("rocket.jpg")).await;
     assert_eq!(photo["status"], "ready");
     eventually("the original is deleted", || server.files_under("blobs/originals").is_empty()).await;
+    let series = "courier_sweep_blobs_deleted_total{namespace=\"originals\"}";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while crate::harness::metric(&server.http, &server.base, series).await < 1.0 {
+        assert!(Instant::now() < deadline, "/metrics never counted the deleted original");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let variants = server.files_under("blobs/variants").len();
     assert!(variants >= 2);
 
