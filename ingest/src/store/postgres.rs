@@ -25,13 +25,10 @@ const ORIGINALS_TO_RETIRE: &str = "
 
 const RETIRE_ORIGINAL: &str = "UPDATE jobs SET original_gone = TRUE WHERE source_blob = $1";
 
-/// A job queued (again) for bytes whose original was logged for deletion needs it after all.
-const KEEP_ORIGINAL: &str =
-    "UPDATE deleted_blobs SET removed = TRUE WHERE namespace = 'originals' AND blob = $1 AND removed = FALSE";
-
-/// A job that completes with a variant logged for deletion needs it after all.
-const KEEP_VARIANT: &str =
-    "UPDATE deleted_blobs SET removed = TRUE WHERE namespace = 'variants' AND blob = $1 AND removed = FALSE";
+/// A blob logged for deletion that is needed after all (an original a job queued again reads, a
+/// variant a completing job names) is kept: its pending deletion is taken back.
+const KEEP_LOGGED: &str =
+    "UPDATE deleted_blobs SET removed = TRUE WHERE namespace = $1 AND blob = $2 AND removed = FALSE";
 
 /// A blob to delete, logged in the transaction that decides it.
 const LOG_DELETION: &str = "INSERT INTO deleted_blobs (namespace, blob, deleted_at) VALUES ($1, $2, $3)";
@@ -208,7 +205,11 @@ impl Postgres {
             .await?
             .rows_affected();
         if queued > 0 {
-            sqlx::query(KEEP_ORIGINAL).bind(media.blob.to_hex()).execute(&mut *tx).await?;
+            sqlx::query(KEEP_LOGGED)
+                .bind(Namespace::Originals.as_str())
+                .bind(media.blob.to_hex())
+                .execute(&mut *tx)
+                .await?;
         }
         sqlx::query(INSERT_MEDIA)
             .bind(media.id.to_string())
@@ -437,7 +438,7 @@ impl Postgres {
         if done.rows_affected() == 1 {
             // Variants this job made that a deletion logged meanwhile are needed again.
             for variant in variants {
-                sqlx::query(KEEP_VARIANT).bind(variant).execute(&mut *tx).await?;
+                sqlx::query(KEEP_LOGGED).bind(Namespace::Variants.as_str()).bind(variant).execute(&mut *tx).await?;
             }
         }
         tx.commit().await?;
