@@ -610,23 +610,26 @@ impl Chat {
         Ok(())
     }
 
-    /// Keeps an avatar's media referenced while it is one (media storage expires what nothing
-    /// references): the avatar shown now (`new`) is shared with `owner` under `source` (again:
-    /// sharing is idempotent).
-    pub(crate) async fn keep_avatar(&self, owner: &UserId, source: &str, new: Option<&str>) -> Result<(), ApiError> {
-        if let Some(media) = new.and_then(|m| m.parse::<MediaId>().ok()) {
+    /// Hands an avatar's hold on its media over (media storage expires what nothing references):
+    /// the avatar shown now (`now`) is shared with `owner` under `source` (again: sharing is
+    /// idempotent), and what the one `before` it was shared under it is taken back (a failure there
+    /// only delays that media's expiry).
+    pub(crate) async fn hold_avatar(
+        &self,
+        owner: &UserId,
+        source: &str,
+        before: Option<&str>,
+        now: Option<&str>,
+    ) -> Result<(), ApiError> {
+        if let Some(media) = now.and_then(|m| m.parse::<MediaId>().ok()) {
             self.media.share(media, std::slice::from_ref(owner), source).await.map_err(ApiError::Media)?;
         }
-        Ok(())
-    }
-
-    /// Takes back what an avatar no longer in use was shared under `source` (see
-    /// [`Chat::keep_avatar`]); a failure only delays its media's expiry.
-    pub(crate) async fn drop_avatar(&self, source: &str, old: Option<&str>, new: Option<&str>) {
-        let Some(media) = old.filter(|old| Some(*old) != new).and_then(|m| m.parse::<MediaId>().ok()) else { return };
-        if let Err(e) = self.media.unshare(media, source).await {
+        if let Some(media) = before.filter(|before| Some(*before) != now).and_then(|m| m.parse::<MediaId>().ok())
+            && let Err(e) = self.media.unshare(media, source).await
+        {
             tracing::warn!(error = %e, %media, "could not let go of a former avatar's media");
         }
+        Ok(())
     }
 
     /// An avatar as a client draws it: its media id, the signed URLs of its full-size and thumbnail

@@ -543,8 +543,7 @@ async fn update_group(
     chat.change(&claims.sub, &id, Change::Info(set)).await?;
     let details = chat.store.details(&id, &claims.sub).await?;
     // The avatar now shown is held (the media stays while it is one); the one before let go.
-    chat.keep_avatar(&claims.sub, &source, details.info.avatar.as_deref()).await?;
-    chat.drop_avatar(&source, before.as_deref(), details.info.avatar.as_deref()).await;
+    chat.hold_avatar(&claims.sub, &source, before.as_deref(), details.info.avatar.as_deref()).await?;
     Ok(Json(details_view(&chat, details).await?))
 }
 

@@ -107,8 +107,7 @@ pub(crate) async fn update(
     let before = chat.store.profile(&claims.sub).await?;
     let profile = chat.store.set_profile(&claims.sub, &edit).await?;
     // The avatar now shown is held (the media stays while it is one); the one before let go.
-    chat.keep_avatar(&claims.sub, &source, profile.avatar.as_deref()).await?;
-    chat.drop_avatar(&source, before.avatar.as_deref(), profile.avatar.as_deref()).await;
+    chat.hold_avatar(&claims.sub, &source, before.avatar.as_deref(), profile.avatar.as_deref()).await?;
     let mut watchers = chat.store.profile_watchers(&claims.sub).await?;
     if !watchers.contains(&claims.sub) {
         watchers.push(claims.sub.clone());
