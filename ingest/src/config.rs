@@ -37,6 +37,9 @@ pub struct IngestConfig {
     /// The length of the "day" the three settings above count in, in milliseconds: a test hook
     /// (tests shorten it to see a month pass); leave it at 86400000.
     pub test_day_ms: u64,
+    /// How long a sweep waits between claiming a blob's deletion and deleting it, in milliseconds:
+    /// a test hook (tests widen the window a racing upload must survive); leave it at 0.
+    pub test_delete_delay_ms: u64,
     pub job: JobConfig,
     pub audio: AudioConfig,
     pub video: VideoConfig,
@@ -59,6 +62,7 @@ impl Default for IngestConfig {
             unsent_media_days: 1,
             sweep_interval_ms: 10_000,
             test_day_ms: 86_400_000,
+            test_delete_delay_ms: 0,
             job: JobConfig::default(),
             audio: AudioConfig::default(),
             video: VideoConfig::default(),

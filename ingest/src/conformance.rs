@@ -98,6 +98,8 @@ on_both!(
     usage_counts_a_users_bytes_by_day_and_in_all,
     originals_retire_after_success_and_every_deletion_is_logged,
     media_nothing_references_expire_and_shared_bytes_stay_while_referenced,
+    stored_bytes_follow_originals_and_variants,
+    a_writer_sees_a_deletion_in_flight_and_no_variant_is_left_unlogged,
 );
 
 fn alice() -> UserId {
@@ -112,12 +114,18 @@ async fn upload_as(t: &Tables, owner: &UserId, bytes: &[u8], kind: MediaKind) ->
         MediaKind::Video => "video/mp4",
     };
     let id = MediaId::new();
-    t.records.record_upload(NewMedia { id, owner, kind, blob, mime, bytes: bytes.len() as u64 }).await.unwrap();
+    let media = NewMedia { id, owner, kind, blob, mime, bytes: bytes.len() as u64 };
+    t.records.record_upload(media, t.clock.now_ms()).await.unwrap();
     (id, blob)
 }
 
 async fn upload(t: &Tables, bytes: &[u8]) -> BlobId {
     upload_as(t, &alice(), bytes, MediaKind::Image).await.1
+}
+
+/// The deletions logged and not done that no sweep holds.
+async fn pending(t: &Tables) -> Vec<crate::DeletedBlob> {
+    t.store.pending_deletions(10, 0, t.clock.now_ms()).await.unwrap()
 }
 
 async fn status(t: &Tables, blob: &BlobId) -> (MediaStatus, bool) {
@@ -204,8 +212,8 @@ async fn a_dead_runners_lease_expires(t: Tables) {
     assert!(!t.queue.fail(&a, &TranscodeError::Corrupt("too late".into())).await.unwrap());
     assert_eq!(status(&t, &a.blob).await, (MediaStatus::Processing, false));
     assert_eq!(t.queue.queued().await.unwrap(), 2);
-    assert!(t.queue.complete(&again, &JobResult::default()).await.unwrap());
-    assert!(!t.queue.complete(&a, &JobResult::default()).await.unwrap());
+    assert!(t.queue.complete(&again, &JobResult::default()).await.unwrap().recorded);
+    assert!(!t.queue.complete(&a, &JobResult::default()).await.unwrap().recorded);
     assert_eq!(t.queue.queued().await.unwrap(), 1);
     assert_eq!(status(&t, &a.blob).await, (MediaStatus::Ready, false));
 }
@@ -250,12 +258,12 @@ async fn deleting_keeps_what_other_uploads_still_need(t: Tables) {
     let (bobs, _) = upload_as(&t, &bob, b"the same photo", MediaKind::Image).await;
     let (standard, shared) = (BlobId::of(b"standard"), BlobId::of(b"a variant another job made too"));
     let job = t.queue.claim(Lane::Quick).await.unwrap().unwrap();
-    assert!(t.queue.complete(&job, &result_naming(&[standard, shared])).await.unwrap());
+    assert!(t.queue.complete(&job, &result_naming(&[standard, shared])).await.unwrap().recorded);
     // Another upload whose transcode came out as one of the same variants.
     let other = upload(&t, b"another photo").await;
     let job = t.queue.claim(Lane::Quick).await.unwrap().unwrap();
     assert_eq!(job.blob, other);
-    assert!(t.queue.complete(&job, &result_naming(&[shared])).await.unwrap());
+    assert!(t.queue.complete(&job, &result_naming(&[shared])).await.unwrap().recorded);
     t.records.grant(alices, std::slice::from_ref(&bob), "c1/1").await.unwrap();
 
     assert!(matches!(t.records.delete(alices, &bob).await.unwrap(), Deleted::NotFound), "only the owner deletes");
@@ -268,8 +276,7 @@ async fn deleting_keeps_what_other_uploads_still_need(t: Tables) {
         other => panic!("expected the job to go, got {other:?}"),
     }
     // Its blobs are logged for the sweep: the original, and the variant no other job names.
-    let logged: Vec<(Namespace, BlobId)> =
-        t.store.pending_deletions(10, 0).await.unwrap().into_iter().map(|d| (d.namespace, d.blob)).collect();
+    let logged: Vec<(Namespace, BlobId)> = pending(&t).await.into_iter().map(|d| (d.namespace, d.blob)).collect();
     assert_eq!(logged, vec![(Namespace::Originals, blob), (Namespace::Variants, standard)]);
     assert!(t.queue.job(&blob).await.unwrap().is_none());
     assert!(matches!(t.records.delete(bobs, &bob).await.unwrap(), Deleted::NotFound));
@@ -278,9 +285,11 @@ async fn deleting_keeps_what_other_uploads_still_need(t: Tables) {
 async fn a_refused_upload_is_forgotten(t: Tables) {
     let (first, blob) = upload_as(&t, &alice(), b"bytes", MediaKind::Image).await;
     let (second, _) = upload_as(&t, &alice(), b"bytes", MediaKind::Image).await;
-    assert!(!t.records.forget_upload(second, &blob).await.unwrap(), "the first upload still needs the job");
+    assert!(t.records.forget_upload(second, &blob).await.unwrap().is_none(), "the first upload still needs the job");
     assert!(t.records.media(second).await.unwrap().is_none());
-    assert!(t.records.forget_upload(first, &blob).await.unwrap(), "nothing refers to the bytes now");
+    assert!(t.records.forget_upload(first, &blob).await.unwrap().is_some(), "nothing refers to the bytes now");
+    let logged: Vec<(Namespace, BlobId)> = pending(&t).await.into_iter().map(|d| (d.namespace, d.blob)).collect();
+    assert_eq!(logged, vec![(Namespace::Originals, blob)], "its original is logged for deletion");
     assert!(t.queue.job(&blob).await.unwrap().is_none());
 }
 
@@ -317,7 +326,7 @@ async fn an_old_claim_never_speaks_for_a_new_job(t: Tables) {
     assert!(!t.queue.fail(&old, &TranscodeError::Corrupt("its original was deleted".into())).await.unwrap());
     assert_eq!(status(&t, &blob).await, (MediaStatus::Processing, false));
     assert!(t.queue.heartbeat(&new, None).await.unwrap());
-    assert!(t.queue.complete(&new, &JobResult::default()).await.unwrap());
+    assert!(t.queue.complete(&new, &JobResult::default()).await.unwrap().recorded);
 }
 
 async fn usage_counts_a_users_bytes_by_day_and_in_all(t: Tables) {
@@ -357,7 +366,7 @@ async fn originals_retire_after_success_and_every_deletion_is_logged(t: Tables) 
     let other = t.queue.claim(Lane::Quick).await.unwrap().unwrap();
     let (done, failed) = if job.blob == blob { (job, other) } else { (other, job) };
     assert_eq!(failed.blob, failing);
-    assert!(t.queue.complete(&done, &result_naming(&[BlobId::of(b"its variant")])).await.unwrap());
+    assert!(t.queue.complete(&done, &result_naming(&[BlobId::of(b"its variant")])).await.unwrap().recorded);
     assert!(t.queue.fail(&failed, &TranscodeError::Corrupt("broken".into())).await.unwrap());
 
     // Kept while younger than the window, retired once past it (a failed job's original never is).
@@ -366,30 +375,29 @@ async fn originals_retire_after_success_and_every_deletion_is_logged(t: Tables) 
     t.clock.advance(1_000);
     assert_eq!(t.store.retire_originals(finished, t.clock.now_ms(), 10).await.unwrap(), 1);
     assert_eq!(t.store.retire_originals(t.clock.now_ms(), t.clock.now_ms(), 10).await.unwrap(), 0, "once");
-    let pending = t.store.pending_deletions(10, 0).await.unwrap();
-    assert_eq!(pending.iter().map(|d| (d.namespace, d.blob)).collect::<Vec<_>>(), vec![(Namespace::Originals, blob)]);
-    assert!(!t.store.needed_again(&pending[0]).await.unwrap());
+    let retired = pending(&t).await;
+    assert_eq!(retired.iter().map(|d| (d.namespace, d.blob)).collect::<Vec<_>>(), vec![(Namespace::Originals, blob)]);
+    assert!(t.store.claim_deletion(retired[0].seq, t.clock.now_ms()).await.unwrap(), "nothing needs it");
     // The same bytes uploaded again still share the variants: the job stays ready.
     let (again, _) = upload_as(&t, &alice(), b"a photo", MediaKind::Image).await;
     assert_eq!(status(&t, &blob).await.0, MediaStatus::Ready);
-    t.store.deletions_done(&[pending[0].seq]).await.unwrap();
-    assert!(t.store.pending_deletions(10, 0).await.unwrap().is_empty());
+    t.store.deletions_done(&[retired[0].seq]).await.unwrap();
+    assert!(pending(&t).await.is_empty());
 
     // Deleted with its job and uploaded once more, the bytes need their original again: the new
     // job takes its pending deletion back (and would be seen as needing it anyway).
     t.records.delete(id, &alice()).await.unwrap();
     assert!(matches!(t.records.delete(again, &alice()).await.unwrap(), Deleted::Orphaned { .. }));
-    let logged = t.store.pending_deletions(10, 0).await.unwrap();
+    let logged = pending(&t).await;
     let original = logged.iter().find(|d| d.namespace == Namespace::Originals).unwrap().clone();
     upload(&t, b"a photo").await;
-    assert!(t.store.needed_again(&original).await.unwrap(), "a new job reads it");
-    let logged = t.store.pending_deletions(10, 0).await.unwrap();
+    assert!(!t.store.claim_deletion(original.seq, t.clock.now_ms()).await.unwrap(), "a new job reads it");
+    let logged = pending(&t).await;
     assert_eq!(logged.iter().map(|d| d.namespace).collect::<Vec<_>>(), vec![Namespace::Variants]);
-    assert!(!t.store.needed_again(&logged[0]).await.unwrap());
     // A job that completes naming that variant (its transcode came out the same) keeps it.
     let job = t.queue.claim(Lane::Quick).await.unwrap().unwrap();
-    assert!(t.queue.complete(&job, &result_naming(&[logged[0].blob])).await.unwrap());
-    assert!(t.store.pending_deletions(10, 0).await.unwrap().is_empty());
+    assert!(t.queue.complete(&job, &result_naming(&[logged[0].blob])).await.unwrap().recorded);
+    assert!(pending(&t).await.is_empty());
 
     // The feed an edge purge follows: every deletion, in order, from a cursor.
     let all = t.store.deleted_since(0, 100, i64::MAX).await.unwrap();
@@ -419,7 +427,7 @@ async fn media_nothing_references_expire_and_shared_bytes_stay_while_referenced(
     assert!(t.records.media(never_sent).await.unwrap().is_none());
     assert!(t.records.media(dropped).await.unwrap().is_none(), "bob's unsent copy went too");
     assert!(t.queue.job(&twice).await.unwrap().is_some(), "but alice's sent copy keeps the job");
-    let logged: Vec<BlobId> = t.store.pending_deletions(10, 0).await.unwrap().into_iter().map(|d| d.blob).collect();
+    let logged: Vec<BlobId> = pending(&t).await.into_iter().map(|d| d.blob).collect();
     assert_eq!(logged, vec![never_sent_blob]);
 
     // Referenced, a record stays past any age; its message gone, it goes after the retention.
@@ -443,4 +451,95 @@ async fn media_nothing_references_expire_and_shared_bytes_stay_while_referenced(
     t.clock.advance(retention * 2);
     assert!(expire(&t).await.is_empty());
     assert!(t.records.media(fresh).await.unwrap().is_some());
+}
+
+async fn stored_bytes_follow_originals_and_variants(t: Tables) {
+    let stored = |user: UserId| {
+        let (records, now) = (&t.records, t.clock.now_ms());
+        async move { records.usage(&user, now).await.unwrap().stored_bytes }
+    };
+    let bob: UserId = "bob".parse().unwrap();
+    let (alices, blob) = upload_as(&t, &alice(), b"a photo", MediaKind::Image).await; // 7 bytes
+    upload_as(&t, &bob, b"a photo", MediaKind::Image).await;
+    assert_eq!((stored(alice()).await, stored(bob.clone()).await), (7, 7), "each pays for what they uploaded");
+    let totals = t.store.stored_totals().await.unwrap();
+    assert_eq!((totals.originals, totals.original_bytes, totals.variants), (1, 7, 0), "stored once");
+
+    // The job makes two variants (a byte each): the original and its variants are stored.
+    let job = t.queue.claim(Lane::Quick).await.unwrap().unwrap();
+    let variants = [BlobId::of(b"standard"), BlobId::of(b"thumb")];
+    assert!(t.queue.complete(&job, &result_naming(&variants)).await.unwrap().recorded);
+    assert_eq!(stored(alice()).await, 9);
+    // Its original retired, only the variants are.
+    let now = t.clock.now_ms();
+    assert_eq!(t.store.retire_originals(now, now, 10).await.unwrap(), 1);
+    assert_eq!(stored(alice()).await, 2);
+    let totals = t.store.stored_totals().await.unwrap();
+    assert_eq!(
+        totals,
+        crate::store::StoredTotals {
+            originals: 0,
+            original_bytes: 0,
+            variants: 2,
+            variant_bytes: 2,
+            pending_deletions: 1
+        }
+    );
+    // Deleting frees the user's share; the bytes stay while bob's upload names them.
+    t.records.delete(alices, &alice()).await.unwrap();
+    assert_eq!((stored(alice()).await, stored(bob).await), (0, 2));
+    assert_eq!(t.store.stored_totals().await.unwrap().variants, 2);
+    assert_eq!(status(&t, &blob).await.0, MediaStatus::Ready);
+}
+
+async fn a_writer_sees_a_deletion_in_flight_and_no_variant_is_left_unlogged(t: Tables) {
+    // A photo is transcoded, then deleted: its original and variant are logged for deletion.
+    let (id, blob) = upload_as(&t, &alice(), b"a photo", MediaKind::Image).await;
+    let variant = BlobId::of(b"its variant");
+    let job = t.queue.claim(Lane::Quick).await.unwrap().unwrap();
+    assert!(t.queue.complete(&job, &result_naming(&[variant])).await.unwrap().recorded);
+    assert!(matches!(t.records.delete(id, &alice()).await.unwrap(), Deleted::Orphaned { .. }));
+    let logged = pending(&t).await;
+    let seq_of = |namespace| logged.iter().find(|d| d.namespace == namespace).unwrap().seq;
+    let (original_seq, variant_seq) = (seq_of(Namespace::Originals), seq_of(Namespace::Variants));
+
+    // A sweep claims both: no other sweep takes them while the claims stand.
+    let now = t.clock.now_ms();
+    assert!(t.store.claim_deletion(original_seq, now).await.unwrap());
+    assert!(t.store.claim_deletion(variant_seq, now).await.unwrap());
+    assert!(!t.store.claim_deletion(variant_seq, now).await.unwrap(), "held by the first sweep");
+    assert!(pending(&t).await.is_empty());
+
+    // The same bytes are uploaded again meanwhile: the upload hears of the deletion in flight.
+    let media =
+        NewMedia { id: MediaId::new(), owner: &alice(), kind: MediaKind::Image, blob, mime: "image/jpeg", bytes: 7 };
+    let overlaps = t.records.record_upload(media, t.clock.now_ms()).await.unwrap();
+    assert_eq!(overlaps.iter().map(|o| (o.seq, o.blob)).collect::<Vec<_>>(), vec![(original_seq, blob)]);
+    assert!(!t.store.deletion_settled(original_seq, t.clock.now_ms()).await.unwrap());
+    t.store.deletions_done(&[original_seq]).await.unwrap();
+    assert!(t.store.deletion_settled(original_seq, t.clock.now_ms()).await.unwrap(), "done: store it again now");
+
+    // Its job completes naming the same variant: the runner hears of that deletion too, which
+    // settles when its claim lapses (a sweep that died) if nobody finishes it.
+    let job = t.queue.claim(Lane::Quick).await.unwrap().unwrap();
+    let completed = t.queue.complete(&job, &result_naming(&[variant])).await.unwrap();
+    assert!(completed.recorded);
+    assert_eq!(completed.overlaps.iter().map(|o| (o.seq, o.blob)).collect::<Vec<_>>(), vec![(variant_seq, variant)]);
+    assert!(!t.store.deletion_settled(variant_seq, t.clock.now_ms()).await.unwrap());
+    t.clock.advance(crate::store::DELETION_CLAIM_MS + 1);
+    assert!(t.store.deletion_settled(variant_seq, t.clock.now_ms()).await.unwrap());
+    // The lapsed claim is decided again, and the variant is needed now: kept.
+    assert_eq!(pending(&t).await.iter().map(|d| d.seq).collect::<Vec<_>>(), vec![variant_seq]);
+    assert!(!t.store.claim_deletion(variant_seq, t.clock.now_ms()).await.unwrap(), "a job names it");
+    assert!(pending(&t).await.is_empty());
+
+    // A job whose media is deleted mid-transcode: what its runner stored is logged, unless named.
+    let (id, _) = upload_as(&t, &alice(), b"deleted while transcoding", MediaKind::Image).await;
+    let job = t.queue.claim(Lane::Quick).await.unwrap().unwrap();
+    assert!(matches!(t.records.delete(id, &alice()).await.unwrap(), Deleted::Orphaned { .. }));
+    let made = BlobId::of(b"made for nobody");
+    let completed = t.queue.complete(&job, &result_naming(&[made, variant])).await.unwrap();
+    assert!(!completed.recorded && completed.overlaps.is_empty());
+    let logged: Vec<(Namespace, BlobId)> = pending(&t).await.into_iter().map(|d| (d.namespace, d.blob)).collect();
+    assert_eq!(logged, vec![(Namespace::Originals, job.blob), (Namespace::Variants, made)]);
 }

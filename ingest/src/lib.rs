@@ -41,10 +41,16 @@ pub use queue::JobQueue;
 pub use quota::{QuotaConfig, QuotaExceeded};
 pub use runner::Runner;
 pub use spool::discard_body;
-pub use store::{DeletedBlob, Namespace, Store, Usage};
+pub use store::{DeletedBlob, Namespace, Store, StoredTotals, Usage};
+
+/// How often the blob store's totals are counted (a pass over the job tables) for `/metrics`.
+pub const STORED_TOTALS_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Rows one step of a sweep takes at once.
 const SWEEP_BATCH: i64 = 100;
+/// How long a sweep waits for the blob store to delete one blob; well inside a deletion's claim
+/// ([`store::DELETION_CLAIM_MS`]), so no delete lands after its claim has lapsed.
+const DELETE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// How old a row of the deleted-blobs feed is before it is served.
 pub const FEED_LAG_MS: i64 = 5_000;
 
@@ -99,6 +105,8 @@ pub struct Ingest {
     store: Store,
     /// What this node's sweeps did since it started.
     swept: std::sync::Mutex<SweepReport>,
+    /// What the blob store holds, as last counted, and when.
+    totals: tokio::sync::Mutex<Option<(std::time::Instant, StoredTotals)>>,
 }
 
 impl Ingest {
@@ -125,6 +133,7 @@ impl Ingest {
             records: records::MediaRecords::new(store.clone(), clock.clone()),
             store,
             swept: std::sync::Mutex::new(SweepReport::default()),
+            totals: tokio::sync::Mutex::new(None),
             clock,
             config,
             originals,
@@ -223,37 +232,96 @@ impl Ingest {
         Ok(report)
     }
 
+    /// What the blob store holds, as the tables say, counted at most every
+    /// [`STORED_TOTALS_EVERY`] (scrapes in between get the last count). `None` if it could not be
+    /// counted yet.
+    pub async fn stored_totals(&self) -> Option<StoredTotals> {
+        let mut last = self.totals.lock().await;
+        if let Some((at, totals)) = *last
+            && at.elapsed() < STORED_TOTALS_EVERY
+        {
+            return Some(totals);
+        }
+        match self.store.stored_totals().await {
+            Ok(totals) => {
+                *last = Some((std::time::Instant::now(), totals));
+                Some(totals)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "counting what the blob store holds failed");
+                last.map(|(_, totals)| totals)
+            }
+        }
+    }
+
     /// What this node's sweeps did since it started (for `/metrics`).
     pub fn swept(&self) -> SweepReport {
         *self.swept.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Deletes from the blob store what the log says is to go (keeping a blob needed again: the
-    /// same bytes uploaded since), in batches; returns how many originals and variants went.
+    /// Deletes from the blob store what the log says is to go, in batches; returns how many
+    /// originals and variants went. Each deletion is claimed first, in one transaction with the
+    /// check that nothing needs its bytes again (the same bytes uploaded or made since), so a
+    /// writer that needs them later sees the claim and stores them again after the delete.
     pub(crate) async fn purge_deleted(&self) -> Result<(u64, u64), IngestError> {
         let (mut originals, mut variants, mut after) = (0, 0, 0);
         loop {
-            let pending = self.store.pending_deletions(SWEEP_BATCH, after).await?;
+            let pending = self.store.pending_deletions(SWEEP_BATCH, after, self.clock.now_ms()).await?;
             for deleted in &pending {
                 after = deleted.seq;
-                if !self.store.needed_again(deleted).await? {
-                    let (store, count) = match deleted.namespace {
-                        store::Namespace::Originals => (&self.originals, &mut originals),
-                        store::Namespace::Variants => (&self.variants, &mut variants),
-                    };
-                    if let Err(e) = store.delete(&deleted.blob).await {
-                        // Left for the next sweep; the rest of the log goes on.
-                        tracing::warn!(error = %e, blob = %deleted.blob, "deleting a blob failed; trying again later");
-                        continue;
+                if self.purge(deleted).await? {
+                    match deleted.namespace {
+                        store::Namespace::Originals => originals += 1,
+                        store::Namespace::Variants => variants += 1,
                     }
-                    *count += 1;
                 }
-                self.store.deletions_done(&[deleted.seq]).await?;
             }
             if pending.len() < SWEEP_BATCH as usize {
                 return Ok((originals, variants));
             }
         }
+    }
+
+    /// Claims one logged deletion and deletes its bytes: true when they went (false when they are
+    /// needed again, another sweep holds the deletion, or the blob store failed: the claim lapses
+    /// and a later sweep decides again).
+    pub(crate) async fn purge(&self, deleted: &DeletedBlob) -> Result<bool, IngestError> {
+        if !self.store.claim_deletion(deleted.seq, self.clock.now_ms()).await? {
+            return Ok(false);
+        }
+        if self.config.test_delete_delay_ms > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(self.config.test_delete_delay_ms)).await;
+        }
+        let store = match deleted.namespace {
+            store::Namespace::Originals => &self.originals,
+            store::Namespace::Variants => &self.variants,
+        };
+        match tokio::time::timeout(DELETE_TIMEOUT, store.delete(&deleted.blob)).await {
+            Ok(Ok(())) => {
+                self.store.deletions_done(&[deleted.seq]).await?;
+                Ok(true)
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, blob = %deleted.blob, "deleting a blob failed; trying again later");
+                Ok(false)
+            }
+            Err(_) => {
+                tracing::warn!(blob = %deleted.blob, "deleting a blob timed out; trying again later");
+                Ok(false)
+            }
+        }
+    }
+
+    /// Waits until the deletions a writer overlapped are over (done, kept, or their claims lapsed:
+    /// at most [`store::DELETION_CLAIM_MS`]), so that bytes it stores after cannot be deleted by
+    /// them.
+    pub(crate) async fn wait_for_deletions(&self, overlaps: &[store::Overlap]) -> Result<(), IngestError> {
+        for overlap in overlaps {
+            while !self.store.deletion_settled(overlap.seq, self.clock.now_ms()).await? {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+        Ok(())
     }
 
     /// Sweeps every `sweep_interval_ms` until `shutdown` turns true.

@@ -7,7 +7,7 @@
 
 use types::{BlobId, MediaKind};
 
-use crate::store::{Claimed, Failure, JobState, Store};
+use crate::store::{Claimed, Completed, Failure, JobState, Store};
 use crate::view::JobResult;
 use crate::{Clock, JobConfig};
 use transcode::TranscodeError;
@@ -62,9 +62,10 @@ impl JobQueue {
         self.store.queued().await
     }
 
-    /// Frees every lease. Only for a process that alone works this queue (the embedded database),
-    /// at start-up: whatever it held before a crash is nobody's now, so it need not wait for the
-    /// leases to expire. On a shared database another node's leases are its own.
+    /// Frees every lease, and every claim a sweep had on a blob's deletion. Only for a process
+    /// that alone works this queue and sweeps (the embedded database), at start-up: whatever it
+    /// held before a crash is nobody's now, so it need not wait for the leases and claims to
+    /// expire. On a shared database another node's leases and claims are its own.
     pub async fn release_leases(&self) -> Result<u64, sqlx::Error> {
         if !self.store.is_embedded() {
             return Ok(0);
@@ -94,7 +95,7 @@ impl JobQueue {
     }
 
     /// Records the job's result; false when the job is no longer this claim's.
-    pub(crate) async fn complete(&self, job: &Claimed, result: &JobResult) -> Result<bool, sqlx::Error> {
+    pub(crate) async fn complete(&self, job: &Claimed, result: &JobResult) -> Result<Completed, sqlx::Error> {
         self.store.complete(job, result, self.clock.now_ms()).await
     }
 

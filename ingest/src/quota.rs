@@ -26,8 +26,9 @@ pub struct QuotaConfig {
     /// Bytes one user may upload per UTC day, deleted and refused uploads included; more get 429 until
     /// midnight UTC. Default 2 GiB.
     pub bytes_per_day: u64,
-    /// Bytes of originals one user may keep in all; more get 413 until they delete some.
-    /// Default 10 GiB.
+    /// Bytes one user's media may take in the blob store: originals not yet deleted and the
+    /// variants made of them (bytes several users uploaded count for each); more get 413 until
+    /// they delete some or it expires. Default 10 GiB.
     pub bytes_stored: u64,
 }
 

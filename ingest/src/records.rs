@@ -4,7 +4,7 @@
 use types::{BlobId, MediaId, UserId};
 
 use crate::Clock;
-use crate::store::{Deleted, MediaRow, NewMedia, Store, Usage};
+use crate::store::{Deleted, MediaRow, NewMedia, Overlap, Store, Usage};
 
 /// The `media` and `media_grants` tables.
 #[derive(Debug, Clone)]
@@ -19,9 +19,10 @@ impl MediaRecords {
     }
 
     /// The media record and a job for its bytes, in one transaction. A job for the same bytes is
-    /// reused; one that failed for a reason a retry might fix is queued again.
-    pub(crate) async fn record_upload(&self, media: NewMedia<'_>) -> Result<(), sqlx::Error> {
-        self.store.record_upload(&media, self.clock.now_ms()).await
+    /// reused; one that failed for a reason a retry might fix is queued again. Returns the
+    /// deletions of the original a sweep claimed since `stored_at` (when the caller stored it).
+    pub(crate) async fn record_upload(&self, media: NewMedia<'_>, stored_at: i64) -> Result<Vec<Overlap>, sqlx::Error> {
+        self.store.record_upload(&media, stored_at, self.clock.now_ms()).await
     }
 
     /// What `owner` has used of their quotas at `now_ms`.
@@ -29,10 +30,11 @@ impl MediaRecords {
         self.store.usage(owner, now_ms).await
     }
 
-    /// Undoes an upload whose bytes turned out to be unusable. Returns whether nothing refers to
-    /// the bytes any more, in which case the job is gone too and the blob may be deleted.
-    pub(crate) async fn forget_upload(&self, id: MediaId, blob: &BlobId) -> Result<bool, sqlx::Error> {
-        self.store.forget_upload(id, blob).await
+    /// Undoes an upload whose bytes turned out to be unusable. When nothing refers to the bytes
+    /// any more the job is gone too and its original is logged for deletion: returns that
+    /// deletion's `seq`.
+    pub(crate) async fn forget_upload(&self, id: MediaId, blob: &BlobId) -> Result<Option<i64>, sqlx::Error> {
+        self.store.forget_upload(id, blob, self.clock.now_ms()).await
     }
 
     /// Whether `user` owns media `id` or was given access to it.

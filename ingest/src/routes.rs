@@ -17,7 +17,7 @@ use types::{MediaId, MediaStatus, UserId};
 use crate::queue::Lane;
 use crate::store::{Deleted, JobState, NewMedia};
 use crate::view::{MediaParts, url_expiry};
-use crate::{Ingest, IngestError, MediaView, quota, spool};
+use crate::{DeletedBlob, Ingest, IngestError, MediaView, Namespace, quota, spool};
 
 pub(crate) fn router(ingest: Arc<Ingest>) -> Router {
     Router::new()
@@ -100,6 +100,7 @@ async fn accept(
     // original may be gone for good, see `ingest.keep_originals_days`).
     let done_before = known.is_some_and(|job| job.status == MediaStatus::Ready);
     let mut stored = Stored::Existing;
+    let stored_at = ingest.clock.now_ms();
     if !done_before {
         stored = ingest.originals.put_file(&spooled.blob, spooled.file.path()).await?;
     }
@@ -108,16 +109,21 @@ async fn accept(
     let mut done = ingest.job_done.subscribe();
     let id = MediaId::new();
     let media = NewMedia { id, owner: user, kind, blob, mime: media_type.mime(), bytes: len };
-    if let Err(e) = ingest.records.record_upload(media).await {
-        // Nothing refers to bytes stored just now: take them back rather than leak them.
-        if stored == Stored::New {
-            let _ = ingest.originals.delete(&blob).await;
+    let overlaps = match ingest.records.record_upload(media, stored_at).await {
+        Ok(overlaps) => overlaps,
+        Err(e) => {
+            // Nothing refers to bytes stored just now: take them back rather than leak them.
+            if stored == Stored::New {
+                let _ = ingest.originals.delete(&blob).await;
+            }
+            return Err(e.into());
         }
-        return Err(e.into());
-    }
-    // Its job went meanwhile (its last media deleted) and this upload queued a new one, which
-    // needs the original after all.
-    if done_before && ingest.queue.job(&blob).await?.is_some_and(|job| job.status == MediaStatus::Processing) {
+    };
+    // A sweep was deleting these bytes as this upload queued a job for them: once it is done,
+    // store them again. Or the job went meanwhile (its last media deleted) and this upload queued
+    // a new one, which needs the original after all.
+    ingest.wait_for_deletions(&overlaps).await?;
+    if (!overlaps.is_empty() || done_before) && ingest.store.original_needed(&blob).await? {
         ingest.originals.put_file(&blob, spooled.file.path()).await?;
     }
     drop(spooled);
@@ -148,8 +154,10 @@ async fn accept(
     }
 
     if let Some(job) = job.filter(|j| j.status == MediaStatus::Failed && j.permanent) {
-        if ingest.records.forget_upload(id, &blob).await? {
-            ingest.originals.delete(&blob).await?;
+        if let Some(seq) = ingest.records.forget_upload(id, &blob).await? {
+            // Its original was logged for deletion: delete it now (a sweep would otherwise).
+            let deleted = DeletedBlob { seq, namespace: Namespace::Originals, blob, deleted_at: ingest.clock.now_ms() };
+            ingest.purge(&deleted).await?;
         }
         return Err(rejected(job));
     }

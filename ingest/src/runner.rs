@@ -4,16 +4,17 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use edge_cache::EdgeError;
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::JoinSet;
 use transcode::protocol::Task;
-use transcode::{Body, MediaType, TranscodeError, WorkerPool, audio, photo};
+use transcode::{Body, MediaType, Product, TranscodeError, Variant, WorkerPool, audio, photo};
 use types::BlobId;
 
-use crate::Ingest;
 use crate::queue::Lane;
 use crate::store::Claimed;
 use crate::view::JobResult;
+use crate::{Ingest, IngestError};
 
 /// Works the queue until `shutdown` turns true, then lets running jobs finish.
 #[derive(Debug)]
@@ -69,6 +70,13 @@ impl Runner {
     }
 }
 
+/// A job's result and the outputs it was made of (kept until the result is recorded, in case a
+/// variant must be stored again).
+struct Made {
+    result: JobResult,
+    product: Product,
+}
+
 /// How often a running job renews its lease and reports progress.
 const HEARTBEAT: Duration = Duration::from_secs(2);
 
@@ -105,8 +113,8 @@ impl Ingest {
             return;
         };
         let recorded = match &outcome {
-            Ok(result) => self.queue.complete(&job, result).await,
-            Err(e) => self.queue.fail(&job, e).await,
+            Ok(made) => self.complete(&job, made).await,
+            Err(e) => self.queue.fail(&job, e).await.map_err(IngestError::from),
         };
         match (&outcome, recorded) {
             (_, Err(e)) => tracing::error!(blob = %job.blob, error = %e, "recording a job's outcome failed"),
@@ -123,11 +131,30 @@ impl Ingest {
         let _ = self.job_done.send(job.blob);
     }
 
-    async fn transcode(
-        &self,
-        job: &Claimed,
-        progress: watch::Sender<Option<f32>>,
-    ) -> Result<JobResult, TranscodeError> {
+    /// Records a job's result; variants a sweep was deleting as the job stored them are stored
+    /// again once that deletion is over. False when the job is no longer this claim's.
+    async fn complete(&self, job: &Claimed, made: &Made) -> Result<bool, IngestError> {
+        let completed = self.queue.complete(job, &made.result).await?;
+        if !completed.overlaps.is_empty() {
+            self.wait_for_deletions(&completed.overlaps).await?;
+            for variant in JobResult::variants_of(&made.product) {
+                if completed.overlaps.iter().any(|o| o.blob == variant.blob) {
+                    self.store_variant(variant).await?;
+                }
+            }
+        }
+        Ok(completed.recorded)
+    }
+
+    async fn store_variant(&self, variant: &Variant) -> Result<(), EdgeError> {
+        match &variant.body {
+            Body::Memory(bytes) => self.variants.put(&variant.blob, bytes.clone()).await,
+            Body::File(file) => self.variants.put_file(&variant.blob, file.path()).await,
+        }
+        .map(drop)
+    }
+
+    async fn transcode(&self, job: &Claimed, progress: watch::Sender<Option<f32>>) -> Result<Made, TranscodeError> {
         if job.attempts > self.config.job.max_attempts {
             // Claimed again after its worker died each time: stop feeding it to workers.
             return Err(TranscodeError::TooManyAttempts(job.attempts - 1));
@@ -148,7 +175,7 @@ impl Ingest {
         task: Task,
         budget: Duration,
         progress: impl FnMut(f32),
-    ) -> Result<JobResult, TranscodeError> {
+    ) -> Result<Made, TranscodeError> {
         let mut lease = pool.checkout(budget).await?;
         if !self.originals.download(&job.blob, &lease.input()).await.map_err(storage)? {
             // Never the bytes' fault, so never refused for good: on a shared database the node that
@@ -161,22 +188,18 @@ impl Ingest {
         let product = lease.run(task, budget, progress).await?;
         drop(lease);
         for variant in JobResult::variants_of(&product) {
-            match &variant.body {
-                Body::Memory(bytes) => self.variants.put(&variant.blob, bytes.clone()).await,
-                Body::File(file) => self.variants.put_file(&variant.blob, file.path()).await,
-            }
-            .map_err(storage)?;
+            self.store_variant(variant).await.map_err(storage)?;
         }
-        Ok(JobResult::from_product(&product))
+        Ok(Made { result: JobResult::from_product(&product), product })
     }
 
-    async fn transcode_photo(&self, job: &Claimed, format: photo::Format) -> Result<JobResult, TranscodeError> {
+    async fn transcode_photo(&self, job: &Claimed, format: photo::Format) -> Result<Made, TranscodeError> {
         let limits = photo::Limits { max_pixels: self.config.max_pixels, memory_bytes: self.config.job.memory_bytes };
         let task = Task::Photo { format, settings: photo::Settings::default(), limits };
         self.in_worker(&self.workers.quick, job, task, self.config.job.timeout(), |_| {}).await
     }
 
-    async fn transcode_audio(&self, job: &Claimed, container: audio::Container) -> Result<JobResult, TranscodeError> {
+    async fn transcode_audio(&self, job: &Claimed, container: audio::Container) -> Result<Made, TranscodeError> {
         let audio = &self.config.audio;
         let task = Task::Audio { container, settings: audio.output.clone(), limits: audio.limits.clone() };
         self.in_worker(&self.workers.quick, job, task, self.config.job.timeout(), |_| {}).await
@@ -186,7 +209,7 @@ impl Ingest {
         &self,
         job: &Claimed,
         progress: watch::Sender<Option<f32>>,
-    ) -> Result<JobResult, TranscodeError> {
+    ) -> Result<Made, TranscodeError> {
         let video = &self.config.video;
         let task = Task::Video { settings: video.output.clone(), limits: video.limits.clone() };
         let budget = Duration::from_secs(video.timeout_secs);

@@ -531,19 +531,42 @@ pub(crate) fn metrics_route(
     let answer = move || {
         let (blobs, connections, ingest) = (blobs.clone(), connections.clone(), ingest.clone());
         async move {
-            let swept = ingest.map(|ingest| sweep_metrics(&ingest)).unwrap_or_default();
+            let swept = match ingest {
+                Some(ingest) => storage_metrics(&ingest).await,
+                None => String::new(),
+            };
             metrics_response([edge_cache::metrics_text(&blobs).await, connections.render(), swept])
         }
     };
     Router::new().route("/metrics", axum::routing::get(answer))
 }
 
-/// Prometheus text of what this node's sweeps of the blob store did since it started.
-pub(crate) fn sweep_metrics(ingest: &ingest::Ingest) -> String {
+/// Prometheus text of what the blob store holds (blobs and bytes by namespace, as the tables say,
+/// counted at most every [`ingest::STORED_TOTALS_EVERY`]) and what this node's sweeps of it did
+/// since it started.
+pub(crate) async fn storage_metrics(ingest: &ingest::Ingest) -> String {
     use prometheus_client::metrics::counter::Counter;
     use prometheus_client::metrics::family::Family;
+    use prometheus_client::metrics::gauge::Gauge;
     let swept = ingest.swept();
     let mut registry = prometheus_client::registry::Registry::default();
+    let by_namespace = |pairs: [(&str, u64); 2]| {
+        let family = Family::<Vec<(String, String)>, Gauge<i64>>::default();
+        for (namespace, value) in pairs {
+            let labels = vec![("namespace".to_owned(), namespace.to_owned())];
+            family.get_or_create(&labels).set(i64::try_from(value).unwrap_or(i64::MAX));
+        }
+        family
+    };
+    if let Some(totals) = ingest.stored_totals().await {
+        let blobs = by_namespace([("originals", totals.originals), ("variants", totals.variants)]);
+        registry.register("courier_stored_blobs", "Blobs in the blob store, by namespace", blobs);
+        let bytes = by_namespace([("originals", totals.original_bytes), ("variants", totals.variant_bytes)]);
+        registry.register("courier_stored_bytes", "Bytes in the blob store, by namespace", bytes);
+        let pending = Gauge::<i64>::default();
+        pending.set(i64::try_from(totals.pending_deletions).unwrap_or(i64::MAX));
+        registry.register("courier_blob_deletions_pending", "Blobs logged for deletion, not yet deleted", pending);
+    }
     let retired = Counter::<u64>::default();
     retired.inc_by(swept.originals_retired);
     registry.register("courier_sweep_originals_retired", "Originals retired after their job succeeded", retired);

@@ -117,5 +117,5 @@ async fn metrics(State((ingest, connections)): State<(Arc<Ingest>, Arc<Connectio
     if prometheus_client::encoding::text::encode_registry(&mut text, &registry).is_err() {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     }
-    listener::metrics_response([text, connections.render(), listener::sweep_metrics(&ingest)])
+    listener::metrics_response([text, connections.render(), listener::storage_metrics(&ingest).await])
 }

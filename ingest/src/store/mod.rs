@@ -56,6 +56,60 @@ pub(crate) struct Claimed {
     /// ran out and whose job was claimed again (or deleted and uploaded again) no longer speaks
     /// for it.
     pub(crate) claim: String,
+    /// When it was claimed (unix ms, this node's clock): the runner stores its variants after.
+    pub(crate) claimed_at: i64,
+}
+
+/// How long a sweep's claim on a logged deletion stands. The sweep deletes the bytes within
+/// [`crate::DELETE_TIMEOUT`] of claiming, so a claim older than this is a sweep that died or gave
+/// up, and the next one decides again.
+pub(crate) const DELETION_CLAIM_MS: i64 = 30_000;
+
+/// How far before a writer stored its bytes it looks for deletions claimed since: nodes' clocks
+/// differ a little, and storing again needlessly costs only a write.
+pub(crate) const CLOCK_SKEW_MS: i64 = 60_000;
+
+/// A deletion a sweep claimed since a writer stored bytes it now needs (the writer's reference is
+/// committed, so no later claim can take them): the bytes may be gone, so once the deletion has
+/// settled ([`Store::deletion_settled`]) the writer stores them again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Overlap {
+    pub(crate) seq: i64,
+    pub(crate) blob: BlobId,
+}
+
+#[derive(Debug, sqlx::FromRow)]
+struct OverlapRow {
+    seq: i64,
+    blob: String,
+}
+
+impl TryFrom<OverlapRow> for Overlap {
+    type Error = sqlx::Error;
+
+    fn try_from(row: OverlapRow) -> Result<Self, sqlx::Error> {
+        Ok(Overlap { seq: row.seq, blob: blob(&row.blob)? })
+    }
+}
+
+/// What recording a job's result did.
+#[derive(Debug, Default)]
+pub(crate) struct Completed {
+    /// False when the job is no longer this claim's (nothing was recorded).
+    pub(crate) recorded: bool,
+    /// Variants a sweep may have deleted after the runner stored them.
+    pub(crate) overlaps: Vec<Overlap>,
+}
+
+/// What the blob store holds, as the tables say: originals not yet deleted, the distinct variants
+/// jobs name, and deletions logged but not done.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoredTotals {
+    pub originals: u64,
+    pub original_bytes: u64,
+    pub variants: u64,
+    pub variant_bytes: u64,
+    pub pending_deletions: u64,
 }
 
 /// What deleting a media record left behind.
@@ -207,16 +261,16 @@ impl TryFrom<MediaJobRow> for MediaRow {
     }
 }
 
-impl TryFrom<ClaimRow> for Claimed {
-    type Error = sqlx::Error;
-
-    fn try_from(row: ClaimRow) -> Result<Self, sqlx::Error> {
+impl Claimed {
+    /// The job a claim at `now` returned.
+    fn from_row(row: ClaimRow, now: i64) -> Result<Self, sqlx::Error> {
         Ok(Claimed {
             blob: blob(&row.source_blob)?,
             kind: kind(&row.kind)?,
             mime: row.source_mime,
             attempts: u32::try_from(row.attempts).map_err(|_| corrupt_row("attempt count"))?,
             claim: row.claim,
+            claimed_at: now,
         })
     }
 }
@@ -242,7 +296,8 @@ pub(crate) const DAY_MS: i64 = 86_400_000;
 /// What one user has used of their quotas.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
-    /// Bytes of the originals of their media records.
+    /// Bytes their media take in the blob store: originals not yet deleted and the variants made of
+    /// them (bytes two users uploaded count for each).
     pub stored_bytes: u64,
     /// Bytes uploaded this UTC day, deleted and refused uploads included.
     pub bytes_today: u64,
@@ -288,8 +343,17 @@ impl Store {
         each!(self, db => db.job(blob).await)
     }
 
-    pub(crate) async fn record_upload(&self, media: &NewMedia<'_>, now: i64) -> Result<(), sqlx::Error> {
-        each!(self, db => db.record_upload(media, now).await)
+    /// Records an upload whose original was stored at `stored_at`, with its job (queued, or queued
+    /// again after a failure a retry might fix). Returns the deletions of that original a sweep
+    /// claimed since: the caller stores the original again once they have settled.
+    pub(crate) async fn record_upload(
+        &self,
+        media: &NewMedia<'_>,
+        stored_at: i64,
+        now: i64,
+    ) -> Result<Vec<Overlap>, sqlx::Error> {
+        let rows = each!(self, db => db.record_upload(media, stored_at - CLOCK_SKEW_MS, now).await)?;
+        rows.into_iter().map(Overlap::try_from).collect()
     }
 
     /// What `owner` has used of their quotas at `now` (unix ms).
@@ -297,8 +361,10 @@ impl Store {
         each!(self, db => db.usage(owner, now).await)
     }
 
-    pub(crate) async fn forget_upload(&self, id: MediaId, blob: &BlobId) -> Result<bool, sqlx::Error> {
-        each!(self, db => db.forget_upload(id, blob).await)
+    /// Deletes a refused upload's record, and its job when no other record refers to the bytes,
+    /// logging the original for deletion: returns that deletion's `seq` when the job went.
+    pub(crate) async fn forget_upload(&self, id: MediaId, blob: &BlobId, now: i64) -> Result<Option<i64>, sqlx::Error> {
+        each!(self, db => db.forget_upload(id, blob, now).await)
     }
 
     pub(crate) async fn may_read(&self, id: MediaId, user: &UserId) -> Result<bool, sqlx::Error> {
@@ -343,21 +409,53 @@ impl Store {
     }
 
     /// Up to `limit` logged deletions after `after` (a `seq`) whose bytes are still in the blob
-    /// store, oldest first.
-    pub(crate) async fn pending_deletions(&self, limit: i64, after: i64) -> Result<Vec<DeletedBlob>, sqlx::Error> {
-        let rows = each!(self, db => db.pending_deletions(limit, after).await)?;
+    /// store and that no sweep holds, oldest first.
+    pub(crate) async fn pending_deletions(
+        &self,
+        limit: i64,
+        after: i64,
+        now: i64,
+    ) -> Result<Vec<DeletedBlob>, sqlx::Error> {
+        let rows = each!(self, db => db.pending_deletions(limit, after, now - DELETION_CLAIM_MS).await)?;
         rows.into_iter().map(DeletedBlob::try_from).collect()
     }
 
-    /// Whether a logged blob is needed again: an original a new job (of the same bytes uploaded
-    /// again) reads, or a variant another job's result names. Such a blob is kept.
-    pub(crate) async fn needed_again(&self, deleted: &DeletedBlob) -> Result<bool, sqlx::Error> {
-        each!(self, db => db.needed_again(deleted.namespace, &deleted.blob).await)
+    /// Takes logged deletion `seq` for this sweep, in one transaction with the check that nothing
+    /// needs its bytes again (an original a new job of the same bytes reads, a variant a job
+    /// names): true when the caller is to delete them now. A blob needed again is kept (the
+    /// deletion is done); one another sweep holds, or already done, is left.
+    pub(crate) async fn claim_deletion(&self, seq: i64, now: i64) -> Result<bool, sqlx::Error> {
+        each!(self, db => db.claim_deletion(seq, now, now - DELETION_CLAIM_MS).await)
     }
 
-    /// These logged deletions are done (their bytes are gone, or kept for good reason).
+    /// Whether a job of these bytes still reads their original (it has not succeeded and retired it).
+    pub(crate) async fn original_needed(&self, blob: &BlobId) -> Result<bool, sqlx::Error> {
+        each!(self, db => db.original_needed(blob).await)
+    }
+
+    /// Whether claimed deletion `seq` is over: done, kept, or its claim lapsed.
+    pub(crate) async fn deletion_settled(&self, seq: i64, now: i64) -> Result<bool, sqlx::Error> {
+        each!(self, db => db.deletion_settled(seq, now - DELETION_CLAIM_MS).await)
+    }
+
+    /// These logged deletions are done (their bytes are gone).
     pub(crate) async fn deletions_done(&self, seqs: &[i64]) -> Result<(), sqlx::Error> {
         each!(self, db => db.deletions_done(seqs).await)
+    }
+
+    /// What the blob store holds, as the tables say (one pass over `jobs` and `job_variants`: the
+    /// caller spaces these out).
+    pub async fn stored_totals(&self) -> Result<StoredTotals, sqlx::Error> {
+        let (originals, original_bytes, variants, variant_bytes, pending): (i64, i64, i64, i64, i64) =
+            each!(self, db => db.stored_totals().await)?;
+        let n = |v: i64| v.max(0) as u64;
+        Ok(StoredTotals {
+            originals: n(originals),
+            original_bytes: n(original_bytes),
+            variants: n(variants),
+            variant_bytes: n(variant_bytes),
+            pending_deletions: n(pending),
+        })
     }
 
     /// Up to `limit` blobs deleted after `after` (a `seq`), in order, logged by `upto` (unix ms):
@@ -388,11 +486,17 @@ impl Store {
         each!(self, db => db.heartbeat(job, progress, now, lease_until).await)
     }
 
-    /// Records `job`'s result; false when the job is no longer this claim's.
-    pub(crate) async fn complete(&self, job: &Claimed, result: &JobResult, now: i64) -> Result<bool, sqlx::Error> {
+    /// Records `job`'s result and the variants it names. A job deleted meanwhile (its media
+    /// expired or were deleted mid-transcode) records nothing, and the variants the runner stored
+    /// that no job names are logged for deletion.
+    pub(crate) async fn complete(&self, job: &Claimed, result: &JobResult, now: i64) -> Result<Completed, sqlx::Error> {
         let json = serde_json::to_string(result).expect("job results serialise");
-        let variants: Vec<String> = result.variants.values().map(|v| v.blob.to_hex()).collect();
-        each!(self, db => db.complete(job, &json, &variants, now).await)
+        let variants: Vec<(String, i64)> =
+            result.variants.values().map(|v| (v.blob.to_hex(), i64::try_from(v.bytes).unwrap_or(i64::MAX))).collect();
+        let since = job.claimed_at - CLOCK_SKEW_MS;
+        let (recorded, rows) = each!(self, db => db.complete(job, &json, &variants, since, now).await)?;
+        let overlaps = rows.into_iter().map(Overlap::try_from).collect::<Result<_, _>>()?;
+        Ok(Completed { recorded, overlaps })
     }
 
     /// Records a failed attempt of `job`; false when the job is no longer this claim's.

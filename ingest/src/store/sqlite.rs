@@ -12,7 +12,7 @@ use types::{BlobId, MediaId, MediaKind, UserId};
 
 use super::{
     ClaimRow, Claimed, DAY_MS, Deleted, DeletedRow, Failure, JobRow, JobState, MediaJobRow, MediaRow, Namespace,
-    NewMedia, Usage, blob, variants_of,
+    NewMedia, OverlapRow, Usage, blob, variants_of,
 };
 
 /// Originals of jobs that succeeded before ?1, not yet retired: up to ?2.
@@ -24,14 +24,34 @@ const ORIGINALS_TO_RETIRE: &str = "
 const RETIRE_ORIGINAL: &str = "UPDATE jobs SET original_gone = 1 WHERE source_blob = ?1";
 
 /// A blob logged for deletion that is needed after all (an original a job queued again reads, a
-/// variant a completing job names) is kept: its pending deletion is taken back.
-const KEEP_LOGGED: &str = "UPDATE deleted_blobs SET removed = 1 WHERE namespace = ?1 AND blob = ?2 AND removed = 0";
+/// variant a completing job names) is kept: its pending deletion is taken back, unless a sweep
+/// holds it (claimed since ?3), which the writer then waits for (`CLAIMED_SINCE`).
+const KEEP_LOGGED: &str = "
+    UPDATE deleted_blobs SET removed = 1
+     WHERE namespace = ?1 AND blob = ?2 AND removed = 0 AND (claimed_at IS NULL OR claimed_at < ?3)";
+
+/// Deletions of a blob a sweep claimed since ?3 (when the writer stored it, less clock skew).
+const CLAIMED_SINCE: &str =
+    "SELECT seq, blob FROM deleted_blobs WHERE namespace = ?1 AND blob = ?2 AND claimed_at >= ?3";
+
+/// A sweep takes a pending deletion no other sweep holds (claims before ?3 have lapsed).
+const CLAIM_DELETION: &str = "
+    UPDATE deleted_blobs SET claimed_at = ?2
+     WHERE seq = ?1 AND removed = 0 AND (claimed_at IS NULL OR claimed_at < ?3)
+    RETURNING namespace, blob";
+
+/// A claimed deletion whose bytes are needed again: done, and never claimed (no writer waits).
+const KEEP_CLAIMED: &str = "UPDATE deleted_blobs SET removed = 1, claimed_at = NULL WHERE seq = ?1";
+
+const DELETION_SETTLED: &str =
+    "SELECT 1 FROM deleted_blobs WHERE seq = ?1 AND (removed = 1 OR claimed_at IS NULL OR claimed_at < ?2)";
 
 /// A blob to delete, logged in the transaction that decides it.
-const LOG_DELETION: &str = "INSERT INTO deleted_blobs (namespace, blob, deleted_at) VALUES (?1, ?2, ?3)";
+const LOG_DELETION: &str = "INSERT INTO deleted_blobs (namespace, blob, deleted_at) VALUES (?1, ?2, ?3) RETURNING seq";
 
 const PENDING_DELETIONS: &str = "
-    SELECT seq, namespace, blob, deleted_at FROM deleted_blobs WHERE removed = 0 AND seq > ?2
+    SELECT seq, namespace, blob, deleted_at FROM deleted_blobs
+     WHERE removed = 0 AND seq > ?2 AND (claimed_at IS NULL OR claimed_at < ?3)
      ORDER BY seq LIMIT ?1";
 
 const DELETION_DONE: &str = "UPDATE deleted_blobs SET removed = 1 WHERE seq = ?1";
@@ -50,13 +70,16 @@ const QUEUED: &str = "SELECT COUNT(*) FROM jobs WHERE status = 'processing'";
 const RELEASE_LEASES: &str =
     "UPDATE jobs SET lease_until = NULL WHERE status = 'processing' AND lease_until IS NOT NULL";
 
+const RELEASE_DELETION_CLAIMS: &str =
+    "UPDATE deleted_blobs SET claimed_at = NULL WHERE removed = 0 AND claimed_at IS NOT NULL";
+
 const JOB: &str =
     "SELECT status, permanent, error_code, error_message, result, progress FROM jobs WHERE source_blob = ?1";
 
 /// A job for the upload's bytes; one that failed for a reason a retry might fix is queued again.
 const UPSERT_JOB: &str = "
-    INSERT INTO jobs (source_blob, kind, source_mime, status, run_after, created_at, updated_at)
-    VALUES (?1, ?2, ?3, 'processing', ?4, ?4, ?4)
+    INSERT INTO jobs (source_blob, kind, source_mime, source_bytes, status, run_after, created_at, updated_at)
+    VALUES (?1, ?2, ?3, ?5, 'processing', ?4, ?4, ?4)
     ON CONFLICT (source_blob) DO UPDATE
        SET status = 'processing', attempts = 0, run_after = ?4, lease_until = NULL,
            error_code = NULL, error_message = NULL, updated_at = ?4
@@ -99,10 +122,13 @@ const COUNT_UPLOAD_DAY: &str = "
     ON CONFLICT (owner, day) DO UPDATE SET bytes = upload_days.bytes + excluded.bytes";
 const DROP_OLD_UPLOAD_DAYS: &str = "DELETE FROM upload_days WHERE owner = ?1 AND day < ?2 - 1";
 
-/// A user's quota use: bytes of their media, bytes uploaded on day ?2, and their uploads since
-/// ?3 whose jobs are still waiting or running.
+/// A user's quota use: bytes their media take (originals not yet deleted, variants), bytes
+/// uploaded on day ?2, and their uploads since ?3 whose jobs are still waiting or running.
 const USAGE: &str = "
-    SELECT (SELECT COALESCE(SUM(source_bytes), 0) FROM media WHERE owner = ?1),
+    SELECT (SELECT COALESCE(SUM(CASE WHEN j.original_gone = 1 THEN 0 ELSE m.source_bytes END), 0)
+              FROM media m JOIN jobs j ON j.source_blob = m.source_blob WHERE m.owner = ?1)
+         + (SELECT COALESCE(SUM(v.bytes), 0)
+              FROM media m JOIN job_variants v ON v.source_blob = m.source_blob WHERE m.owner = ?1),
            (SELECT COALESCE(SUM(bytes), 0) FROM upload_days WHERE owner = ?1 AND day = ?2),
            (SELECT COUNT(*) FROM media m JOIN jobs j ON j.source_blob = m.source_blob
              WHERE m.owner = ?1 AND m.created_at > ?3 AND j.status = 'processing')";
@@ -129,8 +155,21 @@ const DELETE_OWNED_MEDIA: &str = "DELETE FROM media WHERE id = ?1 AND owner = ?2
 
 const DELETE_GRANTS: &str = "DELETE FROM media_grants WHERE media_id = ?1";
 
-/// Whether another job's result names a blob (deleting is rare; the scan is fine).
-const NAMED_BY_A_JOB: &str = "SELECT 1 FROM jobs WHERE instr(result, ?1) > 0 LIMIT 1";
+/// Whether a job's result names a variant.
+const NAMED_BY_A_JOB: &str = "SELECT 1 FROM job_variants WHERE blob = ?1 LIMIT 1";
+
+const NAME_VARIANT: &str =
+    "INSERT INTO job_variants (blob, source_blob, bytes) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING";
+
+const JOB_EXISTS: &str = "SELECT 1 FROM jobs WHERE source_blob = ?1";
+
+/// Originals not yet deleted, distinct variants named, deletions not done.
+const STORED_TOTALS: &str = "
+    SELECT (SELECT COUNT(*) FROM jobs WHERE original_gone = 0),
+           (SELECT COALESCE(SUM(source_bytes), 0) FROM jobs WHERE original_gone = 0),
+           (SELECT COUNT(*) FROM (SELECT DISTINCT blob FROM job_variants)),
+           (SELECT COALESCE(SUM(bytes), 0) FROM (SELECT MAX(bytes) AS bytes FROM job_variants GROUP BY blob)),
+           (SELECT COUNT(*) FROM deleted_blobs WHERE removed = 0)";
 
 /// The next due job of two kinds whose lease is free, leased in the same statement.
 const CLAIM: &str = "
@@ -186,6 +225,7 @@ impl Sqlite {
     }
 
     pub(super) async fn release_leases(&self) -> Result<u64, sqlx::Error> {
+        sqlx::query(RELEASE_DELETION_CLAIMS).execute(&self.db).await?;
         Ok(sqlx::query(RELEASE_LEASES).execute(&self.db).await?.rows_affected())
     }
 
@@ -194,22 +234,25 @@ impl Sqlite {
         row.map(JobState::try_from).transpose()
     }
 
-    pub(super) async fn record_upload(&self, media: &NewMedia<'_>, now: i64) -> Result<(), sqlx::Error> {
+    pub(super) async fn record_upload(
+        &self,
+        media: &NewMedia<'_>,
+        since: i64,
+        now: i64,
+    ) -> Result<Vec<OverlapRow>, sqlx::Error> {
         let mut tx = self.db.begin().await?;
         let queued = sqlx::query(UPSERT_JOB)
             .bind(media.blob.to_hex())
             .bind(media.kind.as_str())
             .bind(media.mime)
             .bind(now)
+            .bind(media.bytes as i64)
             .execute(&mut *tx)
             .await?
             .rows_affected();
+        let mut overlaps = Vec::new();
         if queued > 0 {
-            sqlx::query(KEEP_LOGGED)
-                .bind(Namespace::Originals.as_str())
-                .bind(media.blob.to_hex())
-                .execute(&mut *tx)
-                .await?;
+            overlaps = keep_logged(&mut tx, Namespace::Originals, &media.blob.to_hex(), since, now).await?;
         }
         sqlx::query(INSERT_MEDIA)
             .bind(media.id.to_string())
@@ -225,7 +268,8 @@ impl Sqlite {
         let owner = media.owner.as_str();
         sqlx::query(COUNT_UPLOAD_DAY).bind(owner).bind(day).bind(media.bytes as i64).execute(&mut *tx).await?;
         sqlx::query(DROP_OLD_UPLOAD_DAYS).bind(owner).bind(day).execute(&mut *tx).await?;
-        tx.commit().await
+        tx.commit().await?;
+        Ok(overlaps)
     }
 
     pub(super) async fn usage(&self, owner: &UserId, now: i64) -> Result<Usage, sqlx::Error> {
@@ -238,13 +282,12 @@ impl Sqlite {
         Ok(Usage { stored_bytes: stored.max(0) as u64, bytes_today: today.max(0) as u64, queued_jobs: queued as u64 })
     }
 
-    pub(super) async fn forget_upload(&self, id: MediaId, blob: &BlobId) -> Result<bool, sqlx::Error> {
+    pub(super) async fn forget_upload(&self, id: MediaId, blob: &BlobId, now: i64) -> Result<Option<i64>, sqlx::Error> {
         let mut tx = self.db.begin().await?;
         sqlx::query(DELETE_MEDIA).bind(id.to_string()).execute(&mut *tx).await?;
-        let orphaned: Option<Option<String>> =
-            sqlx::query_scalar(DELETE_ORPHANED_JOB).bind(blob.to_hex()).fetch_optional(&mut *tx).await?;
+        let orphaned = orphan(&mut tx, &blob.to_hex(), now).await?;
         tx.commit().await?;
-        Ok(orphaned.is_some())
+        Ok(orphaned)
     }
 
     pub(super) async fn may_read(&self, id: MediaId, user: &UserId) -> Result<bool, sqlx::Error> {
@@ -299,7 +342,7 @@ impl Sqlite {
         sqlx::query(DELETE_GRANTS).bind(id.to_string()).execute(&mut *tx).await?;
         let orphaned = orphan(&mut tx, &source, now).await?;
         tx.commit().await?;
-        Ok(if orphaned { Deleted::Orphaned { source: blob(&source)? } } else { Deleted::Kept })
+        Ok(if orphaned.is_some() { Deleted::Orphaned { source: blob(&source)? } } else { Deleted::Kept })
     }
 
     pub(super) async fn expire_media(
@@ -328,7 +371,7 @@ impl Sqlite {
             let source: Option<String> =
                 sqlx::query_scalar(DELETE_MEDIA_BY_ID).bind(&id).fetch_optional(&mut *tx).await?;
             if let Some(source) = source
-                && orphan(&mut tx, &source, now).await?
+                && orphan(&mut tx, &source, now).await?.is_some()
             {
                 orphaned.push(blob(&source)?);
             }
@@ -354,17 +397,48 @@ impl Sqlite {
         Ok(sources.len() as u64)
     }
 
-    pub(super) async fn pending_deletions(&self, limit: i64, after: i64) -> Result<Vec<DeletedRow>, sqlx::Error> {
-        sqlx::query_as(PENDING_DELETIONS).bind(limit).bind(after).fetch_all(&self.db).await
+    pub(super) async fn pending_deletions(
+        &self,
+        limit: i64,
+        after: i64,
+        lapsed: i64,
+    ) -> Result<Vec<DeletedRow>, sqlx::Error> {
+        sqlx::query_as(PENDING_DELETIONS).bind(limit).bind(after).bind(lapsed).fetch_all(&self.db).await
     }
 
-    pub(super) async fn needed_again(&self, namespace: Namespace, blob: &BlobId) -> Result<bool, sqlx::Error> {
-        let query = match namespace {
+    pub(super) async fn claim_deletion(&self, seq: i64, now: i64, lapsed: i64) -> Result<bool, sqlx::Error> {
+        // The claim is the transaction's first statement, a write: SQLite takes its one writer's
+        // lock there, so no writer commits between the check below and the claim.
+        let mut tx = self.db.begin().await?;
+        let claimed: Option<(String, String)> =
+            sqlx::query_as(CLAIM_DELETION).bind(seq).bind(now).bind(lapsed).fetch_optional(&mut *tx).await?;
+        let Some((namespace, blob)) = claimed else { return Ok(false) };
+        let query = match Namespace::parse(&namespace)? {
             Namespace::Originals => ORIGINAL_NEEDED,
             Namespace::Variants => NAMED_BY_A_JOB,
         };
-        let found: Option<i64> = sqlx::query_scalar(query).bind(blob.to_hex()).fetch_optional(&self.db).await?;
+        let needed: Option<i64> = sqlx::query_scalar(query).bind(&blob).fetch_optional(&mut *tx).await?;
+        if needed.is_some() {
+            sqlx::query(KEEP_CLAIMED).bind(seq).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(needed.is_none())
+    }
+
+    pub(super) async fn original_needed(&self, blob: &BlobId) -> Result<bool, sqlx::Error> {
+        let found: Option<i64> =
+            sqlx::query_scalar(ORIGINAL_NEEDED).bind(blob.to_hex()).fetch_optional(&self.db).await?;
         Ok(found.is_some())
+    }
+
+    pub(super) async fn deletion_settled(&self, seq: i64, lapsed: i64) -> Result<bool, sqlx::Error> {
+        let found: Option<i64> =
+            sqlx::query_scalar(DELETION_SETTLED).bind(seq).bind(lapsed).fetch_optional(&self.db).await?;
+        Ok(found.is_some())
+    }
+
+    pub(super) async fn stored_totals(&self) -> Result<(i64, i64, i64, i64, i64), sqlx::Error> {
+        sqlx::query_as(STORED_TOTALS).fetch_one(&self.db).await
     }
 
     pub(super) async fn deletions_done(&self, seqs: &[i64]) -> Result<(), sqlx::Error> {
@@ -398,7 +472,7 @@ impl Sqlite {
             .bind(uuid::Uuid::now_v7().to_string())
             .fetch_optional(&self.db)
             .await?;
-        row.map(Claimed::try_from).transpose()
+        row.map(|row| Claimed::from_row(row, now)).transpose()
     }
 
     pub(super) async fn heartbeat(
@@ -423,25 +497,32 @@ impl Sqlite {
         &self,
         job: &Claimed,
         result: &str,
-        variants: &[String],
+        variants: &[(String, i64)],
+        since: i64,
         now: i64,
-    ) -> Result<bool, sqlx::Error> {
+    ) -> Result<(bool, Vec<OverlapRow>), sqlx::Error> {
         let mut tx = self.db.begin().await?;
-        let done = sqlx::query(COMPLETE)
-            .bind(result)
-            .bind(now)
-            .bind(job.blob.to_hex())
-            .bind(&job.claim)
-            .execute(&mut *tx)
-            .await?;
-        if done.rows_affected() == 1 {
-            // Variants this job made that a deletion logged meanwhile are needed again.
-            for variant in variants {
-                sqlx::query(KEEP_LOGGED).bind(Namespace::Variants.as_str()).bind(variant).execute(&mut *tx).await?;
+        let source = job.blob.to_hex();
+        let done =
+            sqlx::query(COMPLETE).bind(result).bind(now).bind(&source).bind(&job.claim).execute(&mut *tx).await?;
+        let recorded = done.rows_affected() == 1;
+        let mut overlaps = Vec::new();
+        if recorded {
+            for (variant, bytes) in variants {
+                sqlx::query(NAME_VARIANT).bind(variant).bind(&source).bind(bytes).execute(&mut *tx).await?;
+                // A deletion logged meanwhile is taken back, or waited for if a sweep holds it.
+                overlaps.extend(keep_logged(&mut tx, Namespace::Variants, variant, since, now).await?);
+            }
+        } else {
+            let job: Option<i64> = sqlx::query_scalar(JOB_EXISTS).bind(&source).fetch_optional(&mut *tx).await?;
+            if job.is_none() {
+                // Deleted mid-transcode: what the runner stored is nobody's.
+                let variants = variants.iter().map(|(variant, _)| variant.as_str());
+                log_unnamed_variants(&mut tx, variants, now).await?;
             }
         }
         tx.commit().await?;
-        Ok(done.rows_affected() == 1)
+        Ok((recorded, overlaps))
     }
 
     pub(super) async fn fail(&self, job: &Claimed, failure: &Failure<'_>, now: i64) -> Result<bool, sqlx::Error> {
@@ -461,22 +542,50 @@ impl Sqlite {
 }
 
 /// Deletes the job of bytes no media record refers to any more, inside `tx`, and logs its original
-/// and the variants no other job names for deletion. False when the job stays (another record
-/// refers to the bytes).
-async fn orphan(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, source: &str, now: i64) -> Result<bool, sqlx::Error> {
+/// and the variants no other job names for deletion. Returns the original's deletion, or `None`
+/// when the job stays (another record refers to the bytes).
+async fn orphan(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    source: &str,
+    now: i64,
+) -> Result<Option<i64>, sqlx::Error> {
     let job: Option<Option<String>> =
         sqlx::query_scalar(DELETE_ORPHANED_JOB).bind(source).fetch_optional(&mut **tx).await?;
-    let Some(result) = job else { return Ok(false) };
-    sqlx::query(LOG_DELETION).bind(Namespace::Originals.as_str()).bind(source).bind(now).execute(&mut **tx).await?;
-    // Different uploads can come out as the same bytes (variants are named by their hash too):
-    // keep what another job's result still names.
-    for variant in variants_of(result)? {
-        let named: Option<i64> =
-            sqlx::query_scalar(NAMED_BY_A_JOB).bind(variant.to_hex()).fetch_optional(&mut **tx).await?;
+    let Some(result) = job else { return Ok(None) };
+    let originals = Namespace::Originals.as_str();
+    let seq: i64 = sqlx::query_scalar(LOG_DELETION).bind(originals).bind(source).bind(now).fetch_one(&mut **tx).await?;
+    let variants: Vec<String> = variants_of(result)?.iter().map(BlobId::to_hex).collect();
+    log_unnamed_variants(tx, variants.iter().map(String::as_str), now).await?;
+    Ok(Some(seq))
+}
+
+/// Logs for deletion the variants no job names (different uploads can come out as the same
+/// bytes, and variants are named by their hash too).
+async fn log_unnamed_variants(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    variants: impl Iterator<Item = &str>,
+    now: i64,
+) -> Result<(), sqlx::Error> {
+    for variant in variants {
+        let named: Option<i64> = sqlx::query_scalar(NAMED_BY_A_JOB).bind(variant).fetch_optional(&mut **tx).await?;
         if named.is_none() {
-            let variants = Namespace::Variants.as_str();
-            sqlx::query(LOG_DELETION).bind(variants).bind(variant.to_hex()).bind(now).execute(&mut **tx).await?;
+            let namespace = Namespace::Variants.as_str();
+            sqlx::query(LOG_DELETION).bind(namespace).bind(variant).bind(now).execute(&mut **tx).await?;
         }
     }
-    Ok(true)
+    Ok(())
+}
+
+/// Takes back the pending deletions of a blob a writer needs again, inside `tx`, and returns
+/// those a sweep claimed since `since` (the writer waits for them, then stores the bytes again).
+async fn keep_logged(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    namespace: Namespace,
+    blob: &str,
+    since: i64,
+    now: i64,
+) -> Result<Vec<OverlapRow>, sqlx::Error> {
+    let lapsed = now - super::DELETION_CLAIM_MS;
+    sqlx::query(KEEP_LOGGED).bind(namespace.as_str()).bind(blob).bind(lapsed).execute(&mut **tx).await?;
+    sqlx::query_as(CLAIMED_SINCE).bind(namespace.as_str()).bind(blob).bind(since).fetch_all(&mut **tx).await
 }

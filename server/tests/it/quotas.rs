@@ -89,13 +89,15 @@ async fn bytes_per_day_and_stored_are_capped_and_shown() {
     assert_eq!(body["error"]["code"], "quota_exceeded");
     let shown = limits(&server, &alice).await;
     assert_eq!(shown["quota"]["bytes_today"]["used"], 2 * len);
-    assert_eq!(shown["quota"]["bytes_stored"]["used"], 2 * len);
+    // Stored: each upload's original (kept, in this harness) and the variants made of it.
+    let made: u64 = ["standard", "thumb"].iter().map(|v| first["variants"][v]["bytes"].as_u64().unwrap()).sum();
+    assert_eq!(shown["quota"]["bytes_stored"]["used"], 2 * (len + made));
 
     // Deleting frees storage but not the day's bytes.
     let id = first["id"].as_str().unwrap();
     assert_eq!(server.delete_media(&alice, id).await.status(), 204);
     let shown = limits(&server, &alice).await;
-    assert_eq!(shown["quota"]["bytes_stored"]["used"], len);
+    assert_eq!(shown["quota"]["bytes_stored"]["used"], len + made);
     assert_eq!(shown["quota"]["bytes_today"]["used"], 2 * len);
     assert_eq!(server.upload(&alice, "image/jpeg", photo.clone()).await.status(), 429);
 

@@ -184,3 +184,99 @@ async fn media_live_as_long_as_the_messages_that_carry_them() {
     }
     eventually("every variant is deleted", || server.files_under("blobs/variants").is_empty()).await;
 }
+
+/// Everything a user would notice of a ready photo: it is ready, both variants are served, match
+/// their blobs and are stored, and its original is still stored (the harness keeps originals).
+async fn assert_whole(server: &Server, token: &str, media: &Value) {
+    let id = media["id"].as_str().unwrap();
+    let now: Value = server.media(token, id).await.json().await.unwrap();
+    assert_eq!(now["status"], "ready", "{now}");
+    // Served (perhaps from the origin's memory tier) and stored.
+    let variants = server.files_under("blobs/variants");
+    for variant in ["standard", "thumb"] {
+        assert!(!crate::harness::variant_bytes(server, &now, variant).await.is_empty());
+        let blob = now["variants"][variant]["blob"].as_str().unwrap();
+        assert!(variants.iter().any(|path| path.ends_with(blob)), "the {variant} is gone: {variants:?}");
+    }
+    let original = media["blob"].as_str().unwrap();
+    let originals = server.files_under("blobs/originals");
+    assert!(originals.iter().any(|path| path.ends_with(original)), "the original is gone: {originals:?}");
+}
+
+#[tokio::test]
+async fn a_sweep_racing_an_upload_of_the_same_bytes_loses_nothing() {
+    let data = DataDir::new();
+    // Each deletion waits 2 s between its claim (the check that nothing needs the bytes) and the
+    // delete: wide windows for an upload of the same bytes to land in. Only the purge that follows
+    // a DELETE runs during the test (the periodic sweep would take deletions out of turn).
+    let server = Server::start(
+        &data,
+        &[("COURIER_INGEST__TEST_DELETE_DELAY_MS", "2000"), ("COURIER_INGEST__SWEEP_INTERVAL_MS", "3600000")],
+    );
+    let alice = server.token("alice");
+    let photo = server.upload_ready(&alice, "image/jpeg", fixture("rocket.jpg")).await;
+    assert_eq!(photo["status"], "ready");
+
+    // Deleted, its original and two variants are logged, and a purge claims them one by one (in
+    // that order, 2 s each). The same bytes come again at once, while the original's deletion is
+    // in flight: the upload waits for it and stores the original again after it.
+    assert_eq!(server.delete_media(&alice, photo["id"].as_str().unwrap()).await.status(), 204);
+    let again = server.upload_ready(&alice, "image/jpeg", fixture("rocket.jpg")).await;
+    assert_eq!(again["status"], "ready", "{again}");
+    assert_eq!(again["variants"]["standard"]["blob"], photo["variants"]["standard"]["blob"]);
+    // Once the purge is over, nothing the new upload needs is gone.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_whole(&server, &alice, &again).await;
+
+    // Again, now landing 2.2 s in, while the first variant's deletion is in flight (the original's
+    // is done): the job's runner stores that variant again once its deletion is over.
+    assert_eq!(server.delete_media(&alice, again["id"].as_str().unwrap()).await.status(), 204);
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let third = server.upload_ready(&alice, "image/jpeg", fixture("rocket.jpg")).await;
+    assert_eq!(third["status"], "ready", "{third}");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_whole(&server, &alice, &third).await;
+
+    // What alice stores is that photo: its original and its two variants, and /metrics agrees.
+    let variant_bytes: u64 =
+        ["standard", "thumb"].iter().map(|v| third["variants"][v]["bytes"].as_u64().unwrap()).sum();
+    let original_bytes = fixture("rocket.jpg").len() as u64;
+    let limits: Value =
+        server.http.get(server.url("/v1/limits")).bearer_auth(&alice).send().await.unwrap().json().await.unwrap();
+    assert_eq!(limits["quota"]["bytes_stored"]["used"].as_u64(), Some(original_bytes + variant_bytes), "{limits}");
+    let metric = |series: &'static str| crate::harness::metric(&server.http, &server.base, series);
+    assert_eq!(metric("courier_stored_blobs{namespace=\"originals\"}").await, 1.0);
+    assert_eq!(metric("courier_stored_blobs{namespace=\"variants\"}").await, 2.0);
+    assert_eq!(metric("courier_stored_bytes{namespace=\"originals\"}").await, original_bytes as f64);
+    assert_eq!(metric("courier_stored_bytes{namespace=\"variants\"}").await, variant_bytes as f64);
+}
+
+#[tokio::test]
+async fn a_restart_mid_sweep_finishes_the_sweep_and_loses_nothing() {
+    let data = DataDir::new();
+    let env = [("COURIER_INGEST__SWEEP_INTERVAL_MS", "100")];
+    let slow = [env[0], ("COURIER_INGEST__TEST_DELETE_DELAY_MS", "5000")];
+    let server = Server::start(&data, &slow);
+    let alice = server.token("alice");
+    let kept = server.upload_ready(&alice, "image/png", fixture("alpha.png")).await;
+    let deleted = server.upload_ready(&alice, "image/jpeg", fixture("rocket.jpg")).await;
+    assert_eq!((kept["status"].as_str(), deleted["status"].as_str()), (Some("ready"), Some("ready")));
+    assert_eq!(server.files_under("blobs/variants").len(), 4);
+
+    // Deleted: the purge claims the original's deletion and is killed before it deletes anything.
+    assert_eq!(server.delete_media(&alice, deleted["id"].as_str().unwrap()).await.status(), 204);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    server.kill();
+    let originals = crate::harness::files_in(&data.path().join("blobs/originals"));
+    assert_eq!(originals.len(), 2, "killed before the delete");
+
+    // Restarted, the node frees its old claims and its sweep deletes all three blobs; the other
+    // photo is untouched.
+    let server = Server::start(&data, &env);
+    eventually("the deleted photo's blobs go", || {
+        server.files_under("blobs/originals").len() == 1 && server.files_under("blobs/variants").len() == 2
+    })
+    .await;
+    assert_whole(&server, &alice, &kept).await;
+    assert_eq!(server.media(&alice, deleted["id"].as_str().unwrap()).await.status(), 404);
+}
