@@ -24,6 +24,8 @@ pub enum Namespace {
     Originals,
     /// Our own encodes, served by signed URL.
     Variants,
+    /// What resumable uploads' requests stored, until each upload completes. Never served.
+    Parts,
 }
 
 impl Namespace {
@@ -31,6 +33,7 @@ impl Namespace {
         match self {
             Namespace::Originals => "originals",
             Namespace::Variants => "variants",
+            Namespace::Parts => "parts",
         }
     }
 }
@@ -89,6 +92,11 @@ impl BlobStore {
 
     pub fn new(at: ObjectStoreAt, namespace: Namespace) -> Self {
         Self { store: at.store, prefix: at.prefix, namespace }
+    }
+
+    /// Another namespace in the same object store, under the same prefix.
+    pub fn beside(&self, namespace: Namespace) -> Self {
+        Self { store: self.store.clone(), prefix: self.prefix.clone(), namespace }
     }
 
     fn path(&self, id: &BlobId) -> Path {

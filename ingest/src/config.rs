@@ -40,6 +40,14 @@ pub struct IngestConfig {
     /// How long a sweep waits between claiming a blob's deletion and deleting it, in milliseconds:
     /// a test hook (tests widen the window a racing upload must survive); leave it at 0.
     pub test_delete_delay_ms: u64,
+    /// How long a resumable upload waits for its next request before it expires with its bytes,
+    /// in seconds (each request starts the wait again; a finished one's status is kept as long).
+    pub resumable_expiry_secs: u64,
+    /// Resumable uploads one user may have open at once; more get 429.
+    pub resumable_open_per_user: u64,
+    /// Bytes one user's open resumable uploads may add up to (their declared lengths); more get
+    /// 413.
+    pub resumable_open_bytes_per_user: u64,
     pub job: JobConfig,
     pub audio: AudioConfig,
     pub video: VideoConfig,
@@ -63,6 +71,9 @@ impl Default for IngestConfig {
             sweep_interval_ms: 10_000,
             test_day_ms: 86_400_000,
             test_delete_delay_ms: 0,
+            resumable_expiry_secs: 24 * 3600,
+            resumable_open_per_user: 8,
+            resumable_open_bytes_per_user: 4 * 1024 * 1024 * 1024,
             job: JobConfig::default(),
             audio: AudioConfig::default(),
             video: VideoConfig::default(),

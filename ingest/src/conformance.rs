@@ -115,7 +115,16 @@ async fn upload_as(t: &Tables, owner: &UserId, bytes: &[u8], kind: MediaKind) ->
     };
     let id = MediaId::new();
     let media = NewMedia { id, owner, kind, blob, mime, bytes: bytes.len() as u64 };
-    t.records.record_upload(media, t.clock.now_ms()).await.unwrap();
+    // As the upload route does: deletions of the bytes claimed since they were stored are waited
+    // for (here: taken as over) and the record made again.
+    let mut settled = Vec::new();
+    loop {
+        let overlaps = t.records.record_upload(&media, t.clock.now_ms(), &settled).await.unwrap();
+        if overlaps.is_empty() {
+            break;
+        }
+        settled.extend(overlaps.iter().map(|o| o.seq));
+    }
     (id, blob)
 }
 
@@ -212,8 +221,8 @@ async fn a_dead_runners_lease_expires(t: Tables) {
     assert!(!t.queue.fail(&a, &TranscodeError::Corrupt("too late".into())).await.unwrap());
     assert_eq!(status(&t, &a.blob).await, (MediaStatus::Processing, false));
     assert_eq!(t.queue.queued().await.unwrap(), 2);
-    assert!(t.queue.complete(&again, &JobResult::default()).await.unwrap().recorded);
-    assert!(!t.queue.complete(&a, &JobResult::default()).await.unwrap().recorded);
+    assert!(t.queue.complete(&again, &JobResult::default(), &[]).await.unwrap().recorded);
+    assert!(!t.queue.complete(&a, &JobResult::default(), &[]).await.unwrap().recorded);
     assert_eq!(t.queue.queued().await.unwrap(), 1);
     assert_eq!(status(&t, &a.blob).await, (MediaStatus::Ready, false));
 }
@@ -258,12 +267,12 @@ async fn deleting_keeps_what_other_uploads_still_need(t: Tables) {
     let (bobs, _) = upload_as(&t, &bob, b"the same photo", MediaKind::Image).await;
     let (standard, shared) = (BlobId::of(b"standard"), BlobId::of(b"a variant another job made too"));
     let job = t.queue.claim(Lane::Quick).await.unwrap().unwrap();
-    assert!(t.queue.complete(&job, &result_naming(&[standard, shared])).await.unwrap().recorded);
+    assert!(t.queue.complete(&job, &result_naming(&[standard, shared]), &[]).await.unwrap().recorded);
     // Another upload whose transcode came out as one of the same variants.
     let other = upload(&t, b"another photo").await;
     let job = t.queue.claim(Lane::Quick).await.unwrap().unwrap();
     assert_eq!(job.blob, other);
-    assert!(t.queue.complete(&job, &result_naming(&[shared])).await.unwrap().recorded);
+    assert!(t.queue.complete(&job, &result_naming(&[shared]), &[]).await.unwrap().recorded);
     t.records.grant(alices, std::slice::from_ref(&bob), "c1/1").await.unwrap();
 
     assert!(matches!(t.records.delete(alices, &bob).await.unwrap(), Deleted::NotFound), "only the owner deletes");
@@ -326,7 +335,7 @@ async fn an_old_claim_never_speaks_for_a_new_job(t: Tables) {
     assert!(!t.queue.fail(&old, &TranscodeError::Corrupt("its original was deleted".into())).await.unwrap());
     assert_eq!(status(&t, &blob).await, (MediaStatus::Processing, false));
     assert!(t.queue.heartbeat(&new, None).await.unwrap());
-    assert!(t.queue.complete(&new, &JobResult::default()).await.unwrap().recorded);
+    assert!(t.queue.complete(&new, &JobResult::default(), &[]).await.unwrap().recorded);
 }
 
 async fn usage_counts_a_users_bytes_by_day_and_in_all(t: Tables) {
@@ -366,7 +375,7 @@ async fn originals_retire_after_success_and_every_deletion_is_logged(t: Tables) 
     let other = t.queue.claim(Lane::Quick).await.unwrap().unwrap();
     let (done, failed) = if job.blob == blob { (job, other) } else { (other, job) };
     assert_eq!(failed.blob, failing);
-    assert!(t.queue.complete(&done, &result_naming(&[BlobId::of(b"its variant")])).await.unwrap().recorded);
+    assert!(t.queue.complete(&done, &result_naming(&[BlobId::of(b"its variant")]), &[]).await.unwrap().recorded);
     assert!(t.queue.fail(&failed, &TranscodeError::Corrupt("broken".into())).await.unwrap());
 
     // Kept while younger than the window, retired once past it (a failed job's original never is).
@@ -396,7 +405,7 @@ async fn originals_retire_after_success_and_every_deletion_is_logged(t: Tables) 
     assert_eq!(logged.iter().map(|d| d.namespace).collect::<Vec<_>>(), vec![Namespace::Variants]);
     // A job that completes naming that variant (its transcode came out the same) keeps it.
     let job = t.queue.claim(Lane::Quick).await.unwrap().unwrap();
-    assert!(t.queue.complete(&job, &result_naming(&[logged[0].blob])).await.unwrap().recorded);
+    assert!(t.queue.complete(&job, &result_naming(&[logged[0].blob]), &[]).await.unwrap().recorded);
     assert!(pending(&t).await.is_empty());
 
     // The feed an edge purge follows: every deletion, in order, from a cursor.
@@ -468,7 +477,7 @@ async fn stored_bytes_follow_originals_and_variants(t: Tables) {
     // The job makes two variants (a byte each): the original and its variants are stored.
     let job = t.queue.claim(Lane::Quick).await.unwrap().unwrap();
     let variants = [BlobId::of(b"standard"), BlobId::of(b"thumb")];
-    assert!(t.queue.complete(&job, &result_naming(&variants)).await.unwrap().recorded);
+    assert!(t.queue.complete(&job, &result_naming(&variants), &[]).await.unwrap().recorded);
     assert_eq!(stored(alice()).await, 9);
     // Its original retired, only the variants are.
     let now = t.clock.now_ms();
@@ -497,7 +506,7 @@ async fn a_writer_sees_a_deletion_in_flight_and_no_variant_is_left_unlogged(t: T
     let (id, blob) = upload_as(&t, &alice(), b"a photo", MediaKind::Image).await;
     let variant = BlobId::of(b"its variant");
     let job = t.queue.claim(Lane::Quick).await.unwrap().unwrap();
-    assert!(t.queue.complete(&job, &result_naming(&[variant])).await.unwrap().recorded);
+    assert!(t.queue.complete(&job, &result_naming(&[variant]), &[]).await.unwrap().recorded);
     assert!(matches!(t.records.delete(id, &alice()).await.unwrap(), Deleted::Orphaned { .. }));
     let logged = pending(&t).await;
     let seq_of = |namespace| logged.iter().find(|d| d.namespace == namespace).unwrap().seq;
@@ -510,35 +519,42 @@ async fn a_writer_sees_a_deletion_in_flight_and_no_variant_is_left_unlogged(t: T
     assert!(!t.store.claim_deletion(variant_seq, now).await.unwrap(), "held by the first sweep");
     assert!(pending(&t).await.is_empty());
 
-    // The same bytes are uploaded again meanwhile: the upload hears of the deletion in flight.
+    // The same bytes are uploaded again meanwhile: the upload hears of the deletion in flight,
+    // and records nothing until it has stored the original again after it.
     let media =
         NewMedia { id: MediaId::new(), owner: &alice(), kind: MediaKind::Image, blob, mime: "image/jpeg", bytes: 7 };
-    let overlaps = t.records.record_upload(media, t.clock.now_ms()).await.unwrap();
+    let overlaps = t.records.record_upload(&media, t.clock.now_ms(), &[]).await.unwrap();
     assert_eq!(overlaps.iter().map(|o| (o.seq, o.blob)).collect::<Vec<_>>(), vec![(original_seq, blob)]);
+    assert!(t.records.media(media.id).await.unwrap().is_none(), "not recorded");
     assert!(!t.store.deletion_settled(original_seq, t.clock.now_ms()).await.unwrap());
     t.store.deletions_done(&[original_seq]).await.unwrap();
     assert!(t.store.deletion_settled(original_seq, t.clock.now_ms()).await.unwrap(), "done: store it again now");
+    let again = t.records.record_upload(&media, t.clock.now_ms(), &[original_seq]).await.unwrap();
+    assert!(again.is_empty());
+    assert!(t.records.media(media.id).await.unwrap().is_some());
 
     // Its job completes naming the same variant: the runner hears of that deletion too, which
     // settles when its claim lapses (a sweep that died) if nobody finishes it.
     let job = t.queue.claim(Lane::Quick).await.unwrap().unwrap();
-    let completed = t.queue.complete(&job, &result_naming(&[variant])).await.unwrap();
-    assert!(completed.recorded);
+    let completed = t.queue.complete(&job, &result_naming(&[variant]), &[]).await.unwrap();
+    assert!(!completed.recorded, "not recorded before the variant is stored again");
     assert_eq!(completed.overlaps.iter().map(|o| (o.seq, o.blob)).collect::<Vec<_>>(), vec![(variant_seq, variant)]);
+    assert_eq!(status(&t, &blob).await.0, MediaStatus::Processing);
     assert!(!t.store.deletion_settled(variant_seq, t.clock.now_ms()).await.unwrap());
     t.clock.advance(crate::store::DELETION_CLAIM_MS + 1);
     assert!(t.store.deletion_settled(variant_seq, t.clock.now_ms()).await.unwrap());
-    // The lapsed claim is decided again, and the variant is needed now: kept.
-    assert_eq!(pending(&t).await.iter().map(|d| d.seq).collect::<Vec<_>>(), vec![variant_seq]);
-    assert!(!t.store.claim_deletion(variant_seq, t.clock.now_ms()).await.unwrap(), "a job names it");
+    let completed = t.queue.complete(&job, &result_naming(&[variant]), &[variant_seq]).await.unwrap();
+    assert!(completed.recorded && completed.overlaps.is_empty());
+    // The lapsed claim was taken back by the job that names the variant now.
     assert!(pending(&t).await.is_empty());
+    assert!(!t.store.claim_deletion(variant_seq, t.clock.now_ms()).await.unwrap(), "kept");
 
     // A job whose media is deleted mid-transcode: what its runner stored is logged, unless named.
     let (id, _) = upload_as(&t, &alice(), b"deleted while transcoding", MediaKind::Image).await;
     let job = t.queue.claim(Lane::Quick).await.unwrap().unwrap();
     assert!(matches!(t.records.delete(id, &alice()).await.unwrap(), Deleted::Orphaned { .. }));
     let made = BlobId::of(b"made for nobody");
-    let completed = t.queue.complete(&job, &result_naming(&[made, variant])).await.unwrap();
+    let completed = t.queue.complete(&job, &result_naming(&[made, variant]), &[]).await.unwrap();
     assert!(!completed.recorded && completed.overlaps.is_empty());
     let logged: Vec<(Namespace, BlobId)> = pending(&t).await.into_iter().map(|d| (d.namespace, d.blob)).collect();
     assert_eq!(logged, vec![(Namespace::Originals, job.blob), (Namespace::Variants, made)]);

@@ -36,6 +36,18 @@ pub enum IngestError {
     Interrupted(String),
     #[error("no such media")]
     NotFound,
+    /// A resumable upload's request that does not say what the protocol needs.
+    #[error("{0}")]
+    BadRequest(String),
+    /// A PATCH from another offset than where the upload stands.
+    #[error("the upload is at offset {expected}; send from there")]
+    OffsetMismatch { expected: u64 },
+    /// Another PATCH is appending to the upload now.
+    #[error("another request is appending to this upload; try again when it ends")]
+    UploadLocked,
+    /// A PATCH whose bytes do not have the checksum it named; they were discarded.
+    #[error("the request's bytes do not match its Upload-Checksum; they were discarded")]
+    ChecksumMismatch,
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
     #[error("storage: {0}")]
@@ -67,6 +79,11 @@ impl IngestError {
             IngestError::Quota(_) => StatusCode::PAYLOAD_TOO_LARGE,
             IngestError::Interrupted(_) => StatusCode::BAD_REQUEST,
             IngestError::NotFound => StatusCode::NOT_FOUND,
+            IngestError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            IngestError::OffsetMismatch { .. } => StatusCode::CONFLICT,
+            IngestError::UploadLocked => StatusCode::LOCKED,
+            // tus's checksum extension: 460 Checksum Mismatch.
+            IngestError::ChecksumMismatch => StatusCode::from_u16(460).unwrap_or(StatusCode::BAD_REQUEST),
             IngestError::Database(_) | IngestError::Storage(_) | IngestError::Io(_) if self.storage_full() => {
                 StatusCode::INSUFFICIENT_STORAGE
             }
@@ -111,6 +128,10 @@ impl IngestError {
             IngestError::Quota(_) => "quota_exceeded",
             IngestError::Interrupted(_) => "upload_interrupted",
             IngestError::NotFound => "not_found",
+            IngestError::BadRequest(_) => "bad_request",
+            IngestError::OffsetMismatch { .. } => "offset_mismatch",
+            IngestError::UploadLocked => "upload_locked",
+            IngestError::ChecksumMismatch => "checksum_mismatch",
             IngestError::Database(_) | IngestError::Storage(_) | IngestError::Io(_) if self.storage_full() => {
                 "storage_full"
             }

@@ -22,6 +22,7 @@ mod error;
 mod queue;
 mod quota;
 mod records;
+mod resumable;
 mod routes;
 mod runner;
 mod spool;
@@ -49,7 +50,8 @@ pub const STORED_TOTALS_EVERY: std::time::Duration = std::time::Duration::from_s
 /// Rows one step of a sweep takes at once.
 const SWEEP_BATCH: i64 = 100;
 /// How long a sweep waits for the blob store to delete one blob; well inside a deletion's claim
-/// ([`store::DELETION_CLAIM_MS`]), so no delete lands after its claim has lapsed.
+/// ([`store::DELETION_CLAIM_MS`]), so a delete that is still under way when it gives up (a store
+/// may finish one it was asked for) most likely lands before the claim lapses.
 const DELETE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// How old a row of the deleted-blobs feed is before it is served.
 pub const FEED_LAG_MS: i64 = 5_000;
@@ -87,6 +89,8 @@ pub struct Ingest {
     records: records::MediaRecords,
     originals: BlobStore,
     variants: BlobStore,
+    /// Resumable uploads' parts, beside the originals.
+    parts: BlobStore,
     signer: UrlSigner,
     workers: Workers,
     tmp_dir: PathBuf,
@@ -136,6 +140,7 @@ impl Ingest {
             totals: tokio::sync::Mutex::new(None),
             clock,
             config,
+            parts: originals.beside(edge_cache::Namespace::Parts),
             originals,
             variants,
             signer,
@@ -197,9 +202,10 @@ impl Ingest {
 
     /// One sweep of the blob store: retires the originals of jobs that succeeded longer ago than
     /// `keep_originals_days`, expires media records nothing references (`media_retention_days`,
-    /// `unsent_media_days`), in batches, then deletes what the log says is to go. Safe on every
-    /// node at once (PostgreSQL claims rows with `SKIP LOCKED`; deleting a blob twice is harmless)
-    /// and after a crash anywhere in it (the log is written in the deciding transaction).
+    /// `unsent_media_days`) and resumable uploads past their expiry, in batches, then deletes what
+    /// the log says is to go. Safe on every node at once (PostgreSQL claims rows with `SKIP
+    /// LOCKED`, and each deletion is claimed) and after a crash anywhere in it (the log is written
+    /// in the deciding transaction).
     pub async fn sweep(&self) -> Result<SweepReport, IngestError> {
         let now = self.clock.now_ms();
         let day = self.config.test_day_ms.max(1) as i64;
@@ -222,6 +228,12 @@ impl Ingest {
             }
             report.media_expired += orphaned.len() as u64;
             if orphaned.is_empty() {
+                break;
+            }
+        }
+        loop {
+            let expired = self.store.expire_uploads(now, SWEEP_BATCH).await?;
+            if expired < SWEEP_BATCH as u64 {
                 break;
             }
         }
@@ -273,6 +285,7 @@ impl Ingest {
                     match deleted.namespace {
                         store::Namespace::Originals => originals += 1,
                         store::Namespace::Variants => variants += 1,
+                        store::Namespace::Parts => {}
                     }
                 }
             }
@@ -290,11 +303,14 @@ impl Ingest {
             return Ok(false);
         }
         if self.config.test_delete_delay_ms > 0 {
-            tokio::time::sleep(std::time::Duration::from_millis(self.config.test_delete_delay_ms)).await;
+            // Bounded, so the claim still outlasts the delete.
+            let delay = self.config.test_delete_delay_ms.min(10_000);
+            tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
         }
         let store = match deleted.namespace {
             store::Namespace::Originals => &self.originals,
             store::Namespace::Variants => &self.variants,
+            store::Namespace::Parts => &self.parts,
         };
         match tokio::time::timeout(DELETE_TIMEOUT, store.delete(&deleted.blob)).await {
             Ok(Ok(())) => {
@@ -303,8 +319,10 @@ impl Ingest {
             }
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, blob = %deleted.blob, "deleting a blob failed; trying again later");
+                self.store.release_deletion(deleted.seq).await?;
                 Ok(false)
             }
+            // The delete may still land: the claim stands until it lapses.
             Err(_) => {
                 tracing::warn!(blob = %deleted.blob, "deleting a blob timed out; trying again later");
                 Ok(false)
@@ -367,7 +385,7 @@ impl Ingest {
 
     /// The `/v1/media` routes.
     pub fn router(self: &Arc<Self>) -> axum::Router {
-        routes::router(self.clone())
+        routes::router(self.clone()).merge(resumable::router(self.clone()))
     }
 }
 

@@ -95,8 +95,13 @@ impl JobQueue {
     }
 
     /// Records the job's result; false when the job is no longer this claim's.
-    pub(crate) async fn complete(&self, job: &Claimed, result: &JobResult) -> Result<Completed, sqlx::Error> {
-        self.store.complete(job, result, self.clock.now_ms()).await
+    pub(crate) async fn complete(
+        &self,
+        job: &Claimed,
+        result: &JobResult,
+        settled: &[i64],
+    ) -> Result<Completed, sqlx::Error> {
+        self.store.complete(job, result, settled, self.clock.now_ms()).await
     }
 
     /// Records a failed attempt: final when permanent, a second crash, or out of attempts; else

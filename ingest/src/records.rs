@@ -19,10 +19,16 @@ impl MediaRecords {
     }
 
     /// The media record and a job for its bytes, in one transaction. A job for the same bytes is
-    /// reused; one that failed for a reason a retry might fix is queued again. Returns the
-    /// deletions of the original a sweep claimed since `stored_at` (when the caller stored it).
-    pub(crate) async fn record_upload(&self, media: NewMedia<'_>, stored_at: i64) -> Result<Vec<Overlap>, sqlx::Error> {
-        self.store.record_upload(&media, stored_at, self.clock.now_ms()).await
+    /// reused; one that failed for a reason a retry might fix is queued again. Nothing is recorded
+    /// while a sweep's deletion of the original claimed since `stored_at` (other than `settled`)
+    /// may remove it: those deletions are returned instead (see [`Store::record_upload`]).
+    pub(crate) async fn record_upload(
+        &self,
+        media: &NewMedia<'_>,
+        stored_at: i64,
+        settled: &[i64],
+    ) -> Result<Vec<Overlap>, sqlx::Error> {
+        self.store.record_upload(media, stored_at, settled, self.clock.now_ms()).await
     }
 
     /// What `owner` has used of their quotas at `now_ms`.

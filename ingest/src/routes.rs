@@ -77,6 +77,24 @@ async fn accept(
     if declared_len.is_none() {
         quota::check(&config.quota, &usage, Some(spooled.len), now)?;
     }
+    let view = finish(ingest, user, media_type, spooled, MediaId::new(), (slot, user_slot)).await?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+/// Takes an upload's received bytes the rest of the way, as `POST /v1/media` and a resumable
+/// upload's last request both do: the probe, deduplication against known bytes, the original
+/// stored, the record `id` with its job, and a short wait for the job. `slots` (the upload's place
+/// among all and among its user's) are given back once the bytes are stored.
+pub(crate) async fn finish(
+    ingest: &Ingest,
+    user: &UserId,
+    media_type: MediaType,
+    spooled: spool::Spooled,
+    id: MediaId,
+    slots: (tokio::sync::SemaphorePermit<'_>, quota::UserUpload<'_>),
+) -> Result<MediaView, IngestError> {
+    let config = &ingest.config;
+    let kind = media_type.kind();
 
     // The headers alone say how large the picture is or how long the sound: refuse a pixel bomb or
     // an hour-long "voice note" before decoding anything. A sandboxed worker reads them; this
@@ -107,29 +125,37 @@ async fn accept(
     let (blob, len) = (spooled.blob, spooled.len);
 
     let mut done = ingest.job_done.subscribe();
-    let id = MediaId::new();
     let media = NewMedia { id, owner: user, kind, blob, mime: media_type.mime(), bytes: len };
-    let overlaps = match ingest.records.record_upload(media, stored_at).await {
-        Ok(overlaps) => overlaps,
-        Err(e) => {
-            // Nothing refers to bytes stored just now: take them back rather than leak them.
-            if stored == Stored::New {
-                let _ = ingest.originals.delete(&blob).await;
+    // A sweep deleting these bytes as this upload queues a job for them: the record waits until
+    // that deletion is over and the original is stored again, so once it is committed the job's
+    // original is there.
+    let mut settled = Vec::new();
+    loop {
+        match ingest.records.record_upload(&media, stored_at, &settled).await {
+            Ok(overlaps) if overlaps.is_empty() => break,
+            Ok(overlaps) => {
+                ingest.wait_for_deletions(&overlaps).await?;
+                ingest.originals.put_file(&blob, spooled.file.path()).await?;
+                settled.extend(overlaps.iter().map(|o| o.seq));
             }
-            return Err(e.into());
+            Err(e) => {
+                // Nothing refers to bytes stored just now: take them back rather than leak them.
+                if stored == Stored::New {
+                    let _ = ingest.originals.delete(&blob).await;
+                }
+                return Err(e.into());
+            }
         }
-    };
-    // A sweep was deleting these bytes as this upload queued a job for them: once it is done,
-    // store them again. Or the job went meanwhile (its last media deleted) and this upload queued
-    // a new one, which needs the original after all.
-    ingest.wait_for_deletions(&overlaps).await?;
-    if (!overlaps.is_empty() || done_before) && ingest.store.original_needed(&blob).await? {
+    }
+    // The job went meanwhile (its last media deleted) and this upload queued a new one, which
+    // needs the original after all.
+    if done_before && ingest.store.original_needed(&blob).await? {
         ingest.originals.put_file(&blob, spooled.file.path()).await?;
     }
     drop(spooled);
     ingest.queued(Lane::of(kind)).notify_one();
     // The body is in; waiting for the transcode holds no upload slot.
-    drop((slot, user_slot));
+    drop(slots);
 
     // Photos and voice notes take a fraction of a second: wait a little so most uploads answer
     // `ready`, and so bytes that cannot be decoded are refused here rather than reported later
@@ -161,8 +187,7 @@ async fn accept(
         }
         return Err(rejected(job));
     }
-    let view = ingest.view(id, user).await?;
-    Ok((StatusCode::CREATED, Json(view)))
+    ingest.view(id, user).await
 }
 
 /// How often an upload waiting for its job reads the job's row when another node may run it.
@@ -231,7 +256,7 @@ async fn delete(
 impl Ingest {
     /// The media as its owner, or someone it was shared with, sees it; anyone else is told it does
     /// not exist.
-    async fn view(&self, id: MediaId, user: &UserId) -> Result<MediaView, IngestError> {
+    pub(crate) async fn view(&self, id: MediaId, user: &UserId) -> Result<MediaView, IngestError> {
         let row = self.records.media(id).await?.ok_or(IngestError::NotFound)?;
         if row.owner != user.as_str() && !self.records.may_read(id, user).await? {
             return Err(IngestError::NotFound);

@@ -131,19 +131,24 @@ impl Ingest {
         let _ = self.job_done.send(job.blob);
     }
 
-    /// Records a job's result; variants a sweep was deleting as the job stored them are stored
-    /// again once that deletion is over. False when the job is no longer this claim's.
+    /// Records a job's result. Variants a sweep was deleting as the job stored them are stored
+    /// again once that deletion is over, before the result is recorded. False when the job is no
+    /// longer this claim's.
     async fn complete(&self, job: &Claimed, made: &Made) -> Result<bool, IngestError> {
-        let completed = self.queue.complete(job, &made.result).await?;
-        if !completed.overlaps.is_empty() {
+        let mut settled = Vec::new();
+        loop {
+            let completed = self.queue.complete(job, &made.result, &settled).await?;
+            if completed.overlaps.is_empty() {
+                return Ok(completed.recorded);
+            }
             self.wait_for_deletions(&completed.overlaps).await?;
             for variant in JobResult::variants_of(&made.product) {
                 if completed.overlaps.iter().any(|o| o.blob == variant.blob) {
                     self.store_variant(variant).await?;
                 }
             }
+            settled.extend(completed.overlaps.iter().map(|o| o.seq));
         }
-        Ok(completed.recorded)
     }
 
     async fn store_variant(&self, variant: &Variant) -> Result<(), EdgeError> {

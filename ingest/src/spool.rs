@@ -83,6 +83,51 @@ pub(crate) async fn receive(
     Ok(Spooled { blob: BlobId::from_hash(writer.hasher.finalize()), file: writer.file, len })
 }
 
+/// Builds a spooled upload from bytes that come in pieces (a resumable upload's parts), hashing
+/// and writing on blocking threads as [`receive`] does.
+pub(crate) struct Assembler {
+    /// `None` only while a batch is being written.
+    writer: Option<Writer>,
+    batch: BytesMut,
+    len: u64,
+}
+
+impl Assembler {
+    pub(crate) fn new(dir: &Path) -> Result<Self, IngestError> {
+        let file = tempfile::Builder::new().prefix("upload-").tempfile_in(dir)?;
+        Ok(Self { writer: Some(Writer { file, hasher: blake3::Hasher::new() }), batch: BytesMut::new(), len: 0 })
+    }
+
+    pub(crate) async fn push(&mut self, bytes: &[u8]) -> Result<(), IngestError> {
+        self.len += bytes.len() as u64;
+        self.batch.extend_from_slice(bytes);
+        if self.batch.len() >= BATCH {
+            let writer = self.writer.take().ok_or_else(|| std::io::Error::other("an earlier write failed"))?;
+            self.writer = Some(writer.write(std::mem::take(&mut self.batch)).await?);
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn finish(mut self) -> Result<Spooled, IngestError> {
+        let writer = self.writer.take().ok_or_else(|| std::io::Error::other("an earlier write failed"))?;
+        let writer = writer.write(std::mem::take(&mut self.batch)).await?;
+        Ok(Spooled { blob: BlobId::from_hash(writer.hasher.finalize()), file: writer.file, len: self.len })
+    }
+}
+
+/// Whether `head` (an upload's first bytes) is the `declared` format; `complete` says there are no
+/// more bytes, so fewer than the sniff needs are judged as they are. `Ok(false)`: too few to tell.
+pub(crate) fn sniff(head: &[u8], declared: MediaType, complete: bool) -> Result<bool, IngestError> {
+    if head.len() < SNIFF_LEN && !complete {
+        return Ok(false);
+    }
+    check_magic(head, declared)?;
+    Ok(true)
+}
+
+/// How many first bytes the sniff reads.
+pub(crate) const SNIFF_BYTES: usize = SNIFF_LEN;
+
 fn check_magic(head: &[u8], declared: MediaType) -> Result<(), IngestError> {
     if declared.matches(head) {
         return Ok(());

@@ -61,9 +61,10 @@ pub(crate) struct Claimed {
 }
 
 /// How long a sweep's claim on a logged deletion stands. The sweep deletes the bytes within
-/// [`crate::DELETE_TIMEOUT`] of claiming, so a claim older than this is a sweep that died or gave
-/// up, and the next one decides again.
-pub(crate) const DELETION_CLAIM_MS: i64 = 30_000;
+/// [`crate::DELETE_TIMEOUT`] of claiming, so a claim older than this is a sweep that died, and the
+/// next one decides again. Each node judges claims by its own clock: the margin over the delete's
+/// time is more than the clock skew allowed ([`CLOCK_SKEW_MS`]).
+pub(crate) const DELETION_CLAIM_MS: i64 = 90_000;
 
 /// How far before a writer stored its bytes it looks for deletions claimed since: nodes' clocks
 /// differ a little, and storing again needlessly costs only a write.
@@ -97,7 +98,7 @@ impl TryFrom<OverlapRow> for Overlap {
 pub(crate) struct Completed {
     /// False when the job is no longer this claim's (nothing was recorded).
     pub(crate) recorded: bool,
-    /// Variants a sweep may have deleted after the runner stored them.
+    /// Deletions a sweep claimed of variants the runner stored (nothing was recorded).
     pub(crate) overlaps: Vec<Overlap>,
 }
 
@@ -129,6 +130,8 @@ pub(crate) enum Deleted {
 pub enum Namespace {
     Originals,
     Variants,
+    /// What a resumable upload's PATCH requests stored, until the upload completes or expires.
+    Parts,
 }
 
 impl Namespace {
@@ -136,6 +139,7 @@ impl Namespace {
         match self {
             Namespace::Originals => "originals",
             Namespace::Variants => "variants",
+            Namespace::Parts => "parts",
         }
     }
 
@@ -143,6 +147,7 @@ impl Namespace {
         match name {
             "originals" => Ok(Namespace::Originals),
             "variants" => Ok(Namespace::Variants),
+            "parts" => Ok(Namespace::Parts),
             _ => Err(corrupt_row("blob namespace")),
         }
     }
@@ -177,6 +182,53 @@ impl TryFrom<DeletedRow> for DeletedBlob {
             deleted_at: row.deleted_at,
         })
     }
+}
+
+/// A resumable upload, as its row says.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub(crate) struct UploadRow {
+    pub(crate) owner: String,
+    pub(crate) mime: String,
+    /// `None` while the client defers it.
+    pub(crate) length: Option<i64>,
+    pub(crate) upload_offset: i64,
+    /// The first bytes, until there are enough to sniff (then empty).
+    pub(crate) head: Vec<u8>,
+    pub(crate) metadata: String,
+    pub(crate) done: bool,
+    pub(crate) expires_at: i64,
+}
+
+/// A resumable upload being created.
+#[derive(Debug)]
+pub(crate) struct NewUpload<'a> {
+    pub(crate) id: MediaId,
+    pub(crate) owner: &'a UserId,
+    pub(crate) mime: &'a str,
+    pub(crate) length: Option<u64>,
+    pub(crate) metadata: &'a str,
+    pub(crate) expires_at: i64,
+}
+
+/// What one PATCH request stored: `len` bytes at `start_at`, under `key` in the `parts`
+/// namespace.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub(crate) struct Part {
+    pub(crate) start_at: i64,
+    pub(crate) len: i64,
+    pub(crate) key: String,
+}
+
+/// How a PATCH moves its upload on, recorded with its part.
+#[derive(Debug)]
+pub(crate) struct Advance<'a> {
+    pub(crate) writer: &'a str,
+    pub(crate) part: Part,
+    /// The first bytes to keep for the sniff (empty once sniffed).
+    pub(crate) head: &'a [u8],
+    /// A length the client named now (it deferred it at creation).
+    pub(crate) length: Option<i64>,
+    pub(crate) expires_at: i64,
 }
 
 /// How a failed attempt is recorded: the policy is the queue's, the columns are these.
@@ -344,15 +396,18 @@ impl Store {
     }
 
     /// Records an upload whose original was stored at `stored_at`, with its job (queued, or queued
-    /// again after a failure a retry might fix). Returns the deletions of that original a sweep
-    /// claimed since: the caller stores the original again once they have settled.
+    /// again after a failure a retry might fix). When a sweep claimed a deletion of that original
+    /// since (other than the `settled` ones), nothing is recorded and those are returned: the
+    /// caller waits for them, stores the original again and records again, so that once the
+    /// record is committed its bytes are surely stored.
     pub(crate) async fn record_upload(
         &self,
         media: &NewMedia<'_>,
         stored_at: i64,
+        settled: &[i64],
         now: i64,
     ) -> Result<Vec<Overlap>, sqlx::Error> {
-        let rows = each!(self, db => db.record_upload(media, stored_at - CLOCK_SKEW_MS, now).await)?;
+        let rows = each!(self, db => db.record_upload(media, stored_at - CLOCK_SKEW_MS, settled, now).await)?;
         rows.into_iter().map(Overlap::try_from).collect()
     }
 
@@ -428,9 +483,84 @@ impl Store {
         each!(self, db => db.claim_deletion(seq, now, now - DELETION_CLAIM_MS).await)
     }
 
+    /// A resumable upload not yet expired at `now`.
+    pub(crate) async fn upload(&self, id: MediaId, now: i64) -> Result<Option<UploadRow>, sqlx::Error> {
+        each!(self, db => db.upload(id, now).await)
+    }
+
+    /// How many uploads `owner` has open at `now`, and the bytes they will take.
+    pub(crate) async fn open_uploads(&self, owner: &UserId, now: i64) -> Result<(u64, u64), sqlx::Error> {
+        let (count, bytes): (i64, i64) = each!(self, db => db.open_uploads(owner, now).await)?;
+        Ok((count.max(0) as u64, bytes.max(0) as u64))
+    }
+
+    pub(crate) async fn create_upload(&self, upload: &NewUpload<'_>, now: i64) -> Result<(), sqlx::Error> {
+        each!(self, db => db.create_upload(upload, now).await)
+    }
+
+    /// Takes upload `id` for one PATCH (`writer`) until `until`, if it stands at `offset` and no
+    /// other PATCH holds it. False otherwise.
+    pub(crate) async fn lock_upload(
+        &self,
+        id: MediaId,
+        offset: i64,
+        writer: &str,
+        until: i64,
+        now: i64,
+    ) -> Result<bool, sqlx::Error> {
+        each!(self, db => db.lock_upload(id, offset, writer, until, now).await)
+    }
+
+    pub(crate) async fn renew_upload_lock(&self, id: MediaId, writer: &str, until: i64) -> Result<bool, sqlx::Error> {
+        each!(self, db => db.renew_upload_lock(id, writer, until).await)
+    }
+
+    pub(crate) async fn release_upload_lock(&self, id: MediaId, writer: &str) -> Result<(), sqlx::Error> {
+        each!(self, db => db.release_upload_lock(id, writer).await)
+    }
+
+    /// Records a stored part and moves the upload's offset past it, releasing the writer's lock.
+    /// False when the writer no longer holds the upload (its lock lapsed, it expired or was
+    /// terminated): the part is not the upload's, and the caller deletes it.
+    pub(crate) async fn advance_upload(&self, id: MediaId, advance: &Advance<'_>) -> Result<bool, sqlx::Error> {
+        each!(self, db => db.advance_upload(id, advance).await)
+    }
+
+    pub(crate) async fn upload_parts(&self, id: MediaId) -> Result<Vec<Part>, sqlx::Error> {
+        each!(self, db => db.upload_parts(id).await)
+    }
+
+    /// Marks upload `id` done (its media exists) and logs its parts for deletion.
+    pub(crate) async fn finish_upload(&self, id: MediaId, now: i64) -> Result<(), sqlx::Error> {
+        each!(self, db => db.finish_upload(id, now).await)
+    }
+
+    /// Deletes `owner`'s upload `id` and logs its parts for deletion; false if there is none.
+    pub(crate) async fn delete_upload(&self, id: MediaId, owner: &UserId, now: i64) -> Result<bool, sqlx::Error> {
+        each!(self, db => db.delete_upload(id, Some(owner), now).await)
+    }
+
+    /// Deletes up to `limit` uploads expired at `now` with their parts (logged for deletion).
+    pub(crate) async fn expire_uploads(&self, now: i64, limit: i64) -> Result<u64, sqlx::Error> {
+        let ids: Vec<String> = each!(self, db => db.expired_uploads(now, limit).await)?;
+        let mut gone = 0;
+        for id in ids {
+            let id: MediaId = id.parse().map_err(|_| corrupt_row("upload id"))?;
+            if each!(self, db => db.delete_upload(id, None, now).await)? {
+                gone += 1;
+            }
+        }
+        Ok(gone)
+    }
+
     /// Whether a job of these bytes still reads their original (it has not succeeded and retired it).
     pub(crate) async fn original_needed(&self, blob: &BlobId) -> Result<bool, sqlx::Error> {
         each!(self, db => db.original_needed(blob).await)
+    }
+
+    /// Gives claimed deletion `seq` back (its delete failed): a later sweep takes it again.
+    pub(crate) async fn release_deletion(&self, seq: i64) -> Result<(), sqlx::Error> {
+        each!(self, db => db.release_deletion(seq).await)
     }
 
     /// Whether claimed deletion `seq` is over: done, kept, or its claim lapsed.
@@ -486,15 +616,24 @@ impl Store {
         each!(self, db => db.heartbeat(job, progress, now, lease_until).await)
     }
 
-    /// Records `job`'s result and the variants it names. A job deleted meanwhile (its media
-    /// expired or were deleted mid-transcode) records nothing, and the variants the runner stored
-    /// that no job names are logged for deletion.
-    pub(crate) async fn complete(&self, job: &Claimed, result: &JobResult, now: i64) -> Result<Completed, sqlx::Error> {
+    /// Records `job`'s result and the variants it names. When a sweep claimed a deletion of one of
+    /// them since the job was claimed (other than the `settled` ones), nothing is recorded and
+    /// those are returned: the runner waits for them, stores those variants again and completes
+    /// again. A job no longer this claim's (its media deleted mid-transcode, or claimed again)
+    /// records nothing, and the variants the runner stored that no job names are logged for
+    /// deletion.
+    pub(crate) async fn complete(
+        &self,
+        job: &Claimed,
+        result: &JobResult,
+        settled: &[i64],
+        now: i64,
+    ) -> Result<Completed, sqlx::Error> {
         let json = serde_json::to_string(result).expect("job results serialise");
         let variants: Vec<(String, i64)> =
             result.variants.values().map(|v| (v.blob.to_hex(), i64::try_from(v.bytes).unwrap_or(i64::MAX))).collect();
         let since = job.claimed_at - CLOCK_SKEW_MS;
-        let (recorded, rows) = each!(self, db => db.complete(job, &json, &variants, since, now).await)?;
+        let (recorded, rows) = each!(self, db => db.complete(job, &json, &variants, since, settled, now).await)?;
         let overlaps = rows.into_iter().map(Overlap::try_from).collect::<Result<_, _>>()?;
         Ok(Completed { recorded, overlaps })
     }

@@ -13,8 +13,8 @@ use sqlx::postgres::PgPoolOptions;
 use types::{BlobId, MediaId, MediaKind, UserId};
 
 use super::{
-    ClaimRow, Claimed, DAY_MS, Deleted, DeletedRow, Failure, JobRow, JobState, MediaJobRow, MediaRow, Namespace,
-    NewMedia, OverlapRow, Usage, blob, variants_of,
+    Advance, ClaimRow, Claimed, DAY_MS, Deleted, DeletedRow, Failure, JobRow, JobState, MediaJobRow, MediaRow,
+    Namespace, NewMedia, NewUpload, OverlapRow, Part, UploadRow, Usage, blob, variants_of,
 };
 
 /// Originals of jobs that succeeded before $1, not yet retired: up to $2.
@@ -48,6 +48,10 @@ const CLAIM_DELETION: &str = "
 /// A claimed deletion whose bytes are needed again: done, and never claimed (no writer waits).
 const KEEP_CLAIMED: &str = "UPDATE deleted_blobs SET removed = TRUE, claimed_at = NULL WHERE seq = $1";
 
+/// A claimed deletion whose delete failed (the bytes are most likely still there): pending again,
+/// for a later sweep, and no writer waits for it.
+const RELEASE_DELETION: &str = "UPDATE deleted_blobs SET claimed_at = NULL WHERE seq = $1 AND removed = FALSE";
+
 const DELETION_SETTLED: &str =
     "SELECT 1 FROM deleted_blobs WHERE seq = $1 AND (removed OR claimed_at IS NULL OR claimed_at < $2)";
 
@@ -64,7 +68,8 @@ const DELETION_DONE: &str = "UPDATE deleted_blobs SET removed = TRUE WHERE seq =
 /// Rows logged by $3 only: numbers are taken in insert order but seen in commit order, so the
 /// newest rows wait until every transaction that could hold an earlier number has committed.
 const DELETED_SINCE: &str = "
-    SELECT seq, namespace, blob, deleted_at FROM deleted_blobs WHERE seq > $1 AND deleted_at <= $3
+    SELECT seq, namespace, blob, deleted_at FROM deleted_blobs
+     WHERE seq > $1 AND deleted_at <= $3 AND namespace <> 'parts'
      ORDER BY seq LIMIT $2";
 
 /// An original that a job of the same bytes, uploaded again, still needs.
@@ -163,13 +168,13 @@ const DELETE_OWNED_MEDIA: &str = "DELETE FROM media WHERE id = $1 AND owner = $2
 
 const DELETE_GRANTS: &str = "DELETE FROM media_grants WHERE media_id = $1";
 
+const NEVER_NEEDED: &str = "SELECT 1 WHERE $1::TEXT IS NULL";
+
 /// Whether a job's result names a variant.
 const NAMED_BY_A_JOB: &str = "SELECT 1 FROM job_variants WHERE blob = $1 LIMIT 1";
 
 const NAME_VARIANT: &str =
     "INSERT INTO job_variants (blob, source_blob, bytes) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING";
-
-const JOB_EXISTS: &str = "SELECT 1 FROM jobs WHERE source_blob = $1";
 
 /// Originals not yet deleted, distinct variants named, deletions not done.
 const STORED_TOTALS: &str = "
@@ -204,6 +209,49 @@ const FAIL: &str = "
     UPDATE jobs SET status = $1, permanent = $2, error_code = $3, error_message = $4, lease_until = NULL,
            run_after = $5, updated_at = $6
      WHERE source_blob = $7 AND status = 'processing' AND claim = $8";
+
+const UPLOAD: &str = "
+    SELECT owner, mime, length, upload_offset, head, metadata, done, expires_at FROM uploads
+     WHERE id = $1 AND expires_at > $2";
+
+/// A user's open uploads and the bytes they will take (the offset while the length is deferred).
+const OPEN_UPLOADS: &str = "
+    SELECT COUNT(*), COALESCE(SUM(COALESCE(length, upload_offset)), 0)::BIGINT FROM uploads
+     WHERE owner = $1 AND NOT done AND expires_at > $2";
+
+const INSERT_UPLOAD: &str = "
+    INSERT INTO uploads (id, owner, mime, length, head, metadata, expires_at, created_at)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
+
+/// One PATCH at a time appends: it holds the upload until $4 (a lock older than $5 has lapsed).
+const LOCK_UPLOAD: &str = "
+    UPDATE uploads SET writer = $3, writer_until = $4
+     WHERE id = $1 AND upload_offset = $2 AND NOT done AND expires_at > $5
+       AND (writer IS NULL OR writer_until < $5)";
+
+const RENEW_UPLOAD_LOCK: &str = "UPDATE uploads SET writer_until = $3 WHERE id = $1 AND writer = $2";
+
+const RELEASE_UPLOAD_LOCK: &str = "UPDATE uploads SET writer = NULL, writer_until = NULL WHERE id = $1 AND writer = $2";
+
+/// The writer's part moves the offset on (only if the writer still holds the upload at the
+/// offset it started from), and the lock goes.
+const ADVANCE_UPLOAD: &str = "
+    UPDATE uploads SET upload_offset = upload_offset + $4, head = $5, length = COALESCE(length, $6), expires_at = $7,
+           writer = NULL, writer_until = NULL
+     WHERE id = $1 AND writer = $2 AND upload_offset = $3";
+
+const ADD_PART: &str = "INSERT INTO upload_parts (upload_id, start_at, len, key) VALUES ($1, $2, $3, $4)";
+
+const UPLOAD_PARTS: &str = "SELECT start_at, len, key FROM upload_parts WHERE upload_id = $1 ORDER BY start_at";
+
+const FINISH_UPLOAD: &str =
+    "UPDATE uploads SET done = TRUE, head = $2, writer = NULL, writer_until = NULL WHERE id = $1 AND NOT done";
+
+const DELETE_PARTS: &str = "DELETE FROM upload_parts WHERE upload_id = $1 RETURNING key";
+
+const DELETE_UPLOAD: &str = "DELETE FROM uploads WHERE id = $1 AND ($2::TEXT IS NULL OR owner = $2)";
+
+const EXPIRED_UPLOADS: &str = "SELECT id FROM uploads WHERE expires_at <= $1 ORDER BY expires_at LIMIT $2";
 
 /// ingest's tables in a PostgreSQL database.
 #[derive(Debug, Clone)]
@@ -240,6 +288,7 @@ impl Postgres {
         &self,
         media: &NewMedia<'_>,
         since: i64,
+        settled: &[i64],
         now: i64,
     ) -> Result<Vec<OverlapRow>, sqlx::Error> {
         let mut tx = self.db.begin().await?;
@@ -252,9 +301,13 @@ impl Postgres {
             .execute(&mut *tx)
             .await?
             .rows_affected();
-        let mut overlaps = Vec::new();
         if queued > 0 {
-            overlaps = keep_logged(&mut tx, Namespace::Originals, &media.blob.to_hex(), since, now).await?;
+            let mut overlaps = keep_logged(&mut tx, Namespace::Originals, &media.blob.to_hex(), since, now).await?;
+            overlaps.retain(|o| !settled.contains(&o.seq));
+            if !overlaps.is_empty() {
+                // Rolled back: the caller waits for these and stores the original again first.
+                return Ok(overlaps);
+            }
         }
         sqlx::query(INSERT_MEDIA)
             .bind(media.id.to_string())
@@ -271,7 +324,7 @@ impl Postgres {
         sqlx::query(COUNT_UPLOAD_DAY).bind(owner).bind(day).bind(media.bytes as i64).execute(&mut *tx).await?;
         sqlx::query(DROP_OLD_UPLOAD_DAYS).bind(owner).bind(day).execute(&mut *tx).await?;
         tx.commit().await?;
-        Ok(overlaps)
+        Ok(Vec::new())
     }
 
     pub(super) async fn usage(&self, owner: &UserId, now: i64) -> Result<Usage, sqlx::Error> {
@@ -416,6 +469,8 @@ impl Postgres {
         let query = match Namespace::parse(&namespace)? {
             Namespace::Originals => ORIGINAL_NEEDED,
             Namespace::Variants => NAMED_BY_A_JOB,
+            // A part's key is its upload's alone: nothing else ever needs it.
+            Namespace::Parts => NEVER_NEEDED,
         };
         let needed: Option<i32> = sqlx::query_scalar(query).bind(&blob).fetch_optional(&mut *tx).await?;
         if needed.is_some() {
@@ -425,10 +480,126 @@ impl Postgres {
         Ok(needed.is_none())
     }
 
+    pub(super) async fn upload(&self, id: MediaId, now: i64) -> Result<Option<UploadRow>, sqlx::Error> {
+        sqlx::query_as(UPLOAD).bind(id.to_string()).bind(now).fetch_optional(&self.db).await
+    }
+
+    pub(super) async fn open_uploads(&self, owner: &UserId, now: i64) -> Result<(i64, i64), sqlx::Error> {
+        sqlx::query_as(OPEN_UPLOADS).bind(owner.as_str()).bind(now).fetch_one(&self.db).await
+    }
+
+    pub(super) async fn create_upload(&self, upload: &NewUpload<'_>, now: i64) -> Result<(), sqlx::Error> {
+        sqlx::query(INSERT_UPLOAD)
+            .bind(upload.id.to_string())
+            .bind(upload.owner.as_str())
+            .bind(upload.mime)
+            .bind(upload.length.map(|l| l as i64))
+            .bind(Vec::<u8>::new())
+            .bind(upload.metadata)
+            .bind(upload.expires_at)
+            .bind(now)
+            .execute(&self.db)
+            .await?;
+        Ok(())
+    }
+
+    pub(super) async fn lock_upload(
+        &self,
+        id: MediaId,
+        offset: i64,
+        writer: &str,
+        until: i64,
+        now: i64,
+    ) -> Result<bool, sqlx::Error> {
+        let locked = sqlx::query(LOCK_UPLOAD)
+            .bind(id.to_string())
+            .bind(offset)
+            .bind(writer)
+            .bind(until)
+            .bind(now)
+            .execute(&self.db);
+        Ok(locked.await?.rows_affected() == 1)
+    }
+
+    pub(super) async fn renew_upload_lock(&self, id: MediaId, writer: &str, until: i64) -> Result<bool, sqlx::Error> {
+        let renewed = sqlx::query(RENEW_UPLOAD_LOCK).bind(id.to_string()).bind(writer).bind(until).execute(&self.db);
+        Ok(renewed.await?.rows_affected() == 1)
+    }
+
+    pub(super) async fn release_upload_lock(&self, id: MediaId, writer: &str) -> Result<(), sqlx::Error> {
+        sqlx::query(RELEASE_UPLOAD_LOCK).bind(id.to_string()).bind(writer).execute(&self.db).await?;
+        Ok(())
+    }
+
+    pub(super) async fn advance_upload(&self, id: MediaId, advance: &Advance<'_>) -> Result<bool, sqlx::Error> {
+        let mut tx = self.db.begin().await?;
+        let part = &advance.part;
+        let moved = sqlx::query(ADVANCE_UPLOAD)
+            .bind(id.to_string())
+            .bind(advance.writer)
+            .bind(part.start_at)
+            .bind(part.len)
+            .bind(advance.head)
+            .bind(advance.length)
+            .bind(advance.expires_at)
+            .execute(&mut *tx)
+            .await?;
+        if moved.rows_affected() != 1 {
+            return Ok(false);
+        }
+        sqlx::query(ADD_PART)
+            .bind(id.to_string())
+            .bind(part.start_at)
+            .bind(part.len)
+            .bind(&part.key)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    pub(super) async fn upload_parts(&self, id: MediaId) -> Result<Vec<Part>, sqlx::Error> {
+        sqlx::query_as(UPLOAD_PARTS).bind(id.to_string()).fetch_all(&self.db).await
+    }
+
+    pub(super) async fn finish_upload(&self, id: MediaId, now: i64) -> Result<(), sqlx::Error> {
+        let mut tx = self.db.begin().await?;
+        sqlx::query(FINISH_UPLOAD).bind(id.to_string()).bind(Vec::<u8>::new()).execute(&mut *tx).await?;
+        log_parts(&mut tx, id, now).await?;
+        tx.commit().await
+    }
+
+    pub(super) async fn delete_upload(
+        &self,
+        id: MediaId,
+        owner: Option<&UserId>,
+        now: i64,
+    ) -> Result<bool, sqlx::Error> {
+        let mut tx = self.db.begin().await?;
+        log_parts(&mut tx, id, now).await?;
+        let deleted =
+            sqlx::query(DELETE_UPLOAD).bind(id.to_string()).bind(owner.map(UserId::as_str)).execute(&mut *tx).await?;
+        if deleted.rows_affected() == 0 {
+            // Not this owner's: its parts stay.
+            return Ok(false);
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    pub(super) async fn expired_uploads(&self, now: i64, limit: i64) -> Result<Vec<String>, sqlx::Error> {
+        sqlx::query_scalar(EXPIRED_UPLOADS).bind(now).bind(limit).fetch_all(&self.db).await
+    }
+
     pub(super) async fn original_needed(&self, blob: &BlobId) -> Result<bool, sqlx::Error> {
         let found: Option<i32> =
             sqlx::query_scalar(ORIGINAL_NEEDED).bind(blob.to_hex()).fetch_optional(&self.db).await?;
         Ok(found.is_some())
+    }
+
+    pub(super) async fn release_deletion(&self, seq: i64) -> Result<(), sqlx::Error> {
+        sqlx::query(RELEASE_DELETION).bind(seq).execute(&self.db).await?;
+        Ok(())
     }
 
     pub(super) async fn deletion_settled(&self, seq: i64, lapsed: i64) -> Result<bool, sqlx::Error> {
@@ -499,6 +670,7 @@ impl Postgres {
         result: &str,
         variants: &[(String, i64)],
         since: i64,
+        settled: &[i64],
         now: i64,
     ) -> Result<(bool, Vec<OverlapRow>), sqlx::Error> {
         let mut tx = self.db.begin().await?;
@@ -516,13 +688,17 @@ impl Postgres {
                 // A deletion logged meanwhile is taken back, or waited for if a sweep holds it.
                 overlaps.extend(keep_logged(&mut tx, Namespace::Variants, variant, since, now).await?);
             }
-        } else {
-            let job: Option<i32> = sqlx::query_scalar(JOB_EXISTS).bind(&source).fetch_optional(&mut *tx).await?;
-            if job.is_none() {
-                // Deleted mid-transcode: what the runner stored is nobody's.
-                let variants = variants.iter().map(|(variant, _)| variant.as_str());
-                log_unnamed_variants(&mut tx, variants, now).await?;
+            overlaps.retain(|o| !settled.contains(&o.seq));
+            if !overlaps.is_empty() {
+                // Rolled back: the runner waits for these and stores the variants again first.
+                return Ok((false, overlaps));
             }
+        } else {
+            // Not this claim's job any more (deleted mid-transcode, or claimed again): what the
+            // runner stored that no job names is logged (a runner storing the same bytes for a
+            // job hears of the deletion when it completes).
+            let variants = variants.iter().map(|(variant, _)| variant.as_str());
+            log_unnamed_variants(&mut tx, variants, now).await?;
         }
         tx.commit().await?;
         Ok((recorded, overlaps))
@@ -561,6 +737,15 @@ async fn orphan(
     let variants: Vec<String> = variants_of(result)?.iter().map(BlobId::to_hex).collect();
     log_unnamed_variants(tx, variants.iter().map(String::as_str), now).await?;
     Ok(Some(seq))
+}
+
+/// Deletes an upload's part rows inside `tx` and logs their blobs for deletion.
+async fn log_parts(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>, id: MediaId, now: i64) -> Result<(), sqlx::Error> {
+    let keys: Vec<String> = sqlx::query_scalar(DELETE_PARTS).bind(id.to_string()).fetch_all(&mut **tx).await?;
+    for key in keys {
+        sqlx::query(LOG_DELETION).bind(Namespace::Parts.as_str()).bind(key).bind(now).execute(&mut **tx).await?;
+    }
+    Ok(())
 }
 
 /// Logs for deletion the variants no job names (different uploads can come out as the same

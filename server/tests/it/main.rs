@@ -16,5 +16,6 @@ mod lifecycle;
 mod live;
 mod photos;
 mod quotas;
+mod resumable;
 mod sandbox;
 mod storage;

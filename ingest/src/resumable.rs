@@ -1,0 +1,630 @@
+//! Resumable uploads: tus 1.0.0 at `/v1/uploads`, with the extensions creation,
+//! creation-with-upload, creation-defer-length, termination, expiration and checksum (sha1,
+//! sha256).
+//!
+//! An upload's id is the media id it becomes. Its offset and its parts live in the database
+//! (`uploads`, `upload_parts`) and the blob store (`parts`), so the next request may come after a
+//! restart or to another node. Each PATCH holds the upload while it appends (a lock in its row,
+//! renewed as bytes arrive), streams its body to a temp file, and stores it as one part; what
+//! arrived before a dropped connection is kept unless the request named a checksum. The first
+//! bytes are sniffed as soon as there are enough, so a wrong type fails at the first PATCH. The
+//! request that brings the last byte joins the parts (BLAKE3 as they are read back) and hands the
+//! result to the path `POST /v1/media` takes ([`crate::routes::finish`]); its answer says the
+//! media's status in `Courier-Media-Status`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Extension, Router};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use futures_util::StreamExt;
+use sha1::Digest;
+use transcode::MediaType;
+use types::{BlobId, MediaId, UserId};
+
+use crate::store::{Advance, NewUpload, Part, UploadRow};
+use crate::{Ingest, IngestError, quota, spool};
+
+/// The protocol version spoken, and the extensions.
+const TUS_VERSION: &str = "1.0.0";
+const TUS_EXTENSIONS: &str = "creation,creation-with-upload,creation-defer-length,termination,expiration,checksum";
+const TUS_CHECKSUMS: &str = "sha1,sha256";
+/// The body type every PATCH (and a creation with bytes) must have.
+const OFFSET_OCTET_STREAM: &str = "application/offset+octet-stream";
+
+/// How long a PATCH holds its upload without news; renewed while bytes arrive.
+const LOCK_MS: i64 = 60_000;
+const RENEW_EVERY: Duration = Duration::from_secs(20);
+
+static TUS_RESUMABLE: HeaderName = HeaderName::from_static("tus-resumable");
+static UPLOAD_OFFSET: HeaderName = HeaderName::from_static("upload-offset");
+static UPLOAD_LENGTH: HeaderName = HeaderName::from_static("upload-length");
+static UPLOAD_DEFER_LENGTH: HeaderName = HeaderName::from_static("upload-defer-length");
+static UPLOAD_METADATA: HeaderName = HeaderName::from_static("upload-metadata");
+static UPLOAD_EXPIRES: HeaderName = HeaderName::from_static("upload-expires");
+static UPLOAD_CHECKSUM: HeaderName = HeaderName::from_static("upload-checksum");
+static MEDIA_STATUS: HeaderName = HeaderName::from_static("courier-media-status");
+
+pub(crate) fn router(ingest: Arc<Ingest>) -> Router {
+    Router::new()
+        .route("/v1/uploads", post(create).options(options))
+        .route("/v1/uploads/{id}", axum::routing::head(offset).patch(append).delete(terminate))
+        .layer(axum::middleware::from_fn(tus_resumable))
+        .with_state(ingest)
+}
+
+/// Every answer names the protocol version; a request for another version gets 412.
+async fn tus_resumable(request: Request, next: Next) -> Response {
+    let speaks = request.headers().get(&TUS_RESUMABLE).is_some_and(|v| v == TUS_VERSION);
+    let mut response = if request.method() == Method::OPTIONS || speaks {
+        next.run(request).await
+    } else {
+        let error = IngestError::BadRequest(format!("this server speaks tus {TUS_VERSION} (Tus-Resumable)"));
+        let mut response = error.into_response();
+        *response.status_mut() = StatusCode::PRECONDITION_FAILED;
+        response.headers_mut().insert(HeaderName::from_static("tus-version"), HeaderValue::from_static(TUS_VERSION));
+        response
+    };
+    response.headers_mut().insert(TUS_RESUMABLE.clone(), HeaderValue::from_static(TUS_VERSION));
+    response
+}
+
+/// `OPTIONS /v1/uploads`: what this server speaks and the largest upload it takes.
+async fn options(State(ingest): State<Arc<Ingest>>) -> Response {
+    let config = &ingest.config;
+    let max = [types::MediaKind::Image, types::MediaKind::Audio, types::MediaKind::Video]
+        .into_iter()
+        .map(|kind| config.max_bytes(kind))
+        .max()
+        .unwrap_or(0);
+    let mut headers = HeaderMap::new();
+    headers.insert(HeaderName::from_static("tus-version"), HeaderValue::from_static(TUS_VERSION));
+    headers.insert(HeaderName::from_static("tus-extension"), HeaderValue::from_static(TUS_EXTENSIONS));
+    headers.insert(HeaderName::from_static("tus-max-size"), HeaderValue::from(max));
+    headers.insert(HeaderName::from_static("tus-checksum-algorithm"), HeaderValue::from_static(TUS_CHECKSUMS));
+    (StatusCode::NO_CONTENT, headers).into_response()
+}
+
+/// `POST /v1/uploads`: a new upload of `Upload-Length` bytes (or a deferred length) whose
+/// `Upload-Metadata` names its media type as `filetype`; with a body, its first bytes too.
+async fn create(
+    State(ingest): State<Arc<Ingest>>,
+    Extension(user): Extension<UserId>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, IngestError> {
+    let config = &ingest.config;
+    let metadata = header_str(&headers, &UPLOAD_METADATA)?.unwrap_or_default().to_owned();
+    let media_type = media_type_of(&metadata)?;
+    let max = config.max_bytes(media_type.kind());
+    let length = match (header_u64(&headers, &UPLOAD_LENGTH)?, header_str(&headers, &UPLOAD_DEFER_LENGTH)?) {
+        (Some(length), None) => Some(length),
+        (None, Some("1")) => None,
+        _ => return Err(bad("send Upload-Length, or Upload-Defer-Length: 1 to name it later")),
+    };
+    if length.is_some_and(|length| length > max) {
+        return Err(IngestError::TooLarge { limit: max });
+    }
+    if length == Some(0) {
+        return Err(IngestError::Empty);
+    }
+    let now = ingest.clock.now_ms();
+    let (open, open_bytes) = ingest.store.open_uploads(&user, now).await?;
+    if open >= config.resumable_open_per_user {
+        return Err(IngestError::Quota(crate::QuotaExceeded {
+            message: format!("you have {open} uploads open, the most at once; finish or delete one first"),
+            retry_after: Some(60),
+        }));
+    }
+    let limit = config.resumable_open_bytes_per_user;
+    if open_bytes.saturating_add(length.unwrap_or(0)) > limit {
+        let message = format!("your open uploads would pass {limit} bytes; finish or delete some first");
+        return Err(IngestError::Quota(crate::QuotaExceeded { message, retry_after: None }));
+    }
+    let usage = ingest.records.usage(&user, now).await?;
+    quota::check(&config.quota, &usage, length, now)?;
+
+    let id = MediaId::new();
+    let expires_at = now + expiry_ms(&ingest);
+    let upload = NewUpload { id, owner: &user, mime: media_type.mime(), length, metadata: &metadata, expires_at };
+    ingest.store.create_upload(&upload, now).await?;
+    let mut response = StatusCode::CREATED.into_response();
+    let location = format!("/v1/uploads/{id}");
+    response.headers_mut().insert(header::LOCATION, HeaderValue::from_str(&location).expect("an id is ASCII"));
+    if is_offset_stream(&headers) {
+        // creation-with-upload: the body is the first PATCH's.
+        let appended = append_to(&ingest, &user, id, 0, &headers, body).await;
+        let (status, headers) = match appended {
+            Ok(answer) => (StatusCode::CREATED, answer.headers),
+            Err(e) => return Ok(e.into_response()),
+        };
+        *response.status_mut() = status;
+        response.headers_mut().extend(headers);
+    } else {
+        response.headers_mut().insert(UPLOAD_OFFSET.clone(), HeaderValue::from(0));
+        response.headers_mut().insert(UPLOAD_EXPIRES.clone(), http_date(expires_at));
+    }
+    Ok(response)
+}
+
+/// `HEAD /v1/uploads/{id}`: where the upload stands.
+async fn offset(
+    State(ingest): State<Arc<Ingest>>,
+    Extension(user): Extension<UserId>,
+    Path(id): Path<String>,
+) -> Result<Response, IngestError> {
+    let (_, row) = owned(&ingest, &user, &id).await?;
+    let mut headers = HeaderMap::new();
+    headers.insert(UPLOAD_OFFSET.clone(), HeaderValue::from(row.upload_offset));
+    match row.length {
+        Some(length) => headers.insert(UPLOAD_LENGTH.clone(), HeaderValue::from(length)),
+        None => headers.insert(UPLOAD_DEFER_LENGTH.clone(), HeaderValue::from_static("1")),
+    };
+    if let Ok(metadata) = HeaderValue::from_str(&row.metadata)
+        && !row.metadata.is_empty()
+    {
+        headers.insert(UPLOAD_METADATA.clone(), metadata);
+    }
+    headers.insert(UPLOAD_EXPIRES.clone(), http_date(row.expires_at));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok((StatusCode::OK, headers).into_response())
+}
+
+/// `PATCH /v1/uploads/{id}`: bytes from `Upload-Offset` on.
+async fn append(
+    State(ingest): State<Arc<Ingest>>,
+    Extension(user): Extension<UserId>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, IngestError> {
+    let (id, _) = owned(&ingest, &user, &id).await?;
+    if !is_offset_stream(&headers) {
+        return Err(IngestError::UnsupportedType(format!("a PATCH's body must be {OFFSET_OCTET_STREAM}")));
+    }
+    let offset = header_u64(&headers, &UPLOAD_OFFSET)?.ok_or_else(|| bad("Upload-Offset is required"))?;
+    let answer = append_to(&ingest, &user, id, offset, &headers, body).await?;
+    Ok((StatusCode::NO_CONTENT, answer.headers).into_response())
+}
+
+/// `DELETE /v1/uploads/{id}`: the upload and its bytes go (a finished upload's media stays).
+async fn terminate(
+    State(ingest): State<Arc<Ingest>>,
+    Extension(user): Extension<UserId>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, IngestError> {
+    let (id, _) = owned(&ingest, &user, &id).await?;
+    if !ingest.store.delete_upload(id, &user, ingest.clock.now_ms()).await? {
+        return Err(IngestError::NotFound);
+    }
+    purge_later(&ingest);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The headers of a PATCH's answer.
+struct Appended {
+    headers: HeaderMap,
+}
+
+/// Appends `body` at `offset` to upload `id`, and finishes the upload if that was its last byte.
+async fn append_to(
+    ingest: &Arc<Ingest>,
+    user: &UserId,
+    id: MediaId,
+    offset: u64,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Appended, IngestError> {
+    let mut body = body.into_data_stream();
+    let result = append_body(ingest, user, id, offset, headers, &mut body).await;
+    if result.is_err() {
+        spool::discard(&mut body).await;
+    }
+    result
+}
+
+async fn append_body(
+    ingest: &Arc<Ingest>,
+    user: &UserId,
+    id: MediaId,
+    offset: u64,
+    headers: &HeaderMap,
+    body: &mut axum::body::BodyDataStream,
+) -> Result<Appended, IngestError> {
+    let config = &ingest.config;
+    let now = ingest.clock.now_ms();
+    let row =
+        ingest.store.upload(id, now).await?.filter(|row| row.owner == user.as_str()).ok_or(IngestError::NotFound)?;
+    let media_type = MediaType::from_mime(&row.mime).map_err(|e| IngestError::UnsupportedType(e.to_string()))?;
+    let at = row.upload_offset as u64;
+    if row.done {
+        // The last request's answer may have been lost: the same last offset hears it again.
+        if offset == at && row.length == Some(row.upload_offset) {
+            return finished_answer(ingest, user, id, &row).await;
+        }
+        return Err(IngestError::OffsetMismatch { expected: at });
+    }
+    if offset != at {
+        return Err(IngestError::OffsetMismatch { expected: at });
+    }
+    let max = config.max_bytes(media_type.kind());
+    let named_length = header_u64(headers, &UPLOAD_LENGTH)?;
+    let length = match (row.length, named_length) {
+        (Some(length), Some(named)) if named != length as u64 => {
+            return Err(bad("Upload-Length cannot change"));
+        }
+        (Some(length), _) => Some(length as u64),
+        (None, named) => named,
+    };
+    if let Some(length) = length
+        && (length > max || length < at)
+    {
+        return Err(if length > max {
+            IngestError::TooLarge { limit: max }
+        } else {
+            bad("Upload-Length is below the offset")
+        });
+    }
+    let checksum = Checksum::parse(header_str(headers, &UPLOAD_CHECKSUM)?)?;
+    let room = length.unwrap_or(max) - at;
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > room) {
+        return Err(IngestError::TooLarge { limit: length.unwrap_or(max) });
+    }
+
+    // The same slots a POST takes while its body streams in.
+    let user_slot = ingest.user_uploads.take(user, config.quota.uploads_at_once)?;
+    let slot = ingest.uploads.try_acquire().map_err(|_| IngestError::TooManyUploads)?;
+    let writer = uuid::Uuid::now_v7().to_string();
+    if !ingest.store.lock_upload(id, at as i64, &writer, now + LOCK_MS, now).await? {
+        let row = ingest.store.upload(id, now).await?.ok_or(IngestError::NotFound)?;
+        return Err(if row.upload_offset as u64 != at {
+            IngestError::OffsetMismatch { expected: row.upload_offset as u64 }
+        } else {
+            IngestError::UploadLocked
+        });
+    }
+    // Sniffed already when bytes were stored and no head was kept for the sniff.
+    let head = (at == 0 || !row.head.is_empty()).then_some(row.head.as_slice());
+    let received = receive(ingest, id, &writer, body, room, checksum, head, media_type, length).await;
+    let part = match received {
+        Ok(part) => part,
+        Err(e) => {
+            let _ = ingest.store.release_upload_lock(id, &writer).await;
+            if matches!(e, IngestError::TypeMismatch { .. }) {
+                // Bytes of another type than the upload said: it ends here, with what it stored.
+                let _ = ingest.store.delete_upload(id, user, ingest.clock.now_ms()).await;
+                purge_later(ingest);
+            }
+            return Err(e);
+        }
+    };
+    let part = match part {
+        Received::Nothing => {
+            ingest.store.release_upload_lock(id, &writer).await?;
+            return Ok(progress_answer(at, row.expires_at));
+        }
+        Received::Bytes(part) => part,
+    };
+    // A body cut short is kept (with a lock still held) as far as it came, when no checksum was named.
+    let interrupted = part.interrupted.clone();
+    let new_offset = at + part.len;
+    let key = BlobId::of(format!("{id}/{at}/{writer}").as_bytes());
+    if let Err(e) = ingest.parts.put_file(&key, part.file.path()).await {
+        let _ = ingest.store.release_upload_lock(id, &writer).await;
+        return Err(e.into());
+    }
+    let expires_at = ingest.clock.now_ms() + expiry_ms(ingest);
+    let advance = Advance {
+        writer: &writer,
+        part: Part { start_at: at as i64, len: part.len as i64, key: key.to_hex() },
+        head: &part.head,
+        length: length.map(|l| l as i64),
+        expires_at,
+    };
+    if !ingest.store.advance_upload(id, &advance).await? {
+        // The upload changed under us (expired, terminated, or our lock lapsed and another took it).
+        let _ = ingest.parts.delete(&key).await;
+        return Err(IngestError::OffsetMismatch { expected: at });
+    }
+    if let Some(e) = interrupted {
+        return Err(IngestError::Interrupted(e));
+    }
+    if length != Some(new_offset) {
+        return Ok(progress_answer(new_offset, expires_at));
+    }
+    // The last byte: join the parts and take them the rest of the way, as a POST would.
+    drop(part);
+    let spooled = assemble(ingest, id, new_offset).await?;
+    let slots = (slot, user_slot);
+    match crate::routes::finish(ingest, user, media_type, spooled, id, slots).await {
+        Ok(view) => {
+            ingest.store.finish_upload(id, ingest.clock.now_ms()).await?;
+            purge_later(ingest);
+            let mut answer = progress_answer(new_offset, expires_at);
+            answer.headers.insert(MEDIA_STATUS.clone(), status_value(view.status));
+            Ok(answer)
+        }
+        Err(e) => {
+            // Refused (or failed): the upload ends with the refusal, as a POST's would.
+            let _ = ingest.store.delete_upload(id, user, ingest.clock.now_ms()).await;
+            purge_later(ingest);
+            Err(e)
+        }
+    }
+}
+
+/// What a PATCH body brought.
+enum Received {
+    /// An empty body: the upload stays where it was.
+    Nothing,
+    Bytes(ReceivedPart),
+}
+
+struct ReceivedPart {
+    file: tempfile::NamedTempFile,
+    len: u64,
+    /// The upload's first bytes, for the sniff, while it has not been sniffed (else empty).
+    head: Vec<u8>,
+    /// Why the body stopped early, when it did (what came is kept).
+    interrupted: Option<String>,
+}
+
+/// A part's temp file and the checksum of what it holds, written on blocking threads (a checksum
+/// over megabytes is no work for the runtime's threads).
+struct PartWriter {
+    file: std::fs::File,
+    checksum: Option<Checksum>,
+}
+
+impl PartWriter {
+    async fn write(mut self, batch: bytes::BytesMut) -> Result<Self, IngestError> {
+        tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            if let Some(checksum) = self.checksum.as_mut() {
+                checksum.update(&batch);
+            }
+            self.file.write_all(&batch)?;
+            Ok(self)
+        })
+        .await
+        .map_err(|e| IngestError::Io(std::io::Error::other(e)))?
+    }
+}
+
+/// Bytes gathered before a write to the part's file.
+const BATCH: usize = 1024 * 1024;
+
+/// Streams one PATCH body to a temp file, at most `room` bytes, renewing the upload's lock as bytes
+/// arrive, checking the checksum and sniffing the upload's first bytes once there are enough.
+#[allow(clippy::too_many_arguments, reason = "one request's parts, passed once")]
+async fn receive(
+    ingest: &Ingest,
+    id: MediaId,
+    lock: &str,
+    body: &mut axum::body::BodyDataStream,
+    room: u64,
+    checksum: Option<Checksum>,
+    head: Option<&[u8]>,
+    media_type: MediaType,
+    length: Option<u64>,
+) -> Result<Received, IngestError> {
+    let file = tempfile::Builder::new().prefix("upload-").tempfile_in(&ingest.tmp_dir)?;
+    let checked = checksum.is_some();
+    let mut writer = PartWriter { file: file.reopen()?, checksum };
+    let mut batch = bytes::BytesMut::new();
+    // An upload already sniffed has no head (`None`); one not yet sniffed gathers its first bytes.
+    let needs_sniff = head.is_some();
+    let mut head = head.unwrap_or_default().to_vec();
+    let mut sniffed = false;
+    let mut len: u64 = 0;
+    let mut renewed = Instant::now();
+    let mut interrupted = None;
+    while let Some(chunk) = body.next().await {
+        let chunk = match chunk {
+            Ok(chunk) => chunk,
+            Err(e) => {
+                interrupted = Some(e.to_string());
+                break;
+            }
+        };
+        len += chunk.len() as u64;
+        if len > room {
+            return Err(IngestError::TooLarge { limit: length.unwrap_or(room) });
+        }
+        if needs_sniff && !sniffed {
+            let want = spool::SNIFF_BYTES.saturating_sub(head.len());
+            head.extend_from_slice(&chunk[..want.min(chunk.len())]);
+            sniffed = spool::sniff(&head, media_type, false)?;
+        }
+        batch.extend_from_slice(&chunk);
+        if batch.len() >= BATCH {
+            writer = writer.write(std::mem::take(&mut batch)).await?;
+        }
+        if renewed.elapsed() >= RENEW_EVERY {
+            renewed = Instant::now();
+            let until = ingest.clock.now_ms() + LOCK_MS;
+            if !ingest.store.renew_upload_lock(id, lock, until).await? {
+                return Err(IngestError::UploadLocked);
+            }
+        }
+    }
+    if interrupted.is_some() && checked {
+        // A checksum covers the whole body: what came cannot be checked, so none of it is kept.
+        return Err(IngestError::Interrupted(interrupted.unwrap_or_default()));
+    }
+    let writer = writer.write(batch).await?;
+    tokio::task::spawn_blocking({
+        let file = writer.file.try_clone()?;
+        move || file.sync_all()
+    })
+    .await
+    .map_err(|e| IngestError::Io(std::io::Error::other(e)))??;
+    if let Some(checksum) = writer.checksum
+        && !checksum.matches()
+    {
+        return Err(IngestError::ChecksumMismatch);
+    }
+    if len == 0 {
+        return Ok(Received::Nothing);
+    }
+    if needs_sniff && !sniffed {
+        // Fewer bytes than the sniff reads, so far: judge them now if they are all there are.
+        let complete = length.is_some_and(|length| head.len() as u64 >= length);
+        sniffed = spool::sniff(&head, media_type, complete)?;
+    }
+    // Sniffed (or sniffed before): no head to keep.
+    let head = if sniffed || !needs_sniff { Vec::new() } else { head };
+    Ok(Received::Bytes(ReceivedPart { file, len, head, interrupted }))
+}
+
+/// Joins upload `id`'s parts into a spooled upload of `length` bytes, hashing as it reads.
+async fn assemble(ingest: &Ingest, id: MediaId, length: u64) -> Result<spool::Spooled, IngestError> {
+    let parts = ingest.store.upload_parts(id).await?;
+    let mut assembler = spool::Assembler::new(&ingest.tmp_dir)?;
+    let mut at = 0u64;
+    for part in parts {
+        if part.start_at as u64 != at {
+            return Err(IngestError::Io(std::io::Error::other(format!("upload {id} has a gap at {at}"))));
+        }
+        let key: BlobId = part.key.parse().map_err(|_| std::io::Error::other("a part's key is not a blob id"))?;
+        let mut stream = ingest.parts.get_range_stream(&key, 0..part.len as u64).await?;
+        while let Some(chunk) = stream.next().await {
+            assembler.push(&chunk.map_err(edge_cache::EdgeError::from)?).await?;
+        }
+        at += part.len as u64;
+    }
+    if at != length {
+        return Err(IngestError::Io(std::io::Error::other(format!("upload {id} holds {at} of {length} bytes"))));
+    }
+    assembler.finish().await
+}
+
+/// The answer to the last offset of an upload already finished (its first answer was lost).
+async fn finished_answer(
+    ingest: &Ingest,
+    user: &UserId,
+    id: MediaId,
+    row: &UploadRow,
+) -> Result<Appended, IngestError> {
+    let mut answer = progress_answer(row.upload_offset as u64, row.expires_at);
+    if let Ok(view) = ingest.view(id, user).await {
+        answer.headers.insert(MEDIA_STATUS.clone(), status_value(view.status));
+    }
+    Ok(answer)
+}
+
+fn progress_answer(offset: u64, expires_at: i64) -> Appended {
+    let mut headers = HeaderMap::new();
+    headers.insert(UPLOAD_OFFSET.clone(), HeaderValue::from(offset));
+    headers.insert(UPLOAD_EXPIRES.clone(), http_date(expires_at));
+    Appended { headers }
+}
+
+fn status_value(status: types::MediaStatus) -> HeaderValue {
+    HeaderValue::from_static(status.as_str())
+}
+
+/// Deletes what the log holds (the parts of an upload that ended) beside the answer.
+fn purge_later(ingest: &Arc<Ingest>) {
+    let ingest = ingest.clone();
+    tokio::spawn(async move {
+        if let Err(e) = ingest.purge_deleted().await {
+            tracing::warn!(error = %e, "deleting an upload's parts failed; the sweep will");
+        }
+    });
+}
+
+/// Upload `id` if `user` owns it (anyone else hears it does not exist).
+async fn owned(ingest: &Ingest, user: &UserId, id: &str) -> Result<(MediaId, UploadRow), IngestError> {
+    let id: MediaId = id.parse().map_err(|_| IngestError::NotFound)?;
+    let row = ingest.store.upload(id, ingest.clock.now_ms()).await?;
+    let row = row.filter(|row| row.owner == user.as_str()).ok_or(IngestError::NotFound)?;
+    Ok((id, row))
+}
+
+fn expiry_ms(ingest: &Ingest) -> i64 {
+    (ingest.config.resumable_expiry_secs as i64).saturating_mul(1000)
+}
+
+fn is_offset_stream(headers: &HeaderMap) -> bool {
+    headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(OFFSET_OCTET_STREAM.as_bytes()))
+}
+
+fn bad(message: &str) -> IngestError {
+    IngestError::BadRequest(message.into())
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Result<Option<&'a str>, IngestError> {
+    headers.get(name).map(|v| v.to_str().map_err(|_| bad(&format!("{name} is not text")))).transpose()
+}
+
+fn header_u64(headers: &HeaderMap, name: &HeaderName) -> Result<Option<u64>, IngestError> {
+    header_str(headers, name)?
+        .map(|v| v.trim().parse::<u64>().map_err(|_| bad(&format!("{name} must be a non-negative integer"))))
+        .transpose()
+}
+
+/// The media type `Upload-Metadata` names as `filetype` (its values are base64).
+fn media_type_of(metadata: &str) -> Result<MediaType, IngestError> {
+    let mut filetype = None;
+    for pair in metadata.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once(' ').unwrap_or((pair, ""));
+        let value =
+            STANDARD.decode(value.trim()).map_err(|_| bad(&format!("Upload-Metadata: {key}'s value is not base64")))?;
+        if key == "filetype" {
+            filetype = Some(String::from_utf8(value).map_err(|_| bad("Upload-Metadata: filetype is not text"))?);
+        }
+    }
+    let filetype = filetype
+        .ok_or_else(|| IngestError::UnsupportedType("Upload-Metadata must name the media type as filetype".into()))?;
+    let mime = filetype.split(';').next().unwrap_or_default().trim();
+    MediaType::from_mime(mime).map_err(|e| IngestError::UnsupportedType(e.to_string()))
+}
+
+/// An `Upload-Checksum` and the digest of the bytes so far.
+enum Checksum {
+    Sha1 { expected: Vec<u8>, hasher: sha1::Sha1 },
+    Sha256 { expected: Vec<u8>, hasher: sha2::Sha256 },
+}
+
+impl Checksum {
+    fn parse(header: Option<&str>) -> Result<Option<Self>, IngestError> {
+        let Some(header) = header else { return Ok(None) };
+        let (algorithm, value) =
+            header.trim().split_once(' ').ok_or_else(|| bad("Upload-Checksum: ALGORITHM BASE64"))?;
+        let expected = STANDARD.decode(value.trim()).map_err(|_| bad("Upload-Checksum's value is not base64"))?;
+        match algorithm {
+            "sha1" => Ok(Some(Checksum::Sha1 { expected, hasher: sha1::Sha1::new() })),
+            "sha256" => Ok(Some(Checksum::Sha256 { expected, hasher: sha2::Sha256::new() })),
+            other => Err(bad(&format!("Upload-Checksum: {other} is not one of {TUS_CHECKSUMS}"))),
+        }
+    }
+
+    fn update(&mut self, bytes: &[u8]) {
+        match self {
+            Checksum::Sha1 { hasher, .. } => hasher.update(bytes),
+            Checksum::Sha256 { hasher, .. } => hasher.update(bytes),
+        }
+    }
+
+    fn matches(self) -> bool {
+        match self {
+            Checksum::Sha1 { expected, hasher } => hasher.finalize()[..] == expected[..],
+            Checksum::Sha256 { expected, hasher } => hasher.finalize()[..] == expected[..],
+        }
+    }
+}
+
+/// An RFC 9110 date for `Upload-Expires`.
+fn http_date(unix_ms: i64) -> HeaderValue {
+    let at = UNIX_EPOCH + Duration::from_millis(unix_ms.max(0) as u64);
+    HeaderValue::from_str(&httpdate::fmt_http_date(at.max(SystemTime::UNIX_EPOCH))).expect("a date is ASCII")
+}

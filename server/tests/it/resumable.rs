@@ -1,0 +1,259 @@
+//! Resumable uploads over tus 1.0.0: every status the protocol names, a restart between two
+//! PATCHes, a wrong type refused at the first PATCH, termination and expiry.
+
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use reqwest::{Method, RequestBuilder, Response};
+use serde_json::Value;
+use sha2::Digest;
+
+use crate::harness::{DataDir, Server, fixture};
+
+const OCTETS: &str = "application/offset+octet-stream";
+
+fn tus(server: &Server, method: Method, path: &str, token: &str) -> RequestBuilder {
+    server.http.request(method, server.url(path)).bearer_auth(token).header("Tus-Resumable", "1.0.0")
+}
+
+fn header<'a>(response: &'a Response, name: &str) -> &'a str {
+    response.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or_default()
+}
+
+/// Creates an upload of `length` bytes of `filetype`; its path.
+async fn create(server: &Server, token: &str, filetype: &str, length: usize) -> String {
+    let metadata = format!("filename {},filetype {}", STANDARD.encode("photo.jpg"), STANDARD.encode(filetype));
+    let response = tus(server, Method::POST, "/v1/uploads", token)
+        .header("Upload-Length", length.to_string())
+        .header("Upload-Metadata", metadata)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    assert_eq!(header(&response, "tus-resumable"), "1.0.0");
+    assert_eq!(header(&response, "upload-offset"), "0");
+    assert!(!header(&response, "upload-expires").is_empty());
+    let location = header(&response, "location").to_owned();
+    assert!(location.starts_with("/v1/uploads/"), "{location}");
+    location
+}
+
+async fn patch(server: &Server, token: &str, path: &str, offset: usize, bytes: &[u8]) -> Response {
+    tus(server, Method::PATCH, path, token)
+        .header("Content-Type", OCTETS)
+        .header("Upload-Offset", offset.to_string())
+        .body(bytes.to_vec())
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn offset_of(server: &Server, token: &str, path: &str) -> (u16, String) {
+    let response = tus(server, Method::HEAD, path, token).send().await.unwrap();
+    (response.status().as_u16(), header(&response, "upload-offset").to_owned())
+}
+
+async fn error_code(response: Response) -> String {
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    body["error"]["code"].as_str().unwrap_or_default().to_owned()
+}
+
+#[tokio::test]
+async fn a_photo_uploaded_in_parts_becomes_media_and_every_misstep_gets_its_status() {
+    let data = DataDir::new();
+    let server = Server::start(&data, &[]);
+    let (alice, bob) = (server.token("alice"), server.token("bob"));
+    let photo = fixture("rocket.jpg");
+    let half = photo.len() / 2;
+
+    let options = server.http.request(Method::OPTIONS, server.url("/v1/uploads")).bearer_auth(&alice).send().await;
+    let options = options.unwrap();
+    assert_eq!(options.status(), 204);
+    assert_eq!(header(&options, "tus-version"), "1.0.0");
+    assert!(header(&options, "tus-extension").contains("creation-with-upload"));
+    assert!(header(&options, "tus-extension").contains("checksum"));
+    assert_eq!(header(&options, "tus-checksum-algorithm"), "sha1,sha256");
+    assert!(header(&options, "tus-max-size").parse::<u64>().unwrap() >= photo.len() as u64);
+
+    let path = create(&server, &alice, "image/jpeg", photo.len()).await;
+    let head = tus(&server, Method::HEAD, &path, &alice).send().await.unwrap();
+    assert_eq!((head.status().as_u16(), header(&head, "upload-offset")), (200, "0"));
+    assert_eq!(header(&head, "upload-length"), photo.len().to_string());
+    assert_eq!(header(&head, "cache-control"), "no-store");
+    assert!(header(&head, "upload-metadata").contains("filetype"));
+    // Someone else's upload does not exist for them.
+    assert_eq!(offset_of(&server, &bob, &path).await.0, 404);
+    assert_eq!(patch(&server, &bob, &path, 0, &photo[..half]).await.status(), 404);
+
+    let first = patch(&server, &alice, &path, 0, &photo[..half]).await;
+    assert_eq!((first.status().as_u16(), header(&first, "upload-offset")), (204, half.to_string().as_str()));
+    // From the wrong offset: 409, and nothing moves.
+    let wrong = patch(&server, &alice, &path, 0, &photo[..10]).await;
+    assert_eq!(wrong.status(), 409);
+    assert_eq!(error_code(wrong).await, "offset_mismatch");
+    // Without the protocol version: 412 with the version spoken.
+    let unversioned = server
+        .http
+        .patch(server.url(&path))
+        .bearer_auth(&alice)
+        .header("Content-Type", OCTETS)
+        .header("Upload-Offset", half.to_string())
+        .body(photo[half..].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!((unversioned.status().as_u16(), header(&unversioned, "tus-version")), (412, "1.0.0"));
+    // Another body type: 415.
+    let typed = tus(&server, Method::PATCH, &path, &alice)
+        .header("Content-Type", "image/jpeg")
+        .header("Upload-Offset", half.to_string())
+        .body(photo[half..].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(typed.status(), 415);
+    // A checksum that does not match: 460, and the bytes are discarded.
+    let wrong_sum = STANDARD.encode(sha2::Sha256::digest(b"something else"));
+    let mismatched = tus(&server, Method::PATCH, &path, &alice)
+        .header("Content-Type", OCTETS)
+        .header("Upload-Offset", half.to_string())
+        .header("Upload-Checksum", format!("sha256 {wrong_sum}"))
+        .body(photo[half..].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(mismatched.status().as_u16(), 460);
+    assert_eq!(error_code(mismatched).await, "checksum_mismatch");
+    assert_eq!(offset_of(&server, &alice, &path).await, (200, half.to_string()));
+    // An algorithm the server does not speak: 400.
+    let md5 = tus(&server, Method::PATCH, &path, &alice)
+        .header("Content-Type", OCTETS)
+        .header("Upload-Offset", half.to_string())
+        .header("Upload-Checksum", "md5 AAAA")
+        .body(photo[half..].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(md5.status(), 400);
+
+    // The rest, with its checksum: the upload is the media, ready.
+    let sum = STANDARD.encode(sha2::Sha256::digest(&photo[half..]));
+    let last = tus(&server, Method::PATCH, &path, &alice)
+        .header("Content-Type", OCTETS)
+        .header("Upload-Offset", half.to_string())
+        .header("Upload-Checksum", format!("sha256 {sum}"))
+        .body(photo[half..].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(last.status(), 204);
+    assert_eq!(header(&last, "upload-offset"), photo.len().to_string());
+    assert_eq!(header(&last, "courier-media-status"), "ready");
+    let id = path.trim_start_matches("/v1/uploads/");
+    let media: Value = server.media(&alice, id).await.json().await.unwrap();
+    assert_eq!(media["status"], "ready", "{media}");
+    assert_eq!(media["blob"].as_str().unwrap(), types::BlobId::of(&photo).to_hex());
+    assert!(!crate::harness::variant_bytes(&server, &media, "thumb").await.is_empty());
+    // The same last request again (its answer was lost): the same answer.
+    let again = patch(&server, &alice, &path, photo.len(), b"").await;
+    assert_eq!((again.status().as_u16(), header(&again, "courier-media-status")), (204, "ready"));
+    // The parts are gone once the media exists.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !server.files_under("blobs/parts").is_empty() {
+        assert!(Instant::now() < deadline, "the parts outlived their upload");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_upload_survives_a_restart_between_two_patches() {
+    let data = DataDir::new();
+    let server = Server::start(&data, &[]);
+    let alice = server.token("alice");
+    let photo = fixture("rocket.jpg");
+    let half = photo.len() / 3;
+    let path = create(&server, &alice, "image/jpeg", photo.len()).await;
+    assert_eq!(patch(&server, &alice, &path, 0, &photo[..half]).await.status(), 204);
+    server.kill();
+
+    let server = Server::start(&data, &[]);
+    assert_eq!(offset_of(&server, &alice, &path).await, (200, half.to_string()));
+    let last = patch(&server, &alice, &path, half, &photo[half..]).await;
+    assert_eq!((last.status().as_u16(), header(&last, "courier-media-status")), (204, "ready"));
+    let media: Value = server.media(&alice, path.trim_start_matches("/v1/uploads/")).await.json().await.unwrap();
+    assert_eq!(media["blob"].as_str().unwrap(), types::BlobId::of(&photo).to_hex());
+}
+
+#[tokio::test]
+async fn creation_with_upload_a_deferred_length_a_wrong_type_termination_and_expiry() {
+    let data = DataDir::new();
+    let server = Server::start(
+        &data,
+        &[("COURIER_INGEST__RESUMABLE_EXPIRY_SECS", "2"), ("COURIER_INGEST__SWEEP_INTERVAL_MS", "100")],
+    );
+    let alice = server.token("alice");
+    let photo = fixture("rocket.jpg");
+    let metadata = |filetype: &str| format!("filetype {}", STANDARD.encode(filetype));
+
+    // Creation with the first bytes and no length yet; the length comes with the last PATCH.
+    let created = tus(&server, Method::POST, "/v1/uploads", &alice)
+        .header("Upload-Defer-Length", "1")
+        .header("Upload-Metadata", metadata("image/jpeg"))
+        .header("Content-Type", OCTETS)
+        .body(photo[..1000].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!((created.status().as_u16(), header(&created, "upload-offset")), (201, "1000"));
+    let path = header(&created, "location").to_owned();
+    let head = tus(&server, Method::HEAD, &path, &alice).send().await.unwrap();
+    assert_eq!(header(&head, "upload-defer-length"), "1");
+    let last = tus(&server, Method::PATCH, &path, &alice)
+        .header("Content-Type", OCTETS)
+        .header("Upload-Offset", "1000")
+        .header("Upload-Length", photo.len().to_string())
+        .body(photo[1000..].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!((last.status().as_u16(), header(&last, "courier-media-status")), (204, "ready"));
+
+    // Bytes of another type than the upload named fail at the first PATCH, and the upload ends.
+    let png = create(&server, &alice, "image/png", photo.len()).await;
+    let refused = patch(&server, &alice, &png, 0, &photo[..4096]).await;
+    assert_eq!(refused.status(), 415);
+    assert_eq!(error_code(refused).await, "type_mismatch");
+    assert_eq!(offset_of(&server, &alice, &png).await.0, 404);
+    // No filetype, or an unknown one: 415 at creation; no length: 400; over the limit: 413.
+    let post = |metadata: Option<String>, length: Option<&str>| {
+        let mut request = tus(&server, Method::POST, "/v1/uploads", &alice);
+        if let Some(metadata) = metadata {
+            request = request.header("Upload-Metadata", metadata);
+        }
+        if let Some(length) = length {
+            request = request.header("Upload-Length", length);
+        }
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(post(None, Some("100")).await, 415);
+    assert_eq!(post(Some(metadata("text/html")), Some("100")).await, 415);
+    assert_eq!(post(Some(metadata("image/jpeg")), None).await, 400);
+    assert_eq!(post(Some(metadata("image/jpeg")), Some("999999999999")).await, 413);
+
+    // Termination: 204, then the upload and its bytes are gone.
+    let ended = create(&server, &alice, "image/jpeg", photo.len()).await;
+    assert_eq!(patch(&server, &alice, &ended, 0, &photo[..2000]).await.status(), 204);
+    assert_eq!(tus(&server, Method::DELETE, &ended, &alice).send().await.unwrap().status(), 204);
+    assert_eq!(offset_of(&server, &alice, &ended).await.0, 404);
+
+    // Abandoned: expired after its two seconds, with its bytes.
+    let abandoned = create(&server, &alice, "image/jpeg", photo.len()).await;
+    assert_eq!(patch(&server, &alice, &abandoned, 0, &photo[..2000]).await.status(), 204);
+    assert!(!server.files_under("blobs/parts").is_empty());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while offset_of(&server, &alice, &abandoned).await.0 != 404 || !server.files_under("blobs/parts").is_empty() {
+        assert!(Instant::now() < deadline, "the abandoned upload never expired");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
