@@ -11,7 +11,7 @@ BUILD_PACKAGES := pkg-config cmake nasm g++ libopus-dev libclang-dev ffmpeg \
 # Comparison scripts need the peers they compare with.
 COMPARE_PACKAGES := libvips-tools time nginx-light wrk curl
 
-.PHONY: run test deps compare-deps bench compare token fuzz fuzz-deps
+.PHONY: run test test-deps deps compare-deps bench compare token fuzz fuzz-deps
 
 define install_missing
 	@missing=""; for p in $(1); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; done; \
@@ -33,7 +33,13 @@ run: deps
 token: deps
 	@$(CARGO) run -q --bin courier -- token --data-dir ./data --user $${USER_NAME:-alice}
 
-test: deps
+# The resumable-upload tests drive the server with tus-js-client under Node (installed from npm
+# into server/tests/js, pinned by its lock file).
+test-deps: deps
+	@command -v npm >/dev/null || { $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends nodejs npm; }
+	npm ci --prefix server/tests/js --no-audit --no-fund --loglevel=error
+
+test: test-deps
 	$(CARGO) test --workspace --all-targets
 
 bench: deps

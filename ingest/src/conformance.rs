@@ -100,6 +100,7 @@ on_both!(
     media_nothing_references_expire_and_shared_bytes_stay_while_referenced,
     stored_bytes_follow_originals_and_variants,
     a_writer_sees_a_deletion_in_flight_and_no_variant_is_left_unlogged,
+    resumable_uploads_keep_their_offset_their_parts_and_one_writer,
 );
 
 fn alice() -> UserId {
@@ -558,4 +559,65 @@ async fn a_writer_sees_a_deletion_in_flight_and_no_variant_is_left_unlogged(t: T
     assert!(!completed.recorded && completed.overlaps.is_empty());
     let logged: Vec<(Namespace, BlobId)> = pending(&t).await.into_iter().map(|d| (d.namespace, d.blob)).collect();
     assert_eq!(logged, vec![(Namespace::Originals, job.blob), (Namespace::Variants, made)]);
+}
+
+async fn resumable_uploads_keep_their_offset_their_parts_and_one_writer(t: Tables) {
+    use crate::store::{Advance, NewUpload, Part};
+    let now = t.clock.now_ms();
+    let key = |name: &str| BlobId::of(name.as_bytes()).to_hex();
+    let owner = alice();
+    let new =
+        |id, length| NewUpload { id, owner: &owner, mime: "image/jpeg", length, metadata: "", expires_at: now + 1000 };
+    let id = MediaId::new();
+    t.store.create_upload(&new(id, None), now).await.unwrap();
+    assert_eq!(t.store.open_uploads(&alice(), now).await.unwrap(), (1, 0));
+
+    // One writer at a time, from the offset the upload stands at.
+    assert!(!t.store.lock_upload(id, 5, "w1", now + 100, now).await.unwrap(), "not at that offset");
+    assert!(t.store.lock_upload(id, 0, "w1", now + 100, now).await.unwrap());
+    assert!(!t.store.lock_upload(id, 0, "w2", now + 100, now).await.unwrap(), "held by w1");
+    let advance = |writer, start_at, len, name: &str, head: &'static [u8], length| Advance {
+        writer,
+        part: Part { start_at, len, key: key(name) },
+        head,
+        length,
+        expires_at: now + 1000,
+    };
+    assert!(!t.store.advance_upload(id, &advance("w2", 0, 10, "p1", b"0123456789", None)).await.unwrap(), "not w2's");
+    assert!(t.store.advance_upload(id, &advance("w1", 0, 10, "p1", b"0123456789", None)).await.unwrap());
+    let row = t.store.upload(id, now).await.unwrap().unwrap();
+    assert_eq!((row.upload_offset, row.length, row.head.as_slice(), row.done), (10, None, &b"0123456789"[..], false));
+    // A lock that lapsed is anyone's; its holder can no longer move the offset.
+    assert!(t.store.lock_upload(id, 10, "w3", now + 100, now).await.unwrap());
+    assert!(t.store.lock_upload(id, 10, "w4", now + 300, now + 200).await.unwrap(), "w3's lock lapsed");
+    assert!(!t.store.advance_upload(id, &advance("w3", 10, 5, "p2", b"", Some(15))).await.unwrap());
+    assert!(t.store.advance_upload(id, &advance("w4", 10, 5, "p2", b"", Some(15))).await.unwrap());
+    let parts: Vec<String> = t.store.upload_parts(id).await.unwrap().into_iter().map(|p| p.key).collect();
+    assert_eq!(parts, vec![key("p1"), key("p2")]);
+    assert_eq!(t.store.open_uploads(&alice(), now).await.unwrap(), (1, 15));
+    // All its bytes and no media yet: the sweep's to finish; finished, its parts are logged.
+    assert_eq!(t.store.stuck_uploads(now, 10).await.unwrap(), vec![(id, alice())]);
+    t.store.finish_upload(id, now).await.unwrap();
+    assert!(t.store.stuck_uploads(now, 10).await.unwrap().is_empty());
+    assert!(t.store.upload(id, now).await.unwrap().unwrap().done);
+    assert!(t.store.upload_parts(id).await.unwrap().is_empty());
+    assert_eq!(t.store.open_uploads(&alice(), now).await.unwrap(), (0, 0));
+
+    // Another, ended by its owner only, and one that expires: their parts are logged too.
+    let (ended, deferred) = (MediaId::new(), MediaId::new());
+    t.store.create_upload(&new(ended, Some(100)), now).await.unwrap();
+    assert!(t.store.lock_upload(ended, 0, "w5", now + 100, now).await.unwrap());
+    assert!(t.store.advance_upload(ended, &advance("w5", 0, 7, "p3", b"", None)).await.unwrap());
+    assert!(!t.store.delete_upload(ended, &"bob".parse().unwrap(), now).await.unwrap(), "not bob's");
+    assert!(t.store.delete_upload(ended, &alice(), now).await.unwrap());
+    assert!(t.store.upload(ended, now).await.unwrap().is_none());
+    t.store.create_upload(&new(deferred, None), now).await.unwrap();
+    assert!(t.store.set_upload_length(deferred, 0).await.unwrap(), "a length at its offset");
+    assert!(!t.store.set_upload_length(deferred, 5).await.unwrap(), "named once");
+    assert_eq!(t.store.expire_uploads(now + 1000, 10).await.unwrap(), 2, "the finished one's row and the deferred one");
+    let parts: Vec<String> =
+        pending(&t).await.into_iter().filter(|d| d.namespace == Namespace::Parts).map(|d| d.blob.to_hex()).collect();
+    assert_eq!(parts, vec![key("p1"), key("p2"), key("p3")]);
+    // What an edge purges never names a part.
+    assert!(t.store.deleted_since(0, 100, i64::MAX).await.unwrap().iter().all(|d| d.namespace != Namespace::Parts));
 }

@@ -254,13 +254,18 @@ impl Ingest {
         {
             return Some(totals);
         }
-        match self.store.stored_totals().await {
-            Ok(totals) => {
+        // A scrape must not hang on a database that is down: the last count is served instead.
+        match tokio::time::timeout(std::time::Duration::from_secs(2), self.store.stored_totals()).await {
+            Ok(Ok(totals)) => {
                 *last = Some((std::time::Instant::now(), totals));
                 Some(totals)
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 tracing::warn!(error = %e, "counting what the blob store holds failed");
+                last.map(|(_, totals)| totals)
+            }
+            Err(_) => {
+                tracing::warn!("counting what the blob store holds took too long");
                 last.map(|(_, totals)| totals)
             }
         }
@@ -346,6 +351,12 @@ impl Ingest {
     pub async fn sweeper(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         let every = std::time::Duration::from_millis(self.config.sweep_interval_ms.max(10));
         loop {
+            // Uploads holding all their bytes whose media a failure kept from being made.
+            match resumable::finish_stuck(&self).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(uploads = n, "made the media of uploads that held all their bytes"),
+                Err(e) => tracing::warn!(error = %e, "finishing stuck uploads failed; trying again later"),
+            }
             match self.sweep().await {
                 Ok(report) if report != SweepReport::default() => tracing::info!(?report, "swept the blob store"),
                 Ok(_) => {}

@@ -55,7 +55,7 @@ static MEDIA_STATUS: HeaderName = HeaderName::from_static("courier-media-status"
 pub(crate) fn router(ingest: Arc<Ingest>) -> Router {
     Router::new()
         .route("/v1/uploads", post(create).options(options))
-        .route("/v1/uploads/{id}", axum::routing::head(offset).patch(append).delete(terminate))
+        .route("/v1/uploads/{id}", axum::routing::head(offset).patch(append).delete(terminate).post(overridden))
         .layer(axum::middleware::from_fn(tus_resumable))
         .with_state(ingest)
 }
@@ -66,6 +66,8 @@ async fn tus_resumable(request: Request, next: Next) -> Response {
     let mut response = if request.method() == Method::OPTIONS || speaks {
         next.run(request).await
     } else {
+        // Read what the client is still sending, so it reads this answer rather than a reset.
+        spool::discard_body(request.into_body()).await;
         let error = IngestError::BadRequest(format!("this server speaks tus {TUS_VERSION} (Tus-Resumable)"));
         let mut response = error.into_response();
         *response.status_mut() = StatusCode::PRECONDITION_FAILED;
@@ -100,11 +102,48 @@ async fn create(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, IngestError> {
+    let created = open_upload(&ingest, &user, &headers).await;
+    let (id, expires_at) = match created {
+        Ok(created) => created,
+        Err(e) => {
+            // Read what the client is still sending, so it reads this answer rather than a reset.
+            spool::discard_body(body).await;
+            return Err(e);
+        }
+    };
+    let mut response = StatusCode::CREATED.into_response();
+    let location = format!("/v1/uploads/{id}");
+    response.headers_mut().insert(header::LOCATION, HeaderValue::from_str(&location).expect("an id is ASCII"));
+    if is_offset_stream(&headers) {
+        // creation-with-upload: the body is the first PATCH's.
+        let appended = append_to(&ingest, &user, id, 0, &headers, body).await;
+        let (status, headers) = match appended {
+            Ok(answer) => (StatusCode::CREATED, answer.headers),
+            Err(e) => {
+                // The client never heard the upload's address, so it can neither resume nor end
+                // it: it ends here.
+                let _ = ingest.store.delete_upload(id, &user, ingest.clock.now_ms()).await;
+                purge_later(&ingest);
+                return Ok(e.into_response());
+            }
+        };
+        *response.status_mut() = status;
+        response.headers_mut().extend(headers);
+    } else {
+        response.headers_mut().insert(UPLOAD_OFFSET.clone(), HeaderValue::from(0));
+        response.headers_mut().insert(UPLOAD_EXPIRES.clone(), http_date(expires_at));
+    }
+    Ok(response)
+}
+
+/// Checks a creation's headers and the user's limits, and records the new upload: its id and
+/// when it expires.
+async fn open_upload(ingest: &Ingest, user: &UserId, headers: &HeaderMap) -> Result<(MediaId, i64), IngestError> {
     let config = &ingest.config;
-    let metadata = header_str(&headers, &UPLOAD_METADATA)?.unwrap_or_default().to_owned();
+    let metadata = header_str(headers, &UPLOAD_METADATA)?.unwrap_or_default().to_owned();
     let media_type = media_type_of(&metadata)?;
     let max = config.max_bytes(media_type.kind());
-    let length = match (header_u64(&headers, &UPLOAD_LENGTH)?, header_str(&headers, &UPLOAD_DEFER_LENGTH)?) {
+    let length = match (header_u64(headers, &UPLOAD_LENGTH)?, header_str(headers, &UPLOAD_DEFER_LENGTH)?) {
         (Some(length), None) => Some(length),
         (None, Some("1")) => None,
         _ => return Err(bad("send Upload-Length, or Upload-Defer-Length: 1 to name it later")),
@@ -116,7 +155,7 @@ async fn create(
         return Err(IngestError::Empty);
     }
     let now = ingest.clock.now_ms();
-    let (open, open_bytes) = ingest.store.open_uploads(&user, now).await?;
+    let (open, open_bytes) = ingest.store.open_uploads(user, now).await?;
     if open >= config.resumable_open_per_user {
         return Err(IngestError::Quota(crate::QuotaExceeded {
             message: format!("you have {open} uploads open, the most at once; finish or delete one first"),
@@ -128,30 +167,14 @@ async fn create(
         let message = format!("your open uploads would pass {limit} bytes; finish or delete some first");
         return Err(IngestError::Quota(crate::QuotaExceeded { message, retry_after: None }));
     }
-    let usage = ingest.records.usage(&user, now).await?;
+    let usage = ingest.records.usage(user, now).await?;
     quota::check(&config.quota, &usage, length, now)?;
 
     let id = MediaId::new();
-    let expires_at = now + expiry_ms(&ingest);
-    let upload = NewUpload { id, owner: &user, mime: media_type.mime(), length, metadata: &metadata, expires_at };
+    let expires_at = now + expiry_ms(ingest);
+    let upload = NewUpload { id, owner: user, mime: media_type.mime(), length, metadata: &metadata, expires_at };
     ingest.store.create_upload(&upload, now).await?;
-    let mut response = StatusCode::CREATED.into_response();
-    let location = format!("/v1/uploads/{id}");
-    response.headers_mut().insert(header::LOCATION, HeaderValue::from_str(&location).expect("an id is ASCII"));
-    if is_offset_stream(&headers) {
-        // creation-with-upload: the body is the first PATCH's.
-        let appended = append_to(&ingest, &user, id, 0, &headers, body).await;
-        let (status, headers) = match appended {
-            Ok(answer) => (StatusCode::CREATED, answer.headers),
-            Err(e) => return Ok(e.into_response()),
-        };
-        *response.status_mut() = status;
-        response.headers_mut().extend(headers);
-    } else {
-        response.headers_mut().insert(UPLOAD_OFFSET.clone(), HeaderValue::from(0));
-        response.headers_mut().insert(UPLOAD_EXPIRES.clone(), http_date(expires_at));
-    }
-    Ok(response)
+    Ok((id, expires_at))
 }
 
 /// `HEAD /v1/uploads/{id}`: where the upload stands.
@@ -185,13 +208,45 @@ async fn append(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, IngestError> {
-    let (id, _) = owned(&ingest, &user, &id).await?;
-    if !is_offset_stream(&headers) {
-        return Err(IngestError::UnsupportedType(format!("a PATCH's body must be {OFFSET_OCTET_STREAM}")));
-    }
-    let offset = header_u64(&headers, &UPLOAD_OFFSET)?.ok_or_else(|| bad("Upload-Offset is required"))?;
+    let checked = async {
+        let (id, _) = owned(&ingest, &user, &id).await?;
+        if !is_offset_stream(&headers) {
+            return Err(IngestError::UnsupportedType(format!("a PATCH's body must be {OFFSET_OCTET_STREAM}")));
+        }
+        let offset = header_u64(&headers, &UPLOAD_OFFSET)?.ok_or_else(|| bad("Upload-Offset is required"))?;
+        Ok((id, offset))
+    };
+    let (id, offset) = match checked.await {
+        Ok(checked) => checked,
+        Err(e) => {
+            // Read what the client is still sending, so it reads this answer rather than a reset.
+            spool::discard_body(body).await;
+            return Err(e);
+        }
+    };
     let answer = append_to(&ingest, &user, id, offset, &headers, body).await?;
     Ok((StatusCode::NO_CONTENT, answer.headers).into_response())
+}
+
+/// `POST /v1/uploads/{id}` from a client behind a proxy that passes only GET and POST: the method
+/// it means is in `X-HTTP-Method-Override`.
+async fn overridden(
+    State(ingest): State<Arc<Ingest>>,
+    Extension(user): Extension<UserId>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, IngestError> {
+    let method = headers.get("x-http-method-override").map(|v| v.as_bytes().to_ascii_uppercase());
+    match method.as_deref() {
+        Some(b"PATCH") => append(State(ingest), Extension(user), Path(id), headers, body).await,
+        Some(b"DELETE") => Ok(terminate(State(ingest), Extension(user), Path(id)).await?.into_response()),
+        Some(b"HEAD") => offset(State(ingest), Extension(user), Path(id)).await,
+        _ => {
+            spool::discard_body(body).await;
+            Err(bad("POST to an upload must name PATCH, DELETE or HEAD in X-HTTP-Method-Override"))
+        }
+    }
 }
 
 /// `DELETE /v1/uploads/{id}`: the upload and its bytes go (a finished upload's media stays).
@@ -273,7 +328,7 @@ async fn append_body(
         });
     }
     let checksum = Checksum::parse(header_str(headers, &UPLOAD_CHECKSUM)?)?;
-    let room = length.unwrap_or(max) - at;
+    let room = length.unwrap_or(max).saturating_sub(at);
     let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > room) {
         return Err(IngestError::TooLarge { limit: length.unwrap_or(max) });
@@ -291,13 +346,14 @@ async fn append_body(
             IngestError::UploadLocked
         });
     }
+    let lock = UploadLock { ingest: ingest.clone(), id, writer: writer.clone(), held: true };
     // Sniffed already when bytes were stored and no head was kept for the sniff.
     let head = (at == 0 || !row.head.is_empty()).then_some(row.head.as_slice());
     let received = receive(ingest, id, &writer, body, room, checksum, head, media_type, length).await;
     let part = match received {
         Ok(part) => part,
         Err(e) => {
-            let _ = ingest.store.release_upload_lock(id, &writer).await;
+            lock.release().await;
             if matches!(e, IngestError::TypeMismatch { .. }) {
                 // Bytes of another type than the upload said: it ends here, with what it stored.
                 let _ = ingest.store.delete_upload(id, user, ingest.clock.now_ms()).await;
@@ -308,7 +364,22 @@ async fn append_body(
     };
     let part = match part {
         Received::Nothing => {
-            ingest.store.release_upload_lock(id, &writer).await?;
+            // A deferred length may come with no bytes (a stream that ended on a chunk's edge).
+            if row.length.is_none()
+                && let Some(length) = length
+            {
+                ingest.store.set_upload_length(id, length).await?;
+            }
+            if length == Some(at) {
+                // All the bytes are here (named now, or a finish that failed on our side before):
+                // make the media.
+                let status =
+                    complete(ingest, user, id, media_type, length.unwrap_or(at), (slot, user_slot), lock).await?;
+                let mut answer = progress_answer(at, row.expires_at);
+                answer.headers.insert(MEDIA_STATUS.clone(), status_value(status));
+                return Ok(answer);
+            }
+            lock.release().await;
             return Ok(progress_answer(at, row.expires_at));
         }
         Received::Bytes(part) => part,
@@ -318,7 +389,7 @@ async fn append_body(
     let new_offset = at + part.len;
     let key = BlobId::of(format!("{id}/{at}/{writer}").as_bytes());
     if let Err(e) = ingest.parts.put_file(&key, part.file.path()).await {
-        let _ = ingest.store.release_upload_lock(id, &writer).await;
+        lock.release().await;
         return Err(e.into());
     }
     let expires_at = ingest.clock.now_ms() + expiry_ms(ingest);
@@ -329,34 +400,174 @@ async fn append_body(
         length: length.map(|l| l as i64),
         expires_at,
     };
-    if !ingest.store.advance_upload(id, &advance).await? {
+    let advanced = match ingest.store.advance_upload(id, &advance).await {
+        Ok(advanced) => advanced,
+        Err(e) => {
+            let _ = ingest.parts.delete(&key).await;
+            return Err(e.into());
+        }
+    };
+    if !advanced {
         // The upload changed under us (expired, terminated, or our lock lapsed and another took it).
         let _ = ingest.parts.delete(&key).await;
         return Err(IngestError::OffsetMismatch { expected: at });
     }
+    // Moving the offset released the lock.
+    lock.forget();
     if let Some(e) = interrupted {
         return Err(IngestError::Interrupted(e));
     }
     if length != Some(new_offset) {
         return Ok(progress_answer(new_offset, expires_at));
     }
-    // The last byte: join the parts and take them the rest of the way, as a POST would.
+    // The last byte: hold the upload again (a sweep finishing stuck uploads must not take it) and
+    // make the media.
     drop(part);
-    let spooled = assemble(ingest, id, new_offset).await?;
-    let slots = (slot, user_slot);
-    match crate::routes::finish(ingest, user, media_type, spooled, id, slots).await {
+    let writer = uuid::Uuid::now_v7().to_string();
+    let now = ingest.clock.now_ms();
+    if !ingest.store.lock_upload(id, new_offset as i64, &writer, now + LOCK_MS, now).await? {
+        // Taken by a sweep finishing it: the media comes from there.
+        return Ok(progress_answer(new_offset, expires_at));
+    }
+    let lock = UploadLock { ingest: ingest.clone(), id, writer, held: true };
+    let status = complete(ingest, user, id, media_type, new_offset, (slot, user_slot), lock).await?;
+    let mut answer = progress_answer(new_offset, expires_at);
+    answer.headers.insert(MEDIA_STATUS.clone(), status_value(status));
+    Ok(answer)
+}
+
+/// Makes the media of upload `id`, which holds all its `length` bytes, under `lock`: joins the
+/// parts and takes them the rest of the way as a POST would (quotas checked again now that the
+/// length is sure). Bytes refused for what they are end the upload; a failure on our side leaves it
+/// whole for a retry (the client's, or the sweep's). Idempotent: media made already are answered.
+#[allow(clippy::too_many_arguments, reason = "one upload's parts, passed once")]
+async fn complete(
+    ingest: &Arc<Ingest>,
+    user: &UserId,
+    id: MediaId,
+    media_type: MediaType,
+    length: u64,
+    slots: (tokio::sync::SemaphorePermit<'_>, quota::UserUpload<'_>),
+    lock: UploadLock,
+) -> Result<types::MediaStatus, IngestError> {
+    if let Ok(view) = ingest.view(id, user).await {
+        // Made before (the upload's row was not marked): mark it now.
+        ingest.store.finish_upload(id, ingest.clock.now_ms()).await?;
+        lock.forget();
+        purge_later(ingest);
+        return Ok(view.status);
+    }
+    let config = &ingest.config;
+    let now = ingest.clock.now_ms();
+    let checked = async {
+        let usage = ingest.records.usage(user, now).await?;
+        quota::check(&config.quota, &usage, Some(length), now)?;
+        if ingest.queue.queued().await? >= config.max_queued_jobs {
+            return Err(IngestError::QueueFull);
+        }
+        assemble(ingest, id, length).await
+    };
+    let made = match checked.await {
+        Ok(spooled) => crate::routes::finish(ingest, user, media_type, spooled, id, slots).await,
+        Err(e) => Err(e),
+    };
+    match made {
         Ok(view) => {
             ingest.store.finish_upload(id, ingest.clock.now_ms()).await?;
+            lock.forget();
             purge_later(ingest);
-            let mut answer = progress_answer(new_offset, expires_at);
-            answer.headers.insert(MEDIA_STATUS.clone(), status_value(view.status));
-            Ok(answer)
+            Ok(view.status)
         }
-        Err(e) => {
-            // Refused (or failed): the upload ends with the refusal, as a POST's would.
+        Err(e) if refuses_the_bytes(&e) => {
+            // Refused for what the bytes are: the upload ends with the refusal, as a POST's would.
             let _ = ingest.store.delete_upload(id, user, ingest.clock.now_ms()).await;
+            lock.forget();
             purge_later(ingest);
             Err(e)
+        }
+        Err(e) => {
+            // Our side failed (or a quota that may free up): the bytes stay for a retry.
+            lock.release().await;
+            Err(e)
+        }
+    }
+}
+
+/// Whether an error says the upload's bytes will never be taken (so keeping them helps nobody).
+fn refuses_the_bytes(error: &IngestError) -> bool {
+    match error {
+        IngestError::TypeMismatch { .. }
+        | IngestError::UnsupportedType(_)
+        | IngestError::TooLarge { .. }
+        | IngestError::Empty
+        | IngestError::Rejected(_) => true,
+        IngestError::Probe(e) | IngestError::Media(e) => e.is_permanent(),
+        IngestError::Quota(q) => q.retry_after.is_none(),
+        _ => false,
+    }
+}
+
+/// Makes the media of uploads whose last request failed on our side, or whose node died before
+/// making it: the sweep's part, so a client told its upload is complete gets its media.
+pub(crate) async fn finish_stuck(ingest: &Arc<Ingest>) -> Result<u64, IngestError> {
+    let now = ingest.clock.now_ms();
+    let mut finished = 0;
+    for (id, owner) in ingest.store.stuck_uploads(now, 10).await? {
+        let Some(row) = ingest.store.upload(id, now).await? else { continue };
+        let Some(length) = row.length else { continue };
+        let Ok(media_type) = MediaType::from_mime(&row.mime) else { continue };
+        let writer = uuid::Uuid::now_v7().to_string();
+        if !ingest.store.lock_upload(id, length, &writer, now + LOCK_MS, now).await? {
+            continue;
+        }
+        let lock = UploadLock { ingest: ingest.clone(), id, writer, held: true };
+        let Ok(user_slot) = ingest.user_uploads.take(&owner, ingest.config.quota.uploads_at_once) else {
+            lock.release().await;
+            continue;
+        };
+        let Ok(slot) = ingest.uploads.try_acquire() else {
+            lock.release().await;
+            continue;
+        };
+        match complete(ingest, &owner, id, media_type, length as u64, (slot, user_slot), lock).await {
+            Ok(_) => finished += 1,
+            Err(e) => tracing::warn!(upload = %id, error = %e, "finishing an upload that holds all its bytes failed"),
+        }
+    }
+    Ok(finished)
+}
+
+/// A PATCH's hold on its upload. Given back when the request ends without moving the offset, also
+/// when its handler is dropped mid-way (a lock never outlives its request by more than a moment).
+struct UploadLock {
+    ingest: Arc<Ingest>,
+    id: MediaId,
+    writer: String,
+    held: bool,
+}
+
+impl UploadLock {
+    /// Gives the lock back now, so the client's next request finds the upload free.
+    async fn release(mut self) {
+        self.held = false;
+        if let Err(e) = self.ingest.store.release_upload_lock(self.id, &self.writer).await {
+            tracing::warn!(error = %e, upload = %self.id, "releasing an upload's lock failed; it lapses");
+        }
+    }
+
+    /// The lock went with the request's part (the offset moved).
+    fn forget(mut self) {
+        self.held = false;
+    }
+}
+
+impl Drop for UploadLock {
+    fn drop(&mut self) {
+        if self.held {
+            let (ingest, id, writer) = (self.ingest.clone(), self.id, std::mem::take(&mut self.writer));
+            tokio::spawn(async move {
+                let _ = ingest.store.release_upload_lock(id, &writer).await;
+            });
         }
     }
 }

@@ -500,17 +500,48 @@ pub(crate) fn with_cors(router: Router, origins: &[String]) -> anyhow::Result<Ro
     let layer = CorsLayer::new()
         .allow_origin(allow)
         .allow_methods([Method::GET, Method::HEAD, Method::POST, Method::PUT, Method::PATCH, Method::DELETE])
-        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, header::RANGE, header::IF_NONE_MATCH])
-        .expose_headers([
-            header::RETRY_AFTER,
-            header::LOCATION,
-            header::ETAG,
-            header::CONTENT_RANGE,
-            header::HeaderName::from_static("x-request-id"),
-        ])
+        .allow_headers(
+            [header::AUTHORIZATION, header::CONTENT_TYPE, header::RANGE, header::IF_NONE_MATCH]
+                .into_iter()
+                .chain(TUS_REQUEST_HEADERS.iter().map(|name| header::HeaderName::from_static(name)))
+                .collect::<Vec<_>>(),
+        )
+        .expose_headers(
+            [
+                header::RETRY_AFTER,
+                header::LOCATION,
+                header::ETAG,
+                header::CONTENT_RANGE,
+                header::HeaderName::from_static("x-request-id"),
+            ]
+            .into_iter()
+            .chain(TUS_RESPONSE_HEADERS.iter().map(|name| header::HeaderName::from_static(name)))
+            .collect::<Vec<_>>(),
+        )
         .max_age(Duration::from_secs(600));
     Ok(router.layer(layer))
 }
+
+/// What a browser's resumable-upload client (tus-js-client, Uppy) sends and must read.
+const TUS_REQUEST_HEADERS: [&str; 7] = [
+    "tus-resumable",
+    "upload-length",
+    "upload-defer-length",
+    "upload-offset",
+    "upload-metadata",
+    "upload-checksum",
+    "x-http-method-override",
+];
+const TUS_RESPONSE_HEADERS: [&str; 8] = [
+    "tus-resumable",
+    "tus-version",
+    "tus-extension",
+    "tus-max-size",
+    "upload-offset",
+    "upload-length",
+    "upload-expires",
+    "courier-media-status",
+];
 
 /// A `/metrics` answer: Prometheus texts joined, each without its own closing `# EOF`.
 pub(crate) fn metrics_response(texts: impl IntoIterator<Item = String>) -> axum::response::Response {

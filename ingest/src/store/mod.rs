@@ -540,6 +540,24 @@ impl Store {
         each!(self, db => db.delete_upload(id, Some(owner), now).await)
     }
 
+    /// Names the length of a deferred upload that stands at or below it; false otherwise.
+    pub(crate) async fn set_upload_length(&self, id: MediaId, length: u64) -> Result<bool, sqlx::Error> {
+        each!(self, db => db.set_upload_length(id, length as i64).await)
+    }
+
+    /// Up to `limit` uploads holding all their bytes whose media was never made, free of locks at
+    /// `now`: their ids and owners.
+    pub(crate) async fn stuck_uploads(&self, now: i64, limit: i64) -> Result<Vec<(MediaId, UserId)>, sqlx::Error> {
+        let rows = each!(self, db => db.stuck_uploads(now, limit).await)?;
+        rows.into_iter()
+            .map(|(id, owner)| {
+                let id = id.parse().map_err(|_| corrupt_row("upload id"))?;
+                let owner = owner.parse().map_err(|_| corrupt_row("upload owner"))?;
+                Ok((id, owner))
+            })
+            .collect()
+    }
+
     /// Deletes up to `limit` uploads expired at `now` with their parts (logged for deletion).
     pub(crate) async fn expire_uploads(&self, now: i64, limit: i64) -> Result<u64, sqlx::Error> {
         let ids: Vec<String> = each!(self, db => db.expired_uploads(now, limit).await)?;

@@ -225,11 +225,12 @@ const INSERT_UPLOAD: &str = "
 
 /// One PATCH at a time appends: it holds the upload until $4 (a lock older than $5 has lapsed).
 const LOCK_UPLOAD: &str = "
-    UPDATE uploads SET writer = $3, writer_until = $4
+    UPDATE uploads SET writer = $3, writer_until = $4, expires_at = GREATEST(expires_at, $4)
      WHERE id = $1 AND upload_offset = $2 AND NOT done AND expires_at > $5
        AND (writer IS NULL OR writer_until < $5)";
 
-const RENEW_UPLOAD_LOCK: &str = "UPDATE uploads SET writer_until = $3 WHERE id = $1 AND writer = $2";
+const RENEW_UPLOAD_LOCK: &str =
+    "UPDATE uploads SET writer_until = $3, expires_at = GREATEST(expires_at, $3) WHERE id = $1 AND writer = $2";
 
 const RELEASE_UPLOAD_LOCK: &str = "UPDATE uploads SET writer = NULL, writer_until = NULL WHERE id = $1 AND writer = $2";
 
@@ -247,9 +248,23 @@ const UPLOAD_PARTS: &str = "SELECT start_at, len, key FROM upload_parts WHERE up
 const FINISH_UPLOAD: &str =
     "UPDATE uploads SET done = TRUE, head = $2, writer = NULL, writer_until = NULL WHERE id = $1 AND NOT done";
 
+/// Whoever deletes an upload's parts holds its row first, so no part is added meanwhile.
+const LOCK_UPLOAD_ROW: &str = "SELECT 1 FROM uploads WHERE id = $1 FOR UPDATE";
+
 const DELETE_PARTS: &str = "DELETE FROM upload_parts WHERE upload_id = $1 RETURNING key";
 
 const DELETE_UPLOAD: &str = "DELETE FROM uploads WHERE id = $1 AND ($2::TEXT IS NULL OR owner = $2)";
+
+/// A deferred length named by a request with no bytes.
+const SET_UPLOAD_LENGTH: &str =
+    "UPDATE uploads SET length = $2 WHERE id = $1 AND length IS NULL AND upload_offset <= $2 AND NOT done";
+
+/// Uploads holding all their bytes whose media was never made (their last request failed on our
+/// side, or the node died), free of any lock, oldest first.
+const STUCK_UPLOADS: &str = "
+    SELECT id, owner FROM uploads
+     WHERE NOT done AND length = upload_offset AND (writer IS NULL OR writer_until < $1) AND expires_at > $1
+     ORDER BY expires_at LIMIT $2";
 
 const EXPIRED_UPLOADS: &str = "SELECT id FROM uploads WHERE expires_at <= $1 ORDER BY expires_at LIMIT $2";
 
@@ -587,6 +602,15 @@ impl Postgres {
         Ok(true)
     }
 
+    pub(super) async fn set_upload_length(&self, id: MediaId, length: i64) -> Result<bool, sqlx::Error> {
+        let set = sqlx::query(SET_UPLOAD_LENGTH).bind(id.to_string()).bind(length).execute(&self.db).await?;
+        Ok(set.rows_affected() == 1)
+    }
+
+    pub(super) async fn stuck_uploads(&self, now: i64, limit: i64) -> Result<Vec<(String, String)>, sqlx::Error> {
+        sqlx::query_as(STUCK_UPLOADS).bind(now).bind(limit).fetch_all(&self.db).await
+    }
+
     pub(super) async fn expired_uploads(&self, now: i64, limit: i64) -> Result<Vec<String>, sqlx::Error> {
         sqlx::query_scalar(EXPIRED_UPLOADS).bind(now).bind(limit).fetch_all(&self.db).await
     }
@@ -741,6 +765,7 @@ async fn orphan(
 
 /// Deletes an upload's part rows inside `tx` and logs their blobs for deletion.
 async fn log_parts(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>, id: MediaId, now: i64) -> Result<(), sqlx::Error> {
+    sqlx::query(LOCK_UPLOAD_ROW).bind(id.to_string()).execute(&mut **tx).await?;
     let keys: Vec<String> = sqlx::query_scalar(DELETE_PARTS).bind(id.to_string()).fetch_all(&mut **tx).await?;
     for key in keys {
         sqlx::query(LOG_DELETION).bind(Namespace::Parts.as_str()).bind(key).bind(now).execute(&mut **tx).await?;

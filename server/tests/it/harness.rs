@@ -178,9 +178,14 @@ impl Server {
     }
 
     pub(crate) async fn count_rows(&self, table: &str) -> i64 {
+        self.count(&format!("SELECT COUNT(*) FROM {table}")).await
+    }
+
+    /// The one number `query` (a `SELECT COUNT(*) …`) gives on the server's embedded database.
+    pub(crate) async fn count(&self, query: &str) -> i64 {
         let url = format!("sqlite://{}?mode=ro", self.data.join("courier.db").display());
         let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
-        let n = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table}")).fetch_one(&pool).await.unwrap();
+        let n = sqlx::query_scalar(query).fetch_one(&pool).await.unwrap();
         pool.close().await;
         n
     }

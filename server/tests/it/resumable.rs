@@ -257,3 +257,172 @@ async fn creation_with_upload_a_deferred_length_a_wrong_type_termination_and_exp
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test]
+async fn a_patch_cut_off_mid_body_keeps_what_arrived_and_the_upload_resumes_from_there() {
+    use tokio::io::AsyncWriteExt;
+    let data = DataDir::new();
+    let server = Server::start(&data, &[]);
+    let alice = server.token("alice");
+    let photo = fixture("rocket.jpg");
+    let path = create(&server, &alice, "image/jpeg", photo.len()).await;
+
+    // A phone on a train: the request says the whole photo, sends 40 KiB of it, and the network goes.
+    let sent = 40 * 1024;
+    let address = server.base.trim_start_matches("http://").to_owned();
+    let mut socket = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let head = format!(
+        "PATCH {path} HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {alice}\r\nTus-Resumable: 1.0.0\r\n\
+         Content-Type: {OCTETS}\r\nUpload-Offset: 0\r\nContent-Length: {}\r\n\r\n",
+        photo.len()
+    );
+    socket.write_all(head.as_bytes()).await.unwrap();
+    socket.write_all(&photo[..sent]).await.unwrap();
+    socket.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(socket);
+
+    // The upload stands where the bytes stopped, at once free for the next request.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let offset = loop {
+        let (status, offset) = offset_of(&server, &alice, &path).await;
+        assert_eq!(status, 200);
+        if offset != "0" {
+            break offset.parse::<usize>().unwrap();
+        }
+        assert!(Instant::now() < deadline, "what arrived was not kept");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(offset, sent);
+    let last = patch(&server, &alice, &path, offset, &photo[offset..]).await;
+    assert_eq!((last.status().as_u16(), header(&last, "courier-media-status")), (204, "ready"));
+    let media: Value = server.media(&alice, path.trim_start_matches("/v1/uploads/")).await.json().await.unwrap();
+    assert_eq!(media["blob"].as_str().unwrap(), types::BlobId::of(&photo).to_hex());
+}
+
+/// A TCP proxy to `upstream` that cuts the first connection to carry more than `cut_after` bytes
+/// from its client, as a network drop would; every other connection passes. Says whether it cut.
+async fn flaky_proxy(upstream: String, cut_after: usize) -> (String, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let cut = Arc::new(AtomicBool::new(false));
+    let cut_flag = cut.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let (upstream, cut) = (upstream.clone(), cut_flag.clone());
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else { return };
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                let up = async {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    let mut sent = 0;
+                    loop {
+                        let n = client_read.read(&mut buf).await?;
+                        if n == 0 {
+                            return Ok::<_, std::io::Error>(());
+                        }
+                        server_write.write_all(&buf[..n]).await?;
+                        sent += n;
+                        if sent > cut_after && !cut.swap(true, Ordering::SeqCst) {
+                            // Both connections close when this task's halves drop.
+                            return Ok(());
+                        }
+                    }
+                };
+                let down = tokio::io::copy(&mut server_read, &mut client_write);
+                tokio::select! {
+                    _ = up => {}
+                    _ = down => {}
+                }
+            });
+        }
+    });
+    (format!("http://{address}"), cut)
+}
+
+#[tokio::test]
+async fn tus_js_client_resumes_an_upload_its_network_cut_mid_way() {
+    let data = DataDir::new();
+    let server = Server::start(&data, &[]);
+    let alice = server.token("alice");
+    let photo = fixture("rocket.jpg");
+    let (proxy, cut) = flaky_proxy(server.base.trim_start_matches("http://").to_owned(), photo.len() / 2).await;
+
+    let js = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js");
+    assert!(js.join("node_modules/tus-js-client").is_dir(), "tus-js-client is not installed: run `make test`");
+    let file = data.path().join("photo.jpg");
+    std::fs::write(&file, &photo).unwrap();
+    let run = tokio::process::Command::new("node")
+        .arg(js.join("tus_upload.js"))
+        .arg(format!("{proxy}/v1/uploads"))
+        .arg(&alice)
+        .arg(&file)
+        .arg("image/jpeg")
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(60), run).await.expect("the client hung").unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    assert!(cut.load(std::sync::atomic::Ordering::SeqCst), "the proxy never cut the upload");
+
+    let answer: Value = serde_json::from_str(stdout.trim()).unwrap();
+    let id = answer["url"].as_str().unwrap().rsplit('/').next().unwrap().to_owned();
+    let media: Value = server.media(&alice, &id).await.json().await.unwrap();
+    assert_eq!(media["blob"].as_str().unwrap(), types::BlobId::of(&photo).to_hex(), "{media}");
+    assert_eq!(server.wait_done(&alice, &id).await["status"], "ready");
+}
+
+#[tokio::test]
+async fn tiny_pieces_a_length_named_by_an_empty_last_patch_and_a_method_override() {
+    let data = DataDir::new();
+    let server = Server::start(&data, &[]);
+    let (alice, bob) = (server.token("alice"), server.token("bob"));
+    let photo = fixture("rocket.jpg");
+
+    // Pieces smaller than the sniff reads: the first bytes are judged once there are enough.
+    let created = tus(&server, Method::POST, "/v1/uploads", &alice)
+        .header("Upload-Defer-Length", "1")
+        .header("Upload-Metadata", format!("filetype {}", STANDARD.encode("image/jpeg")))
+        .send()
+        .await
+        .unwrap();
+    let path = header(&created, "location").to_owned();
+    for (from, to) in [(0, 10), (10, 20), (20, 40)] {
+        let piece = patch(&server, &alice, &path, from, &photo[from..to]).await;
+        assert_eq!((piece.status().as_u16(), header(&piece, "upload-offset")), (204, to.to_string().as_str()));
+    }
+    // Through a proxy that passes only POST: the method comes in X-HTTP-Method-Override.
+    let overridden = tus(&server, Method::POST, &path, &alice)
+        .header("X-HTTP-Method-Override", "PATCH")
+        .header("Content-Type", OCTETS)
+        .header("Upload-Offset", "40")
+        .body(photo[40..].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(overridden.status(), 204);
+    assert_eq!(header(&overridden, "upload-offset"), photo.len().to_string());
+    assert_eq!(header(&overridden, "courier-media-status"), "", "the length is not named yet");
+    // Someone else cannot end it.
+    assert_eq!(tus(&server, Method::DELETE, &path, &bob).send().await.unwrap().status(), 404);
+    // The length, named by a request with no bytes (a stream that ended on a chunk's edge), ends it.
+    let last = tus(&server, Method::PATCH, &path, &alice)
+        .header("Content-Type", OCTETS)
+        .header("Upload-Offset", photo.len().to_string())
+        .header("Upload-Length", photo.len().to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!((last.status().as_u16(), header(&last, "courier-media-status")), (204, "ready"));
+    let media: Value = server.media(&alice, path.trim_start_matches("/v1/uploads/")).await.json().await.unwrap();
+    assert_eq!(media["blob"].as_str().unwrap(), types::BlobId::of(&photo).to_hex());
+
+    // Tiny pieces of another type are refused as soon as there are enough of them.
+    let png = create(&server, &alice, "image/png", photo.len()).await;
+    assert_eq!(patch(&server, &alice, &png, 0, &photo[..8]).await.status(), 204);
+    assert_eq!(patch(&server, &alice, &png, 8, &photo[8..64]).await.status(), 415);
+    assert_eq!(offset_of(&server, &alice, &png).await.0, 404);
+}

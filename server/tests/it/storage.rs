@@ -266,6 +266,8 @@ async fn a_restart_mid_sweep_finishes_the_sweep_and_loses_nothing() {
     // Deleted: the purge claims the original's deletion and is killed before it deletes anything.
     assert_eq!(server.delete_media(&alice, deleted["id"].as_str().unwrap()).await.status(), 204);
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let claimed = "SELECT COUNT(*) FROM deleted_blobs WHERE removed = 0 AND claimed_at IS NOT NULL";
+    assert!(server.count(claimed).await >= 1, "a deletion is claimed when the node dies");
     server.kill();
     let originals = crate::harness::files_in(&data.path().join("blobs/originals"));
     assert_eq!(originals.len(), 2, "killed before the delete");
