@@ -21,7 +21,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header}
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use axum::{Extension, Router};
+use axum::{Extension, Json, Router};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use futures_util::StreamExt;
@@ -51,6 +51,44 @@ static UPLOAD_METADATA: HeaderName = HeaderName::from_static("upload-metadata");
 static UPLOAD_EXPIRES: HeaderName = HeaderName::from_static("upload-expires");
 static UPLOAD_CHECKSUM: HeaderName = HeaderName::from_static("upload-checksum");
 static MEDIA_STATUS: HeaderName = HeaderName::from_static("courier-media-status");
+static UPLOAD_COMPLETE: HeaderName = HeaderName::from_static("upload-complete");
+static UPLOAD_LIMIT: HeaderName = HeaderName::from_static("upload-limit");
+static DRAFT_INTEROP_VERSION: HeaderName = HeaderName::from_static("upload-draft-interop-version");
+/// What the IETF draft's requests carry instead of a tus body type.
+const PARTIAL_UPLOAD: &str = "application/partial-upload";
+
+/// Which protocol a request speaks: tus 1.0.0, or the IETF resumable-upload draft
+/// (draft-ietf-httpbis-resumable-upload, interop version 9), recognised by `Upload-Complete`
+/// (or, on HEAD and DELETE, `Upload-Draft-Interop-Version`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dialect {
+    Tus,
+    /// `complete`: the request's body ends the upload (`Upload-Complete: ?1`).
+    Draft {
+        complete: bool,
+    },
+}
+
+impl Dialect {
+    fn of(headers: &HeaderMap) -> Result<Self, IngestError> {
+        match headers.get(&UPLOAD_COMPLETE).map(HeaderValue::as_bytes) {
+            Some(b"?1") => Ok(Dialect::Draft { complete: true }),
+            Some(b"?0") => Ok(Dialect::Draft { complete: false }),
+            Some(_) => Err(bad("Upload-Complete is ?0 or ?1")),
+            None if headers.contains_key(&DRAFT_INTEROP_VERSION) => Ok(Dialect::Draft { complete: false }),
+            None => Ok(Dialect::Tus),
+        }
+    }
+
+    fn is_draft(self) -> bool {
+        matches!(self, Dialect::Draft { .. })
+    }
+}
+
+/// An `Upload-Complete` value.
+fn sf_bool(value: bool) -> HeaderValue {
+    HeaderValue::from_static(if value { "?1" } else { "?0" })
+}
 
 pub(crate) fn router(ingest: Arc<Ingest>) -> Router {
     Router::new()
@@ -63,7 +101,8 @@ pub(crate) fn router(ingest: Arc<Ingest>) -> Router {
 /// Every answer names the protocol version; a request for another version gets 412.
 async fn tus_resumable(request: Request, next: Next) -> Response {
     let speaks = request.headers().get(&TUS_RESUMABLE).is_some_and(|v| v == TUS_VERSION);
-    let mut response = if request.method() == Method::OPTIONS || speaks {
+    let draft = Dialect::of(request.headers()).is_ok_and(Dialect::is_draft);
+    let mut response = if request.method() == Method::OPTIONS || speaks || draft {
         next.run(request).await
     } else {
         // Read what the client is still sending, so it reads this answer rather than a reset.
@@ -91,6 +130,7 @@ async fn options(State(ingest): State<Arc<Ingest>>) -> Response {
     headers.insert(HeaderName::from_static("tus-extension"), HeaderValue::from_static(TUS_EXTENSIONS));
     headers.insert(HeaderName::from_static("tus-max-size"), HeaderValue::from(max));
     headers.insert(HeaderName::from_static("tus-checksum-algorithm"), HeaderValue::from_static(TUS_CHECKSUMS));
+    headers.insert(UPLOAD_LIMIT.clone(), upload_limit(&ingest, max));
     (StatusCode::NO_CONTENT, headers).into_response()
 }
 
@@ -102,8 +142,12 @@ async fn create(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, IngestError> {
-    let created = open_upload(&ingest, &user, &headers).await;
-    let (id, expires_at) = match created {
+    let created = async {
+        let dialect = Dialect::of(&headers)?;
+        let (id, expires_at, max) = open_upload(&ingest, &user, &headers, dialect).await?;
+        Ok::<_, IngestError>((dialect, id, expires_at, max))
+    };
+    let (dialect, id, expires_at, max) = match created.await {
         Ok(created) => created,
         Err(e) => {
             // Read what the client is still sending, so it reads this answer rather than a reset.
@@ -114,11 +158,24 @@ async fn create(
     let mut response = StatusCode::CREATED.into_response();
     let location = format!("/v1/uploads/{id}");
     response.headers_mut().insert(header::LOCATION, HeaderValue::from_str(&location).expect("an id is ASCII"));
-    if is_offset_stream(&headers) {
-        // creation-with-upload: the body is the first PATCH's.
-        let appended = append_to(&ingest, &user, id, 0, &headers, body).await;
+    if dialect.is_draft() {
+        response.headers_mut().insert(UPLOAD_LIMIT.clone(), upload_limit(&ingest, max));
+    }
+    if is_offset_stream(&headers) || dialect.is_draft() {
+        // creation-with-upload (the draft's creation always carries the first bytes, perhaps none):
+        // the body is the first PATCH's.
+        let appended = append_to(&ingest, &user, id, 0, &headers, body, dialect).await;
         let (status, headers) = match appended {
-            Ok(answer) => (StatusCode::CREATED, answer.headers),
+            Ok(answer) => {
+                if let Some(view) = answer.view {
+                    // The draft: the last byte's answer is the media itself.
+                    let mut made = (StatusCode::CREATED, Json(view)).into_response();
+                    made.headers_mut().extend(response.headers().clone());
+                    made.headers_mut().extend(answer.headers);
+                    return Ok(made);
+                }
+                (StatusCode::CREATED, answer.headers)
+            }
             Err(e) => {
                 // The client never heard the upload's address, so it can neither resume nor end
                 // it: it ends here.
@@ -136,18 +193,57 @@ async fn create(
     Ok(response)
 }
 
-/// Checks a creation's headers and the user's limits, and records the new upload: its id and
-/// when it expires.
-async fn open_upload(ingest: &Ingest, user: &UserId, headers: &HeaderMap) -> Result<(MediaId, i64), IngestError> {
-    let config = &ingest.config;
-    let metadata = header_str(headers, &UPLOAD_METADATA)?.unwrap_or_default().to_owned();
-    let media_type = media_type_of(&metadata)?;
-    let max = config.max_bytes(media_type.kind());
-    let length = match (header_u64(headers, &UPLOAD_LENGTH)?, header_str(headers, &UPLOAD_DEFER_LENGTH)?) {
-        (Some(length), None) => Some(length),
-        (None, Some("1")) => None,
-        _ => return Err(bad("send Upload-Length, or Upload-Defer-Length: 1 to name it later")),
+/// An error as the protocol spoken wants it: the draft's 409 also says where the upload stands.
+fn error_answer(error: IngestError, dialect: Dialect) -> Response {
+    let expected = match &error {
+        IngestError::OffsetMismatch { expected } => Some(*expected),
+        _ => None,
     };
+    let mut response = error.into_response();
+    if let (Dialect::Draft { .. }, Some(expected)) = (dialect, expected) {
+        response.headers_mut().insert(UPLOAD_COMPLETE.clone(), sf_bool(false));
+        response.headers_mut().insert(UPLOAD_OFFSET.clone(), HeaderValue::from(expected));
+    }
+    response
+}
+
+/// `Upload-Limit` (the draft's): the largest upload, and how long one may wait between requests.
+fn upload_limit(ingest: &Ingest, max: u64) -> HeaderValue {
+    let value = format!("max-size={max}, max-age={}", ingest.config.resumable_expiry_secs);
+    HeaderValue::from_str(&value).expect("numbers are ASCII")
+}
+
+/// Checks a creation's headers and the user's limits, and records the new upload: its id, when it
+/// expires, and the largest it may be.
+async fn open_upload(
+    ingest: &Ingest,
+    user: &UserId,
+    headers: &HeaderMap,
+    dialect: Dialect,
+) -> Result<(MediaId, i64, u64), IngestError> {
+    let config = &ingest.config;
+    let (metadata, media_type, length) = match dialect {
+        Dialect::Tus => {
+            let metadata = header_str(headers, &UPLOAD_METADATA)?.unwrap_or_default().to_owned();
+            let media_type = media_type_of(&metadata)?;
+            let length = match (header_u64(headers, &UPLOAD_LENGTH)?, header_str(headers, &UPLOAD_DEFER_LENGTH)?) {
+                (Some(length), None) => Some(length),
+                (None, Some("1")) => None,
+                _ => return Err(bad("send Upload-Length, or Upload-Defer-Length: 1 to name it later")),
+            };
+            (metadata, media_type, length)
+        }
+        Dialect::Draft { complete } => {
+            // The draft's creation carries the representation's own type; its length when known.
+            let declared = header_str(headers, &header::CONTENT_TYPE)?.unwrap_or_default();
+            let mime = declared.split(';').next().unwrap_or_default().trim();
+            let media_type = MediaType::from_mime(mime).map_err(|e| IngestError::UnsupportedType(e.to_string()))?;
+            let content_length = header_u64(headers, &header::CONTENT_LENGTH)?;
+            let length = header_u64(headers, &UPLOAD_LENGTH)?.or(if complete { content_length } else { None });
+            (String::new(), media_type, length)
+        }
+    };
+    let max = config.max_bytes(media_type.kind());
     if length.is_some_and(|length| length > max) {
         return Err(IngestError::TooLarge { limit: max });
     }
@@ -174,7 +270,7 @@ async fn open_upload(ingest: &Ingest, user: &UserId, headers: &HeaderMap) -> Res
     let expires_at = now + expiry_ms(ingest);
     let upload = NewUpload { id, owner: user, mime: media_type.mime(), length, metadata: &metadata, expires_at };
     ingest.store.create_upload(&upload, now).await?;
-    Ok((id, expires_at))
+    Ok((id, expires_at, max))
 }
 
 /// `HEAD /v1/uploads/{id}`: where the upload stands.
@@ -182,9 +278,15 @@ async fn offset(
     State(ingest): State<Arc<Ingest>>,
     Extension(user): Extension<UserId>,
     Path(id): Path<String>,
+    request: HeaderMap,
 ) -> Result<Response, IngestError> {
     let (_, row) = owned(&ingest, &user, &id).await?;
     let mut headers = HeaderMap::new();
+    let complete = row.done || row.length == Some(row.upload_offset);
+    headers.insert(UPLOAD_COMPLETE.clone(), sf_bool(complete));
+    if let Ok(media_type) = MediaType::from_mime(&row.mime) {
+        headers.insert(UPLOAD_LIMIT.clone(), upload_limit(&ingest, ingest.config.max_bytes(media_type.kind())));
+    }
     headers.insert(UPLOAD_OFFSET.clone(), HeaderValue::from(row.upload_offset));
     match row.length {
         Some(length) => headers.insert(UPLOAD_LENGTH.clone(), HeaderValue::from(length)),
@@ -197,7 +299,9 @@ async fn offset(
     }
     headers.insert(UPLOAD_EXPIRES.clone(), http_date(row.expires_at));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    Ok((StatusCode::OK, headers).into_response())
+    // tus answers 200; the draft's example is 204.
+    let status = if Dialect::of(&request)?.is_draft() { StatusCode::NO_CONTENT } else { StatusCode::OK };
+    Ok((status, headers).into_response())
 }
 
 /// `PATCH /v1/uploads/{id}`: bytes from `Upload-Offset` on.
@@ -210,13 +314,15 @@ async fn append(
 ) -> Result<Response, IngestError> {
     let checked = async {
         let (id, _) = owned(&ingest, &user, &id).await?;
-        if !is_offset_stream(&headers) {
-            return Err(IngestError::UnsupportedType(format!("a PATCH's body must be {OFFSET_OCTET_STREAM}")));
+        let dialect = Dialect::of(&headers)?;
+        let body_type = if dialect.is_draft() { PARTIAL_UPLOAD } else { OFFSET_OCTET_STREAM };
+        if !has_content_type(&headers, body_type) {
+            return Err(IngestError::UnsupportedType(format!("a PATCH's body must be {body_type}")));
         }
         let offset = header_u64(&headers, &UPLOAD_OFFSET)?.ok_or_else(|| bad("Upload-Offset is required"))?;
-        Ok((id, offset))
+        Ok((id, offset, dialect))
     };
-    let (id, offset) = match checked.await {
+    let (id, offset, dialect) = match checked.await {
         Ok(checked) => checked,
         Err(e) => {
             // Read what the client is still sending, so it reads this answer rather than a reset.
@@ -224,8 +330,15 @@ async fn append(
             return Err(e);
         }
     };
-    let answer = append_to(&ingest, &user, id, offset, &headers, body).await?;
-    Ok((StatusCode::NO_CONTENT, answer.headers).into_response())
+    let answer = match append_to(&ingest, &user, id, offset, &headers, body, dialect).await {
+        Ok(answer) => answer,
+        Err(e) => return Ok(error_answer(e, dialect)),
+    };
+    Ok(match answer.view {
+        // The draft: the last byte's answer is the media itself.
+        Some(view) => (StatusCode::OK, answer.headers, Json(view)).into_response(),
+        None => (StatusCode::NO_CONTENT, answer.headers).into_response(),
+    })
 }
 
 /// `POST /v1/uploads/{id}` from a client behind a proxy that passes only GET and POST: the method
@@ -241,7 +354,7 @@ async fn overridden(
     match method.as_deref() {
         Some(b"PATCH") => append(State(ingest), Extension(user), Path(id), headers, body).await,
         Some(b"DELETE") => Ok(terminate(State(ingest), Extension(user), Path(id)).await?.into_response()),
-        Some(b"HEAD") => offset(State(ingest), Extension(user), Path(id)).await,
+        Some(b"HEAD") => offset(State(ingest), Extension(user), Path(id), headers).await,
         _ => {
             spool::discard_body(body).await;
             Err(bad("POST to an upload must name PATCH, DELETE or HEAD in X-HTTP-Method-Override"))
@@ -263,9 +376,10 @@ async fn terminate(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// The headers of a PATCH's answer.
+/// A PATCH's answer: its headers, and (the draft's last byte) the media made.
 struct Appended {
     headers: HeaderMap,
+    view: Option<crate::MediaView>,
 }
 
 /// Appends `body` at `offset` to upload `id`, and finishes the upload if that was its last byte.
@@ -276,15 +390,23 @@ async fn append_to(
     offset: u64,
     headers: &HeaderMap,
     body: Body,
+    dialect: Dialect,
 ) -> Result<Appended, IngestError> {
     let mut body = body.into_data_stream();
-    let result = append_body(ingest, user, id, offset, headers, &mut body).await;
+    let result = append_body(ingest, user, id, offset, headers, &mut body, dialect).await;
     if result.is_err() {
         spool::discard(&mut body).await;
     }
-    result
+    result.map(|mut answer| {
+        if let Dialect::Draft { .. } = dialect {
+            let complete = answer.view.is_some();
+            answer.headers.insert(UPLOAD_COMPLETE.clone(), sf_bool(complete));
+        }
+        answer
+    })
 }
 
+#[allow(clippy::too_many_arguments, reason = "one request's parts, passed once")]
 async fn append_body(
     ingest: &Arc<Ingest>,
     user: &UserId,
@@ -292,8 +414,10 @@ async fn append_body(
     offset: u64,
     headers: &HeaderMap,
     body: &mut axum::body::BodyDataStream,
+    dialect: Dialect,
 ) -> Result<Appended, IngestError> {
     let config = &ingest.config;
+    let completes = dialect == Dialect::Draft { complete: true };
     let now = ingest.clock.now_ms();
     let row =
         ingest.store.upload(id, now).await?.filter(|row| row.owner == user.as_str()).ok_or(IngestError::NotFound)?;
@@ -302,7 +426,7 @@ async fn append_body(
     if row.done {
         // The last request's answer may have been lost: the same last offset hears it again.
         if offset == at && row.length == Some(row.upload_offset) {
-            return finished_answer(ingest, user, id, &row).await;
+            return finished_answer(ingest, user, id, &row, dialect).await;
         }
         return Err(IngestError::OffsetMismatch { expected: at });
     }
@@ -364,6 +488,12 @@ async fn append_body(
     };
     let part = match part {
         Received::Nothing => {
+            // The draft's `Upload-Complete: ?1` with no bytes says the length is the offset.
+            let length = if completes { Some(length.unwrap_or(at)) } else { length };
+            if completes && length != Some(at) {
+                lock.release().await;
+                return Err(bad("Upload-Complete: ?1 but the bytes end before Upload-Length"));
+            }
             // A deferred length may come with no bytes (a stream that ended on a chunk's edge).
             if row.length.is_none()
                 && let Some(length) = length
@@ -373,11 +503,9 @@ async fn append_body(
             if length == Some(at) {
                 // All the bytes are here (named now, or a finish that failed on our side before):
                 // make the media.
-                let status =
+                let made =
                     complete(ingest, user, id, media_type, length.unwrap_or(at), (slot, user_slot), lock).await?;
-                let mut answer = progress_answer(at, row.expires_at);
-                answer.headers.insert(MEDIA_STATUS.clone(), status_value(status));
-                return Ok(answer);
+                return Ok(made_answer(at, row.expires_at, made, dialect));
             }
             lock.release().await;
             return Ok(progress_answer(at, row.expires_at));
@@ -387,6 +515,16 @@ async fn append_body(
     // A body cut short is kept (with a lock still held) as far as it came, when no checksum was named.
     let interrupted = part.interrupted.clone();
     let new_offset = at + part.len;
+    // The draft's `Upload-Complete: ?1`: these bytes end the upload, whose length is now known.
+    let length = if completes && interrupted.is_none() {
+        if length.is_some_and(|length| length != new_offset) {
+            lock.release().await;
+            return Err(bad("Upload-Complete: ?1 but the bytes do not end at Upload-Length"));
+        }
+        Some(new_offset)
+    } else {
+        length
+    };
     let key = BlobId::of(format!("{id}/{at}/{writer}").as_bytes());
     if let Err(e) = ingest.parts.put_file(&key, part.file.path()).await {
         lock.release().await;
@@ -430,10 +568,8 @@ async fn append_body(
         return Ok(progress_answer(new_offset, expires_at));
     }
     let lock = UploadLock { ingest: ingest.clone(), id, writer, held: true };
-    let status = complete(ingest, user, id, media_type, new_offset, (slot, user_slot), lock).await?;
-    let mut answer = progress_answer(new_offset, expires_at);
-    answer.headers.insert(MEDIA_STATUS.clone(), status_value(status));
-    Ok(answer)
+    let made = complete(ingest, user, id, media_type, new_offset, (slot, user_slot), lock).await?;
+    Ok(made_answer(new_offset, expires_at, made, dialect))
 }
 
 /// Makes the media of upload `id`, which holds all its `length` bytes, under `lock`: joins the
@@ -449,13 +585,13 @@ async fn complete(
     length: u64,
     slots: (tokio::sync::SemaphorePermit<'_>, quota::UserUpload<'_>),
     lock: UploadLock,
-) -> Result<types::MediaStatus, IngestError> {
+) -> Result<crate::MediaView, IngestError> {
     if let Ok(view) = ingest.view(id, user).await {
         // Made before (the upload's row was not marked): mark it now.
         ingest.store.finish_upload(id, ingest.clock.now_ms()).await?;
         lock.forget();
         purge_later(ingest);
-        return Ok(view.status);
+        return Ok(view);
     }
     let config = &ingest.config;
     let now = ingest.clock.now_ms();
@@ -476,7 +612,7 @@ async fn complete(
             ingest.store.finish_upload(id, ingest.clock.now_ms()).await?;
             lock.forget();
             purge_later(ingest);
-            Ok(view.status)
+            Ok(view)
         }
         Err(e) if refuses_the_bytes(&e) => {
             // Refused for what the bytes are: the upload ends with the refusal, as a POST's would.
@@ -724,19 +860,30 @@ async fn finished_answer(
     user: &UserId,
     id: MediaId,
     row: &UploadRow,
+    dialect: Dialect,
 ) -> Result<Appended, IngestError> {
-    let mut answer = progress_answer(row.upload_offset as u64, row.expires_at);
-    if let Ok(view) = ingest.view(id, user).await {
-        answer.headers.insert(MEDIA_STATUS.clone(), status_value(view.status));
-    }
-    Ok(answer)
+    Ok(match ingest.view(id, user).await {
+        Ok(view) => made_answer(row.upload_offset as u64, row.expires_at, view, dialect),
+        Err(_) => progress_answer(row.upload_offset as u64, row.expires_at),
+    })
 }
 
 fn progress_answer(offset: u64, expires_at: i64) -> Appended {
     let mut headers = HeaderMap::new();
     headers.insert(UPLOAD_OFFSET.clone(), HeaderValue::from(offset));
     headers.insert(UPLOAD_EXPIRES.clone(), http_date(expires_at));
-    Appended { headers }
+    Appended { headers, view: None }
+}
+
+/// The answer of the request that made the media: tus hears its status in a header; the draft
+/// gets the media itself.
+fn made_answer(offset: u64, expires_at: i64, view: crate::MediaView, dialect: Dialect) -> Appended {
+    let mut answer = progress_answer(offset, expires_at);
+    answer.headers.insert(MEDIA_STATUS.clone(), status_value(view.status));
+    if dialect.is_draft() {
+        answer.view = Some(view);
+    }
+    answer
 }
 
 fn status_value(status: types::MediaStatus) -> HeaderValue {
@@ -766,7 +913,11 @@ fn expiry_ms(ingest: &Ingest) -> i64 {
 }
 
 fn is_offset_stream(headers: &HeaderMap) -> bool {
-    headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(OFFSET_OCTET_STREAM.as_bytes()))
+    has_content_type(headers, OFFSET_OCTET_STREAM)
+}
+
+fn has_content_type(headers: &HeaderMap, expected: &str) -> bool {
+    headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(expected.as_bytes()))
 }
 
 fn bad(message: &str) -> IngestError {

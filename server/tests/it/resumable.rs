@@ -426,3 +426,102 @@ async fn tiny_pieces_a_length_named_by_an_empty_last_patch_and_a_method_override
     assert_eq!(patch(&server, &alice, &png, 8, &photo[8..64]).await.status(), 415);
     assert_eq!(offset_of(&server, &alice, &png).await.0, 404);
 }
+
+/// The IETF draft's requests (draft-ietf-httpbis-resumable-upload, interop version 9).
+fn draft(server: &Server, method: Method, path: &str, token: &str) -> RequestBuilder {
+    server.http.request(method, server.url(path)).bearer_auth(token).header("Upload-Draft-Interop-Version", "9")
+}
+
+#[tokio::test]
+async fn the_ietf_draft_creates_resumes_and_completes_an_upload_on_the_same_resources() {
+    let data = DataDir::new();
+    let server = Server::start(&data, &[]);
+    let alice = server.token("alice");
+    let photo = fixture("rocket.jpg");
+    let third = photo.len() / 3;
+
+    // Creation with the first third, not complete: 201 with where the rest goes.
+    let created = draft(&server, Method::POST, "/v1/uploads", &alice)
+        .header("Upload-Complete", "?0")
+        .header("Upload-Length", photo.len().to_string())
+        .header("Content-Type", "image/jpeg")
+        .body(photo[..third].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    assert_eq!(header(&created, "upload-complete"), "?0");
+    assert_eq!(header(&created, "upload-offset"), third.to_string());
+    assert!(header(&created, "upload-limit").contains("max-size="));
+    let path = header(&created, "location").to_owned();
+
+    // Offset retrieval: 204, incomplete, never cached.
+    let head = draft(&server, Method::HEAD, &path, &alice).send().await.unwrap();
+    assert_eq!(head.status(), 204);
+    assert_eq!((header(&head, "upload-offset"), header(&head, "upload-complete")), (third.to_string().as_str(), "?0"));
+    assert_eq!(header(&head, "cache-control"), "no-store");
+
+    // An append from the wrong offset: 409 saying where the upload stands.
+    let wrong = draft(&server, Method::PATCH, &path, &alice)
+        .header("Upload-Complete", "?0")
+        .header("Upload-Offset", "0")
+        .header("Content-Type", "application/partial-upload")
+        .body(photo[..10].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 409);
+    assert_eq!(
+        (header(&wrong, "upload-offset"), header(&wrong, "upload-complete")),
+        (third.to_string().as_str(), "?0")
+    );
+
+    // The second third, then the rest with Upload-Complete: ?1, whose answer is the media.
+    let second = draft(&server, Method::PATCH, &path, &alice)
+        .header("Upload-Complete", "?0")
+        .header("Upload-Offset", third.to_string())
+        .header("Content-Type", "application/partial-upload")
+        .body(photo[third..2 * third].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!((second.status().as_u16(), header(&second, "upload-complete")), (204, "?0"));
+    let last = draft(&server, Method::PATCH, &path, &alice)
+        .header("Upload-Complete", "?1")
+        .header("Upload-Offset", (2 * third).to_string())
+        .header("Content-Type", "application/partial-upload")
+        .body(photo[2 * third..].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!((last.status().as_u16(), header(&last, "upload-complete")), (200, "?1"));
+    let media: Value = last.json().await.unwrap();
+    assert_eq!(media["status"], "ready", "{media}");
+    assert_eq!(media["blob"].as_str().unwrap(), types::BlobId::of(&photo).to_hex());
+    assert_eq!(media["id"].as_str().unwrap(), path.trim_start_matches("/v1/uploads/"));
+
+    // A whole photo in one creation with Upload-Complete: ?1 and no Upload-Length: the media at once.
+    let whole = draft(&server, Method::POST, "/v1/uploads", &alice)
+        .header("Upload-Complete", "?1")
+        .header("Content-Type", "image/jpeg")
+        .body(photo.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!((whole.status().as_u16(), header(&whole, "upload-complete")), (201, "?1"));
+    assert!(header(&whole, "location").starts_with("/v1/uploads/"));
+    let media: Value = whole.json().await.unwrap();
+    assert_eq!(media["status"], "ready", "{media}");
+
+    // Cancellation.
+    let cancelled = draft(&server, Method::POST, "/v1/uploads", &alice)
+        .header("Upload-Complete", "?0")
+        .header("Content-Type", "image/jpeg")
+        .body(photo[..100].to_vec())
+        .send()
+        .await
+        .unwrap();
+    let path = header(&cancelled, "location").to_owned();
+    assert_eq!(draft(&server, Method::DELETE, &path, &alice).send().await.unwrap().status(), 204);
+    assert_eq!(draft(&server, Method::HEAD, &path, &alice).send().await.unwrap().status(), 404);
+}
