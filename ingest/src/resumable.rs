@@ -54,6 +54,8 @@ static MEDIA_STATUS: HeaderName = HeaderName::from_static("courier-media-status"
 static UPLOAD_COMPLETE: HeaderName = HeaderName::from_static("upload-complete");
 static UPLOAD_LIMIT: HeaderName = HeaderName::from_static("upload-limit");
 static DRAFT_INTEROP_VERSION: HeaderName = HeaderName::from_static("upload-draft-interop-version");
+/// The IETF draft's interop version spoken.
+const DRAFT_VERSION: &str = "9";
 /// What the IETF draft's requests carry instead of a tus body type.
 const PARTIAL_UPLOAD: &str = "application/partial-upload";
 
@@ -71,6 +73,11 @@ enum Dialect {
 
 impl Dialect {
     fn of(headers: &HeaderMap) -> Result<Self, IngestError> {
+        // Another interop version's fields mean other things (an older `Upload-Incomplete`): such a
+        // request is not taken for this one's.
+        if headers.get(&DRAFT_INTEROP_VERSION).is_some_and(|v| v.as_bytes() != DRAFT_VERSION.as_bytes()) {
+            return Ok(Dialect::Tus);
+        }
         match headers.get(&UPLOAD_COMPLETE).map(HeaderValue::as_bytes) {
             Some(b"?1") => Ok(Dialect::Draft { complete: true }),
             Some(b"?0") => Ok(Dialect::Draft { complete: false }),
@@ -178,10 +185,18 @@ async fn create(
             }
             Err(e) => {
                 // The client never heard the upload's address, so it can neither resume nor end
-                // it: it ends here.
-                let _ = ingest.store.delete_upload(id, &user, ingest.clock.now_ms()).await;
-                purge_later(&ingest);
-                return Ok(e.into_response());
+                // it: it ends here, unless it holds all its bytes and failed on our side (the sweep
+                // makes its media) or its media exists already.
+                let now = ingest.clock.now_ms();
+                let whole =
+                    ingest.store.upload(id, now).await.ok().flatten().is_some_and(|row| {
+                        row.done || (row.length == Some(row.upload_offset) && !refuses_the_bytes(&e))
+                    });
+                if !whole {
+                    let _ = ingest.store.delete_upload(id, &user, now).await;
+                    purge_later(&ingest);
+                }
+                return Ok(error_answer(e, dialect));
             }
         };
         *response.status_mut() = status;
@@ -428,6 +443,9 @@ async fn append_body(
         if offset == at && row.length == Some(row.upload_offset) {
             return finished_answer(ingest, user, id, &row, dialect).await;
         }
+        if dialect.is_draft() {
+            return Err(bad("the upload is complete"));
+        }
         return Err(IngestError::OffsetMismatch { expected: at });
     }
     if offset != at {
@@ -548,7 +566,9 @@ async fn append_body(
     if !advanced {
         // The upload changed under us (expired, terminated, or our lock lapsed and another took it).
         let _ = ingest.parts.delete(&key).await;
-        return Err(IngestError::OffsetMismatch { expected: at });
+        let now = ingest.clock.now_ms();
+        let row = ingest.store.upload(id, now).await?.ok_or(IngestError::NotFound)?;
+        return Err(IngestError::OffsetMismatch { expected: row.upload_offset as u64 });
     }
     // Moving the offset released the lock.
     lock.forget();
@@ -564,7 +584,15 @@ async fn append_body(
     let writer = uuid::Uuid::now_v7().to_string();
     let now = ingest.clock.now_ms();
     if !ingest.store.lock_upload(id, new_offset as i64, &writer, now + LOCK_MS, now).await? {
-        // Taken by a sweep finishing it: the media comes from there.
+        // Taken by a sweep finishing it: the media comes from there; answer with it if it comes
+        // soon.
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(config.wait_for_ready_ms.max(1000));
+        while tokio::time::Instant::now() < deadline {
+            if let Ok(view) = ingest.view(id, user).await {
+                return Ok(made_answer(new_offset, expires_at, view, dialect));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         return Ok(progress_answer(new_offset, expires_at));
     }
     let lock = UploadLock { ingest: ingest.clone(), id, writer, held: true };
@@ -603,9 +631,26 @@ async fn complete(
         }
         assemble(ingest, id, length).await
     };
-    let made = match checked.await {
-        Ok(spooled) => crate::routes::finish(ingest, user, media_type, spooled, id, slots).await,
-        Err(e) => Err(e),
+    let work = async {
+        match checked.await {
+            Ok(spooled) => crate::routes::finish(ingest, user, media_type, spooled, id, slots).await,
+            Err(e) => Err(e),
+        }
+    };
+    // Joining the parts and storing a large original take a while: the lock is renewed meanwhile,
+    // so no sweep (nor a client's retry) takes the upload and makes its media a second time.
+    let renew = async {
+        loop {
+            tokio::time::sleep(RENEW_EVERY).await;
+            let until = ingest.clock.now_ms() + LOCK_MS;
+            if let Err(e) = ingest.store.renew_upload_lock(id, &lock.writer, until).await {
+                tracing::warn!(upload = %id, error = %e, "renewing an upload's lock failed");
+            }
+        }
+    };
+    let made = tokio::select! {
+        made = work => made,
+        _ = renew => unreachable!("renewing never ends"),
     };
     match made {
         Ok(view) => {
@@ -649,6 +694,8 @@ pub(crate) async fn finish_stuck(ingest: &Arc<Ingest>) -> Result<u64, IngestErro
     let now = ingest.clock.now_ms();
     let mut finished = 0;
     for (id, owner) in ingest.store.stuck_uploads(now, 10).await? {
+        // Each may take a while: the clock is read again for each lock.
+        let now = ingest.clock.now_ms();
         let Some(row) = ingest.store.upload(id, now).await? else { continue };
         let Some(length) = row.length else { continue };
         let Ok(media_type) = MediaType::from_mime(&row.mime) else { continue };

@@ -499,6 +499,29 @@ async fn the_ietf_draft_creates_resumes_and_completes_an_upload_on_the_same_reso
     assert_eq!(media["status"], "ready", "{media}");
     assert_eq!(media["blob"].as_str().unwrap(), types::BlobId::of(&photo).to_hex());
     assert_eq!(media["id"].as_str().unwrap(), path.trim_start_matches("/v1/uploads/"));
+    // Appending to the completed upload: 400.
+    let after = draft(&server, Method::PATCH, &path, &alice)
+        .header("Upload-Complete", "?1")
+        .header("Upload-Offset", "0")
+        .header("Content-Type", "application/partial-upload")
+        .body(photo[..10].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(after.status(), 400);
+    // Another interop version's fields mean other things: not taken for this one's.
+    let older = server
+        .http
+        .post(server.url("/v1/uploads"))
+        .bearer_auth(&alice)
+        .header("Upload-Draft-Interop-Version", "5")
+        .header("Upload-Complete", "?0")
+        .header("Content-Type", "image/jpeg")
+        .body(photo[..100].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(older.status(), 412);
 
     // A whole photo in one creation with Upload-Complete: ?1 and no Upload-Length: the media at once.
     let whole = draft(&server, Method::POST, "/v1/uploads", &alice)

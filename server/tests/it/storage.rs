@@ -183,6 +183,24 @@ async fn media_live_as_long_as_the_messages_that_carry_them() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     eventually("every variant is deleted", || server.files_under("blobs/variants").is_empty()).await;
+
+    // A message that expires (a disappearing timer of two seconds) keeps its media while it lives,
+    // then lets it go with its variants.
+    let say = |client_id: &str, body: Value| {
+        let (server, alice, messages) = (&server, &alice, &messages);
+        let body = serde_json::json!({"client_id": client_id, "body": body});
+        async move { server.http.post(server.url(messages)).bearer_auth(alice).json(&body).send().await.unwrap() }
+    };
+    assert_eq!(say("m3", serde_json::json!({"disappearing": 2})).await.status(), 201);
+    let fleeting = server.upload_ready(&alice, "image/png", fixture("alpha.png")).await;
+    assert_eq!(say("m4", serde_json::json!({"media": fleeting["id"].clone()})).await.status(), 201);
+    assert_eq!(status(&bob, &fleeting).await, 200, "bob reads it while the message lives");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status(&alice, &fleeting).await != 404 {
+        assert!(Instant::now() < deadline, "the media outlived its expired message");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eventually("its variants are deleted", || server.files_under("blobs/variants").is_empty()).await;
 }
 
 /// Everything a user would notice of a ready photo: it is ready, both variants are served, match
