@@ -427,6 +427,25 @@ async fn tiny_pieces_a_length_named_by_an_empty_last_patch_and_a_method_override
     assert_eq!(offset_of(&server, &alice, &png).await.0, 404);
 }
 
+/// A draft append of `bytes` at `offset`, completing the upload or not.
+async fn draft_append(
+    server: &Server,
+    token: &str,
+    path: &str,
+    complete: bool,
+    offset: impl ToString,
+    bytes: Vec<u8>,
+) -> Response {
+    draft(server, Method::PATCH, path, token)
+        .header("Upload-Complete", if complete { "?1" } else { "?0" })
+        .header("Upload-Offset", offset.to_string())
+        .header("Content-Type", "application/partial-upload")
+        .body(bytes)
+        .send()
+        .await
+        .unwrap()
+}
+
 /// The IETF draft's requests (draft-ietf-httpbis-resumable-upload, interop version 9).
 fn draft(server: &Server, method: Method, path: &str, token: &str) -> RequestBuilder {
     server.http.request(method, server.url(path)).bearer_auth(token).header("Upload-Draft-Interop-Version", "9")
@@ -462,14 +481,7 @@ async fn the_ietf_draft_creates_resumes_and_completes_an_upload_on_the_same_reso
     assert_eq!(header(&head, "cache-control"), "no-store");
 
     // An append from the wrong offset: 409 saying where the upload stands.
-    let wrong = draft(&server, Method::PATCH, &path, &alice)
-        .header("Upload-Complete", "?0")
-        .header("Upload-Offset", "0")
-        .header("Content-Type", "application/partial-upload")
-        .body(photo[..10].to_vec())
-        .send()
-        .await
-        .unwrap();
+    let wrong = draft_append(&server, &alice, &path, false, "0", photo[..10].to_vec()).await;
     assert_eq!(wrong.status(), 409);
     assert_eq!(
         (header(&wrong, "upload-offset"), header(&wrong, "upload-complete")),
@@ -477,37 +489,16 @@ async fn the_ietf_draft_creates_resumes_and_completes_an_upload_on_the_same_reso
     );
 
     // The second third, then the rest with Upload-Complete: ?1, whose answer is the media.
-    let second = draft(&server, Method::PATCH, &path, &alice)
-        .header("Upload-Complete", "?0")
-        .header("Upload-Offset", third.to_string())
-        .header("Content-Type", "application/partial-upload")
-        .body(photo[third..2 * third].to_vec())
-        .send()
-        .await
-        .unwrap();
+    let second = draft_append(&server, &alice, &path, false, third.to_string(), photo[third..2 * third].to_vec()).await;
     assert_eq!((second.status().as_u16(), header(&second, "upload-complete")), (204, "?0"));
-    let last = draft(&server, Method::PATCH, &path, &alice)
-        .header("Upload-Complete", "?1")
-        .header("Upload-Offset", (2 * third).to_string())
-        .header("Content-Type", "application/partial-upload")
-        .body(photo[2 * third..].to_vec())
-        .send()
-        .await
-        .unwrap();
+    let last = draft_append(&server, &alice, &path, true, 2 * third, photo[2 * third..].to_vec()).await;
     assert_eq!((last.status().as_u16(), header(&last, "upload-complete")), (200, "?1"));
     let media: Value = last.json().await.unwrap();
     assert_eq!(media["status"], "ready", "{media}");
     assert_eq!(media["blob"].as_str().unwrap(), types::BlobId::of(&photo).to_hex());
     assert_eq!(media["id"].as_str().unwrap(), path.trim_start_matches("/v1/uploads/"));
     // Appending to the completed upload: 400.
-    let after = draft(&server, Method::PATCH, &path, &alice)
-        .header("Upload-Complete", "?1")
-        .header("Upload-Offset", "0")
-        .header("Content-Type", "application/partial-upload")
-        .body(photo[..10].to_vec())
-        .send()
-        .await
-        .unwrap();
+    let after = draft_append(&server, &alice, &path, true, "0", photo[..10].to_vec()).await;
     assert_eq!(after.status(), 400);
     // Another interop version's fields mean other things: not taken for this one's.
     let older = server
