@@ -582,6 +582,8 @@ async fn resumable_uploads_keep_their_offset_their_parts_and_one_writer(t: Table
         head,
         length,
         expires_at: now + 1000,
+        // Not logged ahead here (a part logged ahead and never recorded is checked below).
+        logged: 0,
     };
     assert!(!t.store.advance_upload(id, &advance("w2", 0, 10, "p1", b"0123456789", None)).await.unwrap(), "not w2's");
     assert!(t.store.advance_upload(id, &advance("w1", 0, 10, "p1", b"0123456789", None)).await.unwrap());
@@ -620,4 +622,26 @@ async fn resumable_uploads_keep_their_offset_their_parts_and_one_writer(t: Table
     assert_eq!(parts, vec![key("p1"), key("p2"), key("p3")]);
     // What an edge purges never names a part.
     assert!(t.store.deleted_since(0, 100, i64::MAX).await.unwrap().iter().all(|d| d.namespace != Namespace::Parts));
+
+    // A part logged ahead of being stored: taken back when recorded; if never recorded (a crash),
+    // deleted once it is due, not before.
+    let stored = MediaId::new();
+    t.store.create_upload(&new(stored, None), now).await.unwrap();
+    let kept = t.store.log_part(&key("p4"), now + 5_000).await.unwrap();
+    let lost = t.store.log_part(&key("p5"), now + 5_000).await.unwrap();
+    assert!(t.store.lock_upload(stored, 0, "w6", now + 100, now).await.unwrap());
+    let recorded = Advance { logged: kept, ..advance("w6", 0, 3, "p4", b"", None) };
+    assert!(t.store.advance_upload(stored, &recorded).await.unwrap());
+    let due = |at: i64| {
+        let store = t.store.clone();
+        async move {
+            let pending = store.pending_deletions(100, 0, at).await.unwrap();
+            pending.into_iter().filter(|d| d.namespace == Namespace::Parts).map(|d| d.seq).collect::<Vec<_>>()
+        }
+    };
+    let logged_before: Vec<i64> = due(now + 1_000).await;
+    assert!(!logged_before.contains(&lost), "not due yet");
+    assert!(!t.store.claim_deletion(lost, now + 1_000).await.unwrap(), "not due yet");
+    let after = due(now + 5_000).await;
+    assert!(after.contains(&lost) && !after.contains(&kept), "{after:?}");
 }

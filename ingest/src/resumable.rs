@@ -475,6 +475,15 @@ async fn append_body(
     if declared.is_some_and(|n| n > room) {
         return Err(IngestError::TooLarge { limit: length.unwrap_or(max) });
     }
+    if length.is_none() {
+        // A deferred length counts toward the user's open bytes by what arrives.
+        let (_, open_bytes) = ingest.store.open_uploads(user, now).await?;
+        let limit = config.resumable_open_bytes_per_user;
+        if open_bytes.saturating_add(declared.unwrap_or(0)) > limit {
+            let message = format!("your open uploads would pass {limit} bytes; finish or delete some first");
+            return Err(IngestError::Quota(crate::QuotaExceeded { message, retry_after: None }));
+        }
+    }
 
     // The same slots a POST takes while its body streams in.
     let user_slot = ingest.user_uploads.take(user, config.quota.uploads_at_once)?;
@@ -544,7 +553,24 @@ async fn append_body(
         length
     };
     let key = BlobId::of(format!("{id}/{at}/{writer}").as_bytes());
-    if let Err(e) = ingest.parts.put_file(&key, part.file.path()).await {
+    // Logged for deletion first (due when the upload would have expired): a crash before the part
+    // is recorded leaks nothing.
+    let logged = ingest.store.log_part(&key.to_hex(), ingest.clock.now_ms() + expiry_ms(ingest)).await?;
+    let stored = async {
+        // A large part takes a while to store: the lock is renewed meanwhile.
+        let renew = async {
+            loop {
+                tokio::time::sleep(RENEW_EVERY).await;
+                let until = ingest.clock.now_ms() + LOCK_MS;
+                let _ = ingest.store.renew_upload_lock(id, &writer, until).await;
+            }
+        };
+        tokio::select! {
+            stored = ingest.parts.put_file(&key, part.file.path()) => stored,
+            _ = renew => unreachable!("renewing never ends"),
+        }
+    };
+    if let Err(e) = stored.await {
         lock.release().await;
         return Err(e.into());
     }
@@ -555,6 +581,7 @@ async fn append_body(
         head: &part.head,
         length: length.map(|l| l as i64),
         expires_at,
+        logged,
     };
     let advanced = match ingest.store.advance_upload(id, &advance).await {
         Ok(advanced) => advanced,

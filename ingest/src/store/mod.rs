@@ -229,6 +229,8 @@ pub(crate) struct Advance<'a> {
     /// A length the client named now (it deferred it at creation).
     pub(crate) length: Option<i64>,
     pub(crate) expires_at: i64,
+    /// The part's deletion logged before it was stored ([`Store::log_part`]), taken back now.
+    pub(crate) logged: i64,
 }
 
 /// How a failed attempt is recorded: the policy is the queue's, the columns are these.
@@ -464,14 +466,14 @@ impl Store {
     }
 
     /// Up to `limit` logged deletions after `after` (a `seq`) whose bytes are still in the blob
-    /// store and that no sweep holds, oldest first.
+    /// store, that are due by `now` and that no sweep holds, oldest first.
     pub(crate) async fn pending_deletions(
         &self,
         limit: i64,
         after: i64,
         now: i64,
     ) -> Result<Vec<DeletedBlob>, sqlx::Error> {
-        let rows = each!(self, db => db.pending_deletions(limit, after, now - DELETION_CLAIM_MS).await)?;
+        let rows = each!(self, db => db.pending_deletions(limit, after, now - DELETION_CLAIM_MS, now).await)?;
         rows.into_iter().map(DeletedBlob::try_from).collect()
     }
 
@@ -524,6 +526,12 @@ impl Store {
     /// terminated): the part is not the upload's, and the caller deletes it.
     pub(crate) async fn advance_upload(&self, id: MediaId, advance: &Advance<'_>) -> Result<bool, sqlx::Error> {
         each!(self, db => db.advance_upload(id, advance).await)
+    }
+
+    /// Logs a part about to be stored under `key` for deletion at `due_at` (when its upload would
+    /// have expired): if the part is never recorded (a crash), the sweep deletes it then.
+    pub(crate) async fn log_part(&self, key: &str, due_at: i64) -> Result<i64, sqlx::Error> {
+        each!(self, db => db.log_part(key, due_at).await)
     }
 
     pub(crate) async fn upload_parts(&self, id: MediaId) -> Result<Vec<Part>, sqlx::Error> {

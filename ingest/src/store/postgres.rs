@@ -42,7 +42,7 @@ const CLAIMED_SINCE: &str =
 /// stays locked until the check that nothing needs the bytes has committed with the claim.
 const CLAIM_DELETION: &str = "
     UPDATE deleted_blobs SET claimed_at = $2
-     WHERE seq = $1 AND removed = FALSE AND (claimed_at IS NULL OR claimed_at < $3)
+     WHERE seq = $1 AND removed = FALSE AND (claimed_at IS NULL OR claimed_at < $3) AND deleted_at <= $2
     RETURNING namespace, blob";
 
 /// A claimed deletion whose bytes are needed again: done, and never claimed (no writer waits).
@@ -60,7 +60,7 @@ const LOG_DELETION: &str = "INSERT INTO deleted_blobs (namespace, blob, deleted_
 
 const PENDING_DELETIONS: &str = "
     SELECT seq, namespace, blob, deleted_at FROM deleted_blobs
-     WHERE removed = FALSE AND seq > $2 AND (claimed_at IS NULL OR claimed_at < $3)
+     WHERE removed = FALSE AND seq > $2 AND (claimed_at IS NULL OR claimed_at < $3) AND deleted_at <= $4
      ORDER BY seq LIMIT $1";
 
 const DELETION_DONE: &str = "UPDATE deleted_blobs SET removed = TRUE WHERE seq = $1";
@@ -240,6 +240,11 @@ const ADVANCE_UPLOAD: &str = "
     UPDATE uploads SET upload_offset = upload_offset + $4, head = $5, length = COALESCE(length, $6), expires_at = $7,
            writer = NULL, writer_until = NULL
      WHERE id = $1 AND writer = $2 AND upload_offset = $3";
+
+/// A part about to be stored is logged for deletion when the upload would have expired, so a
+/// crash before it is recorded leaks nothing; recording it takes the deletion back.
+const LOG_PART: &str = "INSERT INTO deleted_blobs (namespace, blob, deleted_at) VALUES ('parts', $1, $2) RETURNING seq";
+const KEEP_PART: &str = "UPDATE deleted_blobs SET removed = TRUE WHERE seq = $1";
 
 const ADD_PART: &str = "INSERT INTO upload_parts (upload_id, start_at, len, key) VALUES ($1, $2, $3, $4)";
 
@@ -472,8 +477,9 @@ impl Postgres {
         limit: i64,
         after: i64,
         lapsed: i64,
+        now: i64,
     ) -> Result<Vec<DeletedRow>, sqlx::Error> {
-        sqlx::query_as(PENDING_DELETIONS).bind(limit).bind(after).bind(lapsed).fetch_all(&self.db).await
+        sqlx::query_as(PENDING_DELETIONS).bind(limit).bind(after).bind(lapsed).bind(now).fetch_all(&self.db).await
     }
 
     pub(super) async fn claim_deletion(&self, seq: i64, now: i64, lapsed: i64) -> Result<bool, sqlx::Error> {
@@ -569,8 +575,13 @@ impl Postgres {
             .bind(&part.key)
             .execute(&mut *tx)
             .await?;
+        sqlx::query(KEEP_PART).bind(advance.logged).execute(&mut *tx).await?;
         tx.commit().await?;
         Ok(true)
+    }
+
+    pub(super) async fn log_part(&self, key: &str, due_at: i64) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar(LOG_PART).bind(key).bind(due_at).fetch_one(&self.db).await
     }
 
     pub(super) async fn upload_parts(&self, id: MediaId) -> Result<Vec<Part>, sqlx::Error> {

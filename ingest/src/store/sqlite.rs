@@ -37,7 +37,7 @@ const CLAIMED_SINCE: &str =
 /// A sweep takes a pending deletion no other sweep holds (claims before ?3 have lapsed).
 const CLAIM_DELETION: &str = "
     UPDATE deleted_blobs SET claimed_at = ?2
-     WHERE seq = ?1 AND removed = 0 AND (claimed_at IS NULL OR claimed_at < ?3)
+     WHERE seq = ?1 AND removed = 0 AND (claimed_at IS NULL OR claimed_at < ?3) AND deleted_at <= ?2
     RETURNING namespace, blob";
 
 /// A claimed deletion whose bytes are needed again: done, and never claimed (no writer waits).
@@ -55,7 +55,7 @@ const LOG_DELETION: &str = "INSERT INTO deleted_blobs (namespace, blob, deleted_
 
 const PENDING_DELETIONS: &str = "
     SELECT seq, namespace, blob, deleted_at FROM deleted_blobs
-     WHERE removed = 0 AND seq > ?2 AND (claimed_at IS NULL OR claimed_at < ?3)
+     WHERE removed = 0 AND seq > ?2 AND (claimed_at IS NULL OR claimed_at < ?3) AND deleted_at <= ?4
      ORDER BY seq LIMIT ?1";
 
 const DELETION_DONE: &str = "UPDATE deleted_blobs SET removed = 1 WHERE seq = ?1";
@@ -231,6 +231,11 @@ const ADVANCE_UPLOAD: &str = "
     UPDATE uploads SET upload_offset = upload_offset + ?4, head = ?5, length = COALESCE(length, ?6), expires_at = ?7,
            writer = NULL, writer_until = NULL
      WHERE id = ?1 AND writer = ?2 AND upload_offset = ?3";
+
+/// A part about to be stored is logged for deletion when the upload would have expired, so a
+/// crash before it is recorded leaks nothing; recording it takes the deletion back.
+const LOG_PART: &str = "INSERT INTO deleted_blobs (namespace, blob, deleted_at) VALUES ('parts', ?1, ?2) RETURNING seq";
+const KEEP_PART: &str = "UPDATE deleted_blobs SET removed = 1 WHERE seq = ?1";
 
 const ADD_PART: &str = "INSERT INTO upload_parts (upload_id, start_at, len, key) VALUES (?1, ?2, ?3, ?4)";
 
@@ -467,8 +472,9 @@ impl Sqlite {
         limit: i64,
         after: i64,
         lapsed: i64,
+        now: i64,
     ) -> Result<Vec<DeletedRow>, sqlx::Error> {
-        sqlx::query_as(PENDING_DELETIONS).bind(limit).bind(after).bind(lapsed).fetch_all(&self.db).await
+        sqlx::query_as(PENDING_DELETIONS).bind(limit).bind(after).bind(lapsed).bind(now).fetch_all(&self.db).await
     }
 
     pub(super) async fn claim_deletion(&self, seq: i64, now: i64, lapsed: i64) -> Result<bool, sqlx::Error> {
@@ -566,8 +572,13 @@ impl Sqlite {
             .bind(&part.key)
             .execute(&mut *tx)
             .await?;
+        sqlx::query(KEEP_PART).bind(advance.logged).execute(&mut *tx).await?;
         tx.commit().await?;
         Ok(true)
+    }
+
+    pub(super) async fn log_part(&self, key: &str, due_at: i64) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar(LOG_PART).bind(key).bind(due_at).fetch_one(&self.db).await
     }
 
     pub(super) async fn upload_parts(&self, id: MediaId) -> Result<Vec<Part>, sqlx::Error> {
