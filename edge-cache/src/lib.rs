@@ -24,5 +24,5 @@ pub use fill::{Fill, Filler};
 pub use memory::MemoryTier;
 pub use metrics::{Metrics, Tier};
 pub use serve::{Backend, BlobService, metrics_text, router};
-pub use store::{BlobStore, Namespace, ObjectStoreAt, Stored};
+pub use store::{BlobStore, BlobWriter, Namespace, ObjectStoreAt, Stored};
 pub use upstream::{Upstream, UpstreamError};

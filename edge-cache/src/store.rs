@@ -38,6 +38,39 @@ impl Namespace {
     }
 }
 
+/// A blob being written in pieces ([`BlobStore::writer`]). Dropped unfinished, nothing is stored
+/// under its name (a multipart upload left behind is the object store's to expire).
+pub struct BlobWriter {
+    writer: WriteMultipart,
+}
+
+impl std::fmt::Debug for BlobWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlobWriter").finish_non_exhaustive()
+    }
+}
+
+impl BlobWriter {
+    /// Adds `bytes`, waiting while two chunks are on their way to the store.
+    pub async fn write(&mut self, bytes: &[u8]) -> Result<(), EdgeError> {
+        self.writer.wait_for_capacity(2).await?;
+        self.writer.write(bytes);
+        Ok(())
+    }
+
+    /// Stores what was written under the blob's name.
+    pub async fn finish(self) -> Result<(), EdgeError> {
+        self.writer.finish().await?;
+        Ok(())
+    }
+
+    /// Gives up: nothing is stored.
+    pub async fn abort(self) -> Result<(), EdgeError> {
+        self.writer.abort().await?;
+        Ok(())
+    }
+}
+
 /// Whether a put created the blob or found it already there (dedup).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stored {
@@ -174,6 +207,13 @@ impl BlobStore {
         }
         writer.finish().await?;
         Ok(Stored::New)
+    }
+
+    /// A writer of blob `id` in pieces as they come (a multipart upload; on a local disk a staging
+    /// file renamed into place): nothing is under its name until [`BlobWriter::finish`].
+    pub async fn writer(&self, id: &BlobId) -> Result<BlobWriter, EdgeError> {
+        let upload = self.store.put_multipart(&self.path(id)).await?;
+        Ok(BlobWriter { writer: WriteMultipart::new_with_chunk_size(upload, SINGLE_PUT_MAX as usize) })
     }
 
     /// Copies the blob into a new file at `file`, in chunks. `false` when it is not stored.

@@ -500,7 +500,11 @@ async fn append_body(
     let lock = UploadLock { ingest: ingest.clone(), id, writer: writer.clone(), held: true };
     // Sniffed already when bytes were stored and no head was kept for the sniff.
     let head = (at == 0 || !row.head.is_empty()).then_some(row.head.as_slice());
-    let received = receive(ingest, id, &writer, body, room, checksum, head, media_type, length).await;
+    // The part's key, logged for deletion first (due when the upload would have expired): a crash
+    // before the part is recorded leaks nothing.
+    let key = BlobId::of(format!("{id}/{at}/{writer}").as_bytes());
+    let logged = ingest.store.log_part(&key.to_hex(), now + expiry_ms(ingest)).await?;
+    let received = receive(ingest, id, &writer, &key, body, room, checksum, head, media_type, length).await;
     let part = match received {
         Ok(part) => part,
         Err(e) => {
@@ -552,28 +556,6 @@ async fn append_body(
     } else {
         length
     };
-    let key = BlobId::of(format!("{id}/{at}/{writer}").as_bytes());
-    // Logged for deletion first (due when the upload would have expired): a crash before the part
-    // is recorded leaks nothing.
-    let logged = ingest.store.log_part(&key.to_hex(), ingest.clock.now_ms() + expiry_ms(ingest)).await?;
-    let stored = async {
-        // A large part takes a while to store: the lock is renewed meanwhile.
-        let renew = async {
-            loop {
-                tokio::time::sleep(RENEW_EVERY).await;
-                let until = ingest.clock.now_ms() + LOCK_MS;
-                let _ = ingest.store.renew_upload_lock(id, &writer, until).await;
-            }
-        };
-        tokio::select! {
-            stored = ingest.parts.put_file(&key, part.file.path()) => stored,
-            _ = renew => unreachable!("renewing never ends"),
-        }
-    };
-    if let Err(e) = stored.await {
-        lock.release().await;
-        return Err(e.into());
-    }
     let expires_at = ingest.clock.now_ms() + expiry_ms(ingest);
     let advance = Advance {
         writer: &writer,
@@ -607,7 +589,6 @@ async fn append_body(
     }
     // The last byte: hold the upload again (a sweep finishing stuck uploads must not take it) and
     // make the media.
-    drop(part);
     let writer = uuid::Uuid::now_v7().to_string();
     let now = ingest.clock.now_ms();
     if !ingest.store.lock_upload(id, new_offset as i64, &writer, now + LOCK_MS, now).await? {
@@ -790,7 +771,6 @@ enum Received {
 }
 
 struct ReceivedPart {
-    file: tempfile::NamedTempFile,
     len: u64,
     /// The upload's first bytes, for the sniff, while it has not been sniffed (else empty).
     head: Vec<u8>,
@@ -798,38 +778,19 @@ struct ReceivedPart {
     interrupted: Option<String>,
 }
 
-/// A part's temp file and the checksum of what it holds, written on blocking threads (a checksum
-/// over megabytes is no work for the runtime's threads).
-struct PartWriter {
-    file: std::fs::File,
-    checksum: Option<Checksum>,
-}
-
-impl PartWriter {
-    async fn write(mut self, batch: bytes::BytesMut) -> Result<Self, IngestError> {
-        tokio::task::spawn_blocking(move || {
-            use std::io::Write;
-            if let Some(checksum) = self.checksum.as_mut() {
-                checksum.update(&batch);
-            }
-            self.file.write_all(&batch)?;
-            Ok(self)
-        })
-        .await
-        .map_err(|e| IngestError::Io(std::io::Error::other(e)))?
-    }
-}
-
-/// Bytes gathered before a write to the part's file.
+/// Bytes gathered before they go on to the part's writer (and its checksum).
 const BATCH: usize = 1024 * 1024;
 
-/// Streams one PATCH body to a temp file, at most `room` bytes, renewing the upload's lock as bytes
-/// arrive, checking the checksum and sniffing the upload's first bytes once there are enough.
+/// Streams one PATCH body straight into part `key` of the blob store (each byte written once), at
+/// most `room` bytes, renewing the upload's lock as bytes arrive, checking the checksum (on
+/// blocking threads) and sniffing the upload's first bytes once there are enough. The part is
+/// stored only if the body checks out; otherwise nothing is.
 #[allow(clippy::too_many_arguments, reason = "one request's parts, passed once")]
 async fn receive(
     ingest: &Ingest,
     id: MediaId,
     lock: &str,
+    key: &BlobId,
     body: &mut axum::body::BodyDataStream,
     room: u64,
     checksum: Option<Checksum>,
@@ -837,9 +798,43 @@ async fn receive(
     media_type: MediaType,
     length: Option<u64>,
 ) -> Result<Received, IngestError> {
-    let file = tempfile::Builder::new().prefix("upload-").tempfile_in(&ingest.tmp_dir)?;
-    let checked = checksum.is_some();
-    let mut writer = PartWriter { file: file.reopen()?, checksum };
+    let mut writer = ingest.parts.writer(key).await?;
+    let received = stream_part(ingest, id, lock, &mut writer, body, room, checksum, head, media_type, length).await;
+    match received {
+        Ok(Received::Bytes(part)) => {
+            // Storing the last chunk may take a while: the lock is renewed meanwhile.
+            let renew = async {
+                loop {
+                    tokio::time::sleep(RENEW_EVERY).await;
+                    let _ = ingest.store.renew_upload_lock(id, lock, ingest.clock.now_ms() + LOCK_MS).await;
+                }
+            };
+            tokio::select! {
+                stored = writer.finish() => stored?,
+                _ = renew => unreachable!("renewing never ends"),
+            }
+            Ok(Received::Bytes(part))
+        }
+        other => {
+            let _ = writer.abort().await;
+            other
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments, reason = "one request's parts, passed once")]
+async fn stream_part(
+    ingest: &Ingest,
+    id: MediaId,
+    lock: &str,
+    writer: &mut edge_cache::BlobWriter,
+    body: &mut axum::body::BodyDataStream,
+    room: u64,
+    mut checksum: Option<Checksum>,
+    head: Option<&[u8]>,
+    media_type: MediaType,
+    length: Option<u64>,
+) -> Result<Received, IngestError> {
     let mut batch = bytes::BytesMut::new();
     // An upload already sniffed has no head (`None`); one not yet sniffed gathers its first bytes.
     let needs_sniff = head.is_some();
@@ -848,26 +843,42 @@ async fn receive(
     let mut len: u64 = 0;
     let mut renewed = Instant::now();
     let mut interrupted = None;
-    while let Some(chunk) = body.next().await {
-        let chunk = match chunk {
-            Ok(chunk) => chunk,
-            Err(e) => {
+    loop {
+        let chunk = match body.next().await {
+            Some(Ok(chunk)) => Some(chunk),
+            Some(Err(e)) => {
                 interrupted = Some(e.to_string());
-                break;
+                None
             }
+            None => None,
         };
-        len += chunk.len() as u64;
-        if len > room {
-            return Err(IngestError::TooLarge { limit: length.unwrap_or(room) });
+        if let Some(chunk) = &chunk {
+            len += chunk.len() as u64;
+            if len > room {
+                return Err(IngestError::TooLarge { limit: length.unwrap_or(room) });
+            }
+            if needs_sniff && !sniffed {
+                let want = spool::SNIFF_BYTES.saturating_sub(head.len());
+                head.extend_from_slice(&chunk[..want.min(chunk.len())]);
+                sniffed = spool::sniff(&head, media_type, false)?;
+            }
+            batch.extend_from_slice(chunk);
         }
-        if needs_sniff && !sniffed {
-            let want = spool::SNIFF_BYTES.saturating_sub(head.len());
-            head.extend_from_slice(&chunk[..want.min(chunk.len())]);
-            sniffed = spool::sniff(&head, media_type, false)?;
+        let last = chunk.is_none();
+        if batch.len() >= BATCH || (last && !batch.is_empty()) {
+            let bytes = std::mem::take(&mut batch).freeze();
+            if let Some(mut sum) = checksum.take() {
+                let input = bytes.clone();
+                let task = tokio::task::spawn_blocking(move || {
+                    sum.update(&input);
+                    sum
+                });
+                checksum = Some(task.await.map_err(|e| IngestError::Io(std::io::Error::other(e)))?);
+            }
+            writer.write(&bytes).await?;
         }
-        batch.extend_from_slice(&chunk);
-        if batch.len() >= BATCH {
-            writer = writer.write(std::mem::take(&mut batch)).await?;
+        if last {
+            break;
         }
         if renewed.elapsed() >= RENEW_EVERY {
             renewed = Instant::now();
@@ -877,21 +888,14 @@ async fn receive(
             }
         }
     }
-    if interrupted.is_some() && checked {
-        // A checksum covers the whole body: what came cannot be checked, so none of it is kept.
-        return Err(IngestError::Interrupted(interrupted.unwrap_or_default()));
-    }
-    let writer = writer.write(batch).await?;
-    tokio::task::spawn_blocking({
-        let file = writer.file.try_clone()?;
-        move || file.sync_all()
-    })
-    .await
-    .map_err(|e| IngestError::Io(std::io::Error::other(e)))??;
-    if let Some(checksum) = writer.checksum
-        && !checksum.matches()
-    {
-        return Err(IngestError::ChecksumMismatch);
+    if let Some(checksum) = checksum {
+        if interrupted.is_some() {
+            // A checksum covers the whole body: what came cannot be checked, so none of it is kept.
+            return Err(IngestError::Interrupted(interrupted.unwrap_or_default()));
+        }
+        if !checksum.matches() {
+            return Err(IngestError::ChecksumMismatch);
+        }
     }
     if len == 0 {
         return Ok(Received::Nothing);
@@ -903,7 +907,7 @@ async fn receive(
     }
     // Sniffed (or sniffed before): no head to keep.
     let head = if sniffed || !needs_sniff { Vec::new() } else { head };
-    Ok(Received::Bytes(ReceivedPart { file, len, head, interrupted }))
+    Ok(Received::Bytes(ReceivedPart { len, head, interrupted }))
 }
 
 /// Joins upload `id`'s parts into a spooled upload of `length` bytes, hashing as it reads.

@@ -139,9 +139,14 @@ pub(crate) async fn finish(
                 settled.extend(overlaps.iter().map(|o| o.seq));
             }
             Err(e) => {
-                // Nothing refers to bytes stored just now: take them back rather than leak them.
+                // Nothing of this upload refers to bytes stored just now: they go, through the log
+                // and a claim (an upload of the same bytes that committed meanwhile keeps them).
                 if stored == Stored::New {
-                    let _ = ingest.originals.delete(&blob).await;
+                    let now = ingest.clock.now_ms();
+                    if let Ok(seq) = ingest.store.log_deletion(Namespace::Originals, &blob, now).await {
+                        let deleted = DeletedBlob { seq, namespace: Namespace::Originals, blob, deleted_at: now };
+                        let _ = ingest.purge(&deleted).await;
+                    }
                 }
                 return Err(e.into());
             }

@@ -528,6 +528,11 @@ impl Store {
         each!(self, db => db.advance_upload(id, advance).await)
     }
 
+    /// Logs `blob` of `namespace` for deletion now; its `seq`.
+    pub(crate) async fn log_deletion(&self, namespace: Namespace, blob: &BlobId, now: i64) -> Result<i64, sqlx::Error> {
+        each!(self, db => db.log_deletion(namespace, &blob.to_hex(), now).await)
+    }
+
     /// Logs a part about to be stored under `key` for deletion at `due_at` (when its upload would
     /// have expired): if the part is never recorded (a crash), the sweep deletes it then.
     pub(crate) async fn log_part(&self, key: &str, due_at: i64) -> Result<i64, sqlx::Error> {

@@ -580,6 +580,10 @@ impl Postgres {
         Ok(true)
     }
 
+    pub(super) async fn log_deletion(&self, namespace: Namespace, blob: &str, now: i64) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar(LOG_DELETION).bind(namespace.as_str()).bind(blob).bind(now).fetch_one(&self.db).await
+    }
+
     pub(super) async fn log_part(&self, key: &str, due_at: i64) -> Result<i64, sqlx::Error> {
         sqlx::query_scalar(LOG_PART).bind(key).bind(due_at).fetch_one(&self.db).await
     }

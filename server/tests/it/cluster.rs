@@ -578,3 +578,61 @@ async fn a_node_killed_mid_burst_loses_and_doubles_nothing() {
     }
     drop(node_b);
 }
+
+#[tokio::test]
+async fn a_resumable_upload_moves_between_nodes_and_its_parts_live_in_s3() {
+    let Some(s3) = s3_blobs("it-resumable") else { return };
+    let settings = [("COURIER_INGEST__WAIT_FOR_READY_MS", "10000")];
+    let Some(shared) = Shared::with_blobs("it_resumable", &settings, Some(s3)).await else {
+        return;
+    };
+    let (data_a, data_b, data_w) = (DataDir::new(), DataDir::new(), DataDir::new());
+    let (node_a, node_b) = (shared.api_node(&data_a), shared.api_node(&data_b));
+    let _worker = shared.worker(&data_w);
+    let alice = shared.token("alice");
+    let photo = fixture("rocket.jpg");
+    let half = photo.len() / 2;
+    let tus = |node: &Server, method: reqwest::Method, path: &str| {
+        node.http.request(method, node.url(path)).bearer_auth(&alice).header("Tus-Resumable", "1.0.0")
+    };
+    let offset_of = |response: &reqwest::Response| {
+        response.headers().get("upload-offset").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned()
+    };
+
+    // Created on node A, half sent there.
+    let metadata =
+        format!("filetype {}", base64::Engine::encode(&base64::engine::general_purpose::STANDARD, "image/jpeg"));
+    let created = tus(&node_a, reqwest::Method::POST, "/v1/uploads")
+        .header("Upload-Length", photo.len().to_string())
+        .header("Upload-Metadata", metadata)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let path = created.headers()["location"].to_str().unwrap().to_owned();
+    let first = tus(&node_a, reqwest::Method::PATCH, &path)
+        .header("Content-Type", "application/offset+octet-stream")
+        .header("Upload-Offset", "0")
+        .body(photo[..half].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!((first.status().as_u16(), offset_of(&first)), (204, half.to_string()));
+
+    // Node A is gone; the phone reconnects to node B, which knows where the upload stands.
+    node_a.kill();
+    let head = tus(&node_b, reqwest::Method::HEAD, &path).send().await.unwrap();
+    assert_eq!((head.status().as_u16(), offset_of(&head)), (200, half.to_string()));
+    let last = tus(&node_b, reqwest::Method::PATCH, &path)
+        .header("Content-Type", "application/offset+octet-stream")
+        .header("Upload-Offset", half.to_string())
+        .body(photo[half..].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(last.status(), 204);
+    assert_eq!(last.headers()["courier-media-status"], "ready", "the worker made its variants");
+    let media = node_b.wait_done(&alice, path.trim_start_matches("/v1/uploads/")).await;
+    assert_eq!(media["blob"].as_str().unwrap(), BlobId::of(&photo).to_hex());
+    assert!(!crate::harness::variant_bytes(&node_b, &media, "thumb").await.is_empty());
+}
