@@ -93,6 +93,10 @@ pub struct BlobStore {
     namespace: Namespace,
 }
 
+/// What a [`BlobWriter`] holds before it sends a chunk (S3's smallest part): the memory one
+/// piece-by-piece write takes, at most about twice this while two chunks are on their way.
+const WRITER_CHUNK: usize = 5 * 1024 * 1024;
+
 /// Files up to this size are put in one request; larger ones go up in parts of this size.
 const SINGLE_PUT_MAX: u64 = 8 * 1024 * 1024;
 
@@ -213,7 +217,7 @@ impl BlobStore {
     /// file renamed into place): nothing is under its name until [`BlobWriter::finish`].
     pub async fn writer(&self, id: &BlobId) -> Result<BlobWriter, EdgeError> {
         let upload = self.store.put_multipart(&self.path(id)).await?;
-        Ok(BlobWriter { writer: WriteMultipart::new_with_chunk_size(upload, SINGLE_PUT_MAX as usize) })
+        Ok(BlobWriter { writer: WriteMultipart::new_with_chunk_size(upload, WRITER_CHUNK) })
     }
 
     /// Copies the blob into a new file at `file`, in chunks. `false` when it is not stored.
