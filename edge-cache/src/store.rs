@@ -38,6 +38,29 @@ impl Namespace {
     }
 }
 
+/// Removes what piece-by-piece writes into `dir` left behind when their process died: a local
+/// store stages such a write in a file named `KEY#N` beside its blob, which nothing lists or
+/// deletes. Only staging files untouched for an hour go (a live write keeps its file fresh, and
+/// another process may share the folder).
+fn clear_stale_staging(dir: &FsPath) {
+    fn walk(dir: &FsPath, older_than: std::time::SystemTime) {
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_dir() {
+                walk(&path, older_than);
+            } else if entry.file_name().to_string_lossy().contains('#')
+                && meta.modified().is_ok_and(|at| at < older_than)
+            {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+    let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    walk(dir, hour_ago);
+}
+
 /// A blob being written in pieces ([`BlobStore::writer`]). Dropped unfinished, nothing is stored
 /// under its name (a multipart upload left behind is the object store's to expire).
 pub struct BlobWriter {
@@ -104,6 +127,7 @@ impl BlobStore {
     /// A store over a local folder, created if missing.
     pub fn local(root: &FsPath) -> Result<ObjectStoreAt, EdgeError> {
         std::fs::create_dir_all(root)?;
+        clear_stale_staging(&root.join(Namespace::Parts.prefix()));
         let store = Arc::new(LocalFileSystem::new_with_prefix(root)?.with_automatic_cleanup(true));
         Ok(ObjectStoreAt { store, prefix: Path::default() })
     }
@@ -253,6 +277,25 @@ impl std::fmt::Debug for BlobStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_local_store_clears_stale_staging_of_piece_by_piece_writes_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let shard = dir.path().join("parts/ab");
+        std::fs::create_dir_all(&shard).unwrap();
+        let (stale, fresh, blob) = (shard.join("abcd#1"), shard.join("abce#1"), shard.join("abcf"));
+        for path in [&stale, &fresh, &blob] {
+            std::fs::write(path, b"bytes").unwrap();
+        }
+        let two_hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+        for path in [&stale, &blob] {
+            std::fs::File::options().write(true).open(path).unwrap().set_modified(two_hours_ago).unwrap();
+        }
+        BlobStore::local(dir.path()).unwrap();
+        assert!(!stale.exists(), "a write its process left an hour ago goes");
+        assert!(fresh.exists(), "a live write's staging stays");
+        assert!(blob.exists(), "blobs are not staging");
+    }
 
     #[tokio::test]
     async fn puts_dedup_and_namespaces_are_apart() {

@@ -13,7 +13,7 @@
 //! media's status in `Courier-Media-Status`.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
@@ -798,35 +798,38 @@ async fn receive(
     media_type: MediaType,
     length: Option<u64>,
 ) -> Result<Received, IngestError> {
-    let mut writer = ingest.parts.writer(key).await?;
-    let received = stream_part(ingest, id, lock, &mut writer, body, room, checksum, head, media_type, length).await;
-    match received {
-        Ok(Received::Bytes(part)) => {
-            // Storing the last chunk may take a while: the lock is renewed meanwhile.
-            let renew = async {
-                loop {
-                    tokio::time::sleep(RENEW_EVERY).await;
-                    let _ = ingest.store.renew_upload_lock(id, lock, ingest.clock.now_ms() + LOCK_MS).await;
-                }
-            };
-            tokio::select! {
-                stored = writer.finish() => stored?,
-                _ = renew => unreachable!("renewing never ends"),
+    // The lock is renewed while the body streams and the part is stored (a slow store, a slow
+    // client): the upload stays this request's until it is done.
+    let renew = async {
+        let mut every = tokio::time::interval(RENEW_EVERY);
+        loop {
+            every.tick().await;
+            if !ingest.store.renew_upload_lock(id, lock, ingest.clock.now_ms() + LOCK_MS).await.unwrap_or(true) {
+                return;
             }
-            Ok(Received::Bytes(part))
         }
-        other => {
-            let _ = writer.abort().await;
-            other
+    };
+    let work = async {
+        let mut writer = ingest.parts.writer(key).await?;
+        let received = stream_part(&mut writer, body, room, checksum, head, media_type, length).await;
+        match received {
+            Ok(Received::Bytes(part)) => {
+                writer.finish().await?;
+                Ok(Received::Bytes(part))
+            }
+            other => {
+                let _ = writer.abort().await;
+                other
+            }
         }
+    };
+    tokio::select! {
+        received = work => received,
+        () = renew => Err(IngestError::UploadLocked),
     }
 }
 
-#[allow(clippy::too_many_arguments, reason = "one request's parts, passed once")]
 async fn stream_part(
-    ingest: &Ingest,
-    id: MediaId,
-    lock: &str,
     writer: &mut edge_cache::BlobWriter,
     body: &mut axum::body::BodyDataStream,
     room: u64,
@@ -841,7 +844,6 @@ async fn stream_part(
     let mut head = head.unwrap_or_default().to_vec();
     let mut sniffed = false;
     let mut len: u64 = 0;
-    let mut renewed = Instant::now();
     let mut interrupted = None;
     loop {
         let chunk = match body.next().await {
@@ -880,13 +882,6 @@ async fn stream_part(
         if last {
             break;
         }
-        if renewed.elapsed() >= RENEW_EVERY {
-            renewed = Instant::now();
-            let until = ingest.clock.now_ms() + LOCK_MS;
-            if !ingest.store.renew_upload_lock(id, lock, until).await? {
-                return Err(IngestError::UploadLocked);
-            }
-        }
     }
     if let Some(checksum) = checksum {
         if interrupted.is_some() {
@@ -898,6 +893,10 @@ async fn stream_part(
         }
     }
     if len == 0 {
+        // A body that failed before its first byte brought nothing, and did not end anything.
+        if let Some(e) = interrupted {
+            return Err(IngestError::Interrupted(e));
+        }
         return Ok(Received::Nothing);
     }
     if needs_sniff && !sniffed {

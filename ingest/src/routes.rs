@@ -143,9 +143,12 @@ pub(crate) async fn finish(
                 // and a claim (an upload of the same bytes that committed meanwhile keeps them).
                 if stored == Stored::New {
                     let now = ingest.clock.now_ms();
-                    if let Ok(seq) = ingest.store.log_deletion(Namespace::Originals, &blob, now).await {
-                        let deleted = DeletedBlob { seq, namespace: Namespace::Originals, blob, deleted_at: now };
-                        let _ = ingest.purge(&deleted).await;
+                    match ingest.store.log_deletion(Namespace::Originals, &blob, now).await {
+                        Ok(seq) => {
+                            let deleted = DeletedBlob { seq, namespace: Namespace::Originals, blob, deleted_at: now };
+                            let _ = ingest.purge(&deleted).await;
+                        }
+                        Err(log) => tracing::warn!(%blob, error = %log, "an upload's original is left behind"),
                     }
                 }
                 return Err(e.into());
