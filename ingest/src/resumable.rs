@@ -647,18 +647,10 @@ async fn complete(
     };
     // Joining the parts and storing a large original take a while: the lock is renewed meanwhile,
     // so no sweep (nor a client's retry) takes the upload and makes its media a second time.
-    let renew = async {
-        loop {
-            tokio::time::sleep(RENEW_EVERY).await;
-            let until = ingest.clock.now_ms() + LOCK_MS;
-            if let Err(e) = ingest.store.renew_upload_lock(id, &lock.writer, until).await {
-                tracing::warn!(upload = %id, error = %e, "renewing an upload's lock failed");
-            }
-        }
-    };
+    tokio::pin!(work);
     let made = tokio::select! {
-        made = work => made,
-        _ = renew => unreachable!("renewing never ends"),
+        made = &mut work => made,
+        () = hold_lock(ingest, id, &lock.writer) => work.await,
     };
     match made {
         Ok(view) => {
@@ -798,17 +790,6 @@ async fn receive(
     media_type: MediaType,
     length: Option<u64>,
 ) -> Result<Received, IngestError> {
-    // The lock is renewed while the body streams and the part is stored (a slow store, a slow
-    // client): the upload stays this request's until it is done.
-    let renew = async {
-        let mut every = tokio::time::interval(RENEW_EVERY);
-        loop {
-            every.tick().await;
-            if !ingest.store.renew_upload_lock(id, lock, ingest.clock.now_ms() + LOCK_MS).await.unwrap_or(true) {
-                return;
-            }
-        }
-    };
     let work = async {
         let mut writer = ingest.parts.writer(key).await?;
         let received = stream_part(&mut writer, body, room, checksum, head, media_type, length).await;
@@ -823,9 +804,25 @@ async fn receive(
             }
         }
     };
+    // The lock is renewed while the body streams and the part is stored (a slow store, a slow
+    // client): the upload stays this request's until it is done.
     tokio::select! {
         received = work => received,
-        () = renew => Err(IngestError::UploadLocked),
+        () = hold_lock(ingest, id, lock) => Err(IngestError::UploadLocked),
+    }
+}
+
+/// Renews upload `id`'s lock for `writer` now and every [`RENEW_EVERY`]; ends when the lock is
+/// no longer `writer`'s (a database error is logged and tried again at the next tick).
+async fn hold_lock(ingest: &Ingest, id: MediaId, writer: &str) {
+    let mut every = tokio::time::interval(RENEW_EVERY);
+    loop {
+        every.tick().await;
+        match ingest.store.renew_upload_lock(id, writer, ingest.clock.now_ms() + LOCK_MS).await {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => tracing::warn!(upload = %id, error = %e, "renewing an upload's lock failed"),
+        }
     }
 }
 

@@ -40,13 +40,25 @@ async fn create(server: &Server, token: &str, filetype: &str, length: usize) -> 
 }
 
 async fn patch(server: &Server, token: &str, path: &str, offset: usize, bytes: &[u8]) -> Response {
-    tus(server, Method::PATCH, path, token)
+    patch_with(server, token, path, offset, bytes, &[]).await
+}
+
+/// A PATCH with `extra` headers besides the protocol's.
+async fn patch_with(
+    server: &Server,
+    token: &str,
+    path: &str,
+    offset: usize,
+    bytes: &[u8],
+    extra: &[(&str, &str)],
+) -> Response {
+    let mut request = tus(server, Method::PATCH, path, token)
         .header("Content-Type", OCTETS)
-        .header("Upload-Offset", offset.to_string())
-        .body(bytes.to_vec())
-        .send()
-        .await
-        .unwrap()
+        .header("Upload-Offset", offset.to_string());
+    for (name, value) in extra {
+        request = request.header(*name, *value);
+    }
+    request.body(bytes.to_vec()).send().await.unwrap()
 }
 
 async fn offset_of(server: &Server, token: &str, path: &str) -> (u16, String) {
@@ -115,38 +127,19 @@ async fn a_photo_uploaded_in_parts_becomes_media_and_every_misstep_gets_its_stat
     assert_eq!(typed.status(), 415);
     // A checksum that does not match: 460, and the bytes are discarded.
     let wrong_sum = STANDARD.encode(sha2::Sha256::digest(b"something else"));
-    let mismatched = tus(&server, Method::PATCH, &path, &alice)
-        .header("Content-Type", OCTETS)
-        .header("Upload-Offset", half.to_string())
-        .header("Upload-Checksum", format!("sha256 {wrong_sum}"))
-        .body(photo[half..].to_vec())
-        .send()
-        .await
-        .unwrap();
+    let checksum = format!("sha256 {wrong_sum}");
+    let mismatched = patch_with(&server, &alice, &path, half, &photo[half..], &[("Upload-Checksum", &checksum)]).await;
     assert_eq!(mismatched.status().as_u16(), 460);
     assert_eq!(error_code(mismatched).await, "checksum_mismatch");
     assert_eq!(offset_of(&server, &alice, &path).await, (200, half.to_string()));
     // An algorithm the server does not speak: 400.
-    let md5 = tus(&server, Method::PATCH, &path, &alice)
-        .header("Content-Type", OCTETS)
-        .header("Upload-Offset", half.to_string())
-        .header("Upload-Checksum", "md5 AAAA")
-        .body(photo[half..].to_vec())
-        .send()
-        .await
-        .unwrap();
+    let md5 = patch_with(&server, &alice, &path, half, &photo[half..], &[("Upload-Checksum", "md5 AAAA")]).await;
     assert_eq!(md5.status(), 400);
 
     // The rest, with its checksum: the upload is the media, ready.
     let sum = STANDARD.encode(sha2::Sha256::digest(&photo[half..]));
-    let last = tus(&server, Method::PATCH, &path, &alice)
-        .header("Content-Type", OCTETS)
-        .header("Upload-Offset", half.to_string())
-        .header("Upload-Checksum", format!("sha256 {sum}"))
-        .body(photo[half..].to_vec())
-        .send()
-        .await
-        .unwrap();
+    let checksum = format!("sha256 {sum}");
+    let last = patch_with(&server, &alice, &path, half, &photo[half..], &[("Upload-Checksum", &checksum)]).await;
     assert_eq!(last.status(), 204);
     assert_eq!(header(&last, "upload-offset"), photo.len().to_string());
     assert_eq!(header(&last, "courier-media-status"), "ready");
@@ -209,14 +202,8 @@ async fn creation_with_upload_a_deferred_length_a_wrong_type_termination_and_exp
     let path = header(&created, "location").to_owned();
     let head = tus(&server, Method::HEAD, &path, &alice).send().await.unwrap();
     assert_eq!(header(&head, "upload-defer-length"), "1");
-    let last = tus(&server, Method::PATCH, &path, &alice)
-        .header("Content-Type", OCTETS)
-        .header("Upload-Offset", "1000")
-        .header("Upload-Length", photo.len().to_string())
-        .body(photo[1000..].to_vec())
-        .send()
-        .await
-        .unwrap();
+    let length = photo.len().to_string();
+    let last = patch_with(&server, &alice, &path, 1000, &photo[1000..], &[("Upload-Length", &length)]).await;
     assert_eq!((last.status().as_u16(), header(&last, "courier-media-status")), (204, "ready"));
 
     // Bytes of another type than the upload named fail at the first PATCH, and the upload ends.
@@ -409,13 +396,8 @@ async fn tiny_pieces_a_length_named_by_an_empty_last_patch_and_a_method_override
     // Someone else cannot end it.
     assert_eq!(tus(&server, Method::DELETE, &path, &bob).send().await.unwrap().status(), 404);
     // The length, named by a request with no bytes (a stream that ended on a chunk's edge), ends it.
-    let last = tus(&server, Method::PATCH, &path, &alice)
-        .header("Content-Type", OCTETS)
-        .header("Upload-Offset", photo.len().to_string())
-        .header("Upload-Length", photo.len().to_string())
-        .send()
-        .await
-        .unwrap();
+    let length = photo.len().to_string();
+    let last = patch_with(&server, &alice, &path, photo.len(), b"", &[("Upload-Length", &length)]).await;
     assert_eq!((last.status().as_u16(), header(&last, "courier-media-status")), (204, "ready"));
     let media: Value = server.media(&alice, path.trim_start_matches("/v1/uploads/")).await.json().await.unwrap();
     assert_eq!(media["blob"].as_str().unwrap(), types::BlobId::of(&photo).to_hex());
